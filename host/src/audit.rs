@@ -1,0 +1,294 @@
+//! `otabox handlers audit`: per handler, what it declares, what the device
+//! grants, what the component really imports, and every mismatch.
+//!
+//! An import with no matching declaration or grant is an error; a
+//! declaration nothing uses is a warning. Any error makes the command exit
+//! non-zero, so it can gate a release.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::capabilities::{Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import};
+use crate::runtime::{HANDLER_EXPORT_PREFIX, Runtime, handler_name, sha256_hex};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The handler must not ship or load like this.
+    Error,
+    /// Worth a look; does not block.
+    Warning,
+}
+
+/// One mismatch or problem.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Error or warning.
+    pub severity: Severity,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A summary of capabilities, declared or granted.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapabilitySummary {
+    /// `rw /path` (and `-> /device/path` when mounted elsewhere).
+    pub filesystem: Vec<String>,
+    /// `program pattern…` per rule.
+    pub commands: Vec<String>,
+    /// Hosts.
+    pub network: Vec<String>,
+    /// Memory cap in MiB.
+    pub memory_mb: u64,
+    /// Time limit per call in ms.
+    pub call_timeout_ms: u64,
+}
+
+/// An import of the component and the capability it needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportAudit {
+    /// Interface name, such as `wasi:filesystem/types@0.2.4`.
+    pub name: String,
+    /// The capability it belongs to.
+    pub capability: Capability,
+}
+
+/// The audit of one handler.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerAudit {
+    /// Handler name.
+    pub name: String,
+    /// Manifest file.
+    pub manifest: PathBuf,
+    /// Component file.
+    pub wasm: PathBuf,
+    /// sha256 of the component file, when readable.
+    pub sha256: Option<String>,
+    /// Whether the device enables it.
+    pub enabled: bool,
+    /// Declared update types.
+    pub update_types: Vec<String>,
+    /// Declared capabilities.
+    pub declared: Option<CapabilitySummary>,
+    /// Capabilities granted on this device.
+    pub granted: Option<CapabilitySummary>,
+    /// The component's real imports.
+    pub imports: Vec<ImportAudit>,
+    /// Mismatches and problems.
+    pub findings: Vec<Finding>,
+}
+
+impl HandlerAudit {
+    /// Number of findings of `severity`.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.findings.iter().filter(|f| f.severity == severity).count()
+    }
+
+    fn error(&mut self, message: impl Into<String>) {
+        self.findings.push(Finding { severity: Severity::Error, message: message.into() });
+    }
+
+    fn warning(&mut self, message: impl Into<String>) {
+        self.findings.push(Finding { severity: Severity::Warning, message: message.into() });
+    }
+}
+
+/// Audits every handler in `dir` against the device's grants. `runtime`
+/// compiles components (through its cache) and test-loads clean handlers.
+pub async fn audit_dir(
+    runtime: &Runtime,
+    dir: &Path,
+    device: &BTreeMap<String, DeviceGrant>,
+) -> Result<Vec<HandlerAudit>> {
+    let mut audits = Vec::new();
+    let mut type_owner: BTreeMap<String, String> = BTreeMap::new();
+    for manifest_path in crate::runtime::manifest_files(dir)? {
+        let mut audit = audit_one(runtime, &manifest_path, device).await;
+        for t in audit.update_types.clone() {
+            if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
+                audit.error(format!("update type {t:?} is also declared by handler {owner}"));
+            }
+        }
+        audits.push(audit);
+    }
+    Ok(audits)
+}
+
+async fn audit_one(
+    runtime: &Runtime,
+    manifest_path: &Path,
+    device: &BTreeMap<String, DeviceGrant>,
+) -> HandlerAudit {
+    let name = handler_name(manifest_path).unwrap_or_else(|_| manifest_path.display().to_string());
+    let grant = device.get(&name);
+    let mut audit = HandlerAudit {
+        name,
+        manifest: manifest_path.to_path_buf(),
+        wasm: manifest_path.with_extension("wasm"),
+        sha256: None,
+        enabled: grant.is_none_or(|g| g.enabled),
+        update_types: Vec::new(),
+        declared: None,
+        granted: None,
+        imports: Vec::new(),
+        findings: Vec::new(),
+    };
+    if let Err(e) = handler_name(manifest_path) {
+        audit.error(format!("{e:#}"));
+    }
+    let manifest = match HandlerManifest::load(manifest_path) {
+        Ok(m) => m,
+        Err(e) => {
+            audit.error(format!("{e:#}"));
+            return audit;
+        }
+    };
+    let grants = Grants::narrow(&manifest, grant);
+    audit.update_types = manifest.handler.update_types.clone();
+    audit.declared = Some(summarize(&Grants::narrow(&manifest, None)));
+    audit.granted = Some(summarize(&grants));
+    let wasm = match std::fs::read(&audit.wasm) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            audit.error(format!("cannot read {}: {e}", audit.wasm.display()));
+            return audit;
+        }
+    };
+    let sha256 = sha256_hex(&wasm);
+    if sha256 != manifest.handler.sha256 {
+        audit.error(format!("sha256 of the wasm is {sha256}, but the manifest pins {}", manifest.handler.sha256));
+    }
+    audit.sha256 = Some(sha256.clone());
+    let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
+        Ok((component, _)) => component,
+        Err(e) => {
+            audit.error(format!("{e:#}"));
+            return audit;
+        }
+    };
+    let ty = component.component_type();
+    for (import, _) in ty.imports(runtime.engine()) {
+        audit.imports.push(ImportAudit { name: import.to_string(), capability: classify_import(import) });
+    }
+    if !ty.exports(runtime.engine()).any(|(e, _)| e.starts_with(HANDLER_EXPORT_PREFIX)) {
+        audit.error("does not export `otabox:handler/handler@1.x`");
+    }
+    compare(&mut audit, &manifest, &grants);
+    if audit.count(Severity::Error) == 0 && audit.enabled {
+        if let Err(e) = runtime.load_handler(manifest_path, grant).await {
+            audit.error(format!("load: {e:#}"));
+        }
+    }
+    audit
+}
+
+/// Records every import without a declaration or grant (error) and every
+/// declaration without an import (warning).
+fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants) {
+    let used = |cap: Capability| audit.imports.iter().any(|i| i.capability == cap);
+    let checks = [
+        (Capability::Filesystem, !manifest.filesystem.is_empty(), !grants.paths.is_empty(), "filesystem paths"),
+        (Capability::Process, !manifest.commands.is_empty(), !grants.commands.is_empty(), "command rules"),
+        (Capability::Network, !manifest.network.hosts.is_empty(), !grants.network.is_empty(), "network hosts"),
+    ];
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    for import in &audit.imports {
+        match checks.iter().find(|c| c.0 == import.capability) {
+            Some((_, false, _, what)) => errors.push(format!("imports `{}` but declares no {what}", import.name)),
+            Some((_, true, false, what)) => {
+                errors.push(format!("imports `{}` but the device grants none of its {what}", import.name))
+            }
+            Some(_) => {}
+            None if import.capability == Capability::Unsupported => {
+                errors.push(format!("imports `{}`, which otabox does not provide", import.name))
+            }
+            None => {}
+        }
+    }
+    for (cap, declared, _, what) in checks {
+        if declared && !used(cap) {
+            warnings.push(format!("declares {what} but imports no {} interface", cap.label()));
+        }
+    }
+    errors.into_iter().for_each(|e| audit.error(e));
+    warnings.into_iter().for_each(|w| audit.warning(w));
+}
+
+fn summarize(grants: &Grants) -> CapabilitySummary {
+    CapabilitySummary {
+        filesystem: grants
+            .paths
+            .iter()
+            .map(|p| {
+                let access = if p.access == Access::ReadWrite { "rw" } else { "ro" };
+                if p.host == p.guest {
+                    format!("{access} {}", p.guest.display())
+                } else {
+                    format!("{access} {} -> {}", p.guest.display(), p.host.display())
+                }
+            })
+            .collect(),
+        commands: grants
+            .commands
+            .iter()
+            .map(|c| {
+                let mut line = std::iter::once(c.program.as_str()).chain(c.args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+                if !c.env.is_empty() {
+                    let _ = write!(line, " [env: {}]", c.env.join(", "));
+                }
+                line
+            })
+            .collect(),
+        network: grants.network.clone(),
+        memory_mb: grants.limits.memory_mb,
+        call_timeout_ms: grants.limits.call_timeout_ms,
+    }
+}
+
+/// Renders audits for a terminal.
+pub fn render_text(audits: &[HandlerAudit]) -> String {
+    let mut out = String::new();
+    for a in audits {
+        let (errors, warnings) = (a.count(Severity::Error), a.count(Severity::Warning));
+        let verdict = match (errors, warnings) {
+            (0, 0) => "ok".to_string(),
+            _ => format!("{errors} error(s), {warnings} warning(s)"),
+        };
+        let _ = writeln!(out, "handler {}: {verdict}{}", a.name, if a.enabled { "" } else { " (disabled by device config)" });
+        let _ = writeln!(out, "  manifest  {}", a.manifest.display());
+        let _ = writeln!(out, "  wasm      {}", a.wasm.display());
+        let _ = writeln!(out, "  sha256    {}", a.sha256.as_deref().unwrap_or("-"));
+        let _ = writeln!(out, "  types     {}", a.update_types.join(", "));
+        for (label, caps) in [("declared", &a.declared), ("granted", &a.granted)] {
+            if let Some(c) = caps {
+                let _ = writeln!(out, "  {label:<9} filesystem: {}", list_or_none(&c.filesystem));
+                let _ = writeln!(out, "            commands:   {}", list_or_none(&c.commands));
+                let _ = writeln!(out, "            network:    {}", list_or_none(&c.network));
+                let _ = writeln!(out, "            limits:     {} MiB, {} ms per call", c.memory_mb, c.call_timeout_ms);
+            }
+        }
+        let _ = writeln!(out, "  imports   {}", if a.imports.is_empty() { "-" } else { "" });
+        for i in &a.imports {
+            let _ = writeln!(out, "    {:<44} {}", i.name, i.capability.label());
+        }
+        for f in &a.findings {
+            let tag = if f.severity == Severity::Error { "error" } else { "warning" };
+            let _ = writeln!(out, "  {tag}: {}", f.message);
+        }
+        out.push('\n');
+    }
+    let errors: usize = audits.iter().map(|a| a.count(Severity::Error)).sum();
+    let warnings: usize = audits.iter().map(|a| a.count(Severity::Warning)).sum();
+    let _ = writeln!(out, "{} handler(s), {errors} error(s), {warnings} warning(s)", audits.len());
+    out
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() { "none".into() } else { items.join("; ") }
+}

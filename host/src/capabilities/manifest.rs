@@ -1,0 +1,278 @@
+//! The capability manifest a handler ships beside its wasm.
+//!
+//! ```toml
+//! [handler]
+//! update_types = ["otabox/apt:1", "microsoft/apt:1"]
+//! sha256 = "…64 hex digits of the .wasm…"
+//!
+//! [[filesystem]]
+//! path = "/var/lib/apt"
+//! access = "ro"            # or "rw"
+//!
+//! [[commands]]
+//! program = "/usr/bin/apt-get"
+//! args = ["-y", "install", "**"]   # exact | "*" one argument | trailing "**" the rest
+//! env = ["DEBIAN_FRONTEND"]
+//!
+//! [network]
+//! hosts = ["deb.example.com:443"]
+//!
+//! [limits]
+//! memory_mb = 64
+//! call_timeout_ms = 30000
+//! ```
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::CommandRule;
+
+/// Upper bounds a manifest may ask for.
+const MAX_MEMORY_MB: u64 = 4096;
+const MAX_CALL_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+/// A handler's capability manifest (`<name>.toml`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerManifest {
+    /// Identity of the handler.
+    pub handler: HandlerSection,
+    /// Directories the handler may open, read-only or read-write.
+    #[serde(default)]
+    pub filesystem: Vec<PathRule>,
+    /// Programs the handler may run, with argument patterns.
+    #[serde(default)]
+    pub commands: Vec<CommandRule>,
+    /// Hosts the handler may connect to.
+    #[serde(default)]
+    pub network: NetworkSection,
+    /// Resource limits per call.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The `[handler]` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSection {
+    /// Update types served, first canonical (`vendor/name:major`).
+    pub update_types: Vec<String>,
+    /// Lowercase hex sha256 of the `.wasm`; a mismatch refuses the handler.
+    pub sha256: String,
+    /// A line for humans.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// One `[[filesystem]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRule {
+    /// Absolute directory, as the handler sees it.
+    pub path: PathBuf,
+    /// `ro` or `rw`.
+    pub access: Access,
+}
+
+/// Access to a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum Access {
+    /// Read only.
+    #[serde(rename = "ro")]
+    ReadOnly,
+    /// Read and write.
+    #[serde(rename = "rw")]
+    ReadWrite,
+}
+
+/// The `[network]` table.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// `host` or `host:port` entries.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Wall-clock limit of one lifecycle call, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+
+fn default_call_timeout_ms() -> u64 {
+    60_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { memory_mb: default_memory_mb(), call_timeout_ms: default_call_timeout_ms() }
+    }
+}
+
+impl Limits {
+    /// The memory cap in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// The per-call time limit.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}
+
+impl HandlerManifest {
+    /// Reads and checks a manifest file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read handler manifest {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid handler manifest {}", path.display()))
+    }
+
+    /// Parses and checks manifest text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let manifest: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        manifest.check()?;
+        Ok(manifest)
+    }
+
+    fn check(&self) -> Result<()> {
+        let h = &self.handler;
+        if h.update_types.is_empty() {
+            bail!("field `handler.update_types` must list at least one update type");
+        }
+        for t in &h.update_types {
+            check_update_type(t).with_context(|| format!("field `handler.update_types`: {t:?}"))?;
+        }
+        if h.sha256.len() != 64 || !h.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            bail!("field `handler.sha256` must be 64 lowercase hex digits, found {:?}", h.sha256);
+        }
+        for (i, rule) in self.filesystem.iter().enumerate() {
+            check_dir_path(&rule.path).with_context(|| format!("field `filesystem[{i}].path`"))?;
+        }
+        for (i, rule) in self.commands.iter().enumerate() {
+            rule.check().with_context(|| format!("field `commands[{i}]`"))?;
+        }
+        for (i, host) in self.network.hosts.iter().enumerate() {
+            check_host(host).with_context(|| format!("field `network.hosts[{i}]`"))?;
+        }
+        let l = &self.limits;
+        if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
+            bail!("field `limits.memory_mb` must be 1..={MAX_MEMORY_MB}, found {}", l.memory_mb);
+        }
+        if l.call_timeout_ms == 0 || l.call_timeout_ms > MAX_CALL_TIMEOUT_MS {
+            bail!("field `limits.call_timeout_ms` must be 1..={MAX_CALL_TIMEOUT_MS}, found {}", l.call_timeout_ms);
+        }
+        Ok(())
+    }
+}
+
+/// `vendor/name:major`, lowercase ASCII, digits, `-`, `_`, `.`.
+fn check_update_type(t: &str) -> Result<()> {
+    let ok_part = |s: &str| {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    };
+    let (vendor_name, major) = t.rsplit_once(':').context("expected `vendor/name:major`")?;
+    let (vendor, name) = vendor_name.split_once('/').context("expected `vendor/name:major`")?;
+    if !ok_part(vendor) || !ok_part(name) || major.parse::<u32>().is_err() {
+        bail!("expected `vendor/name:major` in lowercase ASCII");
+    }
+    Ok(())
+}
+
+/// An absolute, normalised directory path (no `.`/`..`, not `/`).
+pub(crate) fn check_dir_path(path: &Path) -> Result<()> {
+    if !path.is_absolute() {
+        bail!("{} must be an absolute path", path.display());
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        bail!("{} must not contain `.` or `..`", path.display());
+    }
+    if path.parent().is_none() {
+        bail!("granting the whole filesystem (`/`) is not allowed");
+    }
+    Ok(())
+}
+
+fn check_host(host: &str) -> Result<()> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (host, None),
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) {
+        bail!("{host:?} is not `host` or `host:port`");
+    }
+    if let Some(p) = port {
+        p.parse::<u16>().with_context(|| format!("{host:?} has a bad port"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn manifest(extra: &str) -> String {
+        format!("[handler]\nupdate_types = [\"otabox/file:1\"]\nsha256 = \"{HASH}\"\n{extra}")
+    }
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = HandlerManifest::parse(&manifest(
+            "[[filesystem]]\npath = \"/srv/a\"\naccess = \"rw\"\n\
+             [[commands]]\nprogram = \"/usr/bin/apt-get\"\nargs = [\"install\", \"*\", \"**\"]\nenv = [\"DEBIAN_FRONTEND\"]\n\
+             [network]\nhosts = [\"deb.example.com:443\"]\n[limits]\nmemory_mb = 32\ncall_timeout_ms = 500\n",
+        ))
+        .expect("valid");
+        assert_eq!(m.filesystem[0].access, Access::ReadWrite);
+        assert_eq!(m.limits.memory_bytes(), 32 << 20);
+        assert_eq!(m.commands[0].env, vec!["DEBIAN_FRONTEND".to_string()]);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = HandlerManifest::parse(&manifest("[[commands]]\nprogram = \"/bin/true\"\nargz = []\n"))
+            .expect_err("unknown field");
+        let text = format!("{err:#}");
+        assert!(text.contains("unknown field `argz`"), "{text}");
+        assert!(text.contains("line"), "{text}");
+    }
+
+    #[test]
+    fn missing_and_malformed_fields_are_named() {
+        let err = HandlerManifest::parse("[handler]\nupdate_types = [\"a/b:1\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("missing field `sha256`"), "{err:#}");
+        let err = HandlerManifest::parse(&manifest("[limits]\nmemory_mb = 0\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("limits.memory_mb"), "{err:#}");
+        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/srv/../etc\"\naccess = \"ro\"\n"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("filesystem[0].path"), "{err:#}");
+        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/srv\"\naccess = \"rwx\"\n"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown variant `rwx`"), "{err:#}");
+        let bad_type = "[handler]\nupdate_types = [\"Apt\"]\nsha256 = \"".to_string() + HASH + "\"\n";
+        assert!(format!("{:#}", HandlerManifest::parse(&bad_type).unwrap_err()).contains("update_types"));
+    }
+
+    #[test]
+    fn the_root_directory_cannot_be_granted() {
+        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/\"\naccess = \"ro\"\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("whole filesystem"), "{err:#}");
+    }
+}

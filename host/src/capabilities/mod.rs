@@ -1,0 +1,12 @@
+//! What a handler may do: the capability manifest it ships (`<name>.toml`),
+//! the device's narrowing of it, and the checks host functions apply.
+
+mod commands;
+mod grants;
+mod imports;
+mod manifest;
+
+pub use commands::{ArgPattern, CommandRule, Denial, authorize as commands_authorize};
+pub use grants::{DeviceGrant, Grants, PathGrant};
+pub use imports::{Capability, classify_import};
+pub use manifest::{Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule};

@@ -1,0 +1,143 @@
+//! The device configuration file (`device.toml`).
+//!
+//! ```toml
+//! [device]
+//! id = "pump-0042"
+//!
+//! [paths]
+//! handlers = "/etc/otabox/handlers"   # <name>.toml + <name>.wasm
+//! state = "/var/lib/otabox"           # journal, checkpoints, payloads
+//! cache = "/var/cache/otabox"         # precompiled handlers
+//!
+//! [handlers.apt]                      # narrows what apt.toml declares
+//! commands = ["/usr/bin/apt-get", "/usr/bin/dpkg-query"]
+//! read_only = ["/etc/apt"]
+//! memory_mb = 128
+//! config = { root = "/" }             # handed to the handler as JSON
+//! ```
+//!
+//! Relative paths (under `[paths]` and mount targets) are relative to the
+//! directory of the config file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::capabilities::DeviceGrant;
+
+/// The whole device configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Identity of the device.
+    #[serde(default)]
+    pub device: DeviceSection,
+    /// Where things live.
+    #[serde(default)]
+    pub paths: PathsSection,
+    /// Per-handler grants and configuration, by handler name.
+    #[serde(default)]
+    pub handlers: BTreeMap<String, DeviceGrant>,
+}
+
+/// The `[device]` table.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// The device id used in topics and reports.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// The `[paths]` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsSection {
+    /// Directory of handler manifests and components.
+    #[serde(default = "default_handlers_dir")]
+    pub handlers: PathBuf,
+    /// Directory of durable agent state.
+    #[serde(default = "default_state_dir")]
+    pub state: PathBuf,
+    /// Directory of precompiled handlers (default: `<state>/cache`).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
+fn default_handlers_dir() -> PathBuf {
+    PathBuf::from("/etc/otabox/handlers")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/otabox")
+}
+
+impl Default for PathsSection {
+    fn default() -> Self {
+        Self { handlers: default_handlers_dir(), state: default_state_dir(), cache: None }
+    }
+}
+
+impl DeviceConfig {
+    /// Reads `path`; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read device config {}", path.display()))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+            .with_context(|| format!("invalid device config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.paths.resolve_against(base);
+        for (name, grant) in &mut config.handlers {
+            for target in grant.mounts.values_mut() {
+                if target.is_relative() {
+                    *target = base.join(&*target);
+                }
+            }
+            grant.check().with_context(|| format!("invalid device config {}: [handlers.{name}]", path.display()))?;
+        }
+        Ok(config)
+    }
+
+    /// The directory of precompiled handlers.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.paths.cache.clone().unwrap_or_else(|| self.paths.state.join("cache"))
+    }
+}
+
+impl PathsSection {
+    fn resolve_against(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.handlers);
+        fix(&mut self.state);
+        if let Some(cache) = &mut self.cache {
+            fix(cache);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_follow_the_config_file_and_unknown_fields_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("device.toml");
+        std::fs::write(&path, "[paths]\nhandlers = \"h\"\n[handlers.file]\nmemory_mb = 8\n").expect("write");
+        let config = DeviceConfig::load(&path).expect("valid config");
+        assert_eq!(config.paths.handlers, dir.path().join("h"));
+        assert_eq!(config.cache_dir(), PathBuf::from("/var/lib/otabox/cache"));
+        assert_eq!(config.handlers["file"].memory_mb, Some(8));
+
+        std::fs::write(&path, "[handlers.file]\nmemroy_mb = 8\n").expect("write");
+        let err = format!("{:#}", DeviceConfig::load(&path).unwrap_err());
+        assert!(err.contains("device.toml") && err.contains("unknown field `memroy_mb`"), "{err}");
+    }
+}

@@ -1,0 +1,27 @@
+//! otabox: an over-the-air update agent whose update types are sandboxed
+//! WebAssembly components.
+//!
+//! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
+//! (what a handler may do), [`runtime`] (loading and calling handlers),
+//! [`audit`] (declared vs real imports), [`trust`] (payload verification),
+//! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
+//! [`demo`] (the self-contained walkthrough).
+
+pub mod audit;
+pub mod capabilities;
+pub mod config;
+pub mod demo;
+pub mod durable;
+pub mod runtime;
+pub mod trust;
+pub mod workflow;
+
+/// The first-party handlers built into this binary, packaged by the build.
+pub mod builtin {
+    /// The `file` handler component.
+    pub const FILE_WASM: &[u8] = include_bytes!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.wasm"));
+    /// The `file` handler's capability manifest, pinned to [`FILE_WASM`].
+    pub const FILE_TOML: &str = include_str!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.toml"));
+    /// Directory of the packaged handlers and test guests of this build.
+    pub const BUILT_DIR: &str = env!("OTABOX_BUILT_HANDLERS");
+}

@@ -1,0 +1,57 @@
+//! The shared Wasmtime engine and its epoch ticker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use wasmtime::{Config, Engine};
+
+/// Time between epoch ticks; deadlines are whole ticks, so a runaway guest
+/// stops at most one tick after its limit.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Builds the engine every handler runs in.
+pub fn new_engine() -> Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    Engine::new(&config).map_err(anyhow::Error::from).context("cannot create the Wasm engine")
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts the ticker thread for `engine`.
+    pub fn start(engine: &Engine) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), stop.clone());
+        thread::Builder::new()
+            .name("otabox-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .context("cannot start the epoch ticker thread")?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Ticks that cover `limit`: one more than `limit / tick`, because the
+/// first tick may come at any point of the current one. A guest thus gets
+/// at least `limit` and at most `limit` plus one tick.
+pub fn ticks_for(limit: Duration) -> u64 {
+    limit.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1
+}

@@ -1,0 +1,114 @@
+//! `otabox:handler/process`: runs a program only when a command rule of
+//! the handler allows the program, every argument and every variable.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::capabilities::commands_authorize;
+use crate::runtime::bindings::HostError;
+use crate::runtime::bindings::otabox::handler::process::{Command, Host, Output};
+use crate::runtime::state::HostState;
+
+/// The only `PATH` a handler's program sees.
+pub const FIXED_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Most bytes kept of stdout and of stderr.
+pub const MAX_OUTPUT: usize = 1 << 20;
+/// Most bytes of stdin a guest may pass.
+pub const MAX_STDIN: usize = 16 << 20;
+/// Most arguments, and most bytes in all of them.
+const MAX_ARGS: usize = 4096;
+const MAX_ARG_BYTES: usize = 1 << 20;
+
+impl Host for HostState {
+    async fn run(&mut self, cmd: Command) -> wasmtime::Result<Result<Output, HostError>> {
+        if let Err(error) = self.authorize(&cmd) {
+            tracing::warn!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "denied: {error:?}");
+            return Ok(Err(error));
+        }
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let limit = cmd.timeout_ms.map_or(remaining, |ms| remaining.min(Duration::from_millis(ms.into())));
+        tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
+        Ok(execute(cmd, limit).await)
+    }
+}
+
+impl HostState {
+    fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
+        let arg_bytes: usize = cmd.args.iter().map(String::len).sum();
+        if cmd.args.len() > MAX_ARGS || arg_bytes > MAX_ARG_BYTES {
+            return Err(HostError::Invalid(format!("more than {MAX_ARGS} arguments or {MAX_ARG_BYTES} bytes of them")));
+        }
+        if cmd.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
+            return Err(HostError::Invalid(format!("stdin over {MAX_STDIN} bytes")));
+        }
+        let has_nul = |s: &str| s.contains('\0');
+        if has_nul(&cmd.program) || cmd.args.iter().any(|a| has_nul(a)) || cmd.env.iter().any(|(k, v)| has_nul(k) || has_nul(v)) {
+            return Err(HostError::Invalid("NUL byte in program, argument or environment".into()));
+        }
+        commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
+            .map_err(|denial| HostError::Denied(denial.0))?;
+        if self.scope.cancel.is_cancelled() {
+            return Err(HostError::TimedOut("the job was cancelled".into()));
+        }
+        Ok(())
+    }
+}
+
+async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
+    let mut child = tokio::process::Command::new(&cmd.program)
+        .args(&cmd.args)
+        .env_clear()
+        .env("PATH", FIXED_PATH)
+        .env("LANG", "C.UTF-8")
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/")
+        .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| HostError::Failed(format!("cannot start {}: {e}", cmd.program)))?;
+    let stdin = child.stdin.take().zip(cmd.stdin);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let feed = async move {
+        if let Some((mut pipe, bytes)) = stdin {
+            // A program that exits without reading its input is not an error.
+            let _ = pipe.write_all(&bytes).await;
+        }
+    };
+    let run = async {
+        let ((), out, err, status) = tokio::join!(feed, read_capped(stdout), read_capped(stderr), child.wait());
+        (out, err, status)
+    };
+    match tokio::time::timeout(limit, run).await {
+        Err(_) => Err(HostError::TimedOut(format!("{} ran longer than {} ms and was killed", cmd.program, limit.as_millis()))),
+        Ok((_, _, Err(e))) => Err(HostError::Failed(format!("waiting for {}: {e}", cmd.program))),
+        Ok(((stdout, cut_out), (stderr, cut_err), Ok(status))) => Ok(Output {
+            exit_code: status.code(),
+            stdout,
+            stderr,
+            truncated: cut_out || cut_err,
+        }),
+    }
+}
+
+/// Reads a pipe to its end, keeping at most [`MAX_OUTPUT`] bytes.
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> (Vec<u8>, bool) {
+    let Some(mut pipe) = pipe else { return (Vec::new(), false) };
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return (kept, truncated),
+            Ok(n) => {
+                let room = MAX_OUTPUT - kept.len();
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+}

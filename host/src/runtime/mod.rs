@@ -1,0 +1,288 @@
+//! The Wasm runtime: loads handlers from a directory, checks them against
+//! their manifests and the device's grants, and calls them sandboxed.
+//!
+//! Loading a handler: read `<name>.toml`, read `<name>.wasm` and check its
+//! sha256 against the manifest, narrow the declared capabilities by the
+//! device config, compile (or load precompiled from the cache), check every
+//! import against the grants (naming the first that has none), link only the
+//! granted interfaces, pre-instantiate, and call `describe`.
+
+pub mod bindings;
+mod cache;
+mod engine;
+mod handler;
+pub mod host;
+mod linker;
+mod network;
+mod state;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
+pub use cache::{CacheUse, ComponentCache};
+pub use engine::EPOCH_TICK;
+pub use handler::{CallFault, Handler};
+pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
+
+use crate::capabilities::{Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import};
+
+/// The export every handler must provide (any 1.x version).
+pub const HANDLER_EXPORT_PREFIX: &str = "otabox:handler/handler@1.";
+
+/// The engine, its epoch ticker and the compiled-component cache.
+pub struct Runtime {
+    engine: Engine,
+    cache: ComponentCache,
+    _ticker: engine::EpochTicker,
+}
+
+/// The handlers of a directory: those loaded, those refused and why, and
+/// those the device disabled.
+#[derive(Default)]
+pub struct HandlerSet {
+    /// Loaded, callable handlers.
+    pub handlers: Vec<Arc<Handler>>,
+    /// Handlers that failed a load check.
+    pub refused: Vec<Refusal>,
+    /// Handlers switched off in the device config.
+    pub disabled: Vec<String>,
+}
+
+/// A handler that was not loaded.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Its name.
+    pub name: String,
+    /// Its manifest file.
+    pub manifest: PathBuf,
+    /// Why it was refused.
+    pub error: anyhow::Error,
+}
+
+impl HandlerSet {
+    /// The handler serving `update_type` (canonical name or alias).
+    pub fn for_update_type(&self, update_type: &str) -> Option<&Arc<Handler>> {
+        self.handlers.iter().find(|h| h.manifest.handler.update_types.iter().any(|t| t == update_type))
+    }
+
+    /// The handler called `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Handler>> {
+        self.handlers.iter().find(|h| h.name == name)
+    }
+}
+
+impl Runtime {
+    /// A runtime whose compiled components are cached in `cache_dir`.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        let engine = engine::new_engine()?;
+        let ticker = engine::EpochTicker::start(&engine)?;
+        Ok(Self { engine, cache: ComponentCache::new(cache_dir), _ticker: ticker })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The compiled-component cache.
+    pub fn cache(&self) -> &ComponentCache {
+        &self.cache
+    }
+
+    /// Loads every `<name>.toml` + `<name>.wasm` in `dir`. A handler that
+    /// fails a check is refused (with the reason) and the others still load.
+    pub async fn load_dir(&self, dir: &Path, device: &BTreeMap<String, DeviceGrant>) -> Result<HandlerSet> {
+        let mut set = HandlerSet::default();
+        for manifest in manifest_files(dir)? {
+            let name = handler_name(&manifest)?;
+            let grant = device.get(&name);
+            if grant.is_some_and(|g| !g.enabled) {
+                set.disabled.push(name);
+                continue;
+            }
+            let loaded = self.load_handler(&manifest, grant).await.and_then(|h| {
+                check_unique_types(&set, &h)?;
+                Ok(h)
+            });
+            match loaded {
+                Ok(handler) => set.handlers.push(Arc::new(handler)),
+                Err(error) => {
+                    tracing::error!("refusing handler {name}: {error:#}");
+                    set.refused.push(Refusal { name, manifest, error });
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Loads one handler from its manifest path, with the device's grant.
+    pub async fn load_handler(&self, manifest_path: &Path, device: Option<&DeviceGrant>) -> Result<Handler> {
+        let name = handler_name(manifest_path)?;
+        let manifest = HandlerManifest::load(manifest_path)?;
+        if let Some(grant) = device {
+            grant.check().with_context(|| format!("device config for handler {name}"))?;
+        }
+        let wasm_path = manifest_path.with_extension("wasm");
+        let wasm = std::fs::read(&wasm_path)
+            .with_context(|| format!("handler {name}: cannot read {}", wasm_path.display()))?;
+        let sha256 = verify_hash(&name, &wasm, &manifest, &wasm_path, manifest_path)?;
+        let grants = Grants::narrow(&manifest, device);
+        prepare_paths(&name, &grants)?;
+        let (component, cache) = self
+            .cache
+            .load(&self.engine, &wasm, &sha256)
+            .with_context(|| format!("handler {name}: {}", wasm_path.display()))?;
+        check_imports(&self.engine, &component, &name, &manifest, &grants)?;
+        check_export(&self.engine, &component, &name)?;
+        let instance_pre = linker::build(&self.engine, &grants)?
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("handler {name}: cannot link"))?;
+        let pre = bindings::UpdateHandlerPre::new(instance_pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
+        let mut handler = Handler {
+            name: name.clone(),
+            manifest_path: manifest_path.to_path_buf(),
+            wasm_path,
+            sha256,
+            config_json: device.map_or_else(|| "{}".to_string(), DeviceGrant::config_json),
+            manifest,
+            grants: Arc::new(grants),
+            description: empty_description(),
+            cache,
+            pre,
+            engine: self.engine.clone(),
+        };
+        handler.description = handler.describe().await?;
+        check_description(&handler)?;
+        Ok(handler)
+    }
+}
+
+/// The `*.toml` files of `dir`, sorted.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read handler directory {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The handler name: the manifest's file stem, `[a-z0-9_-]+`.
+pub fn handler_name(manifest: &Path) -> Result<String> {
+    let stem = manifest.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b)) {
+        bail!("{}: a handler name must be lowercase letters, digits, `-` or `_`", manifest.display());
+    }
+    Ok(stem.to_string())
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn verify_hash(name: &str, wasm: &[u8], manifest: &HandlerManifest, wasm_path: &Path, toml: &Path) -> Result<String> {
+    let actual = sha256_hex(wasm);
+    if actual != manifest.handler.sha256 {
+        bail!(
+            "handler {name}: {} has sha256 {actual}, but {} pins {}; refusing a modified or mismatched component",
+            wasm_path.display(),
+            toml.display(),
+            manifest.handler.sha256
+        );
+    }
+    Ok(actual)
+}
+
+/// Read-write grants are created when missing; read-only ones must exist.
+fn prepare_paths(name: &str, grants: &Grants) -> Result<()> {
+    for grant in &grants.paths {
+        if !grant.host.exists() && grant.access == Access::ReadWrite {
+            std::fs::create_dir_all(&grant.host)
+                .with_context(|| format!("handler {name}: cannot create granted {}", grant.host.display()))?;
+        }
+        if !grant.host.is_dir() {
+            bail!("handler {name}: granted path {} is not a directory", grant.host.display());
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a component that imports an interface its grants do not allow,
+/// naming the import.
+fn check_imports(
+    engine: &Engine,
+    component: &Component,
+    name: &str,
+    manifest: &HandlerManifest,
+    grants: &Grants,
+) -> Result<()> {
+    for (import, _) in component.component_type().imports(engine) {
+        let capability = classify_import(import);
+        let (declared, granted) = match capability {
+            Capability::Baseline => continue,
+            Capability::Filesystem => (!manifest.filesystem.is_empty(), !grants.paths.is_empty()),
+            Capability::Process => (!manifest.commands.is_empty(), !grants.commands.is_empty()),
+            Capability::Network => (!manifest.network.hosts.is_empty(), !grants.network.is_empty()),
+            Capability::Unsupported => bail!("handler {name}: imports `{import}`, which otabox does not provide"),
+        };
+        let what = capability.label();
+        if !declared {
+            bail!("handler {name}: imports `{import}` but its manifest declares no {what} capability");
+        }
+        if !granted {
+            bail!("handler {name}: imports `{import}` but the device grants none of its declared {what} capability");
+        }
+    }
+    Ok(())
+}
+
+fn check_export(engine: &Engine, component: &Component, name: &str) -> Result<()> {
+    let exports: Vec<String> = component.component_type().exports(engine).map(|(n, _)| n.to_string()).collect();
+    if !exports.iter().any(|e| e.starts_with(HANDLER_EXPORT_PREFIX)) {
+        bail!("handler {name}: exports {exports:?} but not `otabox:handler/handler@1.x`");
+    }
+    Ok(())
+}
+
+fn check_description(handler: &Handler) -> Result<()> {
+    let described = &handler.description.update_types;
+    if let Some(missing) = handler.manifest.handler.update_types.iter().find(|t| !described.contains(t)) {
+        bail!(
+            "handler {}: the manifest declares update type {missing:?} but the component describes only {described:?}",
+            handler.name
+        );
+    }
+    Ok(())
+}
+
+fn check_unique_types(set: &HandlerSet, handler: &Handler) -> Result<()> {
+    for t in &handler.manifest.handler.update_types {
+        if let Some(other) = set.for_update_type(t) {
+            bail!("handler {}: update type {t:?} is already served by handler {}", handler.name, other.name);
+        }
+    }
+    Ok(())
+}
+
+fn empty_description() -> Description {
+    Description {
+        name: String::new(),
+        version: String::new(),
+        update_types: Vec::new(),
+        contract: String::new(),
+        supports_rollback: false,
+        reboot: bindings::RebootBehaviour::Never,
+    }
+}

@@ -1,0 +1,334 @@
+//! The lifecycle of one update step, phase by phase:
+//! validate → verify payloads → is-installed → download → backup → install
+//! → apply → verify → commit, with rollback on a failure after backup (when
+//! the handler supports it) and cleanup at the end whatever happened.
+//!
+//! A reboot or agent restart asked for by install or apply ends the run
+//! here with [`StepResult::RebootRequired`] / [`StepResult::RestartAgent`];
+//! the device runtime resumes with verify and commit afterwards.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::runtime::bindings::{ExtendedCode, RebootMode};
+use crate::runtime::{CallScope, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext};
+use crate::trust::verify_file;
+
+/// Result code of failures the host itself detects (facility 0).
+pub const HOST_FAILURE: u32 = 0x8000_0000;
+/// Extended-code component values of host failures.
+pub mod host_codes {
+    /// A handler call trapped, ran out of time or memory.
+    pub const HANDLER_FAULT: u32 = 1;
+    /// A payload file does not match its declared size or sha256.
+    pub const PAYLOAD_MISMATCH: u32 = 2;
+    /// The plan names a payload the step does not have.
+    pub const UNKNOWN_PAYLOAD: u32 = 3;
+}
+
+/// One step to run.
+#[derive(Debug, Clone)]
+pub struct StepRequest {
+    /// Job id.
+    pub job_id: String,
+    /// Step index.
+    pub step: u32,
+    /// Update type asked for.
+    pub update_type: String,
+    /// Manifest JSON text.
+    pub manifest: String,
+    /// Payloads with local files to verify (download comes later).
+    pub payloads: Vec<(PayloadFile, PathBuf)>,
+    /// Directory for the job's checkpoints.
+    pub job_dir: PathBuf,
+}
+
+/// What one phase returned, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseRecord {
+    /// The phase.
+    pub phase: String,
+    /// Its outcome in words.
+    pub outcome: String,
+}
+
+/// How the step ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum StepResult {
+    /// Installed and committed.
+    Installed {
+        /// Installed criteria.
+        criteria: String,
+    },
+    /// Nothing to do: already installed.
+    AlreadyInstalled {
+        /// Installed criteria.
+        criteria: String,
+    },
+    /// Waiting for a reboot before verify.
+    RebootRequired {
+        /// Whether immediately or deferred.
+        deferred: bool,
+    },
+    /// Waiting for an agent restart before verify.
+    RestartAgent,
+    /// Failed.
+    Failed {
+        /// The phase that failed.
+        phase: String,
+        /// Result code.
+        result_code: u32,
+        /// Packed extended code.
+        extended_code: u32,
+        /// Message.
+        message: String,
+        /// Whether a rollback restored the previous state.
+        rolled_back: bool,
+    },
+    /// Cancelled.
+    Cancelled,
+}
+
+/// The record of a step run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Every phase called, in order.
+    pub phases: Vec<PhaseRecord>,
+    /// Warnings from the plan.
+    pub warnings: Vec<String>,
+    /// How it ended.
+    pub result: StepResult,
+}
+
+/// Where a step stands after a phase.
+enum Flow {
+    Next,
+    Stop(StepResult),
+}
+
+struct Run<'a> {
+    handler: &'a Handler,
+    scope: CallScope,
+    ctx: StepContext,
+    phases: Vec<PhaseRecord>,
+}
+
+/// Runs one step through `handler`; progress goes to `progress`.
+pub async fn run_step(handler: &Handler, request: StepRequest, progress: Option<ProgressSink>) -> Result<StepReport> {
+    std::fs::create_dir_all(&request.job_dir)
+        .with_context(|| format!("cannot create job directory {}", request.job_dir.display()))?;
+    let declared: Vec<PayloadFile> = request.payloads.iter().map(|(p, _)| p.clone()).collect();
+    let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, declared.clone());
+    scope.progress = progress;
+    let ctx = StepContext {
+        job_id: request.job_id.clone(),
+        step: request.step,
+        update_type: request.update_type.clone(),
+        manifest: request.manifest.clone(),
+        payloads: declared.iter().map(to_info).collect(),
+        config: handler.config_json.clone(),
+        installed_criteria: None,
+    };
+    let mut run = Run { handler, scope, ctx, phases: Vec::new() };
+    let mut warnings = Vec::new();
+    let result = run.drive(&request, &mut warnings).await;
+    let cleanup = run.call(Phase::Cleanup).await;
+    if let Outcome::Failed(status) = &cleanup {
+        tracing::warn!("cleanup of {} failed: {}", request.job_id, status.message);
+    }
+    Ok(StepReport { phases: run.phases, warnings, result })
+}
+
+impl Run<'_> {
+    async fn drive(&mut self, request: &StepRequest, warnings: &mut Vec<String>) -> StepResult {
+        let plan = match self.handler.validate(self.scope.clone(), &self.ctx).await {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(status)) => return self.failed(Phase::Validate, status, false),
+            Err(fault) => return self.failed(Phase::Validate, fault_status(&fault), false),
+        };
+        self.record(Phase::Validate, format!("plan: installed criteria {:?}", plan.installed_criteria));
+        warnings.extend(plan.warnings.iter().cloned());
+        self.ctx.installed_criteria = Some(plan.installed_criteria.clone());
+        if let Err(status) = self.verify_payloads(request, &plan.payloads) {
+            return self.result_of(Phase::Download, status, false);
+        }
+        match self.handler.is_installed(self.scope.clone(), &self.ctx).await {
+            Ok(Ok(true)) => {
+                self.record(Phase::IsInstalled, "installed".into());
+                return StepResult::AlreadyInstalled { criteria: plan.installed_criteria };
+            }
+            Ok(Ok(false)) => self.record(Phase::IsInstalled, "not installed".into()),
+            Ok(Err(status)) => return self.failed(Phase::IsInstalled, status, false),
+            Err(fault) => return self.failed(Phase::IsInstalled, fault_status(&fault), false),
+        }
+        for phase in [Phase::Download, Phase::Backup] {
+            if let Flow::Stop(result) = self.step(phase, false).await {
+                return result;
+            }
+        }
+        for phase in [Phase::Install, Phase::Apply, Phase::Verify, Phase::Commit] {
+            if let Flow::Stop(result) = self.step(phase, true).await {
+                return result;
+            }
+        }
+        StepResult::Installed { criteria: plan.installed_criteria }
+    }
+
+    /// Calls a phase and decides what follows; `undo` says whether a failure
+    /// needs a rollback.
+    async fn step(&mut self, phase: Phase, undo: bool) -> Flow {
+        match self.call(phase).await {
+            Outcome::Success | Outcome::Skipped(_) => Flow::Next,
+            Outcome::RebootRequired(mode) if matches!(phase, Phase::Install | Phase::Apply) => {
+                Flow::Stop(StepResult::RebootRequired { deferred: mode == RebootMode::Deferred })
+            }
+            Outcome::RestartAgent if matches!(phase, Phase::Install | Phase::Apply) => Flow::Stop(StepResult::RestartAgent),
+            Outcome::RebootRequired(_) | Outcome::RestartAgent => {
+                let status = host_status(host_codes::HANDLER_FAULT, format!("{phase:?} may not ask for a reboot or restart"));
+                Flow::Stop(self.fail_and_undo(phase, status, undo).await)
+            }
+            Outcome::Cancelled => {
+                if undo {
+                    self.rollback().await;
+                }
+                Flow::Stop(StepResult::Cancelled)
+            }
+            Outcome::Failed(status) => Flow::Stop(self.fail_and_undo(phase, status, undo).await),
+        }
+    }
+
+    async fn fail_and_undo(&mut self, phase: Phase, status: Status, undo: bool) -> StepResult {
+        let rolled_back = undo && self.rollback().await;
+        self.result_of(phase, status, rolled_back)
+    }
+
+    /// Rolls back when supported; true when the previous state is restored.
+    async fn rollback(&mut self) -> bool {
+        if !self.handler.description.supports_rollback {
+            self.record(Phase::Rollback, "not supported by the handler".into());
+            return false;
+        }
+        matches!(self.call(Phase::Rollback).await, Outcome::Success | Outcome::Skipped(_))
+    }
+
+    /// Calls an outcome phase; a host-side fault becomes a failed outcome.
+    async fn call(&mut self, phase: Phase) -> Outcome {
+        let outcome = match self.handler.run_phase(phase, self.scope.clone(), &self.ctx).await {
+            Ok(outcome) => outcome,
+            Err(fault) => Outcome::Failed(fault_status(&fault)),
+        };
+        self.record(phase, describe_outcome(&outcome));
+        outcome
+    }
+
+    /// Checks each planned payload against its declared size and sha256 and
+    /// hands the verified file to the scope.
+    fn verify_payloads(&mut self, request: &StepRequest, planned: &[String]) -> Result<(), Status> {
+        for name in planned {
+            let Some((declared, path)) = request.payloads.iter().find(|(p, _)| &p.name == name) else {
+                return Err(host_status(host_codes::UNKNOWN_PAYLOAD, format!("the plan names unknown payload {name:?}")));
+            };
+            verify_file(path, declared.size, &declared.sha256).map_err(|e| {
+                let status = host_status(host_codes::PAYLOAD_MISMATCH, format!("payload {name:?}: {e:#}"));
+                self.phases.push(PhaseRecord { phase: "payloads".into(), outcome: format!("failed: {}", status.message) });
+                status
+            })?;
+            if let Some(p) = self.scope.payloads.iter_mut().find(|p| &p.name == name) {
+                p.verified = Some(path.clone());
+            }
+        }
+        self.phases.push(PhaseRecord { phase: "payloads".into(), outcome: format!("{} verified", planned.len()) });
+        Ok(())
+    }
+
+    fn record(&mut self, phase: Phase, outcome: String) {
+        tracing::info!(handler = self.handler.name, job = self.ctx.job_id, ?phase, "{outcome}");
+        self.phases.push(PhaseRecord { phase: phase_name(phase).into(), outcome });
+    }
+
+    /// Records a failure of a phase that [`Run::call`] did not record.
+    fn failed(&mut self, phase: Phase, status: Status, rolled_back: bool) -> StepResult {
+        self.record(phase, format!("failed: {}", status.message));
+        self.result_of(phase, status, rolled_back)
+    }
+
+    fn result_of(&self, phase: Phase, status: Status, rolled_back: bool) -> StepResult {
+        StepResult::Failed {
+            phase: phase_name(phase).into(),
+            result_code: status.result_code,
+            extended_code: pack(&status.extended_code),
+            message: status.message,
+            rolled_back,
+        }
+    }
+}
+
+fn to_info(p: &PayloadFile) -> crate::runtime::bindings::PayloadInfo {
+    crate::runtime::bindings::PayloadInfo { name: p.name.clone(), size: p.size, sha256: p.sha256.clone() }
+}
+
+/// A status for a failure the host detected (facility 0).
+pub fn host_status(component_value: u32, message: String) -> Status {
+    Status {
+        result_code: HOST_FAILURE,
+        extended_code: ExtendedCode { facility: 0, component: 0, value: component_value },
+        message,
+        details: Vec::new(),
+    }
+}
+
+fn fault_status(fault: &anyhow::Error) -> Status {
+    host_status(host_codes::HANDLER_FAULT, format!("{fault:#}"))
+}
+
+/// Packs an extended code as `facility << 28 | component << 20 | value`.
+pub fn pack(code: &ExtendedCode) -> u32 {
+    (u32::from(code.facility & 0xF) << 28) | (u32::from(code.component) << 20) | (code.value & 0xF_FFFF)
+}
+
+/// The WIT name of a phase.
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Describe => "describe",
+        Phase::Validate => "validate",
+        Phase::IsInstalled => "is-installed",
+        Phase::Download => "download",
+        Phase::Backup => "backup",
+        Phase::Install => "install",
+        Phase::Apply => "apply",
+        Phase::Verify => "verify",
+        Phase::Commit => "commit",
+        Phase::Rollback => "rollback",
+        Phase::Cleanup => "cleanup",
+        Phase::Inventory => "inventory",
+    }
+}
+
+/// An outcome in words.
+pub fn describe_outcome(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Success => "success".into(),
+        Outcome::Skipped(why) => format!("skipped: {why}"),
+        Outcome::RebootRequired(RebootMode::Immediate) => "reboot required (immediate)".into(),
+        Outcome::RebootRequired(RebootMode::Deferred) => "reboot required (deferred)".into(),
+        Outcome::RestartAgent => "agent restart required".into(),
+        Outcome::Failed(status) => format!("failed ({}): {}", status.result_code, status.message),
+        Outcome::Cancelled => "cancelled".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extended_codes_pack_into_32_bits() {
+        let code = ExtendedCode { facility: 4, component: 0x12, value: 0x34567 };
+        assert_eq!(pack(&code), 0x4123_4567);
+        let overflow = ExtendedCode { facility: 0xFF, component: 0xFF, value: u32::MAX };
+        assert_eq!(pack(&overflow), 0xFFFF_FFFF);
+    }
+}

@@ -1,0 +1,88 @@
+//! Shared fixtures: scratch handler directories with the guests this build
+//! produced, pinned manifests, and one-call helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use otabox::capabilities::DeviceGrant;
+use otabox::runtime::{CallScope, Handler, Outcome, Phase, Runtime, StepContext, sha256_hex};
+
+/// A built guest component (`file` or `hostile`).
+pub fn built_wasm(name: &str) -> Vec<u8> {
+    let path = Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(!bytes.is_empty(), "{} is empty: the wasm build was skipped", path.display());
+    bytes
+}
+
+/// Writes `<dir>/<name>.wasm` and `<dir>/<name>.toml`; `body` is the
+/// manifest without `[handler]`, which is generated with the right sha256.
+pub fn install_handler(dir: &Path, name: &str, wasm: &[u8], update_type: &str, body: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create handler dir");
+    std::fs::write(dir.join(format!("{name}.wasm")), wasm).expect("write wasm");
+    let toml = format!(
+        "[handler]\nupdate_types = [\"{update_type}\"]\nsha256 = \"{}\"\n\n{body}",
+        sha256_hex(wasm)
+    );
+    let manifest = dir.join(format!("{name}.toml"));
+    std::fs::write(&manifest, toml).expect("write manifest");
+    manifest
+}
+
+/// A runtime with a cache in `dir/cache`.
+pub fn runtime(dir: &Path) -> Runtime {
+    Runtime::new(Some(dir.join("cache"))).expect("runtime")
+}
+
+/// Loads the hostile guest with `body` as its capabilities.
+pub async fn hostile(rt: &Runtime, dir: &Path, body: &str) -> anyhow::Result<Handler> {
+    let manifest = install_handler(&dir.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", body);
+    rt.load_handler(&manifest, None).await
+}
+
+/// Same, with a device grant.
+pub async fn hostile_with(rt: &Runtime, dir: &Path, body: &str, grant: &DeviceGrant) -> anyhow::Result<Handler> {
+    let manifest = install_handler(&dir.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", body);
+    rt.load_handler(&manifest, Some(grant)).await
+}
+
+/// A step context carrying `manifest`.
+pub fn step(manifest: serde_json::Value) -> StepContext {
+    StepContext {
+        job_id: "job-1".into(),
+        step: 0,
+        update_type: "otabox-test/hostile:1".into(),
+        manifest: manifest.to_string(),
+        payloads: Vec::new(),
+        config: "{}".into(),
+        installed_criteria: None,
+    }
+}
+
+/// Calls `install` with `manifest` outside any job.
+pub async fn act(handler: &Handler, manifest: serde_json::Value) -> anyhow::Result<Outcome> {
+    handler.run_phase(Phase::Install, CallScope::default(), &step(manifest)).await
+}
+
+/// The text of a `failed` outcome; panics on anything else.
+pub fn failure(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Failed(status) => status.message,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// The text of a `skipped` outcome (the hostile guest's success); panics
+/// on anything else.
+pub fn success(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Skipped(text) => text,
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+/// Asserts the handler still serves a normal call.
+pub async fn still_serves(handler: &Handler) {
+    let outcome = act(handler, serde_json::json!({"action": "ok"})).await.expect("a normal call after the fault");
+    assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
+}

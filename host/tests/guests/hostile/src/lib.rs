@@ -1,0 +1,95 @@
+//! A test guest that misbehaves on request, to prove the sandbox holds.
+//!
+//! `install` reads `{"action": ...}` from the manifest and does it:
+//! `loop` spins forever, `alloc` allocates until memory runs out, `exec` runs
+//! `program` with `args` (and `env`), `read`/`write`/`list` touch `path`,
+//! `checkpoint` stores `value`, `payload` reads the payload `name`. Results
+//! come back as `skipped(text)`, host errors as `failed` with the error text.
+
+use otabox_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+enum Action {
+    Loop,
+    Alloc,
+    Exec { program: String, args: Vec<String>, #[serde(default)] env: Vec<(String, String)> },
+    Read { path: String },
+    Write { path: String },
+    List { path: String },
+    Checkpoint { key: String, value: String },
+    Payload { name: String },
+    Ok,
+}
+
+struct Hostile;
+
+impl Handler for Hostile {
+    fn describe() -> Description {
+        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1"])
+    }
+
+    fn validate(_step: &Step) -> Result<Plan, Status> {
+        Ok(Plan::new("hostile-0"))
+    }
+
+    fn install(step: &Step) -> Outcome {
+        match step.manifest::<Action>() {
+            Ok(action) => act(action),
+            Err(status) => Outcome::Failed(status),
+        }
+    }
+}
+
+fn act(action: Action) -> Outcome {
+    match action {
+        Action::Loop => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Action::Alloc => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![0xA5; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        Action::Exec { program, args, env } => {
+            let mut cmd = Command::new(program).args(args);
+            for (k, v) in env {
+                cmd = cmd.env(k, v);
+            }
+            report(cmd.run().map(|out| format!("exit={:?} stdout={}", out.code(), out.stdout())))
+        }
+        Action::Read { path } => report(std::fs::read_to_string(&path).map_err(|e| e.to_string())),
+        Action::Write { path } => {
+            report(std::fs::write(&path, b"written by a guest").map(|_| "written".to_string()).map_err(|e| e.to_string()))
+        }
+        Action::List { path } => report(
+            std::fs::read_dir(&path)
+                .map(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>().join(","))
+                .map_err(|e| e.to_string()),
+        ),
+        Action::Checkpoint { key, value } => report(
+            checkpoint::set(&key, value.as_bytes())
+                .and_then(|_| checkpoint::get(&key))
+                .map(|v| String::from_utf8_lossy(&v.unwrap_or_default()).into_owned()),
+        ),
+        Action::Payload { name } => report(
+            Payload::open(&name).and_then(|p| p.read_at(0, 64)).map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ),
+        Action::Ok => Outcome::Success,
+    }
+}
+
+fn report<E: std::fmt::Display>(result: Result<String, E>) -> Outcome {
+    match result {
+        Ok(text) => Outcome::Skipped(text),
+        Err(e) => Outcome::Failed(Status::new(99, e.to_string())),
+    }
+}
+
+export_handler!(Hostile);

@@ -1,0 +1,116 @@
+//! Write otabox update handlers in Rust.
+//!
+//! A handler is a type that implements [`Handler`]; [`export_handler!`] turns
+//! it into the WebAssembly component the otabox host loads. Every lifecycle
+//! call but `describe` and `validate` has a default, so a small handler
+//! implements only what it needs:
+//!
+//! ```ignore
+//! use otabox_sdk::prelude::*;
+//!
+//! struct Hello;
+//!
+//! impl Handler for Hello {
+//!     fn describe() -> Description {
+//!         Description::new("hello", env!("CARGO_PKG_VERSION"), ["acme/hello:1"])
+//!     }
+//!     fn validate(step: &Step) -> Result<Plan, Status> {
+//!         Ok(Plan::new(format!("hello-{}", step.job_id())))
+//!     }
+//!     fn install(_step: &Step) -> Outcome {
+//!         info!("hello from a sandbox");
+//!         Outcome::Success
+//!     }
+//! }
+//!
+//! export_handler!(Hello);
+//! ```
+//!
+//! Build it with `cargo build --target wasm32-wasip2 --release`; the `.wasm`
+//! in `target/wasm32-wasip2/release/` is the component. Ship it with a
+//! capability manifest (`<name>.toml`) that declares what it may touch.
+//!
+//! The helpers wrap the host imports: [`log`] and the [`info!`]-style macros,
+//! [`progress`], [`cancel_requested`], [`Payload`] (read-only verified
+//! payloads), [`checkpoint`] (durable per-step key/value store) and
+//! [`Command`] (run a declared program). File access uses `std::fs` on the
+//! paths the manifest declares.
+
+mod command;
+mod context;
+mod handler;
+mod outcome;
+mod payload;
+mod step;
+
+pub mod checkpoint;
+
+#[doc(hidden)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "update-handler",
+        pub_export_macro: true,
+        export_macro_name: "__export_update_handler",
+        default_bindings_module: "::otabox_sdk::__bindings",
+    });
+}
+
+pub use command::{Command, Output};
+pub use context::{cancel_requested, log, progress};
+pub use handler::{Export, Handler};
+pub use outcome::{Facility, StatusExt};
+pub use payload::{Payload, PayloadReader};
+pub use step::Step;
+
+pub use __bindings::otabox::handler::types::{
+    Description, ExtendedCode, HostError, InstalledItem, LogLevel, Outcome, PayloadInfo, Phase,
+    Plan, RebootBehaviour, RebootExpectation, RebootMode, Status,
+};
+
+/// The version of the WIT contract this SDK implements.
+pub const CONTRACT_VERSION: &str = "1.0.0";
+
+/// Everything a handler usually needs, for `use otabox_sdk::prelude::*`.
+pub mod prelude {
+    pub use crate::{
+        Command, Description, Facility, Handler, HostError, InstalledItem, LogLevel, Outcome,
+        Payload, Phase, Plan, RebootBehaviour, RebootExpectation, RebootMode, Status, StatusExt,
+        Step, cancel_requested, checkpoint, debug, error, export_handler, info, progress, warn,
+    };
+}
+
+/// Exports a [`Handler`] implementation as the component's `handler`
+/// interface. Use it once per crate, at the top level.
+#[macro_export]
+macro_rules! export_handler {
+    ($handler:ty) => {
+        #[doc(hidden)]
+        type __OtaboxExportedHandler = $crate::Export<$handler>;
+        $crate::__bindings::__export_update_handler!(__OtaboxExportedHandler with_types_in $crate::__bindings);
+    };
+}
+
+/// Logs at `info` level with `format!` arguments.
+#[macro_export]
+macro_rules! info {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Info, &format!($($arg)*)) };
+}
+
+/// Logs at `debug` level with `format!` arguments.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Debug, &format!($($arg)*)) };
+}
+
+/// Logs at `warn` level with `format!` arguments.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Warn, &format!($($arg)*)) };
+}
+
+/// Logs at `error` level with `format!` arguments.
+#[macro_export]
+macro_rules! error {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Error, &format!($($arg)*)) };
+}
