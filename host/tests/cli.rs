@@ -1,0 +1,119 @@
+//! The `otabox` binary: `handlers list`, `handlers audit` and `demo`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn otabox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_otabox")).args(args).env("OTABOX_LOG", "error").output().expect("run otabox")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    let path = dir.join("device.toml");
+    std::fs::write(&path, format!("[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n{body}")).expect("config");
+    path.display().to_string()
+}
+
+const FILE_CAPS: &str = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+
+#[test]
+fn audit_passes_a_clean_handler_and_lists_its_real_imports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    install_handler(&dir.path().join("handlers"), "file", &built_wasm("file"), "otabox/file:1", FILE_CAPS);
+    let out = otabox(&["handlers", "audit", "--config", &write_config(dir.path(), "")]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("handler file: ok"), "{t}");
+    assert!(t.contains("wasi:filesystem/preopens@0.2"), "{t}");
+    assert!(t.contains("otabox:handler/payloads@1.0.0"), "{t}");
+    assert!(t.contains("1 handler(s), 0 error(s), 0 warning(s)"), "{t}");
+}
+
+#[test]
+fn audit_fails_on_an_undeclared_import_and_warns_on_an_unused_declaration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handlers = dir.path().join("handlers");
+    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", FILE_CAPS);
+    install_handler(
+        &handlers,
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        &format!("{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"updates.example:443\"]\n"),
+    );
+    let out = otabox(&["handlers", "audit", "--dir", &handlers.display().to_string()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("error: imports `otabox:handler/process@1.0.0` but declares no command rules"), "{t}");
+    assert!(t.contains("warning: declares command rules but imports no process interface"), "{t}");
+    assert!(t.contains("warning: declares network hosts but imports no network interface"), "{t}");
+    assert!(t.contains("handler file: 0 error(s), 2 warning(s)"), "{t}");
+
+    let json = otabox(&["handlers", "audit", "--dir", &handlers.display().to_string(), "--json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let audits: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    let hostile = audits.as_array().expect("array").iter().find(|a| a["name"] == "hostile").expect("hostile");
+    assert_eq!(hostile["findings"][0]["severity"], "error");
+    assert!(hostile["imports"].as_array().expect("imports").iter().any(|i| i["capability"] == "process"));
+    assert_eq!(hostile["sha256"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn audit_reports_a_grant_the_device_withholds_and_a_tampered_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handlers = dir.path().join("handlers");
+    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", &format!("{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n"));
+    let config = write_config(dir.path(), "[handlers.hostile]\ncommands = []\n");
+    let t = text(&otabox(&["handlers", "audit", "--config", &config]));
+    assert!(t.contains("but the device grants none of its command rules"), "{t}");
+    assert!(t.contains("commands:   /bin/true") && t.contains("commands:   none"), "declared vs granted: {t}");
+
+    std::fs::write(handlers.join("hostile.wasm"), b"\0asm not really").expect("tamper");
+    let out = otabox(&["handlers", "audit", "--config", &config]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("sha256 of the wasm is"), "{}", text(&out));
+}
+
+#[test]
+fn list_shows_loaded_and_refused_handlers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handlers = dir.path().join("handlers");
+    install_handler(&handlers, "file", &built_wasm("file"), "otabox/file:1", FILE_CAPS);
+    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", FILE_CAPS);
+    let out = otabox(&["handlers", "list", "--dir", &handlers.display().to_string(), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let by_name = |n: &str| list.as_array().expect("array").iter().find(|h| h["name"] == n).cloned().expect(n);
+    assert_eq!(by_name("file")["status"], "loaded");
+    assert_eq!(by_name("file")["contract"], "1.0.0");
+    assert_eq!(by_name("hostile")["status"], "refused");
+    assert!(by_name("hostile")["error"].as_str().expect("error").contains("otabox:handler/process@1.0.0"));
+}
+
+#[test]
+fn a_missing_config_gives_a_clear_error() {
+    let out = otabox(&["handlers", "list", "--config", "/nonexistent/device.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("cannot read device config /nonexistent/device.toml"), "{}", text(&out));
+}
+
+#[test]
+fn the_demo_runs_a_whole_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("demo");
+    let out = otabox(&["demo", "--dir", &root.display().to_string(), "--keep"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("SUCCESS, installed app-config-1.2.0"), "{t}");
+    assert!(t.contains("was already installed"), "{t}");
+    assert!(t.contains("FAILURE in download") && t.contains("sha256"), "{t}");
+    assert!(t.contains("FAILURE in install (rolled back)"), "{t}");
+    assert!(root.join("device/files/app.conf").is_file());
+}
