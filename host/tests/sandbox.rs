@@ -11,6 +11,15 @@ use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{CallFault, CallScope, Outcome, PayloadFile, Phase};
 use serde_json::json;
 
+/// The least a hostile guest needs to load: it imports process and
+/// filesystem.
+macro_rules! base_caps {
+    () => {
+        "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n"
+    };
+}
+const BASE: &str = base_caps!();
+
 fn fault(err: &anyhow::Error) -> &CallFault {
     err.downcast_ref::<CallFault>().unwrap_or_else(|| panic!("not a call fault: {err:#}"))
 }
@@ -19,7 +28,7 @@ fn fault(err: &anyhow::Error) -> &CallFault {
 async fn an_infinite_loop_stops_at_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[limits]\ncall_timeout_ms = 300\n")
+    let h = hostile(&rt, dir.path(), concat!(base_caps!(), "[limits]\ncall_timeout_ms = 300\n"))
         .await
         .expect("load");
     let started = Instant::now();
@@ -36,7 +45,7 @@ async fn an_infinite_loop_stops_at_its_deadline() {
 async fn a_memory_bomb_traps_at_its_cap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[limits]\nmemory_mb = 16\n")
+    let h = hostile(&rt, dir.path(), concat!(base_caps!(), "[limits]\nmemory_mb = 16\n"))
         .await
         .expect("load");
     let err = act(&h, json!({"action": "alloc"})).await.expect_err("the bomb must trap");
@@ -140,7 +149,7 @@ async fn an_ungranted_import_is_refused_at_load_by_name() {
     let text = format!("{err:#}");
     assert!(text.contains("`otabox:handler/process@1.0.0`") && text.contains("declares no process"), "{text}");
 
-    let declared = "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+    let declared = BASE;
     let no_commands = DeviceGrant { commands: Some(vec![]), ..DeviceGrant::default() };
     let err = hostile_with(&rt, dir.path(), declared, &no_commands).await.expect_err("device narrowed it away");
     assert!(format!("{err:#}").contains("device grants none"), "{err:#}");
@@ -179,7 +188,7 @@ async fn a_tampered_wasm_and_a_malformed_manifest_are_refused_clearly() {
 async fn payloads_are_read_only_and_only_after_verification() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n").await.expect("load");
+    let h = hostile(&rt, dir.path(), BASE).await.expect("load");
     let file = dir.path().join("payload.bin");
     std::fs::write(&file, b"payload bytes").expect("write");
     let mut payload = PayloadFile { name: "p.bin".into(), size: 13, sha256: "x".into(), verified: None };
@@ -198,7 +207,7 @@ async fn payloads_are_read_only_and_only_after_verification() {
 async fn checkpoints_are_durable_per_step_and_checked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n").await.expect("load");
+    let h = hostile(&rt, dir.path(), BASE).await.expect("load");
     let outside_job = failure(act(&h, json!({"action": "checkpoint", "key": "k", "value": "v"})).await.expect("call"));
     assert!(outside_job.contains("within a job step"), "{outside_job}");
     let scope = CallScope::for_step("job-1", 2, dir.path(), vec![]);
@@ -213,7 +222,7 @@ async fn checkpoints_are_durable_per_step_and_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_and_a_corrupt_entry_is_replaced() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let body = "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+    let body = BASE;
     let first = hostile(&runtime(dir.path()), dir.path(), body).await.expect("load");
     assert_eq!(first.cache, otabox::runtime::CacheUse::Miss);
     let second = hostile(&runtime(dir.path()), dir.path(), body).await.expect("load");
