@@ -56,6 +56,11 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize) {
     })
     .await;
 
+    let describe = sample(calls, calls / 10, || async {
+        handler.describe().await.expect("describe");
+    })
+    .await;
+
     let spawn = sample(spawns, spawns / 10, || async {
         let status = Command::new("/bin/true").status().expect("spawn /bin/true");
         assert!(status.success());
@@ -73,12 +78,13 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize) {
     })
     .await;
 
-    report(&handler, &call, &spawn, &load3, cold_load, engine_time, calls, spawns, loads);
+    report(&handler, &call, &describe, &spawn, &load3, cold_load, engine_time, calls, spawns, loads);
 }
 
 fn report(
     handler: &Handler,
     call: &Stats,
+    describe: &Stats,
     spawn: &Stats,
     load3: &Stats,
     cold_load: Duration,
@@ -92,6 +98,7 @@ fn report(
     println!("otabox handler-call benchmark ({} profile, handler {} {} bytes)", profile(), handler.name, wasm_size(handler));
     println!("{:<52} {:>10} {:>10} {:>10}", "", "median", "p10", "p90");
     row(&format!("instantiate + is-installed, file handler (n={calls})"), call, us);
+    row(&format!("instantiate + describe, file handler (n={calls})"), describe, us);
     row(&format!("spawn /bin/true and wait (n={spawns})"), spawn, us);
     row(&format!("load 3 handlers from the warm cache (n={loads})"), load3, ms);
     println!("{:<52} {:>10}", "cold load of the file handler (compile + cache)", ms(cold_load));

@@ -234,3 +234,13 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_replaced() {
     assert_eq!(third.cache, otabox::runtime::CacheUse::Miss);
     assert!(matches!(act(&third, json!({"action": "ok"})).await.expect("call"), Outcome::Success));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_printing_megabytes_is_capped_not_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let h = hostile(&rt, dir.path(), BASE).await.expect("load");
+    let outcome = act(&h, json!({"action": "print", "text": "x".repeat(1000), "times": 2000})).await.expect("call");
+    assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
+    still_serves(&h).await;
+}

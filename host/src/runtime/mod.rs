@@ -15,6 +15,7 @@ pub mod host;
 mod linker;
 mod network;
 mod state;
+mod stdio;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -151,6 +151,8 @@ pub struct HostState {
     pub(crate) deadline: Instant,
     /// Payload handles the guest holds.
     pub(crate) open_payloads: usize,
+    /// The guest's captured stdout and stderr.
+    pub(crate) output: [super::stdio::GuestOutput; 2],
 }
 
 impl WasiView for HostState {

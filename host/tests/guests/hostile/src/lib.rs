@@ -3,7 +3,8 @@
 //! `install` reads `{"action": ...}` from the manifest and does it:
 //! `loop` spins forever, `alloc` allocates until memory runs out, `exec` runs
 //! `program` with `args` (and `env`), `read`/`write`/`list` touch `path`,
-//! `checkpoint` stores `value`, `payload` reads the payload `name`. Results
+//! `checkpoint` stores `value`, `payload` reads the payload `name`, `print`
+//! writes `text` to stdout and stderr `times` times. Results
 //! come back as `skipped(text)`, host errors as `failed` with the error text.
 
 use otabox_sdk::prelude::*;
@@ -20,6 +21,7 @@ enum Action {
     List { path: String },
     Checkpoint { key: String, value: String },
     Payload { name: String },
+    Print { text: String, times: usize },
     Ok,
 }
 
@@ -81,6 +83,13 @@ fn act(action: Action) -> Outcome {
         Action::Payload { name } => report(
             Payload::open(&name).and_then(|p| p.read_at(0, 64)).map(|b| String::from_utf8_lossy(&b).into_owned()),
         ),
+        Action::Print { text, times } => {
+            for _ in 0..times {
+                println!("{text}");
+                eprintln!("{text}");
+            }
+            Outcome::Success
+        }
         Action::Ok => Outcome::Success,
     }
 }
