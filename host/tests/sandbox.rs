@@ -15,10 +15,18 @@ use serde_json::json;
 /// filesystem.
 macro_rules! base_caps {
     () => {
-        "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n"
+        "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[network]\nhosts = [\"127.0.0.1\"]\n"
     };
 }
 const BASE: &str = base_caps!();
+
+/// The hostile guest imports `wasi:sockets` too.
+macro_rules! net {
+    () => {
+        "[network]\nhosts = [\"127.0.0.1\"]\n"
+    };
+}
+const NET: &str = net!();
 
 fn fault(err: &anyhow::Error) -> &CallFault {
     err.downcast_ref::<CallFault>().unwrap_or_else(|| panic!("not a call fault: {err:#}"))
@@ -59,7 +67,7 @@ async fn commands_outside_the_rules_are_denied_and_never_spawned() {
     let rt = runtime(dir.path());
     let d = dir.path().display();
     let body = format!(
-        "[[commands]]\nprogram = \"/usr/bin/touch\"\nargs = [\"{d}/allowed\"]\n\
+        "[network]\nhosts = [\"127.0.0.1\"]\n[[commands]]\nprogram = \"/usr/bin/touch\"\nargs = [\"{d}/allowed\"]\n\
          [[commands]]\nprogram = \"/bin/sleep\"\nargs = [\"*\"]\n\
          [[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[limits]\ncall_timeout_ms = 3000\n"
     );
@@ -100,7 +108,7 @@ async fn paths_cannot_escape_the_grant() {
     std::os::unix::fs::symlink("../outside/secret.txt", grant.join("rel-link")).expect("symlink");
     std::os::unix::fs::symlink(outside.join("secret.txt"), grant.join("abs-link")).expect("symlink");
     std::os::unix::fs::symlink(&outside, grant.join("dir-link")).expect("symlink");
-    let body = format!("[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", grant.display());
+    let body = format!("{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", grant.display());
     let h = hostile(&rt_for(&root), &root, &body).await.expect("load");
 
     let g = grant.display();
@@ -129,7 +137,7 @@ async fn paths_cannot_escape_the_grant() {
 async fn a_read_only_grant_refuses_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let body = format!("[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", root.display());
+    let body = format!("{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", root.display());
     let narrowed = DeviceGrant { read_only: vec![root.clone()], ..DeviceGrant::default() };
     let h = hostile_with(&rt_for(&root), &root, &body, &narrowed).await.expect("load");
     failure(act(&h, json!({"action": "write", "path": format!("{}/ro.txt", root.display())})).await.expect("denied"));
@@ -144,7 +152,7 @@ fn rt_for(root: &std::path::Path) -> otabox::runtime::Runtime {
 async fn an_ungranted_import_is_refused_at_load_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let fs_only = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+    let fs_only = concat!("[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n", net!());
     let err = hostile(&rt, dir.path(), fs_only).await.expect_err("process is imported but not declared");
     let text = format!("{err:#}");
     assert!(text.contains("`otabox:handler/process@1.0.0`") && text.contains("declares no process"), "{text}");
@@ -154,7 +162,7 @@ async fn an_ungranted_import_is_refused_at_load_by_name() {
     let err = hostile_with(&rt, dir.path(), declared, &no_commands).await.expect_err("device narrowed it away");
     assert!(format!("{err:#}").contains("device grants none"), "{err:#}");
 
-    let no_paths = "[[commands]]\nprogram = \"/bin/true\"\n";
+    let no_paths = concat!("[[commands]]\nprogram = \"/bin/true\"\n", net!());
     let err = hostile(&rt, dir.path(), no_paths).await.expect_err("filesystem is imported but not declared");
     assert!(format!("{err:#}").contains("`wasi:filesystem/"), "{err:#}");
 
@@ -242,5 +250,33 @@ async fn a_guest_printing_megabytes_is_capped_not_failed() {
     let h = hostile(&rt, dir.path(), BASE).await.expect("load");
     let outcome = act(&h, json!({"action": "print", "text": "x".repeat(1000), "times": 2000})).await.expect("call");
     assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
+    still_serves(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_access_is_limited_to_granted_hosts_and_ports() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let granted = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    other.set_nonblocking(true).expect("nonblocking");
+    let port = granted.local_addr().expect("addr").port();
+    let caps = format!(
+        "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[network]\nhosts = [\"127.0.0.1:{port}\"]\n"
+    );
+    let h = hostile(&rt, dir.path(), &caps).await.expect("load");
+    let accepted = std::thread::spawn(move || {
+        let (mut stream, _) = granted.accept().expect("accept");
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).expect("read");
+        buf
+    });
+    assert_eq!(success(act(&h, json!({"action": "connect", "address": format!("127.0.0.1:{port}")})).await.expect("call")), "connected");
+    assert_eq!(&accepted.join().expect("listener thread"), b"hello");
+
+    let other_port = other.local_addr().expect("addr").port();
+    failure(act(&h, json!({"action": "connect", "address": format!("127.0.0.1:{other_port}")})).await.expect("denial is returned"));
+    assert!(other.accept().is_err(), "a connection reached an ungranted port");
     still_serves(&h).await;
 }

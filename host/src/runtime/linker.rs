@@ -62,9 +62,12 @@ fn add_baseline(l: &mut Linker<HostState>) -> Result<()> {
     Ok(())
 }
 
-/// `wasi:sockets`, checked per address against the granted hosts.
+/// `wasi:sockets`, checked per address against the granted hosts. UDP is
+/// linked (language runtimes import it wholesale) but refused at run time.
 fn add_network(l: &mut Linker<HostState>) -> Result<()> {
     sockets::tcp::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
+    sockets::udp::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
+    sockets::udp_create_socket::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     sockets::tcp_create_socket::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     sockets::instance_network::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     sockets::network::add_to_linker::<HostState, WasiSockets>(l, &Default::default(), HostState::sockets)?;

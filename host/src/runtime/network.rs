@@ -1,5 +1,6 @@
 //! Socket access for handlers that declare network hosts: outgoing TCP to
 //! the granted hosts only (by name or address, any port when none is given).
+//! Listening, explicit binds and UDP are refused.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,7 +30,14 @@ pub fn allow_hosts(builder: &mut WasiCtxBuilder, hosts: &[String]) {
     builder.allow_udp(false);
     builder.socket_addr_check(move |addr, usage| {
         let allowed = allowed.clone();
-        Box::pin(async move { matches!(usage, SocketAddrUse::TcpConnect) && permitted(&allowed, addr).await })
+        Box::pin(async move {
+            match usage {
+                SocketAddrUse::TcpConnect => permitted(&allowed, addr).await,
+                // A connect first binds implicitly to an ephemeral port.
+                SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                _ => false,
+            }
+        })
     });
 }
 

@@ -4,7 +4,8 @@
 //! `loop` spins forever, `alloc` allocates until memory runs out, `exec` runs
 //! `program` with `args` (and `env`), `read`/`write`/`list` touch `path`,
 //! `checkpoint` stores `value`, `payload` reads the payload `name`, `print`
-//! writes `text` to stdout and stderr `times` times. Results
+//! writes `text` to stdout and stderr `times` times, `connect` opens a TCP
+//! connection to `address` and sends `hello`. Results
 //! come back as `skipped(text)`, host errors as `failed` with the error text.
 
 use otabox_sdk::prelude::*;
@@ -22,6 +23,7 @@ enum Action {
     Checkpoint { key: String, value: String },
     Payload { name: String },
     Print { text: String, times: usize },
+    Connect { address: String },
     Ok,
 }
 
@@ -90,6 +92,11 @@ fn act(action: Action) -> Outcome {
             }
             Outcome::Success
         }
+        Action::Connect { address } => report(
+            std::net::TcpStream::connect(&address)
+                .and_then(|mut stream| std::io::Write::write_all(&mut stream, b"hello"))
+                .map(|_| "connected".to_string()),
+        ),
         Action::Ok => Outcome::Success,
     }
 }
