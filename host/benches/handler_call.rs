@@ -78,21 +78,26 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize) {
     })
     .await;
 
-    report(&handler, &call, &describe, &spawn, &load3, cold_load, engine_time, calls, spawns, loads);
+    let figures = Figures { call, describe, spawn, load3, cold_load, engine_time, calls, spawns, loads };
+    report(&handler, &figures);
 }
 
-fn report(
-    handler: &Handler,
-    call: &Stats,
-    describe: &Stats,
-    spawn: &Stats,
-    load3: &Stats,
+/// Everything one run measured.
+struct Figures {
+    call: Stats,
+    describe: Stats,
+    spawn: Stats,
+    load3: Stats,
     cold_load: Duration,
     engine_time: Duration,
     calls: usize,
     spawns: usize,
     loads: usize,
-) {
+}
+
+fn report(handler: &Handler, f: &Figures) {
+    let Figures { call, describe, spawn, load3, cold_load, engine_time, calls, spawns, loads } = f;
+    let (cold_load, engine_time) = (*cold_load, *engine_time);
     let ratio = spawn.median.as_secs_f64() / call.median.as_secs_f64();
     let verdict = |ok: bool| if ok { "goal met" } else { "GOAL MISSED" };
     println!("otabox handler-call benchmark ({} profile, handler {} {} bytes)", profile(), handler.name, wasm_size(handler));

@@ -179,10 +179,11 @@ async fn audit_one(
         audit.error("does not export `otabox:handler/handler@1.x`");
     }
     compare(&mut audit, &manifest, &grants);
-    if audit.count(Severity::Error) == 0 && audit.enabled {
-        if let Err(e) = runtime.load_handler(manifest_path, grant).await {
-            audit.error(format!("load: {e:#}"));
-        }
+    if audit.count(Severity::Error) == 0
+        && audit.enabled
+        && let Err(e) = runtime.load_handler(manifest_path, grant).await
+    {
+        audit.error(format!("load: {e:#}"));
     }
     audit
 }

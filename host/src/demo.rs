@@ -46,15 +46,29 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
     let v1 = b"greeting = \"hello\"\nversion = \"1.2.0\"\n".as_slice();
     let tampered = b"greeting = \"HELLO\"\nversion = \"1.2.0\"\n".as_slice();
     let mut reports = Vec::new();
-    let cases: [(&str, &str, &[u8], &[u8], &str); 4] = [
-        ("install app.conf 1.2.0", "demo-1", v1, v1, "/var/lib/otabox/files/app.conf"),
-        ("deploy the same again", "demo-2", v1, v1, "/var/lib/otabox/files/app.conf"),
-        ("payload bytes differ from the declared hash", "demo-3", tampered, v1, "/var/lib/otabox/files/app.conf"),
-        ("manifest points outside the granted directory", "demo-4", v1, v1, "/etc/otabox-demo.conf"),
+    let inside = "/var/lib/otabox/files/app.conf";
+    let cases = [
+        DemoCase { title: "install app.conf 1.2.0", job: "demo-1", bytes: v1, declared: v1, destination: inside },
+        DemoCase { title: "deploy the same again", job: "demo-2", bytes: v1, declared: v1, destination: inside },
+        DemoCase {
+            title: "payload bytes differ from the declared hash",
+            job: "demo-3",
+            bytes: tampered,
+            declared: v1,
+            destination: inside,
+        },
+        DemoCase {
+            title: "manifest points outside the granted directory",
+            job: "demo-4",
+            bytes: v1,
+            declared: v1,
+            destination: "/etc/otabox-demo.conf",
+        },
     ];
-    for (title, job, bytes, declared, destination) in cases {
-        println!("\n== job {job}: {title}");
-        let request = step_request(root, &config, job, bytes, declared, destination)?;
+    for case in cases {
+        let job = case.job;
+        println!("\n== job {job}: {}", case.title);
+        let request = step_request(root, &config, &case)?;
         let report = run_step(handler, request, Some(progress.clone())).await?;
         for record in &report.phases {
             println!("    {:<12} {}", record.phase, record.outcome);
@@ -93,14 +107,19 @@ fn lay_out(root: &Path) -> Result<PathBuf> {
     Ok(config)
 }
 
-fn step_request(
-    root: &Path,
-    config: &DeviceConfig,
-    job: &str,
-    bytes: &[u8],
-    declared: &[u8],
-    destination: &str,
-) -> Result<StepRequest> {
+/// One job of the walkthrough.
+struct DemoCase {
+    title: &'static str,
+    job: &'static str,
+    /// The payload bytes on disk.
+    bytes: &'static [u8],
+    /// The bytes the desired state declares (size and sha256).
+    declared: &'static [u8],
+    destination: &'static str,
+}
+
+fn step_request(root: &Path, config: &DeviceConfig, case: &DemoCase) -> Result<StepRequest> {
+    let DemoCase { job, bytes, declared, destination, .. } = *case;
     let payload_dir = root.join("payloads").join(job);
     std::fs::create_dir_all(&payload_dir)?;
     let path = payload_dir.join("app.conf");

@@ -151,7 +151,7 @@ fn list_json(set: &HandlerSet) -> serde_json::Value {
 }
 
 fn print_list(set: &HandlerSet, dir: &Path) {
-    println!("{:<12} {:<9} {:<9} {:<14} {:<30} {}", "NAME", "STATUS", "VERSION", "SHA256", "UPDATE TYPES", "FILE");
+    println!("{:<12} {:<9} {:<9} {:<14} {:<30} FILE", "NAME", "STATUS", "VERSION", "SHA256", "UPDATE TYPES");
     for h in &set.handlers {
         println!(
             "{:<12} {:<9} {:<9} {:<14} {:<30} {}",

@@ -59,10 +59,10 @@ impl CommandRule {
         if self.program.contains('/') && !self.program.starts_with('/') {
             bail!("`program` {:?} must be absolute or a bare name", self.program);
         }
-        if let Some(pos) = self.args.iter().position(|a| a == "**") {
-            if pos + 1 != self.args.len() {
-                bail!("`args`: `**` may only be the last pattern");
-            }
+        if let Some(pos) = self.args.iter().position(|a| a == "**")
+            && pos + 1 != self.args.len()
+        {
+            bail!("`args`: `**` may only be the last pattern");
         }
         for name in &self.env {
             if !is_env_name(name) || FORBIDDEN_ENV.contains(&name.as_str()) {
