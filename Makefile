@@ -12,8 +12,10 @@ setup:
 demo: setup
 	cargo run -p otabox -- demo
 
-## Run the whole test suite (the wasm handlers are built by host/build.rs).
+## Run the whole test suite (the wasm handlers are built by host/build.rs),
+## and the benchmark as a short smoke run so it cannot rot.
 test: setup
+	cargo test -p otabox --bench handler_call
 	cargo test --workspace
 
 ## Run the benchmarks (release build) and print the figures.
