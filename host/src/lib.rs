@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod durable;
 pub mod runtime;
+pub mod shadow;
 pub mod trust;
 pub mod workflow;
 

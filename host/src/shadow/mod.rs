@@ -1,0 +1,18 @@
+//! The device shadow: what the cloud wants (desired state, arriving as a
+//! delta), what the device reports, the acknowledgement of a job, and the
+//! MQTT topics they travel on.
+//!
+//! Every message from outside is parsed strictly: a size cap before
+//! parsing, a nesting limit, unknown fields refused, and every value checked
+//! (ids, names, hashes, URLs) so that nothing malformed reaches the journal.
+
+mod desired;
+mod reported;
+mod topics;
+
+pub use desired::{
+    DEFAULT_MAX_MESSAGE, DeltaMessage, DesiredState, FileSpec, ManifestSource, RebootPolicy, SCHEMA_VERSION, StepSpec,
+    parse_delta, validate_job_id,
+};
+pub use reported::{Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, ReportedState, StepOutcome};
+pub use topics::{TopicLayout, Topics};
