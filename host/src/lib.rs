@@ -12,6 +12,7 @@ pub mod capabilities;
 pub mod config;
 pub mod demo;
 pub mod durable;
+pub mod journal;
 pub mod runtime;
 pub mod shadow;
 pub mod trust;

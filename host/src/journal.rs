@@ -1,0 +1,410 @@
+//! The crash-safe job journal.
+//!
+//! Layout under the state directory:
+//! - `shadow.json`: the last shadow version accepted, the desired state and
+//!   the last reported state;
+//! - `jobs/<job-id>/journal.json`: one record per job, rewritten atomically
+//!   (temp, fsync, rename, fsync dir) at every transition, *before* the side
+//!   effect the transition announces.
+//!
+//! On start the agent asks [`decide`] what to do with each unfinished job:
+//! resume a download, ask the handler whether an interrupted install took
+//! effect (then roll back where supported), confirm a reboot by boot id,
+//! report a result that was not yet reported, or give up on a job that keeps
+//! crashing the agent (the loop breaker).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::durable;
+use crate::shadow::{DesiredState, JobResult, ReportedState, StepOutcome, validate_job_id};
+
+/// Agent starts that may find the same job unfinished before it is failed.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Where a job stands. Each value is journaled before the work it names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum JobPhase {
+    /// Accepted from a delta; nothing done yet.
+    Accepted,
+    /// Validating the steps with their handlers (no side effects).
+    Validating,
+    /// Downloading payloads (resumable).
+    Downloading,
+    /// Changing the system: step `step` is in `stage`.
+    Installing {
+        /// Step index.
+        step: u32,
+        /// backup, install or apply.
+        stage: String,
+    },
+    /// Waiting for a reboot that started on `boot_id`.
+    AwaitingReboot {
+        /// Boot id when the reboot was asked for.
+        boot_id: String,
+        /// Whether the deployment deferred it.
+        deferred: bool,
+    },
+    /// Waiting for the agent's own restart.
+    AwaitingRestart,
+    /// Verifying and committing after install, reboot or restart.
+    Verifying,
+    /// Restoring the previous state.
+    RollingBack {
+        /// Why.
+        reason: String,
+    },
+    /// Finished.
+    Done {
+        /// How.
+        result: JobResult,
+    },
+}
+
+/// The journal record of one job.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub job_id: String,
+    /// Shadow version of the delta that brought it.
+    pub shadow_version: u64,
+    /// The desired state as accepted.
+    pub desired: DesiredState,
+    /// sha256 of the handler wasm serving each step, pinned at acceptance.
+    #[serde(default)]
+    pub handler_sha256: Vec<String>,
+    /// Where it stands.
+    pub phase: JobPhase,
+    /// Per-step results, as known.
+    #[serde(default)]
+    pub steps: Vec<StepOutcome>,
+    /// Agent starts that found this job unfinished while it was working.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Whether the terminal result was acknowledged by the broker.
+    #[serde(default)]
+    pub reported: bool,
+}
+
+/// What to do with a job found in the journal at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Nothing changed yet: validate and run it from the start.
+    Restart,
+    /// Continue the download where it stopped.
+    ResumeDownload,
+    /// Step `step` was changing the system: ask the handler (is-installed,
+    /// then rollback where supported).
+    AskHandler {
+        /// Step index.
+        step: u32,
+    },
+    /// The reboot happened (new boot id): verify and commit.
+    VerifyAfterReboot,
+    /// Same boot as when the reboot was asked for: keep waiting.
+    AwaitReboot,
+    /// The agent restarted as asked: verify and commit.
+    VerifyAfterRestart,
+    /// Continue verify/commit (idempotent per handler contract).
+    ContinueVerify,
+    /// Continue the rollback.
+    ContinueRollback,
+    /// Finished but not yet reported: report it.
+    Report(JobResult),
+    /// Finished and reported.
+    Nothing,
+    /// The job kept crashing the agent: fail it with this message.
+    GiveUp(String),
+}
+
+/// Decides how to resume `record` given the current boot id.
+pub fn decide(record: &JobRecord, boot_id: &str, max_attempts: u32) -> Resume {
+    let working = !matches!(
+        record.phase,
+        JobPhase::Done { .. } | JobPhase::AwaitingReboot { .. } | JobPhase::AwaitingRestart
+    );
+    if working && record.attempts > max_attempts {
+        return Resume::GiveUp(format!(
+            "the agent stopped {} times during this job (phase {}); giving up",
+            record.attempts,
+            phase_name(&record.phase)
+        ));
+    }
+    match &record.phase {
+        JobPhase::Accepted | JobPhase::Validating => Resume::Restart,
+        JobPhase::Downloading => Resume::ResumeDownload,
+        JobPhase::Installing { step, .. } => Resume::AskHandler { step: *step },
+        JobPhase::AwaitingReboot { boot_id: before, .. } if before != boot_id => Resume::VerifyAfterReboot,
+        JobPhase::AwaitingReboot { .. } => Resume::AwaitReboot,
+        JobPhase::AwaitingRestart => Resume::VerifyAfterRestart,
+        JobPhase::Verifying => Resume::ContinueVerify,
+        JobPhase::RollingBack { .. } => Resume::ContinueRollback,
+        JobPhase::Done { result } if !record.reported => Resume::Report(*result),
+        JobPhase::Done { .. } => Resume::Nothing,
+    }
+}
+
+/// A short name of a phase, for messages.
+pub fn phase_name(phase: &JobPhase) -> &'static str {
+    match phase {
+        JobPhase::Accepted => "accepted",
+        JobPhase::Validating => "validating",
+        JobPhase::Downloading => "downloading",
+        JobPhase::Installing { .. } => "installing",
+        JobPhase::AwaitingReboot { .. } => "awaiting-reboot",
+        JobPhase::AwaitingRestart => "awaiting-restart",
+        JobPhase::Verifying => "verifying",
+        JobPhase::RollingBack { .. } => "rolling-back",
+        JobPhase::Done { .. } => "done",
+    }
+}
+
+/// The persisted shadow bookkeeping (`shadow.json`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct ShadowRecord {
+    /// Highest shadow version accepted.
+    pub last_version: u64,
+    /// The desired state last accepted.
+    #[serde(default)]
+    pub desired: Option<DesiredState>,
+    /// The state last reported.
+    #[serde(default)]
+    pub reported: Option<ReportedState>,
+}
+
+/// What became of a delta.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acceptance {
+    /// A new job, journaled.
+    Accepted(Box<JobRecord>),
+    /// A version at or below the last accepted: ignored.
+    Stale {
+        /// The last accepted version.
+        last: u64,
+    },
+    /// A job id already journaled (QoS 1 redelivery, or a replay): not
+    /// executed again.
+    Duplicate(Box<JobRecord>),
+}
+
+/// The journal in a state directory.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        let jobs = state_dir.join("jobs");
+        std::fs::create_dir_all(&jobs).with_context(|| format!("cannot create {}", jobs.display()))?;
+        Ok(Self { dir: state_dir.to_path_buf() })
+    }
+
+    /// The directory of a job's files.
+    pub fn job_dir(&self, job_id: &str) -> Result<PathBuf> {
+        validate_job_id(job_id)?;
+        Ok(self.dir.join("jobs").join(job_id))
+    }
+
+    /// The shadow bookkeeping (default when none was written yet).
+    pub fn shadow(&self) -> Result<ShadowRecord> {
+        read_json(&self.dir.join("shadow.json")).map(Option::unwrap_or_default)
+    }
+
+    /// Replaces the shadow bookkeeping.
+    pub fn write_shadow(&self, shadow: &ShadowRecord) -> Result<()> {
+        write_json(&self.dir.join("shadow.json"), shadow)
+    }
+
+    /// The record of `job_id`, if journaled.
+    pub fn record(&self, job_id: &str) -> Result<Option<JobRecord>> {
+        read_json(&self.job_dir(job_id)?.join("journal.json"))
+    }
+
+    /// Writes `record` atomically.
+    pub fn write(&self, record: &JobRecord) -> Result<()> {
+        let dir = self.job_dir(&record.job_id)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            durable::sync_dir(dir.parent().unwrap_or(&self.dir))?;
+        }
+        write_json(&dir.join("journal.json"), record)
+    }
+
+    /// Moves `record` to `phase` and journals it before returning.
+    pub fn transition(&self, record: &mut JobRecord, phase: JobPhase) -> Result<()> {
+        record.phase = phase;
+        self.write(record)
+    }
+
+    /// Accepts a delta: stale and duplicate deltas change nothing; a new job
+    /// is journaled first, then the shadow version advances.
+    pub fn accept(&self, shadow_version: u64, desired: &DesiredState) -> Result<Acceptance> {
+        let mut shadow = self.shadow()?;
+        if shadow_version <= shadow.last_version {
+            return Ok(Acceptance::Stale { last: shadow.last_version });
+        }
+        if let Some(existing) = self.record(&desired.job_id)? {
+            return Ok(Acceptance::Duplicate(Box::new(existing)));
+        }
+        let record = JobRecord {
+            job_id: desired.job_id.clone(),
+            shadow_version,
+            desired: desired.clone(),
+            handler_sha256: Vec::new(),
+            phase: JobPhase::Accepted,
+            steps: Vec::new(),
+            attempts: 0,
+            reported: false,
+        };
+        self.write(&record)?;
+        shadow.last_version = shadow_version;
+        shadow.desired = Some(desired.clone());
+        self.write_shadow(&shadow)?;
+        Ok(Acceptance::Accepted(Box::new(record)))
+    }
+
+    /// Jobs that are not finished, or finished but not reported, oldest
+    /// shadow version first.
+    pub fn unfinished(&self) -> Result<Vec<JobRecord>> {
+        let jobs = self.dir.join("jobs");
+        let mut records = Vec::new();
+        for entry in std::fs::read_dir(&jobs).with_context(|| format!("cannot list {}", jobs.display()))? {
+            let path = entry?.path().join("journal.json");
+            if let Some(record) = read_json::<JobRecord>(&path)? {
+                if !(matches!(record.phase, JobPhase::Done { .. }) && record.reported) {
+                    records.push(record);
+                }
+            }
+        }
+        records.sort_by_key(|r| r.shadow_version);
+        Ok(records)
+    }
+
+    /// Counts an agent start that found `record` unfinished (loop breaker),
+    /// journaled before anything is resumed.
+    pub fn count_attempt(&self, record: &mut JobRecord) -> Result<()> {
+        if !matches!(record.phase, JobPhase::Done { .. } | JobPhase::AwaitingReboot { .. } | JobPhase::AwaitingRestart) {
+            record.attempts += 1;
+            self.write(record)?;
+        }
+        Ok(())
+    }
+}
+
+/// The current boot id: `OTABOX_BOOT_ID_FILE` when set (tests simulate a
+/// reboot with it), else the kernel's.
+pub fn boot_id() -> Result<String> {
+    let path = std::env::var_os("OTABOX_BOOT_ID_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
+    let id = std::fs::read_to_string(&path).with_context(|| format!("cannot read boot id from {}", path.display()))?;
+    let id = id.trim();
+    if id.is_empty() {
+        bail!("boot id in {} is empty", path.display());
+    }
+    Ok(id.to_string())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("state file {} does not parse", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).context("cannot encode state")?;
+    durable::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::RebootPolicy;
+
+    fn desired(job: &str) -> DesiredState {
+        serde_json::from_value(serde_json::json!({
+            "schema": 1, "jobId": job, "version": "1",
+            "steps": [{"updateType": "otabox/file:1", "manifest": {}}]
+        }))
+        .expect("desired")
+    }
+
+    #[test]
+    fn accept_journals_new_jobs_and_ignores_stale_and_duplicate_deltas() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        let Acceptance::Accepted(record) = journal.accept(5, &desired("a")).expect("accept") else { panic!() };
+        assert_eq!(record.phase, JobPhase::Accepted);
+        assert_eq!(journal.record("a").expect("read"), Some(*record));
+        assert_eq!(journal.accept(5, &desired("b")).expect("accept"), Acceptance::Stale { last: 5 });
+        assert_eq!(journal.accept(4, &desired("b")).expect("accept"), Acceptance::Stale { last: 5 });
+        assert!(matches!(journal.accept(6, &desired("a")).expect("accept"), Acceptance::Duplicate(_)));
+        assert_eq!(journal.shadow().expect("shadow").last_version, 5, "a duplicate does not advance the version");
+        assert!(matches!(journal.accept(7, &desired("b")).expect("accept"), Acceptance::Accepted(_)));
+        let jobs: Vec<String> = journal.unfinished().expect("list").into_iter().map(|r| r.job_id).collect();
+        assert_eq!(jobs, ["a", "b"]);
+        assert_eq!(journal.shadow().expect("shadow").desired.map(|d| d.reboot), Some(RebootPolicy::Immediate));
+    }
+
+    #[test]
+    fn resume_decisions_follow_the_phase_and_the_boot_id() {
+        let mut r = JobRecord {
+            job_id: "a".into(),
+            shadow_version: 1,
+            desired: desired("a"),
+            handler_sha256: vec![],
+            phase: JobPhase::Downloading,
+            steps: vec![],
+            attempts: 1,
+            reported: false,
+        };
+        assert_eq!(decide(&r, "boot-1", 3), Resume::ResumeDownload);
+        r.phase = JobPhase::Installing { step: 2, stage: "apply".into() };
+        assert_eq!(decide(&r, "boot-1", 3), Resume::AskHandler { step: 2 });
+        r.phase = JobPhase::AwaitingReboot { boot_id: "boot-1".into(), deferred: false };
+        assert_eq!(decide(&r, "boot-1", 3), Resume::AwaitReboot);
+        assert_eq!(decide(&r, "boot-2", 3), Resume::VerifyAfterReboot);
+        r.phase = JobPhase::Done { result: JobResult::Succeeded };
+        assert_eq!(decide(&r, "boot-2", 3), Resume::Report(JobResult::Succeeded));
+        r.reported = true;
+        assert_eq!(decide(&r, "boot-2", 3), Resume::Nothing);
+    }
+
+    #[test]
+    fn the_loop_breaker_fails_a_job_that_keeps_crashing_the_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        let Acceptance::Accepted(mut record) = journal.accept(1, &desired("a")).expect("accept") else { panic!() };
+        journal.transition(&mut record, JobPhase::Installing { step: 0, stage: "install".into() }).expect("write");
+        for _ in 0..3 {
+            let mut r = journal.record("a").expect("read").expect("present");
+            journal.count_attempt(&mut r).expect("count");
+            assert_eq!(decide(&r, "b", 3), Resume::AskHandler { step: 0 });
+        }
+        let mut r = journal.record("a").expect("read").expect("present");
+        journal.count_attempt(&mut r).expect("count");
+        assert!(matches!(decide(&r, "b", 3), Resume::GiveUp(m) if m.contains("4 times")));
+        let mut waiting = r.clone();
+        waiting.phase = JobPhase::AwaitingReboot { boot_id: "b".into(), deferred: true };
+        journal.count_attempt(&mut waiting).expect("count");
+        assert_eq!(waiting.attempts, 4, "waiting for a reboot is not a crash");
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_named_and_hostile_ids_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        std::fs::write(dir.path().join("shadow.json"), b"{not json").expect("write");
+        assert!(format!("{:#}", journal.shadow().unwrap_err()).contains("shadow.json does not parse"));
+        assert!(journal.job_dir("../escape").is_err());
+    }
+}
