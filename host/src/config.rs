@@ -37,6 +37,9 @@ pub struct DeviceConfig {
     /// Where things live.
     #[serde(default)]
     pub paths: PathsSection,
+    /// The MQTT session.
+    #[serde(default)]
+    pub mqtt: MqttSection,
     /// Per-handler grants and configuration, by handler name.
     #[serde(default)]
     pub handlers: BTreeMap<String, DeviceGrant>,
@@ -49,6 +52,90 @@ pub struct DeviceSection {
     /// The device id used in topics and reports.
     #[serde(default)]
     pub id: Option<String>,
+}
+
+/// The `[mqtt]` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// Broker host name or address.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker port (1883 plain, 8883 TLS by convention).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Topic layout: `iot-atlas` or `aws-shadow`.
+    #[serde(default)]
+    pub layout: crate::shadow::TopicLayout,
+    /// MQTT client id (default: the device id).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, when the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (never the password itself in this file).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) of the broker: setting it turns TLS on.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Keep-alive interval in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Largest delta accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// First reconnect delay in milliseconds (doubles up to the maximum).
+    #[serde(default = "default_backoff_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay in milliseconds.
+    #[serde(default = "default_backoff_max")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_max_message() -> usize {
+    crate::shadow::DEFAULT_MAX_MESSAGE
+}
+fn default_backoff_min() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_port(),
+            layout: Default::default(),
+            client_id: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            keep_alive_secs: default_keep_alive(),
+            max_message_bytes: default_max_message(),
+            reconnect_min_ms: default_backoff_min(),
+            reconnect_max_ms: default_backoff_max(),
+        }
+    }
 }
 
 /// The `[paths]` table.
@@ -90,6 +177,12 @@ impl DeviceConfig {
             .with_context(|| format!("invalid device config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.paths.resolve_against(base);
+        let mqtt = &mut config.mqtt;
+        for file in [&mut mqtt.password_file, &mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file].into_iter().flatten() {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
         for (name, grant) in &mut config.handlers {
             for target in grant.mounts.values_mut() {
                 if target.is_relative() {
@@ -99,6 +192,11 @@ impl DeviceConfig {
             grant.check().with_context(|| format!("invalid device config {}: [handlers.{name}]", path.display()))?;
         }
         Ok(config)
+    }
+
+    /// The device id (`[device] id`), required to run.
+    pub fn device_id(&self) -> Result<&str> {
+        self.device.id.as_deref().context("device.toml has no `[device] id`")
     }
 
     /// The directory of precompiled handlers.

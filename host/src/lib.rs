@@ -13,6 +13,8 @@ pub mod config;
 pub mod demo;
 pub mod durable;
 pub mod journal;
+pub mod mqtt;
+pub mod outbox;
 pub mod runtime;
 pub mod shadow;
 pub mod trust;

@@ -1,0 +1,125 @@
+//! The MQTT connection: options from `[mqtt]` (TCP, TLS with a custom CA,
+//! mutual TLS, user name and password), a persistent session, and the
+//! reconnect backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+
+use crate::config::MqttSection;
+
+/// Builds the connection options for `device_id`.
+pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
+    let client_id = cfg.client_id.clone().unwrap_or_else(|| device_id.to_string());
+    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)));
+    // A persistent session: QoS 1 deltas sent while we were away arrive on
+    // reconnect, and we ack a delta only once it is journaled.
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(cfg.max_message_bytes.max(1024) + 1024, 1 << 20);
+    if let Some(user) = &cfg.username {
+        let password = match &cfg.password_file {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read mqtt.password_file {}", file.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            None => String::new(),
+        };
+        opts.set_credentials(user.clone(), password);
+    }
+    if cfg.ca_file.is_some() {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls_config(cfg)?))));
+    } else if cfg.cert_file.is_some() || cfg.key_file.is_some() {
+        bail!("mqtt.cert_file/key_file need mqtt.ca_file (mutual TLS runs over TLS)");
+    }
+    Ok(opts)
+}
+
+fn tls_config(cfg: &MqttSection) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &cfg.ca_file {
+        for cert in read_certs(ca)? {
+            roots.add(cert).with_context(|| format!("mqtt.ca_file {}: unusable certificate", ca.display()))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let key_der = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+                std::fs::File::open(key).with_context(|| format!("cannot open mqtt.key_file {}", key.display()))?,
+            ))
+            .with_context(|| format!("mqtt.key_file {} is not PEM", key.display()))?
+            .with_context(|| format!("mqtt.key_file {} holds no private key", key.display()))?;
+            builder.with_client_auth_cert(read_certs(cert)?, key_der).context("client certificate and key do not match")
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => bail!("mutual TLS needs both mqtt.cert_file and mqtt.key_file"),
+    }
+}
+
+fn read_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// Exponential backoff with full jitter between reconnect attempts.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min` and doubles up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, current: min }
+    }
+
+    /// The next delay: uniformly random in [current/2, current], then doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.current.as_millis() as u64;
+        let delay = Duration::from_millis(fastrand::u64(ceiling / 2..=ceiling.max(1)));
+        self.current = (self.current * 2).min(self.max);
+        delay
+    }
+
+    /// Back to the first delay (after a successful connect).
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<u64> = (0..6).map(|_| b.next_delay().as_millis() as u64).collect();
+        for (delay, ceiling) in delays.iter().zip([100, 200, 400, 800, 800, 800]) {
+            assert!(*delay >= ceiling / 2 && *delay <= ceiling, "{delays:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn mutual_tls_without_a_ca_is_refused() {
+        let cfg = MqttSection { cert_file: Some("/c.pem".into()), ..MqttSection::default() };
+        assert!(format!("{:#}", options(&cfg, "dev").unwrap_err()).contains("need mqtt.ca_file"));
+    }
+}
