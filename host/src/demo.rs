@@ -140,6 +140,7 @@ fn step_request(root: &Path, config: &DeviceConfig, case: &DemoCase) -> Result<S
         .to_string(),
         payloads: vec![(payload, path)],
         job_dir: config.paths.state.join("jobs").join(job),
+        cancel: Default::default(),
     })
 }
 

@@ -173,6 +173,9 @@ pub struct ShadowRecord {
     /// The state last reported.
     #[serde(default)]
     pub reported: Option<ReportedState>,
+    /// The deployment version the device runs (from the last success).
+    #[serde(default)]
+    pub running_version: Option<String>,
 }
 
 /// What became of a delta.
@@ -194,6 +197,8 @@ pub enum Acceptance {
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    /// Serialises read-modify-write of `shadow.json`.
+    shadow_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Journal {
@@ -201,7 +206,7 @@ impl Journal {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let jobs = state_dir.join("jobs");
         std::fs::create_dir_all(&jobs).with_context(|| format!("cannot create {}", jobs.display()))?;
-        Ok(Self { dir: state_dir.to_path_buf() })
+        Ok(Self { dir: state_dir.to_path_buf(), shadow_lock: Default::default() })
     }
 
     /// The directory of a job's files.
@@ -215,9 +220,14 @@ impl Journal {
         read_json(&self.dir.join("shadow.json")).map(Option::unwrap_or_default)
     }
 
-    /// Replaces the shadow bookkeeping.
-    pub fn write_shadow(&self, shadow: &ShadowRecord) -> Result<()> {
-        write_json(&self.dir.join("shadow.json"), shadow)
+    /// Changes the shadow bookkeeping with `change`, atomically and under
+    /// a lock; returns the new record.
+    pub fn update_shadow(&self, change: impl FnOnce(&mut ShadowRecord)) -> Result<ShadowRecord> {
+        let _guard = self.shadow_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shadow = self.shadow()?;
+        change(&mut shadow);
+        write_json(&self.dir.join("shadow.json"), &shadow)?;
+        Ok(shadow)
     }
 
     /// The record of `job_id`, if journaled.
@@ -244,6 +254,7 @@ impl Journal {
     /// Accepts a delta: stale and duplicate deltas change nothing; a new job
     /// is journaled first, then the shadow version advances.
     pub fn accept(&self, shadow_version: u64, desired: &DesiredState) -> Result<Acceptance> {
+        let _guard = self.shadow_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut shadow = self.shadow()?;
         if shadow_version <= shadow.last_version {
             return Ok(Acceptance::Stale { last: shadow.last_version });
@@ -264,7 +275,7 @@ impl Journal {
         self.write(&record)?;
         shadow.last_version = shadow_version;
         shadow.desired = Some(desired.clone());
-        self.write_shadow(&shadow)?;
+        write_json(&self.dir.join("shadow.json"), &shadow)?;
         Ok(Acceptance::Accepted(Box::new(record)))
     }
 
@@ -275,10 +286,10 @@ impl Journal {
         let mut records = Vec::new();
         for entry in std::fs::read_dir(&jobs).with_context(|| format!("cannot list {}", jobs.display()))? {
             let path = entry?.path().join("journal.json");
-            if let Some(record) = read_json::<JobRecord>(&path)? {
-                if !(matches!(record.phase, JobPhase::Done { .. }) && record.reported) {
-                    records.push(record);
-                }
+            if let Some(record) = read_json::<JobRecord>(&path)?
+                && !(matches!(record.phase, JobPhase::Done { .. }) && record.reported)
+            {
+                records.push(record);
             }
         }
         records.sort_by_key(|r| r.shadow_version);

@@ -7,10 +7,12 @@
 //! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
 //! [`demo`] (the self-contained walkthrough).
 
+pub mod agent;
 pub mod audit;
 pub mod capabilities;
 pub mod config;
 pub mod demo;
+pub mod download;
 pub mod durable;
 pub mod journal;
 pub mod mqtt;

@@ -17,15 +17,23 @@ const DEFAULT_CONFIG: &str = "/etc/otabox/device.toml";
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Log filter, such as `info`, `debug` or `otabox=debug,handler=trace`.
-    #[arg(long, global = true, env = "OTABOX_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter, such as `info`, `debug` or `otabox=debug,handler=trace`
+    /// (default: `info` for `run`, `warn` otherwise).
+    #[arg(long, global = true, env = "OTABOX_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: connect to the broker, follow the device shadow and
+    /// run each deployment through its handlers, until SIGTERM or Ctrl-C.
+    Run {
+        /// Device configuration.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Inspect the installed handlers.
     Handlers {
         #[command(subcommand)]
@@ -78,8 +86,10 @@ enum HandlersCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    let filter = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -103,6 +113,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Handlers { command: HandlersCommand::List { source, json } } => list(&source, json).await,
         Command::Handlers { command: HandlersCommand::Audit { source, json } } => audit(&source, json).await,
         Command::Demo { dir, keep } => demo(dir, keep).await,
+        Command::Run { config } => {
+            otabox::agent::run(DeviceConfig::load(&config)?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

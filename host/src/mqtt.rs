@@ -10,6 +10,9 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 use crate::config::MqttSection;
 
+/// Largest MQTT packet the agent reads (16 MiB).
+pub const MAX_PACKET: usize = 16 << 20;
+
 /// Builds the connection options for `device_id`.
 pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
     let client_id = cfg.client_id.clone().unwrap_or_else(|| device_id.to_string());
@@ -19,7 +22,11 @@ pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
     // reconnect, and we ack a delta only once it is journaled.
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_max_packet_size(cfg.max_message_bytes.max(1024) + 1024, 1 << 20);
+    // The transport limit sits far above the delta cap: an oversize delta
+    // must reach `parse_delta` to be rejected and reported. A packet over
+    // the transport limit would drop the connection, and a persistent
+    // session would redeliver it at every reconnect.
+    opts.set_max_packet_size(MAX_PACKET.max(cfg.max_message_bytes.saturating_mul(4)), 1 << 20);
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             Some(file) => std::fs::read_to_string(file)

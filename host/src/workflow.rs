@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::runtime::bindings::{ExtendedCode, RebootMode};
-use crate::runtime::{CallScope, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext};
+use crate::runtime::{CallScope, CancelFlag, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext};
 use crate::trust::verify_file;
 
 /// Result code of failures the host itself detects (facility 0).
@@ -26,6 +26,14 @@ pub mod host_codes {
     pub const PAYLOAD_MISMATCH: u32 = 2;
     /// The plan names a payload the step does not have.
     pub const UNKNOWN_PAYLOAD: u32 = 3;
+    /// The journal could not record a transition.
+    pub const JOURNAL: u32 = 4;
+    /// No handler serves the step's update type.
+    pub const NO_HANDLER: u32 = 5;
+    /// A payload could not be fetched.
+    pub const DOWNLOAD: u32 = 6;
+    /// The agent stopped repeatedly during the job (loop breaker).
+    pub const LOOP_BREAKER: u32 = 7;
 }
 
 /// One step to run.
@@ -43,6 +51,8 @@ pub struct StepRequest {
     pub payloads: Vec<(PayloadFile, PathBuf)>,
     /// Directory for the job's checkpoints.
     pub job_dir: PathBuf,
+    /// Cancellation of the job, seen by the handler as cancel-requested.
+    pub cancel: CancelFlag,
 }
 
 /// What one phase returned, for the report.
@@ -114,15 +124,31 @@ struct Run<'a> {
     scope: CallScope,
     ctx: StepContext,
     phases: Vec<PhaseRecord>,
+    before: PhaseHook<'a>,
 }
+
+/// Called before each handler phase of a step; an error stops the step
+/// before the phase runs (the journal could not record it).
+pub type PhaseHook<'a> = &'a (dyn Fn(Phase) -> Result<()> + Sync);
 
 /// Runs one step through `handler`; progress goes to `progress`.
 pub async fn run_step(handler: &Handler, request: StepRequest, progress: Option<ProgressSink>) -> Result<StepReport> {
+    run_step_with(handler, request, progress, &|_| Ok(())).await
+}
+
+/// Like [`run_step`], calling `before` ahead of every handler phase.
+pub async fn run_step_with(
+    handler: &Handler,
+    request: StepRequest,
+    progress: Option<ProgressSink>,
+    before: PhaseHook<'_>,
+) -> Result<StepReport> {
     std::fs::create_dir_all(&request.job_dir)
         .with_context(|| format!("cannot create job directory {}", request.job_dir.display()))?;
     let declared: Vec<PayloadFile> = request.payloads.iter().map(|(p, _)| p.clone()).collect();
     let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, declared.clone());
     scope.progress = progress;
+    scope.cancel = request.cancel.clone();
     let ctx = StepContext {
         job_id: request.job_id.clone(),
         step: request.step,
@@ -132,7 +158,7 @@ pub async fn run_step(handler: &Handler, request: StepRequest, progress: Option<
         config: handler.config_json.clone(),
         installed_criteria: None,
     };
-    let mut run = Run { handler, scope, ctx, phases: Vec::new() };
+    let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
     let mut warnings = Vec::new();
     let result = run.drive(&request, &mut warnings).await;
     let cleanup = run.call(Phase::Cleanup).await;
@@ -216,6 +242,11 @@ impl Run<'_> {
 
     /// Calls an outcome phase; a host-side fault becomes a failed outcome.
     async fn call(&mut self, phase: Phase) -> Outcome {
+        if let Err(e) = (self.before)(phase) {
+            let status = host_status(host_codes::JOURNAL, format!("cannot journal {}: {e:#}", phase_name(phase)));
+            self.record(phase, format!("not started: {}", status.message));
+            return Outcome::Failed(status);
+        }
         let outcome = match self.handler.run_phase(phase, self.scope.clone(), &self.ctx).await {
             Ok(outcome) => outcome,
             Err(fault) => Outcome::Failed(fault_status(&fault)),

@@ -54,6 +54,7 @@ impl Bench {
                 payload_path,
             )],
             job_dir: self.root.join("jobs").join(job),
+            cancel: Default::default(),
         }
     }
 

@@ -159,6 +159,9 @@ pub struct ReportedState {
     /// Progress of the running job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Why the last delta was rejected, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rejected: Option<String>,
 }
 
 /// The acknowledgement of a job, per the IoT Atlas pattern.

@@ -2,6 +2,8 @@
 //! produced, pinned manifests, and one-call helpers.
 #![allow(dead_code)]
 
+pub mod services;
+
 use std::path::{Path, PathBuf};
 
 use otabox::capabilities::DeviceGrant;

@@ -1,0 +1,593 @@
+//! The device agent (`otabox run`): the MQTT session with the device
+//! shadow, the journal, and a worker that runs jobs one at a time.
+//!
+//! A delta is acknowledged to the broker only after it is journaled (or
+//! found stale, duplicate or malformed), so a crash in between makes the
+//! broker deliver it again and the journal makes that redelivery harmless.
+//! Every report goes through the durable [`Outbox`] and is published in
+//! order, one at a time, each removed only when the broker acknowledged it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
+use tokio::sync::{Notify, mpsc};
+
+use crate::config::DeviceConfig;
+use crate::download;
+use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
+use crate::mqtt::{self, Backoff};
+use crate::outbox::Outbox;
+use crate::runtime::{CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, StepContext};
+use crate::shadow::{
+    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, ReportedState, StepOutcome, Topics, parse_delta,
+};
+use crate::workflow::{self, StepRequest, StepResult, host_codes};
+
+/// The agent's version, reported in its state.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// State shared by the session loop and the job worker.
+struct Shared {
+    config: DeviceConfig,
+    topics: Topics,
+    journal: Journal,
+    handlers: HandlerSet,
+    outbox: Mutex<Outbox>,
+    outbox_changed: Notify,
+    /// The job running now and its cancel flag.
+    current: Mutex<Option<(String, CancelFlag)>>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: DeviceConfig) -> Result<()> {
+    let device_id = config.device_id()?.to_string();
+    let topics = Topics::new(config.mqtt.layout, &device_id)?;
+    let journal = Journal::open(&config.paths.state)?;
+    let runtime = Runtime::new(Some(config.cache_dir()))?;
+    let handlers = runtime.load_dir(&config.paths.handlers, &config.handlers).await?;
+    for refused in &handlers.refused {
+        tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
+    }
+    let outbox = Outbox::open(&config.paths.state.join("outbox"))?;
+    let options = mqtt::options(&config.mqtt, &device_id)?;
+    let backoff = Backoff::new(
+        Duration::from_millis(config.mqtt.reconnect_min_ms),
+        Duration::from_millis(config.mqtt.reconnect_max_ms.max(config.mqtt.reconnect_min_ms)),
+    );
+    let shared = Arc::new(Shared {
+        config,
+        topics,
+        journal,
+        handlers,
+        outbox: Mutex::new(outbox),
+        outbox_changed: Notify::new(),
+        current: Mutex::new(None),
+    });
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    announce(&shared)?;
+    resume_jobs(&shared, &jobs_tx).await?;
+    tokio::spawn(worker(shared.clone(), jobs_rx));
+    let (client, eventloop) = AsyncClient::new(options, 64);
+    tracing::info!(device = device_id, "agent {AGENT_VERSION} started; {} handler(s)", shared.handlers.handlers.len());
+    tokio::select! {
+        result = session(shared, client, eventloop, backoff, jobs_tx) => result,
+        _ = shutdown_signal() => {
+            tracing::info!("stopping on signal");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The publisher's view of the outbox head in flight.
+#[derive(Default)]
+struct InFlight {
+    seq: Option<u64>,
+    pkid: Option<u16>,
+}
+
+/// The MQTT session loop: subscriptions, deltas, and the ordered outbox.
+async fn session(
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    mut backoff: Backoff,
+    jobs: mpsc::UnboundedSender<JobRecord>,
+) -> Result<()> {
+    let mut in_flight = InFlight::default();
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    tracing::info!("connected to {}:{}", shared.config.mqtt.host, shared.config.mqtt.port);
+                    backoff.reset();
+                    connected = true;
+                    subscribe(&shared, &client).await?;
+                    publish_next(&shared, &client, &mut in_flight).await?;
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    on_publish(&shared, &jobs, &publish);
+                    client.ack(&publish).await.context("cannot ack a publish")?;
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if in_flight.seq.is_some() && in_flight.pkid.is_none() {
+                        in_flight.pkid = Some(pkid);
+                    }
+                }
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                    if in_flight.pkid == Some(ack.pkid) {
+                        lock(&shared.outbox).complete_head()?;
+                        in_flight = InFlight::default();
+                        publish_next(&shared, &client, &mut in_flight).await?;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if connected {
+                        tracing::warn!("connection lost: {e}; reconnecting in {delay:?}");
+                    } else {
+                        tracing::debug!("cannot connect: {e}; retrying in {delay:?}");
+                    }
+                    connected = false;
+                    tokio::time::sleep(delay).await;
+                }
+            },
+            _ = shared.outbox_changed.notified() => {
+                if connected {
+                    publish_next(&shared, &client, &mut in_flight).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
+    let t = &shared.topics;
+    for topic in [Some(&t.delta), Some(&t.accepted), t.get_accepted.as_ref()].into_iter().flatten() {
+        client.subscribe(topic.clone(), QoS::AtLeastOnce).await.context("cannot subscribe")?;
+    }
+    Ok(())
+}
+
+/// Publishes the outbox head unless one is already in flight.
+async fn publish_next(shared: &Shared, client: &AsyncClient, in_flight: &mut InFlight) -> Result<()> {
+    if in_flight.seq.is_some() {
+        return Ok(());
+    }
+    let head = lock(&shared.outbox).head().cloned();
+    if let Some(entry) = head {
+        client
+            .publish(entry.topic.clone(), QoS::AtLeastOnce, false, entry.payload.into_bytes())
+            .await
+            .context("cannot queue a publish")?;
+        in_flight.seq = Some(entry.seq);
+    }
+    Ok(())
+}
+
+fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish: &rumqttc::Publish) {
+    if publish.topic != shared.topics.delta {
+        tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
+        return;
+    }
+    let delta = match parse_delta(&publish.payload, shared.config.mqtt.max_message_bytes) {
+        Ok(delta) => delta,
+        Err(e) => {
+            tracing::warn!("rejected delta: {e:#}");
+            report_rejection(shared, &format!("{e:#}"));
+            return;
+        }
+    };
+    match shared.journal.accept(delta.version, &delta.state.deployment) {
+        Ok(Acceptance::Accepted(record)) => {
+            tracing::info!(job = record.job_id, version = delta.version, "accepted");
+            if let Some((running, cancel)) = lock(&shared.current).as_ref() {
+                tracing::info!(job = running, "cancelling: a new deployment arrived");
+                cancel.cancel();
+            }
+            let _ = jobs.send(*record);
+        }
+        Ok(Acceptance::Stale { last }) => tracing::info!(version = delta.version, last, "ignored a stale delta"),
+        Ok(Acceptance::Duplicate(record)) => {
+            tracing::info!(job = record.job_id, "ignored a duplicate delta (the job runs at most once)")
+        }
+        Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
+    }
+}
+
+/// Queues the current reported state at start: its arrival tells the
+/// cloud the agent is online and subscribed.
+fn announce(shared: &Shared) -> Result<()> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let shadow = shared.journal.update_shadow(|s| {
+        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+        reported.agent = AgentInfo { state: AgentState::Idle, version: AGENT_VERSION.into() };
+        s.reported = Some(reported);
+    })?;
+    if let Some(reported) = &shadow.reported {
+        enqueue(shared, &format!("online:{stamp}"), reported_payload(reported));
+    }
+    Ok(())
+}
+
+/// Reports why a delta was rejected; the rejection changes no job state.
+fn report_rejection(shared: &Shared, reason: &str) {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let result = shared.journal.update_shadow(|s| {
+        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+        reported.last_rejected = Some(reason.to_string());
+        s.reported = Some(reported);
+    });
+    match result {
+        Ok(shadow) => {
+            if let Some(reported) = &shadow.reported {
+                enqueue(shared, &format!("rejected:{stamp}"), reported_payload(reported));
+            }
+        }
+        Err(e) => tracing::error!("cannot record a rejection: {e:#}"),
+    }
+}
+
+fn idle_state() -> ReportedState {
+    ReportedState {
+        agent: AgentInfo { state: AgentState::Idle, version: AGENT_VERSION.into() },
+        job_id: None,
+        installed: Default::default(),
+        inventory: Default::default(),
+        last_result: None,
+        progress: None,
+        last_rejected: None,
+    }
+}
+
+fn reported_payload(reported: &ReportedState) -> String {
+    serde_json::json!({"state": {"reported": {"deployment": reported}}}).to_string()
+}
+
+/// Queues a message on the update topic and wakes the publisher.
+fn enqueue(shared: &Shared, key: &str, payload: String) {
+    match lock(&shared.outbox).push(key, &shared.topics.update, payload) {
+        Ok(_) => shared.outbox_changed.notify_one(),
+        Err(e) => tracing::error!("cannot queue report {key}: {e:#}"),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Resumes what the journal holds, before any new delta is taken.
+async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecord>) -> Result<()> {
+    let boot_id = journal::boot_id().unwrap_or_default();
+    for mut record in shared.journal.unfinished()? {
+        shared.journal.count_attempt(&mut record)?;
+        let decision = journal::decide(&record, &boot_id, journal::DEFAULT_MAX_ATTEMPTS);
+        tracing::info!(job = record.job_id, phase = journal::phase_name(&record.phase), ?decision, "resuming");
+        match decision {
+            Resume::Restart | Resume::ResumeDownload => {
+                let _ = jobs.send(record);
+            }
+            Resume::AskHandler { step } => ask_handler(shared, record, step as usize, jobs).await?,
+            Resume::Report(result) => finish(shared, record, result, None)?,
+            Resume::GiveUp(message) => {
+                let status = workflow::host_status(host_codes::LOOP_BREAKER, message);
+                finish(shared, record, JobResult::Failed, Some(status))?
+            }
+            Resume::Nothing | Resume::AwaitReboot => {}
+            Resume::VerifyAfterReboot | Resume::VerifyAfterRestart | Resume::ContinueVerify | Resume::ContinueRollback => {
+                // Reboot and restart continuations come with the reboot
+                // workflow; until then such a job is failed honestly.
+                let status = workflow::host_status(
+                    host_codes::LOOP_BREAKER,
+                    format!("cannot continue a job in phase {} in this agent version", journal::phase_name(&record.phase)),
+                );
+                finish(shared, record, JobResult::FailedInconsistent, Some(status))?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A job stopped while step `step` changed the system: ask the handler
+/// whether the change took effect; if so continue, if not roll back.
+async fn ask_handler(
+    shared: &Arc<Shared>,
+    record: JobRecord,
+    step: usize,
+    jobs: &mpsc::UnboundedSender<JobRecord>,
+) -> Result<()> {
+    let Some(update_type) = record.desired.steps.get(step).map(|s| s.update_type.clone()) else {
+        return finish(shared, record, JobResult::FailedInconsistent, None);
+    };
+    let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
+        let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
+        return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+    };
+    let (scope, ctx) = match step_call(shared, &record, step, &handler) {
+        Ok(call) => call,
+        Err(e) => {
+            let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
+            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+        }
+    };
+    if matches!(handler.is_installed(scope.clone(), &ctx).await, Ok(Ok(true))) {
+        tracing::info!(job = record.job_id, step, "the interrupted step took effect; continuing");
+        let mut record = record;
+        record.steps.truncate(step);
+        record.steps.push(step_outcome(&update_type, "installed", None, ctx.installed_criteria.clone()));
+        let _ = jobs.send(record);
+        return Ok(());
+    }
+    let result = if handler.description.supports_rollback
+        && matches!(handler.run_phase(Phase::Rollback, scope.clone(), &ctx).await, Ok(Outcome::Success | Outcome::Skipped(_)))
+    {
+        JobResult::FailedRolledBack
+    } else {
+        JobResult::FailedInconsistent
+    };
+    let _ = handler.run_phase(Phase::Cleanup, scope, &ctx).await;
+    let status = workflow::host_status(host_codes::JOURNAL, "the agent stopped while the step was changing the system".into());
+    finish(shared, record, result, Some(status))
+}
+
+/// The scope and context of a direct call for `step` (payloads as fetched).
+fn step_call(shared: &Shared, record: &JobRecord, step: usize, handler: &Handler) -> Result<(CallScope, StepContext)> {
+    let job_dir = shared.journal.job_dir(&record.job_id)?;
+    let request = step_request(record, step, &job_dir)?;
+    let payloads: Vec<PayloadFile> = request
+        .payloads
+        .iter()
+        .map(|(p, path)| PayloadFile { verified: path.exists().then(|| path.clone()), ..p.clone() })
+        .collect();
+    let ctx = StepContext {
+        job_id: record.job_id.clone(),
+        step: step as u32,
+        update_type: request.update_type.clone(),
+        manifest: request.manifest.clone(),
+        payloads: payloads
+            .iter()
+            .map(|p| crate::runtime::bindings::PayloadInfo { name: p.name.clone(), size: p.size, sha256: p.sha256.clone() })
+            .collect(),
+        config: handler.config_json.clone(),
+        installed_criteria: record.desired.steps[step].installed_criteria.clone(),
+    };
+    Ok((CallScope::for_step(&record.job_id, step as u32, &job_dir, payloads), ctx))
+}
+
+/// Runs accepted jobs one at a time.
+async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord>) {
+    while let Some(record) = jobs.recv().await {
+        let job_id = record.job_id.clone();
+        if let Err(e) = execute(&shared, record).await {
+            tracing::error!(job = job_id, "job stopped: {e:#}");
+        }
+        *lock(&shared.current) = None;
+    }
+}
+
+/// Runs a job from its first unfinished step to a terminal state.
+async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
+    let cancel = CancelFlag::default();
+    *lock(&shared.current) = Some((record.job_id.clone(), cancel.clone()));
+    report_progress(shared, &record, AgentState::Validating)?;
+    shared.journal.transition(&mut record, JobPhase::Validating)?;
+    let mut handlers = Vec::new();
+    for spec in &record.desired.steps {
+        match shared.handlers.for_update_type(&spec.update_type) {
+            Some(h) => handlers.push(h.clone()),
+            None => {
+                let status = workflow::host_status(
+                    host_codes::NO_HANDLER,
+                    format!("no loaded handler serves update type {:?}", spec.update_type),
+                );
+                return finish(shared, record, JobResult::Failed, Some(status));
+            }
+        }
+    }
+    record.handler_sha256 = handlers.iter().map(|h| h.sha256.clone()).collect();
+    report_progress(shared, &record, AgentState::Downloading)?;
+    shared.journal.transition(&mut record, JobPhase::Downloading)?;
+    let job_dir = shared.journal.job_dir(&record.job_id)?;
+    let first = record.steps.len();
+    for step in first..record.desired.steps.len() {
+        if let Err(e) = fetch_step(&record, step, &job_dir) {
+            let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
+            return finish(shared, record, JobResult::Failed, Some(status));
+        }
+    }
+    report_progress(shared, &record, AgentState::Installing)?;
+    for (step, handler) in handlers.iter().enumerate().skip(first) {
+        let mut request = step_request(&record, step, &job_dir)?;
+        request.cancel = cancel.clone();
+        let journal = shared.journal.clone();
+        let snapshot = Mutex::new(record.clone());
+        let before = |phase: Phase| -> Result<()> {
+            if matches!(phase, Phase::Backup | Phase::Install | Phase::Apply | Phase::Verify | Phase::Commit | Phase::Rollback) {
+                let stage = workflow::phase_name(phase).to_string();
+                journal.transition(&mut lock(&snapshot), JobPhase::Installing { step: step as u32, stage })?;
+            }
+            Ok(())
+        };
+        let report = workflow::run_step_with(handler, request, None, &before).await?;
+        record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let spec = &record.desired.steps[step];
+        let (outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
+        record.steps.push(outcome);
+        if let Some((result, status)) = terminal {
+            return finish(shared, record, result, status);
+        }
+        shared.journal.write(&record)?;
+    }
+    let all_present = record.steps.iter().all(|s| s.result == "already-installed");
+    let result = if all_present { JobResult::AlreadyInstalled } else { JobResult::Succeeded };
+    finish(shared, record, result, None)
+}
+
+/// Maps a step's result to its report line and, when the job ends there,
+/// the job's result.
+fn classify(
+    update_type: &str,
+    result: &StepResult,
+    earlier: &[StepOutcome],
+) -> (StepOutcome, Option<(JobResult, Option<crate::runtime::Status>)>) {
+    let changed_before = earlier.iter().any(|s| s.result == "installed");
+    match result {
+        StepResult::Installed { criteria } => (step_outcome(update_type, "installed", None, Some(criteria.clone())), None),
+        StepResult::AlreadyInstalled { criteria } => {
+            (step_outcome(update_type, "already-installed", None, Some(criteria.clone())), None)
+        }
+        StepResult::Failed { phase, result_code, extended_code, message, rolled_back } => {
+            let untouched = matches!(phase.as_str(), "validate" | "download" | "is-installed" | "payloads" | "backup");
+            let job = match (changed_before, *rolled_back, untouched) {
+                (false, _, true) => JobResult::Failed,
+                (false, true, false) => JobResult::FailedRolledBack,
+                _ => JobResult::FailedInconsistent,
+            };
+            let line = StepOutcome {
+                update_type: update_type.into(),
+                result: format!("failed in {phase}"),
+                result_code: *result_code,
+                extended_code: *extended_code,
+                message: message.clone(),
+                installed_criteria: None,
+            };
+            (line, Some((job, None)))
+        }
+        StepResult::Cancelled => (step_outcome(update_type, "cancelled", None, None), Some((JobResult::Cancelled, None))),
+        StepResult::RebootRequired { .. } | StepResult::RestartAgent => {
+            let message = "reboot and agent-restart continuations are not supported by this agent version yet";
+            let status = workflow::host_status(host_codes::HANDLER_FAULT, message.into());
+            (step_outcome(update_type, "failed in apply", Some(message), None), Some((JobResult::FailedInconsistent, Some(status))))
+        }
+    }
+}
+
+fn step_outcome(update_type: &str, result: &str, message: Option<&str>, criteria: Option<String>) -> StepOutcome {
+    StepOutcome {
+        update_type: update_type.into(),
+        result: result.into(),
+        result_code: 0,
+        extended_code: 0,
+        message: message.unwrap_or_default().into(),
+        installed_criteria: criteria,
+    }
+}
+
+/// Fetches the payload files of `step` into the job folder.
+fn fetch_step(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> Result<()> {
+    for file in &record.desired.steps[step].files {
+        download::fetch(file, &payload_path(job_dir, step, &file.name))?;
+    }
+    Ok(())
+}
+
+fn payload_path(job_dir: &std::path::Path, step: usize, name: &str) -> PathBuf {
+    job_dir.join("payloads").join(step.to_string()).join(name)
+}
+
+/// The workflow request of `step`.
+fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> Result<StepRequest> {
+    let spec = &record.desired.steps[step];
+    let manifest = match spec.manifest_source() {
+        Some(ManifestSource::Inline(value)) => value.to_string(),
+        _ => anyhow::bail!("step {step}: manifests by URL are not available in this agent version yet"),
+    };
+    Ok(StepRequest {
+        job_id: record.job_id.clone(),
+        step: step as u32,
+        update_type: spec.update_type.clone(),
+        manifest,
+        payloads: spec
+            .files
+            .iter()
+            .map(|f| {
+                let declared = PayloadFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone(), verified: None };
+                (declared, payload_path(job_dir, step, &f.name))
+            })
+            .collect(),
+        job_dir: job_dir.to_path_buf(),
+        cancel: CancelFlag::default(),
+    })
+}
+
+/// Reports the agent's state for a running job.
+fn report_progress(shared: &Shared, record: &JobRecord, state: AgentState) -> Result<()> {
+    let shadow = shared.journal.update_shadow(|s| {
+        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+        reported.agent.state = state;
+        reported.job_id = Some(record.job_id.clone());
+        s.reported = Some(reported);
+    })?;
+    if let Some(reported) = &shadow.reported {
+        enqueue(shared, &format!("state:{}:{state:?}", record.job_id), reported_payload(reported));
+    }
+    Ok(())
+}
+
+/// Ends a job: journals the result, updates the reported state, queues the
+/// report and the acknowledgement, then marks the job reported.
+fn finish(shared: &Shared, mut record: JobRecord, result: JobResult, status: Option<crate::runtime::Status>) -> Result<()> {
+    if !matches!(record.phase, JobPhase::Done { .. }) {
+        shared.journal.transition(&mut record, JobPhase::Done { result })?;
+    }
+    let failing = record.steps.iter().find(|s| s.result_code != 0);
+    let (code, extended, message) = match (&status, failing) {
+        (Some(s), _) => (s.result_code, workflow::pack(&s.extended_code), s.message.clone()),
+        (None, Some(step)) => (step.result_code, step.extended_code, step.message.clone()),
+        (None, None) => (0, 0, String::new()),
+    };
+    let ack_status = result.ack_status();
+    let shadow = shared.journal.update_shadow(|s| {
+        if ack_status == crate::shadow::AckStatus::Success {
+            s.running_version = Some(record.desired.version.clone());
+        }
+        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+        for step in &record.steps {
+            if let Some(criteria) = &step.installed_criteria {
+                reported.installed.insert(step.update_type.clone(), criteria.clone());
+            }
+        }
+        reported.agent.state = AgentState::Idle;
+        reported.job_id = Some(record.job_id.clone());
+        reported.progress = None;
+        reported.last_result = Some(LastResult {
+            job_id: record.job_id.clone(),
+            status: ack_status,
+            result,
+            result_code: code,
+            extended_code: extended,
+            message: message.clone(),
+            steps: record.steps.clone(),
+        });
+        s.reported = Some(reported);
+    })?;
+    let version = shadow.running_version.clone().unwrap_or_default();
+    if let Some(reported) = &shadow.reported {
+        enqueue(shared, &format!("result:{}", record.job_id), reported_payload(reported));
+    }
+    let ack = Ack { job_id: record.job_id.clone(), status: ack_status, version };
+    enqueue(shared, &format!("ack:{}", record.job_id), serde_json::to_string(&ack)?);
+    record.reported = true;
+    shared.journal.write(&record)?;
+    tracing::info!(job = record.job_id, ?result, "job finished");
+    Ok(())
+}

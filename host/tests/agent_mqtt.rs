@@ -1,0 +1,174 @@
+//! The agent end to end through a real mosquitto: deltas in, the file
+//! handler at work, reports and acknowledgements out.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::services::{AgentProcess, Message, Mosquitto, TestClient};
+use common::*;
+use otabox::runtime::sha256_hex;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A device: handler dir with the file handler, a device.toml, a payload.
+struct Device {
+    root: PathBuf,
+    config: PathBuf,
+}
+
+fn device(root: &Path, port: u16, layout: &str) -> Device {
+    install_handler(&root.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    let config = root.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nport = {port}\nlayout = \"{layout}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
+        ),
+    )
+    .expect("device.toml");
+    Device { root: root.to_path_buf(), config }
+}
+
+impl Device {
+    /// Writes a payload and returns a delta deploying it as `job`.
+    fn delta(&self, version: u64, job: &str, content: &str) -> String {
+        let payload = self.root.join(format!("{job}.conf"));
+        std::fs::write(&payload, content).expect("payload");
+        json!({"version": version, "state": {"deployment": {
+            "schema": 1, "jobId": job, "version": format!("v-{job}"),
+            "steps": [{"updateType": "otabox/file:1",
+                "manifest": {"name": "app", "version": job, "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"},
+                "files": [{"name": "app.conf", "url": format!("file://{}", payload.display()), "size": content.len(), "sha256": sha256_hex(content.as_bytes())}]}]
+        }}})
+        .to_string()
+    }
+
+    fn installed(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join("files/app.conf")).ok()
+    }
+
+    fn jobs(&self) -> Vec<String> {
+        let mut jobs: Vec<String> = std::fs::read_dir(self.root.join("state/jobs"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        jobs.sort();
+        jobs
+    }
+}
+
+fn is_ack(m: &Message, job: &str) -> bool {
+    m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+}
+
+fn online(m: &Message) -> bool {
+    m.json.pointer("/state/reported/deployment/agent/state").is_some()
+}
+
+fn end_to_end(layout: &str, update: &str, delta: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, layout);
+    let cloud = TestClient::connect(broker.port, "cloud", &[update]);
+    let agent = AgentProcess::start(&dev.config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(delta, dev.delta(1, "job-1", "greeting = 1\n"));
+    let ack = cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    assert_eq!(ack.json, json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}), "{}", agent.log());
+    assert_eq!(dev.installed().as_deref(), Some("greeting = 1\n"));
+}
+
+#[test]
+fn a_deployment_runs_end_to_end_in_the_iot_atlas_layout() {
+    end_to_end("iot-atlas", "state/dev-1/update", "state/dev-1/update/delta");
+}
+
+#[test]
+fn a_deployment_runs_end_to_end_in_the_aws_shadow_layout() {
+    end_to_end("aws-shadow", "$aws/things/dev-1/shadow/update", "$aws/things/dev-1/shadow/update/delta");
+}
+
+#[test]
+fn redelivered_and_stale_deltas_never_run_a_job_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, "iot-atlas");
+    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
+    let agent = AgentProcess::start(&dev.config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    let first = dev.delta(1, "job-a", "a\n");
+    for _ in 0..3 {
+        cloud.publish("state/dev-1/update/delta", first.clone());
+    }
+    cloud.publish("state/dev-1/update/delta", dev.delta(3, "job-b", "b\n"));
+    cloud.publish("state/dev-1/update/delta", dev.delta(2, "job-c", "c\n"));
+    cloud.wait_for(WAIT, "the ack of job-b", |m| is_ack(m, "job-b"));
+    let late = cloud.drain(Duration::from_millis(1500));
+    assert!(late.iter().all(|m| !is_ack(m, "job-a") && !is_ack(m, "job-c")), "{late:?}");
+    assert_eq!(dev.jobs(), ["job-a", "job-b"], "{}", agent.log());
+    assert_eq!(dev.installed().as_deref(), Some("b\n"));
+    assert_eq!(agent.log().matches("job finished").count(), 2, "{}", agent.log());
+}
+
+#[test]
+fn malformed_deltas_are_rejected_and_reported_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, "iot-atlas");
+    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
+    let agent = AgentProcess::start(&dev.config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    let good: serde_json::Value = serde_json::from_str(&dev.delta(5, "job-ok", "ok\n")).expect("json");
+    let mut unknown = good.clone();
+    unknown["state"]["deployment"]["extra"] = json!(true);
+    let mut wrong_type = good.clone();
+    wrong_type["version"] = json!("five");
+    let mut missing = good.clone();
+    missing["state"]["deployment"].as_object_mut().expect("object").remove("steps");
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json at all".to_vec(), "invalid delta"),
+        (vec![b' '; 300 << 10], "over the"),
+        (unknown.to_string().into_bytes(), "unknown field `extra`"),
+        (wrong_type.to_string().into_bytes(), "invalid type"),
+        (missing.to_string().into_bytes(), "missing field `steps`"),
+        (format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(), "nested deeper"),
+    ];
+    let shadow_before = std::fs::read(dev.root.join("state/shadow.json")).ok();
+    for (payload, reason) in bad {
+        cloud.publish("state/dev-1/update/delta", payload);
+        let report = cloud.wait_for(WAIT, reason, |m| {
+            m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains(reason))
+        });
+        assert!(report.topic.ends_with("/update"));
+    }
+    assert!(dev.jobs().is_empty(), "a rejected delta created a job");
+    let shadow: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dev.root.join("state/shadow.json")).expect("shadow")).expect("parses");
+    assert_eq!(shadow["last_version"], 0, "rejections must not advance the shadow version");
+    assert!(shadow_before.is_some());
+    cloud.publish("state/dev-1/update/delta", good.to_string());
+    let ack = cloud.wait_for(WAIT, "the ack of job-ok", |m| is_ack(m, "job-ok"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+}
+
+#[test]
+fn a_failing_job_is_acknowledged_as_failure_with_the_previous_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, "iot-atlas");
+    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
+    let _agent = AgentProcess::start(&dev.config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish("state/dev-1/update/delta", dev.delta(1, "job-1", "one\n"));
+    cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    let mut bad: serde_json::Value = serde_json::from_str(&dev.delta(2, "job-2", "two\n")).expect("json");
+    bad["state"]["deployment"]["steps"][0]["files"][0]["sha256"] = json!("0".repeat(64));
+    cloud.publish("state/dev-1/update/delta", bad.to_string());
+    let ack = cloud.wait_for(WAIT, "the ack of job-2", |m| is_ack(m, "job-2"));
+    assert_eq!(ack.json, json!({"jobId": "job-2", "status": "FAILURE", "version": "v-job-1"}));
+    assert_eq!(dev.installed().as_deref(), Some("one\n"));
+}

@@ -1,0 +1,198 @@
+//! Real services for integration tests: a mosquitto broker on a free
+//! loopback port, the agent as a separate process, and an MQTT test client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mosquitto broker with its own config, stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts a plain broker allowing anonymous clients.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, free_port(), "allow_anonymous true\n")
+    }
+
+    /// Starts a broker on `port` with extra config lines.
+    pub fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("broker dir");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("user root\npersistence false\npid_file {}/mosquitto.pid\nlistener {port} 127.0.0.1\n{extra}", dir.display()),
+        )
+        .expect("write mosquitto.conf");
+        let broker = Self { child: spawn_mosquitto(&conf, dir), port, conf };
+        wait_for_port(port, "mosquitto");
+        broker
+    }
+
+    /// Stops the broker (the port becomes free).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same config and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let dir = self.conf.parent().expect("conf dir").to_path_buf();
+        self.child = spawn_mosquitto(&self.conf, &dir);
+        wait_for_port(self.port, "mosquitto");
+    }
+}
+
+fn spawn_mosquitto(conf: &Path, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("broker log");
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("mosquitto is installed (make setup)")
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The agent as a process, killed on drop.
+pub struct AgentProcess {
+    child: Child,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `otabox run --config <config>`, logging to `<config dir>/agent.log`.
+    pub fn start(config: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.with_file_name("agent.log"))
+            .expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_otabox"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("OTABOX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent");
+        Self { child, config: config.to_path_buf() }
+    }
+
+    /// Kills the agent with SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A message seen by the test client.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Payload as JSON (or a string for non-JSON).
+    pub json: serde_json::Value,
+}
+
+/// An MQTT client for tests: publishes and collects what arrives on its
+/// subscriptions.
+pub struct TestClient {
+    client: rumqttc::Client,
+    received: mpsc::Receiver<Message>,
+}
+
+impl TestClient {
+    /// Connects to `port` and subscribes to `topics`.
+    pub fn connect(port: u16, id: &str, topics: &[&str]) -> Self {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = rumqttc::Client::new(opts, 64);
+        for t in topics {
+            client.subscribe(*t, rumqttc::QoS::AtLeastOnce).expect("subscribe");
+        }
+        let (tx, received) = mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
+                        let json = serde_json::from_slice(&p.payload)
+                            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&p.payload).into()));
+                        if tx.send(Message { topic: p.topic, json }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Self { client, received }
+    }
+
+    /// Publishes `payload` with QoS 1.
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).expect("publish");
+    }
+
+    /// Waits for the first message that satisfies `want`.
+    pub fn wait_for(&self, timeout: Duration, what: &str, want: impl Fn(&Message) -> bool) -> Message {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.received.recv_timeout(left) {
+                Ok(m) if want(&m) => return m,
+                Ok(_) => {}
+                Err(_) => panic!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    /// Everything that arrives within `window`.
+    pub fn drain(&self, window: Duration) -> Vec<Message> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Ok(m) = self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            out.push(m);
+        }
+        out
+    }
+}
