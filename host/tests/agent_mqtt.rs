@@ -61,6 +61,26 @@ impl Device {
     }
 }
 
+/// A running setup: broker, device files, cloud-side client, agent.
+struct Setup {
+    _dir: tempfile::TempDir,
+    _broker: Mosquitto,
+    dev: Device,
+    cloud: TestClient,
+    agent: AgentProcess,
+}
+
+/// Starts everything and waits until the agent is online.
+fn setup(layout: &str, update: &str) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, layout);
+    let cloud = TestClient::connect(broker.port, "cloud", &[update]);
+    let agent = AgentProcess::start(&dev.config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    Setup { _dir: dir, _broker: broker, dev, cloud, agent }
+}
+
 fn is_ack(m: &Message, job: &str) -> bool {
     m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
 }
@@ -70,16 +90,11 @@ fn online(m: &Message) -> bool {
 }
 
 fn end_to_end(layout: &str, update: &str, delta: &str) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let dev = device(dir.path(), broker.port, layout);
-    let cloud = TestClient::connect(broker.port, "cloud", &[update]);
-    let agent = AgentProcess::start(&dev.config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    cloud.publish(delta, dev.delta(1, "job-1", "greeting = 1\n"));
-    let ack = cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
-    assert_eq!(ack.json, json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}), "{}", agent.log());
-    assert_eq!(dev.installed().as_deref(), Some("greeting = 1\n"));
+    let s = setup(layout, update);
+    s.cloud.publish(delta, s.dev.delta(1, "job-1", "greeting = 1\n"));
+    let ack = s.cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    assert_eq!(ack.json, json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}), "{}", s.agent.log());
+    assert_eq!(s.dev.installed().as_deref(), Some("greeting = 1\n"));
 }
 
 #[test]
@@ -94,35 +109,25 @@ fn a_deployment_runs_end_to_end_in_the_aws_shadow_layout() {
 
 #[test]
 fn redelivered_and_stale_deltas_never_run_a_job_twice() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let dev = device(dir.path(), broker.port, "iot-atlas");
-    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
-    let agent = AgentProcess::start(&dev.config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    let first = dev.delta(1, "job-a", "a\n");
+    let s = setup("iot-atlas", "state/dev-1/update");
+    let first = s.dev.delta(1, "job-a", "a\n");
     for _ in 0..3 {
-        cloud.publish("state/dev-1/update/delta", first.clone());
+        s.cloud.publish("state/dev-1/update/delta", first.clone());
     }
-    cloud.publish("state/dev-1/update/delta", dev.delta(3, "job-b", "b\n"));
-    cloud.publish("state/dev-1/update/delta", dev.delta(2, "job-c", "c\n"));
-    cloud.wait_for(WAIT, "the ack of job-b", |m| is_ack(m, "job-b"));
-    let late = cloud.drain(Duration::from_millis(1500));
+    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(3, "job-b", "b\n"));
+    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(2, "job-c", "c\n"));
+    s.cloud.wait_for(WAIT, "the ack of job-b", |m| is_ack(m, "job-b"));
+    let late = s.cloud.drain(Duration::from_millis(1500));
     assert!(late.iter().all(|m| !is_ack(m, "job-a") && !is_ack(m, "job-c")), "{late:?}");
-    assert_eq!(dev.jobs(), ["job-a", "job-b"], "{}", agent.log());
-    assert_eq!(dev.installed().as_deref(), Some("b\n"));
-    assert_eq!(agent.log().matches("job finished").count(), 2, "{}", agent.log());
+    assert_eq!(s.dev.jobs(), ["job-a", "job-b"], "{}", s.agent.log());
+    assert_eq!(s.dev.installed().as_deref(), Some("b\n"));
+    assert_eq!(s.agent.log().matches("job finished").count(), 2, "{}", s.agent.log());
 }
 
 #[test]
 fn malformed_deltas_are_rejected_and_reported_and_change_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let dev = device(dir.path(), broker.port, "iot-atlas");
-    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
-    let agent = AgentProcess::start(&dev.config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    let good: serde_json::Value = serde_json::from_str(&dev.delta(5, "job-ok", "ok\n")).expect("json");
+    let s = setup("iot-atlas", "state/dev-1/update");
+    let good: serde_json::Value = serde_json::from_str(&s.dev.delta(5, "job-ok", "ok\n")).expect("json");
     let mut unknown = good.clone();
     unknown["state"]["deployment"]["extra"] = json!(true);
     let mut wrong_type = good.clone();
@@ -137,38 +142,33 @@ fn malformed_deltas_are_rejected_and_reported_and_change_nothing() {
         (missing.to_string().into_bytes(), "missing field `steps`"),
         (format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(), "nested deeper"),
     ];
-    let shadow_before = std::fs::read(dev.root.join("state/shadow.json")).ok();
+    let shadow_before = std::fs::read(s.dev.root.join("state/shadow.json")).ok();
     for (payload, reason) in bad {
-        cloud.publish("state/dev-1/update/delta", payload);
-        let report = cloud.wait_for(WAIT, reason, |m| {
+        s.cloud.publish("state/dev-1/update/delta", payload);
+        let report = s.cloud.wait_for(WAIT, reason, |m| {
             m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains(reason))
         });
         assert!(report.topic.ends_with("/update"));
     }
-    assert!(dev.jobs().is_empty(), "a rejected delta created a job");
+    assert!(s.dev.jobs().is_empty(), "a rejected delta created a job");
     let shadow: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dev.root.join("state/shadow.json")).expect("shadow")).expect("parses");
+        serde_json::from_slice(&std::fs::read(s.dev.root.join("state/shadow.json")).expect("shadow")).expect("parses");
     assert_eq!(shadow["last_version"], 0, "rejections must not advance the shadow version");
     assert!(shadow_before.is_some());
-    cloud.publish("state/dev-1/update/delta", good.to_string());
-    let ack = cloud.wait_for(WAIT, "the ack of job-ok", |m| is_ack(m, "job-ok"));
-    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    s.cloud.publish("state/dev-1/update/delta", good.to_string());
+    let ack = s.cloud.wait_for(WAIT, "the ack of job-ok", |m| is_ack(m, "job-ok"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
 }
 
 #[test]
 fn a_failing_job_is_acknowledged_as_failure_with_the_previous_version() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let dev = device(dir.path(), broker.port, "iot-atlas");
-    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
-    let _agent = AgentProcess::start(&dev.config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    cloud.publish("state/dev-1/update/delta", dev.delta(1, "job-1", "one\n"));
-    cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
-    let mut bad: serde_json::Value = serde_json::from_str(&dev.delta(2, "job-2", "two\n")).expect("json");
+    let s = setup("iot-atlas", "state/dev-1/update");
+    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(1, "job-1", "one\n"));
+    s.cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    let mut bad: serde_json::Value = serde_json::from_str(&s.dev.delta(2, "job-2", "two\n")).expect("json");
     bad["state"]["deployment"]["steps"][0]["files"][0]["sha256"] = json!("0".repeat(64));
-    cloud.publish("state/dev-1/update/delta", bad.to_string());
-    let ack = cloud.wait_for(WAIT, "the ack of job-2", |m| is_ack(m, "job-2"));
+    s.cloud.publish("state/dev-1/update/delta", bad.to_string());
+    let ack = s.cloud.wait_for(WAIT, "the ack of job-2", |m| is_ack(m, "job-2"));
     assert_eq!(ack.json, json!({"jobId": "job-2", "status": "FAILURE", "version": "v-job-1"}));
-    assert_eq!(dev.installed().as_deref(), Some("one\n"));
+    assert_eq!(s.dev.installed().as_deref(), Some("one\n"));
 }
