@@ -147,6 +147,15 @@ pub fn decide(record: &JobRecord, boot_id: &str, max_attempts: u32) -> Resume {
     }
 }
 
+/// The failpoint after a journal write of `record`.
+fn failpoint_name(record: &JobRecord) -> String {
+    match &record.phase {
+        JobPhase::Installing { stage, .. } => format!("journal:installing:{stage}"),
+        JobPhase::Done { .. } if record.reported => "journal:done:reported".into(),
+        phase => format!("journal:{}", phase_name(phase)),
+    }
+}
+
 /// A short name of a phase, for messages.
 pub fn phase_name(phase: &JobPhase) -> &'static str {
     match phase {
@@ -235,8 +244,15 @@ impl Journal {
         read_json(&self.job_dir(job_id)?.join("journal.json"))
     }
 
-    /// Writes `record` atomically.
+    /// Writes `record` atomically (a failpoint follows; see
+    /// [`crate::failpoint`]).
     pub fn write(&self, record: &JobRecord) -> Result<()> {
+        self.store(record)?;
+        crate::failpoint::hit(&failpoint_name(record));
+        Ok(())
+    }
+
+    fn store(&self, record: &JobRecord) -> Result<()> {
         let dir = self.job_dir(&record.job_id)?;
         if !dir.exists() {
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -301,7 +317,7 @@ impl Journal {
     pub fn count_attempt(&self, record: &mut JobRecord) -> Result<()> {
         if !matches!(record.phase, JobPhase::Done { .. } | JobPhase::AwaitingReboot { .. } | JobPhase::AwaitingRestart) {
             record.attempts += 1;
-            self.write(record)?;
+            self.store(record)?;
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod capabilities;
 pub mod config;
 pub mod demo;
 pub mod download;
+pub mod failpoint;
 pub mod durable;
 pub mod journal;
 pub mod mqtt;

@@ -89,6 +89,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `otabox run --config <config>`, logging to `<config dir>/agent.log`.
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Same, with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -98,11 +103,24 @@ impl AgentProcess {
             .args(["run", "--config"])
             .arg(config)
             .env("OTABOX_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start the agent");
         Self { child, config: config.to_path_buf() }
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Kills the agent with SIGKILL.
@@ -182,6 +200,18 @@ impl TestClient {
                 Ok(m) if want(&m) => return m,
                 Ok(_) => {}
                 Err(_) => panic!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    /// Like [`TestClient::wait_for`], returning `None` on timeout.
+    pub fn wait_for_or(&self, timeout: Duration, want: impl Fn(&Message) -> bool) -> Option<Message> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(m) if want(&m) => return Some(m),
+                Ok(_) => {}
+                Err(_) => return None,
             }
         }
     }

@@ -24,6 +24,9 @@ enum Action {
     Payload { name: String },
     Print { text: String, times: usize },
     Connect { address: String },
+    /// Counts applies: `apply` appends a line to `path`; installed once
+    /// `path` has a line; rollback has nothing to undo.
+    Count { path: String },
     Ok,
 }
 
@@ -31,7 +34,33 @@ struct Hostile;
 
 impl Handler for Hostile {
     fn describe() -> Description {
-        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1"])
+        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1"]).with_rollback()
+    }
+
+    fn is_installed(step: &Step) -> Result<bool, Status> {
+        match step.manifest::<Action>()? {
+            Action::Count { path } => Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty())),
+            _ => Ok(false),
+        }
+    }
+
+    fn apply(step: &Step) -> Outcome {
+        match step.manifest::<Action>() {
+            Ok(Action::Count { path }) => {
+                use std::io::Write;
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(b"applied\n").and_then(|_| f.sync_all()));
+                report(appended.map(|_| "applied".to_string()).map_err(|e| e.to_string()))
+            }
+            _ => Outcome::Success,
+        }
+    }
+
+    fn rollback(_step: &Step) -> Outcome {
+        Outcome::Success
     }
 
     fn validate(_step: &Step) -> Result<Plan, Status> {
@@ -97,7 +126,7 @@ fn act(action: Action) -> Outcome {
                 .and_then(|mut stream| std::io::Write::write_all(&mut stream, b"hello"))
                 .map(|_| "connected".to_string()),
         ),
-        Action::Ok => Outcome::Success,
+        Action::Count { .. } | Action::Ok => Outcome::Success,
     }
 }
 

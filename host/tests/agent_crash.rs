@@ -1,0 +1,140 @@
+//! The agent stopped dead at every journal point: after a restart each job
+//! ends in exactly one terminal state, acknowledged once, applied at most
+//! once, and every state file parses. A job that keeps killing the agent
+//! is failed by the loop breaker.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::services::{AgentProcess, Message, Mosquitto, TestClient};
+use common::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+const UPDATE: &str = "state/dev-1/update";
+const DELTA: &str = "state/dev-1/update/delta";
+
+/// Every journal write a job passes, in order.
+const POINTS: &[&str] = &[
+    "journal:accepted",
+    "journal:validating",
+    "journal:downloading",
+    "journal:installing:backup",
+    "journal:installing:install",
+    "journal:installing:apply",
+    "journal:installing:verify",
+    "journal:installing:commit",
+    "journal:done",
+    "journal:done:reported",
+];
+
+fn device(root: &Path, port: u16) -> std::path::PathBuf {
+    let caps = format!(
+        "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
+        root.display()
+    );
+    install_handler(&root.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", &caps);
+    let config = root.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n"
+        ),
+    )
+    .expect("device.toml");
+    config
+}
+
+fn counting_delta(root: &Path) -> String {
+    json!({"version": 1, "state": {"deployment": {
+        "schema": 1, "jobId": "job-crash", "version": "2.0",
+        "steps": [{"updateType": "otabox-test/hostile:1",
+                   "manifest": {"action": "count", "path": root.join("applies").display().to_string()}}]
+    }}})
+    .to_string()
+}
+
+fn is_ack(m: &Message) -> bool {
+    m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-crash") && m.json.get("status").is_some()
+}
+
+fn online(m: &Message) -> bool {
+    m.json.pointer("/state/reported/deployment/agent/state").is_some()
+}
+
+/// Every JSON state file under `state` parses.
+fn assert_state_parses(state: &Path) {
+    let mut files = vec![state.join("shadow.json")];
+    for sub in ["jobs", "outbox"] {
+        for entry in std::fs::read_dir(state.join(sub)).expect("state dir").flatten() {
+            let path = entry.path();
+            files.push(if path.is_dir() { path.join("journal.json") } else { path });
+        }
+    }
+    for file in files.iter().filter(|f| f.extension().is_some_and(|x| x == "json") && f.exists()) {
+        let bytes = std::fs::read(file).expect("read state");
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|e| panic!("{} does not parse: {e}", file.display()));
+    }
+}
+
+fn applies(root: &Path) -> usize {
+    std::fs::read_to_string(root.join("applies")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn a_kill_at_every_journal_point_ends_each_job_exactly_once() {
+    for point in POINTS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let _broker = Mosquitto::start(&root.join("broker"));
+        let port = _broker.port;
+        let config = device(&root, port);
+        let cloud = TestClient::connect(port, "cloud", &[UPDATE]);
+        let mut first = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", point)]);
+        cloud.wait_for(WAIT, "the agent's online report", online);
+        cloud.publish(DELTA, counting_delta(&root));
+        assert!(first.wait_exit(WAIT), "{point}: the failpoint was not reached\n{}", first.log());
+        assert_state_parses(&root.join("state"));
+
+        let second = AgentProcess::start(&config);
+        let ack = cloud.wait_for(WAIT, "the ack after restart", is_ack);
+        let more: Vec<Message> = cloud.drain(Duration::from_millis(1500)).into_iter().filter(is_ack).collect();
+        assert!(more.is_empty(), "{point}: acknowledged more than once: {ack:?} {more:?}");
+        let n = applies(&root);
+        assert!(n <= 1, "{point}: applied {n} times\n{}", second.log());
+        if ack.json["status"] == "SUCCESS" {
+            assert_eq!(n, 1, "{point}: SUCCESS without an apply\n{}", second.log());
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join("state/jobs/job-crash/journal.json")).expect("journal"),
+        )
+        .expect("parses");
+        assert_eq!(record["phase"]["phase"], "done", "{point}: {record}");
+        assert_eq!(record["reported"], true, "{point}");
+        assert_state_parses(&root.join("state"));
+        eprintln!("{point}: {} after restart, applies {n}", ack.json["status"]);
+    }
+}
+
+#[test]
+fn the_loop_breaker_fails_a_job_that_keeps_killing_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let mut agent = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, counting_delta(&root));
+    for start in 0..4 {
+        assert!(agent.wait_exit(WAIT), "start {start} did not crash\n{}", agent.log());
+        agent = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
+    }
+    let ack = cloud.wait_for_or(WAIT, is_ack).unwrap_or_else(|| panic!("no ack from the loop breaker\n{}", agent.log()));
+    assert_eq!(ack.json["status"], "FAILURE", "{}", agent.log());
+    assert_eq!(applies(&root), 0);
+    assert!(agent.log().contains("giving up"), "{}", agent.log());
+}
