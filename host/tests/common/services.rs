@@ -160,17 +160,28 @@ pub struct TestClient {
 impl TestClient {
     /// Connects to `port` and subscribes to `topics`.
     pub fn connect(port: u16, id: &str, topics: &[&str]) -> Self {
-        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        Self::connect_with(rumqttc::MqttOptions::new(id, "127.0.0.1", port), topics)
+    }
+
+    /// Connects with `opts` (TLS, credentials) and subscribes to `topics`,
+    /// again after every reconnect.
+    pub fn connect_with(mut opts: rumqttc::MqttOptions, topics: &[&str]) -> Self {
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_manual_acks(false);
+        opts.set_clean_session(true);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
-        for t in topics {
-            client.subscribe(*t, rumqttc::QoS::AtLeastOnce).expect("subscribe");
-        }
         let (tx, received) = mpsc::channel();
+        let resubscribe = client.clone();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
         std::thread::spawn(move || {
             for event in connection.iter() {
                 match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
+                        for t in &topics {
+                            let _ = resubscribe.subscribe(t.as_str(), rumqttc::QoS::AtLeastOnce);
+                        }
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
                         let json = serde_json::from_slice(&p.payload)
                             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&p.payload).into()));
@@ -189,6 +200,19 @@ impl TestClient {
     /// Publishes `payload` with QoS 1.
     pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).expect("publish");
+    }
+
+    /// Waits until the broker confirmed the subscriptions (a message to
+    /// `probe`, which this client must be subscribed to, comes back).
+    pub fn ready(&self, probe: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            self.publish(probe, "\"probe\"");
+            if self.wait_for_or(Duration::from_millis(300), |m| m.topic == probe).is_some() {
+                return;
+            }
+        }
+        panic!("the test client never saw its own probe on {probe}");
     }
 
     /// Waits for the first message that satisfies `want`.
