@@ -13,6 +13,16 @@ use common::*;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// A counting job whose apply takes `delay_ms`.
+fn slow_delta(root: &Path, delay_ms: u64) -> String {
+    json!({"version": 1, "state": {"deployment": {
+        "schema": 1, "jobId": "job-crash", "version": "2.0",
+        "steps": [{"updateType": "otabox-test/hostile:1",
+                   "manifest": {"action": "count", "path": root.join("applies").display().to_string(), "delay_ms": delay_ms}}]
+    }}})
+    .to_string()
+}
 const UPDATE: &str = "state/dev-1/update";
 const DELTA: &str = "state/dev-1/update/delta";
 
@@ -137,4 +147,47 @@ fn the_loop_breaker_fails_a_job_that_keeps_killing_the_agent() {
     assert_eq!(ack.json["status"], "FAILURE", "{}", agent.log());
     assert_eq!(applies(&root), 0);
     assert!(agent.log().contains("giving up"), "{}", agent.log());
+}
+
+#[test]
+fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let port = common::services::free_port();
+    let mut broker = Mosquitto::start_with(
+        &root.join("broker"),
+        port,
+        &format!("allow_anonymous true\npersistence true\npersistence_location {}/\n", root.join("broker").display()),
+    );
+    let config = device(&root, port);
+    let mut opts = rumqttc::MqttOptions::new("cloud", "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let cloud = TestClient::connect_with(opts, &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, slow_delta(&root, 2500));
+    cloud.wait_for(WAIT, "the installing report", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+    });
+    broker.stop_gracefully();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(applies(&root), 1, "the job went on while the broker was down\n{}", agent.log());
+    broker.start_again();
+    let mut seen = cloud.collect_until(WAIT, "the ack after the outage", is_ack);
+    seen.extend(cloud.drain(Duration::from_millis(1500)));
+    let kinds: Vec<&str> = seen
+        .iter()
+        .filter_map(|m| {
+            if is_ack(m) {
+                Some("ack")
+            } else if m.json.pointer("/state/reported/deployment/lastResult/jobId").and_then(|j| j.as_str()) == Some("job-crash") {
+                Some("result")
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(kinds, ["result", "ack"], "each report once, in order: {seen:?}\n{}", agent.log());
+    let ack = seen.iter().find(|m| is_ack(m)).expect("ack");
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
 }

@@ -47,6 +47,20 @@ impl Mosquitto {
         broker
     }
 
+    /// Stops the broker with SIGTERM (a persistent broker saves its
+    /// sessions) and waits for it.
+    pub fn stop_gracefully(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again after [`Mosquitto::stop_gracefully`].
+    pub fn start_again(&mut self) {
+        let dir = self.conf.parent().expect("conf dir").to_path_buf();
+        self.child = spawn_mosquitto(&self.conf, &dir);
+        wait_for_port(self.port, "mosquitto");
+    }
+
     /// Stops the broker (the port becomes free).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -160,7 +174,9 @@ pub struct TestClient {
 impl TestClient {
     /// Connects to `port` and subscribes to `topics`.
     pub fn connect(port: u16, id: &str, topics: &[&str]) -> Self {
-        Self::connect_with(rumqttc::MqttOptions::new(id, "127.0.0.1", port), topics)
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(true);
+        Self::connect_with(opts, topics)
     }
 
     /// Connects with `opts` (TLS, credentials) and subscribes to `topics`,
@@ -169,7 +185,6 @@ impl TestClient {
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_manual_acks(false);
-        opts.set_clean_session(true);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
         let (tx, received) = mpsc::channel();
         let resubscribe = client.clone();
@@ -224,6 +239,24 @@ impl TestClient {
                 Ok(m) if want(&m) => return m,
                 Ok(_) => {}
                 Err(_) => panic!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    /// Every message up to and including the first that satisfies `last`.
+    pub fn collect_until(&self, timeout: Duration, what: &str, last: impl Fn(&Message) -> bool) -> Vec<Message> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            match self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(m) => {
+                    let done = last(&m);
+                    out.push(m);
+                    if done {
+                        return out;
+                    }
+                }
+                Err(_) => panic!("timed out waiting for {what}; saw {out:?}"),
             }
         }
     }

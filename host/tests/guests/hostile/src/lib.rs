@@ -24,9 +24,13 @@ enum Action {
     Payload { name: String },
     Print { text: String, times: usize },
     Connect { address: String },
-    /// Counts applies: `apply` appends a line to `path`; installed once
-    /// `path` has a line; rollback has nothing to undo.
-    Count { path: String },
+    /// Counts applies: `apply` waits `delay_ms`, then appends a line to
+    /// `path`; installed once `path` has a line; rollback has nothing to undo.
+    Count {
+        path: String,
+        #[serde(default)]
+        delay_ms: u64,
+    },
     Ok,
 }
 
@@ -39,15 +43,16 @@ impl Handler for Hostile {
 
     fn is_installed(step: &Step) -> Result<bool, Status> {
         match step.manifest::<Action>()? {
-            Action::Count { path } => Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty())),
+            Action::Count { path, .. } => Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty())),
             _ => Ok(false),
         }
     }
 
     fn apply(step: &Step) -> Outcome {
         match step.manifest::<Action>() {
-            Ok(Action::Count { path }) => {
+            Ok(Action::Count { path, delay_ms }) => {
                 use std::io::Write;
+                std::thread::sleep(std::time::Duration::from_millis(delay_ms));
                 let appended = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
