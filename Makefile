@@ -13,11 +13,11 @@ demo: setup
 	cargo run -p otabox -- demo
 
 ## Run the whole test suite (the wasm handlers are built by host/build.rs),
-## and the benchmark as a short smoke run so it cannot rot.
+## and the benchmarks as short smoke runs so they cannot rot.
 test: setup
-	cargo test -p otabox --bench handler_call
+	cargo test -p otabox --bench handler_call --bench agent
 	cargo test --workspace
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
-	cargo bench -p otabox --bench handler_call
+	cargo bench -p otabox --bench handler_call --bench agent

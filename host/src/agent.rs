@@ -66,11 +66,13 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         outbox_changed: Notify::new(),
         current: Mutex::new(None),
     });
+    release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     announce(&shared)?;
     resume_jobs(&shared, &jobs_tx).await?;
     tokio::spawn(worker(shared.clone(), jobs_rx));
-    let (client, eventloop) = AsyncClient::new(options, 64);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    eventloop.set_network_options(mqtt::network_options());
     tracing::info!(device = device_id, "agent {AGENT_VERSION} started; {} handler(s)", shared.handlers.handlers.len());
     tokio::select! {
         result = session(shared, client, eventloop, backoff, jobs_tx) => result,
@@ -78,6 +80,16 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
             tracing::info!("stopping on signal");
             Ok(())
         }
+    }
+}
+
+/// Hands the heap freed after loading (component bytes, cache files,
+/// compile scratch) back to the system, so the idle agent stays small.
+fn release_startup_memory() {
+    // SAFETY: malloc_trim only releases free heap memory; it has no
+    // preconditions and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

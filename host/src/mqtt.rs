@@ -81,6 +81,14 @@ fn read_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::Certifica
     Ok(certs)
 }
 
+/// Socket options of the session: no Nagle delay, since every exchange is a
+/// small request/ack pair (it cost ~80 ms per delta → ack here).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net
+}
+
 /// Exponential backoff with full jitter between reconnect attempts.
 #[derive(Debug, Clone)]
 pub struct Backoff {

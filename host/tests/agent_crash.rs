@@ -191,3 +191,33 @@ fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
     let ack = seen.iter().find(|m| is_ack(m)).expect("ack");
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
 }
+
+#[test]
+fn a_new_deployment_cancels_the_running_one_through_cancel_requested() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    let job = |version: u64, id: &str, manifest: serde_json::Value| {
+        json!({"version": version, "state": {"deployment": {
+            "schema": 1, "jobId": id, "version": id,
+            "steps": [{"updateType": "otabox-test/hostile:1", "manifest": manifest}]}}})
+        .to_string()
+    };
+    cloud.publish(DELTA, job(1, "job-long", json!({"action": "wait-cancel", "max_ms": 15000})));
+    cloud.wait_for(WAIT, "job-long installing", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+    });
+    let counter = root.join("applies").display().to_string();
+    cloud.publish(DELTA, job(2, "job-next", json!({"action": "count", "path": counter})));
+    let first = cloud.wait_for(WAIT, "job-long's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long"));
+    assert_eq!(first.json["status"], "FAILURE", "{}", agent.log());
+    let next = cloud.wait_for(WAIT, "job-next's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-next"));
+    assert_eq!(next.json["status"], "SUCCESS", "{}", agent.log());
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("state/jobs/job-long/journal.json")).expect("journal")).expect("json");
+    assert_eq!(record["phase"]["result"], "cancelled", "{record}");
+}

@@ -235,8 +235,12 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_replaced() {
     assert_eq!(first.cache, otabox::runtime::CacheUse::Miss);
     let second = hostile(&runtime(dir.path()), dir.path(), body).await.expect("load");
     assert_eq!(second.cache, otabox::runtime::CacheUse::Hit);
+    // Replace each entry with garbage by rename, as anything touching the
+    // cache must (the live handlers above still map the old files).
     for entry in std::fs::read_dir(dir.path().join("cache")).expect("cache dir").flatten() {
-        std::fs::write(entry.path(), b"garbage").expect("corrupt");
+        let garbage = entry.path().with_extension("garbage");
+        std::fs::write(&garbage, b"garbage").expect("write garbage");
+        std::fs::rename(&garbage, entry.path()).expect("corrupt");
     }
     let third = hostile(&runtime(dir.path()), dir.path(), body).await.expect("a corrupt entry is recompiled");
     assert_eq!(third.cache, otabox::runtime::CacheUse::Miss);

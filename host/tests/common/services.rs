@@ -39,7 +39,10 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("user root\npersistence false\npid_file {}/mosquitto.pid\nlistener {port} 127.0.0.1\n{extra}", dir.display()),
+            format!(
+                "user root\npersistence false\nset_tcp_nodelay true\npid_file {}/mosquitto.pid\nlistener {port} 127.0.0.1\n{extra}",
+                dir.display()
+            ),
         )
         .expect("write mosquitto.conf");
         let broker = Self { child: spawn_mosquitto(&conf, dir), port, conf };
@@ -125,6 +128,11 @@ impl AgentProcess {
         Self { child, config: config.to_path_buf() }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for the agent to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -186,6 +194,7 @@ impl TestClient {
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_manual_acks(false);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
+        connection.eventloop.set_network_options(otabox::mqtt::network_options());
         let (tx, received) = mpsc::channel();
         let resubscribe = client.clone();
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();

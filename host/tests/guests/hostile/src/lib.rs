@@ -31,6 +31,9 @@ enum Action {
         #[serde(default)]
         delay_ms: u64,
     },
+    /// Waits up to `max_ms` for cancel-requested, then returns cancelled
+    /// (or skipped when it never came).
+    WaitCancel { max_ms: u64 },
     Ok,
 }
 
@@ -38,7 +41,7 @@ struct Hostile;
 
 impl Handler for Hostile {
     fn describe() -> Description {
-        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1"]).with_rollback()
+        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1", "otabox-test/counter:1"]).with_rollback()
     }
 
     fn is_installed(step: &Step) -> Result<bool, Status> {
@@ -131,6 +134,16 @@ fn act(action: Action) -> Outcome {
                 .and_then(|mut stream| std::io::Write::write_all(&mut stream, b"hello"))
                 .map(|_| "connected".to_string()),
         ),
+        Action::WaitCancel { max_ms } => {
+            let started = std::time::Instant::now();
+            while started.elapsed().as_millis() < u128::from(max_ms) {
+                if cancel_requested() {
+                    return Outcome::Cancelled;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Outcome::Skipped("never cancelled".into())
+        }
         Action::Count { .. } | Action::Ok => Outcome::Success,
     }
 }
