@@ -26,6 +26,11 @@ use crate::shadow::{
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
+/// Step result of a step waiting for a reboot before verify and commit.
+const PENDING_REBOOT: &str = "pending-reboot";
+/// Step result of a step waiting for an agent restart.
+const PENDING_RESTART: &str = "pending-restart";
+
 /// The agent's version, reported in its state.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -304,14 +309,19 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
                 let status = workflow::host_status(host_codes::LOOP_BREAKER, message);
                 finish(shared, record, JobResult::Failed, Some(status))?
             }
-            Resume::Nothing | Resume::AwaitReboot => {}
-            Resume::VerifyAfterReboot | Resume::VerifyAfterRestart | Resume::ContinueVerify | Resume::ContinueRollback => {
-                // Reboot and restart continuations come with the reboot
-                // workflow; until then such a job is failed honestly.
-                let status = workflow::host_status(
-                    host_codes::LOOP_BREAKER,
-                    format!("cannot continue a job in phase {} in this agent version", journal::phase_name(&record.phase)),
-                );
+            Resume::Nothing => {}
+            Resume::AwaitReboot => {
+                tracing::info!(job = record.job_id, "still waiting for the device to reboot");
+                report_progress(shared, &record, AgentState::RebootPending)?;
+            }
+            Resume::VerifyAfterReboot | Resume::VerifyAfterRestart | Resume::ContinueVerify => {
+                let job = record.job_id.clone();
+                if let Err(e) = continue_pending(shared, record).await {
+                    tracing::error!(job, "cannot finish after the reboot or restart: {e:#}");
+                }
+            }
+            Resume::ContinueRollback => {
+                let status = workflow::host_status(host_codes::JOURNAL, "the agent stopped during a rollback".into());
                 finish(shared, record, JobResult::FailedInconsistent, Some(status))?
             }
         }
@@ -427,6 +437,7 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         }
     }
     report_progress(shared, &record, AgentState::Installing)?;
+    let mut pending = None;
     for (step, handler) in handlers.iter().enumerate().skip(first) {
         let mut request = step_request(&record, step, &job_dir)?;
         request.cancel = cancel.clone();
@@ -442,16 +453,101 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         let report = workflow::run_step_with(handler, request, None, &before).await?;
         record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
         let spec = &record.desired.steps[step];
-        let (outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
+        let (mut outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
+        if let Some(plan) = report.phases.first().filter(|p| p.phase == "validate") {
+            outcome.installed_criteria = outcome.installed_criteria.or_else(|| criteria_of(&plan.outcome));
+        }
+        if matches!(report.result, StepResult::RebootRequired { .. } | StepResult::RestartAgent) {
+            pending = Some(workflow::merge(pending, report.result.clone()));
+        }
         record.steps.push(outcome);
         if let Some((result, status)) = terminal {
             return finish(shared, record, result, status);
         }
         shared.journal.write(&record)?;
     }
-    let all_present = record.steps.iter().all(|s| s.result == "already-installed");
-    let result = if all_present { JobResult::AlreadyInstalled } else { JobResult::Succeeded };
-    finish(shared, record, result, None)
+    match pending {
+        Some(StepResult::RebootRequired { deferred }) => await_reboot(shared, record, deferred),
+        Some(_) => restart_agent(shared, record),
+        None => {
+            let all_present = record.steps.iter().all(|s| s.result == "already-installed");
+            let result = if all_present { JobResult::AlreadyInstalled } else { JobResult::Succeeded };
+            finish(shared, record, result, None)
+        }
+    }
+}
+
+/// The installed criteria from a validate record (`plan: installed criteria "…"`).
+fn criteria_of(text: &str) -> Option<String> {
+    text.strip_prefix("plan: installed criteria ").and_then(|q| serde_json::from_str(q).ok())
+}
+
+/// Journals the wait for a reboot (with the current boot id) and, unless
+/// deferred, runs the reboot command.
+fn await_reboot(shared: &Shared, mut record: JobRecord, deferred: bool) -> Result<()> {
+    let boot_id = journal::boot_id()?;
+    shared.journal.transition(&mut record, JobPhase::AwaitingReboot { boot_id, deferred })?;
+    report_progress(shared, &record, AgentState::RebootPending)?;
+    if deferred {
+        tracing::info!(job = record.job_id, "reboot deferred: waiting for the device to reboot");
+        return Ok(());
+    }
+    let command = &shared.config.device.reboot_command;
+    let (program, args) = command.split_first().context("[device] reboot_command is empty")?;
+    tracing::info!(job = record.job_id, "rebooting: {}", command.join(" "));
+    let status = std::process::Command::new(program).args(args).status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => anyhow::bail!("the reboot command {command:?} failed ({s}); the job waits for a reboot"),
+        Err(e) => anyhow::bail!("cannot run the reboot command {command:?}: {e}; the job waits for a reboot"),
+    }
+}
+
+/// Journals the wait for the agent's restart, then replaces this process
+/// with a fresh start of the same command line.
+fn restart_agent(shared: &Shared, mut record: JobRecord) -> Result<()> {
+    shared.journal.transition(&mut record, JobPhase::AwaitingRestart)?;
+    tracing::info!(job = record.job_id, "restarting the agent as the update asked");
+    let mut argv = std::env::args_os();
+    let program = argv.next().context("no argv[0] to restart with")?;
+    let error = std::os::unix::process::CommandExt::exec(std::process::Command::new(&program).args(argv));
+    anyhow::bail!("cannot restart the agent ({}): {error}", program.to_string_lossy())
+}
+
+/// Verifies and commits the steps that waited for a reboot or restart,
+/// then ends the job.
+async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
+    shared.journal.transition(&mut record, JobPhase::Verifying)?;
+    report_progress(shared, &record, AgentState::Verifying)?;
+    let job_dir = shared.journal.job_dir(&record.job_id)?;
+    for step in 0..record.steps.len() {
+        if !matches!(record.steps[step].result.as_str(), PENDING_REBOOT | PENDING_RESTART) {
+            continue;
+        }
+        let update_type = record.steps[step].update_type.clone();
+        let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
+            let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
+            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+        };
+        let request = step_request(&record, step, &job_dir)?;
+        let journal = shared.journal.clone();
+        let snapshot = Mutex::new(record.clone());
+        let before = |phase: Phase| -> Result<()> {
+            let stage = workflow::phase_name(phase).to_string();
+            journal.transition(&mut lock(&snapshot), JobPhase::Installing { step: step as u32, stage })
+        };
+        let criteria = record.steps[step].installed_criteria.clone();
+        let report = workflow::continue_step(&handler, request, criteria, &before).await?;
+        record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let earlier = record.steps[..step].to_vec();
+        let (outcome, terminal) = classify(&update_type, &report.result, &earlier);
+        record.steps[step] = outcome;
+        if let Some((result, status)) = terminal {
+            return finish(shared, record, result, status);
+        }
+        shared.journal.write(&record)?;
+    }
+    finish(shared, record, JobResult::Succeeded, None)
 }
 
 /// Maps a step's result to its report line and, when the job ends there,
@@ -485,11 +581,8 @@ fn classify(
             (line, Some((job, None)))
         }
         StepResult::Cancelled => (step_outcome(update_type, "cancelled", None, None), Some((JobResult::Cancelled, None))),
-        StepResult::RebootRequired { .. } | StepResult::RestartAgent => {
-            let message = "reboot and agent-restart continuations are not supported by this agent version yet";
-            let status = workflow::host_status(host_codes::HANDLER_FAULT, message.into());
-            (step_outcome(update_type, "failed in apply", Some(message), None), Some((JobResult::FailedInconsistent, Some(status))))
-        }
+        StepResult::RebootRequired { .. } => (step_outcome(update_type, PENDING_REBOOT, None, None), None),
+        StepResult::RestartAgent => (step_outcome(update_type, PENDING_RESTART, None, None), None),
     }
 }
 

@@ -46,12 +46,26 @@ pub struct DeviceConfig {
 }
 
 /// The `[device]` table.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSection {
     /// The device id used in topics and reports.
     #[serde(default)]
     pub id: Option<String>,
+    /// The command that reboots the device when an update asks for an
+    /// immediate reboot (program and arguments, no shell).
+    #[serde(default = "default_reboot_command")]
+    pub reboot_command: Vec<String>,
+}
+
+fn default_reboot_command() -> Vec<String> {
+    vec!["/sbin/reboot".into()]
+}
+
+impl Default for DeviceSection {
+    fn default() -> Self {
+        Self { id: None, reboot_command: default_reboot_command() }
+    }
 }
 
 /// The `[mqtt]` table.

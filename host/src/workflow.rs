@@ -3,9 +3,11 @@
 //! → apply → verify → commit, with rollback on a failure after backup (when
 //! the handler supports it) and cleanup at the end whatever happened.
 //!
-//! A reboot or agent restart asked for by install or apply ends the run
-//! here with [`StepResult::RebootRequired`] / [`StepResult::RestartAgent`];
-//! the device runtime resumes with verify and commit afterwards.
+//! Reboot and agent-restart requests from install and apply are merged (a
+//! reboot covers a restart; immediate wins over deferred); apply still runs,
+//! and the step then stops before verify with [`StepResult::RebootRequired`]
+//! or [`StepResult::RestartAgent`], without cleanup. After the reboot or
+//! restart, [`continue_step`] runs verify → commit → cleanup.
 
 use std::path::PathBuf;
 
@@ -116,7 +118,20 @@ pub struct StepReport {
 /// Where a step stands after a phase.
 enum Flow {
     Next,
+    /// Go on, and reboot or restart once install and apply are done.
+    Pending(StepResult),
     Stop(StepResult),
+}
+
+/// Merges two reboot/restart requests: a reboot covers a restart, and an
+/// immediate reboot wins over a deferred one.
+pub fn merge(a: Option<StepResult>, b: StepResult) -> StepResult {
+    use StepResult::{RebootRequired, RestartAgent};
+    match (a, b) {
+        (Some(RebootRequired { deferred: x }), RebootRequired { deferred: y }) => RebootRequired { deferred: x && y },
+        (Some(r @ RebootRequired { .. }), RestartAgent) | (Some(RestartAgent), r @ RebootRequired { .. }) => r,
+        (_, b) => b,
+    }
 }
 
 struct Run<'a> {
@@ -161,11 +176,47 @@ pub async fn run_step_with(
     let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
     let mut warnings = Vec::new();
     let result = run.drive(&request, &mut warnings).await;
-    let cleanup = run.call(Phase::Cleanup).await;
-    if let Outcome::Failed(status) = &cleanup {
-        tracing::warn!("cleanup of {} failed: {}", request.job_id, status.message);
+    if !matches!(result, StepResult::RebootRequired { .. } | StepResult::RestartAgent) {
+        run.cleanup().await;
     }
     Ok(StepReport { phases: run.phases, warnings, result })
+}
+
+/// Finishes a step after the reboot or agent restart it asked for: verify →
+/// commit (rollback on failure, where supported) → cleanup. The payloads
+/// fetched before are still in the job folder.
+pub async fn continue_step(
+    handler: &Handler,
+    request: StepRequest,
+    installed_criteria: Option<String>,
+    before: PhaseHook<'_>,
+) -> Result<StepReport> {
+    let payloads: Vec<PayloadFile> = request
+        .payloads
+        .iter()
+        .map(|(p, path)| PayloadFile { verified: path.exists().then(|| path.clone()), ..p.clone() })
+        .collect();
+    let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, payloads.clone());
+    scope.cancel = request.cancel.clone();
+    let ctx = StepContext {
+        job_id: request.job_id.clone(),
+        step: request.step,
+        update_type: request.update_type.clone(),
+        manifest: request.manifest.clone(),
+        payloads: payloads.iter().map(to_info).collect(),
+        config: handler.config_json.clone(),
+        installed_criteria: installed_criteria.clone(),
+    };
+    let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
+    let mut result = StepResult::Installed { criteria: installed_criteria.unwrap_or_default() };
+    for phase in [Phase::Verify, Phase::Commit] {
+        if let Flow::Stop(stopped) = run.step(phase, true).await {
+            result = stopped;
+            break;
+        }
+    }
+    run.cleanup().await;
+    Ok(StepReport { phases: run.phases, warnings: Vec::new(), result })
 }
 
 impl Run<'_> {
@@ -195,12 +246,29 @@ impl Run<'_> {
                 return result;
             }
         }
-        for phase in [Phase::Install, Phase::Apply, Phase::Verify, Phase::Commit] {
+        let mut pending = None;
+        for phase in [Phase::Install, Phase::Apply] {
+            match self.step(phase, true).await {
+                Flow::Next => {}
+                Flow::Pending(request) => pending = Some(merge(pending, request)),
+                Flow::Stop(result) => return result,
+            }
+        }
+        if let Some(request) = pending {
+            return request;
+        }
+        for phase in [Phase::Verify, Phase::Commit] {
             if let Flow::Stop(result) = self.step(phase, true).await {
                 return result;
             }
         }
         StepResult::Installed { criteria: plan.installed_criteria }
+    }
+
+    async fn cleanup(&mut self) {
+        if let Outcome::Failed(status) = self.call(Phase::Cleanup).await {
+            tracing::warn!("cleanup of {} failed: {}", self.ctx.job_id, status.message);
+        }
     }
 
     /// Calls a phase and decides what follows; `undo` says whether a failure
@@ -209,9 +277,9 @@ impl Run<'_> {
         match self.call(phase).await {
             Outcome::Success | Outcome::Skipped(_) => Flow::Next,
             Outcome::RebootRequired(mode) if matches!(phase, Phase::Install | Phase::Apply) => {
-                Flow::Stop(StepResult::RebootRequired { deferred: mode == RebootMode::Deferred })
+                Flow::Pending(StepResult::RebootRequired { deferred: mode == RebootMode::Deferred })
             }
-            Outcome::RestartAgent if matches!(phase, Phase::Install | Phase::Apply) => Flow::Stop(StepResult::RestartAgent),
+            Outcome::RestartAgent if matches!(phase, Phase::Install | Phase::Apply) => Flow::Pending(StepResult::RestartAgent),
             Outcome::RebootRequired(_) | Outcome::RestartAgent => {
                 let status = host_status(host_codes::HANDLER_FAULT, format!("{phase:?} may not ask for a reboot or restart"));
                 Flow::Stop(self.fail_and_undo(phase, status, undo).await)
@@ -354,6 +422,15 @@ pub fn describe_outcome(outcome: &Outcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reboot_requests_merge() {
+        use StepResult::{RebootRequired, RestartAgent};
+        assert_eq!(merge(None, RestartAgent), RestartAgent);
+        assert_eq!(merge(Some(RestartAgent), RebootRequired { deferred: true }), RebootRequired { deferred: true });
+        assert_eq!(merge(Some(RebootRequired { deferred: true }), RebootRequired { deferred: false }), RebootRequired { deferred: false });
+        assert_eq!(merge(Some(RebootRequired { deferred: true }), RestartAgent), RebootRequired { deferred: true });
+    }
 
     #[test]
     fn extended_codes_pack_into_32_bits() {

@@ -41,6 +41,11 @@ const POINTS: &[&str] = &[
 ];
 
 fn device(root: &Path, port: u16) -> std::path::PathBuf {
+    device_with(root, port, "")
+}
+
+/// A device whose `[device]` table gets `extra` lines.
+fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     let caps = format!(
         "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
         root.display()
@@ -50,7 +55,7 @@ fn device(root: &Path, port: u16) -> std::path::PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+            "[device]\nid = \"dev-1\"\n{extra}\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
              [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n"
         ),
     )
@@ -220,4 +225,111 @@ fn a_new_deployment_cancels_the_running_one_through_cancel_requested() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("state/jobs/job-long/journal.json")).expect("journal")).expect("json");
     assert_eq!(record["phase"]["result"], "cancelled", "{record}");
+}
+
+/// A two-step job: a step asking for `mode` at apply, then a counting step.
+fn reboot_job(root: &Path, mode: &str) -> String {
+    json!({"version": 1, "state": {"deployment": {
+        "schema": 1, "jobId": "job-crash", "version": "4.0",
+        "steps": [
+            {"updateType": "otabox-test/hostile:1",
+             "manifest": {"action": "reboot", "mode": mode, "marker": root.join("verified").display().to_string()}},
+            {"updateType": "otabox-test/hostile:1",
+             "manifest": {"action": "count", "path": root.join("applies").display().to_string()}}]
+    }}})
+    .to_string()
+}
+
+fn verified(root: &Path) -> usize {
+    std::fs::read_to_string(root.join("verified")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+fn job_phase(root: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(root.join("state/jobs/job-crash/journal.json")).expect("journal")).expect("json")
+}
+
+#[test]
+fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let boot_id = root.join("boot_id");
+    std::fs::write(&boot_id, "boot-1\n").expect("boot id");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
+    let config = device_with(&root, broker.port, &reboot);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let env = [("OTABOX_BOOT_ID_FILE", boot_id.to_str().expect("utf-8"))];
+    let mut agent = AgentProcess::start_with_env(&config, &env);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, reboot_job(&root, "immediate"));
+    cloud.wait_for(WAIT, "the reboot-pending report", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !root.join("rebooted").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(root.join("rebooted").exists(), "the reboot command did not run\n{}", agent.log());
+    assert_eq!(applies(&root), 1, "the second step installs before the single reboot");
+    assert_eq!(verified(&root), 0, "verify waits for the reboot");
+    assert_eq!(job_phase(&root)["phase"]["phase"], "awaiting-reboot");
+
+    agent.kill();
+    let mut same_boot = AgentProcess::start_with_env(&config, &env);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(verified(&root), 0, "a restart without a reboot must not verify\n{}", same_boot.log());
+    same_boot.kill();
+
+    std::fs::write(&boot_id, "boot-2\n").expect("new boot id");
+    let after = AgentProcess::start_with_env(&config, &env);
+    let ack = cloud.wait_for(WAIT, "the ack after the reboot", is_ack);
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", after.log());
+    assert_eq!(verified(&root), 1);
+    assert_eq!(applies(&root), 1);
+    assert_eq!(job_phase(&root)["phase"]["result"], "succeeded");
+}
+
+#[test]
+fn a_deferred_reboot_waits_without_running_the_reboot_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let boot_id = root.join("boot_id");
+    std::fs::write(&boot_id, "boot-1\n").expect("boot id");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
+    let config = device_with(&root, broker.port, &reboot);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let env = [("OTABOX_BOOT_ID_FILE", boot_id.to_str().expect("utf-8"))];
+    let mut agent = AgentProcess::start_with_env(&config, &env);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, reboot_job(&root, "deferred"));
+    cloud.wait_for(WAIT, "the reboot-pending report", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!root.join("rebooted").exists(), "a deferred reboot must not be started by the agent");
+    assert_eq!(job_phase(&root)["phase"]["deferred"], true);
+    agent.kill();
+    std::fs::write(&boot_id, "boot-2\n").expect("the operator rebooted");
+    let after = AgentProcess::start_with_env(&config, &env);
+    let ack = cloud.wait_for(WAIT, "the ack after the deferred reboot", is_ack);
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", after.log());
+    assert_eq!(verified(&root), 1);
+}
+
+#[test]
+fn an_agent_restart_request_restarts_the_agent_and_completes_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, reboot_job(&root, "restart"));
+    let ack = cloud.wait_for(WAIT, "the ack after the restart", is_ack);
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    assert_eq!(verified(&root), 1);
+    assert_eq!(applies(&root), 1);
+    assert_eq!(agent.log().matches("agent 0.1.0 started").count(), 2, "{}", agent.log());
 }

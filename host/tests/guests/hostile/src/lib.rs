@@ -34,6 +34,9 @@ enum Action {
     /// Waits up to `max_ms` for cancel-requested, then returns cancelled
     /// (or skipped when it never came).
     WaitCancel { max_ms: u64 },
+    /// `apply` asks for a reboot (`immediate`, `deferred`) or an agent
+    /// `restart`; `verify` appends a line to `marker`; installed once it has.
+    Reboot { mode: String, marker: String },
     Ok,
 }
 
@@ -46,7 +49,9 @@ impl Handler for Hostile {
 
     fn is_installed(step: &Step) -> Result<bool, Status> {
         match step.manifest::<Action>()? {
-            Action::Count { path, .. } => Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty())),
+            Action::Count { path, .. } | Action::Reboot { marker: path, .. } => {
+                Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty()))
+            }
             _ => Ok(false),
         }
     }
@@ -62,6 +67,29 @@ impl Handler for Hostile {
                     .open(&path)
                     .and_then(|mut f| f.write_all(b"applied\n").and_then(|_| f.sync_all()));
                 report(appended.map(|_| "applied".to_string()).map_err(|e| e.to_string()))
+            }
+            Ok(Action::Reboot { mode, .. }) => match mode.as_str() {
+                "immediate" => Outcome::RebootRequired(RebootMode::Immediate),
+                "deferred" => Outcome::RebootRequired(RebootMode::Deferred),
+                _ => Outcome::RestartAgent,
+            },
+            _ => Outcome::Success,
+        }
+    }
+
+    fn verify(step: &Step) -> Outcome {
+        match step.manifest::<Action>() {
+            Ok(Action::Reboot { marker, .. }) => {
+                use std::io::Write;
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&marker)
+                    .and_then(|mut f| f.write_all(b"verified\n").and_then(|_| f.sync_all()));
+                match appended {
+                    Ok(()) => Outcome::Success,
+                    Err(e) => Outcome::Failed(Status::new(98, e.to_string())),
+                }
             }
             _ => Outcome::Success,
         }
@@ -144,7 +172,7 @@ fn act(action: Action) -> Outcome {
             }
             Outcome::Skipped("never cancelled".into())
         }
-        Action::Count { .. } | Action::Ok => Outcome::Success,
+        Action::Count { .. } | Action::Reboot { .. } | Action::Ok => Outcome::Success,
     }
 }
 
