@@ -161,18 +161,8 @@ pub async fn run_step_with(
     std::fs::create_dir_all(&request.job_dir)
         .with_context(|| format!("cannot create job directory {}", request.job_dir.display()))?;
     let declared: Vec<PayloadFile> = request.payloads.iter().map(|(p, _)| p.clone()).collect();
-    let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, declared.clone());
+    let (mut scope, ctx) = call_setup(handler, &request, declared, None);
     scope.progress = progress;
-    scope.cancel = request.cancel.clone();
-    let ctx = StepContext {
-        job_id: request.job_id.clone(),
-        step: request.step,
-        update_type: request.update_type.clone(),
-        manifest: request.manifest.clone(),
-        payloads: declared.iter().map(to_info).collect(),
-        config: handler.config_json.clone(),
-        installed_criteria: None,
-    };
     let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
     let mut warnings = Vec::new();
     let result = run.drive(&request, &mut warnings).await;
@@ -196,17 +186,7 @@ pub async fn continue_step(
         .iter()
         .map(|(p, path)| PayloadFile { verified: path.exists().then(|| path.clone()), ..p.clone() })
         .collect();
-    let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, payloads.clone());
-    scope.cancel = request.cancel.clone();
-    let ctx = StepContext {
-        job_id: request.job_id.clone(),
-        step: request.step,
-        update_type: request.update_type.clone(),
-        manifest: request.manifest.clone(),
-        payloads: payloads.iter().map(to_info).collect(),
-        config: handler.config_json.clone(),
-        installed_criteria: installed_criteria.clone(),
-    };
+    let (scope, ctx) = call_setup(handler, &request, payloads, installed_criteria.clone());
     let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
     let mut result = StepResult::Installed { criteria: installed_criteria.unwrap_or_default() };
     for phase in [Phase::Verify, Phase::Commit] {
@@ -217,6 +197,27 @@ pub async fn continue_step(
     }
     run.cleanup().await;
     Ok(StepReport { phases: run.phases, warnings: Vec::new(), result })
+}
+
+/// The scope and context of the calls of one step.
+fn call_setup(
+    handler: &Handler,
+    request: &StepRequest,
+    payloads: Vec<PayloadFile>,
+    installed_criteria: Option<String>,
+) -> (CallScope, StepContext) {
+    let ctx = StepContext {
+        job_id: request.job_id.clone(),
+        step: request.step,
+        update_type: request.update_type.clone(),
+        manifest: request.manifest.clone(),
+        payloads: payloads.iter().map(to_info).collect(),
+        config: handler.config_json.clone(),
+        installed_criteria,
+    };
+    let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, payloads);
+    scope.cancel = request.cancel.clone();
+    (scope, ctx)
 }
 
 impl Run<'_> {

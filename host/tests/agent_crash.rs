@@ -240,6 +240,42 @@ fn reboot_job(root: &Path, mode: &str) -> String {
     .to_string()
 }
 
+/// A device that got a reboot job and reported reboot-pending; the boot id
+/// comes from a file the test changes to simulate the reboot.
+struct RebootRig {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    boot_id: std::path::PathBuf,
+    _broker: Mosquitto,
+    config: std::path::PathBuf,
+    cloud: TestClient,
+    env: [(&'static str, String); 1],
+    agent: AgentProcess,
+}
+
+fn reboot_rig(mode: &str) -> RebootRig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let boot_id = root.join("boot_id");
+    std::fs::write(&boot_id, "boot-1\n").expect("boot id");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
+    let config = device_with(&root, broker.port, &reboot);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let env = [("OTABOX_BOOT_ID_FILE", boot_id.display().to_string())];
+    let agent = start_env(&config, &env);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, reboot_job(&root, mode));
+    cloud.wait_for(WAIT, "the reboot-pending report", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
+    });
+    RebootRig { _dir: dir, root, boot_id, _broker: broker, config, cloud, env, agent }
+}
+
+fn start_env(config: &Path, env: &[(&'static str, String); 1]) -> AgentProcess {
+    AgentProcess::start_with_env(config, &[(env[0].0, env[0].1.as_str())])
+}
+
 fn verified(root: &Path) -> usize {
     std::fs::read_to_string(root.join("verified")).map(|s| s.lines().count()).unwrap_or(0)
 }
@@ -250,21 +286,7 @@ fn job_phase(root: &Path) -> serde_json::Value {
 
 #[test]
 fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let boot_id = root.join("boot_id");
-    std::fs::write(&boot_id, "boot-1\n").expect("boot id");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
-    let config = device_with(&root, broker.port, &reboot);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let env = [("OTABOX_BOOT_ID_FILE", boot_id.to_str().expect("utf-8"))];
-    let mut agent = AgentProcess::start_with_env(&config, &env);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    cloud.publish(DELTA, reboot_job(&root, "immediate"));
-    cloud.wait_for(WAIT, "the reboot-pending report", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
-    });
+    let RebootRig { _dir, root, boot_id, _broker, config, cloud, env, mut agent } = reboot_rig("immediate");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !root.join("rebooted").exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -275,13 +297,13 @@ fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
     assert_eq!(job_phase(&root)["phase"]["phase"], "awaiting-reboot");
 
     agent.kill();
-    let mut same_boot = AgentProcess::start_with_env(&config, &env);
+    let mut same_boot = start_env(&config, &env);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(verified(&root), 0, "a restart without a reboot must not verify\n{}", same_boot.log());
     same_boot.kill();
 
     std::fs::write(&boot_id, "boot-2\n").expect("new boot id");
-    let after = AgentProcess::start_with_env(&config, &env);
+    let after = start_env(&config, &env);
     let ack = cloud.wait_for(WAIT, "the ack after the reboot", is_ack);
     assert_eq!(ack.json["status"], "SUCCESS", "{}", after.log());
     assert_eq!(verified(&root), 1);
@@ -291,27 +313,13 @@ fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
 
 #[test]
 fn a_deferred_reboot_waits_without_running_the_reboot_command() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let boot_id = root.join("boot_id");
-    std::fs::write(&boot_id, "boot-1\n").expect("boot id");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
-    let config = device_with(&root, broker.port, &reboot);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let env = [("OTABOX_BOOT_ID_FILE", boot_id.to_str().expect("utf-8"))];
-    let mut agent = AgentProcess::start_with_env(&config, &env);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    cloud.publish(DELTA, reboot_job(&root, "deferred"));
-    cloud.wait_for(WAIT, "the reboot-pending report", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
-    });
+    let RebootRig { _dir, root, boot_id, _broker, config, cloud, env, mut agent } = reboot_rig("deferred");
     std::thread::sleep(Duration::from_millis(500));
     assert!(!root.join("rebooted").exists(), "a deferred reboot must not be started by the agent");
     assert_eq!(job_phase(&root)["phase"]["deferred"], true);
     agent.kill();
     std::fs::write(&boot_id, "boot-2\n").expect("the operator rebooted");
-    let after = AgentProcess::start_with_env(&config, &env);
+    let after = start_env(&config, &env);
     let ack = cloud.wait_for(WAIT, "the ack after the deferred reboot", is_ack);
     assert_eq!(ack.json["status"], "SUCCESS", "{}", after.log());
     assert_eq!(verified(&root), 1);
