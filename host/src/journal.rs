@@ -357,13 +357,7 @@ mod tests {
     use super::*;
     use crate::shadow::RebootPolicy;
 
-    fn desired(job: &str) -> DesiredState {
-        serde_json::from_value(serde_json::json!({
-            "schema": 1, "jobId": job, "version": "1",
-            "steps": [{"updateType": "otabox/file:1", "manifest": {}}]
-        }))
-        .expect("desired")
-    }
+    use crate::shadow::sample_desired as desired;
 
     #[test]
     fn accept_journals_new_jobs_and_ignores_stale_and_duplicate_deltas() {

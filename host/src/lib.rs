@@ -18,6 +18,7 @@ pub mod durable;
 pub mod journal;
 pub mod mqtt;
 pub mod outbox;
+pub mod replica;
 pub mod runtime;
 pub mod shadow;
 pub mod trust;

@@ -34,6 +34,30 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run the reference device-state replica (the cloud side): publish
+    /// deltas, record reports and acknowledgements, answer get requests.
+    Replica {
+        /// The replica's SQLite database (created when missing).
+        #[arg(long)]
+        db: PathBuf,
+        /// Broker host.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Broker port.
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// Topic layout: iot-atlas or aws-shadow.
+        #[arg(long, default_value = "iot-atlas")]
+        layout: String,
+    },
+    /// Operate a fleet through the replica's database.
+    Fleet {
+        /// The replica's SQLite database.
+        #[arg(long)]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Inspect the installed handlers.
     Handlers {
         #[command(subcommand)]
@@ -61,6 +85,41 @@ struct Source {
     /// file, every handler gets what it declares).
     #[arg(long)]
     dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Add a device, or move it to a group.
+    Register {
+        /// Device id.
+        device: String,
+        /// Group name.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Deploy a deployment file (desired state, schema 1) to a device or a
+    /// group; the replica publishes the delta.
+    Deploy {
+        /// The deployment JSON file.
+        file: PathBuf,
+        /// Target device.
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        device: Option<String>,
+        /// Target group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Show one device, or the fleet.
+    Status {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print each change of the fleet's state as it happens (Ctrl-C stops).
+    Watch,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +172,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Handlers { command: HandlersCommand::List { source, json } } => list(&source, json).await,
         Command::Handlers { command: HandlersCommand::Audit { source, json } } => audit(&source, json).await,
         Command::Demo { dir, keep } => demo(dir, keep).await,
+        Command::Replica { db, host, port, layout } => {
+            let layout = serde_json::from_value(serde_json::Value::String(layout.clone()))
+                .with_context(|| format!("--layout {layout:?}: use iot-atlas or aws-shadow"))?;
+            let mqtt = otabox::config::MqttSection { host, port, layout, ..Default::default() };
+            otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt }).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fleet { db, command } => fleet(&db, command).await,
         Command::Run { config } => {
             otabox::agent::run(DeviceConfig::load(&config)?).await?;
             Ok(ExitCode::SUCCESS)
@@ -199,6 +266,75 @@ async fn audit(source: &Source, json: bool) -> Result<ExitCode> {
     }
     let clean = audits.iter().all(|a| a.count(Severity::Error) == 0);
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
+    let store = otabox::replica::Store::open(db)?;
+    match command {
+        FleetCommand::Register { device, group } => {
+            store.register(&device, group.as_deref())?;
+            println!("registered {device}{}", group.map(|g| format!(" in group {g}")).unwrap_or_default());
+        }
+        FleetCommand::Deploy { file, device, group } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let desired: otabox::shadow::DesiredState =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a deployment", file.display()))?;
+            let targets = match (device, group) {
+                (Some(device), _) => {
+                    store.deploy(&device, &desired)?;
+                    vec![device]
+                }
+                (None, Some(group)) => store.deploy_group(&group, &desired)?,
+                (None, None) => anyhow::bail!("give --device or --group"),
+            };
+            println!("deployed {} to {}", desired.job_id, targets.join(", "));
+        }
+        FleetCommand::Status { device, json } => {
+            let devices = match device {
+                Some(id) => vec![store.status(&id)?.with_context(|| format!("unknown device {id}"))?],
+                None => store.fleet()?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                print_fleet(&devices);
+            }
+        }
+        FleetCommand::Watch => watch(&store).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let desired = text(d.desired.as_ref().and_then(|v| v.get("jobId")));
+    let state = text(d.reported.as_ref().and_then(|r| r.pointer("/agent/state")));
+    let ack = d.ack.as_ref().map_or("-".to_string(), |a| format!("{:?} {}", a.status, a.version));
+    format!("{:<16} {:<10} {:<8} {:<20} {:<15} {ack}", d.id, d.group.as_deref().unwrap_or("-"), d.version, desired, state)
+}
+
+fn print_fleet(devices: &[otabox::replica::DeviceStatus]) {
+    println!("{:<16} {:<10} {:<8} {:<20} {:<15} ACK", "DEVICE", "GROUP", "VERSION", "DESIRED JOB", "STATE");
+    for d in devices {
+        println!("{}", fleet_row(d));
+    }
+}
+
+async fn watch(store: &otabox::replica::Store) -> Result<()> {
+    let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    loop {
+        for device in store.fleet()? {
+            let row = fleet_row(&device);
+            if last.get(&device.id) != Some(&row) {
+                println!("{}", row);
+                last.insert(device.id.clone(), row);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {

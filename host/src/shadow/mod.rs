@@ -16,3 +16,13 @@ pub use desired::{
 };
 pub use reported::{Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, ReportedState, StepOutcome};
 pub use topics::{TopicLayout, Topics};
+
+/// A minimal valid desired state for `job`, for tests.
+#[cfg(test)]
+pub(crate) fn sample_desired(job: &str) -> DesiredState {
+    serde_json::from_value(serde_json::json!({
+        "schema": 1, "jobId": job, "version": "1",
+        "steps": [{"updateType": "otabox/file:1", "manifest": {}}]
+    }))
+    .expect("a valid sample")
+}

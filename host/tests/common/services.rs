@@ -292,3 +292,38 @@ impl TestClient {
         out
     }
 }
+
+/// `otabox replica` as a process, killed on drop.
+pub struct ReplicaProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ReplicaProcess {
+    /// Starts the replica on `db` against the broker on `port`.
+    pub fn start(db: &Path, port: u16) -> Self {
+        let log = db.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_otabox"))
+            .args(["replica", "--db"])
+            .arg(db)
+            .args(["--port", &port.to_string()])
+            .env("OTABOX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("replica log"))
+            .spawn()
+            .expect("start the replica");
+        Self { child, log }
+    }
+
+    /// The replica's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

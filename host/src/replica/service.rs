@@ -1,0 +1,159 @@
+//! `otabox replica`: the replica's MQTT side. It publishes each pending
+//! delta, records reports and acknowledgements (confirming them on
+//! `…/update/accepted`), republishes a delta to a device that comes online
+//! without having run it, and answers shadow `get` requests (AWS layout).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc::{AsyncClient, Event, Incoming, Publish, QoS};
+use serde_json::{Value, json};
+
+use super::Store;
+use crate::config::MqttSection;
+use crate::mqtt;
+use crate::shadow::{Ack, TopicLayout, Topics};
+
+/// How often pending deltas are looked for.
+const DELTA_POLL: Duration = Duration::from_millis(100);
+
+/// What the replica serves.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// The SQLite database.
+    pub db: PathBuf,
+    /// The broker connection (TLS and credentials as for the agent).
+    pub mqtt: MqttSection,
+}
+
+/// What a device published on.
+enum Kind {
+    Update,
+    Get,
+}
+
+/// The device id and kind of a topic the replica subscribes to.
+fn parse_topic(layout: TopicLayout, topic: &str) -> Option<(String, Kind)> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    match (layout, parts.as_slice()) {
+        (TopicLayout::IotAtlas, ["state", id, "update"]) => Some((id.to_string(), Kind::Update)),
+        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "update"]) => Some((id.to_string(), Kind::Update)),
+        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "get"]) => Some((id.to_string(), Kind::Get)),
+        _ => None,
+    }
+}
+
+fn subscriptions(layout: TopicLayout) -> &'static [&'static str] {
+    match layout {
+        TopicLayout::IotAtlas => &["state/+/update"],
+        TopicLayout::AwsShadow => &["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"],
+    }
+}
+
+/// Runs the replica until SIGINT or SIGTERM.
+pub async fn run(options: ReplicaOptions) -> Result<()> {
+    let store = Store::open(&options.db)?;
+    let layout = options.mqtt.layout;
+    let (client, mut eventloop) = AsyncClient::new(mqtt::options(&options.mqtt, "otabox-replica")?, 256);
+    eventloop.set_network_options(mqtt::network_options());
+    let mut backoff = mqtt::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut ticker = tokio::time::interval(DELTA_POLL);
+    let mut connected = false;
+    tracing::info!(db = %options.db.display(), "replica started");
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    connected = true;
+                    backoff.reset();
+                    for topic in subscriptions(layout) {
+                        client.subscribe(*topic, QoS::AtLeastOnce).await.context("cannot subscribe")?;
+                    }
+                    tracing::info!("replica connected");
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    if let Err(e) = handle(&store, &client, layout, &publish).await {
+                        tracing::warn!(topic = publish.topic, "cannot handle a message: {e:#}");
+                    }
+                    client.ack(&publish).await.context("cannot ack")?;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    connected = false;
+                    let delay = backoff.next_delay();
+                    tracing::debug!("replica connection: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
+            },
+            _ = ticker.tick() => {
+                if connected {
+                    publish_deltas(&store, &client, layout).await?;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn publish_deltas(store: &Store, client: &AsyncClient, layout: TopicLayout) -> Result<()> {
+    for pending in store.pending_deltas()? {
+        let desired: Value = serde_json::from_str(&pending.desired)?;
+        let topics = Topics::new(layout, &pending.device)?;
+        let delta = json!({"version": pending.version, "state": {"deployment": desired}});
+        client.publish(topics.delta, QoS::AtLeastOnce, false, delta.to_string()).await.context("cannot publish a delta")?;
+        store.mark_published(&pending.device, pending.version)?;
+        tracing::info!(device = pending.device, version = pending.version, "delta published");
+    }
+    Ok(())
+}
+
+async fn handle(store: &Store, client: &AsyncClient, layout: TopicLayout, publish: &Publish) -> Result<()> {
+    let Some((device, kind)) = parse_topic(layout, &publish.topic) else { return Ok(()) };
+    let topics = Topics::new(layout, &device)?;
+    let message: Value = serde_json::from_slice(&publish.payload).context("not JSON")?;
+    match kind {
+        Kind::Get => {
+            let status = store.status(&device)?;
+            let answer = json!({
+                "version": status.as_ref().map_or(0, |s| s.version),
+                "state": {
+                    "desired": {"deployment": status.as_ref().and_then(|s| s.desired.clone())},
+                    "reported": {"deployment": status.as_ref().and_then(|s| s.reported.clone())},
+                }
+            });
+            if let Some(topic) = topics.get_accepted {
+                client.publish(topic, QoS::AtLeastOnce, false, answer.to_string()).await?;
+            }
+        }
+        Kind::Update => {
+            if let Ok(ack) = serde_json::from_value::<Ack>(message.clone()) {
+                if store.record_ack(&device, &ack)? {
+                    tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
+                }
+            } else if let Some(reported) = message.pointer("/state/reported/deployment") {
+                store.record_report(&device, reported)?;
+                republish_if_missed(store, &device, reported)?;
+            } else {
+                anyhow::bail!("neither an acknowledgement nor a reported state");
+            }
+            client.publish(topics.accepted, QoS::AtLeastOnce, false, publish.payload.to_vec()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A device idle with neither a result nor an ack for the desired job
+/// missed its delta (it was offline): publish it again. The device ignores
+/// a delta it has already journaled.
+fn republish_if_missed(store: &Store, device: &str, reported: &Value) -> Result<()> {
+    let Some(status) = store.status(device)? else { return Ok(()) };
+    let Some(job) = status.desired.as_ref().and_then(|d| d.get("jobId")).and_then(Value::as_str) else { return Ok(()) };
+    let idle = reported.pointer("/agent/state").and_then(Value::as_str) == Some("idle");
+    let ran = reported.pointer("/lastResult/jobId").and_then(Value::as_str) == Some(job)
+        || reported.pointer("/jobId").and_then(Value::as_str) == Some(job);
+    if idle && !ran && status.ack.is_none() {
+        store.republish(device)?;
+    }
+    Ok(())
+}

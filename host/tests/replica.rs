@@ -1,0 +1,95 @@
+//! The reference replica with real agents: `otabox fleet` deploys to a
+//! group, the replica publishes deltas, records reports and acks and
+//! confirms them on `accepted`; a device that was offline gets its delta
+//! when it comes online.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::services::{AgentProcess, Mosquitto, ReplicaProcess, TestClient};
+use common::*;
+use otabox::runtime::sha256_hex;
+use serde_json::json;
+
+fn fleet(db: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox")).arg("fleet").arg("--db").arg(db).args(args).output().expect("fleet");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fleet {args:?}: {text}");
+    text
+}
+
+fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
+    let dir = root.join(id);
+    install_handler(&dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    let config = dir.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"{id}\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
+        ),
+    )
+    .expect("device.toml");
+    config
+}
+
+/// Polls `fleet status` until `device` has an ack for the desired job.
+fn wait_for_ack(db: &Path, device: &str, replica: &ReplicaProcess) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&fleet(db, &["status", "--device", device, "--json"])).expect("status json");
+        if !status[0]["ack"].is_null() {
+            return status[0].clone();
+        }
+        assert!(Instant::now() < deadline, "no ack from {device}: {status}\n{}", replica.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start(&db, broker.port);
+    let cloud = TestClient::connect(broker.port, "observer", &["state/+/update/accepted"]);
+    let first = AgentProcess::start(&device(&root, "pump-1", broker.port));
+    cloud.wait_for(Duration::from_secs(20), "pump-1 online (confirmed by the replica)", |m| m.topic == "state/pump-1/update/accepted");
+
+    fleet(&db, &["register", "pump-1", "--group", "pumps"]);
+    fleet(&db, &["register", "pump-2", "--group", "pumps"]);
+    let payload = root.join("app.conf");
+    std::fs::write(&payload, "fleet = 1\n").expect("payload");
+    let deployment = root.join("deployment.json");
+    std::fs::write(
+        &deployment,
+        json!({"schema": 1, "jobId": "fleet-1", "version": "5.0",
+               "steps": [{"updateType": "otabox/file:1",
+                 "manifest": {"name": "app", "version": "5", "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"},
+                 "files": [{"name": "app.conf", "url": format!("file://{}", payload.display()), "size": 10, "sha256": sha256_hex(b"fleet = 1\n")}]}]})
+        .to_string(),
+    )
+    .expect("deployment");
+    let out = fleet(&db, &["deploy", deployment.to_str().expect("utf-8"), "--group", "pumps"]);
+    assert!(out.contains("deployed fleet-1 to pump-1, pump-2"), "{out}");
+
+    let status = wait_for_ack(&db, "pump-1", &replica);
+    assert_eq!(status["ack"], json!({"jobId": "fleet-1", "status": "SUCCESS", "version": "5.0"}), "{}", first.log());
+    assert_eq!(status["reported"]["lastResult"]["jobId"], "fleet-1");
+    cloud.wait_for(Duration::from_secs(5), "the replica's accepted for pump-1's ack", |m| {
+        m.topic == "state/pump-1/update/accepted" && m.json.get("jobId").is_some()
+    });
+    assert_eq!(std::fs::read_to_string(root.join("pump-1/files/app.conf")).expect("installed"), "fleet = 1\n");
+
+    let second = AgentProcess::start(&device(&root, "pump-2", broker.port));
+    let status = wait_for_ack(&db, "pump-2", &replica);
+    assert_eq!(status["ack"]["status"], "SUCCESS", "{}", second.log());
+    let table = fleet(&db, &["status"]);
+    assert!(table.contains("pump-1") && table.contains("pump-2") && table.matches("Success 5.0").count() == 2, "{table}");
+}
