@@ -1,8 +1,15 @@
 //! `otabox demo`: a self-contained walkthrough of an update with the
-//! built-in `file` handler, in a scratch directory: audit, install, a
-//! repeat that is already installed, a payload with a wrong hash refused
-//! before any handler runs, a manifest pointing outside the grant stopped
-//! by the sandbox and rolled back, and the inventory.
+//! built-in `file` handler, in a scratch directory.
+//!
+//! Part 1 drives the lifecycle directly: audit, install, a repeat that is
+//! already installed, a payload with a wrong hash refused before any
+//! handler runs, a manifest pointing outside the grant stopped by the
+//! sandbox and rolled back, and the inventory.
+//!
+//! Part 2 (when mosquitto is installed) runs the real thing: a broker on a
+//! free loopback port, the reference replica, and an agent; a deployment
+//! made with the fleet store travels as a delta, the agent reports each
+//! state, acknowledges, and the replica confirms.
 
 use std::path::{Path, PathBuf};
 
@@ -86,7 +93,202 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         Err(status) => println!("    failed: {}", status.message),
     }
     println!("\nThe handler wrote only inside {} (granted as /var/lib/otabox/files).", files.display());
+    mqtt_flow(root).await?;
     Ok(DemoOutcome { root: root.to_path_buf(), reports })
+}
+
+/// Part 2: broker, replica, agent, and a deployment through them.
+async fn mqtt_flow(root: &Path) -> Result<()> {
+    println!("\n== part 2: a deployment through mosquitto, the replica and the agent");
+    let Some(broker) = Broker::start(root)? else {
+        println!("  mosquitto is not installed: run `make setup` (or apt-get install mosquitto) to see this part");
+        return Ok(());
+    };
+    let port = broker.port;
+    let db = root.join("replica.db");
+    let mqtt = crate::config::MqttSection { port, ..Default::default() };
+    let replica = crate::replica::service::ReplicaOptions { db: db.clone(), mqtt: mqtt.clone() };
+    background("replica", move || crate::replica::service::run(replica));
+    let agent_config = root.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[device]\nid = \"demo-device\"\n[paths]\nhandlers = \"handlers\"\nstate = \"agent-state\"\n\
+             [mqtt]\nport = {port}\nreconnect_min_ms = 100\n\
+             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"device/files\"\n"
+        ),
+    )?;
+    let config = DeviceConfig::load(&agent_config)?;
+    background("agent", move || crate::agent::run(config));
+    let observer = Observer::connect(port).await?;
+    observer.wait(|m| m.contains("\"agent\"")).await.context("the agent did not come online")?;
+    println!("  agent demo-device is online (broker on 127.0.0.1:{port})");
+
+    let payload = root.join("payloads/app-2.0.0.conf");
+    let content = b"greeting = \"hello again\"\nversion = \"2.0.0\"\n";
+    std::fs::write(&payload, content)?;
+    let store = crate::replica::Store::open(&db)?;
+    for job in ["mqtt-1", "mqtt-2"] {
+        let desired: crate::shadow::DesiredState = serde_json::from_value(serde_json::json!({
+            "schema": 1, "jobId": job, "version": "2.0.0",
+            "steps": [{"updateType": "otabox/file:1",
+                "manifest": {"name": "app-config", "version": "2.0.0", "payload": "app.conf",
+                             "destination": "/var/lib/otabox/files/app.conf"},
+                "files": [{"name": "app.conf", "url": format!("file://{}", payload.display()),
+                           "size": content.len(), "sha256": sha256_hex(content)}]}]
+        }))?;
+        let version = store.deploy("demo-device", &desired)?;
+        println!("\n  otabox fleet deploy: job {job} -> demo-device (shadow version {version})");
+        observer.wait(|m| m.contains(&format!("\"jobId\":\"{job}\"")) && m.contains("\"status\"") && !m.contains("\"state\""))
+            .await
+            .with_context(|| format!("no acknowledgement for {job}"))?;
+        observer.wait(|m| m.starts_with("accepted")).await.context("the replica did not confirm")?;
+    }
+    FINISHED.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(broker);
+    Ok(())
+}
+
+/// Set when the demo is over: its service threads then stop quietly as the
+/// scratch directory goes away.
+static FINISHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs a service future on its own thread (the replica's SQLite handle is
+/// not shareable across threads), for the demo's lifetime.
+fn background<S, F>(name: &'static str, service: S)
+where
+    S: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = Result<()>>,
+{
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+        match runtime {
+            Ok(rt) => {
+                if let Err(e) = rt.block_on(service())
+                    && !FINISHED.load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    eprintln!("demo {name} stopped: {e:#}");
+                }
+            }
+            Err(e) => eprintln!("demo {name}: {e}"),
+        }
+    });
+}
+
+/// A mosquitto of the demo's own, stopped on drop.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(root: &Path) -> Result<Option<Self>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = root.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\npersistence false\nset_tcp_nodelay true\npid_file {}/mosquitto.pid\n\
+                 listener {port} 127.0.0.1\nallow_anonymous true\n",
+                root.display()
+            ),
+        )?;
+        let spawned = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).context("cannot start mosquitto"),
+        };
+        let broker = Self { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Some(broker));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        anyhow::bail!("mosquitto did not start listening on port {port}")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Watches the device's topics and prints what travels on them.
+struct Observer {
+    lines: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>,
+}
+
+impl Observer {
+    async fn connect(port: u16) -> Result<Self> {
+        let mut opts = rumqttc::MqttOptions::new("demo-observer", "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+        eventloop.set_network_options(crate::mqtt::network_options());
+        for topic in ["state/demo-device/update", "state/demo-device/update/accepted"] {
+            client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        let line = if p.topic.ends_with("/accepted") { format!("accepted {text}") } else { text };
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Ok(Self { lines: tokio::sync::Mutex::new(rx) })
+    }
+
+    /// Prints messages until one satisfies `want` (30 s at most).
+    async fn wait(&self, want: impl Fn(&str) -> bool) -> Result<()> {
+        let mut lines = self.lines.lock().await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let line = tokio::time::timeout_at(deadline, lines.recv()).await.context("timed out")?.context("closed")?;
+            print_message(&line);
+            if want(&line) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One line per message: the agent's state, its result, or the ack.
+fn print_message(line: &str) {
+    let (prefix, text) = match line.strip_prefix("accepted ") {
+        Some(rest) => ("    replica  accepted", rest),
+        None => ("    device  ", line),
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return };
+    if let Some(d) = json.pointer("/state/reported/deployment") {
+        let state = d.pointer("/agent/state").and_then(|s| s.as_str()).unwrap_or("?");
+        let result = d.pointer("/lastResult/result").and_then(|s| s.as_str());
+        let job = d.pointer("/jobId").and_then(|s| s.as_str()).unwrap_or("-");
+        match result {
+            Some(r) if state == "idle" && prefix.starts_with("    device") => println!("{prefix} report: idle, job {job} {r}"),
+            _ if prefix.starts_with("    device") => println!("{prefix} report: {state} (job {job})"),
+            _ => {}
+        }
+    } else if json.get("status").is_some() {
+        println!("{prefix} ack {text}");
+    }
 }
 
 /// Writes the handler directory, device config and payloads; returns the
