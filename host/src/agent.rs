@@ -73,6 +73,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    refresh_inventory(&shared).await;
     announce(&shared)?;
     resume_jobs(&shared, &jobs_tx).await?;
     tokio::spawn(worker(shared.clone(), jobs_rx));
@@ -246,6 +247,67 @@ fn announce(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Asks every handler for what it manages and stores that in the reported
+/// state (`inventory`: update type → item → version); true when it changed.
+async fn refresh_inventory(shared: &Shared) -> bool {
+    let mut inventory = std::collections::BTreeMap::new();
+    for handler in &shared.handlers.handlers {
+        let update_type = handler.manifest.handler.update_types[0].clone();
+        match handler.inventory().await {
+            Ok(Ok(items)) if !items.is_empty() => {
+                inventory.insert(update_type, items.into_iter().map(|i| (i.name, i.version)).collect());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => tracing::warn!(handler = handler.name, "inventory failed: {}", status.message),
+            Err(e) => tracing::warn!(handler = handler.name, "inventory failed: {e:#}"),
+        }
+    }
+    let mut changed = false;
+    let updated = shared.journal.update_shadow(|s| {
+        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+        changed = reported.inventory != inventory;
+        reported.inventory = inventory;
+        s.reported = Some(reported);
+    });
+    if let Err(e) = updated {
+        tracing::error!("cannot store the inventory: {e:#}");
+    }
+    changed
+}
+
+/// A progress sink for `job`: stores the progress in the reported state
+/// and reports it at most once a second, and when a phase completes.
+fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::ProgressSink {
+    let (shared, job) = (shared.clone(), job.to_string());
+    let last = Mutex::new(None::<std::time::Instant>);
+    let sequence = std::sync::atomic::AtomicU64::new(0);
+    Arc::new(move |event: crate::runtime::ProgressEvent| {
+        let complete = event.total > 0 && event.done >= event.total;
+        let mut last = lock(&last);
+        if !complete && last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let progress = crate::shadow::Progress {
+            step: event.step,
+            phase: workflow::phase_name(event.phase).into(),
+            done: event.done,
+            total: event.total,
+        };
+        let updated = shared.journal.update_shadow(|s| {
+            let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+            reported.progress = Some(progress);
+            s.reported = Some(reported);
+        });
+        if let Ok(shadow) = updated
+            && let Some(reported) = &shadow.reported
+        {
+            let n = sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            enqueue(&shared, &format!("progress:{job}:{n}"), reported_payload(reported));
+        }
+    })
+}
+
 /// Reports why a delta was rejected; the rejection changes no job state.
 fn report_rejection(shared: &Shared, reason: &str) {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
@@ -403,6 +465,12 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord
             tracing::error!(job = job_id, "job stopped: {e:#}");
         }
         *lock(&shared.current) = None;
+        if refresh_inventory(&shared).await
+            && let Ok(shadow) = shared.journal.shadow()
+            && let Some(reported) = &shadow.reported
+        {
+            enqueue(&shared, &format!("inventory:{job_id}"), reported_payload(reported));
+        }
     }
 }
 
@@ -450,7 +518,8 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             }
             Ok(())
         };
-        let report = workflow::run_step_with(handler, request, None, &before).await?;
+        let progress = Some(progress_reporter(shared, &record.job_id));
+        let report = workflow::run_step_with(handler, request, progress, &before).await?;
         record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
         let spec = &record.desired.steps[step];
         let (mut outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);

@@ -27,6 +27,7 @@ fn device(root: &Path, port: u16, layout: &str) -> Device {
         format!(
             "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
              [mqtt]\nport = {port}\nlayout = \"{layout}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             [handlers.file]\nconfig = {{ root = \"/var/lib/otabox/files\" }}\n\
              [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
         ),
     )
@@ -92,9 +93,20 @@ fn online(m: &Message) -> bool {
 fn end_to_end(layout: &str, update: &str, delta: &str) {
     let s = setup(layout, update);
     s.cloud.publish(delta, s.dev.delta(1, "job-1", "greeting = 1\n"));
-    let ack = s.cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    let seen = s.cloud.collect_until(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    let ack = seen.last().expect("the ack");
     assert_eq!(ack.json, json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}), "{}", s.agent.log());
     assert_eq!(s.dev.installed().as_deref(), Some("greeting = 1\n"));
+    let progress = seen
+        .iter()
+        .find_map(|m| m.json.pointer("/state/reported/deployment/progress"))
+        .unwrap_or_else(|| panic!("no progress report: {seen:?}"));
+    assert_eq!(progress, &json!({"step": 0, "phase": "install", "done": 13, "total": 13}));
+    let inventory = s.cloud.wait_for(WAIT, "the inventory report", |m| {
+        m.json.pointer("/state/reported/deployment/inventory/otabox~1file:1").is_some()
+    });
+    let items = &inventory.json["state"]["reported"]["deployment"]["inventory"]["otabox/file:1"];
+    assert!(items.get("/var/lib/otabox/files/app.conf").is_some(), "{items}");
 }
 
 #[test]
