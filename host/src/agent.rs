@@ -44,6 +44,8 @@ struct Shared {
     outbox_changed: Notify,
     /// The job running now and its cancel flag.
     current: Mutex<Option<(String, CancelFlag)>>,
+    /// Jobs cancelled before they started.
+    cancelled: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -70,6 +72,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         outbox: Mutex::new(outbox),
         outbox_changed: Notify::new(),
         current: Mutex::new(None),
+        cancelled: Mutex::new(Default::default()),
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
@@ -215,6 +218,10 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
             return;
         }
     };
+    if delta.state.deployment.cancel {
+        cancel_job(shared, delta.version, &delta.state.deployment.job_id);
+        return;
+    }
     match shared.journal.accept(delta.version, &delta.state.deployment) {
         Ok(Acceptance::Accepted(record)) => {
             tracing::info!(job = record.job_id, version = delta.version, "accepted");
@@ -306,6 +313,30 @@ fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::Progres
             enqueue(&shared, &format!("progress:{job}:{n}"), reported_payload(reported));
         }
     })
+}
+
+/// An explicit cancel: signals the running job, or marks a queued one.
+fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
+    match shared.journal.advance(version) {
+        Ok(true) => {}
+        Ok(false) => return tracing::info!(version, "ignored a stale cancel"),
+        Err(e) => return tracing::error!("cannot journal a cancel: {e:#}"),
+    }
+    if let Some((running, cancel)) = lock(&shared.current).as_ref()
+        && running == job_id
+    {
+        tracing::info!(job = job_id, "cancel requested");
+        cancel.cancel();
+        return;
+    }
+    match shared.journal.record(job_id) {
+        Ok(Some(record)) if !matches!(record.phase, JobPhase::Done { .. }) => {
+            tracing::info!(job = job_id, "cancelled before it started");
+            lock(&shared.cancelled).insert(job_id.to_string());
+        }
+        Ok(_) => tracing::info!(job = job_id, "nothing to cancel"),
+        Err(e) => tracing::error!("cannot read job {job_id}: {e:#}"),
+    }
 }
 
 /// Reports why a delta was rejected; the rejection changes no job state.
@@ -476,6 +507,9 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord
 
 /// Runs a job from its first unfinished step to a terminal state.
 async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
+    if lock(&shared.cancelled).remove(&record.job_id) {
+        return finish(shared, record, JobResult::Cancelled, None);
+    }
     let cancel = CancelFlag::default();
     *lock(&shared.current) = Some((record.job_id.clone(), cancel.clone()));
     report_progress(shared, &record, AgentState::Validating)?;

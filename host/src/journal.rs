@@ -295,6 +295,19 @@ impl Journal {
         Ok(Acceptance::Accepted(Box::new(record)))
     }
 
+    /// Advances the shadow version for a delta that starts no job (a
+    /// cancel); false when the version is stale.
+    pub fn advance(&self, shadow_version: u64) -> Result<bool> {
+        let mut fresh = false;
+        self.update_shadow(|s| {
+            if shadow_version > s.last_version {
+                s.last_version = shadow_version;
+                fresh = true;
+            }
+        })?;
+        Ok(fresh)
+    }
+
     /// Jobs that are not finished, or finished but not reported, oldest
     /// shadow version first.
     pub fn unfinished(&self) -> Result<Vec<JobRecord>> {

@@ -109,6 +109,15 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Cancel the desired job of a device or a group.
+    Cancel {
+        /// Target device.
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        device: Option<String>,
+        /// Target group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Show one device, or the fleet.
     Status {
         /// Only this device.
@@ -288,6 +297,10 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
                 (None, None) => anyhow::bail!("give --device or --group"),
             };
             println!("deployed {} to {}", desired.job_id, targets.join(", "));
+        }
+        FleetCommand::Cancel { device, group } => {
+            let cancelled = store.cancel(device.as_deref(), group.as_deref())?;
+            println!("cancel sent to {}", cancelled.join(", "));
         }
         FleetCommand::Status { device, json } => {
             let devices = match device {

@@ -341,3 +341,34 @@ fn an_agent_restart_request_restarts_the_agent_and_completes_the_job() {
     assert_eq!(applies(&root), 1);
     assert_eq!(agent.log().matches("agent 0.1.0 started").count(), 2, "{}", agent.log());
 }
+
+#[test]
+fn an_explicit_cancel_stops_the_running_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    let job = |version: u64, cancel: bool| {
+        json!({"version": version, "state": {"deployment": {
+            "schema": 1, "jobId": "job-long", "version": "9", "cancel": cancel,
+            "steps": [{"updateType": "otabox-test/hostile:1", "manifest": {"action": "wait-cancel", "max_ms": 15000}}]}}})
+        .to_string()
+    };
+    cloud.publish(DELTA, job(1, false));
+    cloud.wait_for(WAIT, "job-long installing", |m| {
+        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+    });
+    let started = std::time::Instant::now();
+    cloud.publish(DELTA, job(2, true));
+    let ack = cloud.wait_for(WAIT, "job-long's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long"));
+    assert_eq!(ack.json["status"], "FAILURE", "{}", agent.log());
+    assert!(started.elapsed() < Duration::from_secs(5), "the cancel took {:?}", started.elapsed());
+    assert_eq!(job_phase_of(&root, "job-long")["phase"]["result"], "cancelled");
+}
+
+fn job_phase_of(root: &Path, job: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(root.join(format!("state/jobs/{job}/journal.json"))).expect("journal")).expect("json")
+}

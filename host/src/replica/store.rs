@@ -112,6 +112,24 @@ impl Store {
         Ok(devices)
     }
 
+    /// Turns the desired job of a device (or of every device of a group)
+    /// into a cancel of that job; returns the devices.
+    pub fn cancel(&self, device: Option<&str>, group: Option<&str>) -> Result<Vec<String>> {
+        let devices = match (device, group) {
+            (Some(d), _) => vec![d.to_string()],
+            (None, Some(g)) => self.group(g)?,
+            (None, None) => bail!("give a device or a group"),
+        };
+        for id in &devices {
+            let status = self.status(id)?.with_context(|| format!("unknown device {id}"))?;
+            let desired = status.desired.with_context(|| format!("{id} has no deployment to cancel"))?;
+            let mut desired: DesiredState = serde_json::from_value(desired)?;
+            desired.cancel = true;
+            self.deploy(id, &desired)?;
+        }
+        Ok(devices)
+    }
+
     fn group(&self, group: &str) -> Result<Vec<String>> {
         let mut stmt = self.db.prepare("SELECT id FROM devices WHERE grp = ?1 ORDER BY id")?;
         let rows = stmt.query_map(params![group], |row| row.get(0))?;
@@ -243,6 +261,10 @@ mod tests {
         assert_eq!(status.version, 2);
         assert_eq!(store.fleet().expect("fleet").len(), 2);
         assert!(store.deploy_group("nobody", &desired("j3")).is_err());
+        assert_eq!(store.cancel(None, Some("pumps")).expect("cancel"), ["a", "b"]);
+        let cancelled = store.status("b").expect("status").expect("known");
+        assert_eq!(cancelled.desired.as_ref().and_then(|d| d.get("cancel")), Some(&serde_json::json!(true)));
+        assert_eq!(cancelled.version, 2, "a cancel is a new shadow version");
         assert!(store.deploy("a/b", &desired("j3")).is_err(), "ids with topic separators are refused");
     }
 }

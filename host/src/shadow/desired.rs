@@ -21,6 +21,7 @@
 //! `deployment.version` is the version the device runs once the job
 //! succeeds, echoed in the acknowledgement. A step carries its manifest
 //! inline (`manifest`) or by reference (`manifestUrl` + `manifestSha256`).
+//! `"cancel": true` cancels the job `jobId` instead of deploying it.
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,10 @@ pub struct DesiredState {
     /// A signed update manifest (verified before any download).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_manifest: Option<serde_json::Value>,
+    /// Cancels the job `jobId` instead of deploying it: a running job sees
+    /// cancel-requested, a queued one ends cancelled without running.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
 }
 
 /// When a reboot happens.
