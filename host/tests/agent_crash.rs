@@ -63,6 +63,26 @@ fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     config
 }
 
+/// A plain device with the hostile handler, its agent running and online.
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    _broker: Mosquitto,
+    cloud: TestClient,
+    agent: AgentProcess,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    Rig { _dir: dir, root, _broker: broker, cloud, agent }
+}
+
 fn counting_delta(root: &Path) -> String {
     json!({"version": 1, "state": {"deployment": {
         "schema": 1, "jobId": "job-crash", "version": "2.0",
@@ -199,13 +219,7 @@ fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
 
 #[test]
 fn a_new_deployment_cancels_the_running_one_through_cancel_requested() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let config = device(&root, broker.port);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
+    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
     let job = |version: u64, id: &str, manifest: serde_json::Value| {
         json!({"version": version, "state": {"deployment": {
             "schema": 1, "jobId": id, "version": id,
@@ -327,13 +341,7 @@ fn a_deferred_reboot_waits_without_running_the_reboot_command() {
 
 #[test]
 fn an_agent_restart_request_restarts_the_agent_and_completes_the_job() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let config = device(&root, broker.port);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
+    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
     cloud.publish(DELTA, reboot_job(&root, "restart"));
     let ack = cloud.wait_for(WAIT, "the ack after the restart", is_ack);
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
@@ -344,13 +352,7 @@ fn an_agent_restart_request_restarts_the_agent_and_completes_the_job() {
 
 #[test]
 fn an_explicit_cancel_stops_the_running_job() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let config = device(&root, broker.port);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
+    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
     let job = |version: u64, cancel: bool| {
         json!({"version": version, "state": {"deployment": {
             "schema": 1, "jobId": "job-long", "version": "9", "cancel": cancel,
