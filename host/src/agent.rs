@@ -181,12 +181,26 @@ async fn session(
     }
 }
 
+/// Subscribes, and in the AWS layout asks for the whole shadow, so a delta
+/// published while the agent was away is not missed.
 async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
     let t = &shared.topics;
     for topic in [Some(&t.delta), Some(&t.accepted), t.get_accepted.as_ref()].into_iter().flatten() {
         client.subscribe(topic.clone(), QoS::AtLeastOnce).await.context("cannot subscribe")?;
     }
+    if let Some(get) = &t.get {
+        client.publish(get.clone(), QoS::AtLeastOnce, false, "{}").await.context("cannot ask for the shadow")?;
+    }
     Ok(())
+}
+
+/// Turns a shadow `get` answer into the delta it implies, if it holds a
+/// desired deployment.
+fn delta_from_shadow(payload: &[u8]) -> Option<Vec<u8>> {
+    let shadow: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let desired = shadow.pointer("/state/desired/deployment").filter(|d| d.is_object())?;
+    let version = shadow.get("version")?.as_u64()?;
+    serde_json::to_vec(&serde_json::json!({"version": version, "state": {"deployment": desired}})).ok()
 }
 
 /// Publishes the outbox head unless one is already in flight.
@@ -206,11 +220,21 @@ async fn publish_next(shared: &Shared, client: &AsyncClient, in_flight: &mut InF
 }
 
 fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish: &rumqttc::Publish) {
-    if publish.topic != shared.topics.delta {
-        tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
-        return;
-    }
-    let delta = match parse_delta(&publish.payload, shared.config.mqtt.max_message_bytes) {
+    let from_shadow;
+    let payload: &[u8] = if publish.topic == shared.topics.delta {
+        &publish.payload
+    } else if shared.topics.get_accepted.as_ref() == Some(&publish.topic) {
+        match delta_from_shadow(&publish.payload) {
+            Some(bytes) => {
+                from_shadow = bytes;
+                &from_shadow
+            }
+            None => return tracing::debug!("the shadow holds no desired deployment"),
+        }
+    } else {
+        return tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
+    };
+    let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
         Ok(delta) => delta,
         Err(e) => {
             tracing::warn!("rejected delta: {e:#}");

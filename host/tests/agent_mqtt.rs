@@ -184,3 +184,20 @@ fn a_failing_job_is_acknowledged_as_failure_with_the_previous_version() {
     assert_eq!(ack.json, json!({"jobId": "job-2", "status": "FAILURE", "version": "v-job-1"}));
     assert_eq!(s.dev.installed().as_deref(), Some("one\n"));
 }
+
+#[test]
+fn in_the_aws_layout_the_agent_catches_up_from_the_shadow_on_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let dev = device(dir.path(), broker.port, "aws-shadow");
+    let base = "$aws/things/dev-1/shadow";
+    let shadow_service = TestClient::connect(broker.port, "shadow", &[&format!("{base}/get"), &format!("{base}/update")]);
+    let agent = AgentProcess::start(&dev.config);
+    shadow_service.wait_for(WAIT, "the agent's get request", |m| m.topic.ends_with("/get"));
+    let delta: serde_json::Value = serde_json::from_str(&dev.delta(4, "job-missed", "missed = 1\n")).expect("json");
+    let shadow = json!({"version": 4, "state": {"desired": {"deployment": delta["state"]["deployment"]}, "reported": {}}});
+    shadow_service.publish(&format!("{base}/get/accepted"), shadow.to_string());
+    let ack = shadow_service.wait_for(WAIT, "the ack of the missed job", |m| is_ack(m, "job-missed"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    assert_eq!(dev.installed().as_deref(), Some("missed = 1\n"));
+}
