@@ -1,4 +1,5 @@
 //! The desired state (schema version 1) and the delta message carrying it.
+//! The JSON Schema is `host/schema/delta-v1.schema.json`.
 //!
 //! ```json
 //! {"version": 7, "state": {"deployment": {
@@ -368,6 +369,25 @@ mod tests {
         let mut v = delta();
         v["state"]["deployment"]["steps"] = json!([]);
         assert!(error(&v).contains("1..=32 steps"));
+    }
+
+    #[test]
+    fn the_published_json_schema_example_parses() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schema/delta-v1.schema.json")).expect("the schema is JSON");
+        for example in schema["examples"].as_array().expect("examples") {
+            parse(example).expect("every example in the schema is a valid delta");
+        }
+        let fields: Vec<&str> = schema["$defs"]["deployment"]["properties"]
+            .as_object()
+            .expect("deployment properties")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let sample = serde_json::to_value(crate::shadow::sample_desired("x")).expect("json");
+        for field in sample.as_object().expect("object").keys() {
+            assert!(fields.contains(&field.as_str()), "the schema does not document `{field}`");
+        }
     }
 
     #[test]
