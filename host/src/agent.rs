@@ -42,6 +42,7 @@ struct Shared {
     handlers: HandlerSet,
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
+    downloader: crate::download::Downloader,
     /// The job running now and its cancel flag.
     current: Mutex<Option<(String, CancelFlag)>>,
     /// Jobs cancelled before they started.
@@ -64,7 +65,9 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         Duration::from_millis(config.mqtt.reconnect_min_ms),
         Duration::from_millis(config.mqtt.reconnect_max_ms.max(config.mqtt.reconnect_min_ms)),
     );
+    let downloader = crate::download::Downloader::new(config.download.options())?;
     let shared = Arc::new(Shared {
+        downloader,
         config,
         topics,
         journal,
@@ -557,8 +560,14 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let first = record.steps.len();
     for step in first..record.desired.steps.len() {
-        if let Err(e) = fetch_step(&record, step, &job_dir) {
-            let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
+        if let Err(e) = fetch_step(shared, &record, step, &job_dir).await {
+            let code = match e.kind {
+                crate::download::FailureKind::UrlExpired => host_codes::URL_EXPIRED,
+                crate::download::FailureKind::DiskFull => host_codes::DISK_FULL,
+                _ => host_codes::DOWNLOAD,
+            };
+            let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let status = workflow::host_status(code, format!("{kind}: {}", e.message));
             return finish(shared, record, JobResult::Failed, Some(status));
         }
     }
@@ -725,9 +734,14 @@ fn step_outcome(update_type: &str, result: &str, message: Option<&str>, criteria
 }
 
 /// Fetches the payload files of `step` into the job folder.
-fn fetch_step(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> Result<()> {
+async fn fetch_step(
+    shared: &Shared,
+    record: &JobRecord,
+    step: usize,
+    job_dir: &std::path::Path,
+) -> Result<(), download::DownloadError> {
     for file in &record.desired.steps[step].files {
-        download::fetch(file, &payload_path(job_dir, step, &file.name))?;
+        shared.downloader.fetch(file, &payload_path(job_dir, step, &file.name), None).await?;
     }
     Ok(())
 }

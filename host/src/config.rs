@@ -40,6 +40,9 @@ pub struct DeviceConfig {
     /// The MQTT session.
     #[serde(default)]
     pub mqtt: MqttSection,
+    /// Payload downloads.
+    #[serde(default)]
+    pub download: DownloadSection,
     /// Per-handler grants and configuration, by handler name.
     #[serde(default)]
     pub handlers: BTreeMap<String, DeviceGrant>,
@@ -65,6 +68,46 @@ fn default_reboot_command() -> Vec<String> {
 impl Default for DeviceSection {
     fn default() -> Self {
         Self { id: None, reboot_command: default_reboot_command() }
+    }
+}
+
+/// The `[download]` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadSection {
+    /// Extra CA certificates (PEM) for HTTPS payload servers.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for more bytes before a download is resumed, in seconds.
+    #[serde(default = "default_stall")]
+    pub stall_timeout_secs: u64,
+    /// Attempts per file before the job fails.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+fn default_stall() -> u64 {
+    30
+}
+fn default_attempts() -> u32 {
+    8
+}
+
+impl Default for DownloadSection {
+    fn default() -> Self {
+        Self { ca_file: None, stall_timeout_secs: default_stall(), attempts: default_attempts() }
+    }
+}
+
+impl DownloadSection {
+    /// The downloader settings.
+    pub fn options(&self) -> crate::download::DownloadOptions {
+        crate::download::DownloadOptions {
+            ca_file: self.ca_file.clone(),
+            stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs.max(1)),
+            attempts: self.attempts.max(1),
+            ..Default::default()
+        }
     }
 }
 

@@ -1,64 +1,394 @@
 //! Fetching payload files into a job folder, verified against their declared
 //! size and sha256 before any handler sees them.
 //!
-//! This version fetches `file://` URLs (payloads staged on the device);
-//! `http`/`https` downloads are refused with a clear error until the
-//! resumable downloader lands.
+//! HTTP(S) downloads stream into `<dest>.partial`, hashed as they are
+//! written; more bytes than declared are refused. A download that stops (a
+//! dropped connection, a stall, an agent restart) resumes with `Range` and
+//! `If-Range`: the validator (ETag or Last-Modified) is kept beside the
+//! partial file in `<dest>.partial.json`, and a server whose validator
+//! changed sends the whole file again, which restarts from zero. The bytes
+//! become `<dest>` only once complete and verified. `file://` URLs (payloads
+//! staged on the device) are copied and verified the same way.
 
+use std::fmt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Context;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
+use crate::durable;
 use crate::shadow::FileSpec;
 use crate::trust::verify_file;
 
-/// Fetches `file` to `dest` (skipping a complete, verified copy already
-/// there); on any mismatch nothing is left at `dest`.
-pub fn fetch(file: &FileSpec, dest: &Path) -> Result<()> {
-    if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
-        return Ok(());
-    }
-    let source = local_path(&file.url)?;
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let partial = dest.with_extension("partial");
-    std::fs::copy(&source, &partial).with_context(|| format!("cannot fetch {}", file.url))?;
-    if let Err(e) = verify_file(&partial, file.size, &file.sha256) {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e).with_context(|| format!("payload {} from {}", file.name, file.url));
-    }
-    std::fs::File::open(&partial).and_then(|f| f.sync_all())?;
-    std::fs::rename(&partial, dest).with_context(|| format!("cannot move {} into place", partial.display()))?;
-    crate::durable::sync_dir(dest.parent().unwrap_or(Path::new(".")))
+/// Why a download failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// 401/403: a pre-signed URL or token expired; the cloud should issue a
+    /// new one.
+    UrlExpired,
+    /// 404.
+    NotFound,
+    /// The content does not match the declared size or sha256.
+    Mismatch,
+    /// Not enough free space for the payload.
+    DiskFull,
+    /// The server misbehaved (bad Content-Range, other status codes).
+    Protocol,
+    /// The network failed or stalled, retries exhausted.
+    Network,
+    /// A local error (files, configuration).
+    Local,
 }
 
-fn local_path(url: &str) -> Result<PathBuf> {
-    match url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') && !path.contains('%') && !path.contains('?') => Ok(PathBuf::from(path)),
-        Some(_) => bail!("{url}: only plain absolute file:// URLs are supported"),
-        None => bail!("{url}: http(s) downloads are not available in this agent version yet; stage the payload and use a file:// URL"),
+/// A failed download: what kind, and the details.
+#[derive(Debug)]
+pub struct DownloadError {
+    /// The kind, for the report's result code.
+    pub kind: FailureKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
     }
+}
+
+impl std::error::Error for DownloadError {}
+
+fn fail(kind: FailureKind, message: impl Into<String>) -> DownloadError {
+    DownloadError { kind, message: message.into() }
+}
+
+/// Download settings.
+#[derive(Debug, Clone)]
+pub struct DownloadOptions {
+    /// PEM file of extra CA certificates for HTTPS.
+    pub ca_file: Option<PathBuf>,
+    /// Time to connect.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a body.
+    pub stall_timeout: Duration,
+    /// Attempts per file (network errors, truncated bodies).
+    pub attempts: u32,
+    /// First delay between attempts (doubles).
+    pub retry_delay: Duration,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(15),
+            stall_timeout: Duration::from_secs(30),
+            attempts: 8,
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The validator of a partial download.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+struct Partial {
+    url: String,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// An HTTP(S) client for payloads.
+#[derive(Clone)]
+pub struct Downloader {
+    client: reqwest::Client,
+    options: DownloadOptions,
+}
+
+/// Outcome of one attempt.
+enum Attempt {
+    Done,
+    Retry(String),
+}
+
+impl Downloader {
+    /// A downloader trusting the system roots plus `options.ca_file`.
+    pub fn new(options: DownloadOptions) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &options.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(options.connect_timeout)
+            .read_timeout(options.stall_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self { client, options })
+    }
+
+    /// Fetches `file` to `dest`, resuming a partial download; a complete,
+    /// verified `dest` is kept as it is. `token` is sent as a bearer token.
+    pub async fn fetch(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<(), DownloadError> {
+        if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
+            return Ok(());
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| fail(FailureKind::Local, format!("{}: {e}", dir.display())))?;
+        }
+        if let Some(path) = file.url.strip_prefix("file://") {
+            return copy_local(file, Path::new(path), dest);
+        }
+        let mut delay = self.options.retry_delay;
+        let mut last = String::new();
+        for attempt in 1..=self.options.attempts.max(1) {
+            match self.attempt(file, dest, token).await? {
+                Attempt::Done => return Ok(()),
+                Attempt::Retry(why) => {
+                    tracing::info!(file = file.name, attempt, "download interrupted: {why}; resuming in {delay:?}");
+                    last = why;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        Err(fail(FailureKind::Network, format!("{}: gave up after {} attempts: {last}", file.name, self.options.attempts)))
+    }
+
+    async fn attempt(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<Attempt, DownloadError> {
+        let (partial_path, meta_path) = (sibling(dest, "partial"), sibling(dest, "partial.json"));
+        let (mut offset, validator) = resume_point(file, &partial_path, &meta_path);
+        check_space(dest, file.size.saturating_sub(offset))?;
+        let mut request = self.client.get(&file.url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if offset > 0 {
+            request = request.header(RANGE, format!("bytes={offset}-")).header(IF_RANGE, validator.clone().unwrap_or_default());
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return Ok(Attempt::Retry(format!("request failed: {e}"))),
+        };
+        let status = response.status();
+        match status {
+            StatusCode::OK => offset = 0,
+            StatusCode::PARTIAL_CONTENT => check_content_range(&response, offset, file.size, &partial_path, &meta_path)?,
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                discard(&partial_path, &meta_path);
+                return Ok(Attempt::Retry("416: the partial file is not resumable; starting over".into()));
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(fail(FailureKind::UrlExpired, format!("{}: {status}: the URL or its credentials expired", file.name)));
+            }
+            StatusCode::NOT_FOUND => return Err(fail(FailureKind::NotFound, format!("{}: 404 at {}", file.name, redact(&file.url)))),
+            s if s.is_server_error() => return Ok(Attempt::Retry(format!("server error {s}"))),
+            s => return Err(fail(FailureKind::Protocol, format!("{}: unexpected status {s}", file.name))),
+        }
+        let meta = Partial {
+            url: file.url.clone(),
+            etag: header(&response, ETAG),
+            last_modified: header(&response, LAST_MODIFIED),
+        };
+        let bytes = serde_json::to_vec(&meta).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        durable::write_atomic(&meta_path, &bytes).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
+        let (mut out, mut hasher) = open_partial(&partial_path, offset)?;
+        let mut received = offset;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    sync(&out)?;
+                    return Ok(Attempt::Retry(format!("body stopped at byte {received}: {e}")));
+                }
+            };
+            if received + chunk.len() as u64 > file.size {
+                discard(&partial_path, &meta_path);
+                return Err(fail(FailureKind::Mismatch, format!("{}: more than the declared {} bytes", file.name, file.size)));
+            }
+            out.write_all(&chunk).map_err(|e| disk_error(&partial_path, e))?;
+            hasher.update(&chunk);
+            received += chunk.len() as u64;
+        }
+        sync(&out)?;
+        if received < file.size {
+            return Ok(Attempt::Retry(format!("body ended at byte {received} of {}", file.size)));
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != file.sha256 {
+            discard(&partial_path, &meta_path);
+            return Err(fail(FailureKind::Mismatch, format!("{}: sha256 is {actual}, {} declared", file.name, file.sha256)));
+        }
+        std::fs::rename(&partial_path, dest).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        let _ = std::fs::remove_file(&meta_path);
+        durable::sync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
+        Ok(Attempt::Done)
+    }
+}
+
+/// Where a partial download stands: the bytes to keep and the validator to
+/// resume against. Without a usable validator it starts over.
+fn resume_point(file: &FileSpec, partial: &Path, meta: &Path) -> (u64, Option<String>) {
+    let len = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+    let saved: Option<Partial> = std::fs::read(meta).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let validator = saved.filter(|p| p.url == file.url).and_then(|p| p.etag.or(p.last_modified));
+    match validator {
+        Some(v) if len > 0 && len <= file.size => (len, Some(v)),
+        _ => {
+            discard(partial, meta);
+            (0, None)
+        }
+    }
+}
+
+/// Opens the partial file at `offset` (truncating past it) and hashes the
+/// bytes already there.
+fn open_partial(path: &Path, offset: u64) -> Result<(std::fs::File, Sha256), DownloadError> {
+    let local = |e: std::io::Error| fail(FailureKind::Local, format!("{}: {e}", path.display()));
+    let mut file = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path).map_err(local)?;
+    file.set_len(offset).map_err(local)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = offset;
+    while left > 0 {
+        let n = file.read(&mut buf[..left.min(1 << 20) as usize]).map_err(local)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).map_err(local)?;
+    Ok((file, hasher))
+}
+
+fn check_content_range(
+    response: &reqwest::Response,
+    offset: u64,
+    size: u64,
+    partial: &Path,
+    meta: &Path,
+) -> Result<(), DownloadError> {
+    let range = header(response, CONTENT_RANGE).unwrap_or_default();
+    let parsed = range
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split_once('/'))
+        .and_then(|(span, total)| span.split_once('-').map(|(start, _)| (start.parse::<u64>().ok(), total.parse::<u64>().ok())));
+    match parsed {
+        Some((Some(start), total)) if start == offset && total.is_none_or(|t| t == size) => Ok(()),
+        _ => {
+            discard(partial, meta);
+            Err(fail(FailureKind::Protocol, format!("bad Content-Range {range:?} for a resume at byte {offset} of {size}")))
+        }
+    }
+}
+
+fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Refuses to start when the filesystem cannot hold `needed` more bytes.
+fn check_space(dest: &Path, needed: u64) -> Result<(), DownloadError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| fail(FailureKind::Local, "path with a NUL byte"))?;
+    // SAFETY: statvfs only writes into the zeroed struct we pass.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_dir.as_ptr(), &mut stat) } != 0 {
+        return Ok(());
+    }
+    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    if free < needed {
+        return Err(fail(FailureKind::DiskFull, format!("{needed} bytes needed in {}, {free} free", dir.display())));
+    }
+    Ok(())
+}
+
+fn disk_error(path: &Path, e: std::io::Error) -> DownloadError {
+    let _ = std::fs::remove_file(path);
+    let kind = if e.raw_os_error() == Some(libc::ENOSPC) { FailureKind::DiskFull } else { FailureKind::Local };
+    fail(kind, format!("{}: {e}", path.display()))
+}
+
+fn sync(file: &std::fs::File) -> Result<(), DownloadError> {
+    file.sync_all().map_err(|e| fail(FailureKind::Local, format!("cannot sync a partial download: {e}")))
+}
+
+fn discard(partial: &Path, meta: &Path) {
+    let _ = std::fs::remove_file(partial);
+    let _ = std::fs::remove_file(meta);
+}
+
+fn sibling(dest: &Path, suffix: &str) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    dest.with_file_name(name)
+}
+
+/// A URL without its query (pre-signed URLs carry credentials there).
+pub fn redact(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(base, _)| base)
+}
+
+/// Copies a staged `file://` payload, verified; nothing is left at `dest`
+/// on a mismatch.
+fn copy_local(file: &FileSpec, source: &Path, dest: &Path) -> Result<(), DownloadError> {
+    if !source.is_absolute() || file.url.contains(['%', '?']) {
+        return Err(fail(FailureKind::Local, format!("{}: only plain absolute file:// URLs are supported", file.url)));
+    }
+    check_space(dest, file.size)?;
+    let partial = sibling(dest, "partial");
+    std::fs::copy(source, &partial).map_err(|e| fail(FailureKind::NotFound, format!("cannot fetch {}: {e}", file.url)))?;
+    if let Err(e) = verify_file(&partial, file.size, &file.sha256) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(fail(FailureKind::Mismatch, format!("payload {} from {}: {e:#}", file.name, file.url)));
+    }
+    std::fs::File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .and_then(|_| std::fs::rename(&partial, dest))
+        .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+    durable::sync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn copies_verified_bytes_and_leaves_nothing_on_mismatch() {
+    #[tokio::test]
+    async fn copies_verified_local_bytes_and_leaves_nothing_on_mismatch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src.bin");
         std::fs::write(&src, b"abc").expect("write");
         let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let spec = |sha: &str| FileSpec { name: "p".into(), url: format!("file://{}", src.display()), size: 3, sha256: sha.into() };
+        let downloader = Downloader::new(DownloadOptions::default()).expect("client");
         let dest = dir.path().join("job/p");
-        fetch(&spec(good), &dest).expect("fetch");
+        downloader.fetch(&spec(good), &dest, None).await.expect("fetch");
         assert_eq!(std::fs::read(&dest).expect("read"), b"abc");
         let bad_dest = dir.path().join("job/q");
-        assert!(fetch(&spec(&"0".repeat(64)), &bad_dest).is_err());
-        assert!(!bad_dest.exists() && !bad_dest.with_extension("partial").exists());
-        let http = FileSpec { url: "https://h/p".into(), ..spec(good) };
-        assert!(format!("{:#}", fetch(&http, &bad_dest).unwrap_err()).contains("not available"));
+        let err = downloader.fetch(&spec(&"0".repeat(64)), &bad_dest, None).await.expect_err("mismatch");
+        assert_eq!(err.kind, FailureKind::Mismatch);
+        assert!(!bad_dest.exists() && !sibling(&bad_dest, "partial").exists());
+    }
+
+    #[test]
+    fn pre_signed_queries_are_redacted() {
+        assert_eq!(redact("https://h/p.bin?X-Amz-Signature=secret"), "https://h/p.bin");
     }
 }

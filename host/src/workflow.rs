@@ -36,6 +36,11 @@ pub mod host_codes {
     pub const DOWNLOAD: u32 = 6;
     /// The agent stopped repeatedly during the job (loop breaker).
     pub const LOOP_BREAKER: u32 = 7;
+    /// A payload URL (or its credentials) expired: the cloud should issue a
+    /// new one.
+    pub const URL_EXPIRED: u32 = 8;
+    /// Not enough space for the payloads.
+    pub const DISK_FULL: u32 = 9;
 }
 
 /// One step to run.

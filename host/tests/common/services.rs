@@ -327,3 +327,110 @@ impl Drop for ReplicaProcess {
         let _ = self.child.wait();
     }
 }
+
+/// An nginx serving `root/www` on a free loopback port; `/private/` answers
+/// 403 (an expired pre-signed URL). Requests are logged as
+/// `<status> <range header>` in `root/access.log`.
+pub struct Nginx {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    /// The directory it serves.
+    pub www: PathBuf,
+    log: PathBuf,
+}
+
+impl Nginx {
+    /// Starts nginx with its own config and folders.
+    pub fn start(root: &Path) -> Self {
+        let port = free_port();
+        let www = root.join("www");
+        std::fs::create_dir_all(&www).expect("www");
+        let r = root.display();
+        let conf = root.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {r}/nginx.pid;\nerror_log {r}/error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{\n  log_format ranges '$status \"$http_range\"';\n  access_log {r}/access.log ranges;\n\
+                   client_body_temp_path {r}/tmp-body;\n  proxy_temp_path {r}/tmp-proxy;\n  fastcgi_temp_path {r}/tmp-fcgi;\n\
+                   uwsgi_temp_path {r}/tmp-uwsgi;\n  scgi_temp_path {r}/tmp-scgi;\n\
+                   server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location /private/ {{ return 403; }}\n  }}\n}}\n",
+                www = www.display()
+            ),
+        )
+        .expect("nginx.conf");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx is installed (make setup)");
+        wait_for_port(port, "nginx");
+        Self { child, port, www, log: root.join("access.log") }
+    }
+
+    /// The URL of `name` under the served directory.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// The access log: one `(status, range header)` per request.
+    pub fn requests(&self) -> Vec<(u16, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (status, range) = l.split_once(' ')?;
+                Some((status.parse().ok()?, range.trim_matches('"').to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy that forwards to `upstream` but cuts each of the first
+/// responses after a number of bytes taken from `cuts` (then passes the
+/// rest untouched). Stops with the test process.
+pub fn cutting_proxy(upstream: u16, cuts: Vec<usize>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+    let port = listener.local_addr().expect("addr").port();
+    let cuts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(cuts)));
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let cut = cuts.lock().ok().and_then(|mut c| c.pop_front());
+            std::thread::spawn(move || proxy_one(client, upstream, cut));
+        }
+    });
+    port
+}
+
+fn proxy_one(mut client: std::net::TcpStream, upstream: u16, cut: Option<usize>) {
+    use std::io::{Read, Write};
+    let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else { return };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut client_in, &mut server_out);
+    });
+    let mut left = cut.unwrap_or(usize::MAX);
+    let mut buf = [0u8; 8192];
+    while left > 0 {
+        let Ok(n) = server.read(&mut buf[..left.min(8192)]) else { break };
+        if n == 0 || client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        left = left.saturating_sub(n);
+    }
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    let _ = server.shutdown(std::net::Shutdown::Both);
+}

@@ -1,0 +1,165 @@
+//! Payload downloads against a real nginx: streaming with sha256, resume
+//! with Range + If-Range after cuts at random offsets, a changed validator,
+//! expired URLs, oversize and mismatching bodies, and a stalled server.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::services::{Nginx, cutting_proxy};
+use otabox::download::{DownloadOptions, Downloader, FailureKind};
+use otabox::runtime::sha256_hex;
+use otabox::shadow::FileSpec;
+
+fn payload(nginx: &Nginx, name: &str, len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(nginx.www.join(name), &bytes).expect("payload");
+    bytes
+}
+
+fn spec(url: String, bytes: &[u8]) -> FileSpec {
+    FileSpec { name: "payload.bin".into(), url, size: bytes.len() as u64, sha256: sha256_hex(bytes) }
+}
+
+fn downloader(attempts: u32) -> Downloader {
+    Downloader::new(DownloadOptions {
+        attempts,
+        retry_delay: Duration::from_millis(5),
+        stall_timeout: Duration::from_millis(500),
+        ..DownloadOptions::default()
+    })
+    .expect("client")
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("partial")).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_download_is_streamed_verified_and_put_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let bytes = payload(&nginx, "p.bin", 3 << 20, 1);
+    let dest = dir.path().join("job/p.bin");
+    downloader(1).fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None).await.expect("download");
+    assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+    assert!(leftovers(dest.parent().expect("dir")).is_empty());
+    assert_eq!(nginx.requests(), vec![(200, "-".to_string())]);
+}
+
+#[tokio::test]
+async fn cuts_at_random_offsets_resume_without_fetching_stored_bytes_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let size = 2 << 20;
+    let bytes = payload(&nginx, "p.bin", size, 7);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for run in 0..20 {
+        let cuts: Vec<usize> = (0..4)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                1000 + (x as usize) % (size / 2)
+            })
+            .collect();
+        let proxy = cutting_proxy(nginx.port, cuts);
+        let dest = dir.path().join(format!("job-{run}/p.bin"));
+        let before = nginx.requests().len();
+        downloader(10)
+            .fetch(&spec(format!("http://127.0.0.1:{proxy}/p.bin"), &bytes), &dest, None)
+            .await
+            .unwrap_or_else(|e| panic!("run {run}: {e}"));
+        assert_eq!(std::fs::read(&dest).expect("dest"), bytes, "run {run}");
+        let requests: Vec<(u16, String)> = nginx.requests().split_off(before);
+        let starts: Vec<u64> = requests
+            .iter()
+            .map(|(_, range)| range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0))
+            .collect();
+        assert!(starts.windows(2).all(|w| w[0] < w[1]), "run {run}: a resume fetched stored bytes again: {requests:?}");
+        assert!(requests.iter().skip(1).all(|(status, _)| *status == 206), "run {run}: {requests:?}");
+        assert!(requests.len() >= 2, "run {run}: the proxy cut nothing: {requests:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_changed_validator_restarts_from_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let bytes = payload(&nginx, "p.bin", 1 << 20, 3);
+    let dest = dir.path().join("job/p.bin");
+    std::fs::create_dir_all(dest.parent().expect("dir")).expect("dir");
+    std::fs::write(dir.path().join("job/p.bin.partial"), &bytes[..1000]).expect("partial");
+    let meta = serde_json::json!({"url": nginx.url("p.bin"), "etag": "\"an-old-version\"", "last_modified": null});
+    std::fs::write(dir.path().join("job/p.bin.partial.json"), meta.to_string()).expect("meta");
+    downloader(1).fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None).await.expect("download");
+    assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+    assert_eq!(nginx.requests(), vec![(200, "bytes=1000-".to_string())], "If-Range must make nginx send it all");
+}
+
+#[tokio::test]
+async fn failures_are_classified_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let bytes = payload(&nginx, "p.bin", 100_000, 5);
+    let job = dir.path().join("job");
+    let d = downloader(2);
+
+    let expired = d.fetch(&spec(nginx.url("private/p.bin?X-Signature=s3cret"), &bytes), &job.join("a"), None).await;
+    let err = expired.expect_err("403");
+    assert_eq!(err.kind, FailureKind::UrlExpired);
+    assert!(!err.message.contains("s3cret"), "{err}");
+
+    let missing = d.fetch(&spec(nginx.url("nope.bin"), &bytes), &job.join("b"), None).await.expect_err("404");
+    assert_eq!(missing.kind, FailureKind::NotFound);
+
+    let mut short = spec(nginx.url("p.bin"), &bytes);
+    short.size = 50_000;
+    let err = d.fetch(&short, &job.join("c"), None).await.expect_err("too many bytes");
+    assert_eq!(err.kind, FailureKind::Mismatch);
+    assert!(err.message.contains("more than the declared"), "{err}");
+
+    let mut wrong = spec(nginx.url("p.bin"), &bytes);
+    wrong.sha256 = "0".repeat(64);
+    let err = d.fetch(&wrong, &job.join("d"), None).await.expect_err("hash mismatch");
+    assert_eq!(err.kind, FailureKind::Mismatch);
+    assert!(err.message.contains("sha256"), "{err}");
+    assert!(leftovers(&job).is_empty(), "{:?}", leftovers(&job));
+    assert!(!job.join("c").exists() && !job.join("d").exists());
+}
+
+#[tokio::test]
+async fn a_stalled_server_times_out_and_the_download_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(30));
+                drop(conn);
+            });
+        }
+    });
+    let bytes = vec![b'x'; 1000];
+    let started = std::time::Instant::now();
+    let err = downloader(2)
+        .fetch(&spec(format!("http://127.0.0.1:{port}/p.bin"), &bytes), &dir.path().join("p.bin"), None)
+        .await
+        .expect_err("stalled");
+    assert_eq!(err.kind, FailureKind::Network, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
