@@ -201,3 +201,64 @@ fn in_the_aws_layout_the_agent_catches_up_from_the_shadow_on_connect() {
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     assert_eq!(dev.installed().as_deref(), Some("missed = 1\n"));
 }
+
+/// A delta whose payload is served by nginx at `url`.
+fn http_delta(version: u64, job: &str, url: &str, bytes: &[u8]) -> String {
+    json!({"version": version, "state": {"deployment": {
+        "schema": 1, "jobId": job, "version": format!("v-{job}"),
+        "steps": [{"updateType": "otabox/file:1",
+            "manifest": {"name": "app", "version": job, "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"},
+            "files": [{"name": "app.conf", "url": url, "size": bytes.len(), "sha256": sha256_hex(bytes)}]}]
+    }}})
+    .to_string()
+}
+
+#[test]
+fn payloads_come_over_http_and_an_expired_url_is_reported_as_such() {
+    let s = setup("iot-atlas", "state/dev-1/update");
+    let nginx = common::services::Nginx::start(&s.dev.root.join("nginx"));
+    let bytes = b"served = \"over http\"\n";
+    std::fs::write(nginx.www.join("app.conf"), bytes).expect("payload");
+    s.cloud.publish("state/dev-1/update/delta", http_delta(1, "job-http", &nginx.url("app.conf"), bytes));
+    let ack = s.cloud.wait_for(WAIT, "the ack of job-http", |m| is_ack(m, "job-http"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
+    assert_eq!(s.dev.installed().as_deref(), Some("served = \"over http\"\n"));
+
+    let expired = nginx.url("private/app.conf?X-Signature=s3cret&Expires=1");
+    s.cloud.publish("state/dev-1/update/delta", http_delta(2, "job-expired", &expired, bytes));
+    let seen = s.cloud.collect_until(WAIT, "the ack of job-expired", |m| is_ack(m, "job-expired"));
+    assert_eq!(seen.last().expect("ack").json["status"], "FAILURE");
+    let result = seen
+        .iter()
+        .find_map(|m| m.json.pointer("/state/reported/deployment/lastResult").filter(|r| r["jobId"] == "job-expired"))
+        .unwrap_or_else(|| panic!("no result report: {seen:?}"));
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("url-expired"), "{result}");
+    assert!(!message.contains("s3cret"), "the pre-signed query leaked into the report: {message}");
+}
+
+#[test]
+fn an_agent_killed_mid_download_resumes_without_fetching_stored_bytes_again() {
+    let mut s = setup("iot-atlas", "state/dev-1/update");
+    let nginx = common::services::Nginx::start(&s.dev.root.join("nginx"));
+    std::fs::create_dir_all(nginx.www.join("slow")).expect("slow dir");
+    let bytes: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(nginx.www.join("slow/big.bin"), &bytes).expect("payload");
+    s.cloud.publish("state/dev-1/update/delta", http_delta(1, "job-big", &nginx.url("slow/big.bin"), &bytes));
+    let partial = s.dev.root.join("state/jobs/job-big/payloads/0/app.conf.partial");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 256 << 10 {
+        assert!(std::time::Instant::now() < deadline, "the download never started\n{}", s.agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.agent.kill();
+    let kept = std::fs::metadata(&partial).map(|m| m.len()).expect("a partial file survives the kill");
+    s.agent = AgentProcess::start(&s.dev.config);
+    let ack = s.cloud.wait_for(Duration::from_secs(30), "the ack after the restart", |m| is_ack(m, "job-big"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
+    let requests = nginx.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let resumed_at: u64 = requests[1].1.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0);
+    assert_eq!(requests[1].0, 206, "{requests:?}");
+    assert!(resumed_at > 0 && resumed_at <= kept, "resumed at {resumed_at}, {kept} bytes were on disk: {requests:?}");
+}
