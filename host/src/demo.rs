@@ -127,6 +127,19 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
     let payload = root.join("payloads/app-2.0.0.conf");
     let content = b"greeting = \"hello again\"\nversion = \"2.0.0\"\n";
     std::fs::write(&payload, content)?;
+    let server = PayloadServer::start(root)?;
+    let url = match &server {
+        Some(server) => {
+            std::fs::copy(&payload, server.www.join("app-2.0.0.conf"))?;
+            let url = format!("http://127.0.0.1:{}/app-2.0.0.conf", server.port);
+            println!("  payload server (nginx) serves {url}");
+            url
+        }
+        None => {
+            println!("  nginx is not installed (make setup installs it): the payload is staged as a file:// URL");
+            format!("file://{}", payload.display())
+        }
+    };
     let store = crate::replica::Store::open(&db)?;
     for job in ["mqtt-1", "mqtt-2"] {
         let desired: crate::shadow::DesiredState = serde_json::from_value(serde_json::json!({
@@ -134,7 +147,7 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
             "steps": [{"updateType": "otabox/file:1",
                 "manifest": {"name": "app-config", "version": "2.0.0", "payload": "app.conf",
                              "destination": "/var/lib/otabox/files/app.conf"},
-                "files": [{"name": "app.conf", "url": format!("file://{}", payload.display()),
+                "files": [{"name": "app.conf", "url": url,
                            "size": content.len(), "sha256": sha256_hex(content)}]}]
         }))?;
         let version = store.deploy("demo-device", &desired)?;
@@ -145,6 +158,7 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
         observer.wait(|m| m.starts_with("accepted")).await.context("the replica did not confirm")?;
     }
     FINISHED.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(server);
     drop(broker);
     Ok(())
 }
@@ -173,6 +187,67 @@ where
             Err(e) => eprintln!("demo {name}: {e}"),
         }
     });
+}
+
+/// An nginx of the demo's own serving `<root>/www`, stopped on drop.
+struct PayloadServer {
+    child: std::process::Child,
+    port: u16,
+    www: std::path::PathBuf,
+}
+
+impl PayloadServer {
+    fn start(root: &Path) -> Result<Option<Self>> {
+        let dir = root.join("nginx");
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let d = dir.display();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
+                 uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+                 server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+                www = www.display()
+            ),
+        )?;
+        let spawned = std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).context("cannot start nginx"),
+        };
+        wait_for_port(port, "nginx")?;
+        Ok(Some(Self { child, port, www }))
+    }
+}
+
+impl Drop for PayloadServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, what: &str) -> Result<()> {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    anyhow::bail!("{what} did not start listening on port {port}")
 }
 
 /// A mosquitto of the demo's own, stopped on drop.
@@ -205,13 +280,8 @@ impl Broker {
             Err(e) => return Err(e).context("cannot start mosquitto"),
         };
         let broker = Self { child, port };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Some(broker));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        anyhow::bail!("mosquitto did not start listening on port {port}")
+        wait_for_port(port, "mosquitto")?;
+        Ok(Some(broker))
     }
 }
 
@@ -281,7 +351,12 @@ fn print_message(line: &str) {
         let state = d.pointer("/agent/state").and_then(|s| s.as_str()).unwrap_or("?");
         let result = d.pointer("/lastResult/result").and_then(|s| s.as_str());
         let job = d.pointer("/jobId").and_then(|s| s.as_str()).unwrap_or("-");
+        let progress = d.get("progress").filter(|p| p.is_object());
         match result {
+            _ if progress.is_some() && prefix.starts_with("    device") => {
+                let p = progress.unwrap_or(&serde_json::Value::Null);
+                println!("{prefix} report: {state}, progress {} {}/{} bytes (job {job})", p["phase"].as_str().unwrap_or("?"), p["done"], p["total"]);
+            }
             Some(r) if state == "idle" && prefix.starts_with("    device") => println!("{prefix} report: idle, job {job} {r}"),
             _ if prefix.starts_with("    device") => println!("{prefix} report: {state} (job {job})"),
             _ => {}

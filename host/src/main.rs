@@ -18,7 +18,8 @@ const DEFAULT_CONFIG: &str = "/etc/otabox/device.toml";
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Log filter, such as `info`, `debug` or `otabox=debug,handler=trace`
-    /// (default: `info` for `run`, `warn` otherwise).
+    /// (default: `info` for `run` and `replica`, `error` for `demo`, `warn`
+    /// otherwise).
     #[arg(long, global = true, env = "OTABOX_LOG")]
     log: Option<String>,
     #[command(subcommand)]
@@ -154,7 +155,13 @@ enum HandlersCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_log = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    let default_log = match cli.command {
+        Command::Run { .. } | Command::Replica { .. } => "info",
+        // The demo's printout is its interface; its services' warnings as it
+        // shuts them down are noise.
+        Command::Demo { .. } => "error",
+        _ => "warn",
+    };
     let filter = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()))

@@ -117,6 +117,7 @@ fn the_demo_runs_a_whole_update() {
     assert!(t.contains("FAILURE in install (rolled back)"), "{t}");
     assert!(t.contains("replica  accepted ack {\"jobId\":\"mqtt-1\",\"status\":\"SUCCESS\",\"version\":\"2.0.0\"}"), "{t}");
     assert!(t.contains("job mqtt-2 already-installed"), "{t}");
+    assert!(t.contains("payload server (nginx) serves http://127.0.0.1:"), "{t}");
     assert!(!t.contains("stopped:"), "{t}");
     assert!(root.join("device/files/app.conf").is_file());
 }
