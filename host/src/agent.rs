@@ -562,7 +562,9 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     for step in first..record.desired.steps.len() {
         if let Err(e) = fetch_step(shared, &record, step, &job_dir).await {
             let code = match e.kind {
-                crate::download::FailureKind::UrlExpired => host_codes::URL_EXPIRED,
+                crate::download::FailureKind::UrlExpired | crate::download::FailureKind::Unauthorized => {
+                    host_codes::URL_EXPIRED
+                }
                 crate::download::FailureKind::DiskFull => host_codes::DISK_FULL,
                 _ => host_codes::DOWNLOAD,
             };

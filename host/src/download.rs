@@ -31,9 +31,11 @@ use crate::trust::verify_file;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
-    /// 401/403: a pre-signed URL or token expired; the cloud should issue a
-    /// new one.
+    /// 403: a pre-signed URL expired; the cloud should issue a new one.
     UrlExpired,
+    /// 401: the server wants credentials: a bearer token is missing or was
+    /// refused.
+    Unauthorized,
     /// 404.
     NotFound,
     /// The content does not match the declared size or sha256.
@@ -144,6 +146,7 @@ impl Downloader {
     /// Fetches `file` to `dest`, resuming a partial download; a complete,
     /// verified `dest` is kept as it is. `token` is sent as a bearer token.
     pub async fn fetch(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<(), DownloadError> {
+        let token = token.or(file.token.as_deref());
         if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
             return Ok(());
         }
@@ -192,8 +195,12 @@ impl Downloader {
                 discard(&partial_path, &meta_path);
                 return Ok(Attempt::Retry("416: the partial file is not resumable; starting over".into()));
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(fail(FailureKind::UrlExpired, format!("{}: {status}: the URL or its credentials expired", file.name)));
+            StatusCode::FORBIDDEN => {
+                return Err(fail(FailureKind::UrlExpired, format!("{}: 403: the URL expired or is not for this device", file.name)));
+            }
+            StatusCode::UNAUTHORIZED => {
+                let why = if token.is_some() { "the bearer token was refused" } else { "a bearer token is required" };
+                return Err(fail(FailureKind::Unauthorized, format!("{}: 401: {why}", file.name)));
             }
             StatusCode::NOT_FOUND => return Err(fail(FailureKind::NotFound, format!("{}: 404 at {}", file.name, redact(&file.url)))),
             s if s.is_server_error() => return Ok(Attempt::Retry(format!("server error {s}"))),
@@ -376,7 +383,7 @@ mod tests {
         let src = dir.path().join("src.bin");
         std::fs::write(&src, b"abc").expect("write");
         let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let spec = |sha: &str| FileSpec { name: "p".into(), url: format!("file://{}", src.display()), size: 3, sha256: sha.into() };
+        let spec = |sha: &str| FileSpec { name: "p".into(), url: format!("file://{}", src.display()), size: 3, sha256: sha.into(), token: None };
         let downloader = Downloader::new(DownloadOptions::default()).expect("client");
         let dest = dir.path().join("job/p");
         downloader.fetch(&spec(good), &dest, None).await.expect("fetch");

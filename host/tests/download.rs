@@ -27,7 +27,7 @@ fn payload(nginx: &Nginx, name: &str, len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn spec(url: String, bytes: &[u8]) -> FileSpec {
-    FileSpec { name: "payload.bin".into(), url, size: bytes.len() as u64, sha256: sha256_hex(bytes) }
+    FileSpec { name: "payload.bin".into(), url, size: bytes.len() as u64, sha256: sha256_hex(bytes), token: None }
 }
 
 fn downloader(attempts: u32) -> Downloader {
@@ -162,4 +162,22 @@ async fn a_stalled_server_times_out_and_the_download_fails_cleanly() {
         .expect_err("stalled");
     assert_eq!(err.kind, FailureKind::Network, "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_bearer_token_opens_a_protected_url_and_a_missing_one_is_a_clear_auth_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    std::fs::create_dir_all(nginx.www.join("auth")).expect("auth dir");
+    let bytes = payload(&nginx, "auth/p.bin", 10_000, 9);
+    let mut file = spec(nginx.url("auth/p.bin"), &bytes);
+    let err = downloader(1).fetch(&file, &dir.path().join("a"), None).await.expect_err("no token");
+    assert_eq!(err.kind, FailureKind::Unauthorized);
+    assert!(err.message.contains("a bearer token is required"), "{err}");
+    file.token = Some("wrong".into());
+    let err = downloader(1).fetch(&file, &dir.path().join("b"), None).await.expect_err("bad token");
+    assert!(err.message.contains("refused") && !err.message.contains("wrong"), "{err}");
+    file.token = Some("t0ken".into());
+    downloader(1).fetch(&file, &dir.path().join("c"), None).await.expect("with the token");
+    assert_eq!(std::fs::read(dir.path().join("c")).expect("dest"), bytes);
 }

@@ -136,6 +136,10 @@ pub struct FileSpec {
     pub size: u64,
     /// Lowercase hex sha256.
     pub sha256: String,
+    /// A bearer token for the URL (temporary credentials); sent only to
+    /// this URL and never written to logs or reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Where a step's manifest comes from.

@@ -329,7 +329,8 @@ impl Drop for ReplicaProcess {
 }
 
 /// An nginx serving `root/www` on a free loopback port; `/private/` answers
-/// 403 (an expired pre-signed URL) and `/slow/` sends 256 KiB/s. Requests are logged as
+/// 403 (an expired pre-signed URL), `/slow/` sends 256 KiB/s and `/auth/`
+/// wants `Authorization: Bearer t0ken`. Requests are logged as
 /// `<status> <range header>` in `root/access.log`.
 pub struct Nginx {
     child: Child,
@@ -356,7 +357,7 @@ impl Nginx {
                  http {{\n  log_format ranges '$status \"$http_range\"';\n  access_log {r}/access.log ranges;\n\
                    client_body_temp_path {r}/tmp-body;\n  proxy_temp_path {r}/tmp-proxy;\n  fastcgi_temp_path {r}/tmp-fcgi;\n\
                    uwsgi_temp_path {r}/tmp-uwsgi;\n  scgi_temp_path {r}/tmp-scgi;\n\
-                   server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location /private/ {{ return 403; }}\n    location /slow/ {{ limit_rate 256k; }}\n  }}\n}}\n",
+                   server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location /private/ {{ return 403; }}\n    location /slow/ {{ limit_rate 256k; }}\n    location /auth/ {{ if ($http_authorization != \"Bearer t0ken\") {{ return 401; }} }}\n  }}\n}}\n",
                 www = www.display()
             ),
         )
