@@ -464,6 +464,10 @@ async fn ask_handler(
         let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
         return finish(shared, record, JobResult::FailedInconsistent, Some(status));
     };
+    if let Some(changed) = handler_changed(&record, step, &handler) {
+        let status = workflow::host_status(host_codes::HANDLER_CHANGED, changed);
+        return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+    }
     let (scope, ctx) = match step_call(shared, &record, step, &handler) {
         Ok(call) => call,
         Err(e) => {
@@ -489,6 +493,18 @@ async fn ask_handler(
     let _ = handler.run_phase(Phase::Cleanup, scope, &ctx).await;
     let status = workflow::host_status(host_codes::JOURNAL, "the agent stopped while the step was changing the system".into());
     finish(shared, record, result, Some(status))
+}
+
+/// Why `handler` may not continue `step`: its wasm is not the one the job
+/// pinned when it started.
+fn handler_changed(record: &JobRecord, step: usize, handler: &Handler) -> Option<String> {
+    let pinned = record.handler_sha256.get(step)?;
+    (pinned != &handler.sha256).then(|| {
+        format!(
+            "handler {} changed while the job was in progress (pinned sha256 {pinned}, now {}); not continuing with another handler",
+            handler.name, handler.sha256
+        )
+    })
 }
 
 /// The scope and context of a direct call for `step` (payloads as fetched).
@@ -554,7 +570,12 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             }
         }
     }
-    record.handler_sha256 = handlers.iter().map(|h| h.sha256.clone()).collect();
+    let pins: Vec<String> = handlers.iter().map(|h| h.sha256.clone()).collect();
+    if !record.handler_sha256.is_empty() && record.handler_sha256 != pins {
+        // Nothing was changed yet in this job: run it with the new handler.
+        tracing::info!(job = record.job_id, "a handler changed since the job started; re-pinned before any change");
+    }
+    record.handler_sha256 = pins;
     report_progress(shared, &record, AgentState::Downloading)?;
     shared.journal.transition(&mut record, JobPhase::Downloading)?;
     let job_dir = shared.journal.job_dir(&record.job_id)?;
@@ -667,6 +688,10 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
             let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
             return finish(shared, record, JobResult::FailedInconsistent, Some(status));
         };
+        if let Some(changed) = handler_changed(&record, step, &handler) {
+            let status = workflow::host_status(host_codes::HANDLER_CHANGED, changed);
+            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+        }
         let request = step_request(&record, step, &job_dir)?;
         let journal = shared.journal.clone();
         let snapshot = Mutex::new(record.clone());

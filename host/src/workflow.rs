@@ -41,6 +41,8 @@ pub mod host_codes {
     pub const URL_EXPIRED: u32 = 8;
     /// Not enough space for the payloads.
     pub const DISK_FULL: u32 = 9;
+    /// The handler's wasm changed while the job was in progress.
+    pub const HANDLER_CHANGED: u32 = 10;
 }
 
 /// One step to run.

@@ -46,10 +46,7 @@ fn device(root: &Path, port: u16) -> std::path::PathBuf {
 
 /// A device whose `[device]` table gets `extra` lines.
 fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
-    let caps = format!(
-        "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
-        root.display()
-    );
+    let caps = hostile_caps(root);
     install_handler(&root.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", &caps);
     let config = root.join("device.toml");
     std::fs::write(
@@ -61,6 +58,15 @@ fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     )
     .expect("device.toml");
     config
+}
+
+/// What the hostile guest needs: the test folder read-write, a command,
+/// and loopback.
+fn hostile_caps(root: &Path) -> String {
+    format!(
+        "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
+        root.display()
+    )
 }
 
 /// A plain device with the hostile handler, its agent running and online.
@@ -373,4 +379,34 @@ fn an_explicit_cancel_stops_the_running_job() {
 
 fn job_phase_of(root: &Path, job: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(root.join(format!("state/jobs/{job}/journal.json"))).expect("journal")).expect("json")
+}
+
+#[test]
+fn a_job_resumed_after_a_handler_upgrade_is_failed_explicitly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = device(&root, broker.port);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let mut first = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:installing:install")]);
+    cloud.wait_for(WAIT, "the agent's online report", online);
+    cloud.publish(DELTA, counting_delta(&root));
+    assert!(first.wait_exit(WAIT), "the failpoint was not reached\n{}", first.log());
+
+    // A new build of the handler: the same code with a custom section added.
+    let mut upgraded = built_wasm("hostile");
+    upgraded.extend_from_slice(&[0x00, 13, 11]);
+    upgraded.extend_from_slice(b"otabox-testx");
+    let caps = hostile_caps(&root);
+    install_handler(&root.join("handlers"), "hostile", &upgraded, "otabox-test/hostile:1", &caps);
+
+    let second = AgentProcess::start(&config);
+    let seen = cloud.collect_until(WAIT, "the ack after the upgrade", is_ack);
+    assert_eq!(seen.last().expect("ack").json["status"], "FAILURE", "{}", second.log());
+    let result = seen
+        .iter()
+        .find_map(|m| m.json.pointer("/state/reported/deployment/lastResult"))
+        .unwrap_or_else(|| panic!("no result: {seen:?}"));
+    assert_eq!(result["result"], "failed-inconsistent", "{result}");
+    assert!(result["message"].as_str().unwrap_or_default().contains("changed while the job was in progress"), "{result}");
 }
