@@ -760,13 +760,24 @@ fn step_outcome(update_type: &str, result: &str, message: Option<&str>, criteria
     }
 }
 
-/// Fetches the payload files of `step` into the job folder.
+/// Largest manifest fetched by URL.
+const MAX_MANIFEST: u64 = 1 << 20;
+
+fn manifest_path(job_dir: &std::path::Path, step: usize) -> PathBuf {
+    job_dir.join("manifests").join(format!("{step}.json"))
+}
+
+/// Fetches the manifest (when given by URL) and the payload files of `step`
+/// into the job folder.
 async fn fetch_step(
     shared: &Shared,
     record: &JobRecord,
     step: usize,
     job_dir: &std::path::Path,
 ) -> Result<(), download::DownloadError> {
+    if let Some(ManifestSource::Remote { url, sha256 }) = record.desired.steps[step].manifest_source() {
+        shared.downloader.fetch_document(url, sha256, MAX_MANIFEST, &manifest_path(job_dir, step)).await?;
+    }
     for file in &record.desired.steps[step].files {
         shared.downloader.fetch(file, &payload_path(job_dir, step, &file.name), None).await?;
     }
@@ -782,7 +793,16 @@ fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> R
     let spec = &record.desired.steps[step];
     let manifest = match spec.manifest_source() {
         Some(ManifestSource::Inline(value)) => value.to_string(),
-        _ => anyhow::bail!("step {step}: manifests by URL are not available in this agent version yet"),
+        Some(ManifestSource::Remote { .. }) => {
+            let path = manifest_path(job_dir, step);
+            let text = std::fs::read_to_string(&path).with_context(|| format!("step {step}: manifest not fetched"))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .with_context(|| format!("step {step}: the manifest at its URL is not a JSON object"))?;
+            text
+        }
+        None => anyhow::bail!("step {step}: no manifest"),
     };
     Ok(StepRequest {
         job_id: record.job_id.clone(),

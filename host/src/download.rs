@@ -172,6 +172,57 @@ impl Downloader {
         Err(fail(FailureKind::Network, format!("{}: gave up after {} attempts: {last}", file.name, self.options.attempts)))
     }
 
+    /// Fetches a small document (a manifest) of at most `max` bytes whose
+    /// sha256 is known, to `dest`; kept as it is when already there.
+    pub async fn fetch_document(&self, url: &str, sha256: &str, max: u64, dest: &Path) -> Result<(), DownloadError> {
+        if std::fs::read(dest).is_ok_and(|b| hex::encode(Sha256::digest(&b)) == sha256) {
+            return Ok(());
+        }
+        let bytes = if let Some(path) = url.strip_prefix("file://") {
+            let meta = std::fs::metadata(path).map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?;
+            if meta.len() > max {
+                return Err(fail(FailureKind::Mismatch, format!("{url}: over the {max}-byte limit")));
+            }
+            std::fs::read(path).map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?
+        } else {
+            self.get_capped(url, max).await?
+        };
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != sha256 {
+            return Err(fail(FailureKind::Mismatch, format!("{}: sha256 is {actual}, {sha256} declared", redact(url))));
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        }
+        durable::write_atomic(dest, &bytes).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
+    }
+
+    async fn get_capped(&self, url: &str, max: u64) -> Result<Vec<u8>, DownloadError> {
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::FORBIDDEN => return Err(fail(FailureKind::UrlExpired, format!("{}: 403", redact(url)))),
+            StatusCode::UNAUTHORIZED => return Err(fail(FailureKind::Unauthorized, format!("{}: 401", redact(url)))),
+            StatusCode::NOT_FOUND => return Err(fail(FailureKind::NotFound, format!("{}: 404", redact(url)))),
+            s => return Err(fail(FailureKind::Protocol, format!("{}: status {s}", redact(url)))),
+        }
+        let mut bytes = Vec::new();
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
+            if bytes.len() as u64 + chunk.len() as u64 > max {
+                return Err(fail(FailureKind::Mismatch, format!("{}: over the {max}-byte limit", redact(url))));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
     async fn attempt(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<Attempt, DownloadError> {
         let (partial_path, meta_path) = (sibling(dest, "partial"), sibling(dest, "partial.json"));
         let (mut offset, validator) = resume_point(file, &partial_path, &meta_path);

@@ -262,3 +262,29 @@ fn an_agent_killed_mid_download_resumes_without_fetching_stored_bytes_again() {
     assert_eq!(requests[1].0, 206, "{requests:?}");
     assert!(resumed_at > 0 && resumed_at <= kept, "resumed at {resumed_at}, {kept} bytes were on disk: {requests:?}");
 }
+
+#[test]
+fn a_manifest_by_url_is_fetched_verified_and_used() {
+    let s = setup("iot-atlas", "state/dev-1/update");
+    let nginx = common::services::Nginx::start(&s.dev.root.join("nginx"));
+    let bytes = b"by-url = 1\n";
+    std::fs::write(nginx.www.join("app.conf"), bytes).expect("payload");
+    let manifest = json!({"name": "app", "version": "7", "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"}).to_string();
+    std::fs::write(nginx.www.join("manifest.json"), &manifest).expect("manifest");
+    let delta = |version: u64, job: &str, sha: &str| {
+        json!({"version": version, "state": {"deployment": {
+            "schema": 1, "jobId": job, "version": "7",
+            "steps": [{"updateType": "otabox/file:1", "manifestUrl": nginx.url("manifest.json"), "manifestSha256": sha,
+                "files": [{"name": "app.conf", "url": nginx.url("app.conf"), "size": bytes.len(), "sha256": sha256_hex(bytes)}]}]
+        }}})
+        .to_string()
+    };
+    s.cloud.publish("state/dev-1/update/delta", delta(1, "job-bad-manifest", &"0".repeat(64)));
+    let ack = s.cloud.wait_for(WAIT, "the ack of the bad manifest", |m| is_ack(m, "job-bad-manifest"));
+    assert_eq!(ack.json["status"], "FAILURE", "{}", s.agent.log());
+    assert!(s.dev.installed().is_none(), "nothing may be installed from an unverified manifest");
+    s.cloud.publish("state/dev-1/update/delta", delta(2, "job-url", &sha256_hex(manifest.as_bytes())));
+    let ack = s.cloud.wait_for(WAIT, "the ack of job-url", |m| is_ack(m, "job-url"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
+    assert_eq!(s.dev.installed().as_deref(), Some("by-url = 1\n"));
+}
