@@ -239,6 +239,7 @@ impl Downloader {
             Err(e) => return Ok(Attempt::Retry(format!("request failed: {e}"))),
         };
         let status = response.status();
+        let resumed = status == StatusCode::PARTIAL_CONTENT;
         match status {
             StatusCode::OK => offset = 0,
             StatusCode::PARTIAL_CONTENT => check_content_range(&response, offset, file.size, &partial_path, &meta_path)?,
@@ -290,6 +291,11 @@ impl Downloader {
         let actual = hex::encode(hasher.finalize());
         if actual != file.sha256 {
             discard(&partial_path, &meta_path);
+            if resumed {
+                // The kept bytes may be what a power cut left behind: one
+                // more try from zero before calling the payload bad.
+                return Ok(Attempt::Retry("sha256 mismatch after a resume; starting over".into()));
+            }
             return Err(fail(FailureKind::Mismatch, format!("{}: sha256 is {actual}, {} declared", file.name, file.sha256)));
         }
         std::fs::rename(&partial_path, dest).map_err(|e| fail(FailureKind::Local, e.to_string()))?;

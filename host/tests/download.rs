@@ -181,3 +181,45 @@ async fn a_bearer_token_opens_a_protected_url_and_a_missing_one_is_a_clear_auth_
     downloader(1).fetch(&file, &dir.path().join("c"), None).await.expect("with the token");
     assert_eq!(std::fs::read(dir.path().join("c")).expect("dest"), bytes);
 }
+
+#[tokio::test]
+async fn a_corrupt_partial_file_is_fetched_again_from_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let bytes = payload(&nginx, "p.bin", 200_000, 11);
+    let dest = dir.path().join("job/p.bin");
+    // A first download cut half-way keeps its bytes and validator; then the
+    // kept bytes become zeros, as a power cut can leave them.
+    let proxy = cutting_proxy(nginx.port, vec![120_000]);
+    let via_proxy = spec(format!("http://127.0.0.1:{proxy}/p.bin"), &bytes);
+    assert!(downloader(1).fetch(&via_proxy, &dest, None).await.is_err(), "the proxy cut the only attempt");
+    let partial = dir.path().join("job/p.bin.partial");
+    let kept = std::fs::metadata(&partial).expect("partial kept").len() as usize;
+    std::fs::write(&partial, vec![0u8; kept]).expect("corrupt");
+    downloader(3).fetch(&via_proxy, &dest, None).await.expect("starts over and succeeds");
+    assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+    let statuses: Vec<u16> = nginx.requests().iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 206, 200], "cut, resumed onto garbage, then from zero");
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_early_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nginx = Nginx::start(&dir.path().join("nginx"));
+    let bytes = payload(&nginx, "big.bin", 2 << 20, 13);
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).expect("mount point");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "this test needs to mount a 1 MiB tmpfs (root)");
+    let result = downloader(1).fetch(&spec(nginx.url("big.bin"), &bytes), &small.join("big.bin"), None).await;
+    let left: Vec<_> = std::fs::read_dir(&small).expect("list").flatten().map(|e| e.file_name()).collect();
+    let _ = std::process::Command::new("umount").arg(&small).status();
+    let err = result.expect_err("2 MiB cannot fit in 1 MiB");
+    assert_eq!(err.kind, FailureKind::DiskFull, "{err}");
+    assert!(left.is_empty(), "{left:?}");
+    assert!(nginx.requests().is_empty(), "it must fail before fetching anything");
+}
