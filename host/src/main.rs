@@ -50,6 +50,21 @@ enum Command {
         /// Topic layout: iot-atlas or aws-shadow.
         #[arg(long, default_value = "iot-atlas")]
         layout: String,
+        /// CA certificate of the broker (turns TLS on).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Client certificate for mutual TLS.
+        #[arg(long, requires = "key_file")]
+        cert_file: Option<PathBuf>,
+        /// Client key for mutual TLS.
+        #[arg(long, requires = "cert_file")]
+        key_file: Option<PathBuf>,
+        /// User name.
+        #[arg(long)]
+        username: Option<String>,
+        /// File holding the password.
+        #[arg(long, requires = "username")]
+        password_file: Option<PathBuf>,
     },
     /// Operate a fleet through the replica's database.
     Fleet {
@@ -188,10 +203,21 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Handlers { command: HandlersCommand::List { source, json } } => list(&source, json).await,
         Command::Handlers { command: HandlersCommand::Audit { source, json } } => audit(&source, json).await,
         Command::Demo { dir, keep } => demo(dir, keep).await,
-        Command::Replica { db, host, port, layout } => {
+        Command::Replica { db, host, port, layout, ca_file, cert_file, key_file, username, password_file } => {
             let layout = serde_json::from_value(serde_json::Value::String(layout.clone()))
                 .with_context(|| format!("--layout {layout:?}: use iot-atlas or aws-shadow"))?;
-            let mqtt = otabox::config::MqttSection { host, port, layout, ..Default::default() };
+            let mqtt = otabox::config::MqttSection {
+                host,
+                port,
+                layout,
+                ca_file,
+                cert_file,
+                key_file,
+                username,
+                password_file,
+                client_id: Some("otabox-replica".into()),
+                ..Default::default()
+            };
             otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt }).await?;
             Ok(ExitCode::SUCCESS)
         }

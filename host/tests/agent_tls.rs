@@ -105,16 +105,7 @@ fn mutual_tls_and_an_acl_that_keeps_devices_apart() {
     let acl = root.join("acl");
     std::fs::write(&acl, "user cloud\ntopic readwrite state/#\n\npattern readwrite state/%u/#\n").expect("acl");
     let port = free_port();
-    let p = pki.dir.display();
-    let _broker = Mosquitto::start_with(
-        &root.join("broker"),
-        port,
-        &format!(
-            "cafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\nrequire_certificate true\n\
-             use_identity_as_username true\nacl_file {}\n",
-            acl.display()
-        ),
-    );
+    let _broker = Mosquitto::start_with(&root.join("broker"), port, &pki.mosquitto_mtls(&acl));
     let mtls = |cert: &PathBuf, key: &PathBuf| MqttSection {
         ca_file: Some(pki.ca()),
         cert_file: Some(cert.clone()),

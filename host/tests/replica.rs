@@ -22,6 +22,11 @@ fn fleet(db: &Path, args: &[&str]) -> String {
 }
 
 fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
+    device_with(root, id, port, "")
+}
+
+/// A device whose `[mqtt]` table gets `extra` lines.
+fn device_with(root: &Path, id: &str, port: u16, extra: &str) -> std::path::PathBuf {
     let dir = root.join(id);
     install_handler(&dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
     let config = dir.join("device.toml");
@@ -29,7 +34,7 @@ fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
         &config,
         format!(
             "[device]\nid = \"{id}\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{extra}\n\
              [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
         ),
     )
@@ -92,4 +97,74 @@ fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
     assert_eq!(status["ack"]["status"], "SUCCESS", "{}", second.log());
     let table = fleet(&db, &["status"]);
     assert!(table.contains("pump-1") && table.contains("pump-2") && table.matches("Success 5.0").count() == 2, "{table}");
+}
+
+/// A one-file deployment served from `root`.
+fn deployment(root: &Path, job: &str) -> std::path::PathBuf {
+    let payload = root.join(format!("{job}.conf"));
+    std::fs::write(&payload, "fleet = 2\n").expect("payload");
+    let file = root.join(format!("{job}.json"));
+    std::fs::write(
+        &file,
+        json!({"schema": 1, "jobId": job, "version": "6.0",
+               "steps": [{"updateType": "otabox/file:1",
+                 "manifest": {"name": "app", "version": "6", "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"},
+                 "files": [{"name": "app.conf", "url": format!("file://{}", payload.display()), "size": 10, "sha256": sha256_hex(b"fleet = 2\n")}]}]})
+        .to_string(),
+    )
+    .expect("deployment");
+    file
+}
+
+#[test]
+fn the_replica_serves_the_aws_shadow_layout_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start_with(&db, broker.port, &["--layout".into(), "aws-shadow".into()]);
+    let observer = TestClient::connect(broker.port, "observer", &["$aws/things/+/shadow/update/accepted"]);
+    let agent = AgentProcess::start(&device_with(&root, "pump-9", broker.port, "layout = \"aws-shadow\""));
+    observer.wait_for(Duration::from_secs(20), "pump-9 online", |m| m.topic.starts_with("$aws/things/pump-9/"));
+    fleet(&db, &["deploy", deployment(&root, "aws-1").to_str().expect("utf-8"), "--device", "pump-9"]);
+    let status = wait_for_ack(&db, "pump-9", &replica);
+    assert_eq!(status["ack"]["status"], "SUCCESS", "{}", agent.log());
+    observer.wait_for(Duration::from_secs(5), "the accepted ack", |m| {
+        m.topic == "$aws/things/pump-9/shadow/update/accepted" && m.json.get("jobId").is_some()
+    });
+}
+
+#[test]
+fn the_replica_and_the_agent_work_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let pki = common::pki::Pki::new(&root.join("pki"));
+    let (dev_cert, dev_key) = pki.client("pump-7");
+    let (replica_cert, replica_key) = pki.client("otabox-replica");
+    let acl = root.join("acl");
+    std::fs::write(&acl, "user otabox-replica\ntopic readwrite state/#\n\npattern readwrite state/%u/#\n").expect("acl");
+    let port = common::services::free_port();
+    let _broker = Mosquitto::start_with(&root.join("broker"), port, &pki.mosquitto_mtls(&acl));
+    let db = root.join("replica.db");
+    let tls_args = |cert: &Path, key: &Path| {
+        vec![
+            "--ca-file".to_string(),
+            pki.ca().display().to_string(),
+            "--cert-file".into(),
+            cert.display().to_string(),
+            "--key-file".into(),
+            key.display().to_string(),
+        ]
+    };
+    let replica = ReplicaProcess::start_with(&db, port, &tls_args(&replica_cert, &replica_key));
+    let tls = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        pki.ca().display(),
+        dev_cert.display(),
+        dev_key.display()
+    );
+    let agent = AgentProcess::start(&device_with(&root, "pump-7", port, &tls));
+    fleet(&db, &["deploy", deployment(&root, "tls-1").to_str().expect("utf-8"), "--device", "pump-7"]);
+    let status = wait_for_ack(&db, "pump-7", &replica);
+    assert_eq!(status["ack"]["status"], "SUCCESS", "{}\n{}", agent.log(), replica.log());
 }

@@ -43,6 +43,17 @@ impl Pki {
         (self.dir.join(pem), self.dir.join(key))
     }
 
+    /// mosquitto config lines for mutual TLS: the CN of a client
+    /// certificate is its user name, checked against `acl`.
+    pub fn mosquitto_mtls(&self, acl: &Path) -> String {
+        let p = self.dir.display();
+        format!(
+            "cafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\nrequire_certificate true\n\
+             use_identity_as_username true\nacl_file {}\n",
+            acl.display()
+        )
+    }
+
     /// The CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")

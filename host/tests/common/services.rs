@@ -302,11 +302,17 @@ pub struct ReplicaProcess {
 impl ReplicaProcess {
     /// Starts the replica on `db` against the broker on `port`.
     pub fn start(db: &Path, port: u16) -> Self {
+        Self::start_with(db, port, &[])
+    }
+
+    /// Same, with extra arguments (layout, TLS).
+    pub fn start_with(db: &Path, port: u16, extra: &[String]) -> Self {
         let log = db.with_extension("log");
         let child = Command::new(env!("CARGO_BIN_EXE_otabox"))
             .args(["replica", "--db"])
             .arg(db)
             .args(["--port", &port.to_string()])
+            .args(extra)
             .env("OTABOX_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("replica log"))
