@@ -123,10 +123,18 @@ fn the_replica_serves_the_aws_shadow_layout_end_to_end() {
     let broker = Mosquitto::start(&root.join("broker"));
     let db = root.join("replica.db");
     let replica = ReplicaProcess::start_with(&db, broker.port, &["--layout".into(), "aws-shadow".into()]);
-    let observer = TestClient::connect(broker.port, "observer", &["$aws/things/+/shadow/update/accepted"]);
-    let agent = AgentProcess::start(&device_with(&root, "pump-9", broker.port, "layout = \"aws-shadow\""));
-    observer.wait_for(Duration::from_secs(20), "pump-9 online", |m| m.topic.starts_with("$aws/things/pump-9/"));
+    let observer = TestClient::connect(
+        broker.port,
+        "observer",
+        &["$aws/things/+/shadow/update/accepted", "$aws/things/+/shadow/get/accepted"],
+    );
+    observer.ready("$aws/things/observer/shadow/get/accepted");
     fleet(&db, &["deploy", deployment(&root, "aws-1").to_str().expect("utf-8"), "--device", "pump-9"]);
+    let agent = AgentProcess::start(&device_with(&root, "pump-9", broker.port, "layout = \"aws-shadow\""));
+    let answer = observer.wait_for(Duration::from_secs(20), "the replica's answer to the agent's get", |m| {
+        m.topic == "$aws/things/pump-9/shadow/get/accepted"
+    });
+    assert_eq!(answer.json["state"]["desired"]["deployment"]["jobId"], "aws-1", "{}", replica.log());
     let status = wait_for_ack(&db, "pump-9", &replica);
     assert_eq!(status["ack"]["status"], "SUCCESS", "{}", agent.log());
     observer.wait_for(Duration::from_secs(5), "the accepted ack", |m| {
