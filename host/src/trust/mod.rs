@@ -1,5 +1,8 @@
-//! Payload verification: a file must have exactly its declared size and
-//! sha256 before any handler sees it.
+//! Trust: payload verification (a file must have exactly its declared size
+//! and sha256 before any handler sees it) and signed update manifests
+//! ([`signed`]).
+
+pub mod signed;
 
 use std::fs::File;
 use std::io::Read;
