@@ -74,6 +74,61 @@ enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
+    /// Create an ed25519 signing key: `<out>/<name>.key` (secret, mode 0600)
+    /// and `<out>/<name>.pub`.
+    Keygen {
+        /// Directory to write to.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Key name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Sign a deployment (adds its signed update manifest), or with
+    /// `--root-next` a next root for rotation; prints the signed JSON.
+    Sign {
+        /// Secret key files (`.key`); each signs.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The deployment (desired state JSON), or the next root with `--root-next`.
+        file: PathBuf,
+        /// Sign `file` as the next root (rotation) instead of a deployment.
+        #[arg(long)]
+        root_next: bool,
+        /// Sequence number (must exceed every earlier one for the target).
+        #[arg(long, required_unless_present = "root_next")]
+        sequence: Option<u64>,
+        /// Target device.
+        #[arg(long, conflicts_with = "group")]
+        device: Option<String>,
+        /// Target group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Validity from now, in seconds.
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        valid_for: u64,
+    },
+    /// Verify a signed deployment against a root (or, with `--rotation`, a
+    /// signed next root against the current one). Exits 1 when it fails.
+    Verify {
+        /// The current root (JSON: version, threshold, keys).
+        #[arg(long)]
+        root: PathBuf,
+        /// The signed deployment, or the signed next root with `--rotation`.
+        file: PathBuf,
+        /// Check a root rotation instead of a deployment.
+        #[arg(long)]
+        rotation: bool,
+        /// The device that would run it.
+        #[arg(long, required_unless_present = "rotation")]
+        device: Option<String>,
+        /// Groups of that device.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Highest sequence the device accepted so far.
+        #[arg(long, default_value_t = 0)]
+        last_sequence: u64,
+    },
     /// Inspect the installed handlers.
     Handlers {
         #[command(subcommand)]
@@ -222,6 +277,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fleet { db, command } => fleet(&db, command).await,
+        Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Sign { keys, file, root_next, sequence, device, group, valid_for } => {
+            sign(&keys, &file, root_next, sequence, device, group, valid_for)
+        }
+        Command::Verify { root, file, rotation, device, groups, last_sequence } => {
+            verify(&root, &file, rotation, device.as_deref(), &groups, last_sequence)
+        }
         Command::Run { config } => {
             otabox::agent::run(DeviceConfig::load(&config)?).await?;
             Ok(ExitCode::SUCCESS)
@@ -379,6 +441,98 @@ async fn watch(store: &otabox::replica::Store) -> Result<()> {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn keygen(out: &Path, name: &str) -> Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (secret, public) = otabox::trust::signed::generate_key()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let secret_path = out.join(format!("{name}.key"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", secret_path.display()))?;
+    std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())?;
+    std::fs::write(out.join(format!("{name}.pub")), format!("{public}\n"))?;
+    println!("{public}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} does not parse", path.display()))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn sign(
+    keys: &[PathBuf],
+    file: &Path,
+    root_next: bool,
+    sequence: Option<u64>,
+    device: Option<String>,
+    group: Option<String>,
+    valid_for: u64,
+) -> Result<ExitCode> {
+    use otabox::trust::signed;
+    let keys = keys
+        .iter()
+        .map(|k| signed::signing_key(&std::fs::read_to_string(k).with_context(|| format!("cannot read {}", k.display()))?))
+        .collect::<Result<Vec<_>>>()?;
+    let output = if root_next {
+        let next: signed::Root = read_json(file)?;
+        next.check()?;
+        serde_json::to_value(signed::sign(&next, &keys)?)?
+    } else {
+        let mut desired: otabox::shadow::DesiredState = read_json(file)?;
+        anyhow::ensure!(desired.signed_manifest.is_none(), "{} is already signed", file.display());
+        anyhow::ensure!(device.is_some() || group.is_some(), "give --device or --group: a signed manifest names its target");
+        let now = now_secs();
+        let target = signed::Target { device, group };
+        let sequence = sequence.context("--sequence is required")?;
+        let manifest = signed::describe(&desired, sequence, target, now, now + valid_for)?;
+        desired.signed_manifest = Some(serde_json::to_value(signed::sign(&manifest, &keys)?)?);
+        serde_json::to_value(&desired)?
+    };
+    println!("{}", serde_json::to_string_pretty(&output)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(root: &Path, file: &Path, rotation: bool, device: Option<&str>, groups: &[String], last_sequence: u64) -> Result<ExitCode> {
+    use otabox::trust::signed;
+    let root: signed::Root = read_json(root)?;
+    let result = if rotation {
+        let next: signed::Signed<signed::Root> = read_json(file)?;
+        root.rotate(&next).map(|r| format!("rotation to root version {} ({} of {} keys) is valid", r.version, r.threshold, r.keys.len()))
+    } else {
+        let desired: otabox::shadow::DesiredState = read_json(file)?;
+        let manifest = desired.signed_manifest.clone().with_context(|| format!("{} is not signed", file.display()))?;
+        let manifest: signed::Signed<signed::UpdateManifest> = serde_json::from_value(manifest).context("signedManifest")?;
+        let verifier = signed::Verifier { root: &root, device: device.unwrap_or_default(), groups, last_sequence, now: now_secs() };
+        verifier.verify(&manifest, &desired).map(|()| {
+            format!(
+                "valid: job {} sequence {}, signed by {} key(s), expires {}",
+                manifest.signed.job_id,
+                manifest.signed.sequence,
+                manifest.signatures.len(),
+                manifest.signed.expires
+            )
+        })
+    };
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("refused: {e:#}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

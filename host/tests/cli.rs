@@ -121,3 +121,62 @@ fn the_demo_runs_a_whole_update() {
     assert!(!t.contains("stopped:"), "{t}");
     assert!(root.join("device/files/app.conf").is_file());
 }
+
+#[test]
+fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let run = |args: &[&str]| otabox(args);
+    let mut public = Vec::new();
+    for name in ["a", "b", "c", "n1", "n2"] {
+        let out = run(&["keygen", "--out", &d.display().to_string(), "--name", name]);
+        assert!(out.status.success(), "{}", text(&out));
+        public.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let key = |name: &str| d.join(format!("{name}.key")).display().to_string();
+    let root = d.join("root.json");
+    std::fs::write(&root, serde_json::json!({"version": 1, "threshold": 2, "keys": &public[..3]}).to_string()).expect("root");
+    let deployment = d.join("deployment.json");
+    std::fs::write(
+        &deployment,
+        serde_json::json!({"schema": 1, "jobId": "signed-1", "version": "2.0",
+            "steps": [{"updateType": "otabox/file:1", "manifest": {"name": "app"},
+                       "files": [{"name": "p", "url": "https://cdn/p?sig=x", "size": 3, "sha256": "a".repeat(64)}]}]})
+        .to_string(),
+    )
+    .expect("deployment");
+    let dep = deployment.display().to_string();
+    let signed_out = run(&["sign", "--key", &key("a"), "--key", &key("c"), "--sequence", "5", "--device", "dev-1", &dep]);
+    assert!(signed_out.status.success(), "{}", text(&signed_out));
+    let signed = d.join("signed.json");
+    std::fs::write(&signed, &signed_out.stdout).expect("signed");
+    let s = signed.display().to_string();
+    let r = root.display().to_string();
+
+    let ok = run(&["verify", "--root", &r, "--device", "dev-1", &s]);
+    assert!(ok.status.success() && text(&ok).contains("valid: job signed-1 sequence 5"), "{}", text(&ok));
+    let replay = run(&["verify", "--root", &r, "--device", "dev-1", "--last-sequence", "5", &s]);
+    assert!(!replay.status.success() && text(&replay).contains("rollback or replay"), "{}", text(&replay));
+    let other = run(&["verify", "--root", &r, "--device", "dev-2", &s]);
+    assert!(!other.status.success() && text(&other).contains("not this device"), "{}", text(&other));
+    let tampered_text = std::fs::read_to_string(&signed).expect("signed").replacen("\"size\": 3", "\"size\": 4", 1);
+    std::fs::write(d.join("tampered.json"), tampered_text).expect("tampered");
+    let tampered = run(&["verify", "--root", &r, "--device", "dev-1", &d.join("tampered.json").display().to_string()]);
+    assert!(!tampered.status.success(), "{}", text(&tampered));
+    let single = run(&["sign", "--key", &key("a"), "--sequence", "6", "--device", "dev-1", &dep]);
+    std::fs::write(d.join("single.json"), &single.stdout).expect("single");
+    let weak = run(&["verify", "--root", &r, "--device", "dev-1", &d.join("single.json").display().to_string()]);
+    assert!(!weak.status.success() && text(&weak).contains("1 valid signature(s)"), "{}", text(&weak));
+
+    let next = d.join("next.json");
+    std::fs::write(&next, serde_json::json!({"version": 2, "threshold": 2, "keys": &public[3..]}).to_string()).expect("next");
+    let n = next.display().to_string();
+    let both = run(&["sign", "--root-next", "--key", &key("a"), "--key", &key("b"), "--key", &key("n1"), "--key", &key("n2"), &n]);
+    std::fs::write(d.join("rotation.json"), &both.stdout).expect("rotation");
+    let rotated = run(&["verify", "--root", &r, "--rotation", &d.join("rotation.json").display().to_string()]);
+    assert!(rotated.status.success() && text(&rotated).contains("root version 2"), "{}", text(&rotated));
+    let new_only = run(&["sign", "--root-next", "--key", &key("n1"), "--key", &key("n2"), &n]);
+    std::fs::write(d.join("rotation-bad.json"), &new_only.stdout).expect("rotation");
+    let refused = run(&["verify", "--root", &r, "--rotation", &d.join("rotation-bad.json").display().to_string()]);
+    assert!(!refused.status.success() && text(&refused).contains("current root"), "{}", text(&refused));
+}
