@@ -43,6 +43,8 @@ struct Shared {
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
     downloader: crate::download::Downloader,
+    /// The root of trust, when deployments must be signed.
+    trust_root: Option<crate::trust::signed::Root>,
     /// The job running now and its cancel flag.
     current: Mutex<Option<(String, CancelFlag)>>,
     /// Jobs cancelled before they started.
@@ -66,8 +68,19 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         Duration::from_millis(config.mqtt.reconnect_max_ms.max(config.mqtt.reconnect_min_ms)),
     );
     let downloader = crate::download::Downloader::new(config.download.options())?;
+    let trust_root = match &config.trust.root {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read trust root {}", path.display()))?;
+            let root: crate::trust::signed::Root =
+                serde_json::from_str(&text).with_context(|| format!("trust root {} does not parse", path.display()))?;
+            root.check()?;
+            Some(root)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         downloader,
+        trust_root,
         config,
         topics,
         journal,
@@ -148,7 +161,13 @@ async fn session(
                     publish_next(&shared, &client, &mut in_flight).await?;
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    on_publish(&shared, &jobs, &publish);
+                    if let Some(rejection) = on_publish(&shared, &jobs, &publish) {
+                        // Not queued durably: a rejection changes no state file.
+                        client
+                            .publish(shared.topics.update.clone(), QoS::AtLeastOnce, false, rejection.into_bytes())
+                            .await
+                            .context("cannot report a rejection")?;
+                    }
                     client.ack(&publish).await.context("cannot ack a publish")?;
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -222,7 +241,8 @@ async fn publish_next(shared: &Shared, client: &AsyncClient, in_flight: &mut InF
     Ok(())
 }
 
-fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish: &rumqttc::Publish) {
+/// Handles a message; returns the report of a rejected delta, if any.
+fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish: &rumqttc::Publish) -> Option<String> {
     let from_shadow;
     let payload: &[u8] = if publish.topic == shared.topics.delta {
         &publish.payload
@@ -232,24 +252,28 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
                 from_shadow = bytes;
                 &from_shadow
             }
-            None => return tracing::debug!("the shadow holds no desired deployment"),
+            None => {
+                tracing::debug!("the shadow holds no desired deployment");
+                return None;
+            }
         }
     } else {
-        return tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
+        tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
+        return None;
     };
     let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
         Ok(delta) => delta,
-        Err(e) => {
-            tracing::warn!("rejected delta: {e:#}");
-            report_rejection(shared, &format!("{e:#}"));
-            return;
-        }
+        Err(e) => return rejection(shared, &format!("{e:#}")),
+    };
+    let sequence = match verify_signature(shared, &delta.state.deployment) {
+        Ok(sequence) => sequence,
+        Err(e) => return rejection(shared, &format!("untrusted deployment: {e:#}")),
     };
     if delta.state.deployment.cancel {
         cancel_job(shared, delta.version, &delta.state.deployment.job_id);
-        return;
+        return None;
     }
-    match shared.journal.accept(delta.version, &delta.state.deployment) {
+    match shared.journal.accept_signed(delta.version, &delta.state.deployment, sequence) {
         Ok(Acceptance::Accepted(record)) => {
             tracing::info!(job = record.job_id, version = delta.version, "accepted");
             if let Some((running, cancel)) = lock(&shared.current).as_ref() {
@@ -264,6 +288,29 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
         }
         Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
     }
+    None
+}
+
+/// With a trust root, the deployment's signed manifest must verify (before
+/// anything is journaled or fetched); returns its sequence.
+fn verify_signature(shared: &Shared, desired: &crate::shadow::DesiredState) -> Result<Option<u64>> {
+    use crate::trust::signed::{Signed, UpdateManifest, Verifier};
+    let Some(root) = &shared.trust_root else {
+        anyhow::ensure!(desired.signed_manifest.is_none(), "this device has no [trust] root to verify the signed manifest");
+        return Ok(None);
+    };
+    let manifest = desired.signed_manifest.clone().context("this device accepts signed deployments only")?;
+    let signed: Signed<UpdateManifest> = serde_json::from_value(manifest).context("signedManifest")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let verifier = Verifier {
+        root,
+        device: shared.config.device_id()?,
+        groups: &shared.config.trust.groups,
+        last_sequence: shared.journal.shadow()?.last_sequence,
+        now,
+    };
+    verifier.verify(&signed, desired)?;
+    Ok(Some(signed.signed.sequence))
 }
 
 /// Queues the current reported state at start: its arrival tells the
@@ -366,22 +413,14 @@ fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
     }
 }
 
-/// Reports why a delta was rejected; the rejection changes no job state.
-fn report_rejection(shared: &Shared, reason: &str) {
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let result = shared.journal.update_shadow(|s| {
-        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
-        reported.last_rejected = Some(reason.to_string());
-        s.reported = Some(reported);
-    });
-    match result {
-        Ok(shadow) => {
-            if let Some(reported) = &shadow.reported {
-                enqueue(shared, &format!("rejected:{stamp}"), reported_payload(reported));
-            }
-        }
-        Err(e) => tracing::error!("cannot record a rejection: {e:#}"),
-    }
+/// The report of a rejected delta: the current reported state with
+/// `lastRejected`. Nothing is written: a rejection leaves every state file
+/// as it was.
+fn rejection(shared: &Shared, reason: &str) -> Option<String> {
+    tracing::warn!("rejected delta: {reason}");
+    let mut reported = shared.journal.shadow().ok().and_then(|s| s.reported).unwrap_or_else(idle_state);
+    reported.last_rejected = Some(reason.to_string());
+    Some(reported_payload(&reported))
 }
 
 fn idle_state() -> ReportedState {

@@ -43,6 +43,9 @@ pub struct DeviceConfig {
     /// Payload downloads.
     #[serde(default)]
     pub download: DownloadSection,
+    /// Signed deployments.
+    #[serde(default)]
+    pub trust: TrustSection,
     /// Per-handler grants and configuration, by handler name.
     #[serde(default)]
     pub handlers: BTreeMap<String, DeviceGrant>,
@@ -69,6 +72,19 @@ impl Default for DeviceSection {
     fn default() -> Self {
         Self { id: None, reboot_command: default_reboot_command() }
     }
+}
+
+/// The `[trust]` table. With a root, every deployment must carry a signed
+/// update manifest that verifies against it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    /// The root of trust (JSON: version, threshold, keys).
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Groups this device belongs to (manifests may target a group).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The `[download]` table.
@@ -235,7 +251,8 @@ impl DeviceConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.paths.resolve_against(base);
         let mqtt = &mut config.mqtt;
-        for file in [&mut mqtt.password_file, &mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file].into_iter().flatten() {
+        let files = [&mut mqtt.password_file, &mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file, &mut config.trust.root];
+        for file in files.into_iter().flatten() {
             if file.is_relative() {
                 *file = base.join(&*file);
             }

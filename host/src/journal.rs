@@ -185,6 +185,9 @@ pub struct ShadowRecord {
     /// The deployment version the device runs (from the last success).
     #[serde(default)]
     pub running_version: Option<String>,
+    /// Highest signed-manifest sequence accepted.
+    #[serde(default)]
+    pub last_sequence: u64,
 }
 
 /// What became of a delta.
@@ -270,6 +273,12 @@ impl Journal {
     /// Accepts a delta: stale and duplicate deltas change nothing; a new job
     /// is journaled first, then the shadow version advances.
     pub fn accept(&self, shadow_version: u64, desired: &DesiredState) -> Result<Acceptance> {
+        self.accept_signed(shadow_version, desired, None)
+    }
+
+    /// Like [`Journal::accept`], recording the sequence of the verified
+    /// signed manifest that came with the deployment.
+    pub fn accept_signed(&self, shadow_version: u64, desired: &DesiredState, sequence: Option<u64>) -> Result<Acceptance> {
         let _guard = self.shadow_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut shadow = self.shadow()?;
         if shadow_version <= shadow.last_version {
@@ -291,6 +300,9 @@ impl Journal {
         self.write(&record)?;
         shadow.last_version = shadow_version;
         shadow.desired = Some(desired.clone());
+        if let Some(sequence) = sequence {
+            shadow.last_sequence = shadow.last_sequence.max(sequence);
+        }
         write_json(&self.dir.join("shadow.json"), &shadow)?;
         Ok(Acceptance::Accepted(Box::new(record)))
     }

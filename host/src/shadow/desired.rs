@@ -212,8 +212,9 @@ impl DesiredState {
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
             bail!("deployment.steps must hold 1..={MAX_STEPS} steps, found {}", self.steps.len());
         }
-        if self.signed_manifest.is_some() {
-            bail!("deployment.signedManifest: signed manifests are not supported by this agent yet");
+        if let Some(signed) = &self.signed_manifest {
+            serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::UpdateManifest>>(signed.clone())
+                .map_err(|e| anyhow::anyhow!("deployment.signedManifest: {e}"))?;
         }
         for (i, step) in self.steps.iter().enumerate() {
             step.validate().map_err(|e| anyhow::anyhow!("deployment.steps[{i}].{e:#}"))?;

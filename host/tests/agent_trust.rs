@@ -1,0 +1,137 @@
+//! Signed deployments through the agent: only a manifest signed by a
+//! threshold of the device's root, fresh, in sequence and for this device
+//! runs; every rejection is reported and leaves every state file
+//! byte-identical.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::services::{AgentProcess, Message, Mosquitto, TestClient};
+use common::*;
+use otabox::runtime::sha256_hex;
+use otabox::shadow::DesiredState;
+use otabox::trust::signed::{self, Root, Target};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// Every file under `dir` and its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    files
+}
+
+struct Signer {
+    keys: Vec<ed25519_dalek::SigningKey>,
+    payload: PathBuf,
+    content: Vec<u8>,
+}
+
+impl Signer {
+    fn desired(&self, job: &str) -> DesiredState {
+        serde_json::from_value(json!({
+            "schema": 1, "jobId": job, "version": job,
+            "steps": [{"updateType": "otabox/file:1",
+                "manifest": {"name": "app", "version": job, "payload": "app.conf", "destination": "/var/lib/otabox/files/app.conf"},
+                "files": [{"name": "app.conf", "url": format!("file://{}", self.payload.display()),
+                           "size": self.content.len(), "sha256": sha256_hex(&self.content)}]}]
+        }))
+        .expect("desired")
+    }
+
+    /// A delta for `desired` signed for `device` with `sequence`, valid for
+    /// `valid` seconds around now.
+    fn delta(&self, version: u64, mut desired: DesiredState, sequence: u64, device: &str, expires: u64) -> String {
+        let target = Target { device: Some(device.into()), group: None };
+        let manifest = signed::describe(&desired, sequence, target, now() - 60, expires).expect("describe");
+        desired.signed_manifest = Some(serde_json::to_value(signed::sign(&manifest, &self.keys).expect("sign")).expect("json"));
+        json!({"version": version, "state": {"deployment": desired}}).to_string()
+    }
+}
+
+fn is_ack(m: &Message, job: &str) -> bool {
+    m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+}
+
+#[test]
+fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_dir = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root_dir.join("broker"));
+    let keys: Vec<(String, String)> = (0..3).map(|_| signed::generate_key().expect("key")).collect();
+    let root = Root { version: 1, threshold: 2, keys: keys.iter().map(|(_, p)| p.clone()).collect() };
+    std::fs::write(root_dir.join("root.json"), serde_json::to_string(&root).expect("root")).expect("root file");
+    install_handler(&root_dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    let config = root_dir.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nport = {}\nreconnect_min_ms = 100\n[trust]\nroot = \"root.json\"\n\
+             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n",
+            broker.port
+        ),
+    )
+    .expect("device.toml");
+    let content = b"signed = true\n".to_vec();
+    let payload = root_dir.join("payload.conf");
+    std::fs::write(&payload, &content).expect("payload");
+    let signer = Signer {
+        keys: keys[..2].iter().map(|(s, _)| signed::signing_key(s).expect("key")).collect(),
+        payload,
+        content,
+    };
+    let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "online", |m| m.json.pointer("/state/reported/deployment/agent").is_some());
+
+    let later = now() + 3600;
+    cloud.publish("state/dev-1/update/delta", signer.delta(1, signer.desired("job-1"), 10, "dev-1", later));
+    let ack = cloud.wait_for(WAIT, "the signed job's ack", |m| is_ack(m, "job-1"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    // Let the reports of job-1 drain from the outbox before the snapshot.
+    std::thread::sleep(Duration::from_millis(1500));
+    let state = root_dir.join("state");
+    let before = snapshot(&state);
+
+    let mut tampered: serde_json::Value = serde_json::from_str(&signer.delta(2, signer.desired("job-2"), 11, "dev-1", later)).expect("json");
+    tampered["state"]["deployment"]["steps"][0]["manifest"]["destination"] = json!("/var/lib/otabox/files/other.conf");
+    let unsigned = json!({"version": 3, "state": {"deployment": signer.desired("job-3")}}).to_string();
+    let cases = [
+        (tampered.to_string(), "differ from what was signed"),
+        (signer.delta(4, signer.desired("job-4"), 10, "dev-1", later), "rollback or replay"),
+        (unsigned, "accepts signed deployments only"),
+        (signer.delta(5, signer.desired("job-5"), 12, "dev-2", later), "not this device"),
+        (signer.delta(6, signer.desired("job-6"), 13, "dev-1", now() - 1), "expired"),
+    ];
+    for (delta, reason) in cases {
+        cloud.publish("state/dev-1/update/delta", delta);
+        cloud.wait_for(WAIT, reason, |m| {
+            m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains(reason))
+        });
+        assert_eq!(snapshot(&state), before, "a rejection ({reason}) changed a state file");
+    }
+    cloud.publish("state/dev-1/update/delta", signer.delta(7, signer.desired("job-7"), 14, "dev-1", later));
+    let ack = cloud.wait_for(WAIT, "the next signed job's ack", |m| is_ack(m, "job-7"));
+    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    let shadow: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("shadow.json")).expect("shadow")).expect("json");
+    assert_eq!(shadow["last_sequence"], 14);
+}
