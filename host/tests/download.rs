@@ -223,3 +223,64 @@ async fn a_full_disk_fails_early_and_leaves_nothing() {
     assert!(left.is_empty(), "{left:?}");
     assert!(nginx.requests().is_empty(), "it must fail before fetching anything");
 }
+
+/// An HTTP server that answers each request with the next scripted
+/// response (raw bytes); returns its port.
+fn scripted_server(responses: Vec<Vec<u8>>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut script = responses.into_iter();
+        for mut conn in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let Some(response) = script.next() else { return };
+            let _ = conn.write_all(&response);
+        }
+    });
+    port
+}
+
+fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len()).into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// A partial download of `bytes[..kept]` with a validator, as a cut left it.
+fn leave_partial(dest: &Path, url: &str, bytes: &[u8], kept: usize) {
+    std::fs::create_dir_all(dest.parent().expect("dir")).expect("dir");
+    std::fs::write(dest.with_file_name("p.bin.partial"), &bytes[..kept]).expect("partial");
+    let meta = serde_json::json!({"url": url, "etag": "\"v1\"", "last_modified": null});
+    std::fs::write(dest.with_file_name("p.bin.partial.json"), meta.to_string()).expect("meta");
+}
+
+#[tokio::test]
+async fn a_bad_content_range_is_refused_and_the_partial_discarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = vec![7u8; 1000];
+    let port = scripted_server(vec![response("206 Partial Content", "Content-Range: bytes 0-999/1000\r\n", &bytes)]);
+    let url = format!("http://127.0.0.1:{port}/p.bin");
+    let dest = dir.path().join("job/p.bin");
+    leave_partial(&dest, &url, &bytes, 400);
+    let err = downloader(1).fetch(&spec(url, &bytes), &dest, None).await.expect_err("the range starts at 0, not 400");
+    assert_eq!(err.kind, FailureKind::Protocol, "{err}");
+    assert!(err.message.contains("bad Content-Range"), "{err}");
+    assert!(leftovers(dest.parent().expect("dir")).is_empty());
+}
+
+#[tokio::test]
+async fn a_416_discards_the_partial_and_starts_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+    let port = scripted_server(vec![
+        response("416 Range Not Satisfiable", "Content-Range: bytes */1000\r\n", b""),
+        response("200 OK", "ETag: \"v2\"\r\n", &bytes),
+    ]);
+    let url = format!("http://127.0.0.1:{port}/p.bin");
+    let dest = dir.path().join("job/p.bin");
+    leave_partial(&dest, &url, &bytes, 400);
+    downloader(3).fetch(&spec(url, &bytes), &dest, None).await.expect("starts over after the 416");
+    assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
+}
