@@ -809,7 +809,7 @@ fn manifest_path(job_dir: &std::path::Path, step: usize) -> PathBuf {
 /// Fetches the manifest (when given by URL) and the payload files of `step`
 /// into the job folder.
 async fn fetch_step(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     record: &JobRecord,
     step: usize,
     job_dir: &std::path::Path,
@@ -817,8 +817,19 @@ async fn fetch_step(
     if let Some(ManifestSource::Remote { url, sha256 }) = record.desired.steps[step].manifest_source() {
         shared.downloader.fetch_document(url, sha256, MAX_MANIFEST, &manifest_path(job_dir, step)).await?;
     }
+    let sink = progress_reporter(shared, &record.job_id);
     for file in &record.desired.steps[step].files {
-        shared.downloader.fetch(file, &payload_path(job_dir, step, &file.name), None).await?;
+        let report = |done: u64, total: u64| {
+            sink(crate::runtime::ProgressEvent {
+                handler: "host".into(),
+                job_id: record.job_id.clone(),
+                step: step as u32,
+                phase: Phase::Download,
+                done,
+                total,
+            })
+        };
+        shared.downloader.fetch_with_progress(file, &payload_path(job_dir, step, &file.name), None, &report).await?;
     }
     Ok(())
 }

@@ -98,6 +98,9 @@ impl Default for DownloadOptions {
     }
 }
 
+/// Receives `(bytes done, bytes in all)` as a download progresses.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
 /// The validator of a partial download.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 struct Partial {
@@ -146,6 +149,18 @@ impl Downloader {
     /// Fetches `file` to `dest`, resuming a partial download; a complete,
     /// verified `dest` is kept as it is. `token` is sent as a bearer token.
     pub async fn fetch(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<(), DownloadError> {
+        self.fetch_with_progress(file, dest, token, &|_, _| {}).await
+    }
+
+    /// Like [`Downloader::fetch`], calling `progress(done, total)` as bytes
+    /// arrive.
+    pub async fn fetch_with_progress(
+        &self,
+        file: &FileSpec,
+        dest: &Path,
+        token: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<(), DownloadError> {
         let token = token.or(file.token.as_deref());
         if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
             return Ok(());
@@ -159,7 +174,7 @@ impl Downloader {
         let mut delay = self.options.retry_delay;
         let mut last = String::new();
         for attempt in 1..=self.options.attempts.max(1) {
-            match self.attempt(file, dest, token).await? {
+            match self.attempt(file, dest, token, progress).await? {
                 Attempt::Done => return Ok(()),
                 Attempt::Retry(why) => {
                     tracing::info!(file = file.name, attempt, "download interrupted: {why}; resuming in {delay:?}");
@@ -223,7 +238,13 @@ impl Downloader {
         Ok(bytes)
     }
 
-    async fn attempt(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<Attempt, DownloadError> {
+    async fn attempt(
+        &self,
+        file: &FileSpec,
+        dest: &Path,
+        token: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<Attempt, DownloadError> {
         let (partial_path, meta_path) = (sibling(dest, "partial"), sibling(dest, "partial.json"));
         let (mut offset, validator) = resume_point(file, &partial_path, &meta_path);
         check_space(dest, file.size.saturating_sub(offset))?;
@@ -283,6 +304,7 @@ impl Downloader {
             out.write_all(&chunk).map_err(|e| disk_error(&partial_path, e))?;
             hasher.update(&chunk);
             received += chunk.len() as u64;
+            progress(received, file.size);
         }
         sync(&out)?;
         if received < file.size {

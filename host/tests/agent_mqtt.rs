@@ -254,7 +254,17 @@ fn an_agent_killed_mid_download_resumes_without_fetching_stored_bytes_again() {
     s.agent.kill();
     let kept = std::fs::metadata(&partial).map(|m| m.len()).expect("a partial file survives the kill");
     s.agent = AgentProcess::start(&s.dev.config);
-    let ack = s.cloud.wait_for(Duration::from_secs(30), "the ack after the restart", |m| is_ack(m, "job-big"));
+    let seen = s.cloud.collect_until(Duration::from_secs(30), "the ack after the restart", |m| is_ack(m, "job-big"));
+    let ack = seen.last().expect("ack");
+    let download_progress: Vec<&serde_json::Value> = seen
+        .iter()
+        .filter_map(|m| m.json.pointer("/state/reported/deployment/progress"))
+        .filter(|p| p["phase"] == "download")
+        .collect();
+    assert!(
+        download_progress.iter().any(|p| p["done"] == p["total"] && p["total"] == 1 << 20),
+        "download progress, complete at the end: {download_progress:?}"
+    );
     assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
     let requests = nginx.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
