@@ -67,7 +67,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         Duration::from_millis(config.mqtt.reconnect_min_ms),
         Duration::from_millis(config.mqtt.reconnect_max_ms.max(config.mqtt.reconnect_min_ms)),
     );
-    let downloader = crate::download::Downloader::new(config.download.options())?;
+    let downloader = crate::download::Downloader::new(config.download.options(&config.mqtt))?;
     let trust_root = match &config.trust.root {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read trust root {}", path.display()))?;

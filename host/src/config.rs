@@ -100,6 +100,11 @@ pub struct DownloadSection {
     /// Attempts per file before the job fails.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
+    /// A credentials endpoint: the agent `GET`s it with the device's TLS
+    /// identity (`[mqtt] cert_file`/`key_file`) and uses the returned
+    /// `{"token"}` as the bearer token of payloads that carry none.
+    #[serde(default)]
+    pub credentials_url: Option<String>,
 }
 
 fn default_stall() -> u64 {
@@ -111,15 +116,17 @@ fn default_attempts() -> u32 {
 
 impl Default for DownloadSection {
     fn default() -> Self {
-        Self { ca_file: None, stall_timeout_secs: default_stall(), attempts: default_attempts() }
+        Self { ca_file: None, stall_timeout_secs: default_stall(), attempts: default_attempts(), credentials_url: None }
     }
 }
 
 impl DownloadSection {
-    /// The downloader settings.
-    pub fn options(&self) -> crate::download::DownloadOptions {
+    /// The downloader settings; the device's TLS identity comes from `mqtt`.
+    pub fn options(&self, mqtt: &MqttSection) -> crate::download::DownloadOptions {
         crate::download::DownloadOptions {
-            ca_file: self.ca_file.clone(),
+            ca_file: self.ca_file.clone().or_else(|| mqtt.ca_file.clone()),
+            credentials_url: self.credentials_url.clone(),
+            identity: mqtt.cert_file.clone().zip(mqtt.key_file.clone()),
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs.max(1)),
             attempts: self.attempts.max(1),
             ..Default::default()
@@ -251,7 +258,14 @@ impl DeviceConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.paths.resolve_against(base);
         let mqtt = &mut config.mqtt;
-        let files = [&mut mqtt.password_file, &mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file, &mut config.trust.root];
+        let files = [
+            &mut mqtt.password_file,
+            &mut mqtt.ca_file,
+            &mut mqtt.cert_file,
+            &mut mqtt.key_file,
+            &mut config.trust.root,
+            &mut config.download.ca_file,
+        ];
         for file in files.into_iter().flatten() {
             if file.is_relative() {
                 *file = base.join(&*file);

@@ -84,6 +84,11 @@ pub struct DownloadOptions {
     pub attempts: u32,
     /// First delay between attempts (doubles).
     pub retry_delay: Duration,
+    /// Where temporary credentials come from, for files without a token:
+    /// `GET` with the device's TLS identity, answering `{"token": "..."}`.
+    pub credentials_url: Option<String>,
+    /// The device's TLS identity for the credentials endpoint (cert, key).
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for DownloadOptions {
@@ -94,6 +99,8 @@ impl Default for DownloadOptions {
             stall_timeout: Duration::from_secs(30),
             attempts: 8,
             retry_delay: Duration::from_millis(500),
+            credentials_url: None,
+            identity: None,
         }
     }
 }
@@ -113,6 +120,10 @@ struct Partial {
 #[derive(Clone)]
 pub struct Downloader {
     client: reqwest::Client,
+    /// The client presenting the device's identity to the credentials endpoint.
+    credentials_client: Option<reqwest::Client>,
+    /// The token last fetched from the credentials endpoint.
+    token: Arc<tokio::sync::Mutex<Option<String>>>,
     options: DownloadOptions,
 }
 
@@ -125,25 +136,43 @@ enum Attempt {
 impl Downloader {
     /// A downloader trusting the system roots plus `options.ca_file`.
     pub fn new(options: DownloadOptions) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &options.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
-            }
+        let client = http_client(&options, None)?;
+        let credentials_client = match (&options.credentials_url, &options.identity) {
+            (Some(_), Some(identity)) => Some(http_client(&options, Some(identity))?),
+            (Some(_), None) => anyhow::bail!("a credentials endpoint needs the device's certificate and key"),
+            _ => None,
+        };
+        Ok(Self { client, credentials_client, token: Default::default(), options })
+    }
+
+    /// The bearer token from the credentials endpoint (cached; `refresh`
+    /// fetches a new one). Never logged.
+    async fn endpoint_token(&self, refresh: bool) -> Result<Option<String>, DownloadError> {
+        let (Some(url), Some(client)) = (&self.options.credentials_url, &self.credentials_client) else { return Ok(None) };
+        let mut cached = self.token.lock().await;
+        if cached.is_some() && !refresh {
+            return Ok(cached.clone());
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(options.connect_timeout)
-            .read_timeout(options.stall_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .context("cannot build the HTTP client")?;
-        Ok(Self { client, options })
+        let response = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
+        if !response.status().is_success() {
+            return Err(fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {}", redact(url), response.status())));
+        }
+        #[derive(Deserialize)]
+        struct Credentials {
+            token: String,
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
+        let credentials: Credentials = serde_json::from_slice(&body)
+            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
+        *cached = Some(credentials.token);
+        Ok(cached.clone())
     }
 
     /// Fetches `file` to `dest`, resuming a partial download; a complete,
@@ -161,7 +190,9 @@ impl Downloader {
         token: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<(), DownloadError> {
-        let token = token.or(file.token.as_deref());
+        let endpoint = if token.is_none() && file.token.is_none() { self.endpoint_token(false).await? } else { None };
+        let mut refreshed = false;
+        let token = token.or(file.token.as_deref()).or(endpoint.as_deref()).map(str::to_string);
         if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
             return Ok(());
         }
@@ -173,8 +204,19 @@ impl Downloader {
         }
         let mut delay = self.options.retry_delay;
         let mut last = String::new();
+        let mut token = token;
         for attempt in 1..=self.options.attempts.max(1) {
-            match self.attempt(file, dest, token, progress).await? {
+            let result = self.attempt(file, dest, token.as_deref(), progress).await;
+            let result = match result {
+                // A token from the endpoint may have expired: fetch a new one once.
+                Err(e) if e.kind == FailureKind::Unauthorized && endpoint.is_some() && !refreshed => {
+                    refreshed = true;
+                    token = self.endpoint_token(true).await?;
+                    continue;
+                }
+                other => other?,
+            };
+            match result {
                 Attempt::Done => return Ok(()),
                 Attempt::Retry(why) => {
                     tracing::info!(file = file.name, attempt, "download interrupted: {why}; resuming in {delay:?}");
@@ -325,6 +367,40 @@ impl Downloader {
         durable::sync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
         Ok(Attempt::Done)
     }
+}
+
+/// A client trusting the system roots plus `ca_file`, presenting
+/// `identity` (cert, key) when given.
+fn http_client(options: &DownloadOptions, identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &options.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let tls = match identity {
+        Some((cert, key)) => {
+            let certs = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{} is not PEM", cert.display()))?;
+            let key_der = rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?.as_slice())
+                .with_context(|| format!("{} is not PEM", key.display()))?
+                .with_context(|| format!("{} holds no private key", key.display()))?;
+            builder.with_client_auth_cert(certs, key_der).context("the device certificate and key do not match")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(options.connect_timeout)
+        .read_timeout(options.stall_timeout)
+        .tcp_nodelay(true)
+        .build()
+        .context("cannot build the HTTP client")
 }
 
 /// Where a partial download stands: the bytes to keep and the validator to

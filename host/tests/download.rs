@@ -284,3 +284,40 @@ async fn a_416_discards_the_partial_and_starts_over() {
     downloader(3).fetch(&spec(url, &bytes), &dest, None).await.expect("starts over after the 416");
     assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
 }
+
+#[tokio::test]
+async fn tokens_come_from_a_credentials_endpoint_that_checks_the_device_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::Pki::new(&dir.path().join("pki"));
+    let (device_cert, device_key) = pki.client("dev-1");
+    let stranger = common::pki::Pki::new(&dir.path().join("other-pki"));
+    let (stranger_cert, stranger_key) = stranger.client("dev-1");
+    let tls_port = common::services::free_port();
+    let p = pki.dir.display();
+    let nginx = Nginx::start_with(
+        &dir.path().join("nginx"),
+        &format!(
+            "server {{ listen 127.0.0.1:{tls_port} ssl; ssl_certificate {p}/server.pem; ssl_certificate_key {p}/server.key;\n\
+             ssl_client_certificate {p}/ca.pem; ssl_verify_client on;\n\
+             location = /token {{ default_type application/json; return 200 '{{\"token\":\"t0ken\"}}'; }} }}"
+        ),
+    );
+    std::fs::create_dir_all(nginx.www.join("auth")).expect("auth dir");
+    let bytes = payload(&nginx, "auth/p.bin", 5000, 17);
+    let options = |cert: &Path, key: &Path| DownloadOptions {
+        ca_file: Some(pki.ca()),
+        credentials_url: Some(format!("https://127.0.0.1:{tls_port}/token")),
+        identity: Some((cert.to_path_buf(), key.to_path_buf())),
+        attempts: 1,
+        ..DownloadOptions::default()
+    };
+    let device = Downloader::new(options(&device_cert, &device_key)).expect("client");
+    device.fetch(&spec(nginx.url("auth/p.bin"), &bytes), &dir.path().join("a"), None).await.expect("the token opens the URL");
+    assert_eq!(std::fs::read(dir.path().join("a")).expect("dest"), bytes);
+
+    let impostor = Downloader::new(options(&stranger_cert, &stranger_key)).expect("client");
+    let err = impostor.fetch(&spec(nginx.url("auth/p.bin"), &bytes), &dir.path().join("b"), None).await.expect_err("refused");
+    assert_eq!(err.kind, FailureKind::Unauthorized, "{err}");
+    assert!(err.message.contains("credentials endpoint"), "{err}");
+    assert!(!dir.path().join("b").exists());
+}

@@ -350,6 +350,11 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx with its own config and folders.
     pub fn start(root: &Path) -> Self {
+        Self::start_with(root, "")
+    }
+
+    /// Same, with `extra` config inside the `http` block (more servers).
+    pub fn start_with(root: &Path, extra: &str) -> Self {
         let port = free_port();
         let www = root.join("www");
         std::fs::create_dir_all(&www).expect("www");
@@ -363,7 +368,7 @@ impl Nginx {
                  http {{\n  log_format ranges '$status \"$http_range\"';\n  access_log {r}/access.log ranges;\n\
                    client_body_temp_path {r}/tmp-body;\n  proxy_temp_path {r}/tmp-proxy;\n  fastcgi_temp_path {r}/tmp-fcgi;\n\
                    uwsgi_temp_path {r}/tmp-uwsgi;\n  scgi_temp_path {r}/tmp-scgi;\n\
-                   server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location /private/ {{ return 403; }}\n    location /slow/ {{ limit_rate 256k; }}\n    location /auth/ {{ if ($http_authorization != \"Bearer t0ken\") {{ return 401; }} }}\n  }}\n}}\n",
+                   {extra}\n  server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location /private/ {{ return 403; }}\n    location /slow/ {{ limit_rate 256k; }}\n    location /auth/ {{ if ($http_authorization != \"Bearer t0ken\") {{ return 401; }} }}\n  }}\n}}\n",
                 www = www.display()
             ),
         )
