@@ -43,8 +43,9 @@ struct Shared {
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
     downloader: crate::download::Downloader,
-    /// The root of trust, when deployments must be signed.
-    trust_root: Option<crate::trust::signed::Root>,
+    /// The root of trust, when deployments must be signed (the configured
+    /// one, or a later one delivered by a rotation).
+    trust_root: Mutex<Option<crate::trust::signed::Root>>,
     /// The job running now and its cancel flag.
     current: Mutex<Option<(String, CancelFlag)>>,
     /// Jobs cancelled before they started.
@@ -74,13 +75,17 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
             let root: crate::trust::signed::Root =
                 serde_json::from_str(&text).with_context(|| format!("trust root {} does not parse", path.display()))?;
             root.check()?;
-            Some(root)
+            let rotated: Option<crate::trust::signed::Root> = std::fs::read(config.paths.state.join("trust-root.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .filter(|r: &crate::trust::signed::Root| r.version > root.version && r.check().is_ok());
+            Some(rotated.unwrap_or(root))
         }
         None => None,
     };
     let shared = Arc::new(Shared {
         downloader,
-        trust_root,
+        trust_root: Mutex::new(trust_root),
         config,
         topics,
         journal,
@@ -265,8 +270,8 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
         Ok(delta) => delta,
         Err(e) => return rejection(shared, &format!("{e:#}")),
     };
-    let sequence = match verify_signature(shared, &delta.state.deployment) {
-        Ok(sequence) => sequence,
+    let (sequence, new_root) = match verify_signature(shared, &delta.state.deployment) {
+        Ok(verified) => verified,
         Err(e) => return rejection(shared, &format!("untrusted deployment: {e:#}")),
     };
     if delta.state.deployment.cancel {
@@ -275,6 +280,9 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
     }
     match shared.journal.accept_signed(delta.version, &delta.state.deployment, sequence) {
         Ok(Acceptance::Accepted(record)) => {
+            if let Some(root) = new_root {
+                keep_root(shared, root);
+            }
             tracing::info!(job = record.job_id, version = delta.version, "accepted");
             if let Some((running, cancel)) = lock(&shared.current).as_ref() {
                 tracing::info!(job = running, "cancelling: a new deployment arrived");
@@ -292,25 +300,51 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
 }
 
 /// With a trust root, the deployment's signed manifest must verify (before
-/// anything is journaled or fetched); returns its sequence.
-fn verify_signature(shared: &Shared, desired: &crate::shadow::DesiredState) -> Result<Option<u64>> {
-    use crate::trust::signed::{Signed, UpdateManifest, Verifier};
-    let Some(root) = &shared.trust_root else {
+/// anything is journaled or fetched), after the root rotations it carries;
+/// returns its sequence and the rotated root, if any.
+fn verify_signature(
+    shared: &Shared,
+    desired: &crate::shadow::DesiredState,
+) -> Result<(Option<u64>, Option<crate::trust::signed::Root>)> {
+    use crate::trust::signed::{Root, Signed, UpdateManifest, Verifier};
+    let Some(current) = lock(&shared.trust_root).clone() else {
         anyhow::ensure!(desired.signed_manifest.is_none(), "this device has no [trust] root to verify the signed manifest");
-        return Ok(None);
+        return Ok((None, None));
     };
+    let mut root = current.clone();
+    for (i, rotation) in desired.root_rotations.iter().enumerate() {
+        let next: Signed<Root> = serde_json::from_value(rotation.clone()).context("rootRotations")?;
+        if next.signed.version <= root.version {
+            continue;
+        }
+        root = root.rotate(&next).with_context(|| format!("rootRotations[{i}]"))?;
+    }
+    let root_ref = &root;
     let manifest = desired.signed_manifest.clone().context("this device accepts signed deployments only")?;
     let signed: Signed<UpdateManifest> = serde_json::from_value(manifest).context("signedManifest")?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let verifier = Verifier {
-        root,
+        root: root_ref,
         device: shared.config.device_id()?,
         groups: &shared.config.trust.groups,
         last_sequence: shared.journal.shadow()?.last_sequence,
         now,
     };
     verifier.verify(&signed, desired)?;
-    Ok(Some(signed.signed.sequence))
+    let rotated = (root.version > current.version).then_some(root);
+    Ok((Some(signed.signed.sequence), rotated))
+}
+
+/// Keeps a rotated root for later deployments and restarts.
+fn keep_root(shared: &Shared, root: crate::trust::signed::Root) {
+    let path = shared.config.paths.state.join("trust-root.json");
+    match serde_json::to_vec_pretty(&root).map_err(anyhow::Error::from).and_then(|b| crate::durable::write_atomic(&path, &b)) {
+        Ok(()) => {
+            tracing::info!(version = root.version, "trust root rotated");
+            *lock(&shared.trust_root) = Some(root);
+        }
+        Err(e) => tracing::error!("cannot keep the rotated trust root: {e:#}"),
+    }
 }
 
 /// Queues the current reported state at start: its arrival tells the

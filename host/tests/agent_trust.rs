@@ -67,18 +67,36 @@ impl Signer {
     }
 }
 
-fn is_ack(m: &Message, job: &str) -> bool {
-    m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+fn new_keys(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|_| signed::generate_key().expect("key")).collect()
 }
 
-#[test]
-fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root_dir = dir.path().canonicalize().expect("canonical");
+fn root_of(version: u32, keys: &[(String, String)]) -> Root {
+    Root { version, threshold: 2, keys: keys.iter().map(|(_, p)| p.clone()).collect() }
+}
+
+fn signing(keys: &[(String, String)]) -> Vec<ed25519_dalek::SigningKey> {
+    keys.iter().map(|(s, _)| signed::signing_key(s).expect("key")).collect()
+}
+
+fn signer(root_dir: &Path, keys: &[(String, String)]) -> Signer {
+    let content = b"signed = true\n".to_vec();
+    let payload = root_dir.join("payload.conf");
+    std::fs::write(&payload, &content).expect("payload");
+    Signer { keys: signing(keys), payload, content }
+}
+
+/// A device whose `[trust] root` is `root`, its agent online.
+struct TrustRig {
+    _broker: Mosquitto,
+    config: PathBuf,
+    cloud: TestClient,
+    agent: AgentProcess,
+}
+
+fn trust_rig(root_dir: &Path, root: &Root) -> TrustRig {
     let broker = Mosquitto::start(&root_dir.join("broker"));
-    let keys: Vec<(String, String)> = (0..3).map(|_| signed::generate_key().expect("key")).collect();
-    let root = Root { version: 1, threshold: 2, keys: keys.iter().map(|(_, p)| p.clone()).collect() };
-    std::fs::write(root_dir.join("root.json"), serde_json::to_string(&root).expect("root")).expect("root file");
+    std::fs::write(root_dir.join("root.json"), serde_json::to_string(root).expect("root")).expect("root file");
     install_handler(&root_dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
     let config = root_dir.join("device.toml");
     std::fs::write(
@@ -91,17 +109,23 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
         ),
     )
     .expect("device.toml");
-    let content = b"signed = true\n".to_vec();
-    let payload = root_dir.join("payload.conf");
-    std::fs::write(&payload, &content).expect("payload");
-    let signer = Signer {
-        keys: keys[..2].iter().map(|(s, _)| signed::signing_key(s).expect("key")).collect(),
-        payload,
-        content,
-    };
     let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
     let agent = AgentProcess::start(&config);
     cloud.wait_for(WAIT, "online", |m| m.json.pointer("/state/reported/deployment/agent").is_some());
+    TrustRig { _broker: broker, config, cloud, agent }
+}
+
+fn is_ack(m: &Message, job: &str) -> bool {
+    m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+}
+
+#[test]
+fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_dir = dir.path().canonicalize().expect("canonical");
+    let keys = new_keys(3);
+    let TrustRig { _broker, config: _, cloud, agent } = trust_rig(&root_dir, &root_of(1, &keys));
+    let signer = signer(&root_dir, &keys[..2]);
 
     let later = now() + 3600;
     cloud.publish("state/dev-1/update/delta", signer.delta(1, signer.desired("job-1"), 10, "dev-1", later));
@@ -134,4 +158,46 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     let shadow: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("shadow.json")).expect("shadow")).expect("json");
     assert_eq!(shadow["last_sequence"], 14);
+}
+
+#[test]
+fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_dir = dir.path().canonicalize().expect("canonical");
+    let old = new_keys(3);
+    let new = new_keys(2);
+    let TrustRig { _broker, config, cloud, mut agent } = trust_rig(&root_dir, &root_of(1, &old));
+    let by_new = signer(&root_dir, &new);
+    let by_old = signer(&root_dir, &old[..2]);
+    let next = root_of(2, &new);
+    let good_rotation = serde_json::to_value(signed::sign(&next, &[signing(&old[..2]), signing(&new)].concat()).expect("sign")).expect("json");
+    let bad_rotation = serde_json::to_value(signed::sign(&next, &signing(&new)).expect("sign")).expect("json");
+    let later = now() + 3600;
+    let with = |rotation: Option<&serde_json::Value>, job: &str| {
+        let mut desired = by_new.desired(job);
+        desired.root_rotations = rotation.into_iter().cloned().collect();
+        desired
+    };
+    let state = root_dir.join("state");
+    let before = snapshot(&state);
+    cloud.publish("state/dev-1/update/delta", by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later));
+    cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
+        m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains("rootRotations[0]"))
+    });
+    assert_eq!(snapshot(&state), before, "a rejected rotation changed a state file");
+
+    cloud.publish("state/dev-1/update/delta", by_new.delta(2, with(Some(&good_rotation), "r2"), 2, "dev-1", later));
+    assert_eq!(cloud.wait_for(WAIT, "r2", |m| is_ack(m, "r2")).json["status"], "SUCCESS", "{}", agent.log());
+    let kept: Root = serde_json::from_slice(&std::fs::read(state.join("trust-root.json")).expect("rotated root kept")).expect("json");
+    assert_eq!(kept, next);
+
+    cloud.publish("state/dev-1/update/delta", by_old.delta(3, by_old.desired("r3"), 3, "dev-1", later));
+    cloud.wait_for(WAIT, "the old keys' rejection", |m| {
+        m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains("valid signature"))
+    });
+    agent.kill();
+    agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "online again", |m| m.json.pointer("/state/reported/deployment/agent/state").is_some());
+    cloud.publish("state/dev-1/update/delta", by_new.delta(4, with(None, "r4"), 4, "dev-1", later));
+    assert_eq!(cloud.wait_for(WAIT, "r4", |m| is_ack(m, "r4")).json["status"], "SUCCESS", "{}", agent.log());
 }

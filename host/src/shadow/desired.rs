@@ -84,6 +84,11 @@ pub struct DesiredState {
     /// A signed update manifest (verified before any download).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_manifest: Option<serde_json::Value>,
+    /// Root rotations (signed next roots, oldest first) to apply before the
+    /// signed manifest is checked; the new root is kept once the deployment
+    /// is accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_rotations: Vec<serde_json::Value>,
     /// Cancels the job `jobId` instead of deploying it: a running job sees
     /// cancel-requested, a queued one ends cancelled without running.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -211,6 +216,10 @@ impl DesiredState {
         check_text("deployment.version", &self.version)?;
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
             bail!("deployment.steps must hold 1..={MAX_STEPS} steps, found {}", self.steps.len());
+        }
+        for (i, rotation) in self.root_rotations.iter().enumerate() {
+            serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::Root>>(rotation.clone())
+                .map_err(|e| anyhow::anyhow!("deployment.rootRotations[{i}]: {e}"))?;
         }
         if let Some(signed) = &self.signed_manifest {
             serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::UpdateManifest>>(signed.clone())
