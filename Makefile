@@ -15,9 +15,9 @@ demo: setup
 ## Run the whole test suite (the wasm handlers are built by host/build.rs),
 ## and the benchmarks as short smoke runs so they cannot rot.
 test: setup
-	cargo test -p otabox --bench handler_call --bench agent
+	cargo test -p otabox --bench handler_call --bench agent --bench download
 	cargo test --workspace
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
-	cargo bench -p otabox --bench handler_call --bench agent
+	cargo bench -p otabox --bench handler_call --bench agent --bench download
