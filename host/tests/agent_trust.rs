@@ -22,6 +22,21 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
 }
 
+/// Waits until the outbox under `state` is drained (nothing in flight),
+/// then snapshots `state`.
+fn settled_snapshot(state: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = std::fs::read_dir(state.join("outbox"))
+            .map(|d| d.flatten().filter(|e| e.file_name() != "sent.json").count())
+            .unwrap_or(0);
+        if pending == 0 || std::time::Instant::now() > deadline {
+            return snapshot(state);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every file under `dir` and its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -132,9 +147,9 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
     let ack = cloud.wait_for(WAIT, "the signed job's ack", |m| is_ack(m, "job-1"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     // Let the reports of job-1 drain from the outbox before the snapshot.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(300));
     let state = root_dir.join("state");
-    let before = snapshot(&state);
+    let before = settled_snapshot(&state);
 
     let mut tampered: serde_json::Value = serde_json::from_str(&signer.delta(2, signer.desired("job-2"), 11, "dev-1", later)).expect("json");
     tampered["state"]["deployment"]["steps"][0]["manifest"]["destination"] = json!("/var/lib/otabox/files/other.conf");
@@ -179,7 +194,7 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
         desired
     };
     let state = root_dir.join("state");
-    let before = snapshot(&state);
+    let before = settled_snapshot(&state);
     cloud.publish("state/dev-1/update/delta", by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later));
     cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
         m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains("rootRotations[0]"))
