@@ -321,3 +321,28 @@ async fn tokens_come_from_a_credentials_endpoint_that_checks_the_device_identity
     assert!(err.message.contains("credentials endpoint"), "{err}");
     assert!(!dir.path().join("b").exists());
 }
+
+#[tokio::test]
+async fn a_pre_signed_query_reaches_the_server_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let body = b"opaque".to_vec();
+    let reply = response("200 OK", "", &body);
+    std::thread::spawn(move || {
+        if let Some(Ok(mut conn)) = listener.incoming().next() {
+            use std::io::{Read, Write};
+            let mut request = [0u8; 4096];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let line = String::from_utf8_lossy(&request[..n]).lines().next().unwrap_or_default().to_string();
+            let _ = tx.send(line);
+            let _ = conn.write_all(&reply);
+        }
+    });
+    let query = "X-Amz-Credential=AKIA%2F20261123%2Feu-west-1&X-Amz-Date=20261123T000000Z&X-Amz-Signature=ab+cd%3D~_.";
+    let url = format!("http://127.0.0.1:{port}/bucket/p.bin?{query}");
+    downloader(1).fetch(&spec(url, &body), &dir.path().join("p.bin"), None).await.expect("download");
+    let line = rx.recv_timeout(Duration::from_secs(5)).expect("request line");
+    assert_eq!(line, format!("GET /bucket/p.bin?{query} HTTP/1.1"));
+}
