@@ -1,8 +1,9 @@
 # The two entry points of the README. Both install what they need first
 # (idempotently) and share one cargo target directory outside the clone.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/otabox/target
+SHELL := /bin/bash
 
-.PHONY: setup demo test bench audit
+.PHONY: setup demo test bench
 
 ## Install the wasm32-wasip2 target and the system packages the tests use.
 setup:
@@ -16,7 +17,10 @@ demo: setup
 ## and the benchmarks as short smoke runs so they cannot rot.
 test: setup
 	cargo test -p otabox --bench handler_call --bench agent --bench download
-	cargo test --workspace
+	set -o pipefail; log=$$(mktemp); \
+	cargo test --workspace 2>&1 | tee "$$log"; status=$$?; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$$log"; \
+	rm -f "$$log"; exit $$status
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
