@@ -18,14 +18,21 @@ use sha2::{Digest, Sha256};
 /// (cargo package, handler name, manifest in the source tree)
 const GUESTS: &[(&str, &str, &str)] = &[
     ("otabox-handler-file", "file", "handlers/file/file.toml"),
-    ("otabox-test-hostile", "hostile", "host/tests/guests/hostile/hostile.toml"),
+    (
+        "otabox-test-hostile",
+        "hostile",
+        "host/tests/guests/hostile/hostile.toml",
+    ),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir.parent().expect("host/ has a parent").to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf();
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("handlers");
     fs::create_dir_all(&out).expect("create $OUT_DIR/handlers");
     println!("cargo:rustc-env=OTABOX_BUILT_HANDLERS={}", out.display());
@@ -51,15 +58,22 @@ fn main() {
 /// Installs the wasm32-wasip2 standard library through rustup when missing.
 fn ensure_wasm_target() {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().expect("run rustc --print sysroot");
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .expect("run rustc --print sysroot");
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if sysroot.join("lib/rustlib").join(WASM_TARGET).exists() {
         return;
     }
     println!("cargo:warning=installing the {WASM_TARGET} target with rustup");
-    let status = Command::new("rustup").args(["target", "add", WASM_TARGET]).status();
+    let status = Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .status();
     if !matches!(status, Ok(s) if s.success()) {
-        panic!("the {WASM_TARGET} target is missing and `rustup target add {WASM_TARGET}` failed; install it and rebuild");
+        panic!(
+            "the {WASM_TARGET} target is missing and `rustup target add {WASM_TARGET}` failed; install it and rebuild"
+        );
     }
 }
 
@@ -78,7 +92,17 @@ fn build_guest(workspace: &Path, target_dir: &Path, package: &str) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["rustc", "--lib", "--crate-type", "cdylib", "--release", "--target", WASM_TARGET, "-p", package])
+        .args([
+            "rustc",
+            "--lib",
+            "--crate-type",
+            "cdylib",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "-p",
+            package,
+        ])
         .arg("--target-dir")
         .arg(target_dir)
         .arg("--manifest-path")
@@ -86,9 +110,22 @@ fn build_guest(workspace: &Path, target_dir: &Path, package: &str) {
     // Nothing of the outer build's configuration may leak into the guests'.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        let outer = key.starts_with("CARGO_") && !matches!(&*key, "CARGO_HOME" | "CARGO_NET_OFFLINE")
-            || matches!(&*key, "RUSTFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "TARGET" | "HOST"
-                | "OUT_DIR" | "OPT_LEVEL" | "PROFILE" | "DEBUG" | "NUM_JOBS" | "RUSTDOC");
+        let outer = key.starts_with("CARGO_")
+            && !matches!(&*key, "CARGO_HOME" | "CARGO_NET_OFFLINE")
+            || matches!(
+                &*key,
+                "RUSTFLAGS"
+                    | "RUSTC_WRAPPER"
+                    | "RUSTC_WORKSPACE_WRAPPER"
+                    | "TARGET"
+                    | "HOST"
+                    | "OUT_DIR"
+                    | "OPT_LEVEL"
+                    | "PROFILE"
+                    | "DEBUG"
+                    | "NUM_JOBS"
+                    | "RUSTDOC"
+            );
         if outer {
             cmd.env_remove(&*key);
         }
@@ -106,7 +143,10 @@ fn outer_target_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    out.ancestors().nth(4).expect("OUT_DIR has the usual depth").to_path_buf()
+    out.ancestors()
+        .nth(4)
+        .expect("OUT_DIR has the usual depth")
+        .to_path_buf()
 }
 
 /// Copies `wasm` to `out/<name>.wasm` and writes `out/<name>.toml`: the
@@ -114,9 +154,18 @@ fn outer_target_dir() -> PathBuf {
 fn package_handler(wasm: &Path, manifest: &Path, out: &Path, name: &str) {
     let bytes = fs::read(wasm).unwrap_or_else(|e| panic!("read {}: {e}", wasm.display()));
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    let source = fs::read_to_string(manifest).unwrap_or_else(|e| panic!("read {}: {e}", manifest.display()));
-    let pinned = source.replacen("[handler]\n", &format!("[handler]\nsha256 = \"{sha256}\"\n"), 1);
-    assert!(pinned != source, "{} has no `[handler]` table", manifest.display());
+    let source =
+        fs::read_to_string(manifest).unwrap_or_else(|e| panic!("read {}: {e}", manifest.display()));
+    let pinned = source.replacen(
+        "[handler]\n",
+        &format!("[handler]\nsha256 = \"{sha256}\"\n"),
+        1,
+    );
+    assert!(
+        pinned != source,
+        "{} has no `[handler]` table",
+        manifest.display()
+    );
     write_if_changed(&out.join(format!("{name}.wasm")), &bytes);
     write_if_changed(&out.join(format!("{name}.toml")), pinned.as_bytes());
 }

@@ -25,7 +25,8 @@ use services::{AgentProcess, Message, Mosquitto, TestClient};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn main() {
-    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench");
+    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()
+        || !std::env::args().any(|a| a == "--bench");
     let (starts, jobs) = if quick { (3, 10) } else { (15, 200) };
     let dir = std::env::temp_dir().join(format!("otabox-agent-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -96,20 +97,53 @@ fn report(start_times: &[Duration], rss_kib: u64, latencies: &mut [Duration], qu
     let median = |v: &[Duration]| v[v.len() / 2];
     let p90 = |v: &[Duration]| v[(v.len() - 1) * 9 / 10];
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
-    println!("otabox agent benchmark ({} build, mosquitto on loopback)", if cfg!(debug_assertions) { "debug" } else { "release" });
+    println!(
+        "otabox agent benchmark ({} build, mosquitto on loopback)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
     println!("{:<58} {:>10} {:>10}", "", "median", "p90");
-    println!("{:<58} {:>10} {:>10}", format!("start -> subscribed, warm cache (n={})", starts.len()), ms(median(&starts)), ms(p90(&starts)));
-    println!("{:<58} {:>10} {:>10}", format!("delta -> ack, already installed (n={})", latencies.len()), ms(median(latencies)), ms(p90(latencies)));
-    println!("{:<58} {:>10}", "idle resident memory, 3 handlers loaded", format!("{:.1} MB", rss_kib as f64 / 1024.0));
+    println!(
+        "{:<58} {:>10} {:>10}",
+        format!("start -> subscribed, warm cache (n={})", starts.len()),
+        ms(median(&starts)),
+        ms(p90(&starts))
+    );
+    println!(
+        "{:<58} {:>10} {:>10}",
+        format!("delta -> ack, already installed (n={})", latencies.len()),
+        ms(median(latencies)),
+        ms(p90(latencies))
+    );
+    println!(
+        "{:<58} {:>10}",
+        "idle resident memory, 3 handlers loaded",
+        format!("{:.1} MB", rss_kib as f64 / 1024.0)
+    );
     if quick || cfg!(debug_assertions) {
         println!("smoke run: judge the goals with `make bench` (release, full run)");
         return;
     }
     let verdict = |ok: bool| if ok { "goal met" } else { "GOAL MISSED" };
     println!();
-    println!("start -> subscribed {} (goal <= 100 ms): {}", ms(median(&starts)), verdict(median(&starts) <= Duration::from_millis(100)));
-    println!("delta -> ack {} (goal <= 20 ms; thin-edge software_list 42 ms): {}", ms(median(latencies)), verdict(median(latencies) <= Duration::from_millis(20)));
-    println!("idle RSS {:.1} MB (goal <= 15 MB; tedge-agent 21.4 MB): {}", rss_kib as f64 / 1024.0, verdict(rss_kib <= 15 * 1024));
+    println!(
+        "start -> subscribed {} (goal <= 100 ms): {}",
+        ms(median(&starts)),
+        verdict(median(&starts) <= Duration::from_millis(100))
+    );
+    println!(
+        "delta -> ack {} (goal <= 20 ms; thin-edge software_list 42 ms): {}",
+        ms(median(latencies)),
+        verdict(median(latencies) <= Duration::from_millis(20))
+    );
+    println!(
+        "idle RSS {:.1} MB (goal <= 15 MB; tedge-agent 21.4 MB): {}",
+        rss_kib as f64 / 1024.0,
+        verdict(rss_kib <= 15 * 1024)
+    );
 }
 
 fn is_ack(m: &Message, job: &str) -> bool {
@@ -117,13 +151,19 @@ fn is_ack(m: &Message, job: &str) -> bool {
 }
 
 fn online(m: &Message) -> bool {
-    m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("idle")
-        && m.json.pointer("/state/reported/deployment/lastResult").is_none()
+    m.json
+        .pointer("/state/reported/deployment/agent/state")
+        .and_then(|s| s.as_str())
+        == Some("idle")
+        && m.json
+            .pointer("/state/reported/deployment/lastResult")
+            .is_none()
 }
 
 /// VmRSS of the agent process, in KiB.
 fn rss(agent: &AgentProcess) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("proc status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("proc status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -143,13 +183,26 @@ fn lay_out(dir: &Path, port: u16) -> std::path::PathBuf {
         dir.display()
     );
     for (name, guest, update_type, caps) in [
-        ("file", "file", "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n".to_string()),
-        ("hostile", "hostile", "otabox-test/hostile:1", guest_caps.clone()),
+        (
+            "file",
+            "file",
+            "otabox/file:1",
+            "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n".to_string(),
+        ),
+        (
+            "hostile",
+            "hostile",
+            "otabox-test/hostile:1",
+            guest_caps.clone(),
+        ),
         ("counter", "hostile", "otabox-test/counter:1", guest_caps),
     ] {
         let wasm = std::fs::read(built.join(format!("{guest}.wasm"))).expect("built guest");
         std::fs::write(handlers.join(format!("{name}.wasm")), &wasm).expect("wasm");
-        let toml = format!("[handler]\nupdate_types = [\"{update_type}\"]\nsha256 = \"{}\"\n{caps}", sha256_hex(&wasm));
+        let toml = format!(
+            "[handler]\nupdate_types = [\"{update_type}\"]\nsha256 = \"{}\"\n{caps}",
+            sha256_hex(&wasm)
+        );
         std::fs::write(handlers.join(format!("{name}.toml")), toml).expect("manifest");
     }
     let config = dir.join("device.toml");

@@ -22,7 +22,8 @@ use services::Nginx;
 use sha2::{Digest, Sha256};
 
 fn main() {
-    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench");
+    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()
+        || !std::env::args().any(|a| a == "--bench");
     let size: u64 = if quick { 64 << 20 } else { 1 << 30 };
     let dir = std::env::temp_dir().join(format!("otabox-download-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -38,27 +39,59 @@ fn main() {
         .output()
         .expect("curl | sha256sum");
     let curl_time = started.elapsed();
-    let curl_hash = String::from_utf8_lossy(&pipeline.stdout).split_whitespace().next().unwrap_or_default().to_string();
+    let curl_hash = String::from_utf8_lossy(&pipeline.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(curl_hash, sha256, "the pipeline saw other bytes");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
     let downloader = Downloader::new(DownloadOptions::default()).expect("client");
-    let file = FileSpec { name: "big.bin".into(), url, size, sha256, token: None };
+    let file = FileSpec {
+        name: "big.bin".into(),
+        url,
+        size,
+        sha256,
+        token: None,
+    };
     let dest = dir.join("job/big.bin");
     let before = rss_kib("VmRSS");
     let started = Instant::now();
-    rt.block_on(downloader.fetch(&file, &dest, None)).expect("download");
+    rt.block_on(downloader.fetch(&file, &dest, None))
+        .expect("download");
     let ours = started.elapsed();
     let peak = rss_kib("VmHWM");
     let _ = std::fs::remove_dir_all(&dir);
 
     let mib = size as f64 / (1 << 20) as f64;
     let rate = |d: Duration| mib / d.as_secs_f64();
-    println!("otabox download benchmark ({} MiB over loopback from nginx)", mib as u64);
+    println!(
+        "otabox download benchmark ({} MiB over loopback from nginx)",
+        mib as u64
+    );
     println!("{:<52} {:>10} {:>12}", "", "time", "throughput");
-    println!("{:<52} {:>8.2} s {:>8.0} MiB/s", "curl -s URL | sha256sum", curl_time.as_secs_f64(), rate(curl_time));
-    println!("{:<52} {:>8.2} s {:>8.0} MiB/s", "otabox downloader (stream, sha256, fsync, rename)", ours.as_secs_f64(), rate(ours));
-    println!("{:<52} {:>10}", "peak resident memory above the level before", format!("{:.1} MB", peak.saturating_sub(before) as f64 / 1024.0));
+    println!(
+        "{:<52} {:>8.2} s {:>8.0} MiB/s",
+        "curl -s URL | sha256sum",
+        curl_time.as_secs_f64(),
+        rate(curl_time)
+    );
+    println!(
+        "{:<52} {:>8.2} s {:>8.0} MiB/s",
+        "otabox downloader (stream, sha256, fsync, rename)",
+        ours.as_secs_f64(),
+        rate(ours)
+    );
+    println!(
+        "{:<52} {:>10}",
+        "peak resident memory above the level before",
+        format!("{:.1} MB", peak.saturating_sub(before) as f64 / 1024.0)
+    );
     if quick || cfg!(debug_assertions) {
         println!("smoke run: judge the goals with `make bench` (release, 1 GiB)");
         return;
@@ -66,8 +99,15 @@ fn main() {
     let ratio = rate(ours) / rate(curl_time);
     let verdict = |ok: bool| if ok { "goal met" } else { "GOAL MISSED" };
     println!();
-    println!("throughput {ratio:.2}x the pipeline (goal >= 1.0x): {}", verdict(ratio >= 1.0));
-    println!("peak memory +{:.1} MB (goal <= 32 MB): {}", peak.saturating_sub(before) as f64 / 1024.0, verdict(peak.saturating_sub(before) <= 32 * 1024));
+    println!(
+        "throughput {ratio:.2}x the pipeline (goal >= 1.0x): {}",
+        verdict(ratio >= 1.0)
+    );
+    println!(
+        "peak memory +{:.1} MB (goal <= 32 MB): {}",
+        peak.saturating_sub(before) as f64 / 1024.0,
+        verdict(peak.saturating_sub(before) <= 32 * 1024)
+    );
 }
 
 /// Writes `size` pseudo-random bytes to `path`; returns their sha256.
@@ -95,7 +135,12 @@ fn write_payload(path: &std::path::Path, size: u64) -> String {
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().trim_end_matches(" kB").trim().to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(&format!("{field}:"))
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
+            })
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }

@@ -22,10 +22,18 @@ use otabox::runtime::{CallScope, Handler, PayloadFile, Runtime, StepContext, sha
 const GUEST_DIR: &str = "/var/lib/otabox/files";
 
 fn main() {
-    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench");
-    let (calls, spawns, loads) = if quick { (300, 100, 10) } else { (5000, 1000, 50) };
+    let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()
+        || !std::env::args().any(|a| a == "--bench");
+    let (calls, spawns, loads) = if quick {
+        (300, 100, 10)
+    } else {
+        (5000, 1000, 50)
+    };
     let scratch = tempdir();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
     rt.block_on(run(&scratch, calls, spawns, loads, quick));
     let _ = std::fs::remove_dir_all(&scratch);
 }
@@ -36,9 +44,27 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
     std::fs::create_dir_all(&files).expect("files dir");
     std::fs::write(files.join("app.conf"), b"installed content\n").expect("installed file");
     let manifests = [
-        install(&handlers, "file", "file", "otabox/file:1", &format!("[[filesystem]]\npath = \"{GUEST_DIR}\"\naccess = \"rw\"\n")),
-        install(&handlers, "hostile", "hostile", "otabox-test/hostile:1", "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n"),
-        install(&scratch.join("more"), "file", "file", "otabox/file:1", "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n"),
+        install(
+            &handlers,
+            "file",
+            "file",
+            "otabox/file:1",
+            &format!("[[filesystem]]\npath = \"{GUEST_DIR}\"\naccess = \"rw\"\n"),
+        ),
+        install(
+            &handlers,
+            "hostile",
+            "hostile",
+            "otabox-test/hostile:1",
+            "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
+        ),
+        install(
+            &scratch.join("more"),
+            "file",
+            "file",
+            "otabox/file:1",
+            "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n",
+        ),
     ];
     let mut grant = DeviceGrant::default();
     grant.mounts.insert(GUEST_DIR.into(), files.clone());
@@ -47,12 +73,19 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
     let runtime = Runtime::new(Some(scratch.join("cache"))).expect("runtime");
     let engine_time = engine_started.elapsed();
     let cold_started = Instant::now();
-    let handler = runtime.load_handler(&manifests[0], Some(&grant)).await.expect("load file handler");
+    let handler = runtime
+        .load_handler(&manifests[0], Some(&grant))
+        .await
+        .expect("load file handler");
     let cold_load = cold_started.elapsed();
 
     let ctx = is_installed_context();
     let call = sample(calls, calls / 10, || async {
-        let installed = handler.is_installed(CallScope::default(), &ctx).await.expect("call").expect("status");
+        let installed = handler
+            .is_installed(CallScope::default(), &ctx)
+            .await
+            .expect("call")
+            .expect("status");
         assert!(installed);
     })
     .await;
@@ -69,17 +102,33 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
     .await;
 
     for (i, manifest) in manifests.iter().enumerate() {
-        runtime.load_handler(manifest, (i == 0).then_some(&grant)).await.expect("prime the cache");
+        runtime
+            .load_handler(manifest, (i == 0).then_some(&grant))
+            .await
+            .expect("prime the cache");
     }
     let load3 = sample(loads, 2, || async {
         for (i, manifest) in manifests.iter().enumerate() {
-            let h = runtime.load_handler(manifest, (i == 0).then_some(&grant)).await.expect("warm load");
+            let h = runtime
+                .load_handler(manifest, (i == 0).then_some(&grant))
+                .await
+                .expect("warm load");
             assert_eq!(h.cache, otabox::runtime::CacheUse::Hit);
         }
     })
     .await;
 
-    let figures = Figures { call, describe, spawn, load3, cold_load, engine_time, calls, spawns, loads };
+    let figures = Figures {
+        call,
+        describe,
+        spawn,
+        load3,
+        cold_load,
+        engine_time,
+        calls,
+        spawns,
+        loads,
+    };
     report(&handler, &figures, quick);
 }
 
@@ -97,32 +146,81 @@ struct Figures {
 }
 
 fn report(handler: &Handler, f: &Figures, quick: bool) {
-    let Figures { call, describe, spawn, load3, cold_load, engine_time, calls, spawns, loads } = f;
+    let Figures {
+        call,
+        describe,
+        spawn,
+        load3,
+        cold_load,
+        engine_time,
+        calls,
+        spawns,
+        loads,
+    } = f;
     let (cold_load, engine_time) = (*cold_load, *engine_time);
     let ratio = spawn.median.as_secs_f64() / call.median.as_secs_f64();
     let verdict = |ok: bool| if ok { "goal met" } else { "GOAL MISSED" };
-    println!("otabox handler-call benchmark ({} profile, handler {} {} bytes)", profile(), handler.name, wasm_size(handler));
+    println!(
+        "otabox handler-call benchmark ({} profile, handler {} {} bytes)",
+        profile(),
+        handler.name,
+        wasm_size(handler)
+    );
     println!("{:<52} {:>10} {:>10} {:>10}", "", "median", "p10", "p90");
-    row(&format!("instantiate + is-installed, file handler (n={calls})"), call, us);
-    row(&format!("instantiate + describe, file handler (n={calls})"), describe, us);
+    row(
+        &format!("instantiate + is-installed, file handler (n={calls})"),
+        call,
+        us,
+    );
+    row(
+        &format!("instantiate + describe, file handler (n={calls})"),
+        describe,
+        us,
+    );
     row(&format!("spawn /bin/true and wait (n={spawns})"), spawn, us);
-    row(&format!("load 3 handlers from the warm cache (n={loads})"), load3, ms);
-    println!("{:<52} {:>10}", "cold load of the file handler (compile + cache)", ms(cold_load));
+    row(
+        &format!("load 3 handlers from the warm cache (n={loads})"),
+        load3,
+        ms,
+    );
+    println!(
+        "{:<52} {:>10}",
+        "cold load of the file handler (compile + cache)",
+        ms(cold_load)
+    );
     println!("{:<52} {:>10}", "engine creation", ms(engine_time));
     println!();
     if quick || cfg!(debug_assertions) {
-        println!("smoke run: every measured call succeeded; judge the goals with `make bench` (release, full run)");
+        println!(
+            "smoke run: every measured call succeeded; judge the goals with `make bench` (release, full run)"
+        );
         return;
     }
-    println!("handler call median {} (goal <= 100 us): {}", us(call.median), verdict(call.median <= Duration::from_micros(100)));
-    println!("spawn / handler call = {ratio:.1}x (goal >= 10x): {}", verdict(ratio >= 10.0));
-    println!("3 warm loads median {} (goal <= 20 ms): {}", ms(load3.median), verdict(load3.median <= Duration::from_millis(20)));
+    println!(
+        "handler call median {} (goal <= 100 us): {}",
+        us(call.median),
+        verdict(call.median <= Duration::from_micros(100))
+    );
+    println!(
+        "spawn / handler call = {ratio:.1}x (goal >= 10x): {}",
+        verdict(ratio >= 10.0)
+    );
+    println!(
+        "3 warm loads median {} (goal <= 20 ms): {}",
+        ms(load3.median),
+        verdict(load3.median <= Duration::from_millis(20))
+    );
 }
 
 /// A step whose destination exists with the payload's content.
 fn is_installed_context() -> StepContext {
     let content = b"installed content\n";
-    let payload = PayloadFile { name: "app.conf".into(), size: content.len() as u64, sha256: sha256_hex(content), verified: None };
+    let payload = PayloadFile {
+        name: "app.conf".into(),
+        size: content.len() as u64,
+        sha256: sha256_hex(content),
+        verified: None,
+    };
     StepContext {
         job_id: "bench".into(),
         step: 0,
@@ -156,11 +254,20 @@ where
     }
     times.sort();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    Stats { median: at(0.5), p10: at(0.1), p90: at(0.9) }
+    Stats {
+        median: at(0.5),
+        p10: at(0.1),
+        p90: at(0.9),
+    }
 }
 
 fn row(label: &str, s: &Stats, unit: fn(Duration) -> String) {
-    println!("{label:<52} {:>10} {:>10} {:>10}", unit(s.median), unit(s.p10), unit(s.p90));
+    println!(
+        "{label:<52} {:>10} {:>10} {:>10}",
+        unit(s.median),
+        unit(s.p10),
+        unit(s.p90)
+    );
 }
 
 fn us(d: Duration) -> String {
@@ -172,21 +279,31 @@ fn ms(d: Duration) -> String {
 }
 
 fn profile() -> &'static str {
-    if cfg!(debug_assertions) { "debug" } else { "release" }
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 fn wasm_size(handler: &Handler) -> u64 {
-    std::fs::metadata(&handler.wasm_path).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(&handler.wasm_path)
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Writes `<dir>/<name>.wasm` (a copy of the built guest `guest`) and its
 /// manifest pinned to it.
 fn install(dir: &Path, name: &str, guest: &str, update_type: &str, body: &str) -> PathBuf {
-    let wasm = std::fs::read(Path::new(otabox::builtin::BUILT_DIR).join(format!("{guest}.wasm"))).expect("built guest");
+    let wasm = std::fs::read(Path::new(otabox::builtin::BUILT_DIR).join(format!("{guest}.wasm")))
+        .expect("built guest");
     std::fs::create_dir_all(dir).expect("handler dir");
     std::fs::write(dir.join(format!("{name}.wasm")), &wasm).expect("wasm");
     let manifest = dir.join(format!("{name}.toml"));
-    let toml = format!("[handler]\nupdate_types = [\"{update_type}\"]\nsha256 = \"{}\"\n{body}", sha256_hex(&wasm));
+    let toml = format!(
+        "[handler]\nupdate_types = [\"{update_type}\"]\nsha256 = \"{}\"\n{body}",
+        sha256_hex(&wasm)
+    );
     std::fs::write(&manifest, toml).expect("manifest");
     manifest
 }

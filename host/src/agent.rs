@@ -20,9 +20,12 @@ use crate::download;
 use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
 use crate::mqtt::{self, Backoff};
 use crate::outbox::Outbox;
-use crate::runtime::{CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, StepContext};
+use crate::runtime::{
+    CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, StepContext,
+};
 use crate::shadow::{
-    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, ReportedState, StepOutcome, Topics, parse_delta,
+    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, ReportedState, StepOutcome,
+    Topics, parse_delta,
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
@@ -58,7 +61,9 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let topics = Topics::new(config.mqtt.layout, &device_id)?;
     let journal = Journal::open(&config.paths.state)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let handlers = runtime.load_dir(&config.paths.handlers, &config.handlers).await?;
+    let handlers = runtime
+        .load_dir(&config.paths.handlers, &config.handlers)
+        .await?;
     for refused in &handlers.refused {
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
@@ -66,19 +71,28 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let options = mqtt::options(&config.mqtt, &device_id)?;
     let backoff = Backoff::new(
         Duration::from_millis(config.mqtt.reconnect_min_ms),
-        Duration::from_millis(config.mqtt.reconnect_max_ms.max(config.mqtt.reconnect_min_ms)),
+        Duration::from_millis(
+            config
+                .mqtt
+                .reconnect_max_ms
+                .max(config.mqtt.reconnect_min_ms),
+        ),
     );
     let downloader = crate::download::Downloader::new(config.download.options(&config.mqtt))?;
     let trust_root = match &config.trust.root {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read trust root {}", path.display()))?;
-            let root: crate::trust::signed::Root =
-                serde_json::from_str(&text).with_context(|| format!("trust root {} does not parse", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read trust root {}", path.display()))?;
+            let root: crate::trust::signed::Root = serde_json::from_str(&text)
+                .with_context(|| format!("trust root {} does not parse", path.display()))?;
             root.check()?;
-            let rotated: Option<crate::trust::signed::Root> = std::fs::read(config.paths.state.join("trust-root.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .filter(|r: &crate::trust::signed::Root| r.version > root.version && r.check().is_ok());
+            let rotated: Option<crate::trust::signed::Root> =
+                std::fs::read(config.paths.state.join("trust-root.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .filter(|r: &crate::trust::signed::Root| {
+                        r.version > root.version && r.check().is_ok()
+                    });
             Some(rotated.unwrap_or(root))
         }
         None => None,
@@ -103,7 +117,11 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     tokio::spawn(worker(shared.clone(), jobs_rx));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     eventloop.set_network_options(mqtt::network_options());
-    tracing::info!(device = device_id, "agent {AGENT_VERSION} started; {} handler(s)", shared.handlers.handlers.len());
+    tracing::info!(
+        device = device_id,
+        "agent {AGENT_VERSION} started; {} handler(s)",
+        shared.handlers.handlers.len()
+    );
     tokio::select! {
         result = session(shared, client, eventloop, backoff, jobs_tx) => result,
         _ = shutdown_signal() => {
@@ -212,11 +230,20 @@ async fn session(
 /// published while the agent was away is not missed.
 async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
     let t = &shared.topics;
-    for topic in [Some(&t.delta), Some(&t.accepted), t.get_accepted.as_ref()].into_iter().flatten() {
-        client.subscribe(topic.clone(), QoS::AtLeastOnce).await.context("cannot subscribe")?;
+    for topic in [Some(&t.delta), Some(&t.accepted), t.get_accepted.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        client
+            .subscribe(topic.clone(), QoS::AtLeastOnce)
+            .await
+            .context("cannot subscribe")?;
     }
     if let Some(get) = &t.get {
-        client.publish(get.clone(), QoS::AtLeastOnce, false, "{}").await.context("cannot ask for the shadow")?;
+        client
+            .publish(get.clone(), QoS::AtLeastOnce, false, "{}")
+            .await
+            .context("cannot ask for the shadow")?;
     }
     Ok(())
 }
@@ -225,20 +252,32 @@ async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
 /// desired deployment.
 fn delta_from_shadow(payload: &[u8]) -> Option<Vec<u8>> {
     let shadow: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    let desired = shadow.pointer("/state/desired/deployment").filter(|d| d.is_object())?;
+    let desired = shadow
+        .pointer("/state/desired/deployment")
+        .filter(|d| d.is_object())?;
     let version = shadow.get("version")?.as_u64()?;
-    serde_json::to_vec(&serde_json::json!({"version": version, "state": {"deployment": desired}})).ok()
+    serde_json::to_vec(&serde_json::json!({"version": version, "state": {"deployment": desired}}))
+        .ok()
 }
 
 /// Publishes the outbox head unless one is already in flight.
-async fn publish_next(shared: &Shared, client: &AsyncClient, in_flight: &mut InFlight) -> Result<()> {
+async fn publish_next(
+    shared: &Shared,
+    client: &AsyncClient,
+    in_flight: &mut InFlight,
+) -> Result<()> {
     if in_flight.seq.is_some() {
         return Ok(());
     }
     let head = lock(&shared.outbox).head().cloned();
     if let Some(entry) = head {
         client
-            .publish(entry.topic.clone(), QoS::AtLeastOnce, false, entry.payload.into_bytes())
+            .publish(
+                entry.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                entry.payload.into_bytes(),
+            )
             .await
             .context("cannot queue a publish")?;
         in_flight.seq = Some(entry.seq);
@@ -247,7 +286,11 @@ async fn publish_next(shared: &Shared, client: &AsyncClient, in_flight: &mut InF
 }
 
 /// Handles a message; returns the report of a rejected delta, if any.
-fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish: &rumqttc::Publish) -> Option<String> {
+fn on_publish(
+    shared: &Shared,
+    jobs: &mpsc::UnboundedSender<JobRecord>,
+    publish: &rumqttc::Publish,
+) -> Option<String> {
     let from_shadow;
     let payload: &[u8] = if publish.topic == shared.topics.delta {
         &publish.payload
@@ -278,7 +321,10 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
         cancel_job(shared, delta.version, &delta.state.deployment.job_id);
         return None;
     }
-    match shared.journal.accept_signed(delta.version, &delta.state.deployment, sequence) {
+    match shared
+        .journal
+        .accept_signed(delta.version, &delta.state.deployment, sequence)
+    {
         Ok(Acceptance::Accepted(record)) => {
             if let Some(root) = new_root {
                 keep_root(shared, root);
@@ -290,9 +336,14 @@ fn on_publish(shared: &Shared, jobs: &mpsc::UnboundedSender<JobRecord>, publish:
             }
             let _ = jobs.send(*record);
         }
-        Ok(Acceptance::Stale { last }) => tracing::info!(version = delta.version, last, "ignored a stale delta"),
+        Ok(Acceptance::Stale { last }) => {
+            tracing::info!(version = delta.version, last, "ignored a stale delta")
+        }
         Ok(Acceptance::Duplicate(record)) => {
-            tracing::info!(job = record.job_id, "ignored a duplicate delta (the job runs at most once)")
+            tracing::info!(
+                job = record.job_id,
+                "ignored a duplicate delta (the job runs at most once)"
+            )
         }
         Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
     }
@@ -308,21 +359,33 @@ fn verify_signature(
 ) -> Result<(Option<u64>, Option<crate::trust::signed::Root>)> {
     use crate::trust::signed::{Root, Signed, UpdateManifest, Verifier};
     let Some(current) = lock(&shared.trust_root).clone() else {
-        anyhow::ensure!(desired.signed_manifest.is_none(), "this device has no [trust] root to verify the signed manifest");
+        anyhow::ensure!(
+            desired.signed_manifest.is_none(),
+            "this device has no [trust] root to verify the signed manifest"
+        );
         return Ok((None, None));
     };
     let mut root = current.clone();
     for (i, rotation) in desired.root_rotations.iter().enumerate() {
-        let next: Signed<Root> = serde_json::from_value(rotation.clone()).context("rootRotations")?;
+        let next: Signed<Root> =
+            serde_json::from_value(rotation.clone()).context("rootRotations")?;
         if next.signed.version <= root.version {
             continue;
         }
-        root = root.rotate(&next).with_context(|| format!("rootRotations[{i}]"))?;
+        root = root
+            .rotate(&next)
+            .with_context(|| format!("rootRotations[{i}]"))?;
     }
     let root_ref = &root;
-    let manifest = desired.signed_manifest.clone().context("this device accepts signed deployments only")?;
-    let signed: Signed<UpdateManifest> = serde_json::from_value(manifest).context("signedManifest")?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let manifest = desired
+        .signed_manifest
+        .clone()
+        .context("this device accepts signed deployments only")?;
+    let signed: Signed<UpdateManifest> =
+        serde_json::from_value(manifest).context("signedManifest")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let verifier = Verifier {
         root: root_ref,
         device: shared.config.device_id()?,
@@ -338,7 +401,10 @@ fn verify_signature(
 /// Keeps a rotated root for later deployments and restarts.
 fn keep_root(shared: &Shared, root: crate::trust::signed::Root) {
     let path = shared.config.paths.state.join("trust-root.json");
-    match serde_json::to_vec_pretty(&root).map_err(anyhow::Error::from).and_then(|b| crate::durable::write_atomic(&path, &b)) {
+    match serde_json::to_vec_pretty(&root)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| crate::durable::write_atomic(&path, &b))
+    {
         Ok(()) => {
             tracing::info!(version = root.version, "trust root rotated");
             *lock(&shared.trust_root) = Some(root);
@@ -350,14 +416,23 @@ fn keep_root(shared: &Shared, root: crate::trust::signed::Root) {
 /// Queues the current reported state at start: its arrival tells the
 /// cloud the agent is online and subscribed.
 fn announce(shared: &Shared) -> Result<()> {
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let shadow = shared.journal.update_shadow(|s| {
         let mut reported = s.reported.clone().unwrap_or_else(idle_state);
-        reported.agent = AgentInfo { state: AgentState::Idle, version: AGENT_VERSION.into() };
+        reported.agent = AgentInfo {
+            state: AgentState::Idle,
+            version: AGENT_VERSION.into(),
+        };
         s.reported = Some(reported);
     })?;
     if let Some(reported) = &shadow.reported {
-        enqueue(shared, &format!("online:{stamp}"), reported_payload(reported));
+        enqueue(
+            shared,
+            &format!("online:{stamp}"),
+            reported_payload(reported),
+        );
     }
     Ok(())
 }
@@ -370,10 +445,17 @@ async fn refresh_inventory(shared: &Shared) -> bool {
         let update_type = handler.manifest.handler.update_types[0].clone();
         match handler.inventory().await {
             Ok(Ok(items)) if !items.is_empty() => {
-                inventory.insert(update_type, items.into_iter().map(|i| (i.name, i.version)).collect());
+                inventory.insert(
+                    update_type,
+                    items.into_iter().map(|i| (i.name, i.version)).collect(),
+                );
             }
             Ok(Ok(_)) => {}
-            Ok(Err(status)) => tracing::warn!(handler = handler.name, "inventory failed: {}", status.message),
+            Ok(Err(status)) => tracing::warn!(
+                handler = handler.name,
+                "inventory failed: {}",
+                status.message
+            ),
             Err(e) => tracing::warn!(handler = handler.name, "inventory failed: {e:#}"),
         }
     }
@@ -418,7 +500,11 @@ fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::Progres
             && let Some(reported) = &shadow.reported
         {
             let n = sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            enqueue(&shared, &format!("progress:{job}:{n}"), reported_payload(reported));
+            enqueue(
+                &shared,
+                &format!("progress:{job}:{n}"),
+                reported_payload(reported),
+            );
         }
     })
 }
@@ -452,14 +538,22 @@ fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
 /// as it was.
 fn rejection(shared: &Shared, reason: &str) -> Option<String> {
     tracing::warn!("rejected delta: {reason}");
-    let mut reported = shared.journal.shadow().ok().and_then(|s| s.reported).unwrap_or_else(idle_state);
+    let mut reported = shared
+        .journal
+        .shadow()
+        .ok()
+        .and_then(|s| s.reported)
+        .unwrap_or_else(idle_state);
     reported.last_rejected = Some(reason.to_string());
     Some(reported_payload(&reported))
 }
 
 fn idle_state() -> ReportedState {
     ReportedState {
-        agent: AgentInfo { state: AgentState::Idle, version: AGENT_VERSION.into() },
+        agent: AgentInfo {
+            state: AgentState::Idle,
+            version: AGENT_VERSION.into(),
+        },
         job_id: None,
         installed: Default::default(),
         inventory: Default::default(),
@@ -491,7 +585,12 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
     for mut record in shared.journal.unfinished()? {
         shared.journal.count_attempt(&mut record)?;
         let decision = journal::decide(&record, &boot_id, journal::DEFAULT_MAX_ATTEMPTS);
-        tracing::info!(job = record.job_id, phase = journal::phase_name(&record.phase), ?decision, "resuming");
+        tracing::info!(
+            job = record.job_id,
+            phase = journal::phase_name(&record.phase),
+            ?decision,
+            "resuming"
+        );
         match decision {
             Resume::Restart | Resume::ResumeDownload => {
                 let _ = jobs.send(record);
@@ -504,7 +603,10 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
             }
             Resume::Nothing => {}
             Resume::AwaitReboot => {
-                tracing::info!(job = record.job_id, "still waiting for the device to reboot");
+                tracing::info!(
+                    job = record.job_id,
+                    "still waiting for the device to reboot"
+                );
                 report_progress(shared, &record, AgentState::RebootPending)?;
             }
             Resume::VerifyAfterReboot | Resume::VerifyAfterRestart | Resume::ContinueVerify => {
@@ -514,7 +616,10 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
                 }
             }
             Resume::ContinueRollback => {
-                let status = workflow::host_status(host_codes::JOURNAL, "the agent stopped during a rollback".into());
+                let status = workflow::host_status(
+                    host_codes::JOURNAL,
+                    "the agent stopped during a rollback".into(),
+                );
                 finish(shared, record, JobResult::FailedInconsistent, Some(status))?
             }
         }
@@ -530,11 +635,19 @@ async fn ask_handler(
     step: usize,
     jobs: &mpsc::UnboundedSender<JobRecord>,
 ) -> Result<()> {
-    let Some(update_type) = record.desired.steps.get(step).map(|s| s.update_type.clone()) else {
+    let Some(update_type) = record
+        .desired
+        .steps
+        .get(step)
+        .map(|s| s.update_type.clone())
+    else {
         return finish(shared, record, JobResult::FailedInconsistent, None);
     };
     let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
-        let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
+        let status = workflow::host_status(
+            host_codes::NO_HANDLER,
+            format!("no handler serves {update_type}"),
+        );
         return finish(shared, record, JobResult::FailedInconsistent, Some(status));
     };
     if let Some(changed) = handler_changed(&record, step, &handler) {
@@ -548,23 +661,42 @@ async fn ask_handler(
             return finish(shared, record, JobResult::FailedInconsistent, Some(status));
         }
     };
-    if matches!(handler.is_installed(scope.clone(), &ctx).await, Ok(Ok(true))) {
-        tracing::info!(job = record.job_id, step, "the interrupted step took effect; continuing");
+    if matches!(
+        handler.is_installed(scope.clone(), &ctx).await,
+        Ok(Ok(true))
+    ) {
+        tracing::info!(
+            job = record.job_id,
+            step,
+            "the interrupted step took effect; continuing"
+        );
         let mut record = record;
         record.steps.truncate(step);
-        record.steps.push(step_outcome(&update_type, "installed", None, ctx.installed_criteria.clone()));
+        record.steps.push(step_outcome(
+            &update_type,
+            "installed",
+            None,
+            ctx.installed_criteria.clone(),
+        ));
         let _ = jobs.send(record);
         return Ok(());
     }
     let result = if handler.description.supports_rollback
-        && matches!(handler.run_phase(Phase::Rollback, scope.clone(), &ctx).await, Ok(Outcome::Success | Outcome::Skipped(_)))
-    {
+        && matches!(
+            handler
+                .run_phase(Phase::Rollback, scope.clone(), &ctx)
+                .await,
+            Ok(Outcome::Success | Outcome::Skipped(_))
+        ) {
         JobResult::FailedRolledBack
     } else {
         JobResult::FailedInconsistent
     };
     let _ = handler.run_phase(Phase::Cleanup, scope, &ctx).await;
-    let status = workflow::host_status(host_codes::JOURNAL, "the agent stopped while the step was changing the system".into());
+    let status = workflow::host_status(
+        host_codes::JOURNAL,
+        "the agent stopped while the step was changing the system".into(),
+    );
     finish(shared, record, result, Some(status))
 }
 
@@ -581,13 +713,21 @@ fn handler_changed(record: &JobRecord, step: usize, handler: &Handler) -> Option
 }
 
 /// The scope and context of a direct call for `step` (payloads as fetched).
-fn step_call(shared: &Shared, record: &JobRecord, step: usize, handler: &Handler) -> Result<(CallScope, StepContext)> {
+fn step_call(
+    shared: &Shared,
+    record: &JobRecord,
+    step: usize,
+    handler: &Handler,
+) -> Result<(CallScope, StepContext)> {
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let request = step_request(record, step, &job_dir)?;
     let payloads: Vec<PayloadFile> = request
         .payloads
         .iter()
-        .map(|(p, path)| PayloadFile { verified: path.exists().then(|| path.clone()), ..p.clone() })
+        .map(|(p, path)| PayloadFile {
+            verified: path.exists().then(|| path.clone()),
+            ..p.clone()
+        })
         .collect();
     let ctx = StepContext {
         job_id: record.job_id.clone(),
@@ -596,12 +736,19 @@ fn step_call(shared: &Shared, record: &JobRecord, step: usize, handler: &Handler
         manifest: request.manifest.clone(),
         payloads: payloads
             .iter()
-            .map(|p| crate::runtime::bindings::PayloadInfo { name: p.name.clone(), size: p.size, sha256: p.sha256.clone() })
+            .map(|p| crate::runtime::bindings::PayloadInfo {
+                name: p.name.clone(),
+                size: p.size,
+                sha256: p.sha256.clone(),
+            })
             .collect(),
         config: handler.config_json.clone(),
         installed_criteria: record.desired.steps[step].installed_criteria.clone(),
     };
-    Ok((CallScope::for_step(&record.job_id, step as u32, &job_dir, payloads), ctx))
+    Ok((
+        CallScope::for_step(&record.job_id, step as u32, &job_dir, payloads),
+        ctx,
+    ))
 }
 
 /// Runs accepted jobs one at a time.
@@ -616,7 +763,11 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord
             && let Ok(shadow) = shared.journal.shadow()
             && let Some(reported) = &shadow.reported
         {
-            enqueue(&shared, &format!("inventory:{job_id}"), reported_payload(reported));
+            enqueue(
+                &shared,
+                &format!("inventory:{job_id}"),
+                reported_payload(reported),
+            );
         }
     }
 }
@@ -629,7 +780,9 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     let cancel = CancelFlag::default();
     *lock(&shared.current) = Some((record.job_id.clone(), cancel.clone()));
     report_progress(shared, &record, AgentState::Validating)?;
-    shared.journal.transition(&mut record, JobPhase::Validating)?;
+    shared
+        .journal
+        .transition(&mut record, JobPhase::Validating)?;
     let mut handlers = Vec::new();
     for spec in &record.desired.steps {
         match shared.handlers.for_update_type(&spec.update_type) {
@@ -637,7 +790,10 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             None => {
                 let status = workflow::host_status(
                     host_codes::NO_HANDLER,
-                    format!("no loaded handler serves update type {:?}", spec.update_type),
+                    format!(
+                        "no loaded handler serves update type {:?}",
+                        spec.update_type
+                    ),
                 );
                 return finish(shared, record, JobResult::Failed, Some(status));
             }
@@ -646,23 +802,30 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     let pins: Vec<String> = handlers.iter().map(|h| h.sha256.clone()).collect();
     if !record.handler_sha256.is_empty() && record.handler_sha256 != pins {
         // Nothing was changed yet in this job: run it with the new handler.
-        tracing::info!(job = record.job_id, "a handler changed since the job started; re-pinned before any change");
+        tracing::info!(
+            job = record.job_id,
+            "a handler changed since the job started; re-pinned before any change"
+        );
     }
     record.handler_sha256 = pins;
     report_progress(shared, &record, AgentState::Downloading)?;
-    shared.journal.transition(&mut record, JobPhase::Downloading)?;
+    shared
+        .journal
+        .transition(&mut record, JobPhase::Downloading)?;
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let first = record.steps.len();
     for step in first..record.desired.steps.len() {
         if let Err(e) = fetch_step(shared, &record, step, &job_dir).await {
             let code = match e.kind {
-                crate::download::FailureKind::UrlExpired | crate::download::FailureKind::Unauthorized => {
-                    host_codes::URL_EXPIRED
-                }
+                crate::download::FailureKind::UrlExpired
+                | crate::download::FailureKind::Unauthorized => host_codes::URL_EXPIRED,
                 crate::download::FailureKind::DiskFull => host_codes::DISK_FULL,
                 _ => host_codes::DOWNLOAD,
             };
-            let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let kind = serde_json::to_value(e.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
             let status = workflow::host_status(code, format!("{kind}: {}", e.message));
             return finish(shared, record, JobResult::Failed, Some(status));
         }
@@ -675,21 +838,42 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         let journal = shared.journal.clone();
         let snapshot = Mutex::new(record.clone());
         let before = |phase: Phase| -> Result<()> {
-            if matches!(phase, Phase::Backup | Phase::Install | Phase::Apply | Phase::Verify | Phase::Commit | Phase::Rollback) {
+            if matches!(
+                phase,
+                Phase::Backup
+                    | Phase::Install
+                    | Phase::Apply
+                    | Phase::Verify
+                    | Phase::Commit
+                    | Phase::Rollback
+            ) {
                 let stage = workflow::phase_name(phase).to_string();
-                journal.transition(&mut lock(&snapshot), JobPhase::Installing { step: step as u32, stage })?;
+                journal.transition(
+                    &mut lock(&snapshot),
+                    JobPhase::Installing {
+                        step: step as u32,
+                        stage,
+                    },
+                )?;
             }
             Ok(())
         };
         let progress = Some(progress_reporter(shared, &record.job_id));
         let report = workflow::run_step_with(handler, request, progress, &before).await?;
-        record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        record = snapshot
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
         let spec = &record.desired.steps[step];
         let (mut outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
         if let Some(plan) = report.phases.first().filter(|p| p.phase == "validate") {
-            outcome.installed_criteria = outcome.installed_criteria.or_else(|| criteria_of(&plan.outcome));
+            outcome.installed_criteria = outcome
+                .installed_criteria
+                .or_else(|| criteria_of(&plan.outcome));
         }
-        if matches!(report.result, StepResult::RebootRequired { .. } | StepResult::RestartAgent) {
+        if matches!(
+            report.result,
+            StepResult::RebootRequired { .. } | StepResult::RestartAgent
+        ) {
             pending = Some(workflow::merge(pending, report.result.clone()));
         }
         record.steps.push(outcome);
@@ -703,7 +887,11 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         Some(_) => restart_agent(shared, record),
         None => {
             let all_present = record.steps.iter().all(|s| s.result == "already-installed");
-            let result = if all_present { JobResult::AlreadyInstalled } else { JobResult::Succeeded };
+            let result = if all_present {
+                JobResult::AlreadyInstalled
+            } else {
+                JobResult::Succeeded
+            };
             finish(shared, record, result, None)
         }
     }
@@ -711,54 +899,83 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
 
 /// The installed criteria from a validate record (`plan: installed criteria "…"`).
 fn criteria_of(text: &str) -> Option<String> {
-    text.strip_prefix("plan: installed criteria ").and_then(|q| serde_json::from_str(q).ok())
+    text.strip_prefix("plan: installed criteria ")
+        .and_then(|q| serde_json::from_str(q).ok())
 }
 
 /// Journals the wait for a reboot (with the current boot id) and, unless
 /// deferred, runs the reboot command.
 fn await_reboot(shared: &Shared, mut record: JobRecord, deferred: bool) -> Result<()> {
     let boot_id = journal::boot_id()?;
-    shared.journal.transition(&mut record, JobPhase::AwaitingReboot { boot_id, deferred })?;
+    shared
+        .journal
+        .transition(&mut record, JobPhase::AwaitingReboot { boot_id, deferred })?;
     report_progress(shared, &record, AgentState::RebootPending)?;
     if deferred {
-        tracing::info!(job = record.job_id, "reboot deferred: waiting for the device to reboot");
+        tracing::info!(
+            job = record.job_id,
+            "reboot deferred: waiting for the device to reboot"
+        );
         return Ok(());
     }
     let command = &shared.config.device.reboot_command;
-    let (program, args) = command.split_first().context("[device] reboot_command is empty")?;
+    let (program, args) = command
+        .split_first()
+        .context("[device] reboot_command is empty")?;
     tracing::info!(job = record.job_id, "rebooting: {}", command.join(" "));
     let status = std::process::Command::new(program).args(args).status();
     match status {
         Ok(s) if s.success() => Ok(()),
-        Ok(s) => anyhow::bail!("the reboot command {command:?} failed ({s}); the job waits for a reboot"),
-        Err(e) => anyhow::bail!("cannot run the reboot command {command:?}: {e}; the job waits for a reboot"),
+        Ok(s) => {
+            anyhow::bail!("the reboot command {command:?} failed ({s}); the job waits for a reboot")
+        }
+        Err(e) => anyhow::bail!(
+            "cannot run the reboot command {command:?}: {e}; the job waits for a reboot"
+        ),
     }
 }
 
 /// Journals the wait for the agent's restart, then replaces this process
 /// with a fresh start of the same command line.
 fn restart_agent(shared: &Shared, mut record: JobRecord) -> Result<()> {
-    shared.journal.transition(&mut record, JobPhase::AwaitingRestart)?;
-    tracing::info!(job = record.job_id, "restarting the agent as the update asked");
+    shared
+        .journal
+        .transition(&mut record, JobPhase::AwaitingRestart)?;
+    tracing::info!(
+        job = record.job_id,
+        "restarting the agent as the update asked"
+    );
     let mut argv = std::env::args_os();
     let program = argv.next().context("no argv[0] to restart with")?;
-    let error = std::os::unix::process::CommandExt::exec(std::process::Command::new(&program).args(argv));
-    anyhow::bail!("cannot restart the agent ({}): {error}", program.to_string_lossy())
+    let error =
+        std::os::unix::process::CommandExt::exec(std::process::Command::new(&program).args(argv));
+    anyhow::bail!(
+        "cannot restart the agent ({}): {error}",
+        program.to_string_lossy()
+    )
 }
 
 /// Verifies and commits the steps that waited for a reboot or restart,
 /// then ends the job.
 async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
-    shared.journal.transition(&mut record, JobPhase::Verifying)?;
+    shared
+        .journal
+        .transition(&mut record, JobPhase::Verifying)?;
     report_progress(shared, &record, AgentState::Verifying)?;
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     for step in 0..record.steps.len() {
-        if !matches!(record.steps[step].result.as_str(), PENDING_REBOOT | PENDING_RESTART) {
+        if !matches!(
+            record.steps[step].result.as_str(),
+            PENDING_REBOOT | PENDING_RESTART
+        ) {
             continue;
         }
         let update_type = record.steps[step].update_type.clone();
         let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
-            let status = workflow::host_status(host_codes::NO_HANDLER, format!("no handler serves {update_type}"));
+            let status = workflow::host_status(
+                host_codes::NO_HANDLER,
+                format!("no handler serves {update_type}"),
+            );
             return finish(shared, record, JobResult::FailedInconsistent, Some(status));
         };
         if let Some(changed) = handler_changed(&record, step, &handler) {
@@ -770,11 +987,19 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
         let snapshot = Mutex::new(record.clone());
         let before = |phase: Phase| -> Result<()> {
             let stage = workflow::phase_name(phase).to_string();
-            journal.transition(&mut lock(&snapshot), JobPhase::Installing { step: step as u32, stage })
+            journal.transition(
+                &mut lock(&snapshot),
+                JobPhase::Installing {
+                    step: step as u32,
+                    stage,
+                },
+            )
         };
         let criteria = record.steps[step].installed_criteria.clone();
         let report = workflow::continue_step(&handler, request, criteria, &before).await?;
-        record = snapshot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        record = snapshot
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
         let earlier = record.steps[..step].to_vec();
         let (outcome, terminal) = classify(&update_type, &report.result, &earlier);
         record.steps[step] = outcome;
@@ -792,15 +1017,36 @@ fn classify(
     update_type: &str,
     result: &StepResult,
     earlier: &[StepOutcome],
-) -> (StepOutcome, Option<(JobResult, Option<crate::runtime::Status>)>) {
+) -> (
+    StepOutcome,
+    Option<(JobResult, Option<crate::runtime::Status>)>,
+) {
     let changed_before = earlier.iter().any(|s| s.result == "installed");
     match result {
-        StepResult::Installed { criteria } => (step_outcome(update_type, "installed", None, Some(criteria.clone())), None),
-        StepResult::AlreadyInstalled { criteria } => {
-            (step_outcome(update_type, "already-installed", None, Some(criteria.clone())), None)
-        }
-        StepResult::Failed { phase, result_code, extended_code, message, rolled_back } => {
-            let untouched = matches!(phase.as_str(), "validate" | "download" | "is-installed" | "payloads" | "backup");
+        StepResult::Installed { criteria } => (
+            step_outcome(update_type, "installed", None, Some(criteria.clone())),
+            None,
+        ),
+        StepResult::AlreadyInstalled { criteria } => (
+            step_outcome(
+                update_type,
+                "already-installed",
+                None,
+                Some(criteria.clone()),
+            ),
+            None,
+        ),
+        StepResult::Failed {
+            phase,
+            result_code,
+            extended_code,
+            message,
+            rolled_back,
+        } => {
+            let untouched = matches!(
+                phase.as_str(),
+                "validate" | "download" | "is-installed" | "payloads" | "backup"
+            );
             let job = match (changed_before, *rolled_back, untouched) {
                 (false, _, true) => JobResult::Failed,
                 (false, true, false) => JobResult::FailedRolledBack,
@@ -816,13 +1062,23 @@ fn classify(
             };
             (line, Some((job, None)))
         }
-        StepResult::Cancelled => (step_outcome(update_type, "cancelled", None, None), Some((JobResult::Cancelled, None))),
-        StepResult::RebootRequired { .. } => (step_outcome(update_type, PENDING_REBOOT, None, None), None),
+        StepResult::Cancelled => (
+            step_outcome(update_type, "cancelled", None, None),
+            Some((JobResult::Cancelled, None)),
+        ),
+        StepResult::RebootRequired { .. } => {
+            (step_outcome(update_type, PENDING_REBOOT, None, None), None)
+        }
         StepResult::RestartAgent => (step_outcome(update_type, PENDING_RESTART, None, None), None),
     }
 }
 
-fn step_outcome(update_type: &str, result: &str, message: Option<&str>, criteria: Option<String>) -> StepOutcome {
+fn step_outcome(
+    update_type: &str,
+    result: &str,
+    message: Option<&str>,
+    criteria: Option<String>,
+) -> StepOutcome {
     StepOutcome {
         update_type: update_type.into(),
         result: result.into(),
@@ -848,8 +1104,13 @@ async fn fetch_step(
     step: usize,
     job_dir: &std::path::Path,
 ) -> Result<(), download::DownloadError> {
-    if let Some(ManifestSource::Remote { url, sha256 }) = record.desired.steps[step].manifest_source() {
-        shared.downloader.fetch_document(url, sha256, MAX_MANIFEST, &manifest_path(job_dir, step)).await?;
+    if let Some(ManifestSource::Remote { url, sha256 }) =
+        record.desired.steps[step].manifest_source()
+    {
+        shared
+            .downloader
+            .fetch_document(url, sha256, MAX_MANIFEST, &manifest_path(job_dir, step))
+            .await?;
     }
     let sink = progress_reporter(shared, &record.job_id);
     for file in &record.desired.steps[step].files {
@@ -863,7 +1124,15 @@ async fn fetch_step(
                 total,
             })
         };
-        shared.downloader.fetch_with_progress(file, &payload_path(job_dir, step, &file.name), None, &report).await?;
+        shared
+            .downloader
+            .fetch_with_progress(
+                file,
+                &payload_path(job_dir, step, &file.name),
+                None,
+                &report,
+            )
+            .await?;
     }
     Ok(())
 }
@@ -879,11 +1148,14 @@ fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> R
         Some(ManifestSource::Inline(value)) => value.to_string(),
         Some(ManifestSource::Remote { .. }) => {
             let path = manifest_path(job_dir, step);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("step {step}: manifest not fetched"))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("step {step}: manifest not fetched"))?;
             serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .filter(serde_json::Value::is_object)
-                .with_context(|| format!("step {step}: the manifest at its URL is not a JSON object"))?;
+                .with_context(|| {
+                    format!("step {step}: the manifest at its URL is not a JSON object")
+                })?;
             text
         }
         None => anyhow::bail!("step {step}: no manifest"),
@@ -897,7 +1169,12 @@ fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> R
             .files
             .iter()
             .map(|f| {
-                let declared = PayloadFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone(), verified: None };
+                let declared = PayloadFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                    verified: None,
+                };
                 (declared, payload_path(job_dir, step, &f.name))
             })
             .collect(),
@@ -915,20 +1192,35 @@ fn report_progress(shared: &Shared, record: &JobRecord, state: AgentState) -> Re
         s.reported = Some(reported);
     })?;
     if let Some(reported) = &shadow.reported {
-        enqueue(shared, &format!("state:{}:{state:?}", record.job_id), reported_payload(reported));
+        enqueue(
+            shared,
+            &format!("state:{}:{state:?}", record.job_id),
+            reported_payload(reported),
+        );
     }
     Ok(())
 }
 
 /// Ends a job: journals the result, updates the reported state, queues the
 /// report and the acknowledgement, then marks the job reported.
-fn finish(shared: &Shared, mut record: JobRecord, result: JobResult, status: Option<crate::runtime::Status>) -> Result<()> {
+fn finish(
+    shared: &Shared,
+    mut record: JobRecord,
+    result: JobResult,
+    status: Option<crate::runtime::Status>,
+) -> Result<()> {
     if !matches!(record.phase, JobPhase::Done { .. }) {
-        shared.journal.transition(&mut record, JobPhase::Done { result })?;
+        shared
+            .journal
+            .transition(&mut record, JobPhase::Done { result })?;
     }
     let failing = record.steps.iter().find(|s| s.result_code != 0);
     let (code, extended, message) = match (&status, failing) {
-        (Some(s), _) => (s.result_code, workflow::pack(&s.extended_code), s.message.clone()),
+        (Some(s), _) => (
+            s.result_code,
+            workflow::pack(&s.extended_code),
+            s.message.clone(),
+        ),
         (None, Some(step)) => (step.result_code, step.extended_code, step.message.clone()),
         (None, None) => (0, 0, String::new()),
     };
@@ -940,7 +1232,9 @@ fn finish(shared: &Shared, mut record: JobRecord, result: JobResult, status: Opt
         let mut reported = s.reported.clone().unwrap_or_else(idle_state);
         for step in &record.steps {
             if let Some(criteria) = &step.installed_criteria {
-                reported.installed.insert(step.update_type.clone(), criteria.clone());
+                reported
+                    .installed
+                    .insert(step.update_type.clone(), criteria.clone());
             }
         }
         reported.agent.state = AgentState::Idle;
@@ -959,10 +1253,22 @@ fn finish(shared: &Shared, mut record: JobRecord, result: JobResult, status: Opt
     })?;
     let version = shadow.running_version.clone().unwrap_or_default();
     if let Some(reported) = &shadow.reported {
-        enqueue(shared, &format!("result:{}", record.job_id), reported_payload(reported));
+        enqueue(
+            shared,
+            &format!("result:{}", record.job_id),
+            reported_payload(reported),
+        );
     }
-    let ack = Ack { job_id: record.job_id.clone(), status: ack_status, version };
-    enqueue(shared, &format!("ack:{}", record.job_id), serde_json::to_string(&ack)?);
+    let ack = Ack {
+        job_id: record.job_id.clone(),
+        status: ack_status,
+        version,
+    };
+    enqueue(
+        shared,
+        &format!("ack:{}", record.job_id),
+        serde_json::to_string(&ack)?,
+    );
     record.reported = true;
     shared.journal.write(&record)?;
     tracing::info!(job = record.job_id, ?result, "job finished");

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::capabilities::{Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import};
+use crate::capabilities::{
+    Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
+};
 use crate::runtime::{HANDLER_EXPORT_PREFIX, Runtime, handler_name, sha256_hex};
 
 /// How serious a finding is.
@@ -86,15 +88,24 @@ pub struct HandlerAudit {
 impl HandlerAudit {
     /// Number of findings of `severity`.
     pub fn count(&self, severity: Severity) -> usize {
-        self.findings.iter().filter(|f| f.severity == severity).count()
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
     }
 
     fn error(&mut self, message: impl Into<String>) {
-        self.findings.push(Finding { severity: Severity::Error, message: message.into() });
+        self.findings.push(Finding {
+            severity: Severity::Error,
+            message: message.into(),
+        });
     }
 
     fn warning(&mut self, message: impl Into<String>) {
-        self.findings.push(Finding { severity: Severity::Warning, message: message.into() });
+        self.findings.push(Finding {
+            severity: Severity::Warning,
+            message: message.into(),
+        });
     }
 }
 
@@ -111,7 +122,9 @@ pub async fn audit_dir(
         let mut audit = audit_one(runtime, &manifest_path, device).await;
         for t in audit.update_types.clone() {
             if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
-                audit.error(format!("update type {t:?} is also declared by handler {owner}"));
+                audit.error(format!(
+                    "update type {t:?} is also declared by handler {owner}"
+                ));
             }
         }
         audits.push(audit);
@@ -161,7 +174,10 @@ async fn audit_one(
     };
     let sha256 = sha256_hex(&wasm);
     if sha256 != manifest.handler.sha256 {
-        audit.error(format!("sha256 of the wasm is {sha256}, but the manifest pins {}", manifest.handler.sha256));
+        audit.error(format!(
+            "sha256 of the wasm is {sha256}, but the manifest pins {}",
+            manifest.handler.sha256
+        ));
     }
     audit.sha256 = Some(sha256.clone());
     let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
@@ -173,9 +189,15 @@ async fn audit_one(
     };
     let ty = component.component_type();
     for (import, _) in ty.imports(runtime.engine()) {
-        audit.imports.push(ImportAudit { name: import.to_string(), capability: classify_import(import) });
+        audit.imports.push(ImportAudit {
+            name: import.to_string(),
+            capability: classify_import(import),
+        });
     }
-    if !ty.exports(runtime.engine()).any(|(e, _)| e.starts_with(HANDLER_EXPORT_PREFIX)) {
+    if !ty
+        .exports(runtime.engine())
+        .any(|(e, _)| e.starts_with(HANDLER_EXPORT_PREFIX))
+    {
         audit.error("does not export `otabox:handler/handler@1.x`");
     }
     compare(&mut audit, &manifest, &grants);
@@ -193,28 +215,50 @@ async fn audit_one(
 fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants) {
     let used = |cap: Capability| audit.imports.iter().any(|i| i.capability == cap);
     let checks = [
-        (Capability::Filesystem, !manifest.filesystem.is_empty(), !grants.paths.is_empty(), "filesystem paths"),
-        (Capability::Process, !manifest.commands.is_empty(), !grants.commands.is_empty(), "command rules"),
-        (Capability::Network, !manifest.network.hosts.is_empty(), !grants.network.is_empty(), "network hosts"),
+        (
+            Capability::Filesystem,
+            !manifest.filesystem.is_empty(),
+            !grants.paths.is_empty(),
+            "filesystem paths",
+        ),
+        (
+            Capability::Process,
+            !manifest.commands.is_empty(),
+            !grants.commands.is_empty(),
+            "command rules",
+        ),
+        (
+            Capability::Network,
+            !manifest.network.hosts.is_empty(),
+            !grants.network.is_empty(),
+            "network hosts",
+        ),
     ];
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     for import in &audit.imports {
         match checks.iter().find(|c| c.0 == import.capability) {
-            Some((_, false, _, what)) => errors.push(format!("imports `{}` but declares no {what}", import.name)),
-            Some((_, true, false, what)) => {
-                errors.push(format!("imports `{}` but the device grants none of its {what}", import.name))
+            Some((_, false, _, what)) => {
+                errors.push(format!("imports `{}` but declares no {what}", import.name))
             }
+            Some((_, true, false, what)) => errors.push(format!(
+                "imports `{}` but the device grants none of its {what}",
+                import.name
+            )),
             Some(_) => {}
-            None if import.capability == Capability::Unsupported => {
-                errors.push(format!("imports `{}`, which otabox does not provide", import.name))
-            }
+            None if import.capability == Capability::Unsupported => errors.push(format!(
+                "imports `{}`, which otabox does not provide",
+                import.name
+            )),
             None => {}
         }
     }
     for (cap, declared, _, what) in checks {
         if declared && !used(cap) {
-            warnings.push(format!("declares {what} but imports no {} interface", cap.label()));
+            warnings.push(format!(
+                "declares {what} but imports no {} interface",
+                cap.label()
+            ));
         }
     }
     errors.into_iter().for_each(|e| audit.error(e));
@@ -227,7 +271,11 @@ fn summarize(grants: &Grants) -> CapabilitySummary {
             .paths
             .iter()
             .map(|p| {
-                let access = if p.access == Access::ReadWrite { "rw" } else { "ro" };
+                let access = if p.access == Access::ReadWrite {
+                    "rw"
+                } else {
+                    "ro"
+                };
                 if p.host == p.guest {
                     format!("{access} {}", p.guest.display())
                 } else {
@@ -239,7 +287,10 @@ fn summarize(grants: &Grants) -> CapabilitySummary {
             .commands
             .iter()
             .map(|c| {
-                let mut line = std::iter::once(c.program.as_str()).chain(c.args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+                let mut line = std::iter::once(c.program.as_str())
+                    .chain(c.args.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 if !c.env.is_empty() {
                     let _ = write!(line, " [env: {}]", c.env.join(", "));
                 }
@@ -261,35 +312,68 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
             (0, 0) => "ok".to_string(),
             _ => format!("{errors} error(s), {warnings} warning(s)"),
         };
-        let _ = writeln!(out, "handler {}: {verdict}{}", a.name, if a.enabled { "" } else { " (disabled by device config)" });
+        let _ = writeln!(
+            out,
+            "handler {}: {verdict}{}",
+            a.name,
+            if a.enabled {
+                ""
+            } else {
+                " (disabled by device config)"
+            }
+        );
         let _ = writeln!(out, "  manifest  {}", a.manifest.display());
         let _ = writeln!(out, "  wasm      {}", a.wasm.display());
         let _ = writeln!(out, "  sha256    {}", a.sha256.as_deref().unwrap_or("-"));
         let _ = writeln!(out, "  types     {}", a.update_types.join(", "));
         for (label, caps) in [("declared", &a.declared), ("granted", &a.granted)] {
             if let Some(c) = caps {
-                let _ = writeln!(out, "  {label:<9} filesystem: {}", list_or_none(&c.filesystem));
+                let _ = writeln!(
+                    out,
+                    "  {label:<9} filesystem: {}",
+                    list_or_none(&c.filesystem)
+                );
                 let _ = writeln!(out, "            commands:   {}", list_or_none(&c.commands));
                 let _ = writeln!(out, "            network:    {}", list_or_none(&c.network));
-                let _ = writeln!(out, "            limits:     {} MiB, {} ms per call", c.memory_mb, c.call_timeout_ms);
+                let _ = writeln!(
+                    out,
+                    "            limits:     {} MiB, {} ms per call",
+                    c.memory_mb, c.call_timeout_ms
+                );
             }
         }
-        let _ = writeln!(out, "  imports   {}", if a.imports.is_empty() { "-" } else { "" });
+        let _ = writeln!(
+            out,
+            "  imports   {}",
+            if a.imports.is_empty() { "-" } else { "" }
+        );
         for i in &a.imports {
             let _ = writeln!(out, "    {:<44} {}", i.name, i.capability.label());
         }
         for f in &a.findings {
-            let tag = if f.severity == Severity::Error { "error" } else { "warning" };
+            let tag = if f.severity == Severity::Error {
+                "error"
+            } else {
+                "warning"
+            };
             let _ = writeln!(out, "  {tag}: {}", f.message);
         }
         out.push('\n');
     }
     let errors: usize = audits.iter().map(|a| a.count(Severity::Error)).sum();
     let warnings: usize = audits.iter().map(|a| a.count(Severity::Warning)).sum();
-    let _ = writeln!(out, "{} handler(s), {errors} error(s), {warnings} warning(s)", audits.len());
+    let _ = writeln!(
+        out,
+        "{} handler(s), {errors} error(s), {warnings} warning(s)",
+        audits.len()
+    );
     out
 }
 
 fn list_or_none(items: &[String]) -> String {
-    if items.is_empty() { "none".into() } else { items.join("; ") }
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join("; ")
+    }
 }

@@ -70,7 +70,10 @@ fn default_reboot_command() -> Vec<String> {
 
 impl Default for DeviceSection {
     fn default() -> Self {
-        Self { id: None, reboot_command: default_reboot_command() }
+        Self {
+            id: None,
+            reboot_command: default_reboot_command(),
+        }
     }
 }
 
@@ -116,7 +119,12 @@ fn default_attempts() -> u32 {
 
 impl Default for DownloadSection {
     fn default() -> Self {
-        Self { ca_file: None, stall_timeout_secs: default_stall(), attempts: default_attempts(), credentials_url: None }
+        Self {
+            ca_file: None,
+            stall_timeout_secs: default_stall(),
+            attempts: default_attempts(),
+            credentials_url: None,
+        }
     }
 }
 
@@ -243,7 +251,11 @@ fn default_state_dir() -> PathBuf {
 
 impl Default for PathsSection {
     fn default() -> Self {
-        Self { handlers: default_handlers_dir(), state: default_state_dir(), cache: None }
+        Self {
+            handlers: default_handlers_dir(),
+            state: default_state_dir(),
+            cache: None,
+        }
     }
 }
 
@@ -277,19 +289,30 @@ impl DeviceConfig {
                     *target = base.join(&*target);
                 }
             }
-            grant.check().with_context(|| format!("invalid device config {}: [handlers.{name}]", path.display()))?;
+            grant.check().with_context(|| {
+                format!(
+                    "invalid device config {}: [handlers.{name}]",
+                    path.display()
+                )
+            })?;
         }
         Ok(config)
     }
 
     /// The device id (`[device] id`), required to run.
     pub fn device_id(&self) -> Result<&str> {
-        self.device.id.as_deref().context("device.toml has no `[device] id`")
+        self.device
+            .id
+            .as_deref()
+            .context("device.toml has no `[device] id`")
     }
 
     /// The directory of precompiled handlers.
     pub fn cache_dir(&self) -> PathBuf {
-        self.paths.cache.clone().unwrap_or_else(|| self.paths.state.join("cache"))
+        self.paths
+            .cache
+            .clone()
+            .unwrap_or_else(|| self.paths.state.join("cache"))
     }
 }
 
@@ -316,7 +339,11 @@ mod tests {
     fn relative_paths_follow_the_config_file_and_unknown_fields_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("device.toml");
-        std::fs::write(&path, "[paths]\nhandlers = \"h\"\n[handlers.file]\nmemory_mb = 8\n").expect("write");
+        std::fs::write(
+            &path,
+            "[paths]\nhandlers = \"h\"\n[handlers.file]\nmemory_mb = 8\n",
+        )
+        .expect("write");
         let config = DeviceConfig::load(&path).expect("valid config");
         assert_eq!(config.paths.handlers, dir.path().join("h"));
         assert_eq!(config.cache_dir(), PathBuf::from("/var/lib/otabox/cache"));
@@ -324,6 +351,9 @@ mod tests {
 
         std::fs::write(&path, "[handlers.file]\nmemroy_mb = 8\n").expect("write");
         let err = format!("{:#}", DeviceConfig::load(&path).unwrap_err());
-        assert!(err.contains("device.toml") && err.contains("unknown field `memroy_mb`"), "{err}");
+        assert!(
+            err.contains("device.toml") && err.contains("unknown field `memroy_mb`"),
+            "{err}"
+        );
     }
 }

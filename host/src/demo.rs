@@ -39,13 +39,25 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
     println!("== otabox handlers audit\n");
     let audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
     print!("{}", render_text(&audits));
-    anyhow::ensure!(audits.iter().all(|a| a.count(Severity::Error) == 0), "the built-in handler failed its audit");
+    anyhow::ensure!(
+        audits.iter().all(|a| a.count(Severity::Error) == 0),
+        "the built-in handler failed its audit"
+    );
 
-    let set = runtime.load_dir(&config.paths.handlers, &config.handlers).await?;
-    let handler = set.for_update_type("otabox/file:1").context("the file handler did not load")?;
+    let set = runtime
+        .load_dir(&config.paths.handlers, &config.handlers)
+        .await?;
+    let handler = set
+        .for_update_type("otabox/file:1")
+        .context("the file handler did not load")?;
     let progress: ProgressSink = std::sync::Arc::new(|e| {
         if e.total > 0 && e.done == e.total {
-            println!("    progress     {} {}/{} bytes", crate::workflow::phase_name(e.phase), e.done, e.total);
+            println!(
+                "    progress     {} {}/{} bytes",
+                crate::workflow::phase_name(e.phase),
+                e.done,
+                e.total
+            );
         }
     });
 
@@ -55,8 +67,20 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
     let mut reports = Vec::new();
     let inside = "/var/lib/otabox/files/app.conf";
     let cases = [
-        DemoCase { title: "install app.conf 1.2.0", job: "demo-1", bytes: v1, declared: v1, destination: inside },
-        DemoCase { title: "deploy the same again", job: "demo-2", bytes: v1, declared: v1, destination: inside },
+        DemoCase {
+            title: "install app.conf 1.2.0",
+            job: "demo-1",
+            bytes: v1,
+            declared: v1,
+            destination: inside,
+        },
+        DemoCase {
+            title: "deploy the same again",
+            job: "demo-2",
+            bytes: v1,
+            declared: v1,
+            destination: inside,
+        },
         DemoCase {
             title: "payload bytes differ from the declared hash",
             job: "demo-3",
@@ -84,30 +108,60 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         reports.push((job.to_string(), report));
     }
     let installed = std::fs::read(files.join("app.conf")).context("app.conf was not installed")?;
-    anyhow::ensure!(installed == v1, "app.conf does not hold the installed version");
-    anyhow::ensure!(!Path::new("/etc/otabox-demo.conf").exists(), "the sandbox let the handler write outside its grant");
+    anyhow::ensure!(
+        installed == v1,
+        "app.conf does not hold the installed version"
+    );
+    anyhow::ensure!(
+        !Path::new("/etc/otabox-demo.conf").exists(),
+        "the sandbox let the handler write outside its grant"
+    );
 
     println!("\n== inventory of the file handler");
     match handler.inventory().await? {
-        Ok(items) => items.iter().for_each(|i| println!("    {} {}", i.name, i.details.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))),
+        Ok(items) => items.iter().for_each(|i| {
+            println!(
+                "    {} {}",
+                i.name,
+                i.details
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        }),
         Err(status) => println!("    failed: {}", status.message),
     }
-    println!("\nThe handler wrote only inside {} (granted as /var/lib/otabox/files).", files.display());
+    println!(
+        "\nThe handler wrote only inside {} (granted as /var/lib/otabox/files).",
+        files.display()
+    );
     mqtt_flow(root).await?;
-    Ok(DemoOutcome { root: root.to_path_buf(), reports })
+    Ok(DemoOutcome {
+        root: root.to_path_buf(),
+        reports,
+    })
 }
 
 /// Part 2: broker, replica, agent, and a deployment through them.
 async fn mqtt_flow(root: &Path) -> Result<()> {
     println!("\n== part 2: a deployment through mosquitto, the replica and the agent");
     let Some(broker) = Broker::start(root)? else {
-        println!("  mosquitto is not installed: run `make setup` (or apt-get install mosquitto) to see this part");
+        println!(
+            "  mosquitto is not installed: run `make setup` (or apt-get install mosquitto) to see this part"
+        );
         return Ok(());
     };
     let port = broker.port;
     let db = root.join("replica.db");
-    let mqtt = crate::config::MqttSection { port, ..Default::default() };
-    let replica = crate::replica::service::ReplicaOptions { db: db.clone(), mqtt: mqtt.clone() };
+    let mqtt = crate::config::MqttSection {
+        port,
+        ..Default::default()
+    };
+    let replica = crate::replica::service::ReplicaOptions {
+        db: db.clone(),
+        mqtt: mqtt.clone(),
+    };
     background("replica", move || crate::replica::service::run(replica));
     let agent_config = root.join("agent.toml");
     std::fs::write(
@@ -121,7 +175,10 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
     let config = DeviceConfig::load(&agent_config)?;
     background("agent", move || crate::agent::run(config));
     let observer = Observer::connect(port).await?;
-    observer.wait(|m| m.contains("\"agent\"")).await.context("the agent did not come online")?;
+    observer
+        .wait(|m| m.contains("\"agent\""))
+        .await
+        .context("the agent did not come online")?;
     println!("  agent demo-device is online (broker on 127.0.0.1:{port})");
 
     let payload = root.join("payloads/app-2.0.0.conf");
@@ -136,7 +193,9 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
             url
         }
         None => {
-            println!("  nginx is not installed (make setup installs it): the payload is staged as a file:// URL");
+            println!(
+                "  nginx is not installed (make setup installs it): the payload is staged as a file:// URL"
+            );
             format!("file://{}", payload.display())
         }
     };
@@ -152,10 +211,18 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
         }))?;
         let version = store.deploy("demo-device", &desired)?;
         println!("\n  otabox fleet deploy: job {job} -> demo-device (shadow version {version})");
-        observer.wait(|m| m.contains(&format!("\"jobId\":\"{job}\"")) && m.contains("\"status\"") && !m.contains("\"state\""))
+        observer
+            .wait(|m| {
+                m.contains(&format!("\"jobId\":\"{job}\""))
+                    && m.contains("\"status\"")
+                    && !m.contains("\"state\"")
+            })
             .await
             .with_context(|| format!("no acknowledgement for {job}"))?;
-        observer.wait(|m| m.starts_with("accepted")).await.context("the replica did not confirm")?;
+        observer
+            .wait(|m| m.starts_with("accepted"))
+            .await
+            .context("the replica did not confirm")?;
     }
     FINISHED.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(server);
@@ -175,7 +242,10 @@ where
     F: std::future::Future<Output = Result<()>>,
 {
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
         match runtime {
             Ok(rt) => {
                 if let Err(e) = rt.block_on(service())
@@ -201,7 +271,9 @@ impl PayloadServer {
         let dir = root.join("nginx");
         let www = dir.join("www");
         std::fs::create_dir_all(&www)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let d = dir.display();
         let conf = dir.join("nginx.conf");
         std::fs::write(
@@ -258,7 +330,9 @@ struct Broker {
 
 impl Broker {
     fn start(root: &Path) -> Result<Option<Self>> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let conf = root.join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -303,7 +377,10 @@ impl Observer {
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
         eventloop.set_network_options(crate::mqtt::network_options());
-        for topic in ["state/demo-device/update", "state/demo-device/update/accepted"] {
+        for topic in [
+            "state/demo-device/update",
+            "state/demo-device/update/accepted",
+        ] {
             client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?;
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -313,7 +390,11 @@ impl Observer {
                 match eventloop.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
                         let text = String::from_utf8_lossy(&p.payload).into_owned();
-                        let line = if p.topic.ends_with("/accepted") { format!("accepted {text}") } else { text };
+                        let line = if p.topic.ends_with("/accepted") {
+                            format!("accepted {text}")
+                        } else {
+                            text
+                        };
                         if tx.send(line).is_err() {
                             return;
                         }
@@ -323,7 +404,9 @@ impl Observer {
                 }
             }
         });
-        Ok(Self { lines: tokio::sync::Mutex::new(rx) })
+        Ok(Self {
+            lines: tokio::sync::Mutex::new(rx),
+        })
     }
 
     /// Prints messages until one satisfies `want` (30 s at most).
@@ -331,7 +414,10 @@ impl Observer {
         let mut lines = self.lines.lock().await;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let line = tokio::time::timeout_at(deadline, lines.recv()).await.context("timed out")?.context("closed")?;
+            let line = tokio::time::timeout_at(deadline, lines.recv())
+                .await
+                .context("timed out")?
+                .context("closed")?;
             print_message(&line);
             if want(&line) {
                 return Ok(());
@@ -346,19 +432,33 @@ fn print_message(line: &str) {
         Some(rest) => ("    replica  accepted", rest),
         None => ("    device  ", line),
     };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else {
+        return;
+    };
     if let Some(d) = json.pointer("/state/reported/deployment") {
-        let state = d.pointer("/agent/state").and_then(|s| s.as_str()).unwrap_or("?");
+        let state = d
+            .pointer("/agent/state")
+            .and_then(|s| s.as_str())
+            .unwrap_or("?");
         let result = d.pointer("/lastResult/result").and_then(|s| s.as_str());
         let job = d.pointer("/jobId").and_then(|s| s.as_str()).unwrap_or("-");
         let progress = d.get("progress").filter(|p| p.is_object());
         match result {
             _ if progress.is_some() && prefix.starts_with("    device") => {
                 let p = progress.unwrap_or(&serde_json::Value::Null);
-                println!("{prefix} report: {state}, progress {} {}/{} bytes (job {job})", p["phase"].as_str().unwrap_or("?"), p["done"], p["total"]);
+                println!(
+                    "{prefix} report: {state}, progress {} {}/{} bytes (job {job})",
+                    p["phase"].as_str().unwrap_or("?"),
+                    p["done"],
+                    p["total"]
+                );
             }
-            Some(r) if state == "idle" && prefix.starts_with("    device") => println!("{prefix} report: idle, job {job} {r}"),
-            _ if prefix.starts_with("    device") => println!("{prefix} report: {state} (job {job})"),
+            Some(r) if state == "idle" && prefix.starts_with("    device") => {
+                println!("{prefix} report: idle, job {job} {r}")
+            }
+            _ if prefix.starts_with("    device") => {
+                println!("{prefix} report: {state} (job {job})")
+            }
             _ => {}
         }
     } else if json.get("status").is_some() {
@@ -370,8 +470,12 @@ fn print_message(line: &str) {
 /// config path.
 fn lay_out(root: &Path) -> Result<PathBuf> {
     let handlers = root.join("handlers");
-    std::fs::create_dir_all(&handlers).with_context(|| format!("cannot create {}", handlers.display()))?;
-    anyhow::ensure!(!builtin::FILE_WASM.is_empty(), "this build has no embedded handlers (OTABOX_SKIP_WASM_BUILD was set)");
+    std::fs::create_dir_all(&handlers)
+        .with_context(|| format!("cannot create {}", handlers.display()))?;
+    anyhow::ensure!(
+        !builtin::FILE_WASM.is_empty(),
+        "this build has no embedded handlers (OTABOX_SKIP_WASM_BUILD was set)"
+    );
     std::fs::write(handlers.join("file.wasm"), builtin::FILE_WASM)?;
     std::fs::write(handlers.join("file.toml"), builtin::FILE_TOML)?;
     let config = root.join("device.toml");
@@ -396,7 +500,13 @@ struct DemoCase {
 }
 
 fn step_request(root: &Path, config: &DeviceConfig, case: &DemoCase) -> Result<StepRequest> {
-    let DemoCase { job, bytes, declared, destination, .. } = *case;
+    let DemoCase {
+        job,
+        bytes,
+        declared,
+        destination,
+        ..
+    } = *case;
     let payload_dir = root.join("payloads").join(job);
     std::fs::create_dir_all(&payload_dir)?;
     let path = payload_dir.join("app.conf");
@@ -424,9 +534,19 @@ fn step_request(root: &Path, config: &DeviceConfig, case: &DemoCase) -> Result<S
 fn summarize(result: &StepResult) -> String {
     match result {
         StepResult::Installed { criteria } => format!("SUCCESS, installed {criteria}"),
-        StepResult::AlreadyInstalled { criteria } => format!("SUCCESS, {criteria} was already installed"),
-        StepResult::Failed { phase, message, rolled_back, .. } => {
-            format!("FAILURE in {phase}{}: {message}", if *rolled_back { " (rolled back)" } else { "" })
+        StepResult::AlreadyInstalled { criteria } => {
+            format!("SUCCESS, {criteria} was already installed")
+        }
+        StepResult::Failed {
+            phase,
+            message,
+            rolled_back,
+            ..
+        } => {
+            format!(
+                "FAILURE in {phase}{}: {message}",
+                if *rolled_back { " (rolled back)" } else { "" }
+            )
         }
         other => format!("{other:?}"),
     }

@@ -68,7 +68,10 @@ impl fmt::Display for DownloadError {
 impl std::error::Error for DownloadError {}
 
 fn fail(kind: FailureKind, message: impl Into<String>) -> DownloadError {
-    DownloadError { kind, message: message.into() }
+    DownloadError {
+        kind,
+        message: message.into(),
+    }
 }
 
 /// Download settings.
@@ -139,46 +142,76 @@ impl Downloader {
         let client = http_client(&options, None)?;
         let credentials_client = match (&options.credentials_url, &options.identity) {
             (Some(_), Some(identity)) => Some(http_client(&options, Some(identity))?),
-            (Some(_), None) => anyhow::bail!("a credentials endpoint needs the device's certificate and key"),
+            (Some(_), None) => {
+                anyhow::bail!("a credentials endpoint needs the device's certificate and key")
+            }
             _ => None,
         };
-        Ok(Self { client, credentials_client, token: Default::default(), options })
+        Ok(Self {
+            client,
+            credentials_client,
+            token: Default::default(),
+            options,
+        })
     }
 
     /// The bearer token from the credentials endpoint (cached; `refresh`
     /// fetches a new one). Never logged.
     async fn endpoint_token(&self, refresh: bool) -> Result<Option<String>, DownloadError> {
-        let (Some(url), Some(client)) = (&self.options.credentials_url, &self.credentials_client) else { return Ok(None) };
+        let (Some(url), Some(client)) = (&self.options.credentials_url, &self.credentials_client)
+        else {
+            return Ok(None);
+        };
         let mut cached = self.token.lock().await;
         if cached.is_some() && !refresh {
             return Ok(cached.clone());
         }
-        let response = client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
+        let response = client.get(url).send().await.map_err(|e| {
+            fail(
+                FailureKind::Unauthorized,
+                format!("credentials endpoint {}: {e}", redact(url)),
+            )
+        })?;
         if !response.status().is_success() {
-            return Err(fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {}", redact(url), response.status())));
+            return Err(fail(
+                FailureKind::Unauthorized,
+                format!(
+                    "credentials endpoint {}: {}",
+                    redact(url),
+                    response.status()
+                ),
+            ));
         }
         #[derive(Deserialize)]
         struct Credentials {
             token: String,
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
-        let credentials: Credentials = serde_json::from_slice(&body)
-            .map_err(|e| fail(FailureKind::Unauthorized, format!("credentials endpoint {}: {e}", redact(url))))?;
+        let body = response.bytes().await.map_err(|e| {
+            fail(
+                FailureKind::Unauthorized,
+                format!("credentials endpoint {}: {e}", redact(url)),
+            )
+        })?;
+        let credentials: Credentials = serde_json::from_slice(&body).map_err(|e| {
+            fail(
+                FailureKind::Unauthorized,
+                format!("credentials endpoint {}: {e}", redact(url)),
+            )
+        })?;
         *cached = Some(credentials.token);
         Ok(cached.clone())
     }
 
     /// Fetches `file` to `dest`, resuming a partial download; a complete,
     /// verified `dest` is kept as it is. `token` is sent as a bearer token.
-    pub async fn fetch(&self, file: &FileSpec, dest: &Path, token: Option<&str>) -> Result<(), DownloadError> {
-        self.fetch_with_progress(file, dest, token, &|_, _| {}).await
+    pub async fn fetch(
+        &self,
+        file: &FileSpec,
+        dest: &Path,
+        token: Option<&str>,
+    ) -> Result<(), DownloadError> {
+        self.fetch_with_progress(file, dest, token, &|_, _| {})
+            .await
     }
 
     /// Like [`Downloader::fetch`], calling `progress(done, total)` as bytes
@@ -190,14 +223,22 @@ impl Downloader {
         token: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<(), DownloadError> {
-        let endpoint = if token.is_none() && file.token.is_none() { self.endpoint_token(false).await? } else { None };
+        let endpoint = if token.is_none() && file.token.is_none() {
+            self.endpoint_token(false).await?
+        } else {
+            None
+        };
         let mut refreshed = false;
-        let token = token.or(file.token.as_deref()).or(endpoint.as_deref()).map(str::to_string);
+        let token = token
+            .or(file.token.as_deref())
+            .or(endpoint.as_deref())
+            .map(str::to_string);
         if dest.exists() && verify_file(dest, file.size, &file.sha256).is_ok() {
             return Ok(());
         }
         if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(FailureKind::Local, format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| fail(FailureKind::Local, format!("{}: {e}", dir.display())))?;
         }
         if let Some(path) = file.url.strip_prefix("file://") {
             return copy_local(file, Path::new(path), dest);
@@ -209,7 +250,9 @@ impl Downloader {
             let result = self.attempt(file, dest, token.as_deref(), progress).await;
             let result = match result {
                 // A token from the endpoint may have expired: fetch a new one once.
-                Err(e) if e.kind == FailureKind::Unauthorized && endpoint.is_some() && !refreshed => {
+                Err(e)
+                    if e.kind == FailureKind::Unauthorized && endpoint.is_some() && !refreshed =>
+                {
                     refreshed = true;
                     token = self.endpoint_token(true).await?;
                     continue;
@@ -219,26 +262,46 @@ impl Downloader {
             match result {
                 Attempt::Done => return Ok(()),
                 Attempt::Retry(why) => {
-                    tracing::info!(file = file.name, attempt, "download interrupted: {why}; resuming in {delay:?}");
+                    tracing::info!(
+                        file = file.name,
+                        attempt,
+                        "download interrupted: {why}; resuming in {delay:?}"
+                    );
                     last = why;
                 }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
         }
-        Err(fail(FailureKind::Network, format!("{}: gave up after {} attempts: {last}", file.name, self.options.attempts)))
+        Err(fail(
+            FailureKind::Network,
+            format!(
+                "{}: gave up after {} attempts: {last}",
+                file.name, self.options.attempts
+            ),
+        ))
     }
 
     /// Fetches a small document (a manifest) of at most `max` bytes whose
     /// sha256 is known, to `dest`; kept as it is when already there.
-    pub async fn fetch_document(&self, url: &str, sha256: &str, max: u64, dest: &Path) -> Result<(), DownloadError> {
+    pub async fn fetch_document(
+        &self,
+        url: &str,
+        sha256: &str,
+        max: u64,
+        dest: &Path,
+    ) -> Result<(), DownloadError> {
         if std::fs::read(dest).is_ok_and(|b| hex::encode(Sha256::digest(&b)) == sha256) {
             return Ok(());
         }
         let bytes = if let Some(path) = url.strip_prefix("file://") {
-            let meta = std::fs::metadata(path).map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?;
+            let meta = std::fs::metadata(path)
+                .map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?;
             if meta.len() > max {
-                return Err(fail(FailureKind::Mismatch, format!("{url}: over the {max}-byte limit")));
+                return Err(fail(
+                    FailureKind::Mismatch,
+                    format!("{url}: over the {max}-byte limit"),
+                ));
             }
             std::fs::read(path).map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?
         } else {
@@ -246,7 +309,10 @@ impl Downloader {
         };
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != sha256 {
-            return Err(fail(FailureKind::Mismatch, format!("{}: sha256 is {actual}, {sha256} declared", redact(url))));
+            return Err(fail(
+                FailureKind::Mismatch,
+                format!("{}: sha256 is {actual}, {sha256} declared", redact(url)),
+            ));
         }
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
@@ -263,17 +329,38 @@ impl Downloader {
             .map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
         match response.status() {
             StatusCode::OK => {}
-            StatusCode::FORBIDDEN => return Err(fail(FailureKind::UrlExpired, format!("{}: 403", redact(url)))),
-            StatusCode::UNAUTHORIZED => return Err(fail(FailureKind::Unauthorized, format!("{}: 401", redact(url)))),
-            StatusCode::NOT_FOUND => return Err(fail(FailureKind::NotFound, format!("{}: 404", redact(url)))),
-            s => return Err(fail(FailureKind::Protocol, format!("{}: status {s}", redact(url)))),
+            StatusCode::FORBIDDEN => {
+                return Err(fail(
+                    FailureKind::UrlExpired,
+                    format!("{}: 403", redact(url)),
+                ));
+            }
+            StatusCode::UNAUTHORIZED => {
+                return Err(fail(
+                    FailureKind::Unauthorized,
+                    format!("{}: 401", redact(url)),
+                ));
+            }
+            StatusCode::NOT_FOUND => {
+                return Err(fail(FailureKind::NotFound, format!("{}: 404", redact(url))));
+            }
+            s => {
+                return Err(fail(
+                    FailureKind::Protocol,
+                    format!("{}: status {s}", redact(url)),
+                ));
+            }
         }
         let mut bytes = Vec::new();
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
+            let chunk =
+                chunk.map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
             if bytes.len() as u64 + chunk.len() as u64 > max {
-                return Err(fail(FailureKind::Mismatch, format!("{}: over the {max}-byte limit", redact(url))));
+                return Err(fail(
+                    FailureKind::Mismatch,
+                    format!("{}: over the {max}-byte limit", redact(url)),
+                ));
             }
             bytes.extend_from_slice(&chunk);
         }
@@ -295,7 +382,9 @@ impl Downloader {
             request = request.bearer_auth(token);
         }
         if offset > 0 {
-            request = request.header(RANGE, format!("bytes={offset}-")).header(IF_RANGE, validator.clone().unwrap_or_default());
+            request = request
+                .header(RANGE, format!("bytes={offset}-"))
+                .header(IF_RANGE, validator.clone().unwrap_or_default());
         }
         let response = match request.send().await {
             Ok(r) => r,
@@ -305,29 +394,58 @@ impl Downloader {
         let resumed = status == StatusCode::PARTIAL_CONTENT;
         match status {
             StatusCode::OK => offset = 0,
-            StatusCode::PARTIAL_CONTENT => check_content_range(&response, offset, file.size, &partial_path, &meta_path)?,
+            StatusCode::PARTIAL_CONTENT => {
+                check_content_range(&response, offset, file.size, &partial_path, &meta_path)?
+            }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 discard(&partial_path, &meta_path);
-                return Ok(Attempt::Retry("416: the partial file is not resumable; starting over".into()));
+                return Ok(Attempt::Retry(
+                    "416: the partial file is not resumable; starting over".into(),
+                ));
             }
             StatusCode::FORBIDDEN => {
-                return Err(fail(FailureKind::UrlExpired, format!("{}: 403: the URL expired or is not for this device", file.name)));
+                return Err(fail(
+                    FailureKind::UrlExpired,
+                    format!(
+                        "{}: 403: the URL expired or is not for this device",
+                        file.name
+                    ),
+                ));
             }
             StatusCode::UNAUTHORIZED => {
-                let why = if token.is_some() { "the bearer token was refused" } else { "a bearer token is required" };
-                return Err(fail(FailureKind::Unauthorized, format!("{}: 401: {why}", file.name)));
+                let why = if token.is_some() {
+                    "the bearer token was refused"
+                } else {
+                    "a bearer token is required"
+                };
+                return Err(fail(
+                    FailureKind::Unauthorized,
+                    format!("{}: 401: {why}", file.name),
+                ));
             }
-            StatusCode::NOT_FOUND => return Err(fail(FailureKind::NotFound, format!("{}: 404 at {}", file.name, redact(&file.url)))),
+            StatusCode::NOT_FOUND => {
+                return Err(fail(
+                    FailureKind::NotFound,
+                    format!("{}: 404 at {}", file.name, redact(&file.url)),
+                ));
+            }
             s if s.is_server_error() => return Ok(Attempt::Retry(format!("server error {s}"))),
-            s => return Err(fail(FailureKind::Protocol, format!("{}: unexpected status {s}", file.name))),
+            s => {
+                return Err(fail(
+                    FailureKind::Protocol,
+                    format!("{}: unexpected status {s}", file.name),
+                ));
+            }
         }
         let meta = Partial {
             url: file.url.clone(),
             etag: header(&response, ETAG),
             last_modified: header(&response, LAST_MODIFIED),
         };
-        let bytes = serde_json::to_vec(&meta).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
-        durable::write_atomic(&meta_path, &bytes).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
+        let bytes =
+            serde_json::to_vec(&meta).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        durable::write_atomic(&meta_path, &bytes)
+            .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
         let (mut out, mut hasher) = open_partial(&partial_path, offset)?;
         let mut received = offset;
         let mut body = response.bytes_stream();
@@ -336,21 +454,30 @@ impl Downloader {
                 Ok(c) => c,
                 Err(e) => {
                     sync(&out)?;
-                    return Ok(Attempt::Retry(format!("body stopped at byte {received}: {e}")));
+                    return Ok(Attempt::Retry(format!(
+                        "body stopped at byte {received}: {e}"
+                    )));
                 }
             };
             if received + chunk.len() as u64 > file.size {
                 discard(&partial_path, &meta_path);
-                return Err(fail(FailureKind::Mismatch, format!("{}: more than the declared {} bytes", file.name, file.size)));
+                return Err(fail(
+                    FailureKind::Mismatch,
+                    format!("{}: more than the declared {} bytes", file.name, file.size),
+                ));
             }
-            out.write_all(&chunk).map_err(|e| disk_error(&partial_path, e))?;
+            out.write_all(&chunk)
+                .map_err(|e| disk_error(&partial_path, e))?;
             hasher.update(&chunk);
             received += chunk.len() as u64;
             progress(received, file.size);
         }
         sync(&out)?;
         if received < file.size {
-            return Ok(Attempt::Retry(format!("body ended at byte {received} of {}", file.size)));
+            return Ok(Attempt::Retry(format!(
+                "body ended at byte {received} of {}",
+                file.size
+            )));
         }
         let actual = hex::encode(hasher.finalize());
         if actual != file.sha256 {
@@ -358,20 +485,33 @@ impl Downloader {
             if resumed {
                 // The kept bytes may be what a power cut left behind: one
                 // more try from zero before calling the payload bad.
-                return Ok(Attempt::Retry("sha256 mismatch after a resume; starting over".into()));
+                return Ok(Attempt::Retry(
+                    "sha256 mismatch after a resume; starting over".into(),
+                ));
             }
-            return Err(fail(FailureKind::Mismatch, format!("{}: sha256 is {actual}, {} declared", file.name, file.sha256)));
+            return Err(fail(
+                FailureKind::Mismatch,
+                format!(
+                    "{}: sha256 is {actual}, {} declared",
+                    file.name, file.sha256
+                ),
+            ));
         }
-        std::fs::rename(&partial_path, dest).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        std::fs::rename(&partial_path, dest)
+            .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
         let _ = std::fs::remove_file(&meta_path);
-        durable::sync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
+        durable::sync_dir(dest.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
         Ok(Attempt::Done)
     }
 }
 
 /// A client trusting the system roots plus `ca_file`, presenting
 /// `identity` (cert, key) when given.
-fn http_client(options: &DownloadOptions, identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<reqwest::Client> {
+fn http_client(
+    options: &DownloadOptions,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> anyhow::Result<reqwest::Client> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = &options.ca_file {
         let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
@@ -379,18 +519,30 @@ fn http_client(options: &DownloadOptions, identity: Option<&(PathBuf, PathBuf)>)
             roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
     let tls = match identity {
         Some((cert, key)) => {
-            let certs = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("{} is not PEM", cert.display()))?;
-            let key_der = rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?.as_slice())
-                .with_context(|| format!("{} is not PEM", key.display()))?
-                .with_context(|| format!("{} holds no private key", key.display()))?;
-            builder.with_client_auth_cert(certs, key_der).context("the device certificate and key do not match")?
+            let certs = rustls_pemfile::certs(
+                &mut std::fs::read(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?
+                    .as_slice(),
+            )
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{} is not PEM", cert.display()))?;
+            let key_der = rustls_pemfile::private_key(
+                &mut std::fs::read(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?
+                    .as_slice(),
+            )
+            .with_context(|| format!("{} is not PEM", key.display()))?
+            .with_context(|| format!("{} holds no private key", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key_der)
+                .context("the device certificate and key do not match")?
         }
         None => builder.with_no_client_auth(),
     };
@@ -407,8 +559,12 @@ fn http_client(options: &DownloadOptions, identity: Option<&(PathBuf, PathBuf)>)
 /// resume against. Without a usable validator it starts over.
 fn resume_point(file: &FileSpec, partial: &Path, meta: &Path) -> (u64, Option<String>) {
     let len = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
-    let saved: Option<Partial> = std::fs::read(meta).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let validator = saved.filter(|p| p.url == file.url).and_then(|p| p.etag.or(p.last_modified));
+    let saved: Option<Partial> = std::fs::read(meta)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let validator = saved
+        .filter(|p| p.url == file.url)
+        .and_then(|p| p.etag.or(p.last_modified));
     match validator {
         Some(v) if len > 0 && len <= file.size => (len, Some(v)),
         _ => {
@@ -422,13 +578,21 @@ fn resume_point(file: &FileSpec, partial: &Path, meta: &Path) -> (u64, Option<St
 /// bytes already there.
 fn open_partial(path: &Path, offset: u64) -> Result<(std::fs::File, Sha256), DownloadError> {
     let local = |e: std::io::Error| fail(FailureKind::Local, format!("{}: {e}", path.display()));
-    let mut file = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path).map_err(local)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(local)?;
     file.set_len(offset).map_err(local)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut left = offset;
     while left > 0 {
-        let n = file.read(&mut buf[..left.min(1 << 20) as usize]).map_err(local)?;
+        let n = file
+            .read(&mut buf[..left.min(1 << 20) as usize])
+            .map_err(local)?;
         if n == 0 {
             break;
         }
@@ -450,18 +614,28 @@ fn check_content_range(
     let parsed = range
         .strip_prefix("bytes ")
         .and_then(|r| r.split_once('/'))
-        .and_then(|(span, total)| span.split_once('-').map(|(start, _)| (start.parse::<u64>().ok(), total.parse::<u64>().ok())));
+        .and_then(|(span, total)| {
+            span.split_once('-')
+                .map(|(start, _)| (start.parse::<u64>().ok(), total.parse::<u64>().ok()))
+        });
     match parsed {
         Some((Some(start), total)) if start == offset && total.is_none_or(|t| t == size) => Ok(()),
         _ => {
             discard(partial, meta);
-            Err(fail(FailureKind::Protocol, format!("bad Content-Range {range:?} for a resume at byte {offset} of {size}")))
+            Err(fail(
+                FailureKind::Protocol,
+                format!("bad Content-Range {range:?} for a resume at byte {offset} of {size}"),
+            ))
         }
     }
 }
 
 fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
-    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Refuses to start when the filesystem cannot hold `needed` more bytes.
@@ -476,19 +650,31 @@ fn check_space(dest: &Path, needed: u64) -> Result<(), DownloadError> {
     }
     let free = stat.f_bavail as u64 * stat.f_frsize as u64;
     if free < needed {
-        return Err(fail(FailureKind::DiskFull, format!("{needed} bytes needed in {}, {free} free", dir.display())));
+        return Err(fail(
+            FailureKind::DiskFull,
+            format!("{needed} bytes needed in {}, {free} free", dir.display()),
+        ));
     }
     Ok(())
 }
 
 fn disk_error(path: &Path, e: std::io::Error) -> DownloadError {
     let _ = std::fs::remove_file(path);
-    let kind = if e.raw_os_error() == Some(libc::ENOSPC) { FailureKind::DiskFull } else { FailureKind::Local };
+    let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+        FailureKind::DiskFull
+    } else {
+        FailureKind::Local
+    };
     fail(kind, format!("{}: {e}", path.display()))
 }
 
 fn sync(file: &std::fs::File) -> Result<(), DownloadError> {
-    file.sync_all().map_err(|e| fail(FailureKind::Local, format!("cannot sync a partial download: {e}")))
+    file.sync_all().map_err(|e| {
+        fail(
+            FailureKind::Local,
+            format!("cannot sync a partial download: {e}"),
+        )
+    })
 }
 
 fn discard(partial: &Path, meta: &Path) {
@@ -512,20 +698,35 @@ pub fn redact(url: &str) -> &str {
 /// on a mismatch.
 fn copy_local(file: &FileSpec, source: &Path, dest: &Path) -> Result<(), DownloadError> {
     if !source.is_absolute() || file.url.contains(['%', '?']) {
-        return Err(fail(FailureKind::Local, format!("{}: only plain absolute file:// URLs are supported", file.url)));
+        return Err(fail(
+            FailureKind::Local,
+            format!(
+                "{}: only plain absolute file:// URLs are supported",
+                file.url
+            ),
+        ));
     }
     check_space(dest, file.size)?;
     let partial = sibling(dest, "partial");
-    std::fs::copy(source, &partial).map_err(|e| fail(FailureKind::NotFound, format!("cannot fetch {}: {e}", file.url)))?;
+    std::fs::copy(source, &partial).map_err(|e| {
+        fail(
+            FailureKind::NotFound,
+            format!("cannot fetch {}: {e}", file.url),
+        )
+    })?;
     if let Err(e) = verify_file(&partial, file.size, &file.sha256) {
         let _ = std::fs::remove_file(&partial);
-        return Err(fail(FailureKind::Mismatch, format!("payload {} from {}: {e:#}", file.name, file.url)));
+        return Err(fail(
+            FailureKind::Mismatch,
+            format!("payload {} from {}: {e:#}", file.name, file.url),
+        ));
     }
     std::fs::File::open(&partial)
         .and_then(|f| f.sync_all())
         .and_then(|_| std::fs::rename(&partial, dest))
         .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
-    durable::sync_dir(dest.parent().unwrap_or(Path::new("."))).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
+    durable::sync_dir(dest.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
 }
 
 #[cfg(test)]
@@ -538,19 +739,34 @@ mod tests {
         let src = dir.path().join("src.bin");
         std::fs::write(&src, b"abc").expect("write");
         let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let spec = |sha: &str| FileSpec { name: "p".into(), url: format!("file://{}", src.display()), size: 3, sha256: sha.into(), token: None };
+        let spec = |sha: &str| FileSpec {
+            name: "p".into(),
+            url: format!("file://{}", src.display()),
+            size: 3,
+            sha256: sha.into(),
+            token: None,
+        };
         let downloader = Downloader::new(DownloadOptions::default()).expect("client");
         let dest = dir.path().join("job/p");
-        downloader.fetch(&spec(good), &dest, None).await.expect("fetch");
+        downloader
+            .fetch(&spec(good), &dest, None)
+            .await
+            .expect("fetch");
         assert_eq!(std::fs::read(&dest).expect("read"), b"abc");
         let bad_dest = dir.path().join("job/q");
-        let err = downloader.fetch(&spec(&"0".repeat(64)), &bad_dest, None).await.expect_err("mismatch");
+        let err = downloader
+            .fetch(&spec(&"0".repeat(64)), &bad_dest, None)
+            .await
+            .expect_err("mismatch");
         assert_eq!(err.kind, FailureKind::Mismatch);
         assert!(!bad_dest.exists() && !sibling(&bad_dest, "partial").exists());
     }
 
     #[test]
     fn pre_signed_queries_are_redacted() {
-        assert_eq!(redact("https://h/p.bin?X-Amz-Signature=secret"), "https://h/p.bin");
+        assert_eq!(
+            redact("https://h/p.bin?X-Amz-Signature=secret"),
+            "https://h/p.bin"
+        );
     }
 }

@@ -137,7 +137,9 @@ pub fn decide(record: &JobRecord, boot_id: &str, max_attempts: u32) -> Resume {
         JobPhase::Accepted | JobPhase::Validating => Resume::Restart,
         JobPhase::Downloading => Resume::ResumeDownload,
         JobPhase::Installing { step, .. } => Resume::AskHandler { step: *step },
-        JobPhase::AwaitingReboot { boot_id: before, .. } if before != boot_id => Resume::VerifyAfterReboot,
+        JobPhase::AwaitingReboot {
+            boot_id: before, ..
+        } if before != boot_id => Resume::VerifyAfterReboot,
         JobPhase::AwaitingReboot { .. } => Resume::AwaitReboot,
         JobPhase::AwaitingRestart => Resume::VerifyAfterRestart,
         JobPhase::Verifying => Resume::ContinueVerify,
@@ -217,8 +219,12 @@ impl Journal {
     /// Opens (creating) the journal in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self> {
         let jobs = state_dir.join("jobs");
-        std::fs::create_dir_all(&jobs).with_context(|| format!("cannot create {}", jobs.display()))?;
-        Ok(Self { dir: state_dir.to_path_buf(), shadow_lock: Default::default() })
+        std::fs::create_dir_all(&jobs)
+            .with_context(|| format!("cannot create {}", jobs.display()))?;
+        Ok(Self {
+            dir: state_dir.to_path_buf(),
+            shadow_lock: Default::default(),
+        })
     }
 
     /// The directory of a job's files.
@@ -235,7 +241,10 @@ impl Journal {
     /// Changes the shadow bookkeeping with `change`, atomically and under
     /// a lock; returns the new record.
     pub fn update_shadow(&self, change: impl FnOnce(&mut ShadowRecord)) -> Result<ShadowRecord> {
-        let _guard = self.shadow_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self
+            .shadow_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut shadow = self.shadow()?;
         change(&mut shadow);
         write_json(&self.dir.join("shadow.json"), &shadow)?;
@@ -258,7 +267,8 @@ impl Journal {
     fn store(&self, record: &JobRecord) -> Result<()> {
         let dir = self.job_dir(&record.job_id)?;
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             durable::sync_dir(dir.parent().unwrap_or(&self.dir))?;
         }
         write_json(&dir.join("journal.json"), record)
@@ -278,11 +288,21 @@ impl Journal {
 
     /// Like [`Journal::accept`], recording the sequence of the verified
     /// signed manifest that came with the deployment.
-    pub fn accept_signed(&self, shadow_version: u64, desired: &DesiredState, sequence: Option<u64>) -> Result<Acceptance> {
-        let _guard = self.shadow_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn accept_signed(
+        &self,
+        shadow_version: u64,
+        desired: &DesiredState,
+        sequence: Option<u64>,
+    ) -> Result<Acceptance> {
+        let _guard = self
+            .shadow_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut shadow = self.shadow()?;
         if shadow_version <= shadow.last_version {
-            return Ok(Acceptance::Stale { last: shadow.last_version });
+            return Ok(Acceptance::Stale {
+                last: shadow.last_version,
+            });
         }
         if let Some(existing) = self.record(&desired.job_id)? {
             return Ok(Acceptance::Duplicate(Box::new(existing)));
@@ -325,7 +345,9 @@ impl Journal {
     pub fn unfinished(&self) -> Result<Vec<JobRecord>> {
         let jobs = self.dir.join("jobs");
         let mut records = Vec::new();
-        for entry in std::fs::read_dir(&jobs).with_context(|| format!("cannot list {}", jobs.display()))? {
+        for entry in
+            std::fs::read_dir(&jobs).with_context(|| format!("cannot list {}", jobs.display()))?
+        {
             let path = entry?.path().join("journal.json");
             if let Some(record) = read_json::<JobRecord>(&path)?
                 && !(matches!(record.phase, JobPhase::Done { .. }) && record.reported)
@@ -340,7 +362,10 @@ impl Journal {
     /// Counts an agent start that found `record` unfinished (loop breaker),
     /// journaled before anything is resumed.
     pub fn count_attempt(&self, record: &mut JobRecord) -> Result<()> {
-        if !matches!(record.phase, JobPhase::Done { .. } | JobPhase::AwaitingReboot { .. } | JobPhase::AwaitingRestart) {
+        if !matches!(
+            record.phase,
+            JobPhase::Done { .. } | JobPhase::AwaitingReboot { .. } | JobPhase::AwaitingRestart
+        ) {
             record.attempts += 1;
             self.store(record)?;
         }
@@ -354,7 +379,8 @@ pub fn boot_id() -> Result<String> {
     let path = std::env::var_os("OTABOX_BOOT_ID_FILE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
-    let id = std::fs::read_to_string(&path).with_context(|| format!("cannot read boot id from {}", path.display()))?;
+    let id = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read boot id from {}", path.display()))?;
     let id = id.trim();
     if id.is_empty() {
         bail!("boot id in {} is empty", path.display());
@@ -388,17 +414,43 @@ mod tests {
     fn accept_journals_new_jobs_and_ignores_stale_and_duplicate_deltas() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = Journal::open(dir.path()).expect("open");
-        let Acceptance::Accepted(record) = journal.accept(5, &desired("a")).expect("accept") else { panic!() };
+        let Acceptance::Accepted(record) = journal.accept(5, &desired("a")).expect("accept") else {
+            panic!()
+        };
         assert_eq!(record.phase, JobPhase::Accepted);
         assert_eq!(journal.record("a").expect("read"), Some(*record));
-        assert_eq!(journal.accept(5, &desired("b")).expect("accept"), Acceptance::Stale { last: 5 });
-        assert_eq!(journal.accept(4, &desired("b")).expect("accept"), Acceptance::Stale { last: 5 });
-        assert!(matches!(journal.accept(6, &desired("a")).expect("accept"), Acceptance::Duplicate(_)));
-        assert_eq!(journal.shadow().expect("shadow").last_version, 5, "a duplicate does not advance the version");
-        assert!(matches!(journal.accept(7, &desired("b")).expect("accept"), Acceptance::Accepted(_)));
-        let jobs: Vec<String> = journal.unfinished().expect("list").into_iter().map(|r| r.job_id).collect();
+        assert_eq!(
+            journal.accept(5, &desired("b")).expect("accept"),
+            Acceptance::Stale { last: 5 }
+        );
+        assert_eq!(
+            journal.accept(4, &desired("b")).expect("accept"),
+            Acceptance::Stale { last: 5 }
+        );
+        assert!(matches!(
+            journal.accept(6, &desired("a")).expect("accept"),
+            Acceptance::Duplicate(_)
+        ));
+        assert_eq!(
+            journal.shadow().expect("shadow").last_version,
+            5,
+            "a duplicate does not advance the version"
+        );
+        assert!(matches!(
+            journal.accept(7, &desired("b")).expect("accept"),
+            Acceptance::Accepted(_)
+        ));
+        let jobs: Vec<String> = journal
+            .unfinished()
+            .expect("list")
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
         assert_eq!(jobs, ["a", "b"]);
-        assert_eq!(journal.shadow().expect("shadow").desired.map(|d| d.reboot), Some(RebootPolicy::Immediate));
+        assert_eq!(
+            journal.shadow().expect("shadow").desired.map(|d| d.reboot),
+            Some(RebootPolicy::Immediate)
+        );
     }
 
     #[test]
@@ -414,13 +466,24 @@ mod tests {
             reported: false,
         };
         assert_eq!(decide(&r, "boot-1", 3), Resume::ResumeDownload);
-        r.phase = JobPhase::Installing { step: 2, stage: "apply".into() };
+        r.phase = JobPhase::Installing {
+            step: 2,
+            stage: "apply".into(),
+        };
         assert_eq!(decide(&r, "boot-1", 3), Resume::AskHandler { step: 2 });
-        r.phase = JobPhase::AwaitingReboot { boot_id: "boot-1".into(), deferred: false };
+        r.phase = JobPhase::AwaitingReboot {
+            boot_id: "boot-1".into(),
+            deferred: false,
+        };
         assert_eq!(decide(&r, "boot-1", 3), Resume::AwaitReboot);
         assert_eq!(decide(&r, "boot-2", 3), Resume::VerifyAfterReboot);
-        r.phase = JobPhase::Done { result: JobResult::Succeeded };
-        assert_eq!(decide(&r, "boot-2", 3), Resume::Report(JobResult::Succeeded));
+        r.phase = JobPhase::Done {
+            result: JobResult::Succeeded,
+        };
+        assert_eq!(
+            decide(&r, "boot-2", 3),
+            Resume::Report(JobResult::Succeeded)
+        );
         r.reported = true;
         assert_eq!(decide(&r, "boot-2", 3), Resume::Nothing);
     }
@@ -429,8 +492,19 @@ mod tests {
     fn the_loop_breaker_fails_a_job_that_keeps_crashing_the_agent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = Journal::open(dir.path()).expect("open");
-        let Acceptance::Accepted(mut record) = journal.accept(1, &desired("a")).expect("accept") else { panic!() };
-        journal.transition(&mut record, JobPhase::Installing { step: 0, stage: "install".into() }).expect("write");
+        let Acceptance::Accepted(mut record) = journal.accept(1, &desired("a")).expect("accept")
+        else {
+            panic!()
+        };
+        journal
+            .transition(
+                &mut record,
+                JobPhase::Installing {
+                    step: 0,
+                    stage: "install".into(),
+                },
+            )
+            .expect("write");
         for _ in 0..3 {
             let mut r = journal.record("a").expect("read").expect("present");
             journal.count_attempt(&mut r).expect("count");
@@ -440,7 +514,10 @@ mod tests {
         journal.count_attempt(&mut r).expect("count");
         assert!(matches!(decide(&r, "b", 3), Resume::GiveUp(m) if m.contains("4 times")));
         let mut waiting = r.clone();
-        waiting.phase = JobPhase::AwaitingReboot { boot_id: "b".into(), deferred: true };
+        waiting.phase = JobPhase::AwaitingReboot {
+            boot_id: "b".into(),
+            deferred: true,
+        };
         journal.count_attempt(&mut waiting).expect("count");
         assert_eq!(waiting.attempts, 4, "waiting for a reboot is not a crash");
     }
@@ -450,7 +527,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = Journal::open(dir.path()).expect("open");
         std::fs::write(dir.path().join("shadow.json"), b"{not json").expect("write");
-        assert!(format!("{:#}", journal.shadow().unwrap_err()).contains("shadow.json does not parse"));
+        assert!(
+            format!("{:#}", journal.shadow().unwrap_err()).contains("shadow.json does not parse")
+        );
         assert!(journal.job_dir("../escape").is_err());
     }
 }

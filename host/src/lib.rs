@@ -13,8 +13,8 @@ pub mod capabilities;
 pub mod config;
 pub mod demo;
 pub mod download;
-pub mod failpoint;
 pub mod durable;
+pub mod failpoint;
 pub mod journal;
 pub mod mqtt;
 pub mod outbox;
@@ -27,7 +27,8 @@ pub mod workflow;
 /// The first-party handlers built into this binary, packaged by the build.
 pub mod builtin {
     /// The `file` handler component.
-    pub const FILE_WASM: &[u8] = include_bytes!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.wasm"));
+    pub const FILE_WASM: &[u8] =
+        include_bytes!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.wasm"));
     /// The `file` handler's capability manifest, pinned to [`FILE_WASM`].
     pub const FILE_TOML: &str = include_str!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.toml"));
     /// Directory of the packaged handlers and test guests of this build.

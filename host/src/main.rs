@@ -234,7 +234,9 @@ fn main() -> ExitCode {
     };
     let filter = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -255,10 +257,24 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Handlers { command: HandlersCommand::List { source, json } } => list(&source, json).await,
-        Command::Handlers { command: HandlersCommand::Audit { source, json } } => audit(&source, json).await,
+        Command::Handlers {
+            command: HandlersCommand::List { source, json },
+        } => list(&source, json).await,
+        Command::Handlers {
+            command: HandlersCommand::Audit { source, json },
+        } => audit(&source, json).await,
         Command::Demo { dir, keep } => demo(dir, keep).await,
-        Command::Replica { db, host, port, layout, ca_file, cert_file, key_file, username, password_file } => {
+        Command::Replica {
+            db,
+            host,
+            port,
+            layout,
+            ca_file,
+            cert_file,
+            key_file,
+            username,
+            password_file,
+        } => {
             let layout = serde_json::from_value(serde_json::Value::String(layout.clone()))
                 .with_context(|| format!("--layout {layout:?}: use iot-atlas or aws-shadow"))?;
             let mqtt = otabox::config::MqttSection {
@@ -273,17 +289,36 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 client_id: Some("otabox-replica".into()),
                 ..Default::default()
             };
-            otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt }).await?;
+            otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt })
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Fleet { db, command } => fleet(&db, command).await,
         Command::Keygen { out, name } => keygen(&out, &name),
-        Command::Sign { keys, file, root_next, sequence, device, group, valid_for } => {
-            sign(&keys, &file, root_next, sequence, device, group, valid_for)
-        }
-        Command::Verify { root, file, rotation, device, groups, last_sequence } => {
-            verify(&root, &file, rotation, device.as_deref(), &groups, last_sequence)
-        }
+        Command::Sign {
+            keys,
+            file,
+            root_next,
+            sequence,
+            device,
+            group,
+            valid_for,
+        } => sign(&keys, &file, root_next, sequence, device, group, valid_for),
+        Command::Verify {
+            root,
+            file,
+            rotation,
+            device,
+            groups,
+            last_sequence,
+        } => verify(
+            &root,
+            &file,
+            rotation,
+            device.as_deref(),
+            &groups,
+            last_sequence,
+        ),
         Command::Run { config } => {
             otabox::agent::run(DeviceConfig::load(&config)?).await?;
             Ok(ExitCode::SUCCESS)
@@ -295,7 +330,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 /// is given.
 fn device_config(source: &Source) -> Result<DeviceConfig> {
     let mut config = if source.config.exists() || source.dir.is_none() {
-        DeviceConfig::load(&source.config).with_context(|| "pass --config FILE, or --dir DIR for a bare handler directory")?
+        DeviceConfig::load(&source.config)
+            .with_context(|| "pass --config FILE, or --dir DIR for a bare handler directory")?
     } else {
         let mut config = DeviceConfig::default();
         config.paths.cache = Some(std::env::temp_dir().join("otabox-cache"));
@@ -310,7 +346,9 @@ fn device_config(source: &Source) -> Result<DeviceConfig> {
 async fn list(source: &Source, json: bool) -> Result<ExitCode> {
     let config = device_config(source)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let set = runtime.load_dir(&config.paths.handlers, &config.handlers).await?;
+    let set = runtime
+        .load_dir(&config.paths.handlers, &config.handlers)
+        .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list_json(&set))?);
     } else {
@@ -331,12 +369,18 @@ fn list_json(set: &HandlerSet) -> serde_json::Value {
     let refused = set.refused.iter().map(|r| {
         serde_json::json!({"name": r.name, "status": "refused", "manifest": r.manifest, "error": format!("{:#}", r.error)})
     });
-    let disabled = set.disabled.iter().map(|n| serde_json::json!({"name": n, "status": "disabled"}));
+    let disabled = set
+        .disabled
+        .iter()
+        .map(|n| serde_json::json!({"name": n, "status": "disabled"}));
     serde_json::Value::Array(loaded.chain(refused).chain(disabled).collect())
 }
 
 fn print_list(set: &HandlerSet, dir: &Path) {
-    println!("{:<12} {:<9} {:<9} {:<14} {:<30} FILE", "NAME", "STATUS", "VERSION", "SHA256", "UPDATE TYPES");
+    println!(
+        "{:<12} {:<9} {:<9} {:<14} {:<30} FILE",
+        "NAME", "STATUS", "VERSION", "SHA256", "UPDATE TYPES"
+    );
     for h in &set.handlers {
         println!(
             "{:<12} {:<9} {:<9} {:<14} {:<30} {}",
@@ -369,7 +413,11 @@ async fn audit(source: &Source, json: bool) -> Result<ExitCode> {
         print!("{}", render_text(&audits));
     }
     let clean = audits.iter().all(|a| a.count(Severity::Error) == 0);
-    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
@@ -377,12 +425,20 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
     match command {
         FleetCommand::Register { device, group } => {
             store.register(&device, group.as_deref())?;
-            println!("registered {device}{}", group.map(|g| format!(" in group {g}")).unwrap_or_default());
+            println!(
+                "registered {device}{}",
+                group.map(|g| format!(" in group {g}")).unwrap_or_default()
+            );
         }
-        FleetCommand::Deploy { file, device, group } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let desired: otabox::shadow::DesiredState =
-                serde_json::from_str(&text).with_context(|| format!("{} is not a deployment", file.display()))?;
+        FleetCommand::Deploy {
+            file,
+            device,
+            group,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let desired: otabox::shadow::DesiredState = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a deployment", file.display()))?;
             let targets = match (device, group) {
                 (Some(device), _) => {
                     store.deploy(&device, &desired)?;
@@ -399,7 +455,11 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
         }
         FleetCommand::Status { device, json } => {
             let devices = match device {
-                Some(id) => vec![store.status(&id)?.with_context(|| format!("unknown device {id}"))?],
+                Some(id) => vec![
+                    store
+                        .status(&id)?
+                        .with_context(|| format!("unknown device {id}"))?,
+                ],
                 None => store.fleet()?,
             };
             if json {
@@ -414,15 +474,29 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
 }
 
 fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {
-    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let text =
+        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
     let desired = text(d.desired.as_ref().and_then(|v| v.get("jobId")));
     let state = text(d.reported.as_ref().and_then(|r| r.pointer("/agent/state")));
-    let ack = d.ack.as_ref().map_or("-".to_string(), |a| format!("{:?} {}", a.status, a.version));
-    format!("{:<16} {:<10} {:<8} {:<20} {:<15} {ack}", d.id, d.group.as_deref().unwrap_or("-"), d.version, desired, state)
+    let ack = d
+        .ack
+        .as_ref()
+        .map_or("-".to_string(), |a| format!("{:?} {}", a.status, a.version));
+    format!(
+        "{:<16} {:<10} {:<8} {:<20} {:<15} {ack}",
+        d.id,
+        d.group.as_deref().unwrap_or("-"),
+        d.version,
+        desired,
+        state
+    )
 }
 
 fn print_fleet(devices: &[otabox::replica::DeviceStatus]) {
-    println!("{:<16} {:<10} {:<8} {:<20} {:<15} ACK", "DEVICE", "GROUP", "VERSION", "DESIRED JOB", "STATE");
+    println!(
+        "{:<16} {:<10} {:<8} {:<20} {:<15} ACK",
+        "DEVICE", "GROUP", "VERSION", "DESIRED JOB", "STATE"
+    );
     for d in devices {
         println!("{}", fleet_row(d));
     }
@@ -455,7 +529,12 @@ fn keygen(out: &Path, name: &str) -> Result<ExitCode> {
         .create_new(true)
         .mode(0o600)
         .open(&secret_path)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", secret_path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create {} (it must not exist yet)",
+                secret_path.display()
+            )
+        })?;
     std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())?;
     std::fs::write(out.join(format!("{name}.pub")), format!("{public}\n"))?;
     println!("{public}");
@@ -463,12 +542,15 @@ fn keygen(out: &Path, name: &str) -> Result<ExitCode> {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} does not parse", path.display()))
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn sign(
@@ -483,7 +565,12 @@ fn sign(
     use otabox::trust::signed;
     let keys = keys
         .iter()
-        .map(|k| signed::signing_key(&std::fs::read_to_string(k).with_context(|| format!("cannot read {}", k.display()))?))
+        .map(|k| {
+            signed::signing_key(
+                &std::fs::read_to_string(k)
+                    .with_context(|| format!("cannot read {}", k.display()))?,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let output = if root_next {
         let next: signed::Root = read_json(file)?;
@@ -491,8 +578,15 @@ fn sign(
         serde_json::to_value(signed::sign(&next, &keys)?)?
     } else {
         let mut desired: otabox::shadow::DesiredState = read_json(file)?;
-        anyhow::ensure!(desired.signed_manifest.is_none(), "{} is already signed", file.display());
-        anyhow::ensure!(device.is_some() || group.is_some(), "give --device or --group: a signed manifest names its target");
+        anyhow::ensure!(
+            desired.signed_manifest.is_none(),
+            "{} is already signed",
+            file.display()
+        );
+        anyhow::ensure!(
+            device.is_some() || group.is_some(),
+            "give --device or --group: a signed manifest names its target"
+        );
         let now = now_secs();
         let target = signed::Target { device, group };
         let sequence = sequence.context("--sequence is required")?;
@@ -504,17 +598,41 @@ fn sign(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(root: &Path, file: &Path, rotation: bool, device: Option<&str>, groups: &[String], last_sequence: u64) -> Result<ExitCode> {
+fn verify(
+    root: &Path,
+    file: &Path,
+    rotation: bool,
+    device: Option<&str>,
+    groups: &[String],
+    last_sequence: u64,
+) -> Result<ExitCode> {
     use otabox::trust::signed;
     let root: signed::Root = read_json(root)?;
     let result = if rotation {
         let next: signed::Signed<signed::Root> = read_json(file)?;
-        root.rotate(&next).map(|r| format!("rotation to root version {} ({} of {} keys) is valid", r.version, r.threshold, r.keys.len()))
+        root.rotate(&next).map(|r| {
+            format!(
+                "rotation to root version {} ({} of {} keys) is valid",
+                r.version,
+                r.threshold,
+                r.keys.len()
+            )
+        })
     } else {
         let desired: otabox::shadow::DesiredState = read_json(file)?;
-        let manifest = desired.signed_manifest.clone().with_context(|| format!("{} is not signed", file.display()))?;
-        let manifest: signed::Signed<signed::UpdateManifest> = serde_json::from_value(manifest).context("signedManifest")?;
-        let verifier = signed::Verifier { root: &root, device: device.unwrap_or_default(), groups, last_sequence, now: now_secs() };
+        let manifest = desired
+            .signed_manifest
+            .clone()
+            .with_context(|| format!("{} is not signed", file.display()))?;
+        let manifest: signed::Signed<signed::UpdateManifest> =
+            serde_json::from_value(manifest).context("signedManifest")?;
+        let verifier = signed::Verifier {
+            root: &root,
+            device: device.unwrap_or_default(),
+            groups,
+            last_sequence,
+            now: now_secs(),
+        };
         verifier.verify(&manifest, &desired).map(|()| {
             format!(
                 "valid: job {} sequence {}, signed by {} key(s), expires {}",

@@ -15,7 +15,10 @@ pub const MAX_PACKET: usize = 16 << 20;
 
 /// Builds the connection options for `device_id`.
 pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
-    let client_id = cfg.client_id.clone().unwrap_or_else(|| device_id.to_string());
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| device_id.to_string());
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)));
     // A persistent session: QoS 1 deltas sent while we were away arrive on
@@ -26,7 +29,10 @@ pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
     // must reach `parse_delta` to be rejected and reported. A packet over
     // the transport limit would drop the connection, and a persistent
     // session would redeliver it at every reconnect.
-    opts.set_max_packet_size(MAX_PACKET.max(cfg.max_message_bytes.saturating_mul(4)), 1 << 20);
+    opts.set_max_packet_size(
+        MAX_PACKET.max(cfg.max_message_bytes.saturating_mul(4)),
+        1 << 20,
+    );
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             Some(file) => std::fs::read_to_string(file)
@@ -38,7 +44,9 @@ pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
         opts.set_credentials(user.clone(), password);
     }
     if cfg.ca_file.is_some() {
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls_config(cfg)?))));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls_config(cfg)?),
+        )));
     } else if cfg.cert_file.is_some() || cfg.key_file.is_some() {
         bail!("mqtt.cert_file/key_file need mqtt.ca_file (mutual TLS runs over TLS)");
     }
@@ -49,21 +57,28 @@ fn tls_config(cfg: &MqttSection) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = &cfg.ca_file {
         for cert in read_certs(ca)? {
-            roots.add(cert).with_context(|| format!("mqtt.ca_file {}: unusable certificate", ca.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("mqtt.ca_file {}: unusable certificate", ca.display()))?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots);
     match (&cfg.cert_file, &cfg.key_file) {
         (Some(cert), Some(key)) => {
             let key_der = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-                std::fs::File::open(key).with_context(|| format!("cannot open mqtt.key_file {}", key.display()))?,
+                std::fs::File::open(key)
+                    .with_context(|| format!("cannot open mqtt.key_file {}", key.display()))?,
             ))
             .with_context(|| format!("mqtt.key_file {} is not PEM", key.display()))?
             .with_context(|| format!("mqtt.key_file {} holds no private key", key.display()))?;
-            builder.with_client_auth_cert(read_certs(cert)?, key_der).context("client certificate and key do not match")
+            builder
+                .with_client_auth_cert(read_certs(cert)?, key_der)
+                .context("client certificate and key do not match")
         }
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => bail!("mutual TLS needs both mqtt.cert_file and mqtt.key_file"),
@@ -71,7 +86,8 @@ fn tls_config(cfg: &MqttSection) -> Result<rustls::ClientConfig> {
 }
 
 fn read_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
         .collect::<Result<_, _>>()
         .with_context(|| format!("{} is not PEM", path.display()))?;
@@ -100,7 +116,11 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `min` and doubles up to `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, current: min }
+        Self {
+            min,
+            max,
+            current: min,
+        }
     }
 
     /// The next delay: uniformly random in [current/2, current], then doubles.
@@ -134,7 +154,10 @@ mod tests {
 
     #[test]
     fn mutual_tls_without_a_ca_is_refused() {
-        let cfg = MqttSection { cert_file: Some("/c.pem".into()), ..MqttSection::default() };
+        let cfg = MqttSection {
+            cert_file: Some("/c.pem".into()),
+            ..MqttSection::default()
+        };
         assert!(format!("{:#}", options(&cfg, "dev").unwrap_err()).contains("need mqtt.ca_file"));
     }
 }

@@ -44,14 +44,22 @@ impl Outbox {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let sent: VecDeque<String> = match std::fs::read(dir.join("sent.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).context("outbox sent.json does not parse")?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).context("outbox sent.json does not parse")?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
             Err(e) => return Err(e).context("cannot read outbox sent.json"),
         };
         let mut entries = Vec::new();
-        for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        for item in
+            std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
             let path = item?.path();
-            if path.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()) {
+            if path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .is_some_and(|s| s.parse::<u64>().is_ok())
+            {
                 let entry: Entry = serde_json::from_slice(&std::fs::read(&path)?)
                     .with_context(|| format!("outbox entry {} does not parse", path.display()))?;
                 if sent.contains(&entry.key) {
@@ -63,7 +71,12 @@ impl Outbox {
         }
         entries.sort_by_key(|e| e.seq);
         let next_seq = entries.last().map_or(0, |e| e.seq) + 1;
-        Ok(Self { dir: dir.to_path_buf(), entries: entries.into(), sent, next_seq })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            entries: entries.into(),
+            sent,
+            next_seq,
+        })
     }
 
     /// Queues a message durably; a key already queued or sent is ignored.
@@ -71,7 +84,12 @@ impl Outbox {
         if self.sent.iter().any(|k| k == key) || self.entries.iter().any(|e| e.key == key) {
             return Ok(false);
         }
-        let entry = Entry { seq: self.next_seq, key: key.to_string(), topic: topic.to_string(), payload };
+        let entry = Entry {
+            seq: self.next_seq,
+            key: key.to_string(),
+            topic: topic.to_string(),
+            payload,
+        };
         durable::write_atomic(&self.path(entry.seq), &serde_json::to_vec(&entry)?)?;
         self.next_seq += 1;
         self.entries.push_back(entry);
@@ -85,12 +103,17 @@ impl Outbox {
 
     /// Marks the head acknowledged by the broker and removes it.
     pub fn complete_head(&mut self) -> Result<()> {
-        let Some(entry) = self.entries.pop_front() else { return Ok(()) };
+        let Some(entry) = self.entries.pop_front() else {
+            return Ok(());
+        };
         self.sent.push_back(entry.key.clone());
         while self.sent.len() > SENT_MEMORY {
             self.sent.pop_front();
         }
-        durable::write_atomic(&self.dir.join("sent.json"), &serde_json::to_vec(&self.sent)?)?;
+        durable::write_atomic(
+            &self.dir.join("sent.json"),
+            &serde_json::to_vec(&self.sent)?,
+        )?;
         std::fs::remove_file(self.path(entry.seq)).context("cannot remove a sent outbox entry")?;
         durable::sync_dir(&self.dir)
     }
@@ -120,11 +143,17 @@ mod tests {
         let mut outbox = Outbox::open(dir.path()).expect("open");
         assert!(outbox.push("a", "t", "1".into()).expect("push"));
         assert!(outbox.push("b", "t", "2".into()).expect("push"));
-        assert!(!outbox.push("a", "t", "again".into()).expect("push"), "a queued key is not queued twice");
+        assert!(
+            !outbox.push("a", "t", "again".into()).expect("push"),
+            "a queued key is not queued twice"
+        );
         let mut reopened = Outbox::open(dir.path()).expect("reopen");
         assert_eq!(reopened.head().map(|e| e.payload.as_str()), Some("1"));
         reopened.complete_head().expect("ack");
-        assert!(!reopened.push("a", "t", "late".into()).expect("push"), "a sent key is not queued again");
+        assert!(
+            !reopened.push("a", "t", "late".into()).expect("push"),
+            "a sent key is not queued again"
+        );
         let reopened = Outbox::open(dir.path()).expect("reopen");
         assert_eq!(reopened.len(), 1);
         assert_eq!(reopened.head().map(|e| e.key.as_str()), Some("b"));

@@ -15,7 +15,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::runtime::bindings::{ExtendedCode, RebootMode};
-use crate::runtime::{CallScope, CancelFlag, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext};
+use crate::runtime::{
+    CallScope, CancelFlag, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext,
+};
 use crate::trust::verify_file;
 
 /// Result code of failures the host itself detects (facility 0).
@@ -135,8 +137,11 @@ enum Flow {
 pub fn merge(a: Option<StepResult>, b: StepResult) -> StepResult {
     use StepResult::{RebootRequired, RestartAgent};
     match (a, b) {
-        (Some(RebootRequired { deferred: x }), RebootRequired { deferred: y }) => RebootRequired { deferred: x && y },
-        (Some(r @ RebootRequired { .. }), RestartAgent) | (Some(RestartAgent), r @ RebootRequired { .. }) => r,
+        (Some(RebootRequired { deferred: x }), RebootRequired { deferred: y }) => {
+            RebootRequired { deferred: x && y }
+        }
+        (Some(r @ RebootRequired { .. }), RestartAgent)
+        | (Some(RestartAgent), r @ RebootRequired { .. }) => r,
         (_, b) => b,
     }
 }
@@ -154,7 +159,11 @@ struct Run<'a> {
 pub type PhaseHook<'a> = &'a (dyn Fn(Phase) -> Result<()> + Sync);
 
 /// Runs one step through `handler`; progress goes to `progress`.
-pub async fn run_step(handler: &Handler, request: StepRequest, progress: Option<ProgressSink>) -> Result<StepReport> {
+pub async fn run_step(
+    handler: &Handler,
+    request: StepRequest,
+    progress: Option<ProgressSink>,
+) -> Result<StepReport> {
     run_step_with(handler, request, progress, &|_| Ok(())).await
 }
 
@@ -170,13 +179,26 @@ pub async fn run_step_with(
     let declared: Vec<PayloadFile> = request.payloads.iter().map(|(p, _)| p.clone()).collect();
     let (mut scope, ctx) = call_setup(handler, &request, declared, None);
     scope.progress = progress;
-    let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
+    let mut run = Run {
+        handler,
+        scope,
+        ctx,
+        phases: Vec::new(),
+        before,
+    };
     let mut warnings = Vec::new();
     let result = run.drive(&request, &mut warnings).await;
-    if !matches!(result, StepResult::RebootRequired { .. } | StepResult::RestartAgent) {
+    if !matches!(
+        result,
+        StepResult::RebootRequired { .. } | StepResult::RestartAgent
+    ) {
         run.cleanup().await;
     }
-    Ok(StepReport { phases: run.phases, warnings, result })
+    Ok(StepReport {
+        phases: run.phases,
+        warnings,
+        result,
+    })
 }
 
 /// Finishes a step after the reboot or agent restart it asked for: verify →
@@ -191,11 +213,22 @@ pub async fn continue_step(
     let payloads: Vec<PayloadFile> = request
         .payloads
         .iter()
-        .map(|(p, path)| PayloadFile { verified: path.exists().then(|| path.clone()), ..p.clone() })
+        .map(|(p, path)| PayloadFile {
+            verified: path.exists().then(|| path.clone()),
+            ..p.clone()
+        })
         .collect();
     let (scope, ctx) = call_setup(handler, &request, payloads, installed_criteria.clone());
-    let mut run = Run { handler, scope, ctx, phases: Vec::new(), before };
-    let mut result = StepResult::Installed { criteria: installed_criteria.unwrap_or_default() };
+    let mut run = Run {
+        handler,
+        scope,
+        ctx,
+        phases: Vec::new(),
+        before,
+    };
+    let mut result = StepResult::Installed {
+        criteria: installed_criteria.unwrap_or_default(),
+    };
     for phase in [Phase::Verify, Phase::Commit] {
         if let Flow::Stop(stopped) = run.step(phase, true).await {
             result = stopped;
@@ -203,7 +236,11 @@ pub async fn continue_step(
         }
     }
     run.cleanup().await;
-    Ok(StepReport { phases: run.phases, warnings: Vec::new(), result })
+    Ok(StepReport {
+        phases: run.phases,
+        warnings: Vec::new(),
+        result,
+    })
 }
 
 /// The scope and context of the calls of one step.
@@ -234,16 +271,25 @@ impl Run<'_> {
             Ok(Err(status)) => return self.failed(Phase::Validate, status, false),
             Err(fault) => return self.failed(Phase::Validate, fault_status(&fault), false),
         };
-        self.record(Phase::Validate, format!("plan: installed criteria {:?}", plan.installed_criteria));
+        self.record(
+            Phase::Validate,
+            format!("plan: installed criteria {:?}", plan.installed_criteria),
+        );
         warnings.extend(plan.warnings.iter().cloned());
         self.ctx.installed_criteria = Some(plan.installed_criteria.clone());
         if let Err(status) = self.verify_payloads(request, &plan.payloads) {
             return self.result_of(Phase::Download, status, false);
         }
-        match self.handler.is_installed(self.scope.clone(), &self.ctx).await {
+        match self
+            .handler
+            .is_installed(self.scope.clone(), &self.ctx)
+            .await
+        {
             Ok(Ok(true)) => {
                 self.record(Phase::IsInstalled, "installed".into());
-                return StepResult::AlreadyInstalled { criteria: plan.installed_criteria };
+                return StepResult::AlreadyInstalled {
+                    criteria: plan.installed_criteria,
+                };
             }
             Ok(Ok(false)) => self.record(Phase::IsInstalled, "not installed".into()),
             Ok(Err(status)) => return self.failed(Phase::IsInstalled, status, false),
@@ -270,7 +316,9 @@ impl Run<'_> {
                 return result;
             }
         }
-        StepResult::Installed { criteria: plan.installed_criteria }
+        StepResult::Installed {
+            criteria: plan.installed_criteria,
+        }
     }
 
     async fn cleanup(&mut self) {
@@ -285,11 +333,18 @@ impl Run<'_> {
         match self.call(phase).await {
             Outcome::Success | Outcome::Skipped(_) => Flow::Next,
             Outcome::RebootRequired(mode) if matches!(phase, Phase::Install | Phase::Apply) => {
-                Flow::Pending(StepResult::RebootRequired { deferred: mode == RebootMode::Deferred })
+                Flow::Pending(StepResult::RebootRequired {
+                    deferred: mode == RebootMode::Deferred,
+                })
             }
-            Outcome::RestartAgent if matches!(phase, Phase::Install | Phase::Apply) => Flow::Pending(StepResult::RestartAgent),
+            Outcome::RestartAgent if matches!(phase, Phase::Install | Phase::Apply) => {
+                Flow::Pending(StepResult::RestartAgent)
+            }
             Outcome::RebootRequired(_) | Outcome::RestartAgent => {
-                let status = host_status(host_codes::HANDLER_FAULT, format!("{phase:?} may not ask for a reboot or restart"));
+                let status = host_status(
+                    host_codes::HANDLER_FAULT,
+                    format!("{phase:?} may not ask for a reboot or restart"),
+                );
                 Flow::Stop(self.fail_and_undo(phase, status, undo).await)
             }
             Outcome::Cancelled => {
@@ -313,17 +368,27 @@ impl Run<'_> {
             self.record(Phase::Rollback, "not supported by the handler".into());
             return false;
         }
-        matches!(self.call(Phase::Rollback).await, Outcome::Success | Outcome::Skipped(_))
+        matches!(
+            self.call(Phase::Rollback).await,
+            Outcome::Success | Outcome::Skipped(_)
+        )
     }
 
     /// Calls an outcome phase; a host-side fault becomes a failed outcome.
     async fn call(&mut self, phase: Phase) -> Outcome {
         if let Err(e) = (self.before)(phase) {
-            let status = host_status(host_codes::JOURNAL, format!("cannot journal {}: {e:#}", phase_name(phase)));
+            let status = host_status(
+                host_codes::JOURNAL,
+                format!("cannot journal {}: {e:#}", phase_name(phase)),
+            );
             self.record(phase, format!("not started: {}", status.message));
             return Outcome::Failed(status);
         }
-        let outcome = match self.handler.run_phase(phase, self.scope.clone(), &self.ctx).await {
+        let outcome = match self
+            .handler
+            .run_phase(phase, self.scope.clone(), &self.ctx)
+            .await
+        {
             Ok(outcome) => outcome,
             Err(fault) => Outcome::Failed(fault_status(&fault)),
         };
@@ -335,25 +400,46 @@ impl Run<'_> {
     /// hands the verified file to the scope.
     fn verify_payloads(&mut self, request: &StepRequest, planned: &[String]) -> Result<(), Status> {
         for name in planned {
-            let Some((declared, path)) = request.payloads.iter().find(|(p, _)| &p.name == name) else {
-                return Err(host_status(host_codes::UNKNOWN_PAYLOAD, format!("the plan names unknown payload {name:?}")));
+            let Some((declared, path)) = request.payloads.iter().find(|(p, _)| &p.name == name)
+            else {
+                return Err(host_status(
+                    host_codes::UNKNOWN_PAYLOAD,
+                    format!("the plan names unknown payload {name:?}"),
+                ));
             };
             verify_file(path, declared.size, &declared.sha256).map_err(|e| {
-                let status = host_status(host_codes::PAYLOAD_MISMATCH, format!("payload {name:?}: {e:#}"));
-                self.phases.push(PhaseRecord { phase: "payloads".into(), outcome: format!("failed: {}", status.message) });
+                let status = host_status(
+                    host_codes::PAYLOAD_MISMATCH,
+                    format!("payload {name:?}: {e:#}"),
+                );
+                self.phases.push(PhaseRecord {
+                    phase: "payloads".into(),
+                    outcome: format!("failed: {}", status.message),
+                });
                 status
             })?;
             if let Some(p) = self.scope.payloads.iter_mut().find(|p| &p.name == name) {
                 p.verified = Some(path.clone());
             }
         }
-        self.phases.push(PhaseRecord { phase: "payloads".into(), outcome: format!("{} verified", planned.len()) });
+        self.phases.push(PhaseRecord {
+            phase: "payloads".into(),
+            outcome: format!("{} verified", planned.len()),
+        });
         Ok(())
     }
 
     fn record(&mut self, phase: Phase, outcome: String) {
-        tracing::info!(handler = self.handler.name, job = self.ctx.job_id, ?phase, "{outcome}");
-        self.phases.push(PhaseRecord { phase: phase_name(phase).into(), outcome });
+        tracing::info!(
+            handler = self.handler.name,
+            job = self.ctx.job_id,
+            ?phase,
+            "{outcome}"
+        );
+        self.phases.push(PhaseRecord {
+            phase: phase_name(phase).into(),
+            outcome,
+        });
     }
 
     /// Records a failure of a phase that [`Run::call`] did not record.
@@ -374,14 +460,22 @@ impl Run<'_> {
 }
 
 fn to_info(p: &PayloadFile) -> crate::runtime::bindings::PayloadInfo {
-    crate::runtime::bindings::PayloadInfo { name: p.name.clone(), size: p.size, sha256: p.sha256.clone() }
+    crate::runtime::bindings::PayloadInfo {
+        name: p.name.clone(),
+        size: p.size,
+        sha256: p.sha256.clone(),
+    }
 }
 
 /// A status for a failure the host detected (facility 0).
 pub fn host_status(component_value: u32, message: String) -> Status {
     Status {
         result_code: HOST_FAILURE,
-        extended_code: ExtendedCode { facility: 0, component: 0, value: component_value },
+        extended_code: ExtendedCode {
+            facility: 0,
+            component: 0,
+            value: component_value,
+        },
         message,
         details: Vec::new(),
     }
@@ -393,7 +487,9 @@ fn fault_status(fault: &anyhow::Error) -> Status {
 
 /// Packs an extended code as `facility << 28 | component << 20 | value`.
 pub fn pack(code: &ExtendedCode) -> u32 {
-    (u32::from(code.facility & 0xF) << 28) | (u32::from(code.component) << 20) | (code.value & 0xF_FFFF)
+    (u32::from(code.facility & 0xF) << 28)
+        | (u32::from(code.component) << 20)
+        | (code.value & 0xF_FFFF)
 }
 
 /// The WIT name of a phase.
@@ -435,16 +531,36 @@ mod tests {
     fn reboot_requests_merge() {
         use StepResult::{RebootRequired, RestartAgent};
         assert_eq!(merge(None, RestartAgent), RestartAgent);
-        assert_eq!(merge(Some(RestartAgent), RebootRequired { deferred: true }), RebootRequired { deferred: true });
-        assert_eq!(merge(Some(RebootRequired { deferred: true }), RebootRequired { deferred: false }), RebootRequired { deferred: false });
-        assert_eq!(merge(Some(RebootRequired { deferred: true }), RestartAgent), RebootRequired { deferred: true });
+        assert_eq!(
+            merge(Some(RestartAgent), RebootRequired { deferred: true }),
+            RebootRequired { deferred: true }
+        );
+        assert_eq!(
+            merge(
+                Some(RebootRequired { deferred: true }),
+                RebootRequired { deferred: false }
+            ),
+            RebootRequired { deferred: false }
+        );
+        assert_eq!(
+            merge(Some(RebootRequired { deferred: true }), RestartAgent),
+            RebootRequired { deferred: true }
+        );
     }
 
     #[test]
     fn extended_codes_pack_into_32_bits() {
-        let code = ExtendedCode { facility: 4, component: 0x12, value: 0x34567 };
+        let code = ExtendedCode {
+            facility: 4,
+            component: 0x12,
+            value: 0x34567,
+        };
         assert_eq!(pack(&code), 0x4123_4567);
-        let overflow = ExtendedCode { facility: 0xFF, component: 0xFF, value: u32::MAX };
+        let overflow = ExtendedCode {
+            facility: 0xFF,
+            component: 0xFF,
+            value: u32::MAX,
+        };
         assert_eq!(pack(&overflow), 0xFFFF_FFFF);
     }
 }

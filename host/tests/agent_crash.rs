@@ -47,7 +47,13 @@ fn device(root: &Path, port: u16) -> std::path::PathBuf {
 /// A device whose `[device]` table gets `extra` lines.
 fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     let caps = hostile_caps(root);
-    install_handler(&root.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", &caps);
+    install_handler(
+        &root.join("handlers"),
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        &caps,
+    );
     let config = root.join("device.toml");
     std::fs::write(
         &config,
@@ -86,7 +92,13 @@ fn rig() -> Rig {
     let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
     let agent = AgentProcess::start(&config);
     cloud.wait_for(WAIT, "the agent's online report", online);
-    Rig { _dir: dir, root, _broker: broker, cloud, agent }
+    Rig {
+        _dir: dir,
+        root,
+        _broker: broker,
+        cloud,
+        agent,
+    }
 }
 
 fn counting_delta(root: &Path) -> String {
@@ -99,30 +111,46 @@ fn counting_delta(root: &Path) -> String {
 }
 
 fn is_ack(m: &Message) -> bool {
-    m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-crash") && m.json.get("status").is_some()
+    m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-crash")
+        && m.json.get("status").is_some()
 }
 
 fn online(m: &Message) -> bool {
-    m.json.pointer("/state/reported/deployment/agent/state").is_some()
+    m.json
+        .pointer("/state/reported/deployment/agent/state")
+        .is_some()
 }
 
 /// Every JSON state file under `state` parses.
 fn assert_state_parses(state: &Path) {
     let mut files = vec![state.join("shadow.json")];
     for sub in ["jobs", "outbox"] {
-        for entry in std::fs::read_dir(state.join(sub)).expect("state dir").flatten() {
+        for entry in std::fs::read_dir(state.join(sub))
+            .expect("state dir")
+            .flatten()
+        {
             let path = entry.path();
-            files.push(if path.is_dir() { path.join("journal.json") } else { path });
+            files.push(if path.is_dir() {
+                path.join("journal.json")
+            } else {
+                path
+            });
         }
     }
-    for file in files.iter().filter(|f| f.extension().is_some_and(|x| x == "json") && f.exists()) {
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "json") && f.exists())
+    {
         let bytes = std::fs::read(file).expect("read state");
-        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|e| panic!("{} does not parse: {e}", file.display()));
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", file.display()));
     }
 }
 
 fn applies(root: &Path) -> usize {
-    std::fs::read_to_string(root.join("applies")).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(root.join("applies"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -137,13 +165,24 @@ fn a_kill_at_every_journal_point_ends_each_job_exactly_once() {
         let mut first = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", point)]);
         cloud.wait_for(WAIT, "the agent's online report", online);
         cloud.publish(DELTA, counting_delta(&root));
-        assert!(first.wait_exit(WAIT), "{point}: the failpoint was not reached\n{}", first.log());
+        assert!(
+            first.wait_exit(WAIT),
+            "{point}: the failpoint was not reached\n{}",
+            first.log()
+        );
         assert_state_parses(&root.join("state"));
 
         let second = AgentProcess::start(&config);
         let ack = cloud.wait_for(WAIT, "the ack after restart", is_ack);
-        let more: Vec<Message> = cloud.drain(Duration::from_millis(1500)).into_iter().filter(is_ack).collect();
-        assert!(more.is_empty(), "{point}: acknowledged more than once: {ack:?} {more:?}");
+        let more: Vec<Message> = cloud
+            .drain(Duration::from_millis(1500))
+            .into_iter()
+            .filter(is_ack)
+            .collect();
+        assert!(
+            more.is_empty(),
+            "{point}: acknowledged more than once: {ack:?} {more:?}"
+        );
         let n = applies(&root);
         assert!(n <= 1, "{point}: applied {n} times\n{}", second.log());
         if ack.json["status"] == "SUCCESS" {
@@ -167,14 +206,22 @@ fn the_loop_breaker_fails_a_job_that_keeps_killing_the_agent() {
     let broker = Mosquitto::start(&root.join("broker"));
     let config = device(&root, broker.port);
     let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let mut agent = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
+    let mut agent =
+        AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
     cloud.wait_for(WAIT, "the agent's online report", online);
     cloud.publish(DELTA, counting_delta(&root));
     for start in 0..4 {
-        assert!(agent.wait_exit(WAIT), "start {start} did not crash\n{}", agent.log());
-        agent = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
+        assert!(
+            agent.wait_exit(WAIT),
+            "start {start} did not crash\n{}",
+            agent.log()
+        );
+        agent =
+            AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:validating")]);
     }
-    let ack = cloud.wait_for_or(WAIT, is_ack).unwrap_or_else(|| panic!("no ack from the loop breaker\n{}", agent.log()));
+    let ack = cloud
+        .wait_for_or(WAIT, is_ack)
+        .unwrap_or_else(|| panic!("no ack from the loop breaker\n{}", agent.log()));
     assert_eq!(ack.json["status"], "FAILURE", "{}", agent.log());
     assert_eq!(applies(&root), 0);
     assert!(agent.log().contains("giving up"), "{}", agent.log());
@@ -188,7 +235,10 @@ fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
     let mut broker = Mosquitto::start_with(
         &root.join("broker"),
         port,
-        &format!("allow_anonymous true\npersistence true\npersistence_location {}/\n", root.join("broker").display()),
+        &format!(
+            "allow_anonymous true\npersistence true\npersistence_location {}/\n",
+            root.join("broker").display()
+        ),
     );
     let config = device(&root, port);
     let mut opts = rumqttc::MqttOptions::new("cloud", "127.0.0.1", port);
@@ -198,11 +248,19 @@ fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
     cloud.wait_for(WAIT, "the agent's online report", online);
     cloud.publish(DELTA, slow_delta(&root, 2500));
     cloud.wait_for(WAIT, "the installing report", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .and_then(|s| s.as_str())
+            == Some("installing")
     });
     broker.stop_gracefully();
     std::thread::sleep(Duration::from_millis(3500));
-    assert_eq!(applies(&root), 1, "the job went on while the broker was down\n{}", agent.log());
+    assert_eq!(
+        applies(&root),
+        1,
+        "the job went on while the broker was down\n{}",
+        agent.log()
+    );
     broker.start_again();
     let mut seen = cloud.collect_until(WAIT, "the ack after the outage", is_ack);
     seen.extend(cloud.drain(Duration::from_millis(1500)));
@@ -211,39 +269,75 @@ fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
         .filter_map(|m| {
             if is_ack(m) {
                 Some("ack")
-            } else if m.json.pointer("/state/reported/deployment/lastResult/jobId").and_then(|j| j.as_str()) == Some("job-crash") {
+            } else if m
+                .json
+                .pointer("/state/reported/deployment/lastResult/jobId")
+                .and_then(|j| j.as_str())
+                == Some("job-crash")
+            {
                 Some("result")
             } else {
                 None
             }
         })
         .collect();
-    assert_eq!(kinds, ["result", "ack"], "each report once, in order: {seen:?}\n{}", agent.log());
+    assert_eq!(
+        kinds,
+        ["result", "ack"],
+        "each report once, in order: {seen:?}\n{}",
+        agent.log()
+    );
     let ack = seen.iter().find(|m| is_ack(m)).expect("ack");
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
 }
 
 #[test]
 fn a_new_deployment_cancels_the_running_one_through_cancel_requested() {
-    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
+    let Rig {
+        _dir,
+        root,
+        _broker,
+        cloud,
+        agent,
+        ..
+    } = rig();
     let job = |version: u64, id: &str, manifest: serde_json::Value| {
         json!({"version": version, "state": {"deployment": {
             "schema": 1, "jobId": id, "version": id,
             "steps": [{"updateType": "otabox-test/hostile:1", "manifest": manifest}]}}})
         .to_string()
     };
-    cloud.publish(DELTA, job(1, "job-long", json!({"action": "wait-cancel", "max_ms": 15000})));
+    cloud.publish(
+        DELTA,
+        job(
+            1,
+            "job-long",
+            json!({"action": "wait-cancel", "max_ms": 15000}),
+        ),
+    );
     cloud.wait_for(WAIT, "job-long installing", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .and_then(|s| s.as_str())
+            == Some("installing")
     });
     let counter = root.join("applies").display().to_string();
-    cloud.publish(DELTA, job(2, "job-next", json!({"action": "count", "path": counter})));
-    let first = cloud.wait_for(WAIT, "job-long's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long"));
+    cloud.publish(
+        DELTA,
+        job(2, "job-next", json!({"action": "count", "path": counter})),
+    );
+    let first = cloud.wait_for(WAIT, "job-long's ack", |m| {
+        m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long")
+    });
     assert_eq!(first.json["status"], "FAILURE", "{}", agent.log());
-    let next = cloud.wait_for(WAIT, "job-next's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-next"));
+    let next = cloud.wait_for(WAIT, "job-next's ack", |m| {
+        m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-next")
+    });
     assert_eq!(next.json["status"], "SUCCESS", "{}", agent.log());
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("state/jobs/job-long/journal.json")).expect("journal")).expect("json");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("state/jobs/job-long/journal.json")).expect("journal"),
+    )
+    .expect("json");
     assert_eq!(record["phase"]["result"], "cancelled", "{record}");
 }
 
@@ -279,7 +373,10 @@ fn reboot_rig(mode: &str) -> RebootRig {
     let boot_id = root.join("boot_id");
     std::fs::write(&boot_id, "boot-1\n").expect("boot id");
     let broker = Mosquitto::start(&root.join("broker"));
-    let reboot = format!("reboot_command = [\"/usr/bin/touch\", \"{}\"]", root.join("rebooted").display());
+    let reboot = format!(
+        "reboot_command = [\"/usr/bin/touch\", \"{}\"]",
+        root.join("rebooted").display()
+    );
     let config = device_with(&root, broker.port, &reboot);
     let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
     let env = [("OTABOX_BOOT_ID_FILE", boot_id.display().to_string())];
@@ -287,9 +384,21 @@ fn reboot_rig(mode: &str) -> RebootRig {
     cloud.wait_for(WAIT, "the agent's online report", online);
     cloud.publish(DELTA, reboot_job(&root, mode));
     cloud.wait_for(WAIT, "the reboot-pending report", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("reboot-pending")
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .and_then(|s| s.as_str())
+            == Some("reboot-pending")
     });
-    RebootRig { _dir: dir, root, boot_id, _broker: broker, config, cloud, env, agent }
+    RebootRig {
+        _dir: dir,
+        root,
+        boot_id,
+        _broker: broker,
+        config,
+        cloud,
+        env,
+        agent,
+    }
 }
 
 fn start_env(config: &Path, env: &[(&'static str, String); 1]) -> AgentProcess {
@@ -297,29 +406,56 @@ fn start_env(config: &Path, env: &[(&'static str, String); 1]) -> AgentProcess {
 }
 
 fn verified(root: &Path) -> usize {
-    std::fs::read_to_string(root.join("verified")).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(root.join("verified"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 fn job_phase(root: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(root.join("state/jobs/job-crash/journal.json")).expect("journal")).expect("json")
+    serde_json::from_slice(
+        &std::fs::read(root.join("state/jobs/job-crash/journal.json")).expect("journal"),
+    )
+    .expect("json")
 }
 
 #[test]
 fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
-    let RebootRig { _dir, root, boot_id, _broker, config, cloud, env, mut agent } = reboot_rig("immediate");
+    let RebootRig {
+        _dir,
+        root,
+        boot_id,
+        _broker,
+        config,
+        cloud,
+        env,
+        mut agent,
+    } = reboot_rig("immediate");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !root.join("rebooted").exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(root.join("rebooted").exists(), "the reboot command did not run\n{}", agent.log());
-    assert_eq!(applies(&root), 1, "the second step installs before the single reboot");
+    assert!(
+        root.join("rebooted").exists(),
+        "the reboot command did not run\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        applies(&root),
+        1,
+        "the second step installs before the single reboot"
+    );
     assert_eq!(verified(&root), 0, "verify waits for the reboot");
     assert_eq!(job_phase(&root)["phase"]["phase"], "awaiting-reboot");
 
     agent.kill();
     let mut same_boot = start_env(&config, &env);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(verified(&root), 0, "a restart without a reboot must not verify\n{}", same_boot.log());
+    assert_eq!(
+        verified(&root),
+        0,
+        "a restart without a reboot must not verify\n{}",
+        same_boot.log()
+    );
     same_boot.kill();
 
     std::fs::write(&boot_id, "boot-2\n").expect("new boot id");
@@ -333,9 +469,21 @@ fn an_immediate_reboot_is_confirmed_by_boot_id_before_verify_and_commit() {
 
 #[test]
 fn a_deferred_reboot_waits_without_running_the_reboot_command() {
-    let RebootRig { _dir, root, boot_id, _broker, config, cloud, env, mut agent } = reboot_rig("deferred");
+    let RebootRig {
+        _dir,
+        root,
+        boot_id,
+        _broker,
+        config,
+        cloud,
+        env,
+        mut agent,
+    } = reboot_rig("deferred");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!root.join("rebooted").exists(), "a deferred reboot must not be started by the agent");
+    assert!(
+        !root.join("rebooted").exists(),
+        "a deferred reboot must not be started by the agent"
+    );
     assert_eq!(job_phase(&root)["phase"]["deferred"], true);
     agent.kill();
     std::fs::write(&boot_id, "boot-2\n").expect("the operator rebooted");
@@ -347,18 +495,37 @@ fn a_deferred_reboot_waits_without_running_the_reboot_command() {
 
 #[test]
 fn an_agent_restart_request_restarts_the_agent_and_completes_the_job() {
-    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
+    let Rig {
+        _dir,
+        root,
+        _broker,
+        cloud,
+        agent,
+        ..
+    } = rig();
     cloud.publish(DELTA, reboot_job(&root, "restart"));
     let ack = cloud.wait_for(WAIT, "the ack after the restart", is_ack);
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     assert_eq!(verified(&root), 1);
     assert_eq!(applies(&root), 1);
-    assert_eq!(agent.log().matches("agent 0.1.0 started").count(), 2, "{}", agent.log());
+    assert_eq!(
+        agent.log().matches("agent 0.1.0 started").count(),
+        2,
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]
 fn an_explicit_cancel_stops_the_running_job() {
-    let Rig { _dir, root, _broker, cloud, agent, .. } = rig();
+    let Rig {
+        _dir,
+        root,
+        _broker,
+        cloud,
+        agent,
+        ..
+    } = rig();
     let job = |version: u64, cancel: bool| {
         json!({"version": version, "state": {"deployment": {
             "schema": 1, "jobId": "job-long", "version": "9", "cancel": cancel,
@@ -367,18 +534,33 @@ fn an_explicit_cancel_stops_the_running_job() {
     };
     cloud.publish(DELTA, job(1, false));
     cloud.wait_for(WAIT, "job-long installing", |m| {
-        m.json.pointer("/state/reported/deployment/agent/state").and_then(|s| s.as_str()) == Some("installing")
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .and_then(|s| s.as_str())
+            == Some("installing")
     });
     let started = std::time::Instant::now();
     cloud.publish(DELTA, job(2, true));
-    let ack = cloud.wait_for(WAIT, "job-long's ack", |m| m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long"));
+    let ack = cloud.wait_for(WAIT, "job-long's ack", |m| {
+        m.json.get("jobId").and_then(|j| j.as_str()) == Some("job-long")
+    });
     assert_eq!(ack.json["status"], "FAILURE", "{}", agent.log());
-    assert!(started.elapsed() < Duration::from_secs(5), "the cancel took {:?}", started.elapsed());
-    assert_eq!(job_phase_of(&root, "job-long")["phase"]["result"], "cancelled");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the cancel took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        job_phase_of(&root, "job-long")["phase"]["result"],
+        "cancelled"
+    );
 }
 
 fn job_phase_of(root: &Path, job: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(root.join(format!("state/jobs/{job}/journal.json"))).expect("journal")).expect("json")
+    serde_json::from_slice(
+        &std::fs::read(root.join(format!("state/jobs/{job}/journal.json"))).expect("journal"),
+    )
+    .expect("json")
 }
 
 #[test]
@@ -388,25 +570,49 @@ fn a_job_resumed_after_a_handler_upgrade_is_failed_explicitly() {
     let broker = Mosquitto::start(&root.join("broker"));
     let config = device(&root, broker.port);
     let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let mut first = AgentProcess::start_with_env(&config, &[("OTABOX_FAILPOINT", "journal:installing:install")]);
+    let mut first = AgentProcess::start_with_env(
+        &config,
+        &[("OTABOX_FAILPOINT", "journal:installing:install")],
+    );
     cloud.wait_for(WAIT, "the agent's online report", online);
     cloud.publish(DELTA, counting_delta(&root));
-    assert!(first.wait_exit(WAIT), "the failpoint was not reached\n{}", first.log());
+    assert!(
+        first.wait_exit(WAIT),
+        "the failpoint was not reached\n{}",
+        first.log()
+    );
 
     // A new build of the handler: the same code with a custom section added.
     let mut upgraded = built_wasm("hostile");
     upgraded.extend_from_slice(&[0x00, 13, 11]);
     upgraded.extend_from_slice(b"otabox-testx");
     let caps = hostile_caps(&root);
-    install_handler(&root.join("handlers"), "hostile", &upgraded, "otabox-test/hostile:1", &caps);
+    install_handler(
+        &root.join("handlers"),
+        "hostile",
+        &upgraded,
+        "otabox-test/hostile:1",
+        &caps,
+    );
 
     let second = AgentProcess::start(&config);
     let seen = cloud.collect_until(WAIT, "the ack after the upgrade", is_ack);
-    assert_eq!(seen.last().expect("ack").json["status"], "FAILURE", "{}", second.log());
+    assert_eq!(
+        seen.last().expect("ack").json["status"],
+        "FAILURE",
+        "{}",
+        second.log()
+    );
     let result = seen
         .iter()
         .find_map(|m| m.json.pointer("/state/reported/deployment/lastResult"))
         .unwrap_or_else(|| panic!("no result: {seen:?}"));
     assert_eq!(result["result"], "failed-inconsistent", "{result}");
-    assert!(result["message"].as_str().unwrap_or_default().contains("changed while the job was in progress"), "{result}");
+    assert!(
+        result["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("changed while the job was in progress"),
+        "{result}"
+    );
 }

@@ -20,7 +20,13 @@ struct Device {
 }
 
 fn device(root: &Path, port: u16, layout: &str) -> Device {
-    install_handler(&root.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    install_handler(
+        &root.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
     let config = root.join("device.toml");
     std::fs::write(
         &config,
@@ -32,7 +38,10 @@ fn device(root: &Path, port: u16, layout: &str) -> Device {
         ),
     )
     .expect("device.toml");
-    Device { root: root.to_path_buf(), config }
+    Device {
+        root: root.to_path_buf(),
+        config,
+    }
 }
 
 impl Device {
@@ -55,7 +64,11 @@ impl Device {
 
     fn jobs(&self) -> Vec<String> {
         let mut jobs: Vec<String> = std::fs::read_dir(self.root.join("state/jobs"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         jobs.sort();
         jobs
@@ -79,7 +92,13 @@ fn setup(layout: &str, update: &str) -> Setup {
     let cloud = TestClient::connect(broker.port, "cloud", &[update]);
     let agent = AgentProcess::start(&dev.config);
     cloud.wait_for(WAIT, "the agent's online report", online);
-    Setup { _dir: dir, _broker: broker, dev, cloud, agent }
+    Setup {
+        _dir: dir,
+        _broker: broker,
+        dev,
+        cloud,
+        agent,
+    }
 }
 
 fn is_ack(m: &Message, job: &str) -> bool {
@@ -87,36 +106,62 @@ fn is_ack(m: &Message, job: &str) -> bool {
 }
 
 fn online(m: &Message) -> bool {
-    m.json.pointer("/state/reported/deployment/agent/state").is_some()
+    m.json
+        .pointer("/state/reported/deployment/agent/state")
+        .is_some()
 }
 
 fn end_to_end(layout: &str, update: &str, delta: &str) {
     let s = setup(layout, update);
-    s.cloud.publish(delta, s.dev.delta(1, "job-1", "greeting = 1\n"));
-    let seen = s.cloud.collect_until(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    s.cloud
+        .publish(delta, s.dev.delta(1, "job-1", "greeting = 1\n"));
+    let seen = s
+        .cloud
+        .collect_until(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
     let ack = seen.last().expect("the ack");
-    assert_eq!(ack.json, json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}), "{}", s.agent.log());
+    assert_eq!(
+        ack.json,
+        json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}),
+        "{}",
+        s.agent.log()
+    );
     assert_eq!(s.dev.installed().as_deref(), Some("greeting = 1\n"));
     let progress = seen
         .iter()
         .find_map(|m| m.json.pointer("/state/reported/deployment/progress"))
         .unwrap_or_else(|| panic!("no progress report: {seen:?}"));
-    assert_eq!(progress, &json!({"step": 0, "phase": "install", "done": 13, "total": 13}));
+    assert_eq!(
+        progress,
+        &json!({"step": 0, "phase": "install", "done": 13, "total": 13})
+    );
     let inventory = s.cloud.wait_for(WAIT, "the inventory report", |m| {
-        m.json.pointer("/state/reported/deployment/inventory/otabox~1file:1").is_some()
+        m.json
+            .pointer("/state/reported/deployment/inventory/otabox~1file:1")
+            .is_some()
     });
     let items = &inventory.json["state"]["reported"]["deployment"]["inventory"]["otabox/file:1"];
-    assert!(items.get("/var/lib/otabox/files/app.conf").is_some(), "{items}");
+    assert!(
+        items.get("/var/lib/otabox/files/app.conf").is_some(),
+        "{items}"
+    );
 }
 
 #[test]
 fn a_deployment_runs_end_to_end_in_the_iot_atlas_layout() {
-    end_to_end("iot-atlas", "state/dev-1/update", "state/dev-1/update/delta");
+    end_to_end(
+        "iot-atlas",
+        "state/dev-1/update",
+        "state/dev-1/update/delta",
+    );
 }
 
 #[test]
 fn a_deployment_runs_end_to_end_in_the_aws_shadow_layout() {
-    end_to_end("aws-shadow", "$aws/things/dev-1/shadow/update", "$aws/things/dev-1/shadow/update/delta");
+    end_to_end(
+        "aws-shadow",
+        "$aws/things/dev-1/shadow/update",
+        "$aws/things/dev-1/shadow/update/delta",
+    );
 }
 
 #[test]
@@ -126,62 +171,100 @@ fn redelivered_and_stale_deltas_never_run_a_job_twice() {
     for _ in 0..3 {
         s.cloud.publish("state/dev-1/update/delta", first.clone());
     }
-    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(3, "job-b", "b\n"));
-    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(2, "job-c", "c\n"));
-    s.cloud.wait_for(WAIT, "the ack of job-b", |m| is_ack(m, "job-b"));
+    s.cloud
+        .publish("state/dev-1/update/delta", s.dev.delta(3, "job-b", "b\n"));
+    s.cloud
+        .publish("state/dev-1/update/delta", s.dev.delta(2, "job-c", "c\n"));
+    s.cloud
+        .wait_for(WAIT, "the ack of job-b", |m| is_ack(m, "job-b"));
     let late = s.cloud.drain(Duration::from_millis(1500));
-    assert!(late.iter().all(|m| !is_ack(m, "job-a") && !is_ack(m, "job-c")), "{late:?}");
+    assert!(
+        late.iter()
+            .all(|m| !is_ack(m, "job-a") && !is_ack(m, "job-c")),
+        "{late:?}"
+    );
     assert_eq!(s.dev.jobs(), ["job-a", "job-b"], "{}", s.agent.log());
     assert_eq!(s.dev.installed().as_deref(), Some("b\n"));
-    assert_eq!(s.agent.log().matches("job finished").count(), 2, "{}", s.agent.log());
+    assert_eq!(
+        s.agent.log().matches("job finished").count(),
+        2,
+        "{}",
+        s.agent.log()
+    );
 }
 
 #[test]
 fn malformed_deltas_are_rejected_and_reported_and_change_nothing() {
     let s = setup("iot-atlas", "state/dev-1/update");
-    let good: serde_json::Value = serde_json::from_str(&s.dev.delta(5, "job-ok", "ok\n")).expect("json");
+    let good: serde_json::Value =
+        serde_json::from_str(&s.dev.delta(5, "job-ok", "ok\n")).expect("json");
     let mut unknown = good.clone();
     unknown["state"]["deployment"]["extra"] = json!(true);
     let mut wrong_type = good.clone();
     wrong_type["version"] = json!("five");
     let mut missing = good.clone();
-    missing["state"]["deployment"].as_object_mut().expect("object").remove("steps");
+    missing["state"]["deployment"]
+        .as_object_mut()
+        .expect("object")
+        .remove("steps");
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (b"not json at all".to_vec(), "invalid delta"),
         (vec![b' '; 300 << 10], "over the"),
         (unknown.to_string().into_bytes(), "unknown field `extra`"),
         (wrong_type.to_string().into_bytes(), "invalid type"),
         (missing.to_string().into_bytes(), "missing field `steps`"),
-        (format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(), "nested deeper"),
+        (
+            format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+            "nested deeper",
+        ),
     ];
     let shadow_before = std::fs::read(s.dev.root.join("state/shadow.json")).ok();
     for (payload, reason) in bad {
         s.cloud.publish("state/dev-1/update/delta", payload);
         let report = s.cloud.wait_for(WAIT, reason, |m| {
-            m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains(reason))
+            m.json
+                .pointer("/state/reported/deployment/lastRejected")
+                .and_then(|r| r.as_str())
+                .is_some_and(|r| r.contains(reason))
         });
         assert!(report.topic.ends_with("/update"));
     }
     assert!(s.dev.jobs().is_empty(), "a rejected delta created a job");
-    let shadow: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.dev.root.join("state/shadow.json")).expect("shadow")).expect("parses");
-    assert_eq!(shadow["last_version"], 0, "rejections must not advance the shadow version");
+    let shadow: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.dev.root.join("state/shadow.json")).expect("shadow"),
+    )
+    .expect("parses");
+    assert_eq!(
+        shadow["last_version"], 0,
+        "rejections must not advance the shadow version"
+    );
     assert!(shadow_before.is_some());
-    s.cloud.publish("state/dev-1/update/delta", good.to_string());
-    let ack = s.cloud.wait_for(WAIT, "the ack of job-ok", |m| is_ack(m, "job-ok"));
+    s.cloud
+        .publish("state/dev-1/update/delta", good.to_string());
+    let ack = s
+        .cloud
+        .wait_for(WAIT, "the ack of job-ok", |m| is_ack(m, "job-ok"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
 }
 
 #[test]
 fn a_failing_job_is_acknowledged_as_failure_with_the_previous_version() {
     let s = setup("iot-atlas", "state/dev-1/update");
-    s.cloud.publish("state/dev-1/update/delta", s.dev.delta(1, "job-1", "one\n"));
-    s.cloud.wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
-    let mut bad: serde_json::Value = serde_json::from_str(&s.dev.delta(2, "job-2", "two\n")).expect("json");
+    s.cloud
+        .publish("state/dev-1/update/delta", s.dev.delta(1, "job-1", "one\n"));
+    s.cloud
+        .wait_for(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
+    let mut bad: serde_json::Value =
+        serde_json::from_str(&s.dev.delta(2, "job-2", "two\n")).expect("json");
     bad["state"]["deployment"]["steps"][0]["files"][0]["sha256"] = json!("0".repeat(64));
     s.cloud.publish("state/dev-1/update/delta", bad.to_string());
-    let ack = s.cloud.wait_for(WAIT, "the ack of job-2", |m| is_ack(m, "job-2"));
-    assert_eq!(ack.json, json!({"jobId": "job-2", "status": "FAILURE", "version": "v-job-1"}));
+    let ack = s
+        .cloud
+        .wait_for(WAIT, "the ack of job-2", |m| is_ack(m, "job-2"));
+    assert_eq!(
+        ack.json,
+        json!({"jobId": "job-2", "status": "FAILURE", "version": "v-job-1"})
+    );
     assert_eq!(s.dev.installed().as_deref(), Some("one\n"));
 }
 
@@ -191,13 +274,22 @@ fn in_the_aws_layout_the_agent_catches_up_from_the_shadow_on_connect() {
     let broker = Mosquitto::start(&dir.path().join("broker"));
     let dev = device(dir.path(), broker.port, "aws-shadow");
     let base = "$aws/things/dev-1/shadow";
-    let shadow_service = TestClient::connect(broker.port, "shadow", &[&format!("{base}/get"), &format!("{base}/update")]);
+    let shadow_service = TestClient::connect(
+        broker.port,
+        "shadow",
+        &[&format!("{base}/get"), &format!("{base}/update")],
+    );
     let agent = AgentProcess::start(&dev.config);
-    shadow_service.wait_for(WAIT, "the agent's get request", |m| m.topic.ends_with("/get"));
-    let delta: serde_json::Value = serde_json::from_str(&dev.delta(4, "job-missed", "missed = 1\n")).expect("json");
+    shadow_service.wait_for(WAIT, "the agent's get request", |m| {
+        m.topic.ends_with("/get")
+    });
+    let delta: serde_json::Value =
+        serde_json::from_str(&dev.delta(4, "job-missed", "missed = 1\n")).expect("json");
     let shadow = json!({"version": 4, "state": {"desired": {"deployment": delta["state"]["deployment"]}, "reported": {}}});
     shadow_service.publish(&format!("{base}/get/accepted"), shadow.to_string());
-    let ack = shadow_service.wait_for(WAIT, "the ack of the missed job", |m| is_ack(m, "job-missed"));
+    let ack = shadow_service.wait_for(WAIT, "the ack of the missed job", |m| {
+        is_ack(m, "job-missed")
+    });
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     assert_eq!(dev.installed().as_deref(), Some("missed = 1\n"));
 }
@@ -219,22 +311,42 @@ fn payloads_come_over_http_and_an_expired_url_is_reported_as_such() {
     let nginx = common::services::Nginx::start(&s.dev.root.join("nginx"));
     let bytes = b"served = \"over http\"\n";
     std::fs::write(nginx.www.join("app.conf"), bytes).expect("payload");
-    s.cloud.publish("state/dev-1/update/delta", http_delta(1, "job-http", &nginx.url("app.conf"), bytes));
-    let ack = s.cloud.wait_for(WAIT, "the ack of job-http", |m| is_ack(m, "job-http"));
+    s.cloud.publish(
+        "state/dev-1/update/delta",
+        http_delta(1, "job-http", &nginx.url("app.conf"), bytes),
+    );
+    let ack = s
+        .cloud
+        .wait_for(WAIT, "the ack of job-http", |m| is_ack(m, "job-http"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
-    assert_eq!(s.dev.installed().as_deref(), Some("served = \"over http\"\n"));
+    assert_eq!(
+        s.dev.installed().as_deref(),
+        Some("served = \"over http\"\n")
+    );
 
     let expired = nginx.url("private/app.conf?X-Signature=s3cret&Expires=1");
-    s.cloud.publish("state/dev-1/update/delta", http_delta(2, "job-expired", &expired, bytes));
-    let seen = s.cloud.collect_until(WAIT, "the ack of job-expired", |m| is_ack(m, "job-expired"));
+    s.cloud.publish(
+        "state/dev-1/update/delta",
+        http_delta(2, "job-expired", &expired, bytes),
+    );
+    let seen = s
+        .cloud
+        .collect_until(WAIT, "the ack of job-expired", |m| is_ack(m, "job-expired"));
     assert_eq!(seen.last().expect("ack").json["status"], "FAILURE");
     let result = seen
         .iter()
-        .find_map(|m| m.json.pointer("/state/reported/deployment/lastResult").filter(|r| r["jobId"] == "job-expired"))
+        .find_map(|m| {
+            m.json
+                .pointer("/state/reported/deployment/lastResult")
+                .filter(|r| r["jobId"] == "job-expired")
+        })
         .unwrap_or_else(|| panic!("no result report: {seen:?}"));
     let message = result["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("url-expired"), "{result}");
-    assert!(!message.contains("s3cret"), "the pre-signed query leaked into the report: {message}");
+    assert!(
+        !message.contains("s3cret"),
+        "the pre-signed query leaked into the report: {message}"
+    );
 }
 
 #[test]
@@ -242,19 +354,37 @@ fn an_agent_killed_mid_download_resumes_without_fetching_stored_bytes_again() {
     let mut s = setup("iot-atlas", "state/dev-1/update");
     let nginx = common::services::Nginx::start(&s.dev.root.join("nginx"));
     std::fs::create_dir_all(nginx.www.join("slow")).expect("slow dir");
-    let bytes: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(nginx.www.join("slow/big.bin"), &bytes).expect("payload");
-    s.cloud.publish("state/dev-1/update/delta", http_delta(1, "job-big", &nginx.url("slow/big.bin"), &bytes));
-    let partial = s.dev.root.join("state/jobs/job-big/payloads/0/app.conf.partial");
+    s.cloud.publish(
+        "state/dev-1/update/delta",
+        http_delta(1, "job-big", &nginx.url("slow/big.bin"), &bytes),
+    );
+    let partial = s
+        .dev
+        .root
+        .join("state/jobs/job-big/payloads/0/app.conf.partial");
     let deadline = std::time::Instant::now() + WAIT;
     while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 256 << 10 {
-        assert!(std::time::Instant::now() < deadline, "the download never started\n{}", s.agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download never started\n{}",
+            s.agent.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     s.agent.kill();
-    let kept = std::fs::metadata(&partial).map(|m| m.len()).expect("a partial file survives the kill");
+    let kept = std::fs::metadata(&partial)
+        .map(|m| m.len())
+        .expect("a partial file survives the kill");
     s.agent = AgentProcess::start(&s.dev.config);
-    let seen = s.cloud.collect_until(Duration::from_secs(30), "the ack after the restart", |m| is_ack(m, "job-big"));
+    let seen = s
+        .cloud
+        .collect_until(Duration::from_secs(30), "the ack after the restart", |m| {
+            is_ack(m, "job-big")
+        });
     let ack = seen.last().expect("ack");
     let download_progress: Vec<&serde_json::Value> = seen
         .iter()
@@ -262,15 +392,24 @@ fn an_agent_killed_mid_download_resumes_without_fetching_stored_bytes_again() {
         .filter(|p| p["phase"] == "download")
         .collect();
     assert!(
-        download_progress.iter().any(|p| p["done"] == p["total"] && p["total"] == 1 << 20),
+        download_progress
+            .iter()
+            .any(|p| p["done"] == p["total"] && p["total"] == 1 << 20),
         "download progress, complete at the end: {download_progress:?}"
     );
     assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
     let requests = nginx.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
-    let resumed_at: u64 = requests[1].1.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0);
+    let resumed_at: u64 = requests[1]
+        .1
+        .strip_prefix("bytes=")
+        .and_then(|r| r.trim_end_matches('-').parse().ok())
+        .unwrap_or(0);
     assert_eq!(requests[1].0, 206, "{requests:?}");
-    assert!(resumed_at > 0 && resumed_at <= kept, "resumed at {resumed_at}, {kept} bytes were on disk: {requests:?}");
+    assert!(
+        resumed_at > 0 && resumed_at <= kept,
+        "resumed at {resumed_at}, {kept} bytes were on disk: {requests:?}"
+    );
 }
 
 #[test]
@@ -289,12 +428,25 @@ fn a_manifest_by_url_is_fetched_verified_and_used() {
         }}})
         .to_string()
     };
-    s.cloud.publish("state/dev-1/update/delta", delta(1, "job-bad-manifest", &"0".repeat(64)));
-    let ack = s.cloud.wait_for(WAIT, "the ack of the bad manifest", |m| is_ack(m, "job-bad-manifest"));
+    s.cloud.publish(
+        "state/dev-1/update/delta",
+        delta(1, "job-bad-manifest", &"0".repeat(64)),
+    );
+    let ack = s.cloud.wait_for(WAIT, "the ack of the bad manifest", |m| {
+        is_ack(m, "job-bad-manifest")
+    });
     assert_eq!(ack.json["status"], "FAILURE", "{}", s.agent.log());
-    assert!(s.dev.installed().is_none(), "nothing may be installed from an unverified manifest");
-    s.cloud.publish("state/dev-1/update/delta", delta(2, "job-url", &sha256_hex(manifest.as_bytes())));
-    let ack = s.cloud.wait_for(WAIT, "the ack of job-url", |m| is_ack(m, "job-url"));
+    assert!(
+        s.dev.installed().is_none(),
+        "nothing may be installed from an unverified manifest"
+    );
+    s.cloud.publish(
+        "state/dev-1/update/delta",
+        delta(2, "job-url", &sha256_hex(manifest.as_bytes())),
+    );
+    let ack = s
+        .cloud
+        .wait_for(WAIT, "the ack of job-url", |m| is_ack(m, "job-url"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", s.agent.log());
     assert_eq!(s.dev.installed().as_deref(), Some("by-url = 1\n"));
 }

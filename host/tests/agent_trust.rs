@@ -19,7 +19,10 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 /// Waits until the outbox under `state` is drained (nothing in flight),
@@ -74,31 +77,56 @@ impl Signer {
 
     /// A delta for `desired` signed for `device` with `sequence`, valid for
     /// `valid` seconds around now.
-    fn delta(&self, version: u64, mut desired: DesiredState, sequence: u64, device: &str, expires: u64) -> String {
-        let target = Target { device: Some(device.into()), group: None };
-        let manifest = signed::describe(&desired, sequence, target, now() - 60, expires).expect("describe");
-        desired.signed_manifest = Some(serde_json::to_value(signed::sign(&manifest, &self.keys).expect("sign")).expect("json"));
+    fn delta(
+        &self,
+        version: u64,
+        mut desired: DesiredState,
+        sequence: u64,
+        device: &str,
+        expires: u64,
+    ) -> String {
+        let target = Target {
+            device: Some(device.into()),
+            group: None,
+        };
+        let manifest =
+            signed::describe(&desired, sequence, target, now() - 60, expires).expect("describe");
+        desired.signed_manifest = Some(
+            serde_json::to_value(signed::sign(&manifest, &self.keys).expect("sign")).expect("json"),
+        );
         json!({"version": version, "state": {"deployment": desired}}).to_string()
     }
 }
 
 fn new_keys(n: usize) -> Vec<(String, String)> {
-    (0..n).map(|_| signed::generate_key().expect("key")).collect()
+    (0..n)
+        .map(|_| signed::generate_key().expect("key"))
+        .collect()
 }
 
 fn root_of(version: u32, keys: &[(String, String)]) -> Root {
-    Root { version, threshold: 2, keys: keys.iter().map(|(_, p)| p.clone()).collect() }
+    Root {
+        version,
+        threshold: 2,
+        keys: keys.iter().map(|(_, p)| p.clone()).collect(),
+    }
 }
 
 fn signing(keys: &[(String, String)]) -> Vec<ed25519_dalek::SigningKey> {
-    keys.iter().map(|(s, _)| signed::signing_key(s).expect("key")).collect()
+    keys.iter()
+        .map(|(s, _)| signed::signing_key(s).expect("key"))
+        .collect()
 }
 
 fn signer(root_dir: &Path, keys: &[(String, String)]) -> Signer {
     let content = b"signed = true\n".to_vec();
     let payload = root_dir.join("payload.conf");
     std::fs::write(&payload, &content).expect("payload");
-    Signer { keys: signing(keys), payload, content }
+    Signer {
+        keys: signing(keys),
+        payload,
+        content,
+    }
 }
 
 /// A device whose `[trust] root` is `root`, its agent online.
@@ -111,8 +139,18 @@ struct TrustRig {
 
 fn trust_rig(root_dir: &Path, root: &Root) -> TrustRig {
     let broker = Mosquitto::start(&root_dir.join("broker"));
-    std::fs::write(root_dir.join("root.json"), serde_json::to_string(root).expect("root")).expect("root file");
-    install_handler(&root_dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    std::fs::write(
+        root_dir.join("root.json"),
+        serde_json::to_string(root).expect("root"),
+    )
+    .expect("root file");
+    install_handler(
+        &root_dir.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
     let config = root_dir.join("device.toml");
     std::fs::write(
         &config,
@@ -126,8 +164,15 @@ fn trust_rig(root_dir: &Path, root: &Root) -> TrustRig {
     .expect("device.toml");
     let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
     let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "online", |m| m.json.pointer("/state/reported/deployment/agent").is_some());
-    TrustRig { _broker: broker, config, cloud, agent }
+    cloud.wait_for(WAIT, "online", |m| {
+        m.json.pointer("/state/reported/deployment/agent").is_some()
+    });
+    TrustRig {
+        _broker: broker,
+        config,
+        cloud,
+        agent,
+    }
 }
 
 fn is_ack(m: &Message, job: &str) -> bool {
@@ -139,11 +184,19 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root_dir = dir.path().canonicalize().expect("canonical");
     let keys = new_keys(3);
-    let TrustRig { _broker, config: _, cloud, agent } = trust_rig(&root_dir, &root_of(1, &keys));
+    let TrustRig {
+        _broker,
+        config: _,
+        cloud,
+        agent,
+    } = trust_rig(&root_dir, &root_of(1, &keys));
     let signer = signer(&root_dir, &keys[..2]);
 
     let later = now() + 3600;
-    cloud.publish("state/dev-1/update/delta", signer.delta(1, signer.desired("job-1"), 10, "dev-1", later));
+    cloud.publish(
+        "state/dev-1/update/delta",
+        signer.delta(1, signer.desired("job-1"), 10, "dev-1", later),
+    );
     let ack = cloud.wait_for(WAIT, "the signed job's ack", |m| is_ack(m, "job-1"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     // Let the reports of job-1 drain from the outbox before the snapshot.
@@ -151,27 +204,52 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
     let state = root_dir.join("state");
     let before = settled_snapshot(&state);
 
-    let mut tampered: serde_json::Value = serde_json::from_str(&signer.delta(2, signer.desired("job-2"), 11, "dev-1", later)).expect("json");
-    tampered["state"]["deployment"]["steps"][0]["manifest"]["destination"] = json!("/var/lib/otabox/files/other.conf");
-    let unsigned = json!({"version": 3, "state": {"deployment": signer.desired("job-3")}}).to_string();
+    let mut tampered: serde_json::Value =
+        serde_json::from_str(&signer.delta(2, signer.desired("job-2"), 11, "dev-1", later))
+            .expect("json");
+    tampered["state"]["deployment"]["steps"][0]["manifest"]["destination"] =
+        json!("/var/lib/otabox/files/other.conf");
+    let unsigned =
+        json!({"version": 3, "state": {"deployment": signer.desired("job-3")}}).to_string();
     let cases = [
         (tampered.to_string(), "differ from what was signed"),
-        (signer.delta(4, signer.desired("job-4"), 10, "dev-1", later), "rollback or replay"),
+        (
+            signer.delta(4, signer.desired("job-4"), 10, "dev-1", later),
+            "rollback or replay",
+        ),
         (unsigned, "accepts signed deployments only"),
-        (signer.delta(5, signer.desired("job-5"), 12, "dev-2", later), "not this device"),
-        (signer.delta(6, signer.desired("job-6"), 13, "dev-1", now() - 1), "expired"),
+        (
+            signer.delta(5, signer.desired("job-5"), 12, "dev-2", later),
+            "not this device",
+        ),
+        (
+            signer.delta(6, signer.desired("job-6"), 13, "dev-1", now() - 1),
+            "expired",
+        ),
     ];
     for (delta, reason) in cases {
         cloud.publish("state/dev-1/update/delta", delta);
         cloud.wait_for(WAIT, reason, |m| {
-            m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains(reason))
+            m.json
+                .pointer("/state/reported/deployment/lastRejected")
+                .and_then(|r| r.as_str())
+                .is_some_and(|r| r.contains(reason))
         });
-        assert_eq!(snapshot(&state), before, "a rejection ({reason}) changed a state file");
+        assert_eq!(
+            snapshot(&state),
+            before,
+            "a rejection ({reason}) changed a state file"
+        );
     }
-    cloud.publish("state/dev-1/update/delta", signer.delta(7, signer.desired("job-7"), 14, "dev-1", later));
+    cloud.publish(
+        "state/dev-1/update/delta",
+        signer.delta(7, signer.desired("job-7"), 14, "dev-1", later),
+    );
     let ack = cloud.wait_for(WAIT, "the next signed job's ack", |m| is_ack(m, "job-7"));
     assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
-    let shadow: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("shadow.json")).expect("shadow")).expect("json");
+    let shadow: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("shadow.json")).expect("shadow"))
+            .expect("json");
     assert_eq!(shadow["last_sequence"], 14);
 }
 
@@ -181,12 +259,21 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
     let root_dir = dir.path().canonicalize().expect("canonical");
     let old = new_keys(3);
     let new = new_keys(2);
-    let TrustRig { _broker, config, cloud, mut agent } = trust_rig(&root_dir, &root_of(1, &old));
+    let TrustRig {
+        _broker,
+        config,
+        cloud,
+        mut agent,
+    } = trust_rig(&root_dir, &root_of(1, &old));
     let by_new = signer(&root_dir, &new);
     let by_old = signer(&root_dir, &old[..2]);
     let next = root_of(2, &new);
-    let good_rotation = serde_json::to_value(signed::sign(&next, &[signing(&old[..2]), signing(&new)].concat()).expect("sign")).expect("json");
-    let bad_rotation = serde_json::to_value(signed::sign(&next, &signing(&new)).expect("sign")).expect("json");
+    let good_rotation = serde_json::to_value(
+        signed::sign(&next, &[signing(&old[..2]), signing(&new)].concat()).expect("sign"),
+    )
+    .expect("json");
+    let bad_rotation =
+        serde_json::to_value(signed::sign(&next, &signing(&new)).expect("sign")).expect("json");
     let later = now() + 3600;
     let with = |rotation: Option<&serde_json::Value>, job: &str| {
         let mut desired = by_new.desired(job);
@@ -195,24 +282,63 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
     };
     let state = root_dir.join("state");
     let before = settled_snapshot(&state);
-    cloud.publish("state/dev-1/update/delta", by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later));
+    cloud.publish(
+        "state/dev-1/update/delta",
+        by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later),
+    );
     cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
-        m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains("rootRotations[0]"))
+        m.json
+            .pointer("/state/reported/deployment/lastRejected")
+            .and_then(|r| r.as_str())
+            .is_some_and(|r| r.contains("rootRotations[0]"))
     });
-    assert_eq!(snapshot(&state), before, "a rejected rotation changed a state file");
+    assert_eq!(
+        snapshot(&state),
+        before,
+        "a rejected rotation changed a state file"
+    );
 
-    cloud.publish("state/dev-1/update/delta", by_new.delta(2, with(Some(&good_rotation), "r2"), 2, "dev-1", later));
-    assert_eq!(cloud.wait_for(WAIT, "r2", |m| is_ack(m, "r2")).json["status"], "SUCCESS", "{}", agent.log());
-    let kept: Root = serde_json::from_slice(&std::fs::read(state.join("trust-root.json")).expect("rotated root kept")).expect("json");
+    cloud.publish(
+        "state/dev-1/update/delta",
+        by_new.delta(2, with(Some(&good_rotation), "r2"), 2, "dev-1", later),
+    );
+    assert_eq!(
+        cloud.wait_for(WAIT, "r2", |m| is_ack(m, "r2")).json["status"],
+        "SUCCESS",
+        "{}",
+        agent.log()
+    );
+    let kept: Root = serde_json::from_slice(
+        &std::fs::read(state.join("trust-root.json")).expect("rotated root kept"),
+    )
+    .expect("json");
     assert_eq!(kept, next);
 
-    cloud.publish("state/dev-1/update/delta", by_old.delta(3, by_old.desired("r3"), 3, "dev-1", later));
+    cloud.publish(
+        "state/dev-1/update/delta",
+        by_old.delta(3, by_old.desired("r3"), 3, "dev-1", later),
+    );
     cloud.wait_for(WAIT, "the old keys' rejection", |m| {
-        m.json.pointer("/state/reported/deployment/lastRejected").and_then(|r| r.as_str()).is_some_and(|r| r.contains("valid signature"))
+        m.json
+            .pointer("/state/reported/deployment/lastRejected")
+            .and_then(|r| r.as_str())
+            .is_some_and(|r| r.contains("valid signature"))
     });
     agent.kill();
     agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "online again", |m| m.json.pointer("/state/reported/deployment/agent/state").is_some());
-    cloud.publish("state/dev-1/update/delta", by_new.delta(4, with(None, "r4"), 4, "dev-1", later));
-    assert_eq!(cloud.wait_for(WAIT, "r4", |m| is_ack(m, "r4")).json["status"], "SUCCESS", "{}", agent.log());
+    cloud.wait_for(WAIT, "online again", |m| {
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .is_some()
+    });
+    cloud.publish(
+        "state/dev-1/update/delta",
+        by_new.delta(4, with(None, "r4"), 4, "dev-1", later),
+    );
+    assert_eq!(
+        cloud.wait_for(WAIT, "r4", |m| is_ack(m, "r4")).json["status"],
+        "SUCCESS",
+        "{}",
+        agent.log()
+    );
 }

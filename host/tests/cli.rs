@@ -8,16 +8,28 @@ use std::process::{Command, Output};
 use common::*;
 
 fn otabox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_otabox")).args(args).env("OTABOX_LOG", "error").output().expect("run otabox")
+    Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(args)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox")
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn write_config(dir: &Path, body: &str) -> String {
     let path = dir.join("device.toml");
-    std::fs::write(&path, format!("[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n{body}")).expect("config");
+    std::fs::write(
+        &path,
+        format!("[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n{body}"),
+    )
+    .expect("config");
     path.display().to_string()
 }
 
@@ -26,8 +38,19 @@ const FILE_CAPS: &str = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
 #[test]
 fn audit_passes_a_clean_handler_and_lists_its_real_imports() {
     let dir = tempfile::tempdir().expect("tempdir");
-    install_handler(&dir.path().join("handlers"), "file", &built_wasm("file"), "otabox/file:1", FILE_CAPS);
-    let out = otabox(&["handlers", "audit", "--config", &write_config(dir.path(), "")]);
+    install_handler(
+        &dir.path().join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        FILE_CAPS,
+    );
+    let out = otabox(&[
+        "handlers",
+        "audit",
+        "--config",
+        &write_config(dir.path(), ""),
+    ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains("handler file: ok"), "{t}");
@@ -40,28 +63,67 @@ fn audit_passes_a_clean_handler_and_lists_its_real_imports() {
 fn audit_fails_on_an_undeclared_import_and_warns_on_an_unused_declaration() {
     let dir = tempfile::tempdir().expect("tempdir");
     let handlers = dir.path().join("handlers");
-    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", FILE_CAPS);
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        FILE_CAPS,
+    );
     install_handler(
         &handlers,
         "file",
         &built_wasm("file"),
         "otabox/file:1",
-        &format!("{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"updates.example:443\"]\n"),
+        &format!(
+            "{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"updates.example:443\"]\n"
+        ),
     );
-    let out = otabox(&["handlers", "audit", "--dir", &handlers.display().to_string()]);
+    let out = otabox(&[
+        "handlers",
+        "audit",
+        "--dir",
+        &handlers.display().to_string(),
+    ]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains("error: imports `otabox:handler/process@1.0.0` but declares no command rules"), "{t}");
-    assert!(t.contains("warning: declares command rules but imports no process interface"), "{t}");
-    assert!(t.contains("warning: declares network hosts but imports no network interface"), "{t}");
+    assert!(
+        t.contains("error: imports `otabox:handler/process@1.0.0` but declares no command rules"),
+        "{t}"
+    );
+    assert!(
+        t.contains("warning: declares command rules but imports no process interface"),
+        "{t}"
+    );
+    assert!(
+        t.contains("warning: declares network hosts but imports no network interface"),
+        "{t}"
+    );
     assert!(t.contains("handler file: 0 error(s), 2 warning(s)"), "{t}");
 
-    let json = otabox(&["handlers", "audit", "--dir", &handlers.display().to_string(), "--json"]);
+    let json = otabox(&[
+        "handlers",
+        "audit",
+        "--dir",
+        &handlers.display().to_string(),
+        "--json",
+    ]);
     assert_eq!(json.status.code(), Some(1));
     let audits: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
-    let hostile = audits.as_array().expect("array").iter().find(|a| a["name"] == "hostile").expect("hostile");
+    let hostile = audits
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|a| a["name"] == "hostile")
+        .expect("hostile");
     assert_eq!(hostile["findings"][0]["severity"], "error");
-    assert!(hostile["imports"].as_array().expect("imports").iter().any(|i| i["capability"] == "process"));
+    assert!(
+        hostile["imports"]
+            .as_array()
+            .expect("imports")
+            .iter()
+            .any(|i| i["capability"] == "process")
+    );
     assert_eq!(hostile["sha256"].as_str().map(str::len), Some(64));
 }
 
@@ -69,39 +131,89 @@ fn audit_fails_on_an_undeclared_import_and_warns_on_an_unused_declaration() {
 fn audit_reports_a_grant_the_device_withholds_and_a_tampered_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let handlers = dir.path().join("handlers");
-    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", &format!("{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n"));
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        &format!("{FILE_CAPS}[[commands]]\nprogram = \"/bin/true\"\n"),
+    );
     let config = write_config(dir.path(), "[handlers.hostile]\ncommands = []\n");
     let t = text(&otabox(&["handlers", "audit", "--config", &config]));
-    assert!(t.contains("but the device grants none of its command rules"), "{t}");
-    assert!(t.contains("commands:   /bin/true") && t.contains("commands:   none"), "declared vs granted: {t}");
+    assert!(
+        t.contains("but the device grants none of its command rules"),
+        "{t}"
+    );
+    assert!(
+        t.contains("commands:   /bin/true") && t.contains("commands:   none"),
+        "declared vs granted: {t}"
+    );
 
     std::fs::write(handlers.join("hostile.wasm"), b"\0asm not really").expect("tamper");
     let out = otabox(&["handlers", "audit", "--config", &config]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("sha256 of the wasm is"), "{}", text(&out));
+    assert!(
+        text(&out).contains("sha256 of the wasm is"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn list_shows_loaded_and_refused_handlers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let handlers = dir.path().join("handlers");
-    install_handler(&handlers, "file", &built_wasm("file"), "otabox/file:1", FILE_CAPS);
-    install_handler(&handlers, "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", FILE_CAPS);
-    let out = otabox(&["handlers", "list", "--dir", &handlers.display().to_string(), "--json"]);
+    install_handler(
+        &handlers,
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        FILE_CAPS,
+    );
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        FILE_CAPS,
+    );
+    let out = otabox(&[
+        "handlers",
+        "list",
+        "--dir",
+        &handlers.display().to_string(),
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let by_name = |n: &str| list.as_array().expect("array").iter().find(|h| h["name"] == n).cloned().expect(n);
+    let by_name = |n: &str| {
+        list.as_array()
+            .expect("array")
+            .iter()
+            .find(|h| h["name"] == n)
+            .cloned()
+            .expect(n)
+    };
     assert_eq!(by_name("file")["status"], "loaded");
     assert_eq!(by_name("file")["contract"], "1.0.0");
     assert_eq!(by_name("hostile")["status"], "refused");
-    assert!(by_name("hostile")["error"].as_str().expect("error").contains("otabox:handler/process@1.0.0"));
+    assert!(
+        by_name("hostile")["error"]
+            .as_str()
+            .expect("error")
+            .contains("otabox:handler/process@1.0.0")
+    );
 }
 
 #[test]
 fn a_missing_config_gives_a_clear_error() {
     let out = otabox(&["handlers", "list", "--config", "/nonexistent/device.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("cannot read device config /nonexistent/device.toml"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot read device config /nonexistent/device.toml"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -113,11 +225,17 @@ fn the_demo_runs_a_whole_update() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("SUCCESS, installed app-config-1.2.0"), "{t}");
     assert!(t.contains("was already installed"), "{t}");
-    assert!(t.contains("FAILURE in download") && t.contains("sha256"), "{t}");
+    assert!(
+        t.contains("FAILURE in download") && t.contains("sha256"),
+        "{t}"
+    );
     assert!(t.contains("FAILURE in install (rolled back)"), "{t}");
     assert!(t.contains("replica  accepted ack {\"jobId\":\"mqtt-1\",\"status\":\"SUCCESS\",\"version\":\"2.0.0\"}"), "{t}");
     assert!(t.contains("job mqtt-2 already-installed"), "{t}");
-    assert!(t.contains("payload server (nginx) serves http://127.0.0.1:"), "{t}");
+    assert!(
+        t.contains("payload server (nginx) serves http://127.0.0.1:"),
+        "{t}"
+    );
     assert!(!t.contains("stopped:"), "{t}");
     assert!(root.join("device/files/app.conf").is_file());
 }
@@ -135,7 +253,11 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
     }
     let key = |name: &str| d.join(format!("{name}.key")).display().to_string();
     let root = d.join("root.json");
-    std::fs::write(&root, serde_json::json!({"version": 1, "threshold": 2, "keys": &public[..3]}).to_string()).expect("root");
+    std::fs::write(
+        &root,
+        serde_json::json!({"version": 1, "threshold": 2, "keys": &public[..3]}).to_string(),
+    )
+    .expect("root");
     let deployment = d.join("deployment.json");
     std::fs::write(
         &deployment,
@@ -146,7 +268,18 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
     )
     .expect("deployment");
     let dep = deployment.display().to_string();
-    let signed_out = run(&["sign", "--key", &key("a"), "--key", &key("c"), "--sequence", "5", "--device", "dev-1", &dep]);
+    let signed_out = run(&[
+        "sign",
+        "--key",
+        &key("a"),
+        "--key",
+        &key("c"),
+        "--sequence",
+        "5",
+        "--device",
+        "dev-1",
+        &dep,
+    ]);
     assert!(signed_out.status.success(), "{}", text(&signed_out));
     let signed = d.join("signed.json");
     std::fs::write(&signed, &signed_out.stdout).expect("signed");
@@ -154,29 +287,124 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
     let r = root.display().to_string();
 
     let ok = run(&["verify", "--root", &r, "--device", "dev-1", &s]);
-    assert!(ok.status.success() && text(&ok).contains("valid: job signed-1 sequence 5"), "{}", text(&ok));
-    let replay = run(&["verify", "--root", &r, "--device", "dev-1", "--last-sequence", "5", &s]);
-    assert!(!replay.status.success() && text(&replay).contains("rollback or replay"), "{}", text(&replay));
+    assert!(
+        ok.status.success() && text(&ok).contains("valid: job signed-1 sequence 5"),
+        "{}",
+        text(&ok)
+    );
+    let replay = run(&[
+        "verify",
+        "--root",
+        &r,
+        "--device",
+        "dev-1",
+        "--last-sequence",
+        "5",
+        &s,
+    ]);
+    assert!(
+        !replay.status.success() && text(&replay).contains("rollback or replay"),
+        "{}",
+        text(&replay)
+    );
     let other = run(&["verify", "--root", &r, "--device", "dev-2", &s]);
-    assert!(!other.status.success() && text(&other).contains("not this device"), "{}", text(&other));
-    let tampered_text = std::fs::read_to_string(&signed).expect("signed").replacen("\"size\": 3", "\"size\": 4", 1);
+    assert!(
+        !other.status.success() && text(&other).contains("not this device"),
+        "{}",
+        text(&other)
+    );
+    let tampered_text =
+        std::fs::read_to_string(&signed)
+            .expect("signed")
+            .replacen("\"size\": 3", "\"size\": 4", 1);
     std::fs::write(d.join("tampered.json"), tampered_text).expect("tampered");
-    let tampered = run(&["verify", "--root", &r, "--device", "dev-1", &d.join("tampered.json").display().to_string()]);
+    let tampered = run(&[
+        "verify",
+        "--root",
+        &r,
+        "--device",
+        "dev-1",
+        &d.join("tampered.json").display().to_string(),
+    ]);
     assert!(!tampered.status.success(), "{}", text(&tampered));
-    let single = run(&["sign", "--key", &key("a"), "--sequence", "6", "--device", "dev-1", &dep]);
+    let single = run(&[
+        "sign",
+        "--key",
+        &key("a"),
+        "--sequence",
+        "6",
+        "--device",
+        "dev-1",
+        &dep,
+    ]);
     std::fs::write(d.join("single.json"), &single.stdout).expect("single");
-    let weak = run(&["verify", "--root", &r, "--device", "dev-1", &d.join("single.json").display().to_string()]);
-    assert!(!weak.status.success() && text(&weak).contains("1 valid signature(s)"), "{}", text(&weak));
+    let weak = run(&[
+        "verify",
+        "--root",
+        &r,
+        "--device",
+        "dev-1",
+        &d.join("single.json").display().to_string(),
+    ]);
+    assert!(
+        !weak.status.success() && text(&weak).contains("1 valid signature(s)"),
+        "{}",
+        text(&weak)
+    );
 
     let next = d.join("next.json");
-    std::fs::write(&next, serde_json::json!({"version": 2, "threshold": 2, "keys": &public[3..]}).to_string()).expect("next");
+    std::fs::write(
+        &next,
+        serde_json::json!({"version": 2, "threshold": 2, "keys": &public[3..]}).to_string(),
+    )
+    .expect("next");
     let n = next.display().to_string();
-    let both = run(&["sign", "--root-next", "--key", &key("a"), "--key", &key("b"), "--key", &key("n1"), "--key", &key("n2"), &n]);
+    let both = run(&[
+        "sign",
+        "--root-next",
+        "--key",
+        &key("a"),
+        "--key",
+        &key("b"),
+        "--key",
+        &key("n1"),
+        "--key",
+        &key("n2"),
+        &n,
+    ]);
     std::fs::write(d.join("rotation.json"), &both.stdout).expect("rotation");
-    let rotated = run(&["verify", "--root", &r, "--rotation", &d.join("rotation.json").display().to_string()]);
-    assert!(rotated.status.success() && text(&rotated).contains("root version 2"), "{}", text(&rotated));
-    let new_only = run(&["sign", "--root-next", "--key", &key("n1"), "--key", &key("n2"), &n]);
+    let rotated = run(&[
+        "verify",
+        "--root",
+        &r,
+        "--rotation",
+        &d.join("rotation.json").display().to_string(),
+    ]);
+    assert!(
+        rotated.status.success() && text(&rotated).contains("root version 2"),
+        "{}",
+        text(&rotated)
+    );
+    let new_only = run(&[
+        "sign",
+        "--root-next",
+        "--key",
+        &key("n1"),
+        "--key",
+        &key("n2"),
+        &n,
+    ]);
     std::fs::write(d.join("rotation-bad.json"), &new_only.stdout).expect("rotation");
-    let refused = run(&["verify", "--root", &r, "--rotation", &d.join("rotation-bad.json").display().to_string()]);
-    assert!(!refused.status.success() && text(&refused).contains("current root"), "{}", text(&refused));
+    let refused = run(&[
+        "verify",
+        "--root",
+        &r,
+        "--rotation",
+        &d.join("rotation-bad.json").display().to_string(),
+    ]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("current root"),
+        "{}",
+        text(&refused)
+    );
 }

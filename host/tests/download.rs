@@ -27,7 +27,13 @@ fn payload(nginx: &Nginx, name: &str, len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn spec(url: String, bytes: &[u8]) -> FileSpec {
-    FileSpec { name: "payload.bin".into(), url, size: bytes.len() as u64, sha256: sha256_hex(bytes), token: None }
+    FileSpec {
+        name: "payload.bin".into(),
+        url,
+        size: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+        token: None,
+    }
 }
 
 fn downloader(attempts: u32) -> Downloader {
@@ -42,7 +48,12 @@ fn downloader(attempts: u32) -> Downloader {
 
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("partial")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("partial"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -52,7 +63,10 @@ async fn a_download_is_streamed_verified_and_put_in_place() {
     let nginx = Nginx::start(&dir.path().join("nginx"));
     let bytes = payload(&nginx, "p.bin", 3 << 20, 1);
     let dest = dir.path().join("job/p.bin");
-    downloader(1).fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None).await.expect("download");
+    downloader(1)
+        .fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None)
+        .await
+        .expect("download");
     assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
     assert!(leftovers(dest.parent().expect("dir")).is_empty());
     assert_eq!(nginx.requests(), vec![(200, "-".to_string())]);
@@ -78,18 +92,36 @@ async fn cuts_at_random_offsets_resume_without_fetching_stored_bytes_again() {
         let dest = dir.path().join(format!("job-{run}/p.bin"));
         let before = nginx.requests().len();
         downloader(10)
-            .fetch(&spec(format!("http://127.0.0.1:{proxy}/p.bin"), &bytes), &dest, None)
+            .fetch(
+                &spec(format!("http://127.0.0.1:{proxy}/p.bin"), &bytes),
+                &dest,
+                None,
+            )
             .await
             .unwrap_or_else(|e| panic!("run {run}: {e}"));
         assert_eq!(std::fs::read(&dest).expect("dest"), bytes, "run {run}");
         let requests: Vec<(u16, String)> = nginx.requests().split_off(before);
         let starts: Vec<u64> = requests
             .iter()
-            .map(|(_, range)| range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse().ok()).unwrap_or(0))
+            .map(|(_, range)| {
+                range
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.trim_end_matches('-').parse().ok())
+                    .unwrap_or(0)
+            })
             .collect();
-        assert!(starts.windows(2).all(|w| w[0] < w[1]), "run {run}: a resume fetched stored bytes again: {requests:?}");
-        assert!(requests.iter().skip(1).all(|(status, _)| *status == 206), "run {run}: {requests:?}");
-        assert!(requests.len() >= 2, "run {run}: the proxy cut nothing: {requests:?}");
+        assert!(
+            starts.windows(2).all(|w| w[0] < w[1]),
+            "run {run}: a resume fetched stored bytes again: {requests:?}"
+        );
+        assert!(
+            requests.iter().skip(1).all(|(status, _)| *status == 206),
+            "run {run}: {requests:?}"
+        );
+        assert!(
+            requests.len() >= 2,
+            "run {run}: the proxy cut nothing: {requests:?}"
+        );
     }
 }
 
@@ -103,9 +135,16 @@ async fn a_changed_validator_restarts_from_zero() {
     std::fs::write(dir.path().join("job/p.bin.partial"), &bytes[..1000]).expect("partial");
     let meta = serde_json::json!({"url": nginx.url("p.bin"), "etag": "\"an-old-version\"", "last_modified": null});
     std::fs::write(dir.path().join("job/p.bin.partial.json"), meta.to_string()).expect("meta");
-    downloader(1).fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None).await.expect("download");
+    downloader(1)
+        .fetch(&spec(nginx.url("p.bin"), &bytes), &dest, None)
+        .await
+        .expect("download");
     assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
-    assert_eq!(nginx.requests(), vec![(200, "bytes=1000-".to_string())], "If-Range must make nginx send it all");
+    assert_eq!(
+        nginx.requests(),
+        vec![(200, "bytes=1000-".to_string())],
+        "If-Range must make nginx send it all"
+    );
 }
 
 #[tokio::test]
@@ -116,23 +155,38 @@ async fn failures_are_classified_and_leave_nothing_behind() {
     let job = dir.path().join("job");
     let d = downloader(2);
 
-    let expired = d.fetch(&spec(nginx.url("private/p.bin?X-Signature=s3cret"), &bytes), &job.join("a"), None).await;
+    let expired = d
+        .fetch(
+            &spec(nginx.url("private/p.bin?X-Signature=s3cret"), &bytes),
+            &job.join("a"),
+            None,
+        )
+        .await;
     let err = expired.expect_err("403");
     assert_eq!(err.kind, FailureKind::UrlExpired);
     assert!(!err.message.contains("s3cret"), "{err}");
 
-    let missing = d.fetch(&spec(nginx.url("nope.bin"), &bytes), &job.join("b"), None).await.expect_err("404");
+    let missing = d
+        .fetch(&spec(nginx.url("nope.bin"), &bytes), &job.join("b"), None)
+        .await
+        .expect_err("404");
     assert_eq!(missing.kind, FailureKind::NotFound);
 
     let mut short = spec(nginx.url("p.bin"), &bytes);
     short.size = 50_000;
-    let err = d.fetch(&short, &job.join("c"), None).await.expect_err("too many bytes");
+    let err = d
+        .fetch(&short, &job.join("c"), None)
+        .await
+        .expect_err("too many bytes");
     assert_eq!(err.kind, FailureKind::Mismatch);
     assert!(err.message.contains("more than the declared"), "{err}");
 
     let mut wrong = spec(nginx.url("p.bin"), &bytes);
     wrong.sha256 = "0".repeat(64);
-    let err = d.fetch(&wrong, &job.join("d"), None).await.expect_err("hash mismatch");
+    let err = d
+        .fetch(&wrong, &job.join("d"), None)
+        .await
+        .expect_err("hash mismatch");
     assert_eq!(err.kind, FailureKind::Mismatch);
     assert!(err.message.contains("sha256"), "{err}");
     assert!(leftovers(&job).is_empty(), "{:?}", leftovers(&job));
@@ -157,11 +211,19 @@ async fn a_stalled_server_times_out_and_the_download_fails_cleanly() {
     let bytes = vec![b'x'; 1000];
     let started = std::time::Instant::now();
     let err = downloader(2)
-        .fetch(&spec(format!("http://127.0.0.1:{port}/p.bin"), &bytes), &dir.path().join("p.bin"), None)
+        .fetch(
+            &spec(format!("http://127.0.0.1:{port}/p.bin"), &bytes),
+            &dir.path().join("p.bin"),
+            None,
+        )
         .await
         .expect_err("stalled");
     assert_eq!(err.kind, FailureKind::Network, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -171,14 +233,26 @@ async fn a_bearer_token_opens_a_protected_url_and_a_missing_one_is_a_clear_auth_
     std::fs::create_dir_all(nginx.www.join("auth")).expect("auth dir");
     let bytes = payload(&nginx, "auth/p.bin", 10_000, 9);
     let mut file = spec(nginx.url("auth/p.bin"), &bytes);
-    let err = downloader(1).fetch(&file, &dir.path().join("a"), None).await.expect_err("no token");
+    let err = downloader(1)
+        .fetch(&file, &dir.path().join("a"), None)
+        .await
+        .expect_err("no token");
     assert_eq!(err.kind, FailureKind::Unauthorized);
     assert!(err.message.contains("a bearer token is required"), "{err}");
     file.token = Some("wrong".into());
-    let err = downloader(1).fetch(&file, &dir.path().join("b"), None).await.expect_err("bad token");
-    assert!(err.message.contains("refused") && !err.message.contains("wrong"), "{err}");
+    let err = downloader(1)
+        .fetch(&file, &dir.path().join("b"), None)
+        .await
+        .expect_err("bad token");
+    assert!(
+        err.message.contains("refused") && !err.message.contains("wrong"),
+        "{err}"
+    );
     file.token = Some("t0ken".into());
-    downloader(1).fetch(&file, &dir.path().join("c"), None).await.expect("with the token");
+    downloader(1)
+        .fetch(&file, &dir.path().join("c"), None)
+        .await
+        .expect("with the token");
     assert_eq!(std::fs::read(dir.path().join("c")).expect("dest"), bytes);
 }
 
@@ -192,14 +266,24 @@ async fn a_corrupt_partial_file_is_fetched_again_from_zero() {
     // kept bytes become zeros, as a power cut can leave them.
     let proxy = cutting_proxy(nginx.port, vec![120_000]);
     let via_proxy = spec(format!("http://127.0.0.1:{proxy}/p.bin"), &bytes);
-    assert!(downloader(1).fetch(&via_proxy, &dest, None).await.is_err(), "the proxy cut the only attempt");
+    assert!(
+        downloader(1).fetch(&via_proxy, &dest, None).await.is_err(),
+        "the proxy cut the only attempt"
+    );
     let partial = dir.path().join("job/p.bin.partial");
     let kept = std::fs::metadata(&partial).expect("partial kept").len() as usize;
     std::fs::write(&partial, vec![0u8; kept]).expect("corrupt");
-    downloader(3).fetch(&via_proxy, &dest, None).await.expect("starts over and succeeds");
+    downloader(3)
+        .fetch(&via_proxy, &dest, None)
+        .await
+        .expect("starts over and succeeds");
     assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
     let statuses: Vec<u16> = nginx.requests().iter().map(|(status, _)| *status).collect();
-    assert_eq!(statuses, [200, 206, 200], "cut, resumed onto garbage, then from zero");
+    assert_eq!(
+        statuses,
+        [200, 206, 200],
+        "cut, resumed onto garbage, then from zero"
+    );
 }
 
 #[tokio::test]
@@ -214,14 +298,30 @@ async fn a_full_disk_fails_early_and_leaves_nothing() {
         .arg(&small)
         .status()
         .expect("run mount");
-    assert!(mounted.success(), "this test needs to mount a 1 MiB tmpfs (root)");
-    let result = downloader(1).fetch(&spec(nginx.url("big.bin"), &bytes), &small.join("big.bin"), None).await;
-    let left: Vec<_> = std::fs::read_dir(&small).expect("list").flatten().map(|e| e.file_name()).collect();
+    assert!(
+        mounted.success(),
+        "this test needs to mount a 1 MiB tmpfs (root)"
+    );
+    let result = downloader(1)
+        .fetch(
+            &spec(nginx.url("big.bin"), &bytes),
+            &small.join("big.bin"),
+            None,
+        )
+        .await;
+    let left: Vec<_> = std::fs::read_dir(&small)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     let _ = std::process::Command::new("umount").arg(&small).status();
     let err = result.expect_err("2 MiB cannot fit in 1 MiB");
     assert_eq!(err.kind, FailureKind::DiskFull, "{err}");
     assert!(left.is_empty(), "{left:?}");
-    assert!(nginx.requests().is_empty(), "it must fail before fetching anything");
+    assert!(
+        nginx.requests().is_empty(),
+        "it must fail before fetching anything"
+    );
 }
 
 /// An HTTP server that answers each request with the next scripted
@@ -235,7 +335,9 @@ fn scripted_server(responses: Vec<Vec<u8>>) -> u16 {
             use std::io::{Read, Write};
             let mut request = [0u8; 4096];
             let _ = conn.read(&mut request);
-            let Some(response) = script.next() else { return };
+            let Some(response) = script.next() else {
+                return;
+            };
             let _ = conn.write_all(&response);
         }
     });
@@ -243,7 +345,11 @@ fn scripted_server(responses: Vec<Vec<u8>>) -> u16 {
 }
 
 fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
-    let mut r = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len()).into_bytes();
+    let mut r = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+        body.len()
+    )
+    .into_bytes();
     r.extend_from_slice(body);
     r
 }
@@ -260,11 +366,18 @@ fn leave_partial(dest: &Path, url: &str, bytes: &[u8], kept: usize) {
 async fn a_bad_content_range_is_refused_and_the_partial_discarded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = vec![7u8; 1000];
-    let port = scripted_server(vec![response("206 Partial Content", "Content-Range: bytes 0-999/1000\r\n", &bytes)]);
+    let port = scripted_server(vec![response(
+        "206 Partial Content",
+        "Content-Range: bytes 0-999/1000\r\n",
+        &bytes,
+    )]);
     let url = format!("http://127.0.0.1:{port}/p.bin");
     let dest = dir.path().join("job/p.bin");
     leave_partial(&dest, &url, &bytes, 400);
-    let err = downloader(1).fetch(&spec(url, &bytes), &dest, None).await.expect_err("the range starts at 0, not 400");
+    let err = downloader(1)
+        .fetch(&spec(url, &bytes), &dest, None)
+        .await
+        .expect_err("the range starts at 0, not 400");
     assert_eq!(err.kind, FailureKind::Protocol, "{err}");
     assert!(err.message.contains("bad Content-Range"), "{err}");
     assert!(leftovers(dest.parent().expect("dir")).is_empty());
@@ -275,13 +388,20 @@ async fn a_416_discards_the_partial_and_starts_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
     let port = scripted_server(vec![
-        response("416 Range Not Satisfiable", "Content-Range: bytes */1000\r\n", b""),
+        response(
+            "416 Range Not Satisfiable",
+            "Content-Range: bytes */1000\r\n",
+            b"",
+        ),
         response("200 OK", "ETag: \"v2\"\r\n", &bytes),
     ]);
     let url = format!("http://127.0.0.1:{port}/p.bin");
     let dest = dir.path().join("job/p.bin");
     leave_partial(&dest, &url, &bytes, 400);
-    downloader(3).fetch(&spec(url, &bytes), &dest, None).await.expect("starts over after the 416");
+    downloader(3)
+        .fetch(&spec(url, &bytes), &dest, None)
+        .await
+        .expect("starts over after the 416");
     assert_eq!(std::fs::read(&dest).expect("dest"), bytes);
 }
 
@@ -312,11 +432,25 @@ async fn tokens_come_from_a_credentials_endpoint_that_checks_the_device_identity
         ..DownloadOptions::default()
     };
     let device = Downloader::new(options(&device_cert, &device_key)).expect("client");
-    device.fetch(&spec(nginx.url("auth/p.bin"), &bytes), &dir.path().join("a"), None).await.expect("the token opens the URL");
+    device
+        .fetch(
+            &spec(nginx.url("auth/p.bin"), &bytes),
+            &dir.path().join("a"),
+            None,
+        )
+        .await
+        .expect("the token opens the URL");
     assert_eq!(std::fs::read(dir.path().join("a")).expect("dest"), bytes);
 
     let impostor = Downloader::new(options(&stranger_cert, &stranger_key)).expect("client");
-    let err = impostor.fetch(&spec(nginx.url("auth/p.bin"), &bytes), &dir.path().join("b"), None).await.expect_err("refused");
+    let err = impostor
+        .fetch(
+            &spec(nginx.url("auth/p.bin"), &bytes),
+            &dir.path().join("b"),
+            None,
+        )
+        .await
+        .expect_err("refused");
     assert_eq!(err.kind, FailureKind::Unauthorized, "{err}");
     assert!(err.message.contains("credentials endpoint"), "{err}");
     assert!(!dir.path().join("b").exists());
@@ -335,14 +469,23 @@ async fn a_pre_signed_query_reaches_the_server_byte_for_byte() {
             use std::io::{Read, Write};
             let mut request = [0u8; 4096];
             let n = conn.read(&mut request).unwrap_or(0);
-            let line = String::from_utf8_lossy(&request[..n]).lines().next().unwrap_or_default().to_string();
+            let line = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
             let _ = tx.send(line);
             let _ = conn.write_all(&reply);
         }
     });
     let query = "X-Amz-Credential=AKIA%2F20261123%2Feu-west-1&X-Amz-Date=20261123T000000Z&X-Amz-Signature=ab+cd%3D~_.";
     let url = format!("http://127.0.0.1:{port}/bucket/p.bin?{query}");
-    downloader(1).fetch(&spec(url, &body), &dir.path().join("p.bin"), None).await.expect("download");
-    let line = rx.recv_timeout(Duration::from_secs(5)).expect("request line");
+    downloader(1)
+        .fetch(&spec(url, &body), &dir.path().join("p.bin"), None)
+        .await
+        .expect("download");
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("request line");
     assert_eq!(line, format!("GET /bucket/p.bin?{query} HTTP/1.1"));
 }

@@ -35,12 +35,27 @@ async fn setup() -> Bench {
     let mut grant = DeviceGrant::default();
     grant.mounts.insert(GUEST_DIR.into(), files.clone());
     grant.config = Some(toml::from_str(&format!("root = \"{GUEST_DIR}\"")).expect("config"));
-    let handler = rt.load_handler(&manifest, Some(&grant)).await.expect("load file handler");
-    Bench { _dir: dir, root, files, handler, _rt: rt }
+    let handler = rt
+        .load_handler(&manifest, Some(&grant))
+        .await
+        .expect("load file handler");
+    Bench {
+        _dir: dir,
+        root,
+        files,
+        handler,
+        _rt: rt,
+    }
 }
 
 impl Bench {
-    fn request(&self, job: &str, content: &[u8], declared: &[u8], destination: &str) -> StepRequest {
+    fn request(
+        &self,
+        job: &str,
+        content: &[u8],
+        declared: &[u8],
+        destination: &str,
+    ) -> StepRequest {
         let payload_path = self.root.join("payloads").join(job);
         std::fs::create_dir_all(payload_path.parent().expect("parent")).expect("payload dir");
         std::fs::write(&payload_path, content).expect("payload");
@@ -63,12 +78,21 @@ impl Bench {
     }
 
     fn leftovers(&self) -> Vec<String> {
-        list(&self.files).into_iter().filter(|n| n.contains(".otabox-")).collect()
+        list(&self.files)
+            .into_iter()
+            .filter(|n| n.contains(".otabox-"))
+            .collect()
     }
 }
 
 fn list(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn phases(report: &otabox::workflow::StepReport) -> Vec<&str> {
@@ -78,28 +102,78 @@ fn phases(report: &otabox::workflow::StepReport) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installs_then_recognises_the_installed_file() {
     let b = setup().await;
-    let report = run_step(&b.handler, b.request("j1", b"v2", b"v2", &b.dest()), None).await.expect("run");
-    assert_eq!(report.result, StepResult::Installed { criteria: "cfg-2".into() });
+    let report = run_step(&b.handler, b.request("j1", b"v2", b"v2", &b.dest()), None)
+        .await
+        .expect("run");
+    assert_eq!(
+        report.result,
+        StepResult::Installed {
+            criteria: "cfg-2".into()
+        }
+    );
     assert_eq!(
         phases(&report),
-        ["validate", "payloads", "is-installed", "download", "backup", "install", "apply", "verify", "commit", "cleanup"]
+        [
+            "validate",
+            "payloads",
+            "is-installed",
+            "download",
+            "backup",
+            "install",
+            "apply",
+            "verify",
+            "commit",
+            "cleanup"
+        ]
     );
-    assert_eq!(std::fs::read(b.files.join("app.conf")).expect("installed"), b"v2");
+    assert_eq!(
+        std::fs::read(b.files.join("app.conf")).expect("installed"),
+        b"v2"
+    );
     assert!(b.leftovers().is_empty(), "{:?}", b.leftovers());
 
-    let again = run_step(&b.handler, b.request("j2", b"v2", b"v2", &b.dest()), None).await.expect("run");
-    assert_eq!(again.result, StepResult::AlreadyInstalled { criteria: "cfg-2".into() });
-    assert_eq!(phases(&again), ["validate", "payloads", "is-installed", "cleanup"]);
+    let again = run_step(&b.handler, b.request("j2", b"v2", b"v2", &b.dest()), None)
+        .await
+        .expect("run");
+    assert_eq!(
+        again.result,
+        StepResult::AlreadyInstalled {
+            criteria: "cfg-2".into()
+        }
+    );
+    assert_eq!(
+        phases(&again),
+        ["validate", "payloads", "is-installed", "cleanup"]
+    );
 
     std::fs::write(b.files.join("app.conf"), b"edited by hand").expect("edit");
-    let repaired = run_step(&b.handler, b.request("j3", b"v2", b"v2", &b.dest()), None).await.expect("run");
-    assert_eq!(repaired.result, StepResult::Installed { criteria: "cfg-2".into() }, "a hand edit must be noticed");
-    assert_eq!(std::fs::read(b.files.join("app.conf")).expect("installed"), b"v2");
+    let repaired = run_step(&b.handler, b.request("j3", b"v2", b"v2", &b.dest()), None)
+        .await
+        .expect("run");
+    assert_eq!(
+        repaired.result,
+        StepResult::Installed {
+            criteria: "cfg-2".into()
+        },
+        "a hand edit must be noticed"
+    );
+    assert_eq!(
+        std::fs::read(b.files.join("app.conf")).expect("installed"),
+        b"v2"
+    );
 
-    let inventory = b.handler.inventory().await.expect("call").expect("inventory");
+    let inventory = b
+        .handler
+        .inventory()
+        .await
+        .expect("call")
+        .expect("inventory");
     assert_eq!(inventory.len(), 1);
     assert_eq!(inventory[0].name, format!("{GUEST_DIR}/app.conf"));
-    assert_eq!(inventory[0].details, vec![("sha256".to_string(), sha256_hex(b"v2"))]);
+    assert_eq!(
+        inventory[0].details,
+        vec![("sha256".to_string(), sha256_hex(b"v2"))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,27 +181,61 @@ async fn a_payload_with_the_wrong_hash_never_reaches_the_handler() {
     let b = setup().await;
     std::fs::create_dir_all(&b.files).expect("files");
     std::fs::write(b.files.join("app.conf"), b"v1").expect("previous");
-    let report = run_step(&b.handler, b.request("j1", b"v3", b"v2", &b.dest()), None).await.expect("run");
-    let StepResult::Failed { phase, message, rolled_back, extended_code, .. } = &report.result else {
+    let report = run_step(&b.handler, b.request("j1", b"v3", b"v2", &b.dest()), None)
+        .await
+        .expect("run");
+    let StepResult::Failed {
+        phase,
+        message,
+        rolled_back,
+        extended_code,
+        ..
+    } = &report.result
+    else {
         panic!("{:?}", report.result)
     };
     assert_eq!((phase.as_str(), *rolled_back), ("download", false));
     assert!(message.contains("sha256"), "{message}");
     assert_eq!(extended_code >> 28, 0, "host facility");
     assert_eq!(phases(&report), ["validate", "payloads", "cleanup"]);
-    assert_eq!(std::fs::read(b.files.join("app.conf")).expect("kept"), b"v1");
+    assert_eq!(
+        std::fs::read(b.files.join("app.conf")).expect("kept"),
+        b"v1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_install_is_rolled_back_to_the_previous_file() {
     let b = setup().await;
-    std::fs::create_dir_all(b.files.join("app.conf.otabox-new")).expect("block the staging file with a directory");
+    std::fs::create_dir_all(b.files.join("app.conf.otabox-new"))
+        .expect("block the staging file with a directory");
     std::fs::write(b.files.join("app.conf"), b"v1").expect("previous");
-    let report = run_step(&b.handler, b.request("j1", b"v2", b"v2", &b.dest()), None).await.expect("run");
-    let StepResult::Failed { phase, rolled_back, message, .. } = &report.result else { panic!("{:?}", report.result) };
-    assert_eq!((phase.as_str(), *rolled_back), ("install", true), "{message}");
-    assert!(phases(&report).ends_with(&["install", "rollback", "cleanup"]), "{:?}", phases(&report));
-    assert_eq!(std::fs::read(b.files.join("app.conf")).expect("restored"), b"v1");
+    let report = run_step(&b.handler, b.request("j1", b"v2", b"v2", &b.dest()), None)
+        .await
+        .expect("run");
+    let StepResult::Failed {
+        phase,
+        rolled_back,
+        message,
+        ..
+    } = &report.result
+    else {
+        panic!("{:?}", report.result)
+    };
+    assert_eq!(
+        (phase.as_str(), *rolled_back),
+        ("install", true),
+        "{message}"
+    );
+    assert!(
+        phases(&report).ends_with(&["install", "rollback", "cleanup"]),
+        "{:?}",
+        phases(&report)
+    );
+    assert_eq!(
+        std::fs::read(b.files.join("app.conf")).expect("restored"),
+        b"v1"
+    );
     assert!(!b.files.join("app.conf.otabox-backup").exists());
 }
 
@@ -135,11 +243,26 @@ async fn a_failed_install_is_rolled_back_to_the_previous_file() {
 async fn a_destination_outside_the_grant_is_stopped_by_the_sandbox() {
     let b = setup().await;
     let outside = b.root.join("outside.conf");
-    let report = run_step(&b.handler, b.request("j1", b"v2", b"v2", &outside.display().to_string()), None).await.expect("run");
-    let StepResult::Failed { phase, rolled_back, .. } = &report.result else { panic!("{:?}", report.result) };
+    let report = run_step(
+        &b.handler,
+        b.request("j1", b"v2", b"v2", &outside.display().to_string()),
+        None,
+    )
+    .await
+    .expect("run");
+    let StepResult::Failed {
+        phase, rolled_back, ..
+    } = &report.result
+    else {
+        panic!("{:?}", report.result)
+    };
     assert_eq!((phase.as_str(), *rolled_back), ("install", true));
     assert!(!outside.exists());
-    assert!(list(&b.root).iter().all(|n| !n.starts_with("outside")), "{:?}", list(&b.root));
+    assert!(
+        list(&b.root).iter().all(|n| !n.starts_with("outside")),
+        "{:?}",
+        list(&b.root)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,9 +277,14 @@ async fn malformed_manifests_fail_validation_before_anything_runs() {
         let mut request = b.request("j1", b"v2", b"v2", &b.dest());
         request.manifest = manifest.into();
         let report = run_step(&b.handler, request, None).await.expect("run");
-        let StepResult::Failed { phase, message, .. } = &report.result else { panic!("{manifest}: {:?}", report.result) };
+        let StepResult::Failed { phase, message, .. } = &report.result else {
+            panic!("{manifest}: {:?}", report.result)
+        };
         assert_eq!(phase, "validate", "{manifest}: {message}");
-        assert!(message.contains("invalid manifest"), "{manifest}: {message}");
+        assert!(
+            message.contains("invalid manifest"),
+            "{manifest}: {message}"
+        );
     }
     assert!(list(&b.files).is_empty());
 }

@@ -15,8 +15,18 @@ use otabox::runtime::sha256_hex;
 use serde_json::json;
 
 fn fleet(db: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_otabox")).arg("fleet").arg("--db").arg(db).args(args).output().expect("fleet");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .arg("fleet")
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .expect("fleet");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "fleet {args:?}: {text}");
     text
 }
@@ -28,7 +38,13 @@ fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
 /// A device whose `[mqtt]` table gets `extra` lines.
 fn device_with(root: &Path, id: &str, port: u16, extra: &str) -> std::path::PathBuf {
     let dir = root.join(id);
-    install_handler(&dir.join("handlers"), "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n");
+    install_handler(
+        &dir.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
     let config = dir.join("device.toml");
     std::fs::write(
         &config,
@@ -47,11 +63,16 @@ fn wait_for_ack(db: &Path, device: &str, replica: &ReplicaProcess) -> serde_json
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status: serde_json::Value =
-            serde_json::from_str(&fleet(db, &["status", "--device", device, "--json"])).expect("status json");
+            serde_json::from_str(&fleet(db, &["status", "--device", device, "--json"]))
+                .expect("status json");
         if !status[0]["ack"].is_null() {
             return status[0].clone();
         }
-        assert!(Instant::now() < deadline, "no ack from {device}: {status}\n{}", replica.log());
+        assert!(
+            Instant::now() < deadline,
+            "no ack from {device}: {status}\n{}",
+            replica.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -65,7 +86,11 @@ fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
     let replica = ReplicaProcess::start(&db, broker.port);
     let cloud = TestClient::connect(broker.port, "observer", &["state/+/update/accepted"]);
     let first = AgentProcess::start(&device(&root, "pump-1", broker.port));
-    cloud.wait_for(Duration::from_secs(20), "pump-1 online (confirmed by the replica)", |m| m.topic == "state/pump-1/update/accepted");
+    cloud.wait_for(
+        Duration::from_secs(20),
+        "pump-1 online (confirmed by the replica)",
+        |m| m.topic == "state/pump-1/update/accepted",
+    );
 
     fleet(&db, &["register", "pump-1", "--group", "pumps"]);
     fleet(&db, &["register", "pump-2", "--group", "pumps"]);
@@ -81,22 +106,45 @@ fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
         .to_string(),
     )
     .expect("deployment");
-    let out = fleet(&db, &["deploy", deployment.to_str().expect("utf-8"), "--group", "pumps"]);
+    let out = fleet(
+        &db,
+        &[
+            "deploy",
+            deployment.to_str().expect("utf-8"),
+            "--group",
+            "pumps",
+        ],
+    );
     assert!(out.contains("deployed fleet-1 to pump-1, pump-2"), "{out}");
 
     let status = wait_for_ack(&db, "pump-1", &replica);
-    assert_eq!(status["ack"], json!({"jobId": "fleet-1", "status": "SUCCESS", "version": "5.0"}), "{}", first.log());
+    assert_eq!(
+        status["ack"],
+        json!({"jobId": "fleet-1", "status": "SUCCESS", "version": "5.0"}),
+        "{}",
+        first.log()
+    );
     assert_eq!(status["reported"]["lastResult"]["jobId"], "fleet-1");
-    cloud.wait_for(Duration::from_secs(5), "the replica's accepted for pump-1's ack", |m| {
-        m.topic == "state/pump-1/update/accepted" && m.json.get("jobId").is_some()
-    });
-    assert_eq!(std::fs::read_to_string(root.join("pump-1/files/app.conf")).expect("installed"), "fleet = 1\n");
+    cloud.wait_for(
+        Duration::from_secs(5),
+        "the replica's accepted for pump-1's ack",
+        |m| m.topic == "state/pump-1/update/accepted" && m.json.get("jobId").is_some(),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("pump-1/files/app.conf")).expect("installed"),
+        "fleet = 1\n"
+    );
 
     let second = AgentProcess::start(&device(&root, "pump-2", broker.port));
     let status = wait_for_ack(&db, "pump-2", &replica);
     assert_eq!(status["ack"]["status"], "SUCCESS", "{}", second.log());
     let table = fleet(&db, &["status"]);
-    assert!(table.contains("pump-1") && table.contains("pump-2") && table.matches("Success 5.0").count() == 2, "{table}");
+    assert!(
+        table.contains("pump-1")
+            && table.contains("pump-2")
+            && table.matches("Success 5.0").count() == 2,
+        "{table}"
+    );
 }
 
 /// A one-file deployment served from `root`.
@@ -122,19 +170,43 @@ fn the_replica_serves_the_aws_shadow_layout_end_to_end() {
     let root = dir.path().canonicalize().expect("canonical");
     let broker = Mosquitto::start(&root.join("broker"));
     let db = root.join("replica.db");
-    let replica = ReplicaProcess::start_with(&db, broker.port, &["--layout".into(), "aws-shadow".into()]);
+    let replica =
+        ReplicaProcess::start_with(&db, broker.port, &["--layout".into(), "aws-shadow".into()]);
     let observer = TestClient::connect(
         broker.port,
         "observer",
-        &["$aws/things/+/shadow/update/accepted", "$aws/things/+/shadow/get/accepted"],
+        &[
+            "$aws/things/+/shadow/update/accepted",
+            "$aws/things/+/shadow/get/accepted",
+        ],
     );
     observer.ready("$aws/things/observer/shadow/get/accepted");
-    fleet(&db, &["deploy", deployment(&root, "aws-1").to_str().expect("utf-8"), "--device", "pump-9"]);
-    let agent = AgentProcess::start(&device_with(&root, "pump-9", broker.port, "layout = \"aws-shadow\""));
-    let answer = observer.wait_for(Duration::from_secs(20), "the replica's answer to the agent's get", |m| {
-        m.topic == "$aws/things/pump-9/shadow/get/accepted"
-    });
-    assert_eq!(answer.json["state"]["desired"]["deployment"]["jobId"], "aws-1", "{}", replica.log());
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "aws-1").to_str().expect("utf-8"),
+            "--device",
+            "pump-9",
+        ],
+    );
+    let agent = AgentProcess::start(&device_with(
+        &root,
+        "pump-9",
+        broker.port,
+        "layout = \"aws-shadow\"",
+    ));
+    let answer = observer.wait_for(
+        Duration::from_secs(20),
+        "the replica's answer to the agent's get",
+        |m| m.topic == "$aws/things/pump-9/shadow/get/accepted",
+    );
+    assert_eq!(
+        answer.json["state"]["desired"]["deployment"]["jobId"],
+        "aws-1",
+        "{}",
+        replica.log()
+    );
     let status = wait_for_ack(&db, "pump-9", &replica);
     assert_eq!(status["ack"]["status"], "SUCCESS", "{}", agent.log());
     observer.wait_for(Duration::from_secs(5), "the accepted ack", |m| {
@@ -150,7 +222,11 @@ fn the_replica_and_the_agent_work_over_mutual_tls() {
     let (dev_cert, dev_key) = pki.client("pump-7");
     let (replica_cert, replica_key) = pki.client("otabox-replica");
     let acl = root.join("acl");
-    std::fs::write(&acl, "user otabox-replica\ntopic readwrite state/#\n\npattern readwrite state/%u/#\n").expect("acl");
+    std::fs::write(
+        &acl,
+        "user otabox-replica\ntopic readwrite state/#\n\npattern readwrite state/%u/#\n",
+    )
+    .expect("acl");
     let port = common::services::free_port();
     let _broker = Mosquitto::start_with(&root.join("broker"), port, &pki.mosquitto_mtls(&acl));
     let db = root.join("replica.db");
@@ -172,7 +248,21 @@ fn the_replica_and_the_agent_work_over_mutual_tls() {
         dev_key.display()
     );
     let agent = AgentProcess::start(&device_with(&root, "pump-7", port, &tls));
-    fleet(&db, &["deploy", deployment(&root, "tls-1").to_str().expect("utf-8"), "--device", "pump-7"]);
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "tls-1").to_str().expect("utf-8"),
+            "--device",
+            "pump-7",
+        ],
+    );
     let status = wait_for_ack(&db, "pump-7", &replica);
-    assert_eq!(status["ack"]["status"], "SUCCESS", "{}\n{}", agent.log(), replica.log());
+    assert_eq!(
+        status["ack"]["status"],
+        "SUCCESS",
+        "{}\n{}",
+        agent.log(),
+        replica.log()
+    );
 }

@@ -29,23 +29,43 @@ macro_rules! net {
 const NET: &str = net!();
 
 fn fault(err: &anyhow::Error) -> &CallFault {
-    err.downcast_ref::<CallFault>().unwrap_or_else(|| panic!("not a call fault: {err:#}"))
+    err.downcast_ref::<CallFault>()
+        .unwrap_or_else(|| panic!("not a call fault: {err:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_stops_at_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), concat!(base_caps!(), "[limits]\ncall_timeout_ms = 300\n"))
-        .await
-        .expect("load");
+    let h = hostile(
+        &rt,
+        dir.path(),
+        concat!(base_caps!(), "[limits]\ncall_timeout_ms = 300\n"),
+    )
+    .await
+    .expect("load");
     let started = Instant::now();
-    let err = act(&h, json!({"action": "loop"})).await.expect_err("the loop must be stopped");
+    let err = act(&h, json!({"action": "loop"}))
+        .await
+        .expect_err("the loop must be stopped");
     let elapsed = started.elapsed();
-    assert_eq!(fault(&err), &CallFault::TimeLimit { limit_ms: 300 }, "{err:#}");
-    assert!(elapsed >= Duration::from_millis(300), "stopped early: {elapsed:?}");
-    assert!(elapsed <= Duration::from_millis(400), "stopped late: {elapsed:?}");
-    assert!(format!("{err:#}").contains("exceeded its time limit of 300 ms"), "{err:#}");
+    assert_eq!(
+        fault(&err),
+        &CallFault::TimeLimit { limit_ms: 300 },
+        "{err:#}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "stopped early: {elapsed:?}"
+    );
+    assert!(
+        elapsed <= Duration::from_millis(400),
+        "stopped late: {elapsed:?}"
+    );
+    assert!(
+        format!("{err:#}").contains("exceeded its time limit of 300 ms"),
+        "{err:#}"
+    );
     still_serves(&h).await;
 }
 
@@ -53,11 +73,21 @@ async fn an_infinite_loop_stops_at_its_deadline() {
 async fn a_memory_bomb_traps_at_its_cap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
-    let h = hostile(&rt, dir.path(), concat!(base_caps!(), "[limits]\nmemory_mb = 16\n"))
+    let h = hostile(
+        &rt,
+        dir.path(),
+        concat!(base_caps!(), "[limits]\nmemory_mb = 16\n"),
+    )
+    .await
+    .expect("load");
+    let err = act(&h, json!({"action": "alloc"}))
         .await
-        .expect("load");
-    let err = act(&h, json!({"action": "alloc"})).await.expect_err("the bomb must trap");
-    assert_eq!(fault(&err), &CallFault::MemoryLimit { limit_mb: 16 }, "{err:#}");
+        .expect_err("the bomb must trap");
+    assert_eq!(
+        fault(&err),
+        &CallFault::MemoryLimit { limit_mb: 16 },
+        "{err:#}"
+    );
     still_serves(&h).await;
 }
 
@@ -73,25 +103,68 @@ async fn commands_outside_the_rules_are_denied_and_never_spawned() {
     );
     let h = hostile(&rt, dir.path(), &body).await.expect("load");
     let cases = [
-        (json!({"action": "exec", "program": "/bin/sh", "args": ["-c", format!("touch {d}/by-shell")]}), "by-shell", "not declared"),
-        (json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/other")]}), "other", "match none"),
-        (json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/allowed"), format!("{d}/extra")]}), "extra", "match none"),
-        (json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/allowed")], "env": [["LD_PRELOAD", "/x.so"]]}), "allowed", "LD_PRELOAD"),
+        (
+            json!({"action": "exec", "program": "/bin/sh", "args": ["-c", format!("touch {d}/by-shell")]}),
+            "by-shell",
+            "not declared",
+        ),
+        (
+            json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/other")]}),
+            "other",
+            "match none",
+        ),
+        (
+            json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/allowed"), format!("{d}/extra")]}),
+            "extra",
+            "match none",
+        ),
+        (
+            json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/allowed")], "env": [["LD_PRELOAD", "/x.so"]]}),
+            "allowed",
+            "LD_PRELOAD",
+        ),
     ];
     for (request, marker, reason) in cases {
-        let text = failure(act(&h, request.clone()).await.expect("a denial is not a fault"));
-        assert!(text.contains("Denied") && text.contains(reason), "{request}: {text}");
-        assert!(!dir.path().join(marker).exists(), "{request}: a process ran");
+        let text = failure(
+            act(&h, request.clone())
+                .await
+                .expect("a denial is not a fault"),
+        );
+        assert!(
+            text.contains("Denied") && text.contains(reason),
+            "{request}: {text}"
+        );
+        assert!(
+            !dir.path().join(marker).exists(),
+            "{request}: a process ran"
+        );
         still_serves(&h).await;
     }
     let ran = success(act(&h, json!({"action": "exec", "program": "/usr/bin/touch", "args": [format!("{d}/allowed")]})).await.expect("allowed"));
     assert!(ran.contains("exit=Some(0)"), "{ran}");
-    assert!(dir.path().join("allowed").exists(), "the allowed command did not run");
+    assert!(
+        dir.path().join("allowed").exists(),
+        "the allowed command did not run"
+    );
 
     let started = Instant::now();
-    let text = failure(act(&h, json!({"action": "exec", "program": "/bin/sleep", "args": ["30"]})).await.expect("timeout is returned"));
-    assert!(text.contains("TimedOut") && text.contains("killed"), "{text}");
-    assert!(started.elapsed() < Duration::from_millis(3500), "{:?}", started.elapsed());
+    let text = failure(
+        act(
+            &h,
+            json!({"action": "exec", "program": "/bin/sleep", "args": ["30"]}),
+        )
+        .await
+        .expect("timeout is returned"),
+    );
+    assert!(
+        text.contains("TimedOut") && text.contains("killed"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        started.elapsed()
+    );
     still_serves(&h).await;
 }
 
@@ -106,13 +179,27 @@ async fn paths_cannot_escape_the_grant() {
     std::fs::write(grant.join("inside.txt"), "inside").expect("write");
     std::fs::write(outside.join("secret.txt"), "secret").expect("write");
     std::os::unix::fs::symlink("../outside/secret.txt", grant.join("rel-link")).expect("symlink");
-    std::os::unix::fs::symlink(outside.join("secret.txt"), grant.join("abs-link")).expect("symlink");
+    std::os::unix::fs::symlink(outside.join("secret.txt"), grant.join("abs-link"))
+        .expect("symlink");
     std::os::unix::fs::symlink(&outside, grant.join("dir-link")).expect("symlink");
-    let body = format!("{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", grant.display());
+    let body = format!(
+        "{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n",
+        grant.display()
+    );
     let h = hostile(&rt_for(&root), &root, &body).await.expect("load");
 
     let g = grant.display();
-    assert_eq!(success(act(&h, json!({"action": "read", "path": format!("{g}/inside.txt")})).await.expect("read")), "inside");
+    assert_eq!(
+        success(
+            act(
+                &h,
+                json!({"action": "read", "path": format!("{g}/inside.txt")})
+            )
+            .await
+            .expect("read")
+        ),
+        "inside"
+    );
     for path in [
         format!("{g}/../outside/secret.txt"),
         outside.join("secret.txt").display().to_string(),
@@ -121,26 +208,69 @@ async fn paths_cannot_escape_the_grant() {
         format!("{g}/abs-link"),
         format!("{g}/dir-link/secret.txt"),
     ] {
-        let text = failure(act(&h, json!({"action": "read", "path": path})).await.expect("denial is returned"));
+        let text = failure(
+            act(&h, json!({"action": "read", "path": path}))
+                .await
+                .expect("denial is returned"),
+        );
         assert!(!text.contains("secret"), "{path}: leaked {text}");
         still_serves(&h).await;
     }
-    for path in [format!("{g}/../outside/escaped"), format!("{g}/dir-link/escaped"), outside.join("escaped").display().to_string()] {
-        failure(act(&h, json!({"action": "write", "path": path})).await.expect("denial is returned"));
-        assert!(!outside.join("escaped").exists(), "{path}: wrote outside the grant");
+    for path in [
+        format!("{g}/../outside/escaped"),
+        format!("{g}/dir-link/escaped"),
+        outside.join("escaped").display().to_string(),
+    ] {
+        failure(
+            act(&h, json!({"action": "write", "path": path}))
+                .await
+                .expect("denial is returned"),
+        );
+        assert!(
+            !outside.join("escaped").exists(),
+            "{path}: wrote outside the grant"
+        );
     }
-    assert_eq!(success(act(&h, json!({"action": "write", "path": format!("{g}/new.txt")})).await.expect("write")), "written");
-    assert_eq!(std::fs::read_to_string(grant.join("new.txt")).expect("written"), "written by a guest");
+    assert_eq!(
+        success(
+            act(
+                &h,
+                json!({"action": "write", "path": format!("{g}/new.txt")})
+            )
+            .await
+            .expect("write")
+        ),
+        "written"
+    );
+    assert_eq!(
+        std::fs::read_to_string(grant.join("new.txt")).expect("written"),
+        "written by a guest"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_grant_refuses_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let body = format!("{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n", root.display());
-    let narrowed = DeviceGrant { read_only: vec![root.clone()], ..DeviceGrant::default() };
-    let h = hostile_with(&rt_for(&root), &root, &body, &narrowed).await.expect("load");
-    failure(act(&h, json!({"action": "write", "path": format!("{}/ro.txt", root.display())})).await.expect("denied"));
+    let body = format!(
+        "{NET}[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n",
+        root.display()
+    );
+    let narrowed = DeviceGrant {
+        read_only: vec![root.clone()],
+        ..DeviceGrant::default()
+    };
+    let h = hostile_with(&rt_for(&root), &root, &body, &narrowed)
+        .await
+        .expect("load");
+    failure(
+        act(
+            &h,
+            json!({"action": "write", "path": format!("{}/ro.txt", root.display())}),
+        )
+        .await
+        .expect("denied"),
+    );
     assert!(!root.join("ro.txt").exists());
 }
 
@@ -153,20 +283,34 @@ async fn an_ungranted_import_is_refused_at_load_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let fs_only = concat!("[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n", net!());
-    let err = hostile(&rt, dir.path(), fs_only).await.expect_err("process is imported but not declared");
+    let err = hostile(&rt, dir.path(), fs_only)
+        .await
+        .expect_err("process is imported but not declared");
     let text = format!("{err:#}");
-    assert!(text.contains("`otabox:handler/process@1.0.0`") && text.contains("declares no process"), "{text}");
+    assert!(
+        text.contains("`otabox:handler/process@1.0.0`") && text.contains("declares no process"),
+        "{text}"
+    );
 
     let declared = BASE;
-    let no_commands = DeviceGrant { commands: Some(vec![]), ..DeviceGrant::default() };
-    let err = hostile_with(&rt, dir.path(), declared, &no_commands).await.expect_err("device narrowed it away");
+    let no_commands = DeviceGrant {
+        commands: Some(vec![]),
+        ..DeviceGrant::default()
+    };
+    let err = hostile_with(&rt, dir.path(), declared, &no_commands)
+        .await
+        .expect_err("device narrowed it away");
     assert!(format!("{err:#}").contains("device grants none"), "{err:#}");
 
     let no_paths = concat!("[[commands]]\nprogram = \"/bin/true\"\n", net!());
-    let err = hostile(&rt, dir.path(), no_paths).await.expect_err("filesystem is imported but not declared");
+    let err = hostile(&rt, dir.path(), no_paths)
+        .await
+        .expect_err("filesystem is imported but not declared");
     assert!(format!("{err:#}").contains("`wasi:filesystem/"), "{err:#}");
 
-    let h = hostile(&rt, dir.path(), declared).await.expect("the same runtime still loads a correct handler");
+    let h = hostile(&rt, dir.path(), declared)
+        .await
+        .expect("the same runtime still loads a correct handler");
     still_serves(&h).await;
 }
 
@@ -175,19 +319,44 @@ async fn a_tampered_wasm_and_a_malformed_manifest_are_refused_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let handlers = dir.path().join("handlers");
-    let manifest = install_handler(&handlers, "file", &built_wasm("file"), "otabox/file:1", "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n");
+    let manifest = install_handler(
+        &handlers,
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n",
+    );
     let mut wasm = built_wasm("file");
     let last = wasm.len() - 1;
     wasm[last] ^= 0xFF;
     std::fs::write(handlers.join("file.wasm"), &wasm).expect("tamper");
-    let text = format!("{:#}", rt.load_handler(&manifest, None).await.expect_err("tampered"));
-    assert!(text.contains("sha256") && text.contains("refusing a modified"), "{text}");
+    let text = format!(
+        "{:#}",
+        rt.load_handler(&manifest, None)
+            .await
+            .expect_err("tampered")
+    );
+    assert!(
+        text.contains("sha256") && text.contains("refusing a modified"),
+        "{text}"
+    );
 
     std::fs::write(&manifest, "[handler]\nupdate_types = [\"otabox/file:1\"]\nsha256 = \"00\"\n[limits]\nmemory_mb = \"lots\"\n").expect("write");
-    let text = format!("{:#}", rt.load_handler(&manifest, None).await.expect_err("malformed"));
-    assert!(text.contains(&manifest.display().to_string()) && text.contains("memory_mb"), "{text}");
+    let text = format!(
+        "{:#}",
+        rt.load_handler(&manifest, None)
+            .await
+            .expect_err("malformed")
+    );
+    assert!(
+        text.contains(&manifest.display().to_string()) && text.contains("memory_mb"),
+        "{text}"
+    );
 
-    let set = rt.load_dir(&handlers, &Default::default()).await.expect("dir is readable");
+    let set = rt
+        .load_dir(&handlers, &Default::default())
+        .await
+        .expect("dir is readable");
     assert!(set.handlers.is_empty());
     assert_eq!(set.refused.len(), 1);
 }
@@ -199,16 +368,39 @@ async fn payloads_are_read_only_and_only_after_verification() {
     let h = hostile(&rt, dir.path(), BASE).await.expect("load");
     let file = dir.path().join("payload.bin");
     std::fs::write(&file, b"payload bytes").expect("write");
-    let mut payload = PayloadFile { name: "p.bin".into(), size: 13, sha256: "x".into(), verified: None };
+    let mut payload = PayloadFile {
+        name: "p.bin".into(),
+        size: 13,
+        sha256: "x".into(),
+        verified: None,
+    };
     let mut scope = CallScope::for_step("job-1", 0, dir.path(), vec![payload.clone()]);
     let ctx = step(json!({"action": "payload", "name": "p.bin"}));
-    let text = failure(h.run_phase(Phase::Install, scope.clone(), &ctx).await.expect("call"));
+    let text = failure(
+        h.run_phase(Phase::Install, scope.clone(), &ctx)
+            .await
+            .expect("call"),
+    );
     assert!(text.contains("not downloaded and verified"), "{text}");
     payload.verified = Some(file);
     scope.payloads = vec![payload];
-    assert_eq!(success(h.run_phase(Phase::Install, scope.clone(), &ctx).await.expect("call")), "payload bytes");
+    assert_eq!(
+        success(
+            h.run_phase(Phase::Install, scope.clone(), &ctx)
+                .await
+                .expect("call")
+        ),
+        "payload bytes"
+    );
     let missing = step(json!({"action": "payload", "name": "other"}));
-    assert!(failure(h.run_phase(Phase::Install, scope, &missing).await.expect("call")).contains("NotFound"));
+    assert!(
+        failure(
+            h.run_phase(Phase::Install, scope, &missing)
+                .await
+                .expect("call")
+        )
+        .contains("NotFound")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,35 +408,69 @@ async fn checkpoints_are_durable_per_step_and_checked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let h = hostile(&rt, dir.path(), BASE).await.expect("load");
-    let outside_job = failure(act(&h, json!({"action": "checkpoint", "key": "k", "value": "v"})).await.expect("call"));
+    let outside_job = failure(
+        act(
+            &h,
+            json!({"action": "checkpoint", "key": "k", "value": "v"}),
+        )
+        .await
+        .expect("call"),
+    );
     assert!(outside_job.contains("within a job step"), "{outside_job}");
     let scope = CallScope::for_step("job-1", 2, dir.path(), vec![]);
     let ctx = step(json!({"action": "checkpoint", "key": "stage", "value": "installed"}));
-    assert_eq!(success(h.run_phase(Phase::Install, scope.clone(), &ctx).await.expect("call")), "installed");
-    let stored = std::fs::read_to_string(dir.path().join("step-2.checkpoint.json")).expect("persisted");
+    assert_eq!(
+        success(
+            h.run_phase(Phase::Install, scope.clone(), &ctx)
+                .await
+                .expect("call")
+        ),
+        "installed"
+    );
+    let stored =
+        std::fs::read_to_string(dir.path().join("step-2.checkpoint.json")).expect("persisted");
     assert!(stored.contains("stage"), "{stored}");
     let bad = step(json!({"action": "checkpoint", "key": "../escape", "value": "v"}));
-    assert!(failure(h.run_phase(Phase::Install, scope, &bad).await.expect("call")).contains("Invalid"));
+    assert!(
+        failure(
+            h.run_phase(Phase::Install, scope, &bad)
+                .await
+                .expect("call")
+        )
+        .contains("Invalid")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_and_a_corrupt_entry_is_replaced() {
     let dir = tempfile::tempdir().expect("tempdir");
     let body = BASE;
-    let first = hostile(&runtime(dir.path()), dir.path(), body).await.expect("load");
+    let first = hostile(&runtime(dir.path()), dir.path(), body)
+        .await
+        .expect("load");
     assert_eq!(first.cache, otabox::runtime::CacheUse::Miss);
-    let second = hostile(&runtime(dir.path()), dir.path(), body).await.expect("load");
+    let second = hostile(&runtime(dir.path()), dir.path(), body)
+        .await
+        .expect("load");
     assert_eq!(second.cache, otabox::runtime::CacheUse::Hit);
     // Replace each entry with garbage by rename, as anything touching the
     // cache must (the live handlers above still map the old files).
-    for entry in std::fs::read_dir(dir.path().join("cache")).expect("cache dir").flatten() {
+    for entry in std::fs::read_dir(dir.path().join("cache"))
+        .expect("cache dir")
+        .flatten()
+    {
         let garbage = entry.path().with_extension("garbage");
         std::fs::write(&garbage, b"garbage").expect("write garbage");
         std::fs::rename(&garbage, entry.path()).expect("corrupt");
     }
-    let third = hostile(&runtime(dir.path()), dir.path(), body).await.expect("a corrupt entry is recompiled");
+    let third = hostile(&runtime(dir.path()), dir.path(), body)
+        .await
+        .expect("a corrupt entry is recompiled");
     assert_eq!(third.cache, otabox::runtime::CacheUse::Miss);
-    assert!(matches!(act(&third, json!({"action": "ok"})).await.expect("call"), Outcome::Success));
+    assert!(matches!(
+        act(&third, json!({"action": "ok"})).await.expect("call"),
+        Outcome::Success
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +478,12 @@ async fn a_guest_printing_megabytes_is_capped_not_failed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let h = hostile(&rt, dir.path(), BASE).await.expect("load");
-    let outcome = act(&h, json!({"action": "print", "text": "x".repeat(1000), "times": 2000})).await.expect("call");
+    let outcome = act(
+        &h,
+        json!({"action": "print", "text": "x".repeat(1000), "times": 2000}),
+    )
+    .await
+    .expect("call");
     assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
     still_serves(&h).await;
 }
@@ -276,11 +507,31 @@ async fn network_access_is_limited_to_granted_hosts_and_ports() {
         stream.read_exact(&mut buf).expect("read");
         buf
     });
-    assert_eq!(success(act(&h, json!({"action": "connect", "address": format!("127.0.0.1:{port}")})).await.expect("call")), "connected");
+    assert_eq!(
+        success(
+            act(
+                &h,
+                json!({"action": "connect", "address": format!("127.0.0.1:{port}")})
+            )
+            .await
+            .expect("call")
+        ),
+        "connected"
+    );
     assert_eq!(&accepted.join().expect("listener thread"), b"hello");
 
     let other_port = other.local_addr().expect("addr").port();
-    failure(act(&h, json!({"action": "connect", "address": format!("127.0.0.1:{other_port}")})).await.expect("denial is returned"));
-    assert!(other.accept().is_err(), "a connection reached an ungranted port");
+    failure(
+        act(
+            &h,
+            json!({"action": "connect", "address": format!("127.0.0.1:{other_port}")}),
+        )
+        .await
+        .expect("denial is returned"),
+    );
+    assert!(
+        other.accept().is_err(),
+        "a connection reached an ungranted port"
+    );
     still_serves(&h).await;
 }

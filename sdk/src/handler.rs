@@ -6,7 +6,7 @@ use crate::__bindings::exports::otabox::handler::handler::Guest;
 use crate::__bindings::otabox::handler::types::{
     Description, InstalledItem, Outcome, Plan, Status, StepContext,
 };
-use crate::{Step, StatusExt};
+use crate::{StatusExt, Step};
 
 /// One kind of update, implemented as lifecycle calls.
 ///

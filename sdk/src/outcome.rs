@@ -1,8 +1,8 @@
 //! Builders for [`Status`], [`Plan`] and [`Description`].
 
 use crate::{
-    CONTRACT_VERSION, Description, ExtendedCode, Outcome, Plan, RebootBehaviour,
-    RebootExpectation, Status,
+    CONTRACT_VERSION, Description, ExtendedCode, Outcome, Plan, RebootBehaviour, RebootExpectation,
+    Status,
 };
 
 /// Well-known facilities of an extended code (0 is the host's).
@@ -39,14 +39,22 @@ impl StatusExt for Status {
     fn new(result_code: u32, message: impl Into<String>) -> Self {
         Status {
             result_code,
-            extended_code: ExtendedCode { facility: Facility::Handler as u8, component: 0, value: 0 },
+            extended_code: ExtendedCode {
+                facility: Facility::Handler as u8,
+                component: 0,
+                value: 0,
+            },
             message: message.into(),
             details: Vec::new(),
         }
     }
 
     fn extended(mut self, facility: Facility, component: u8, value: u32) -> Self {
-        self.extended_code = ExtendedCode { facility: facility as u8, component, value };
+        self.extended_code = ExtendedCode {
+            facility: facility as u8,
+            component,
+            value,
+        };
         self
     }
 

@@ -42,7 +42,12 @@ impl Payload {
 
     /// A sequential [`io::Read`] over the whole payload, for `io::copy`.
     pub fn reader(&self) -> PayloadReader<'_> {
-        PayloadReader { payload: self, offset: 0, buffer: Vec::new(), pos: 0 }
+        PayloadReader {
+            payload: self,
+            offset: 0,
+            buffer: Vec::new(),
+            pos: 0,
+        }
     }
 }
 

@@ -52,8 +52,14 @@ impl PackageAction {
     /// The argument for `apt-get install`: `name=version`, `name` or `name-`.
     pub fn apt_argument(&self) -> String {
         match self {
-            PackageAction::Install { name, version: Some(v) } => format!("{name}={v}"),
-            PackageAction::Install { name, version: None } => name.clone(),
+            PackageAction::Install {
+                name,
+                version: Some(v),
+            } => format!("{name}={v}"),
+            PackageAction::Install {
+                name,
+                version: None,
+            } => name.clone(),
             PackageAction::Remove { name } => format!("{name}-"),
         }
     }
@@ -80,15 +86,24 @@ pub struct AptManifest {
 impl AptManifest {
     /// Parses and checks `json`; errors name the package at fault.
     pub fn parse(json: &str) -> Result<Self, String> {
-        let raw: RawManifest = serde_json::from_str(json).map_err(|e| format!("invalid apt manifest: {e}"))?;
+        let raw: RawManifest =
+            serde_json::from_str(json).map_err(|e| format!("invalid apt manifest: {e}"))?;
         if raw.name.trim().is_empty() || raw.version.trim().is_empty() {
             return Err("invalid apt manifest: `name` and `version` must not be empty".into());
         }
         if raw.packages.is_empty() {
             return Err("invalid apt manifest: `packages` lists no package".into());
         }
-        let packages = raw.packages.into_iter().map(action).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { name: raw.name, version: raw.version, packages })
+        let packages = raw
+            .packages
+            .into_iter()
+            .map(action)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: raw.name,
+            version: raw.version,
+            packages,
+        })
     }
 
     /// `<name>-<version>`.
@@ -104,13 +119,22 @@ fn action(p: RawPackage) -> Result<PackageAction, String> {
     };
     check_name(&name).map_err(|why| format!("package {:?}: {why}", p.name))?;
     match (remove, p.version) {
-        (true, Some(v)) => Err(format!("package {:?}: a removal (`{name}-`) may not carry a version (found {v:?})", p.name)),
+        (true, Some(v)) => Err(format!(
+            "package {:?}: a removal (`{name}-`) may not carry a version (found {v:?})",
+            p.name
+        )),
         (true, None) => Ok(PackageAction::Remove { name }),
         (false, Some(v)) => {
             let version = Version::parse(&v).map_err(|e| format!("package {name:?}: {e}"))?;
-            Ok(PackageAction::Install { name, version: Some(version) })
+            Ok(PackageAction::Install {
+                name,
+                version: Some(version),
+            })
         }
-        (false, None) => Ok(PackageAction::Install { name, version: None }),
+        (false, None) => Ok(PackageAction::Install {
+            name,
+            version: None,
+        }),
     }
 }
 
@@ -118,7 +142,9 @@ fn action(p: RawPackage) -> Result<PackageAction, String> {
 /// characters, starting with an alphanumeric.
 fn check_name(name: &str) -> Result<(), String> {
     let starts_ok = name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let chars_ok = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    let chars_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
     if name.len() < 2 || !starts_ok || !chars_ok {
         return Err("not a Debian package name (lowercase alphanumerics and `+ - .`, starting with one of the first)".into());
     }
@@ -145,16 +171,46 @@ mod tests {
     fn every_malformed_manifest_is_refused_naming_the_problem() {
         for (json, why) in [
             ("not json", "invalid apt manifest"),
-            (r#"{"version":"1","packages":[{"name":"a1"}]}"#, "missing field `name`"),
-            (r#"{"name":"m","packages":[{"name":"a1"}]}"#, "missing field `version`"),
-            (r#"{"name":"m","version":"1","packages":[{"name":"a1"}],"extra":1}"#, "unknown field `extra`"),
-            (r#"{"name":"m","version":"1","packages":[{"name":"a1","arch":"arm64"}]}"#, "unknown field `arch`"),
-            (r#"{"name":"m","version":"1","packages":[]}"#, "lists no package"),
-            (r#"{"name":"m","version":"1","packages":[{"name":"curl","version":"=7.88"}]}"#, "package \"curl\""),
-            (r#"{"name":"m","version":"1","packages":[{"name":"curl","version":"latest"}]}"#, "start with a digit"),
-            (r#"{"name":"m","version":"1","packages":[{"name":"curl-","version":"7.88"}]}"#, "removal"),
-            (r#"{"name":"m","version":"1","packages":[{"name":"Curl"}]}"#, "not a Debian package name"),
-            (r#"{"name":"","version":"1","packages":[{"name":"curl"}]}"#, "must not be empty"),
+            (
+                r#"{"version":"1","packages":[{"name":"a1"}]}"#,
+                "missing field `name`",
+            ),
+            (
+                r#"{"name":"m","packages":[{"name":"a1"}]}"#,
+                "missing field `version`",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"a1"}],"extra":1}"#,
+                "unknown field `extra`",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"a1","arch":"arm64"}]}"#,
+                "unknown field `arch`",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[]}"#,
+                "lists no package",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"curl","version":"=7.88"}]}"#,
+                "package \"curl\"",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"curl","version":"latest"}]}"#,
+                "start with a digit",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"curl-","version":"7.88"}]}"#,
+                "removal",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"Curl"}]}"#,
+                "not a Debian package name",
+            ),
+            (
+                r#"{"name":"","version":"1","packages":[{"name":"curl"}]}"#,
+                "must not be empty",
+            ),
         ] {
             let err = AptManifest::parse(json).expect_err(json);
             assert!(err.contains(why), "{json}: {err}");

@@ -32,7 +32,11 @@ impl std::error::Error for VersionError {}
 impl Version {
     /// Parses `text`, refusing anything dpkg would not accept (and `=`).
     pub fn parse(text: &str) -> Result<Self, VersionError> {
-        let bad = |why: &str| Err(VersionError(format!("{text:?} is not a Debian version: {why}")));
+        let bad = |why: &str| {
+            Err(VersionError(format!(
+                "{text:?} is not a Debian version: {why}"
+            )))
+        };
         if text.is_empty() {
             return bad("it is empty");
         }
@@ -60,15 +64,26 @@ impl Version {
         if rest.contains('-') && revision.is_empty() {
             return bad("the revision after `-` is empty");
         }
-        if !revision.chars().all(|c| c.is_ascii_alphanumeric() || ".+~".contains(c)) {
+        if !revision
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".+~".contains(c))
+        {
             return bad("the revision may hold only alphanumerics and `. + ~`");
         }
-        Ok(Self { epoch, upstream: upstream.to_string(), revision: revision.to_string() })
+        Ok(Self {
+            epoch,
+            upstream: upstream.to_string(),
+            revision: revision.to_string(),
+        })
     }
 
     /// The version with an explicit revision, as installed criteria show it.
     pub fn canonical(&self) -> String {
-        let revision = if self.revision.is_empty() { "0" } else { &self.revision };
+        let revision = if self.revision.is_empty() {
+            "0"
+        } else {
+            &self.revision
+        };
         match self.epoch {
             0 => format!("{}-{revision}", self.upstream),
             e => format!("{e}:{}-{revision}", self.upstream),
@@ -93,7 +108,12 @@ impl Ord for Version {
         self.epoch
             .cmp(&other.epoch)
             .then_with(|| verrevcmp(&self.upstream, &other.upstream))
-            .then_with(|| verrevcmp(revision_or_zero(&self.revision), revision_or_zero(&other.revision)))
+            .then_with(|| {
+                verrevcmp(
+                    revision_or_zero(&self.revision),
+                    revision_or_zero(&other.revision),
+                )
+            })
     }
 }
 
@@ -225,6 +245,9 @@ mod tests {
         }
         assert!(Version::parse("1.2.3-4ubuntu0.1").is_ok());
         assert!(Version::parse("1:2.3.4-1+deb12u1").is_ok());
-        assert!(Version::parse("1.0-2-3").is_ok(), "hyphens in upstream when a revision follows");
+        assert!(
+            Version::parse("1.0-2-3").is_ok(),
+            "hyphens in upstream when a revision follows"
+        );
     }
 }

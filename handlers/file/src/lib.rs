@@ -93,8 +93,9 @@ impl Handler for FileHandler {
         run(step, |m| {
             let payload = step.open_payload(&m.payload)?;
             let staged = sibling(Path::new(&m.destination), "otabox-new");
-            write_payload(&payload, &staged)
-                .map_err(|e| io_status(22, "cannot write staged file", &staged.to_string_lossy(), e))?;
+            write_payload(&payload, &staged).map_err(|e| {
+                io_status(22, "cannot write staged file", &staged.to_string_lossy(), e)
+            })?;
             info!("staged {} ({} bytes)", staged.display(), payload.size());
             Ok(Outcome::Success)
         })
@@ -152,7 +153,9 @@ impl Handler for FileHandler {
     fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
         let config: Config = serde_json::from_str(config)
             .map_err(|e| Status::new(11, format!("invalid handler config: {e}")))?;
-        let Some(root) = config.root else { return Ok(Vec::new()) };
+        let Some(root) = config.root else {
+            return Ok(Vec::new());
+        };
         let entries = fs::read_dir(&root).map_err(|e| io_status(28, "cannot list", &root, e))?;
         let mut items = Vec::new();
         for entry in entries.flatten() {
@@ -190,7 +193,10 @@ pub fn parse_manifest(json: &str) -> Result<Manifest, String> {
         ));
     }
     if dest.file_name().is_none() {
-        return Err(format!("invalid manifest: destination {:?} names no file", m.destination));
+        return Err(format!(
+            "invalid manifest: destination {:?} names no file",
+            m.destination
+        ));
     }
     Ok(m)
 }
@@ -202,14 +208,25 @@ fn parse(step: &Step) -> Result<Manifest, Status> {
 }
 
 fn payload_info<'a>(step: &'a Step, m: &Manifest) -> Result<&'a otabox_sdk::PayloadInfo, Status> {
-    step.payloads().iter().find(|p| p.name == m.payload).ok_or_else(|| {
-        Status::new(10, format!("invalid manifest: the step has no payload named {:?}", m.payload))
-    })
+    step.payloads()
+        .iter()
+        .find(|p| p.name == m.payload)
+        .ok_or_else(|| {
+            Status::new(
+                10,
+                format!(
+                    "invalid manifest: the step has no payload named {:?}",
+                    m.payload
+                ),
+            )
+        })
 }
 
 /// Runs a phase body on the parsed manifest, turning errors into `failed`.
 fn run(step: &Step, body: impl FnOnce(&Manifest) -> Result<Outcome, Status>) -> Outcome {
-    parse(step).and_then(|m| body(&m)).unwrap_or_else(Outcome::Failed)
+    parse(step)
+        .and_then(|m| body(&m))
+        .unwrap_or_else(Outcome::Failed)
 }
 
 fn set_checkpoint(key: &str, value: bool) -> Result<(), Status> {
@@ -230,7 +247,11 @@ fn is_temporary(path: &Path) -> bool {
 
 fn io_status(code: u32, what: &str, path: &str, e: io::Error) -> Status {
     Status::new(code, format!("{what}: {path}: {e}"))
-        .extended(Facility::Os, 0, e.raw_os_error().unwrap_or(0).unsigned_abs())
+        .extended(
+            Facility::Os,
+            0,
+            e.raw_os_error().unwrap_or(0).unsigned_abs(),
+        )
         .detail("path", path)
 }
 
@@ -288,9 +309,8 @@ mod tests {
     #[test]
     fn rejects_relative_and_parent_destinations() {
         for dest in ["srv/a.conf", "/srv/../etc/passwd", "/"] {
-            let json = format!(
-                r#"{{"name":"cfg","version":"1","payload":"a","destination":"{dest}"}}"#
-            );
+            let json =
+                format!(r#"{{"name":"cfg","version":"1","payload":"a","destination":"{dest}"}}"#);
             let err = parse_manifest(&json).expect_err(dest);
             assert!(err.contains("destination"), "{dest}: {err}");
         }
@@ -299,14 +319,25 @@ mod tests {
     #[test]
     fn rejects_unknown_fields_and_empty_versions() {
         let unknown = r#"{"name":"c","version":"1","payload":"a","destination":"/a","mode":1}"#;
-        assert!(parse_manifest(unknown).unwrap_err().contains("unknown field `mode`"));
+        assert!(
+            parse_manifest(unknown)
+                .unwrap_err()
+                .contains("unknown field `mode`")
+        );
         let empty = r#"{"name":"c","version":"","payload":"a","destination":"/a"}"#;
-        assert!(parse_manifest(empty).unwrap_err().contains("must not be empty"));
+        assert!(
+            parse_manifest(empty)
+                .unwrap_err()
+                .contains("must not be empty")
+        );
     }
 
     #[test]
     fn temporary_siblings_are_named_after_the_destination() {
-        assert_eq!(sibling(Path::new("/d/a.conf"), "otabox-new"), Path::new("/d/a.conf.otabox-new"));
+        assert_eq!(
+            sibling(Path::new("/d/a.conf"), "otabox-new"),
+            Path::new("/d/a.conf.otabox-new")
+        );
         assert!(is_temporary(Path::new("/d/a.conf.otabox-backup")));
     }
 }

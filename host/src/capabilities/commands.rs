@@ -57,7 +57,10 @@ impl CommandRule {
             bail!("`program` must be a non-empty program name or path");
         }
         if self.program.contains('/') && !self.program.starts_with('/') {
-            bail!("`program` {:?} must be absolute or a bare name", self.program);
+            bail!(
+                "`program` {:?} must be absolute or a bare name",
+                self.program
+            );
         }
         if let Some(pos) = self.args.iter().position(|a| a == "**")
             && pos + 1 != self.args.len()
@@ -95,7 +98,15 @@ impl CommandRule {
 }
 
 /// Variables no rule may hand to a guest: they change what runs.
-const FORBIDDEN_ENV: &[&str] = &["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "IFS", "BASH_ENV", "ENV"];
+const FORBIDDEN_ENV: &[&str] = &[
+    "PATH",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "IFS",
+    "BASH_ENV",
+    "ENV",
+];
 
 fn is_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -113,7 +124,9 @@ pub fn authorize<'a>(
 ) -> Result<&'a CommandRule, Denial> {
     let for_program: Vec<&CommandRule> = rules.iter().filter(|r| r.program == program).collect();
     if for_program.is_empty() {
-        return Err(Denial(format!("program {program:?} is not declared in the handler's command rules")));
+        return Err(Denial(format!(
+            "program {program:?} is not declared in the handler's command rules"
+        )));
     }
     let Some(rule) = for_program.iter().find(|r| r.matches_args(args)) else {
         return Err(Denial(format!(
@@ -122,7 +135,9 @@ pub fn authorize<'a>(
         )));
     };
     if let Some((name, _)) = env.iter().find(|(name, _)| !rule.env.contains(name)) {
-        return Err(Denial(format!("environment variable {name:?} is not allowed for {program:?}")));
+        return Err(Denial(format!(
+            "environment variable {name:?} is not allowed for {program:?}"
+        )));
     }
     Ok(rule)
 }
@@ -132,7 +147,11 @@ mod tests {
     use super::*;
 
     fn rule(program: &str, args: &[&str]) -> CommandRule {
-        CommandRule { program: program.into(), args: args.iter().map(|s| s.to_string()).collect(), env: vec![] }
+        CommandRule {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+        }
     }
 
     fn args(a: &[&str]) -> Vec<String> {
@@ -164,8 +183,13 @@ mod tests {
         assert!(e.0.contains("not declared"), "{e}");
         let e = authorize(&rules, "/usr/bin/touch", &args(&["/etc/x"]), &[]).unwrap_err();
         assert!(e.0.contains("match none"), "{e}");
-        let e = authorize(&rules, "/usr/bin/touch", &args(&["/tmp/ok"]), &[("LD_PRELOAD".into(), "x".into())])
-            .unwrap_err();
+        let e = authorize(
+            &rules,
+            "/usr/bin/touch",
+            &args(&["/tmp/ok"]),
+            &[("LD_PRELOAD".into(), "x".into())],
+        )
+        .unwrap_err();
         assert!(e.0.contains("LD_PRELOAD"), "{e}");
     }
 

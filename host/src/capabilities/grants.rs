@@ -106,21 +106,35 @@ impl Grants {
             commands: manifest
                 .commands
                 .iter()
-                .filter(|r| device.commands.as_ref().is_none_or(|allowed| allowed.contains(&r.program)))
+                .filter(|r| {
+                    device
+                        .commands
+                        .as_ref()
+                        .is_none_or(|allowed| allowed.contains(&r.program))
+                })
                 .cloned()
                 .collect(),
             network: manifest
                 .network
                 .hosts
                 .iter()
-                .filter(|h| device.network.as_ref().is_none_or(|allowed| allowed.contains(h)))
+                .filter(|h| {
+                    device
+                        .network
+                        .as_ref()
+                        .is_none_or(|allowed| allowed.contains(h))
+                })
                 .cloned()
                 .collect(),
             limits: Limits {
-                memory_mb: device.memory_mb.map_or(manifest.limits.memory_mb, |m| m.min(manifest.limits.memory_mb)),
+                memory_mb: device.memory_mb.map_or(manifest.limits.memory_mb, |m| {
+                    m.min(manifest.limits.memory_mb)
+                }),
                 call_timeout_ms: device
                     .call_timeout_ms
-                    .map_or(manifest.limits.call_timeout_ms, |t| t.min(manifest.limits.call_timeout_ms)),
+                    .map_or(manifest.limits.call_timeout_ms, |t| {
+                        t.min(manifest.limits.call_timeout_ms)
+                    }),
             },
         }
     }
@@ -131,8 +145,14 @@ fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Vec<PathGra
     for rule in &manifest.filesystem {
         let guests: Vec<PathBuf> = match &device.paths {
             None => vec![rule.path.clone()],
-            Some(allowed) if allowed.iter().any(|a| rule.path.starts_with(a)) => vec![rule.path.clone()],
-            Some(allowed) => allowed.iter().filter(|a| a.starts_with(&rule.path)).cloned().collect(),
+            Some(allowed) if allowed.iter().any(|a| rule.path.starts_with(a)) => {
+                vec![rule.path.clone()]
+            }
+            Some(allowed) => allowed
+                .iter()
+                .filter(|a| a.starts_with(&rule.path))
+                .cloned()
+                .collect(),
         };
         for guest in guests {
             let access = if device.read_only.iter().any(|ro| guest.starts_with(ro)) {
@@ -141,7 +161,11 @@ fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Vec<PathGra
                 rule.access
             };
             let host = mount(&guest, &device.mounts);
-            granted.push(PathGrant { guest, host, access });
+            granted.push(PathGrant {
+                guest,
+                host,
+                access,
+            });
         }
     }
     granted
@@ -155,7 +179,11 @@ fn mount(guest: &Path, mounts: &BTreeMap<PathBuf, PathBuf>) -> PathBuf {
         .max_by_key(|(from, _)| from.components().count())
         .and_then(|(from, to)| {
             let rest = guest.strip_prefix(from).ok()?;
-            Some(if rest.as_os_str().is_empty() { to.clone() } else { to.join(rest) })
+            Some(if rest.as_os_str().is_empty() {
+                to.clone()
+            } else {
+                to.join(rest)
+            })
         })
         .unwrap_or_else(|| guest.to_path_buf())
 }
@@ -196,11 +224,24 @@ mod tests {
         let g = Grants::narrow(&manifest(), Some(&device));
         assert_eq!(
             g.paths,
-            vec![PathGrant { guest: "/srv/data/sub".into(), host: "/mnt/x/sub".into(), access: Access::ReadOnly }]
+            vec![PathGrant {
+                guest: "/srv/data/sub".into(),
+                host: "/mnt/x/sub".into(),
+                access: Access::ReadOnly
+            }]
         );
-        assert_eq!(g.commands.iter().map(|c| c.program.as_str()).collect::<Vec<_>>(), ["/usr/bin/dpkg"]);
+        assert_eq!(
+            g.commands
+                .iter()
+                .map(|c| c.program.as_str())
+                .collect::<Vec<_>>(),
+            ["/usr/bin/dpkg"]
+        );
         assert!(g.network.is_empty());
-        assert_eq!(g.limits.memory_mb, 64, "a device cannot raise the declared cap");
+        assert_eq!(
+            g.limits.memory_mb, 64,
+            "a device cannot raise the declared cap"
+        );
         assert_eq!(g.limits.call_timeout_ms, 10);
     }
 }

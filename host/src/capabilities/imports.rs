@@ -37,7 +37,9 @@ pub fn classify_import(name: &str) -> Capability {
     match (package, interface) {
         (_, "otabox:handler/process") => Capability::Process,
         ("otabox:handler", i)
-            if ["types", "context", "payloads", "checkpoint"].iter().any(|n| i.ends_with(&format!("/{n}"))) =>
+            if ["types", "context", "payloads", "checkpoint"]
+                .iter()
+                .any(|n| i.ends_with(&format!("/{n}"))) =>
         {
             Capability::Baseline
         }
@@ -55,12 +57,33 @@ mod tests {
 
     #[test]
     fn imports_map_to_capabilities() {
-        assert_eq!(classify_import("otabox:handler/process@1.0.0"), Capability::Process);
-        assert_eq!(classify_import("otabox:handler/context@1.0.0"), Capability::Baseline);
-        assert_eq!(classify_import("wasi:filesystem/preopens@0.2.4"), Capability::Filesystem);
-        assert_eq!(classify_import("wasi:sockets/tcp@0.2.0"), Capability::Network);
-        assert_eq!(classify_import("wasi:cli/stdout@0.2.0"), Capability::Baseline);
-        assert_eq!(classify_import("wasi:http/outgoing-handler@0.2.0"), Capability::Unsupported);
-        assert_eq!(classify_import("otabox:handler/secrets@1.1.0"), Capability::Unsupported);
+        assert_eq!(
+            classify_import("otabox:handler/process@1.0.0"),
+            Capability::Process
+        );
+        assert_eq!(
+            classify_import("otabox:handler/context@1.0.0"),
+            Capability::Baseline
+        );
+        assert_eq!(
+            classify_import("wasi:filesystem/preopens@0.2.4"),
+            Capability::Filesystem
+        );
+        assert_eq!(
+            classify_import("wasi:sockets/tcp@0.2.0"),
+            Capability::Network
+        );
+        assert_eq!(
+            classify_import("wasi:cli/stdout@0.2.0"),
+            Capability::Baseline
+        );
+        assert_eq!(
+            classify_import("wasi:http/outgoing-handler@0.2.0"),
+            Capability::Unsupported
+        );
+        assert_eq!(
+            classify_import("otabox:handler/secrets@1.1.0"),
+            Capability::Unsupported
+        );
     }
 }

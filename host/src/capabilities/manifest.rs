@@ -119,7 +119,10 @@ fn default_call_timeout_ms() -> u64 {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_mb: default_memory_mb(), call_timeout_ms: default_call_timeout_ms() }
+        Self {
+            memory_mb: default_memory_mb(),
+            call_timeout_ms: default_call_timeout_ms(),
+        }
     }
 }
 
@@ -145,7 +148,8 @@ impl HandlerManifest {
 
     /// Parses and checks manifest text.
     pub fn parse(text: &str) -> Result<Self> {
-        let manifest: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let manifest: Self =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         manifest.check()?;
         Ok(manifest)
     }
@@ -158,24 +162,39 @@ impl HandlerManifest {
         for t in &h.update_types {
             check_update_type(t).with_context(|| format!("field `handler.update_types`: {t:?}"))?;
         }
-        if h.sha256.len() != 64 || !h.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-            bail!("field `handler.sha256` must be 64 lowercase hex digits, found {:?}", h.sha256);
+        if h.sha256.len() != 64
+            || !h
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            bail!(
+                "field `handler.sha256` must be 64 lowercase hex digits, found {:?}",
+                h.sha256
+            );
         }
         for (i, rule) in self.filesystem.iter().enumerate() {
             check_dir_path(&rule.path).with_context(|| format!("field `filesystem[{i}].path`"))?;
         }
         for (i, rule) in self.commands.iter().enumerate() {
-            rule.check().with_context(|| format!("field `commands[{i}]`"))?;
+            rule.check()
+                .with_context(|| format!("field `commands[{i}]`"))?;
         }
         for (i, host) in self.network.hosts.iter().enumerate() {
             check_host(host).with_context(|| format!("field `network.hosts[{i}]`"))?;
         }
         let l = &self.limits;
         if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
-            bail!("field `limits.memory_mb` must be 1..={MAX_MEMORY_MB}, found {}", l.memory_mb);
+            bail!(
+                "field `limits.memory_mb` must be 1..={MAX_MEMORY_MB}, found {}",
+                l.memory_mb
+            );
         }
         if l.call_timeout_ms == 0 || l.call_timeout_ms > MAX_CALL_TIMEOUT_MS {
-            bail!("field `limits.call_timeout_ms` must be 1..={MAX_CALL_TIMEOUT_MS}, found {}", l.call_timeout_ms);
+            bail!(
+                "field `limits.call_timeout_ms` must be 1..={MAX_CALL_TIMEOUT_MS}, found {}",
+                l.call_timeout_ms
+            );
         }
         Ok(())
     }
@@ -184,10 +203,14 @@ impl HandlerManifest {
 /// `vendor/name:major`, lowercase ASCII, digits, `-`, `_`, `.`.
 fn check_update_type(t: &str) -> Result<()> {
     let ok_part = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
     };
     let (vendor_name, major) = t.rsplit_once(':').context("expected `vendor/name:major`")?;
-    let (vendor, name) = vendor_name.split_once('/').context("expected `vendor/name:major`")?;
+    let (vendor, name) = vendor_name
+        .split_once('/')
+        .context("expected `vendor/name:major`")?;
     if !ok_part(vendor) || !ok_part(name) || major.parse::<u32>().is_err() {
         bail!("expected `vendor/name:major` in lowercase ASCII");
     }
@@ -199,7 +222,10 @@ pub(crate) fn check_dir_path(path: &Path) -> Result<()> {
     if !path.is_absolute() {
         bail!("{} must be an absolute path", path.display());
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
         bail!("{} must not contain `.` or `..`", path.display());
     }
     if path.parent().is_none() {
@@ -213,11 +239,16 @@ fn check_host(host: &str) -> Result<()> {
         Some((n, p)) => (n, Some(p)),
         None => (host, None),
     };
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+    {
         bail!("{host:?} is not `host` or `host:port`");
     }
     if let Some(p) = port {
-        p.parse::<u16>().with_context(|| format!("{host:?} has a bad port"))?;
+        p.parse::<u16>()
+            .with_context(|| format!("{host:?} has a bad port"))?;
     }
     Ok(())
 }
@@ -247,8 +278,10 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let err = HandlerManifest::parse(&manifest("[[commands]]\nprogram = \"/bin/true\"\nargz = []\n"))
-            .expect_err("unknown field");
+        let err = HandlerManifest::parse(&manifest(
+            "[[commands]]\nprogram = \"/bin/true\"\nargz = []\n",
+        ))
+        .expect_err("unknown field");
         let text = format!("{err:#}");
         assert!(text.contains("unknown field `argz`"), "{text}");
         assert!(text.contains("line"), "{text}");
@@ -257,22 +290,38 @@ mod tests {
     #[test]
     fn missing_and_malformed_fields_are_named() {
         let err = HandlerManifest::parse("[handler]\nupdate_types = [\"a/b:1\"]\n").unwrap_err();
-        assert!(format!("{err:#}").contains("missing field `sha256`"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("missing field `sha256`"),
+            "{err:#}"
+        );
         let err = HandlerManifest::parse(&manifest("[limits]\nmemory_mb = 0\n")).unwrap_err();
         assert!(format!("{err:#}").contains("limits.memory_mb"), "{err:#}");
-        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/srv/../etc\"\naccess = \"ro\"\n"))
-            .unwrap_err();
+        let err = HandlerManifest::parse(&manifest(
+            "[[filesystem]]\npath = \"/srv/../etc\"\naccess = \"ro\"\n",
+        ))
+        .unwrap_err();
         assert!(format!("{err:#}").contains("filesystem[0].path"), "{err:#}");
-        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/srv\"\naccess = \"rwx\"\n"))
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("unknown variant `rwx`"), "{err:#}");
-        let bad_type = "[handler]\nupdate_types = [\"Apt\"]\nsha256 = \"".to_string() + HASH + "\"\n";
-        assert!(format!("{:#}", HandlerManifest::parse(&bad_type).unwrap_err()).contains("update_types"));
+        let err = HandlerManifest::parse(&manifest(
+            "[[filesystem]]\npath = \"/srv\"\naccess = \"rwx\"\n",
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown variant `rwx`"),
+            "{err:#}"
+        );
+        let bad_type =
+            "[handler]\nupdate_types = [\"Apt\"]\nsha256 = \"".to_string() + HASH + "\"\n";
+        assert!(
+            format!("{:#}", HandlerManifest::parse(&bad_type).unwrap_err())
+                .contains("update_types")
+        );
     }
 
     #[test]
     fn the_root_directory_cannot_be_granted() {
-        let err = HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/\"\naccess = \"ro\"\n")).unwrap_err();
+        let err =
+            HandlerManifest::parse(&manifest("[[filesystem]]\npath = \"/\"\naccess = \"ro\"\n"))
+                .unwrap_err();
         assert!(format!("{err:#}").contains("whole filesystem"), "{err:#}");
     }
 }

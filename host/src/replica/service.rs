@@ -38,8 +38,12 @@ fn parse_topic(layout: TopicLayout, topic: &str) -> Option<(String, Kind)> {
     let parts: Vec<&str> = topic.split('/').collect();
     match (layout, parts.as_slice()) {
         (TopicLayout::IotAtlas, ["state", id, "update"]) => Some((id.to_string(), Kind::Update)),
-        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "update"]) => Some((id.to_string(), Kind::Update)),
-        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "get"]) => Some((id.to_string(), Kind::Get)),
+        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "update"]) => {
+            Some((id.to_string(), Kind::Update))
+        }
+        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "get"]) => {
+            Some((id.to_string(), Kind::Get))
+        }
         _ => None,
     }
 }
@@ -55,7 +59,8 @@ fn subscriptions(layout: TopicLayout) -> &'static [&'static str] {
 pub async fn run(options: ReplicaOptions) -> Result<()> {
     let store = Store::open(&options.db)?;
     let layout = options.mqtt.layout;
-    let (client, mut eventloop) = AsyncClient::new(mqtt::options(&options.mqtt, "otabox-replica")?, 256);
+    let (client, mut eventloop) =
+        AsyncClient::new(mqtt::options(&options.mqtt, "otabox-replica")?, 256);
     eventloop.set_network_options(mqtt::network_options());
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut ticker = tokio::time::interval(DELTA_POLL);
@@ -101,15 +106,29 @@ async fn publish_deltas(store: &Store, client: &AsyncClient, layout: TopicLayout
         let desired: Value = serde_json::from_str(&pending.desired)?;
         let topics = Topics::new(layout, &pending.device)?;
         let delta = json!({"version": pending.version, "state": {"deployment": desired}});
-        client.publish(topics.delta, QoS::AtLeastOnce, false, delta.to_string()).await.context("cannot publish a delta")?;
+        client
+            .publish(topics.delta, QoS::AtLeastOnce, false, delta.to_string())
+            .await
+            .context("cannot publish a delta")?;
         store.mark_published(&pending.device, pending.version)?;
-        tracing::info!(device = pending.device, version = pending.version, "delta published");
+        tracing::info!(
+            device = pending.device,
+            version = pending.version,
+            "delta published"
+        );
     }
     Ok(())
 }
 
-async fn handle(store: &Store, client: &AsyncClient, layout: TopicLayout, publish: &Publish) -> Result<()> {
-    let Some((device, kind)) = parse_topic(layout, &publish.topic) else { return Ok(()) };
+async fn handle(
+    store: &Store,
+    client: &AsyncClient,
+    layout: TopicLayout,
+    publish: &Publish,
+) -> Result<()> {
+    let Some((device, kind)) = parse_topic(layout, &publish.topic) else {
+        return Ok(());
+    };
     let topics = Topics::new(layout, &device)?;
     let message: Value = serde_json::from_slice(&publish.payload).context("not JSON")?;
     match kind {
@@ -123,7 +142,9 @@ async fn handle(store: &Store, client: &AsyncClient, layout: TopicLayout, publis
                 }
             });
             if let Some(topic) = topics.get_accepted {
-                client.publish(topic, QoS::AtLeastOnce, false, answer.to_string()).await?;
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, answer.to_string())
+                    .await?;
             }
         }
         Kind::Update => {
@@ -137,7 +158,14 @@ async fn handle(store: &Store, client: &AsyncClient, layout: TopicLayout, publis
             } else {
                 anyhow::bail!("neither an acknowledgement nor a reported state");
             }
-            client.publish(topics.accepted, QoS::AtLeastOnce, false, publish.payload.to_vec()).await?;
+            client
+                .publish(
+                    topics.accepted,
+                    QoS::AtLeastOnce,
+                    false,
+                    publish.payload.to_vec(),
+                )
+                .await?;
         }
     }
     Ok(())
@@ -147,10 +175,22 @@ async fn handle(store: &Store, client: &AsyncClient, layout: TopicLayout, publis
 /// missed its delta (it was offline): publish it again. The device ignores
 /// a delta it has already journaled.
 fn republish_if_missed(store: &Store, device: &str, reported: &Value) -> Result<()> {
-    let Some(status) = store.status(device)? else { return Ok(()) };
-    let Some(job) = status.desired.as_ref().and_then(|d| d.get("jobId")).and_then(Value::as_str) else { return Ok(()) };
+    let Some(status) = store.status(device)? else {
+        return Ok(());
+    };
+    let Some(job) = status
+        .desired
+        .as_ref()
+        .and_then(|d| d.get("jobId"))
+        .and_then(Value::as_str)
+    else {
+        return Ok(());
+    };
     let idle = reported.pointer("/agent/state").and_then(Value::as_str) == Some("idle");
-    let ran = reported.pointer("/lastResult/jobId").and_then(Value::as_str) == Some(job)
+    let ran = reported
+        .pointer("/lastResult/jobId")
+        .and_then(Value::as_str)
+        == Some(job)
         || reported.pointer("/jobId").and_then(Value::as_str) == Some(job);
     if idle && !ran && status.ack.is_none() {
         store.republish(device)?;

@@ -17,6 +17,6 @@ wasmtime::component::bindgen!({
 
 pub use self::exports::otabox::handler::handler::{Description, InstalledItem, Plan, StepContext};
 pub use self::otabox::handler::types::{
-    ExtendedCode, HostError, LogLevel, Outcome, PayloadInfo, Phase, RebootBehaviour, RebootExpectation, RebootMode,
-    Status,
+    ExtendedCode, HostError, LogLevel, Outcome, PayloadInfo, Phase, RebootBehaviour,
+    RebootExpectation, RebootMode, Status,
 };

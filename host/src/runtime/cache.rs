@@ -49,7 +49,12 @@ impl ComponentCache {
 
     /// Loads the component for `wasm` (whose hash is `sha256`), from the cache
     /// when possible; a stale or corrupt entry is replaced.
-    pub fn load(&self, engine: &Engine, wasm: &[u8], sha256: &str) -> Result<(Component, CacheUse)> {
+    pub fn load(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, CacheUse)> {
         let Some(entry) = self.entry(engine, sha256) else {
             return Ok((compile(engine, wasm)?, CacheUse::Disabled));
         };
@@ -63,7 +68,10 @@ impl ComponentCache {
             // and wasmtime checks the header and engine compatibility.
             match unsafe { Component::deserialize_file(engine, &entry) } {
                 Ok(component) => return Ok((component, CacheUse::Hit)),
-                Err(e) => tracing::warn!("recompiling: cache entry {} is unusable: {e:#}", entry.display()),
+                Err(e) => tracing::warn!(
+                    "recompiling: cache entry {} is unusable: {e:#}",
+                    entry.display()
+                ),
             }
         }
         let component = compile(engine, wasm)?;
@@ -75,7 +83,9 @@ impl ComponentCache {
 }
 
 fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component> {
-    Component::new(engine, wasm).map_err(anyhow::Error::from).context("not a valid WebAssembly component")
+    Component::new(engine, wasm)
+        .map_err(anyhow::Error::from)
+        .context("not a valid WebAssembly component")
 }
 
 fn store(entry: &Path, component: &Component) -> Result<()> {

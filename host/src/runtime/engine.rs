@@ -19,7 +19,9 @@ pub fn new_engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
-    Engine::new(&config).map_err(anyhow::Error::from).context("cannot create the Wasm engine")
+    Engine::new(&config)
+        .map_err(anyhow::Error::from)
+        .context("cannot create the Wasm engine")
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

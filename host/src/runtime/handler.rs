@@ -12,7 +12,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
-use super::bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext, UpdateHandlerPre};
+use super::bindings::{
+    Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext, UpdateHandlerPre,
+};
 use super::cache::CacheUse;
 use super::engine::ticks_for;
 use super::network;
@@ -44,8 +46,12 @@ pub enum CallFault {
 impl fmt::Display for CallFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CallFault::TimeLimit { limit_ms } => write!(f, "exceeded its time limit of {limit_ms} ms"),
-            CallFault::MemoryLimit { limit_mb } => write!(f, "exceeded its memory limit of {limit_mb} MiB"),
+            CallFault::TimeLimit { limit_ms } => {
+                write!(f, "exceeded its time limit of {limit_ms} ms")
+            }
+            CallFault::MemoryLimit { limit_mb } => {
+                write!(f, "exceeded its memory limit of {limit_mb} MiB")
+            }
             CallFault::Trap(detail) => write!(f, "trapped: {detail}"),
         }
     }
@@ -79,7 +85,10 @@ pub struct Handler {
 
 impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handler").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
+        f.debug_struct("Handler")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,27 +110,44 @@ macro_rules! invoke {
 impl Handler {
     /// Calls `describe`.
     pub async fn describe(&self) -> Result<Description> {
-        invoke!(self, Phase::Describe, CallScope::default(), |h, store| h.call_describe(store))
+        invoke!(self, Phase::Describe, CallScope::default(), |h, store| h
+            .call_describe(store))
     }
 
     /// Calls `validate`.
-    pub async fn validate(&self, scope: CallScope, ctx: &StepContext) -> Result<Result<Plan, Status>> {
-        invoke!(self, Phase::Validate, scope, |h, store| h.call_validate(store, ctx))
+    pub async fn validate(
+        &self,
+        scope: CallScope,
+        ctx: &StepContext,
+    ) -> Result<Result<Plan, Status>> {
+        invoke!(self, Phase::Validate, scope, |h, store| h
+            .call_validate(store, ctx))
     }
 
     /// Calls `is-installed`.
-    pub async fn is_installed(&self, scope: CallScope, ctx: &StepContext) -> Result<Result<bool, Status>> {
-        invoke!(self, Phase::IsInstalled, scope, |h, store| h.call_is_installed(store, ctx))
+    pub async fn is_installed(
+        &self,
+        scope: CallScope,
+        ctx: &StepContext,
+    ) -> Result<Result<bool, Status>> {
+        invoke!(self, Phase::IsInstalled, scope, |h, store| h
+            .call_is_installed(store, ctx))
     }
 
     /// Calls `inventory` with the handler's device configuration.
     pub async fn inventory(&self) -> Result<Result<Vec<InstalledItem>, Status>> {
-        invoke!(self, Phase::Inventory, CallScope::default(), |h, store| h.call_inventory(store, &self.config_json))
+        invoke!(self, Phase::Inventory, CallScope::default(), |h, store| h
+            .call_inventory(store, &self.config_json))
     }
 
     /// Calls one of the phases that return an [`Outcome`]: download, backup,
     /// install, apply, verify, commit, rollback or cleanup.
-    pub async fn run_phase(&self, phase: Phase, scope: CallScope, ctx: &StepContext) -> Result<Outcome> {
+    pub async fn run_phase(
+        &self,
+        phase: Phase,
+        scope: CallScope,
+        ctx: &StepContext,
+    ) -> Result<Outcome> {
         match phase {
             Phase::Download => invoke!(self, phase, scope, |h, s| h.call_download(s, ctx)),
             Phase::Backup => invoke!(self, phase, scope, |h, s| h.call_backup(s, ctx)),
@@ -145,7 +171,10 @@ impl Handler {
         let state = HostState {
             wasi: self.wasi_ctx(&output)?,
             table: ResourceTable::new(),
-            limiter: Limiter { memory_bytes: limits.memory_bytes(), exceeded: false },
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes(),
+                exceeded: false,
+            },
             handler: Arc::from(self.name.as_str()),
             grants: self.grants.clone(),
             phase,
@@ -185,7 +214,13 @@ impl Handler {
             builder
                 .preopened_dir(&grant.host, grant.guest.to_string_lossy(), perms)
                 .map_err(anyhow::Error::from)
-                .with_context(|| format!("handler {}: cannot open granted {}", self.name, grant.host.display()))?;
+                .with_context(|| {
+                    format!(
+                        "handler {}: cannot open granted {}",
+                        self.name,
+                        grant.host.display()
+                    )
+                })?;
         }
         if !self.grants.network.is_empty() {
             network::allow_hosts(&mut builder, &self.grants.network);
@@ -217,10 +252,16 @@ impl Handler {
         let limits = self.grants.limits;
         let fault = match result {
             Ok(Ok(value)) => return Ok(value),
-            Err(_) => CallFault::TimeLimit { limit_ms: limits.call_timeout_ms },
-            Ok(Err(_)) if store.data().limiter.exceeded => CallFault::MemoryLimit { limit_mb: limits.memory_mb },
+            Err(_) => CallFault::TimeLimit {
+                limit_ms: limits.call_timeout_ms,
+            },
+            Ok(Err(_)) if store.data().limiter.exceeded => CallFault::MemoryLimit {
+                limit_mb: limits.memory_mb,
+            },
             Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
-                CallFault::TimeLimit { limit_ms: limits.call_timeout_ms }
+                CallFault::TimeLimit {
+                    limit_ms: limits.call_timeout_ms,
+                }
             }
             Ok(Err(e)) => CallFault::Trap(format!("{e:#}")),
         };

@@ -4,16 +4,16 @@
 use anyhow::Result;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sockets};
-use wasmtime_wasi::cli::WasiCliView;
-use wasmtime_wasi::clocks::WasiClocksView;
-use wasmtime_wasi::filesystem::WasiFilesystemView;
-use wasmtime_wasi::sockets::WasiSocketsView;
 use wasmtime_wasi::cli::WasiCli;
+use wasmtime_wasi::cli::WasiCliView;
 use wasmtime_wasi::clocks::WasiClocks;
+use wasmtime_wasi::clocks::WasiClocksView;
 use wasmtime_wasi::filesystem::WasiFilesystem;
+use wasmtime_wasi::filesystem::WasiFilesystemView;
+use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sockets};
 use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
 use wasmtime_wasi::sockets::WasiSockets;
+use wasmtime_wasi::sockets::WasiSocketsView;
 
 use super::bindings::otabox::handler::{checkpoint, context, payloads, process, types};
 use super::state::HostState;
@@ -24,8 +24,14 @@ pub fn build(engine: &Engine, grants: &Grants) -> Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
     add_baseline(&mut l)?;
     if !grants.paths.is_empty() {
-        filesystem::types::add_to_linker::<HostState, WasiFilesystem>(&mut l, HostState::filesystem)?;
-        filesystem::preopens::add_to_linker::<HostState, WasiFilesystem>(&mut l, HostState::filesystem)?;
+        filesystem::types::add_to_linker::<HostState, WasiFilesystem>(
+            &mut l,
+            HostState::filesystem,
+        )?;
+        filesystem::preopens::add_to_linker::<HostState, WasiFilesystem>(
+            &mut l,
+            HostState::filesystem,
+        )?;
     }
     if !grants.commands.is_empty() {
         process::add_to_linker::<HostState, HasSelf<HostState>>(&mut l, |s| s)?;
@@ -70,7 +76,11 @@ fn add_network(l: &mut Linker<HostState>) -> Result<()> {
     sockets::udp_create_socket::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     sockets::tcp_create_socket::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     sockets::instance_network::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
-    sockets::network::add_to_linker::<HostState, WasiSockets>(l, &Default::default(), HostState::sockets)?;
+    sockets::network::add_to_linker::<HostState, WasiSockets>(
+        l,
+        &Default::default(),
+        HostState::sockets,
+    )?;
     sockets::ip_name_lookup::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
     Ok(())
 }

@@ -32,7 +32,9 @@ pub use engine::EPOCH_TICK;
 pub use handler::{CallFault, Handler};
 pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
 
-use crate::capabilities::{Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import};
+use crate::capabilities::{
+    Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
+};
 
 /// The export every handler must provide (any 1.x version).
 pub const HANDLER_EXPORT_PREFIX: &str = "otabox:handler/handler@1.";
@@ -70,7 +72,13 @@ pub struct Refusal {
 impl HandlerSet {
     /// The handler serving `update_type` (canonical name or alias).
     pub fn for_update_type(&self, update_type: &str) -> Option<&Arc<Handler>> {
-        self.handlers.iter().find(|h| h.manifest.handler.update_types.iter().any(|t| t == update_type))
+        self.handlers.iter().find(|h| {
+            h.manifest
+                .handler
+                .update_types
+                .iter()
+                .any(|t| t == update_type)
+        })
     }
 
     /// The handler called `name`.
@@ -84,7 +92,11 @@ impl Runtime {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
         let engine = engine::new_engine()?;
         let ticker = engine::EpochTicker::start(&engine)?;
-        Ok(Self { engine, cache: ComponentCache::new(cache_dir), _ticker: ticker })
+        Ok(Self {
+            engine,
+            cache: ComponentCache::new(cache_dir),
+            _ticker: ticker,
+        })
     }
 
     /// The engine.
@@ -99,7 +111,11 @@ impl Runtime {
 
     /// Loads every `<name>.toml` + `<name>.wasm` in `dir`. A handler that
     /// fails a check is refused (with the reason) and the others still load.
-    pub async fn load_dir(&self, dir: &Path, device: &BTreeMap<String, DeviceGrant>) -> Result<HandlerSet> {
+    pub async fn load_dir(
+        &self,
+        dir: &Path,
+        device: &BTreeMap<String, DeviceGrant>,
+    ) -> Result<HandlerSet> {
         let mut set = HandlerSet::default();
         for manifest in manifest_files(dir)? {
             let name = handler_name(&manifest)?;
@@ -116,7 +132,11 @@ impl Runtime {
                 Ok(handler) => set.handlers.push(Arc::new(handler)),
                 Err(error) => {
                     tracing::error!("refusing handler {name}: {error:#}");
-                    set.refused.push(Refusal { name, manifest, error });
+                    set.refused.push(Refusal {
+                        name,
+                        manifest,
+                        error,
+                    });
                 }
             }
         }
@@ -124,11 +144,17 @@ impl Runtime {
     }
 
     /// Loads one handler from its manifest path, with the device's grant.
-    pub async fn load_handler(&self, manifest_path: &Path, device: Option<&DeviceGrant>) -> Result<Handler> {
+    pub async fn load_handler(
+        &self,
+        manifest_path: &Path,
+        device: Option<&DeviceGrant>,
+    ) -> Result<Handler> {
         let name = handler_name(manifest_path)?;
         let manifest = HandlerManifest::load(manifest_path)?;
         if let Some(grant) = device {
-            grant.check().with_context(|| format!("device config for handler {name}"))?;
+            grant
+                .check()
+                .with_context(|| format!("device config for handler {name}"))?;
         }
         let wasm_path = manifest_path.with_extension("wasm");
         let wasm = std::fs::read(&wasm_path)
@@ -170,7 +196,8 @@ impl Runtime {
 
 /// The `*.toml` files of `dir`, sorted.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read handler directory {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read handler directory {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
@@ -181,9 +208,19 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The handler name: the manifest's file stem, `[a-z0-9_-]+`.
 pub fn handler_name(manifest: &Path) -> Result<String> {
-    let stem = manifest.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-    if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b)) {
-        bail!("{}: a handler name must be lowercase letters, digits, `-` or `_`", manifest.display());
+    let stem = manifest
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if stem.is_empty()
+        || !stem
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
+    {
+        bail!(
+            "{}: a handler name must be lowercase letters, digits, `-` or `_`",
+            manifest.display()
+        );
     }
     Ok(stem.to_string())
 }
@@ -193,7 +230,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn verify_hash(name: &str, wasm: &[u8], manifest: &HandlerManifest, wasm_path: &Path, toml: &Path) -> Result<String> {
+fn verify_hash(
+    name: &str,
+    wasm: &[u8],
+    manifest: &HandlerManifest,
+    wasm_path: &Path,
+    toml: &Path,
+) -> Result<String> {
     let actual = sha256_hex(wasm);
     if actual != manifest.handler.sha256 {
         bail!(
@@ -210,11 +253,18 @@ fn verify_hash(name: &str, wasm: &[u8], manifest: &HandlerManifest, wasm_path: &
 fn prepare_paths(name: &str, grants: &Grants) -> Result<()> {
     for grant in &grants.paths {
         if !grant.host.exists() && grant.access == Access::ReadWrite {
-            std::fs::create_dir_all(&grant.host)
-                .with_context(|| format!("handler {name}: cannot create granted {}", grant.host.display()))?;
+            std::fs::create_dir_all(&grant.host).with_context(|| {
+                format!(
+                    "handler {name}: cannot create granted {}",
+                    grant.host.display()
+                )
+            })?;
         }
         if !grant.host.is_dir() {
-            bail!("handler {name}: granted path {} is not a directory", grant.host.display());
+            bail!(
+                "handler {name}: granted path {} is not a directory",
+                grant.host.display()
+            );
         }
     }
     Ok(())
@@ -235,22 +285,35 @@ fn check_imports(
             Capability::Baseline => continue,
             Capability::Filesystem => (!manifest.filesystem.is_empty(), !grants.paths.is_empty()),
             Capability::Process => (!manifest.commands.is_empty(), !grants.commands.is_empty()),
-            Capability::Network => (!manifest.network.hosts.is_empty(), !grants.network.is_empty()),
-            Capability::Unsupported => bail!("handler {name}: imports `{import}`, which otabox does not provide"),
+            Capability::Network => (
+                !manifest.network.hosts.is_empty(),
+                !grants.network.is_empty(),
+            ),
+            Capability::Unsupported => {
+                bail!("handler {name}: imports `{import}`, which otabox does not provide")
+            }
         };
         let what = capability.label();
         if !declared {
-            bail!("handler {name}: imports `{import}` but its manifest declares no {what} capability");
+            bail!(
+                "handler {name}: imports `{import}` but its manifest declares no {what} capability"
+            );
         }
         if !granted {
-            bail!("handler {name}: imports `{import}` but the device grants none of its declared {what} capability");
+            bail!(
+                "handler {name}: imports `{import}` but the device grants none of its declared {what} capability"
+            );
         }
     }
     Ok(())
 }
 
 fn check_export(engine: &Engine, component: &Component, name: &str) -> Result<()> {
-    let exports: Vec<String> = component.component_type().exports(engine).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(n, _)| n.to_string())
+        .collect();
     if !exports.iter().any(|e| e.starts_with(HANDLER_EXPORT_PREFIX)) {
         bail!("handler {name}: exports {exports:?} but not `otabox:handler/handler@1.x`");
     }
@@ -259,7 +322,13 @@ fn check_export(engine: &Engine, component: &Component, name: &str) -> Result<()
 
 fn check_description(handler: &Handler) -> Result<()> {
     let described = &handler.description.update_types;
-    if let Some(missing) = handler.manifest.handler.update_types.iter().find(|t| !described.contains(t)) {
+    if let Some(missing) = handler
+        .manifest
+        .handler
+        .update_types
+        .iter()
+        .find(|t| !described.contains(t))
+    {
         bail!(
             "handler {}: the manifest declares update type {missing:?} but the component describes only {described:?}",
             handler.name
@@ -271,7 +340,11 @@ fn check_description(handler: &Handler) -> Result<()> {
 fn check_unique_types(set: &HandlerSet, handler: &Handler) -> Result<()> {
     for t in &handler.manifest.handler.update_types {
         if let Some(other) = set.for_update_type(t) {
-            bail!("handler {}: update type {t:?} is already served by handler {}", handler.name, other.name);
+            bail!(
+                "handler {}: update type {t:?} is already served by handler {}",
+                handler.name,
+                other.name
+            );
         }
     }
     Ok(())

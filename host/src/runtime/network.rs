@@ -16,9 +16,18 @@ struct AllowedHost {
 }
 
 fn parse(entry: &str) -> AllowedHost {
-    match entry.rsplit_once(':').and_then(|(h, p)| p.parse().ok().map(|p| (h, p))) {
-        Some((host, port)) => AllowedHost { host: host.to_string(), port: Some(port) },
-        None => AllowedHost { host: entry.to_string(), port: None },
+    match entry
+        .rsplit_once(':')
+        .and_then(|(h, p)| p.parse().ok().map(|p| (h, p)))
+    {
+        Some((host, port)) => AllowedHost {
+            host: host.to_string(),
+            port: Some(port),
+        },
+        None => AllowedHost {
+            host: entry.to_string(),
+            port: None,
+        },
     }
 }
 
@@ -42,7 +51,10 @@ pub fn allow_hosts(builder: &mut WasiCtxBuilder, hosts: &[String]) {
 }
 
 async fn permitted(allowed: &[AllowedHost], addr: SocketAddr) -> bool {
-    for entry in allowed.iter().filter(|e| e.port.is_none_or(|p| p == addr.port())) {
+    for entry in allowed
+        .iter()
+        .filter(|e| e.port.is_none_or(|p| p == addr.port()))
+    {
         let matches = match entry.host.parse::<IpAddr>() {
             Ok(ip) => ip == addr.ip(),
             Err(_) => tokio::net::lookup_host((entry.host.as_str(), addr.port()))

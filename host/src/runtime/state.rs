@@ -81,7 +81,12 @@ pub struct CallScope {
 
 impl CallScope {
     /// A scope for `job_id` step `step`, with checkpoints in `job_dir`.
-    pub fn for_step(job_id: &str, step: u32, job_dir: &std::path::Path, payloads: Vec<PayloadFile>) -> Self {
+    pub fn for_step(
+        job_id: &str,
+        step: u32,
+        job_dir: &std::path::Path,
+        payloads: Vec<PayloadFile>,
+    ) -> Self {
         Self {
             job_id: job_id.to_string(),
             step,
@@ -105,15 +110,29 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const MAX_INSTANCES: usize = 64;
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.exceeded = true;
-            wasmtime::bail!("memory limit of {} MiB exceeded (asked for {} bytes)", self.memory_bytes >> 20, desired);
+            wasmtime::bail!(
+                "memory limit of {} MiB exceeded (asked for {} bytes)",
+                self.memory_bytes >> 20,
+                desired
+            );
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             self.exceeded = true;
             wasmtime::bail!("table limit of {MAX_TABLE_ELEMENTS} elements exceeded");
@@ -157,7 +176,10 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 

@@ -175,10 +175,14 @@ impl StepSpec {
 /// Parses a delta: size cap, nesting limit, strict schema, value checks.
 pub fn parse_delta(bytes: &[u8], max_size: usize) -> Result<DeltaMessage> {
     if bytes.len() > max_size {
-        bail!("message of {} bytes is over the {max_size}-byte limit", bytes.len());
+        bail!(
+            "message of {} bytes is over the {max_size}-byte limit",
+            bytes.len()
+        );
     }
     check_depth(bytes)?;
-    let delta: DeltaMessage = serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("invalid delta: {e}"))?;
+    let delta: DeltaMessage =
+        serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("invalid delta: {e}"))?;
     delta.state.deployment.validate()?;
     Ok(delta)
 }
@@ -210,23 +214,34 @@ impl DesiredState {
     /// Checks every value; errors name the field.
     pub fn validate(&self) -> Result<()> {
         if self.schema != SCHEMA_VERSION {
-            bail!("deployment.schema {} is not supported (this agent reads {SCHEMA_VERSION})", self.schema);
+            bail!(
+                "deployment.schema {} is not supported (this agent reads {SCHEMA_VERSION})",
+                self.schema
+            );
         }
         validate_job_id(&self.job_id)?;
         check_text("deployment.version", &self.version)?;
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
-            bail!("deployment.steps must hold 1..={MAX_STEPS} steps, found {}", self.steps.len());
+            bail!(
+                "deployment.steps must hold 1..={MAX_STEPS} steps, found {}",
+                self.steps.len()
+            );
         }
         for (i, rotation) in self.root_rotations.iter().enumerate() {
-            serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::Root>>(rotation.clone())
-                .map_err(|e| anyhow::anyhow!("deployment.rootRotations[{i}]: {e}"))?;
+            serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::Root>>(
+                rotation.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("deployment.rootRotations[{i}]: {e}"))?;
         }
         if let Some(signed) = &self.signed_manifest {
-            serde_json::from_value::<crate::trust::signed::Signed<crate::trust::signed::UpdateManifest>>(signed.clone())
-                .map_err(|e| anyhow::anyhow!("deployment.signedManifest: {e}"))?;
+            serde_json::from_value::<
+                crate::trust::signed::Signed<crate::trust::signed::UpdateManifest>,
+            >(signed.clone())
+            .map_err(|e| anyhow::anyhow!("deployment.signedManifest: {e}"))?;
         }
         for (i, step) in self.steps.iter().enumerate() {
-            step.validate().map_err(|e| anyhow::anyhow!("deployment.steps[{i}].{e:#}"))?;
+            step.validate()
+                .map_err(|e| anyhow::anyhow!("deployment.steps[{i}].{e:#}"))?;
         }
         Ok(())
     }
@@ -236,19 +251,24 @@ impl StepSpec {
     fn validate(&self) -> Result<()> {
         check_update_type(&self.update_type)?;
         match self.manifest_source() {
-            Some(ManifestSource::Inline(m)) if !m.is_object() => bail!("manifest must be a JSON object"),
+            Some(ManifestSource::Inline(m)) if !m.is_object() => {
+                bail!("manifest must be a JSON object")
+            }
             Some(ManifestSource::Remote { url, sha256 }) => {
                 check_url("manifestUrl", url)?;
                 check_sha256("manifestSha256", sha256)?;
             }
             Some(ManifestSource::Inline(_)) => {}
-            None => bail!("manifest: give either `manifest`, or `manifestUrl` with `manifestSha256`"),
+            None => {
+                bail!("manifest: give either `manifest`, or `manifestUrl` with `manifestSha256`")
+            }
         }
         if self.files.len() > MAX_FILES {
             bail!("files: at most {MAX_FILES} files per step");
         }
         for (i, file) in self.files.iter().enumerate() {
-            file.validate().map_err(|e| anyhow::anyhow!("files[{i}].{e:#}"))?;
+            file.validate()
+                .map_err(|e| anyhow::anyhow!("files[{i}].{e:#}"))?;
             if self.files[..i].iter().any(|f| f.name == file.name) {
                 bail!("files[{i}].name {:?} appears twice", file.name);
             }
@@ -276,9 +296,13 @@ pub fn validate_job_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !ok {
-        bail!("deployment.jobId {id:?} must be 1..={MAX_ID} characters of [A-Za-z0-9._-], not starting with `.`");
+        bail!(
+            "deployment.jobId {id:?} must be 1..={MAX_ID} characters of [A-Za-z0-9._-], not starting with `.`"
+        );
     }
     Ok(())
 }
@@ -294,7 +318,11 @@ fn check_update_type(t: &str) -> Result<()> {
     let valid = t.len() <= MAX_ID
         && t.split_once('/').is_some_and(|(vendor, rest)| {
             rest.split_once(':').is_some_and(|(name, major)| {
-                let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                let part = |s: &str| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                };
                 part(vendor) && part(name) && major.parse::<u32>().is_ok()
             })
         });
@@ -305,7 +333,9 @@ fn check_update_type(t: &str) -> Result<()> {
 }
 
 fn check_url(field: &str, url: &str) -> Result<()> {
-    let scheme_ok = ["https://", "http://", "file:///"].iter().any(|s| url.starts_with(s));
+    let scheme_ok = ["https://", "http://", "file:///"]
+        .iter()
+        .any(|s| url.starts_with(s));
     if !scheme_ok || url.len() > MAX_URL || url.chars().any(|c| c.is_control() || c == ' ') {
         bail!("{field} must be an http, https or file URL of at most {MAX_URL} bytes");
     }
@@ -313,7 +343,11 @@ fn check_url(field: &str, url: &str) -> Result<()> {
 }
 
 fn check_sha256(field: &str, hash: &str) -> Result<()> {
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hash.len() != 64
+        || !hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         bail!("{field} must be 64 lowercase hex digits");
     }
     Ok(())
@@ -352,9 +386,18 @@ mod tests {
     fn bad_input_is_rejected_with_the_reason() {
         assert!(parse_delta(b"not json", DEFAULT_MAX_MESSAGE).is_err());
         let big = vec![b' '; DEFAULT_MAX_MESSAGE + 1];
-        assert!(format!("{:#}", parse_delta(&big, DEFAULT_MAX_MESSAGE).unwrap_err()).contains("over the"));
+        assert!(
+            format!("{:#}", parse_delta(&big, DEFAULT_MAX_MESSAGE).unwrap_err())
+                .contains("over the")
+        );
         let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
-        assert!(format!("{:#}", parse_delta(deep.as_bytes(), DEFAULT_MAX_MESSAGE).unwrap_err()).contains("nested"));
+        assert!(
+            format!(
+                "{:#}",
+                parse_delta(deep.as_bytes(), DEFAULT_MAX_MESSAGE).unwrap_err()
+            )
+            .contains("nested")
+        );
 
         let mut v = delta();
         v["state"]["deployment"]["surprise"] = json!(1);
@@ -363,7 +406,10 @@ mod tests {
         v["state"]["deployment"]["steps"][0]["files"][0]["size"] = json!("3");
         assert!(error(&v).contains("invalid type"));
         let mut v = delta();
-        v["state"]["deployment"].as_object_mut().expect("object").remove("jobId");
+        v["state"]["deployment"]
+            .as_object_mut()
+            .expect("object")
+            .remove("jobId");
         assert!(error(&v).contains("missing field `jobId`"));
         let mut v = delta();
         v["state"]["deployment"]["jobId"] = json!("../../etc");
@@ -388,7 +434,8 @@ mod tests {
     #[test]
     fn the_published_json_schema_example_parses() {
         let schema: serde_json::Value =
-            serde_json::from_str(include_str!("../../schema/delta-v1.schema.json")).expect("the schema is JSON");
+            serde_json::from_str(include_str!("../../schema/delta-v1.schema.json"))
+                .expect("the schema is JSON");
         for example in schema["examples"].as_array().expect("examples") {
             parse(example).expect("every example in the schema is a valid delta");
         }
@@ -400,7 +447,10 @@ mod tests {
             .collect();
         let sample = serde_json::to_value(crate::shadow::sample_desired("x")).expect("json");
         for field in sample.as_object().expect("object").keys() {
-            assert!(fields.contains(&field.as_str()), "the schema does not document `{field}`");
+            assert!(
+                fields.contains(&field.as_str()),
+                "the schema does not document `{field}`"
+            );
         }
     }
 

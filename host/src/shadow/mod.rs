@@ -11,10 +11,13 @@ mod reported;
 mod topics;
 
 pub use desired::{
-    DEFAULT_MAX_MESSAGE, DeltaMessage, DesiredState, FileSpec, ManifestSource, RebootPolicy, SCHEMA_VERSION, StepSpec,
-    parse_delta, validate_job_id,
+    DEFAULT_MAX_MESSAGE, DeltaMessage, DesiredState, FileSpec, ManifestSource, RebootPolicy,
+    SCHEMA_VERSION, StepSpec, parse_delta, validate_job_id,
 };
-pub use reported::{Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, ReportedState, StepOutcome};
+pub use reported::{
+    Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, ReportedState,
+    StepOutcome,
+};
 pub use topics::{TopicLayout, Topics};
 
 /// A minimal valid desired state for `job`, for tests.

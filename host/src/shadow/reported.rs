@@ -183,8 +183,15 @@ mod tests {
 
     #[test]
     fn ack_matches_the_seed_format() {
-        let ack = Ack { job_id: "j".into(), status: AckStatus::Success, version: "1.2.0".into() };
-        assert_eq!(serde_json::to_string(&ack).expect("json"), r#"{"jobId":"j","status":"SUCCESS","version":"1.2.0"}"#);
+        let ack = Ack {
+            job_id: "j".into(),
+            status: AckStatus::Success,
+            version: "1.2.0".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&ack).expect("json"),
+            r#"{"jobId":"j","status":"SUCCESS","version":"1.2.0"}"#
+        );
         assert_eq!(JobResult::FailedRolledBack.ack_status(), AckStatus::Failure);
         assert_eq!(JobResult::AlreadyInstalled.ack_status(), AckStatus::Success);
     }

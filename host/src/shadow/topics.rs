@@ -37,7 +37,9 @@ impl Topics {
     pub fn new(layout: TopicLayout, device_id: &str) -> Result<Self> {
         let ok = !device_id.is_empty()
             && device_id.len() <= 128
-            && device_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            && device_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
         if !ok {
             bail!("device id {device_id:?} must be 1..=128 characters of [A-Za-z0-9-_.:]");
         }

@@ -18,13 +18,18 @@ pub fn verify_file(path: &Path, size: u64, sha256: &str) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
         total += n as u64;
         if total > size {
-            bail!("{} is larger than the declared {size} bytes", path.display());
+            bail!(
+                "{} is larger than the declared {size} bytes",
+                path.display()
+            );
         }
         hasher.update(&buf[..n]);
     }
@@ -51,6 +56,8 @@ mod tests {
         verify_file(&path, 3, good).expect("matches");
         assert!(format!("{:#}", verify_file(&path, 2, good).unwrap_err()).contains("larger"));
         assert!(format!("{:#}", verify_file(&path, 4, good).unwrap_err()).contains("3 bytes"));
-        assert!(format!("{:#}", verify_file(&path, 3, &"0".repeat(64)).unwrap_err()).contains("sha256"));
+        assert!(
+            format!("{:#}", verify_file(&path, 3, &"0".repeat(64)).unwrap_err()).contains("sha256")
+        );
     }
 }

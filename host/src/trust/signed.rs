@@ -149,7 +149,9 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Result<String> {
                 }
                 out.push(']');
             }
-            Value::Number(n) if n.is_f64() => bail!("floating-point numbers are not allowed in signed documents"),
+            Value::Number(n) if n.is_f64() => {
+                bail!("floating-point numbers are not allowed in signed documents")
+            }
             other => out.push_str(&serde_json::to_string(other)?),
         }
         Ok(())
@@ -168,9 +170,13 @@ fn signing_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 /// A new signing key: (secret seed hex, public key hex).
 pub fn generate_key() -> Result<(String, String)> {
     let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    getrandom::getrandom(&mut seed)
+        .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
     let key = SigningKey::from_bytes(&seed);
-    Ok((hex::encode(seed), hex::encode(key.verifying_key().as_bytes())))
+    Ok((
+        hex::encode(seed),
+        hex::encode(key.verifying_key().as_bytes()),
+    ))
 }
 
 /// A signing key from its secret seed hex.
@@ -187,9 +193,15 @@ pub fn sign<T: Serialize + Clone>(value: &T, keys: &[SigningKey]) -> Result<Sign
     let bytes = signing_bytes(value)?;
     let signatures = keys
         .iter()
-        .map(|k| Signature { key: hex::encode(k.verifying_key().as_bytes()), sig: hex::encode(k.sign(&bytes).to_bytes()) })
+        .map(|k| Signature {
+            key: hex::encode(k.verifying_key().as_bytes()),
+            sig: hex::encode(k.sign(&bytes).to_bytes()),
+        })
         .collect();
-    Ok(Signed { signed: value.clone(), signatures })
+    Ok(Signed {
+        signed: value.clone(),
+        signatures,
+    })
 }
 
 fn verifying_key(hex_key: &str) -> Result<VerifyingKey> {
@@ -204,7 +216,11 @@ impl Root {
     /// Checks the root itself: a threshold in 1..=n and n distinct valid keys.
     pub fn check(&self) -> Result<()> {
         let distinct: BTreeSet<&String> = self.keys.iter().collect();
-        ensure!(distinct.len() == self.keys.len(), "root version {}: a key is listed twice", self.version);
+        ensure!(
+            distinct.len() == self.keys.len(),
+            "root version {}: a key is listed twice",
+            self.version
+        );
         ensure!(
             self.threshold >= 1 && self.threshold as usize <= self.keys.len(),
             "root version {}: threshold {} of {} keys",
@@ -213,7 +229,8 @@ impl Root {
             self.keys.len()
         );
         for key in &self.keys {
-            verifying_key(key).with_context(|| format!("root version {}: key {key}", self.version))?;
+            verifying_key(key)
+                .with_context(|| format!("root version {}: key {key}", self.version))?;
         }
         Ok(())
     }
@@ -228,9 +245,16 @@ impl Root {
             if !self.keys.contains(&signature.key) || counted.contains(&signature.key) {
                 continue;
             }
-            let Ok(sig_bytes) = hex::decode(&signature.sig) else { continue };
-            let Ok(sig) = ed25519_dalek::Signature::from_slice(&sig_bytes) else { continue };
-            if verifying_key(&signature.key)?.verify_strict(&bytes, &sig).is_ok() {
+            let Ok(sig_bytes) = hex::decode(&signature.sig) else {
+                continue;
+            };
+            let Ok(sig) = ed25519_dalek::Signature::from_slice(&sig_bytes) else {
+                continue;
+            };
+            if verifying_key(&signature.key)?
+                .verify_strict(&bytes, &sig)
+                .is_ok()
+            {
                 counted.insert(signature.key.clone());
             }
         }
@@ -253,8 +277,11 @@ impl Root {
             self.version
         );
         next.signed.check()?;
-        self.verify(next).context("the new root is not signed by a threshold of the current root")?;
-        next.signed.verify(next).context("the new root is not signed by a threshold of its own keys")?;
+        self.verify(next)
+            .context("the new root is not signed by a threshold of the current root")?;
+        next.signed
+            .verify(next)
+            .context("the new root is not signed by a threshold of its own keys")?;
         Ok(next.signed.clone())
     }
 }
@@ -262,23 +289,41 @@ impl Root {
 /// The sha256 a signed step records for a step's handler manifest.
 pub fn manifest_digest(source: &ManifestSource<'_>) -> Result<String> {
     Ok(match source {
-        ManifestSource::Inline(value) => hex::encode(Sha256::digest(canonical_json(value)?.as_bytes())),
+        ManifestSource::Inline(value) => {
+            hex::encode(Sha256::digest(canonical_json(value)?.as_bytes()))
+        }
         ManifestSource::Remote { sha256, .. } => sha256.to_string(),
     })
 }
 
 /// The update manifest that vouches for `desired`.
-pub fn describe(desired: &DesiredState, sequence: u64, target: Target, not_before: u64, expires: u64) -> Result<UpdateManifest> {
+pub fn describe(
+    desired: &DesiredState,
+    sequence: u64,
+    target: Target,
+    not_before: u64,
+    expires: u64,
+) -> Result<UpdateManifest> {
     let steps = desired
         .steps
         .iter()
         .enumerate()
         .map(|(i, step)| {
-            let source = step.manifest_source().with_context(|| format!("step {i} has no manifest"))?;
+            let source = step
+                .manifest_source()
+                .with_context(|| format!("step {i} has no manifest"))?;
             Ok(SignedStep {
                 update_type: step.update_type.clone(),
                 manifest_sha256: manifest_digest(&source)?,
-                files: step.files.iter().map(|f| SignedFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone() }).collect(),
+                files: step
+                    .files
+                    .iter()
+                    .map(|f| SignedFile {
+                        name: f.name.clone(),
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                    })
+                    .collect(),
             })
         })
         .collect::<Result<_>>()?;
@@ -313,9 +358,21 @@ impl Verifier<'_> {
     pub fn verify(&self, signed: &Signed<UpdateManifest>, desired: &DesiredState) -> Result<()> {
         self.root.verify(signed)?;
         let m = &signed.signed;
-        ensure!(m.kind == UPDATE_MANIFEST_TYPE, "manifest type {:?} is not {UPDATE_MANIFEST_TYPE}", m.kind);
-        ensure!(self.now >= m.not_before, "the manifest is not valid before {}", m.not_before);
-        ensure!(self.now < m.expires, "the manifest expired at {}", m.expires);
+        ensure!(
+            m.kind == UPDATE_MANIFEST_TYPE,
+            "manifest type {:?} is not {UPDATE_MANIFEST_TYPE}",
+            m.kind
+        );
+        ensure!(
+            self.now >= m.not_before,
+            "the manifest is not valid before {}",
+            m.not_before
+        );
+        ensure!(
+            self.now < m.expires,
+            "the manifest expired at {}",
+            m.expires
+        );
         ensure!(
             m.sequence > self.last_sequence,
             "sequence {} is not above the last accepted {} (rollback or replay)",
@@ -323,11 +380,32 @@ impl Verifier<'_> {
             self.last_sequence
         );
         let for_us = m.target.device.as_deref() == Some(self.device)
-            || m.target.group.as_ref().is_some_and(|g| self.groups.contains(g));
-        ensure!(for_us, "the manifest targets {:?}, not this device", m.target);
-        ensure!(m.job_id == desired.job_id, "the manifest is for job {:?}, not {:?}", m.job_id, desired.job_id);
-        let expected = describe(desired, m.sequence, m.target.clone(), m.not_before, m.expires)?;
-        ensure!(m.steps == expected.steps, "the deployment's steps, manifests or payloads differ from what was signed");
+            || m.target
+                .group
+                .as_ref()
+                .is_some_and(|g| self.groups.contains(g));
+        ensure!(
+            for_us,
+            "the manifest targets {:?}, not this device",
+            m.target
+        );
+        ensure!(
+            m.job_id == desired.job_id,
+            "the manifest is for job {:?}, not {:?}",
+            m.job_id,
+            desired.job_id
+        );
+        let expected = describe(
+            desired,
+            m.sequence,
+            m.target.clone(),
+            m.not_before,
+            m.expires,
+        )?;
+        ensure!(
+            m.steps == expected.steps,
+            "the deployment's steps, manifests or payloads differ from what was signed"
+        );
         Ok(())
     }
 }
@@ -346,7 +424,11 @@ mod tests {
     }
 
     fn root(version: u32, threshold: u32, k: &[(SigningKey, String)]) -> Root {
-        Root { version, threshold, keys: k.iter().map(|(_, p)| p.clone()).collect() }
+        Root {
+            version,
+            threshold,
+            keys: k.iter().map(|(_, p)| p.clone()).collect(),
+        }
     }
 
     fn desired() -> DesiredState {
@@ -359,16 +441,36 @@ mod tests {
     }
 
     fn manifest(sequence: u64) -> UpdateManifest {
-        describe(&desired(), sequence, Target { device: Some("dev-1".into()), group: None }, 100, 200).expect("describe")
+        describe(
+            &desired(),
+            sequence,
+            Target {
+                device: Some("dev-1".into()),
+                group: None,
+            },
+            100,
+            200,
+        )
+        .expect("describe")
     }
 
     fn verifier(root: &Root) -> Verifier<'_> {
-        Verifier { root, device: "dev-1", groups: &[], last_sequence: 4, now: 150 }
+        Verifier {
+            root,
+            device: "dev-1",
+            groups: &[],
+            last_sequence: 4,
+            now: 150,
+        }
     }
 
     #[test]
     fn canonical_json_sorts_keys_and_refuses_floats() {
-        assert_eq!(canonical_json(&serde_json::json!({"b": [1, {"d": 1, "c": 2}], "a": "x"})).expect("json"), r#"{"a":"x","b":[1,{"c":2,"d":1}]}"#);
+        assert_eq!(
+            canonical_json(&serde_json::json!({"b": [1, {"d": 1, "c": 2}], "a": "x"}))
+                .expect("json"),
+            r#"{"a":"x","b":[1,{"c":2,"d":1}]}"#
+        );
         assert!(canonical_json(&serde_json::json!({"x": 1.5})).is_err());
     }
 
@@ -381,17 +483,27 @@ mod tests {
         let mut twice = one.clone();
         twice.signatures.push(one.signatures[0].clone());
         let reason = format!("{:#}", root.verify(&twice).unwrap_err());
-        assert!(reason.contains("1 valid signature(s) from distinct root keys"), "duplicate signature: {reason}");
+        assert!(
+            reason.contains("1 valid signature(s) from distinct root keys"),
+            "duplicate signature: {reason}"
+        );
         let stranger = keys(1);
-        let with_stranger = sign(&manifest(5), &[k[0].0.clone(), stranger[0].0.clone()]).expect("sign");
+        let with_stranger =
+            sign(&manifest(5), &[k[0].0.clone(), stranger[0].0.clone()]).expect("sign");
         let reason = format!("{:#}", root.verify(&with_stranger).unwrap_err());
-        assert!(reason.contains("1 valid signature(s) from distinct root keys, 2 needed"), "unknown key: {reason}");
+        assert!(
+            reason.contains("1 valid signature(s) from distinct root keys, 2 needed"),
+            "unknown key: {reason}"
+        );
         let two = sign(&manifest(5), &[k[0].0.clone(), k[2].0.clone()]).expect("sign");
         assert_eq!(root.verify(&two).expect("verified"), 2);
         let mut tampered = two.clone();
         tampered.signed.steps[0].files[0].size = 4;
         let reason = format!("{:#}", root.verify(&tampered).unwrap_err());
-        assert!(reason.contains("0 valid signature(s)"), "flipped byte: {reason}");
+        assert!(
+            reason.contains("0 valid signature(s)"),
+            "flipped byte: {reason}"
+        );
     }
 
     #[test]
@@ -403,7 +515,13 @@ mod tests {
         verifier(&root).verify(&good, &desired()).expect("valid");
 
         let stale = sign(&manifest(4), &signers).expect("sign");
-        assert!(format!("{:#}", verifier(&root).verify(&stale, &desired()).unwrap_err()).contains("rollback or replay"));
+        assert!(
+            format!(
+                "{:#}",
+                verifier(&root).verify(&stale, &desired()).unwrap_err()
+            )
+            .contains("rollback or replay")
+        );
         let mut late = verifier(&root);
         late.now = 200;
         assert!(format!("{:#}", late.verify(&good, &desired()).unwrap_err()).contains("expired"));
@@ -412,24 +530,40 @@ mod tests {
         assert!(early.verify(&good, &desired()).is_err());
         let mut other = verifier(&root);
         other.device = "dev-2";
-        assert!(format!("{:#}", other.verify(&good, &desired()).unwrap_err()).contains("not this device"));
+        assert!(
+            format!("{:#}", other.verify(&good, &desired()).unwrap_err())
+                .contains("not this device")
+        );
         let groups = vec!["pumps".to_string()];
         let mut for_group = manifest(5);
-        for_group.target = Target { device: None, group: Some("pumps".into()) };
+        for_group.target = Target {
+            device: None,
+            group: Some("pumps".into()),
+        };
         let group_signed = sign(&for_group, &signers).expect("sign");
         let mut member = verifier(&root);
         member.groups = &groups;
-        member.verify(&group_signed, &desired()).expect("a group member accepts it");
+        member
+            .verify(&group_signed, &desired())
+            .expect("a group member accepts it");
 
         let mut changed = desired();
         changed.steps[0].files[0].sha256 = "b".repeat(64);
-        assert!(format!("{:#}", verifier(&root).verify(&good, &changed).unwrap_err()).contains("differ from what was signed"));
+        assert!(
+            format!("{:#}", verifier(&root).verify(&good, &changed).unwrap_err())
+                .contains("differ from what was signed")
+        );
         let mut other_manifest = desired();
         other_manifest.steps[0].manifest = Some(serde_json::json!({"a": "y", "b": 1}));
-        assert!(verifier(&root).verify(&good, &other_manifest).is_err(), "the inline manifest is covered too");
+        assert!(
+            verifier(&root).verify(&good, &other_manifest).is_err(),
+            "the inline manifest is covered too"
+        );
         let mut reordered = desired();
         reordered.steps[0].manifest = Some(serde_json::json!({"a": "x", "b": 1}));
-        verifier(&root).verify(&good, &reordered).expect("key order does not matter (canonical JSON)");
+        verifier(&root)
+            .verify(&good, &reordered)
+            .expect("key order does not matter (canonical JSON)");
     }
 
     #[test]
@@ -438,15 +572,48 @@ mod tests {
         let new = keys(2);
         let current = root(1, 2, &old);
         let next_root = root(2, 2, &new);
-        let by_both = sign(&next_root, &[old[0].0.clone(), old[1].0.clone(), new[0].0.clone(), new[1].0.clone()]).expect("sign");
+        let by_both = sign(
+            &next_root,
+            &[
+                old[0].0.clone(),
+                old[1].0.clone(),
+                new[0].0.clone(),
+                new[1].0.clone(),
+            ],
+        )
+        .expect("sign");
         assert_eq!(current.rotate(&by_both).expect("rotated"), next_root);
         let by_old_only = sign(&next_root, &[old[0].0.clone(), old[1].0.clone()]).expect("sign");
-        assert!(format!("{:#}", current.rotate(&by_old_only).unwrap_err()).contains("its own keys"));
+        assert!(
+            format!("{:#}", current.rotate(&by_old_only).unwrap_err()).contains("its own keys")
+        );
         let by_new_only = sign(&next_root, &[new[0].0.clone(), new[1].0.clone()]).expect("sign");
-        assert!(format!("{:#}", current.rotate(&by_new_only).unwrap_err()).contains("current root"));
-        let skipping = sign(&root(3, 2, &new), &[old[0].0.clone(), old[1].0.clone(), new[0].0.clone(), new[1].0.clone()]).expect("sign");
+        assert!(
+            format!("{:#}", current.rotate(&by_new_only).unwrap_err()).contains("current root")
+        );
+        let skipping = sign(
+            &root(3, 2, &new),
+            &[
+                old[0].0.clone(),
+                old[1].0.clone(),
+                new[0].0.clone(),
+                new[1].0.clone(),
+            ],
+        )
+        .expect("sign");
         let reason = format!("{:#}", current.rotate(&skipping).unwrap_err());
-        assert!(reason.contains("root version 3 cannot follow version 1"), "root jump: {reason}");
-        assert!(Root { version: 1, threshold: 3, keys: root(1, 1, &old[..2]).keys }.check().is_err());
+        assert!(
+            reason.contains("root version 3 cannot follow version 1"),
+            "root jump: {reason}"
+        );
+        assert!(
+            Root {
+                version: 1,
+                threshold: 3,
+                keys: root(1, 1, &old[..2]).keys
+            }
+            .check()
+            .is_err()
+        );
     }
 }

@@ -14,13 +14,23 @@ use otabox::runtime::{CallScope, Handler, Outcome, Phase, Runtime, StepContext, 
 pub fn built_wasm(name: &str) -> Vec<u8> {
     let path = Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.wasm"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(!bytes.is_empty(), "{} is empty: the wasm build was skipped", path.display());
+    assert!(
+        !bytes.is_empty(),
+        "{} is empty: the wasm build was skipped",
+        path.display()
+    );
     bytes
 }
 
 /// Writes `<dir>/<name>.wasm` and `<dir>/<name>.toml`; `body` is the
 /// manifest without `[handler]`, which is generated with the right sha256.
-pub fn install_handler(dir: &Path, name: &str, wasm: &[u8], update_type: &str, body: &str) -> PathBuf {
+pub fn install_handler(
+    dir: &Path,
+    name: &str,
+    wasm: &[u8],
+    update_type: &str,
+    body: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir).expect("create handler dir");
     std::fs::write(dir.join(format!("{name}.wasm")), wasm).expect("write wasm");
     let toml = format!(
@@ -39,13 +49,30 @@ pub fn runtime(dir: &Path) -> Runtime {
 
 /// Loads the hostile guest with `body` as its capabilities.
 pub async fn hostile(rt: &Runtime, dir: &Path, body: &str) -> anyhow::Result<Handler> {
-    let manifest = install_handler(&dir.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", body);
+    let manifest = install_handler(
+        &dir.join("handlers"),
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        body,
+    );
     rt.load_handler(&manifest, None).await
 }
 
 /// Same, with a device grant.
-pub async fn hostile_with(rt: &Runtime, dir: &Path, body: &str, grant: &DeviceGrant) -> anyhow::Result<Handler> {
-    let manifest = install_handler(&dir.join("handlers"), "hostile", &built_wasm("hostile"), "otabox-test/hostile:1", body);
+pub async fn hostile_with(
+    rt: &Runtime,
+    dir: &Path,
+    body: &str,
+    grant: &DeviceGrant,
+) -> anyhow::Result<Handler> {
+    let manifest = install_handler(
+        &dir.join("handlers"),
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        body,
+    );
     rt.load_handler(&manifest, Some(grant)).await
 }
 
@@ -64,7 +91,9 @@ pub fn step(manifest: serde_json::Value) -> StepContext {
 
 /// Calls `install` with `manifest` outside any job.
 pub async fn act(handler: &Handler, manifest: serde_json::Value) -> anyhow::Result<Outcome> {
-    handler.run_phase(Phase::Install, CallScope::default(), &step(manifest)).await
+    handler
+        .run_phase(Phase::Install, CallScope::default(), &step(manifest))
+        .await
 }
 
 /// The text of a `failed` outcome; panics on anything else.
@@ -86,6 +115,8 @@ pub fn success(outcome: Outcome) -> String {
 
 /// Asserts the handler still serves a normal call.
 pub async fn still_serves(handler: &Handler) {
-    let outcome = act(handler, serde_json::json!({"action": "ok"})).await.expect("a normal call after the fault");
+    let outcome = act(handler, serde_json::json!({"action": "ok"}))
+        .await
+        .expect("a normal call after the fault");
     assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
 }

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn wait_for_port(port: u16, what: &str) {
@@ -45,7 +48,11 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto.conf");
-        let broker = Self { child: spawn_mosquitto(&conf, dir), port, conf };
+        let broker = Self {
+            child: spawn_mosquitto(&conf, dir),
+            port,
+            conf,
+        };
         wait_for_port(port, "mosquitto");
         broker
     }
@@ -53,7 +60,10 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (a persistent broker saves its
     /// sessions) and waits for it.
     pub fn stop_gracefully(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 
@@ -125,7 +135,10 @@ impl AgentProcess {
             .stderr(log)
             .spawn()
             .expect("start the agent");
-        Self { child, config: config.to_path_buf() }
+        Self {
+            child,
+            config: config.to_path_buf(),
+        }
     }
 
     /// The process id.
@@ -194,7 +207,9 @@ impl TestClient {
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_manual_acks(false);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
-        connection.eventloop.set_network_options(otabox::mqtt::network_options());
+        connection
+            .eventloop
+            .set_network_options(otabox::mqtt::network_options());
         let (tx, received) = mpsc::channel();
         let resubscribe = client.clone();
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
@@ -207,9 +222,16 @@ impl TestClient {
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
-                        let json = serde_json::from_slice(&p.payload)
-                            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&p.payload).into()));
-                        if tx.send(Message { topic: p.topic, json }).is_err() {
+                        let json = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                            serde_json::Value::String(String::from_utf8_lossy(&p.payload).into())
+                        });
+                        if tx
+                            .send(Message {
+                                topic: p.topic,
+                                json,
+                            })
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -223,7 +245,9 @@ impl TestClient {
 
     /// Publishes `payload` with QoS 1.
     pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).expect("publish");
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .expect("publish");
     }
 
     /// Waits until the broker confirmed the subscriptions (a message to
@@ -232,7 +256,10 @@ impl TestClient {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             self.publish(probe, "\"probe\"");
-            if self.wait_for_or(Duration::from_millis(300), |m| m.topic == probe).is_some() {
+            if self
+                .wait_for_or(Duration::from_millis(300), |m| m.topic == probe)
+                .is_some()
+            {
                 return;
             }
         }
@@ -240,7 +267,12 @@ impl TestClient {
     }
 
     /// Waits for the first message that satisfies `want`.
-    pub fn wait_for(&self, timeout: Duration, what: &str, want: impl Fn(&Message) -> bool) -> Message {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&Message) -> bool,
+    ) -> Message {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -253,11 +285,19 @@ impl TestClient {
     }
 
     /// Every message up to and including the first that satisfies `last`.
-    pub fn collect_until(&self, timeout: Duration, what: &str, last: impl Fn(&Message) -> bool) -> Vec<Message> {
+    pub fn collect_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        last: impl Fn(&Message) -> bool,
+    ) -> Vec<Message> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         loop {
-            match self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .received
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(m) => {
                     let done = last(&m);
                     out.push(m);
@@ -271,10 +311,17 @@ impl TestClient {
     }
 
     /// Like [`TestClient::wait_for`], returning `None` on timeout.
-    pub fn wait_for_or(&self, timeout: Duration, want: impl Fn(&Message) -> bool) -> Option<Message> {
+    pub fn wait_for_or(
+        &self,
+        timeout: Duration,
+        want: impl Fn(&Message) -> bool,
+    ) -> Option<Message> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .received
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(m) if want(&m) => return Some(m),
                 Ok(_) => {}
                 Err(_) => return None,
@@ -286,7 +333,10 @@ impl TestClient {
     pub fn drain(&self, window: Duration) -> Vec<Message> {
         let deadline = Instant::now() + window;
         let mut out = Vec::new();
-        while let Ok(m) = self.received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(m) = self
+            .received
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             out.push(m);
         }
         out
@@ -383,7 +433,12 @@ impl Nginx {
             .spawn()
             .expect("nginx is installed (make setup)");
         wait_for_port(port, "nginx");
-        Self { child, port, www, log: root.join("access.log") }
+        Self {
+            child,
+            port,
+            www,
+            log: root.join("access.log"),
+        }
     }
 
     /// The URL of `name` under the served directory.
@@ -417,7 +472,9 @@ impl Drop for Nginx {
 pub fn cutting_proxy(upstream: u16, cuts: Vec<usize>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listener");
     let port = listener.local_addr().expect("addr").port();
-    let cuts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(cuts)));
+    let cuts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+        cuts,
+    )));
     std::thread::spawn(move || {
         for client in listener.incoming().flatten() {
             let cut = cuts.lock().ok().and_then(|mut c| c.pop_front());
@@ -429,15 +486,21 @@ pub fn cutting_proxy(upstream: u16, cuts: Vec<usize>) -> u16 {
 
 fn proxy_one(mut client: std::net::TcpStream, upstream: u16, cut: Option<usize>) {
     use std::io::{Read, Write};
-    let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
-    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else { return };
+    let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+        return;
+    };
+    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut client_in, &mut server_out);
     });
     let mut left = cut.unwrap_or(usize::MAX);
     let mut buf = [0u8; 8192];
     while left > 0 {
-        let Ok(n) = server.read(&mut buf[..left.min(8192)]) else { break };
+        let Ok(n) = server.read(&mut buf[..left.min(8192)]) else {
+            break;
+        };
         if n == 0 || client.write_all(&buf[..n]).is_err() {
             break;
         }

@@ -13,11 +13,17 @@ impl Host for HostState {
         truncate_utf8(&mut message, MAX_LOG_LINE);
         let (handler, job, phase) = (&*self.handler, &self.scope.job_id, self.phase);
         match level {
-            LogLevel::Trace => tracing::trace!(target: "handler", handler, job, ?phase, "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "handler", handler, job, ?phase, "{message}"),
+            LogLevel::Trace => {
+                tracing::trace!(target: "handler", handler, job, ?phase, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "handler", handler, job, ?phase, "{message}")
+            }
             LogLevel::Info => tracing::info!(target: "handler", handler, job, ?phase, "{message}"),
             LogLevel::Warn => tracing::warn!(target: "handler", handler, job, ?phase, "{message}"),
-            LogLevel::Error => tracing::error!(target: "handler", handler, job, ?phase, "{message}"),
+            LogLevel::Error => {
+                tracing::error!(target: "handler", handler, job, ?phase, "{message}")
+            }
         }
         Ok(())
     }

@@ -23,21 +23,39 @@ pub struct PayloadHandle {
 }
 
 impl Host for HostState {
-    async fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<PayloadHandle>, HostError>> {
+    async fn open(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<PayloadHandle>, HostError>> {
         let Some(payload) = self.scope.payloads.iter().find(|p| p.name == name) else {
-            return Ok(Err(HostError::NotFound(format!("the step has no payload named {name:?}"))));
+            return Ok(Err(HostError::NotFound(format!(
+                "the step has no payload named {name:?}"
+            ))));
         };
         let Some(path) = &payload.verified else {
-            return Ok(Err(HostError::Denied(format!("payload {name:?} is not downloaded and verified yet"))));
+            return Ok(Err(HostError::Denied(format!(
+                "payload {name:?} is not downloaded and verified yet"
+            ))));
         };
         if self.open_payloads >= MAX_OPEN {
-            return Ok(Err(HostError::Invalid(format!("more than {MAX_OPEN} open handles"))));
+            return Ok(Err(HostError::Invalid(format!(
+                "more than {MAX_OPEN} open handles"
+            ))));
         }
         let file = match File::open(path) {
             Ok(file) => file,
-            Err(e) => return Ok(Err(HostError::Failed(format!("cannot open payload {name:?}: {e}")))),
+            Err(e) => {
+                return Ok(Err(HostError::Failed(format!(
+                    "cannot open payload {name:?}: {e}"
+                ))));
+            }
         };
-        let handle = PayloadHandle { name, size: payload.size, sha256: payload.sha256.clone(), file };
+        let handle = PayloadHandle {
+            name,
+            size: payload.size,
+            sha256: payload.sha256.clone(),
+            file,
+        };
         let resource = self.table.push(handle)?;
         self.open_payloads += 1;
         Ok(Ok(resource))
@@ -64,18 +82,28 @@ impl HostPayload for HostState {
         len: u32,
     ) -> wasmtime::Result<Result<Vec<u8>, HostError>> {
         if len > MAX_READ {
-            return Ok(Err(HostError::Invalid(format!("read of {len} bytes is over the {MAX_READ}-byte limit"))));
+            return Ok(Err(HostError::Invalid(format!(
+                "read of {len} bytes is over the {MAX_READ}-byte limit"
+            ))));
         }
         let handle = self.table.get(&this)?;
         let want = u64::from(len).min(handle.size.saturating_sub(offset)) as usize;
         let mut buf = vec![0u8; want];
         let mut filled = 0;
         while filled < want {
-            match handle.file.read_at(&mut buf[filled..], offset + filled as u64) {
+            match handle
+                .file
+                .read_at(&mut buf[filled..], offset + filled as u64)
+            {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Ok(Err(HostError::Failed(format!("reading {}: {e}", handle.name)))),
+                Err(e) => {
+                    return Ok(Err(HostError::Failed(format!(
+                        "reading {}: {e}",
+                        handle.name
+                    ))));
+                }
             }
         }
         buf.truncate(filled);

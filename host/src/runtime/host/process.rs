@@ -28,7 +28,9 @@ impl Host for HostState {
             return Ok(Err(error));
         }
         let remaining = self.deadline.saturating_duration_since(Instant::now());
-        let limit = cmd.timeout_ms.map_or(remaining, |ms| remaining.min(Duration::from_millis(ms.into())));
+        let limit = cmd.timeout_ms.map_or(remaining, |ms| {
+            remaining.min(Duration::from_millis(ms.into()))
+        });
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
         Ok(execute(cmd, limit).await)
     }
@@ -38,14 +40,21 @@ impl HostState {
     fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
         let arg_bytes: usize = cmd.args.iter().map(String::len).sum();
         if cmd.args.len() > MAX_ARGS || arg_bytes > MAX_ARG_BYTES {
-            return Err(HostError::Invalid(format!("more than {MAX_ARGS} arguments or {MAX_ARG_BYTES} bytes of them")));
+            return Err(HostError::Invalid(format!(
+                "more than {MAX_ARGS} arguments or {MAX_ARG_BYTES} bytes of them"
+            )));
         }
         if cmd.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
             return Err(HostError::Invalid(format!("stdin over {MAX_STDIN} bytes")));
         }
         let has_nul = |s: &str| s.contains('\0');
-        if has_nul(&cmd.program) || cmd.args.iter().any(|a| has_nul(a)) || cmd.env.iter().any(|(k, v)| has_nul(k) || has_nul(v)) {
-            return Err(HostError::Invalid("NUL byte in program, argument or environment".into()));
+        if has_nul(&cmd.program)
+            || cmd.args.iter().any(|a| has_nul(a))
+            || cmd.env.iter().any(|(k, v)| has_nul(k) || has_nul(v))
+        {
+            return Err(HostError::Invalid(
+                "NUL byte in program, argument or environment".into(),
+            ));
         }
         commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
             .map_err(|denial| HostError::Denied(denial.0))?;
@@ -64,7 +73,11 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         .env("LANG", "C.UTF-8")
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
-        .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if cmd.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -80,12 +93,20 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         }
     };
     let run = async {
-        let ((), out, err, status) = tokio::join!(feed, read_capped(stdout), read_capped(stderr), child.wait());
+        let ((), out, err, status) =
+            tokio::join!(feed, read_capped(stdout), read_capped(stderr), child.wait());
         (out, err, status)
     };
     match tokio::time::timeout(limit, run).await {
-        Err(_) => Err(HostError::TimedOut(format!("{} ran longer than {} ms and was killed", cmd.program, limit.as_millis()))),
-        Ok((_, _, Err(e))) => Err(HostError::Failed(format!("waiting for {}: {e}", cmd.program))),
+        Err(_) => Err(HostError::TimedOut(format!(
+            "{} ran longer than {} ms and was killed",
+            cmd.program,
+            limit.as_millis()
+        ))),
+        Ok((_, _, Err(e))) => Err(HostError::Failed(format!(
+            "waiting for {}: {e}",
+            cmd.program
+        ))),
         Ok(((stdout, cut_out), (stderr, cut_err), Ok(status))) => Ok(Output {
             exit_code: status.code(),
             stdout,
@@ -97,7 +118,9 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
 
 /// Reads a pipe to its end, keeping at most [`MAX_OUTPUT`] bytes.
 async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> (Vec<u8>, bool) {
-    let Some(mut pipe) = pipe else { return (Vec::new(), false) };
+    let Some(mut pipe) = pipe else {
+        return (Vec::new(), false);
+    };
     let mut kept = Vec::new();
     let mut truncated = false;
     let mut buf = [0u8; 16 << 10];

@@ -16,14 +16,35 @@ use serde::Deserialize;
 enum Action {
     Loop,
     Alloc,
-    Exec { program: String, args: Vec<String>, #[serde(default)] env: Vec<(String, String)> },
-    Read { path: String },
-    Write { path: String },
-    List { path: String },
-    Checkpoint { key: String, value: String },
-    Payload { name: String },
-    Print { text: String, times: usize },
-    Connect { address: String },
+    Exec {
+        program: String,
+        args: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+    },
+    Read {
+        path: String,
+    },
+    Write {
+        path: String,
+    },
+    List {
+        path: String,
+    },
+    Checkpoint {
+        key: String,
+        value: String,
+    },
+    Payload {
+        name: String,
+    },
+    Print {
+        text: String,
+        times: usize,
+    },
+    Connect {
+        address: String,
+    },
     /// Counts applies: `apply` waits `delay_ms`, then appends a line to
     /// `path`; installed once `path` has a line; rollback has nothing to undo.
     Count {
@@ -33,10 +54,15 @@ enum Action {
     },
     /// Waits up to `max_ms` for cancel-requested, then returns cancelled
     /// (or skipped when it never came).
-    WaitCancel { max_ms: u64 },
+    WaitCancel {
+        max_ms: u64,
+    },
     /// `apply` asks for a reboot (`immediate`, `deferred`) or an agent
     /// `restart`; `verify` appends a line to `marker`; installed once it has.
-    Reboot { mode: String, marker: String },
+    Reboot {
+        mode: String,
+        marker: String,
+    },
     Ok,
 }
 
@@ -44,7 +70,12 @@ struct Hostile;
 
 impl Handler for Hostile {
     fn describe() -> Description {
-        Description::new("hostile", "0.0.0", ["otabox-test/hostile:1", "otabox-test/counter:1"]).with_rollback()
+        Description::new(
+            "hostile",
+            "0.0.0",
+            ["otabox-test/hostile:1", "otabox-test/counter:1"],
+        )
+        .with_rollback()
     }
 
     fn is_installed(step: &Step) -> Result<bool, Status> {
@@ -66,7 +97,11 @@ impl Handler for Hostile {
                     .append(true)
                     .open(&path)
                     .and_then(|mut f| f.write_all(b"applied\n").and_then(|_| f.sync_all()));
-                report(appended.map(|_| "applied".to_string()).map_err(|e| e.to_string()))
+                report(
+                    appended
+                        .map(|_| "applied".to_string())
+                        .map_err(|e| e.to_string()),
+                )
             }
             Ok(Action::Reboot { mode, .. }) => match mode.as_str() {
                 "immediate" => Outcome::RebootRequired(RebootMode::Immediate),
@@ -131,15 +166,25 @@ fn act(action: Action) -> Outcome {
             for (k, v) in env {
                 cmd = cmd.env(k, v);
             }
-            report(cmd.run().map(|out| format!("exit={:?} stdout={}", out.code(), out.stdout())))
+            report(
+                cmd.run()
+                    .map(|out| format!("exit={:?} stdout={}", out.code(), out.stdout())),
+            )
         }
         Action::Read { path } => report(std::fs::read_to_string(&path).map_err(|e| e.to_string())),
-        Action::Write { path } => {
-            report(std::fs::write(&path, b"written by a guest").map(|_| "written".to_string()).map_err(|e| e.to_string()))
-        }
+        Action::Write { path } => report(
+            std::fs::write(&path, b"written by a guest")
+                .map(|_| "written".to_string())
+                .map_err(|e| e.to_string()),
+        ),
         Action::List { path } => report(
             std::fs::read_dir(&path)
-                .map(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>().join(","))
+                .map(|dir| {
+                    dir.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .map_err(|e| e.to_string()),
         ),
         Action::Checkpoint { key, value } => report(
@@ -148,7 +193,9 @@ fn act(action: Action) -> Outcome {
                 .map(|v| String::from_utf8_lossy(&v.unwrap_or_default()).into_owned()),
         ),
         Action::Payload { name } => report(
-            Payload::open(&name).and_then(|p| p.read_at(0, 64)).map(|b| String::from_utf8_lossy(&b).into_owned()),
+            Payload::open(&name)
+                .and_then(|p| p.read_at(0, 64))
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
         ),
         Action::Print { text, times } => {
             for _ in 0..times {
