@@ -643,17 +643,10 @@ async fn ask_handler(
     else {
         return finish(shared, record, JobResult::FailedInconsistent, None);
     };
-    let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
-        let status = workflow::host_status(
-            host_codes::NO_HANDLER,
-            format!("no handler serves {update_type}"),
-        );
-        return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+    let handler = match pinned_handler(shared, &record, step, &update_type) {
+        Ok(handler) => handler,
+        Err(status) => return finish(shared, record, JobResult::FailedInconsistent, Some(status)),
     };
-    if let Some(changed) = handler_changed(&record, step, &handler) {
-        let status = workflow::host_status(host_codes::HANDLER_CHANGED, changed);
-        return finish(shared, record, JobResult::FailedInconsistent, Some(status));
-    }
     let (scope, ctx) = match step_call(shared, &record, step, &handler) {
         Ok(call) => call,
         Err(e) => {
@@ -700,6 +693,26 @@ async fn ask_handler(
     finish(shared, record, result, Some(status))
 }
 
+/// The handler that may continue `step` of a resumed job: the one serving
+/// its update type, with the wasm the job pinned when it started.
+fn pinned_handler(
+    shared: &Shared,
+    record: &JobRecord,
+    step: usize,
+    update_type: &str,
+) -> Result<Arc<Handler>, crate::runtime::Status> {
+    let Some(handler) = shared.handlers.for_update_type(update_type).cloned() else {
+        return Err(workflow::host_status(
+            host_codes::NO_HANDLER,
+            format!("no handler serves {update_type}"),
+        ));
+    };
+    match handler_changed(record, step, &handler) {
+        Some(changed) => Err(workflow::host_status(host_codes::HANDLER_CHANGED, changed)),
+        None => Ok(handler),
+    }
+}
+
 /// Why `handler` may not continue `step`: its wasm is not the one the job
 /// pinned when it started.
 fn handler_changed(record: &JobRecord, step: usize, handler: &Handler) -> Option<String> {
@@ -721,34 +734,8 @@ fn step_call(
 ) -> Result<(CallScope, StepContext)> {
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let request = step_request(record, step, &job_dir)?;
-    let payloads: Vec<PayloadFile> = request
-        .payloads
-        .iter()
-        .map(|(p, path)| PayloadFile {
-            verified: path.exists().then(|| path.clone()),
-            ..p.clone()
-        })
-        .collect();
-    let ctx = StepContext {
-        job_id: record.job_id.clone(),
-        step: step as u32,
-        update_type: request.update_type.clone(),
-        manifest: request.manifest.clone(),
-        payloads: payloads
-            .iter()
-            .map(|p| crate::runtime::bindings::PayloadInfo {
-                name: p.name.clone(),
-                size: p.size,
-                sha256: p.sha256.clone(),
-            })
-            .collect(),
-        config: handler.config_json.clone(),
-        installed_criteria: record.desired.steps[step].installed_criteria.clone(),
-    };
-    Ok((
-        CallScope::for_step(&record.job_id, step as u32, &job_dir, payloads),
-        ctx,
-    ))
+    let criteria = record.desired.steps[step].installed_criteria.clone();
+    Ok(workflow::resumed_call(handler, &request, criteria))
 }
 
 /// Runs accepted jobs one at a time.
@@ -835,6 +822,10 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     for (step, handler) in handlers.iter().enumerate().skip(first) {
         let mut request = step_request(&record, step, &job_dir)?;
         request.cancel = cancel.clone();
+        // fetch_step verified every payload (size and sha256) as it came in.
+        for (payload, path) in &mut request.payloads {
+            payload.verified = Some(path.clone());
+        }
         let journal = shared.journal.clone();
         let snapshot = Mutex::new(record.clone());
         let before = |phase: Phase| -> Result<()> {
@@ -971,17 +962,12 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
             continue;
         }
         let update_type = record.steps[step].update_type.clone();
-        let Some(handler) = shared.handlers.for_update_type(&update_type).cloned() else {
-            let status = workflow::host_status(
-                host_codes::NO_HANDLER,
-                format!("no handler serves {update_type}"),
-            );
-            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+        let handler = match pinned_handler(shared, &record, step, &update_type) {
+            Ok(handler) => handler,
+            Err(status) => {
+                return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+            }
         };
-        if let Some(changed) = handler_changed(&record, step, &handler) {
-            let status = workflow::host_status(host_codes::HANDLER_CHANGED, changed);
-            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
-        }
         let request = step_request(&record, step, &job_dir)?;
         let journal = shared.journal.clone();
         let snapshot = Mutex::new(record.clone());

@@ -11,6 +11,7 @@
 //! made with the fleet store travels as a delta, the agent reports each
 //! state, acknowledges, and the replica confirms.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -146,7 +147,7 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
 /// Part 2: broker, replica, agent, and a deployment through them.
 async fn mqtt_flow(root: &Path) -> Result<()> {
     println!("\n== part 2: a deployment through mosquitto, the replica and the agent");
-    let Some(broker) = Broker::start(root)? else {
+    let Some(broker) = start_broker(root)? else {
         println!(
             "  mosquitto is not installed: run `make setup` (or apt-get install mosquitto) to see this part"
         );
@@ -184,10 +185,10 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
     let payload = root.join("payloads/app-2.0.0.conf");
     let content = b"greeting = \"hello again\"\nversion = \"2.0.0\"\n";
     std::fs::write(&payload, content)?;
-    let server = PayloadServer::start(root)?;
+    let server = start_payload_server(root)?;
     let url = match &server {
-        Some(server) => {
-            std::fs::copy(&payload, server.www.join("app-2.0.0.conf"))?;
+        Some((server, www)) => {
+            std::fs::copy(&payload, www.join("app-2.0.0.conf"))?;
             let url = format!("http://127.0.0.1:{}/app-2.0.0.conf", server.port);
             println!("  payload server (nginx) serves {url}");
             url
@@ -259,111 +260,91 @@ where
     });
 }
 
-/// An nginx of the demo's own serving `<root>/www`, stopped on drop.
-struct PayloadServer {
+/// A program the demo started (mosquitto, nginx), stopped on drop.
+struct Service {
     child: std::process::Child,
     port: u16,
-    www: std::path::PathBuf,
 }
 
-impl PayloadServer {
-    fn start(root: &Path) -> Result<Option<Self>> {
-        let dir = root.join("nginx");
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let d = dir.display();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
-                 uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
-                 server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
-                www = www.display()
-            ),
-        )?;
-        let spawned = std::process::Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&dir)
+impl Service {
+    /// Starts `program` with `args` and waits until it listens on `port`;
+    /// `None` when the program is not installed.
+    fn start(program: &str, args: &[&OsStr], port: u16) -> Result<Option<Self>> {
+        let spawned = std::process::Command::new(program)
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn();
         let child = match spawned {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).context("cannot start nginx"),
+            Err(e) => return Err(e).with_context(|| format!("cannot start {program}")),
         };
-        wait_for_port(port, "nginx")?;
-        Ok(Some(Self { child, port, www }))
-    }
-}
-
-impl Drop for PayloadServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_port(port: u16, what: &str) -> Result<()> {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+        let service = Self { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Some(service));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
         }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    anyhow::bail!("{what} did not start listening on port {port}")
-}
-
-/// A mosquitto of the demo's own, stopped on drop.
-struct Broker {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Broker {
-    fn start(root: &Path) -> Result<Option<Self>> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let conf = root.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\npersistence false\nset_tcp_nodelay true\npid_file {}/mosquitto.pid\n\
-                 listener {port} 127.0.0.1\nallow_anonymous true\n",
-                root.display()
-            ),
-        )?;
-        let spawned = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).context("cannot start mosquitto"),
-        };
-        let broker = Self { child, port };
-        wait_for_port(port, "mosquitto")?;
-        Ok(Some(broker))
+        anyhow::bail!("{program} did not start listening on port {port}")
     }
 }
 
-impl Drop for Broker {
+impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// An nginx of the demo's own serving the returned directory.
+fn start_payload_server(root: &Path) -> Result<Option<(Service, std::path::PathBuf)>> {
+    let dir = root.join("nginx");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    let port = free_port()?;
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
+             uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+             server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+            www = www.display()
+        ),
+    )?;
+    let args = [
+        OsStr::new("-c"),
+        conf.as_os_str(),
+        OsStr::new("-p"),
+        dir.as_os_str(),
+    ];
+    Ok(Service::start("nginx", &args, port)?.map(|service| (service, www)))
+}
+
+/// A mosquitto of the demo's own.
+fn start_broker(root: &Path) -> Result<Option<Service>> {
+    let port = free_port()?;
+    let conf = root.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\npersistence false\nset_tcp_nodelay true\npid_file {}/mosquitto.pid\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n",
+            root.display()
+        ),
+    )?;
+    Service::start("mosquitto", &[OsStr::new("-c"), conf.as_os_str()], port)
 }
 
 /// Watches the device's topics and prints what travels on them.

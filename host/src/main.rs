@@ -41,30 +41,8 @@ enum Command {
         /// The replica's SQLite database (created when missing).
         #[arg(long)]
         db: PathBuf,
-        /// Broker host.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Broker port.
-        #[arg(long, default_value_t = 1883)]
-        port: u16,
-        /// Topic layout: iot-atlas or aws-shadow.
-        #[arg(long, default_value = "iot-atlas")]
-        layout: String,
-        /// CA certificate of the broker (turns TLS on).
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// Client certificate for mutual TLS.
-        #[arg(long, requires = "key_file")]
-        cert_file: Option<PathBuf>,
-        /// Client key for mutual TLS.
-        #[arg(long, requires = "cert_file")]
-        key_file: Option<PathBuf>,
-        /// User name.
-        #[arg(long)]
-        username: Option<String>,
-        /// File holding the password.
-        #[arg(long, requires = "username")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Operate a fleet through the replica's database.
     Fleet {
@@ -144,6 +122,55 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// How the replica reaches the broker.
+#[derive(clap::Args)]
+struct BrokerArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    port: u16,
+    /// Topic layout: iot-atlas or aws-shadow.
+    #[arg(long, default_value = "iot-atlas")]
+    layout: String,
+    /// CA certificate of the broker (turns TLS on).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// User name.
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the password.
+    #[arg(long, requires = "username")]
+    password_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The connection settings, as `[mqtt]` in device.toml would give them.
+    fn into_section(self) -> Result<otabox::config::MqttSection> {
+        let layout = serde_json::from_value(serde_json::Value::String(self.layout.clone()))
+            .with_context(|| format!("--layout {:?}: use iot-atlas or aws-shadow", self.layout))?;
+        Ok(otabox::config::MqttSection {
+            host: self.host,
+            port: self.port,
+            layout,
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            username: self.username,
+            password_file: self.password_file,
+            client_id: Some("otabox-replica".into()),
+            ..Default::default()
+        })
+    }
 }
 
 /// Where handlers and grants come from.
@@ -264,31 +291,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             command: HandlersCommand::Audit { source, json },
         } => audit(&source, json).await,
         Command::Demo { dir, keep } => demo(dir, keep).await,
-        Command::Replica {
-            db,
-            host,
-            port,
-            layout,
-            ca_file,
-            cert_file,
-            key_file,
-            username,
-            password_file,
-        } => {
-            let layout = serde_json::from_value(serde_json::Value::String(layout.clone()))
-                .with_context(|| format!("--layout {layout:?}: use iot-atlas or aws-shadow"))?;
-            let mqtt = otabox::config::MqttSection {
-                host,
-                port,
-                layout,
-                ca_file,
-                cert_file,
-                key_file,
-                username,
-                password_file,
-                client_id: Some("otabox-replica".into()),
-                ..Default::default()
-            };
+        Command::Replica { db, broker } => {
+            let mqtt = broker.into_section()?;
             otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt })
                 .await?;
             Ok(ExitCode::SUCCESS)

@@ -58,7 +58,9 @@ pub struct StepRequest {
     pub update_type: String,
     /// Manifest JSON text.
     pub manifest: String,
-    /// Payloads with local files to verify (download comes later).
+    /// Payloads and their local files. Each is checked against its declared
+    /// size and sha256 before a handler sees it, unless `verified` is
+    /// already set (the caller hashed it, as the downloader does).
     pub payloads: Vec<(PayloadFile, PathBuf)>,
     /// Directory for the job's checkpoints.
     pub job_dir: PathBuf,
@@ -179,13 +181,7 @@ pub async fn run_step_with(
     let declared: Vec<PayloadFile> = request.payloads.iter().map(|(p, _)| p.clone()).collect();
     let (mut scope, ctx) = call_setup(handler, &request, declared, None);
     scope.progress = progress;
-    let mut run = Run {
-        handler,
-        scope,
-        ctx,
-        phases: Vec::new(),
-        before,
-    };
+    let mut run = Run::new(handler, scope, ctx, before);
     let mut warnings = Vec::new();
     let result = run.drive(&request, &mut warnings).await;
     if !matches!(
@@ -210,22 +206,8 @@ pub async fn continue_step(
     installed_criteria: Option<String>,
     before: PhaseHook<'_>,
 ) -> Result<StepReport> {
-    let payloads: Vec<PayloadFile> = request
-        .payloads
-        .iter()
-        .map(|(p, path)| PayloadFile {
-            verified: path.exists().then(|| path.clone()),
-            ..p.clone()
-        })
-        .collect();
-    let (scope, ctx) = call_setup(handler, &request, payloads, installed_criteria.clone());
-    let mut run = Run {
-        handler,
-        scope,
-        ctx,
-        phases: Vec::new(),
-        before,
-    };
+    let (scope, ctx) = resumed_call(handler, &request, installed_criteria.clone());
+    let mut run = Run::new(handler, scope, ctx, before);
     let mut result = StepResult::Installed {
         criteria: installed_criteria.unwrap_or_default(),
     };
@@ -241,6 +223,25 @@ pub async fn continue_step(
         warnings: Vec::new(),
         result,
     })
+}
+
+/// The scope and context of a call for a step resumed after a restart or
+/// reboot: the payloads fetched before (still in the job folder) count as
+/// verified.
+pub fn resumed_call(
+    handler: &Handler,
+    request: &StepRequest,
+    installed_criteria: Option<String>,
+) -> (CallScope, StepContext) {
+    let payloads: Vec<PayloadFile> = request
+        .payloads
+        .iter()
+        .map(|(p, path)| PayloadFile {
+            verified: path.exists().then(|| path.clone()),
+            ..p.clone()
+        })
+        .collect();
+    call_setup(handler, request, payloads, installed_criteria)
 }
 
 /// The scope and context of the calls of one step.
@@ -264,7 +265,22 @@ fn call_setup(
     (scope, ctx)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(
+        handler: &'a Handler,
+        scope: CallScope,
+        ctx: StepContext,
+        before: PhaseHook<'a>,
+    ) -> Self {
+        Self {
+            handler,
+            scope,
+            ctx,
+            phases: Vec::new(),
+            before,
+        }
+    }
+
     async fn drive(&mut self, request: &StepRequest, warnings: &mut Vec<String>) -> StepResult {
         let plan = match self.handler.validate(self.scope.clone(), &self.ctx).await {
             Ok(Ok(plan)) => plan,
@@ -407,7 +423,13 @@ impl Run<'_> {
                     format!("the plan names unknown payload {name:?}"),
                 ));
             };
-            verify_file(path, declared.size, &declared.sha256).map_err(|e| {
+            // A payload the caller already verified (the agent hashes while
+            // downloading) is not read a second time.
+            let checked = match declared.verified {
+                Some(_) => Ok(()),
+                None => verify_file(path, declared.size, &declared.sha256),
+            };
+            checked.map_err(|e| {
                 let status = host_status(
                     host_codes::PAYLOAD_MISMATCH,
                     format!("payload {name:?}: {e:#}"),

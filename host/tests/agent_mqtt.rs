@@ -20,24 +20,11 @@ struct Device {
 }
 
 fn device(root: &Path, port: u16, layout: &str) -> Device {
-    install_handler(
-        &root.join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    let config = file_device(
+        root,
+        "dev-1",
+        &format!("port = {port}\nlayout = \"{layout}\""),
     );
-    let config = root.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {port}\nlayout = \"{layout}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
-             [handlers.file]\nconfig = {{ root = \"/var/lib/otabox/files\" }}\n\
-             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
-        ),
-    )
-    .expect("device.toml");
     Device {
         root: root.to_path_buf(),
         config,

@@ -17,24 +17,7 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn device_config(root: &Path, mqtt: &str) -> PathBuf {
-    install_handler(
-        &root.join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = root.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{mqtt}\n\
-             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
-        ),
-    )
-    .expect("device.toml");
-    config
+    file_device(root, "dev-1", mqtt)
 }
 
 fn delta(root: &Path, job: &str) -> String {

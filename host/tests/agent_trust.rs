@@ -144,24 +144,8 @@ fn trust_rig(root_dir: &Path, root: &Root) -> TrustRig {
         serde_json::to_string(root).expect("root"),
     )
     .expect("root file");
-    install_handler(
-        &root_dir.join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = root_dir.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"dev-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {}\nreconnect_min_ms = 100\n[trust]\nroot = \"root.json\"\n\
-             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n",
-            broker.port
-        ),
-    )
-    .expect("device.toml");
+    let mqtt_and_trust = format!("port = {}\n[trust]\nroot = \"root.json\"", broker.port);
+    let config = file_device(root_dir, "dev-1", &mqtt_and_trust);
     let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
     let agent = AgentProcess::start(&config);
     cloud.wait_for(WAIT, "online", |m| {

@@ -37,25 +37,7 @@ fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
 
 /// A device whose `[mqtt]` table gets `extra` lines.
 fn device_with(root: &Path, id: &str, port: u16, extra: &str) -> std::path::PathBuf {
-    let dir = root.join(id);
-    install_handler(
-        &dir.join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = dir.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"{id}\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{extra}\n\
-             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
-        ),
-    )
-    .expect("device.toml");
-    config
+    file_device(&root.join(id), id, &format!("port = {port}\n{extra}"))
 }
 
 /// Polls `fleet status` until `device` has an ack for the desired job.

@@ -120,3 +120,29 @@ pub async fn still_serves(handler: &Handler) {
         .expect("a normal call after the fault");
     assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
 }
+
+/// A device in `dir` with the `file` handler (its `/var/lib/otabox/files`
+/// mounted at `dir/files`, and listed by inventory) and a `device.toml`
+/// whose `[mqtt]` table gets the lines `mqtt` (further tables, such as
+/// `[trust]`, may follow them); returns the config path.
+pub fn file_device(dir: &Path, id: &str, mqtt: &str) -> PathBuf {
+    install_handler(
+        &dir.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    let config = dir.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"{id}\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{mqtt}\n\
+             [handlers.file]\nconfig = {{ root = \"/var/lib/otabox/files\" }}\n\
+             [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"files\"\n"
+        ),
+    )
+    .expect("device.toml");
+    config
+}
