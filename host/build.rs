@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 /// (cargo package, handler name, manifest in the source tree)
 const GUESTS: &[(&str, &str, &str)] = &[
     ("otabox-handler-file", "file", "handlers/file/file.toml"),
+    ("otabox-handler-apt", "apt", "handlers/apt/apt.toml"),
     (
         "otabox-test-hostile",
         "hostile",

@@ -114,6 +114,8 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     refresh_inventory(&shared).await;
     announce(&shared)?;
     resume_jobs(&shared, &jobs_tx).await?;
+    // A job completed after a restart may have changed what handlers manage.
+    report_inventory(&shared, "inventory:resumed").await;
     tokio::spawn(worker(shared.clone(), jobs_rx));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     eventloop.set_network_options(mqtt::network_options());
@@ -746,16 +748,18 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord
             tracing::error!(job = job_id, "job stopped: {e:#}");
         }
         *lock(&shared.current) = None;
-        if refresh_inventory(&shared).await
-            && let Ok(shadow) = shared.journal.shadow()
-            && let Some(reported) = &shadow.reported
-        {
-            enqueue(
-                &shared,
-                &format!("inventory:{job_id}"),
-                reported_payload(reported),
-            );
-        }
+        report_inventory(&shared, &format!("inventory:{job_id}")).await;
+    }
+}
+
+/// Refreshes the inventory and, when it changed, queues the reported state
+/// under the outbox key `key`.
+async fn report_inventory(shared: &Shared, key: &str) {
+    if refresh_inventory(shared).await
+        && let Ok(shadow) = shared.journal.shadow()
+        && let Some(reported) = &shadow.reported
+    {
+        enqueue(shared, key, reported_payload(reported));
     }
 }
 

@@ -21,6 +21,9 @@ struct RawManifest {
     name: String,
     version: String,
     packages: Vec<RawPackage>,
+    /// otabox extension: the agent restarts after the install.
+    #[serde(default, rename = "agentRestartRequired")]
+    agent_restart_required: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +84,9 @@ pub struct AptManifest {
     pub version: String,
     /// Actions, in the listed order.
     pub packages: Vec<PackageAction>,
+    /// Whether the manifest asks for an agent restart after the install
+    /// (`agentRestartRequired`, an otabox extension).
+    pub agent_restart_required: bool,
 }
 
 impl AptManifest {
@@ -99,11 +105,30 @@ impl AptManifest {
             .into_iter()
             .map(action)
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(twice) = packages
+            .iter()
+            .enumerate()
+            .find(|(i, p)| packages[..*i].iter().any(|q| q.name() == p.name()))
+        {
+            return Err(format!(
+                "package {:?}: listed more than once; list each package once",
+                twice.1.name()
+            ));
+        }
         Ok(Self {
             name: raw.name,
             version: raw.version,
             packages,
+            agent_restart_required: raw.agent_restart_required,
         })
+    }
+
+    /// Whether the manifest installs any of `names` (or asks for a restart).
+    pub fn restarts_agent(&self, names: &[String]) -> bool {
+        self.agent_restart_required
+            || self.packages.iter().any(|p| {
+                matches!(p, PackageAction::Install { .. }) && names.iter().any(|n| n == p.name())
+            })
     }
 
     /// `<name>-<version>`.
@@ -165,6 +190,26 @@ mod tests {
         let args: Vec<String> = m.packages.iter().map(PackageAction::apt_argument).collect();
         assert_eq!(args, ["aziot-edge=1.4.2-1", "moby-engine", "old-tool-"]);
         assert_eq!(m.installed_criteria(), "contoso-edge-1.0.0");
+        assert!(!m.agent_restart_required);
+    }
+
+    #[test]
+    fn the_agent_package_or_the_flag_asks_for_a_restart() {
+        let agent = ["otabox".to_string()];
+        let lists = |pkgs: &str, flag: &str| {
+            AptManifest::parse(&format!(
+                r#"{{"name":"m","version":"1","packages":[{pkgs}]{flag}}}"#
+            ))
+            .expect("valid")
+            .restarts_agent(&agent)
+        };
+        assert!(lists(r#"{"name":"otabox","version":"2.0"}"#, ""));
+        assert!(!lists(r#"{"name":"otabox-"}"#, ""));
+        assert!(!lists(r#"{"name":"curl"}"#, ""));
+        assert!(lists(
+            r#"{"name":"curl"}"#,
+            r#","agentRestartRequired":true"#
+        ));
     }
 
     #[test]
@@ -210,6 +255,14 @@ mod tests {
             (
                 r#"{"name":"","version":"1","packages":[{"name":"curl"}]}"#,
                 "must not be empty",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"curl"},{"name":"curl-"}]}"#,
+                "\"curl\": listed more than once",
+            ),
+            (
+                r#"{"name":"m","version":"1","packages":[{"name":"curl"}],"agentRestartRequired":"yes"}"#,
+                "invalid type",
             ),
         ] {
             let err = AptManifest::parse(json).expect_err(json);

@@ -2,6 +2,7 @@
 //! produced, pinned manifests, and one-call helpers.
 #![allow(dead_code)]
 
+pub mod apt;
 pub mod pki;
 pub mod services;
 

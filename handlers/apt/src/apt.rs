@@ -1,0 +1,243 @@
+//! apt-get and dpkg-query, run through the host's process capability with
+//! the options of the configured root.
+
+use std::collections::BTreeMap;
+
+use otabox_sdk::Output;
+use otabox_sdk::prelude::*;
+
+use crate::config::AptConfig;
+use crate::diagnose::{self, Change};
+use crate::status;
+
+/// The programs, exactly as `apt.toml` declares them.
+pub const APT_GET: &str = "/usr/bin/apt-get";
+/// See [`APT_GET`].
+pub const DPKG_QUERY: &str = "/usr/bin/dpkg-query";
+
+/// Options of every install: downgrades allowed, existing configuration
+/// files kept without asking.
+pub const INSTALL_OPTIONS: &[&str] = &[
+    "-y",
+    "--allow-downgrades",
+    "-o",
+    "Dpkg::Options::=--force-confdef",
+    "-o",
+    "Dpkg::Options::=--force-confold",
+];
+
+/// A package as dpkg knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The version dpkg records.
+    pub version: String,
+    /// dpkg's abbreviated status (`ii `, `iF `, `rc `...).
+    pub status: String,
+}
+
+impl Installed {
+    /// Unpacked and configured (`?i?`).
+    pub fn is_installed(&self) -> bool {
+        self.status.chars().nth(1) == Some('i')
+    }
+
+    /// The status in words, for reports.
+    pub fn describe(&self) -> String {
+        let state = match self.status.chars().nth(1) {
+            Some('n') => "not-installed",
+            Some('c') => "config-files",
+            Some('H') => "half-installed",
+            Some('U') => "unpacked",
+            Some('F') => "half-configured",
+            Some('W') => "triggers-awaited",
+            Some('t') => "triggers-pending",
+            Some('i') => "installed",
+            _ => "unknown",
+        };
+        format!("{} ({state})", self.status.trim_end())
+    }
+}
+
+/// apt and dpkg for one configuration.
+pub struct Apt<'a> {
+    config: &'a AptConfig,
+}
+
+impl<'a> Apt<'a> {
+    /// apt for `config`'s root.
+    pub fn new(config: &'a AptConfig) -> Self {
+        Self { config }
+    }
+
+    /// Runs apt-get with the root's options before `args`.
+    fn apt_get<I, S>(&self, args: I) -> Result<Output, Status>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut cmd = Command::new(APT_GET)
+            .args(self.config.apt_options())
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        if let Some(file) = &self.config.apt_config {
+            cmd = cmd.env("APT_CONFIG", file.clone());
+        }
+        cmd.run().map_err(|e| host_failure(APT_GET, e))
+    }
+
+    /// `apt-get update`; any failure to fetch or verify an index fails.
+    pub fn update(&self) -> Result<(), Status> {
+        let out = self.apt_get(["-q", "-o", "APT::Update::Error-Mode=any", "update"])?;
+        if out.success() {
+            return Ok(());
+        }
+        Err(status::apt_failure(
+            status::UPDATE_FAILED,
+            "apt-get update failed",
+            &out,
+            &[],
+        ))
+    }
+
+    /// `apt-get --download-only install targets`.
+    pub fn download(
+        &self,
+        targets: &[String],
+        manifest: &[crate::PackageAction],
+    ) -> Result<(), Status> {
+        let out = self.apt_get(install_arguments(&["--download-only"], targets))?;
+        if out.success() {
+            return Ok(());
+        }
+        Err(status::apt_failure(
+            status::DOWNLOAD_FAILED,
+            "apt-get could not download the packages",
+            &out,
+            manifest,
+        ))
+    }
+
+    /// `apt-get -s install targets`: the changes a real run would make.
+    pub fn simulate(&self, targets: &[String]) -> Result<Result<Vec<Change>, Output>, Status> {
+        let out = self.apt_get(install_arguments(&["-s"], targets))?;
+        Ok(if out.success() {
+            Ok(diagnose::simulated_changes(&out.stdout()))
+        } else {
+            Err(out)
+        })
+    }
+
+    /// `apt-get install targets` (pins, latest and removals at once).
+    pub fn install(&self, targets: &[String]) -> Result<Output, Status> {
+        self.apt_get(install_arguments(&[], targets))
+    }
+
+    /// What dpkg records for `names` (absent names are left out).
+    pub fn query(&self, names: &[&str]) -> Result<BTreeMap<String, Installed>, Status> {
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        self.dpkg_query(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    /// Every package dpkg records.
+    pub fn query_all(&self) -> Result<BTreeMap<String, Installed>, Status> {
+        self.dpkg_query(Vec::new())
+    }
+
+    fn dpkg_query(&self, names: Vec<String>) -> Result<BTreeMap<String, Installed>, Status> {
+        let out = Command::new(DPKG_QUERY)
+            .args(self.config.dpkg_query_options())
+            .args(["-W", "-f=${Package}\\t${Version}\\t${db:Status-Abbrev}\\n"])
+            .args(names)
+            .run()
+            .map_err(|e| host_failure(DPKG_QUERY, e))?;
+        // Exit 1: some names are unknown to dpkg, which is an answer too.
+        if !matches!(out.code(), Some(0 | 1)) {
+            return Err(Status::new(
+                status::QUERY_FAILED,
+                format!("dpkg-query failed: {}", diagnose::tail(&out.stderr(), 5)),
+            )
+            .extended(Facility::PackageManager, 2, exit_value(&out)));
+        }
+        Ok(parse_query(&out.stdout()))
+    }
+}
+
+/// The arguments of an `apt-get install` after the root's options:
+/// `-q`, `extra` (`--download-only`, `-s`), [`INSTALL_OPTIONS`], `install`
+/// and the targets.
+pub fn install_arguments(extra: &[&str], targets: &[String]) -> Vec<String> {
+    ["-q"]
+        .iter()
+        .chain(extra)
+        .chain(INSTALL_OPTIONS)
+        .chain(&["install"])
+        .map(|s| s.to_string())
+        .chain(targets.iter().cloned())
+        .collect()
+}
+
+/// Parses `Package\tVersion\tStatus` lines.
+pub fn parse_query(stdout: &str) -> BTreeMap<String, Installed> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, '\t');
+            let name = fields.next()?.trim();
+            let version = fields.next()?.trim();
+            let status = fields.next()?;
+            (!name.is_empty()).then(|| {
+                (
+                    name.to_string(),
+                    Installed {
+                        version: version.to_string(),
+                        status: status.to_string(),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// The exit code as an extended-code value (signals as 0xFFFFF).
+pub fn exit_value(out: &Output) -> u32 {
+    out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF)
+}
+
+fn host_failure(program: &str, e: HostError) -> Status {
+    let (code, text) = match &e {
+        HostError::Denied(t) => (
+            status::DENIED,
+            format!("the host refused to run {program}: {t}"),
+        ),
+        HostError::TimedOut(t) => (status::TIMED_OUT, format!("{program} was stopped: {t}")),
+        HostError::Invalid(t) | HostError::NotFound(t) | HostError::Failed(t) => {
+            (status::NOT_RUN, format!("cannot run {program}: {t}"))
+        }
+    };
+    Status::new(code, text).extended(Facility::Os, 0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_lines_are_parsed() {
+        let parsed = parse_query("foo\t1.0.1\tii \nbad\t1.0\tiF \nold\t2\trc \n\n");
+        assert!(parsed["foo"].is_installed());
+        assert!(!parsed["bad"].is_installed());
+        assert_eq!(parsed["bad"].describe(), "iF (half-configured)");
+        assert_eq!(parsed["old"].describe(), "rc (config-files)");
+        assert_eq!(parsed.len(), 3);
+    }
+
+    #[test]
+    fn install_arguments_put_the_targets_last() {
+        let args = install_arguments(&["-s"], &["a=1".into(), "b-".into()]);
+        assert_eq!(args[..2], ["-q", "-s"]);
+        assert_eq!(args[args.len() - 3..], ["install", "a=1", "b-"]);
+        assert!(args.contains(&"--allow-downgrades".to_string()));
+    }
+}
