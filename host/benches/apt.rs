@@ -11,7 +11,7 @@
 //!    `install` run directly, for the cost of the extra checks.
 //!
 //! Each round prepares both roots the same way (untimed), and the order of
-//! the two alternates. `make bench` runs 7 rounds; without `--bench` it is a
+//! the two alternates. `make bench` runs 15 rounds; without `--bench` it is a
 //! one-round smoke run.
 
 #[path = "../tests/common/services.rs"]
@@ -38,7 +38,7 @@ const FILE_BYTES: usize = 16 << 10;
 fn main() {
     let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()
         || !std::env::args().any(|a| a == "--bench");
-    let rounds = if quick { 1 } else { 7 };
+    let rounds = if quick { 1 } else { 15 };
     let dir = std::env::temp_dir().join(format!("otabox-apt-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench dir");
@@ -141,12 +141,12 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "otabox apt benchmark ({PACKAGES} packages of {FILES} x {} KiB, {rounds} round(s), medians)",
+        "otabox apt benchmark ({PACKAGES} packages of {FILES} x {} KiB, {rounds} round(s))",
         FILE_BYTES >> 10
     );
     println!(
-        "{:<58} {:>10} {:>10} {:>9}",
-        "", "direct", "handler", "overhead"
+        "{:<52} {:>9} {:>9} {:>9} {:>9}",
+        "", "direct", "handler", "overhead", "paired"
     );
     install.print("install phase vs the same apt-get install", Some(5.0));
     step.print("whole step vs apt-get update + download + install", None);
@@ -228,14 +228,37 @@ impl Timings {
         }
     }
 
+    /// Medians of each side, their ratio, and the median of the per-round
+    /// ratios (each round's two runs share the machine's state of the
+    /// moment, so the paired figure cancels drift between rounds).
     fn print(&self, what: &str, goal: Option<f64>) {
         let (direct, handler) = (median(&self.direct), median(&self.handler));
-        let overhead = (handler.as_secs_f64() / direct.as_secs_f64() - 1.0) * 100.0;
+        let overhead = |d: f64, h: f64| (h / d - 1.0) * 100.0;
+        let mut paired: Vec<f64> = self
+            .direct
+            .iter()
+            .zip(&self.handler)
+            .map(|(d, h)| overhead(d.as_secs_f64(), h.as_secs_f64()))
+            .collect();
+        paired.sort_by(f64::total_cmp);
         println!(
-            "{what:<58} {:>7.0} ms {:>7.0} ms {overhead:>+8.1}%{}",
+            "{what:<52} {:>6.0} ms {:>6.0} ms {:>+8.1}% {:>+8.1}%{}",
             direct.as_secs_f64() * 1e3,
             handler.as_secs_f64() * 1e3,
+            overhead(direct.as_secs_f64(), handler.as_secs_f64()),
+            paired[paired.len() / 2],
             goal.map_or(String::new(), |g| format!("  (goal <= {g}%)"))
+        );
+        let ms = |d: &[Duration]| {
+            d.iter()
+                .map(|x| format!("{:.0}", x.as_secs_f64() * 1e3))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "    samples, ms: direct [{}] handler [{}]",
+            ms(&self.direct),
+            ms(&self.handler)
         );
     }
 }
