@@ -16,7 +16,7 @@ demo: setup
 ## Run the whole test suite (the wasm handlers are built by host/build.rs),
 ## and the benchmarks as short smoke runs so they cannot rot.
 test: setup
-	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt
+	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware
 	set -o pipefail; log=$$(mktemp); \
 	cargo test --workspace 2>&1 | tee "$$log"; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$$log"; \
@@ -24,4 +24,4 @@ test: setup
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
-	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt
+	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware

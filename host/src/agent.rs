@@ -873,7 +873,13 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         }
         record.steps.push(outcome);
         if let Some((result, status)) = terminal {
-            return finish(shared, record, result, status);
+            return finish_then_reboot(
+                shared,
+                record,
+                result,
+                status,
+                report.reboot_after_rollback,
+            );
         }
         shared.journal.write(&record)?;
     }
@@ -913,11 +919,34 @@ fn await_reboot(shared: &Shared, mut record: JobRecord, deferred: bool) -> Resul
         );
         return Ok(());
     }
+    reboot_now(shared, &record.job_id)
+}
+
+/// Ends the job as [`finish`] does; then, when a rollback restored the
+/// previous version for the next boot only, reboots into it.
+fn finish_then_reboot(
+    shared: &Shared,
+    record: JobRecord,
+    result: JobResult,
+    status: Option<crate::runtime::Status>,
+    reboot: bool,
+) -> Result<()> {
+    let job = record.job_id.clone();
+    finish(shared, record, result, status)?;
+    if reboot {
+        tracing::warn!(job, "the rollback takes effect after a reboot");
+        reboot_now(shared, &job)?;
+    }
+    Ok(())
+}
+
+/// Runs the device's reboot command.
+fn reboot_now(shared: &Shared, job: &str) -> Result<()> {
     let command = &shared.config.device.reboot_command;
     let (program, args) = command
         .split_first()
         .context("[device] reboot_command is empty")?;
-    tracing::info!(job = record.job_id, "rebooting: {}", command.join(" "));
+    tracing::info!(job, "rebooting: {}", command.join(" "));
     let status = std::process::Command::new(program).args(args).status();
     match status {
         Ok(s) if s.success() => Ok(()),
@@ -994,7 +1023,13 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
         let (outcome, terminal) = classify(&update_type, &report.result, &earlier);
         record.steps[step] = outcome;
         if let Some((result, status)) = terminal {
-            return finish(shared, record, result, status);
+            return finish_then_reboot(
+                shared,
+                record,
+                result,
+                status,
+                report.reboot_after_rollback,
+            );
         }
         shared.journal.write(&record)?;
     }

@@ -45,6 +45,8 @@ pub struct CapabilitySummary {
     pub commands: Vec<String>,
     /// Hosts.
     pub network: Vec<String>,
+    /// Devices for whole images (`path` or `path -> device path`).
+    pub devices: Vec<String>,
     /// Memory cap in MiB.
     pub memory_mb: u64,
     /// Time limit per call in ms.
@@ -233,6 +235,12 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
             !grants.network.is_empty(),
             "network hosts",
         ),
+        (
+            Capability::Devices,
+            !manifest.devices.is_empty(),
+            !grants.devices.is_empty(),
+            "devices",
+        ),
     ];
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
@@ -298,6 +306,17 @@ fn summarize(grants: &Grants) -> CapabilitySummary {
             })
             .collect(),
         network: grants.network.clone(),
+        devices: grants
+            .devices
+            .iter()
+            .map(|d| {
+                if d.host == d.guest {
+                    d.guest.display().to_string()
+                } else {
+                    format!("{} -> {}", d.guest.display(), d.host.display())
+                }
+            })
+            .collect(),
         memory_mb: grants.limits.memory_mb,
         call_timeout_ms: grants.limits.call_timeout_ms,
     }
@@ -335,6 +354,7 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
                 );
                 let _ = writeln!(out, "            commands:   {}", list_or_none(&c.commands));
                 let _ = writeln!(out, "            network:    {}", list_or_none(&c.network));
+                let _ = writeln!(out, "            devices:    {}", list_or_none(&c.devices));
                 let _ = writeln!(
                     out,
                     "            limits:     {} MiB, {} ms per call",

@@ -124,6 +124,10 @@ pub struct StepReport {
     pub warnings: Vec<String>,
     /// How it ended.
     pub result: StepResult,
+    /// The rollback restored the previous version for the next boot and
+    /// asked for a reboot into it (the device still runs the failed one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot_after_rollback: bool,
 }
 
 /// Where a step stands after a phase.
@@ -154,6 +158,8 @@ struct Run<'a> {
     ctx: StepContext,
     phases: Vec<PhaseRecord>,
     before: PhaseHook<'a>,
+    /// The rollback asked for a reboot into the restored version.
+    reboot_after_rollback: bool,
 }
 
 /// Called before each handler phase of a step; an error stops the step
@@ -194,6 +200,7 @@ pub async fn run_step_with(
         phases: run.phases,
         warnings,
         result,
+        reboot_after_rollback: run.reboot_after_rollback,
     })
 }
 
@@ -222,6 +229,7 @@ pub async fn continue_step(
         phases: run.phases,
         warnings: Vec::new(),
         result,
+        reboot_after_rollback: run.reboot_after_rollback,
     })
 }
 
@@ -278,6 +286,7 @@ impl<'a> Run<'a> {
             ctx,
             phases: Vec::new(),
             before,
+            reboot_after_rollback: false,
         }
     }
 
@@ -378,16 +387,22 @@ impl<'a> Run<'a> {
         self.result_of(phase, status, rolled_back)
     }
 
-    /// Rolls back when supported; true when the previous state is restored.
+    /// Rolls back when supported; true when the previous state is restored
+    /// (a rollback that needs a reboot to take effect counts, and the
+    /// reboot is noted for the agent).
     async fn rollback(&mut self) -> bool {
         if !self.handler.description.supports_rollback {
             self.record(Phase::Rollback, "not supported by the handler".into());
             return false;
         }
-        matches!(
-            self.call(Phase::Rollback).await,
-            Outcome::Success | Outcome::Skipped(_)
-        )
+        match self.call(Phase::Rollback).await {
+            Outcome::Success | Outcome::Skipped(_) => true,
+            Outcome::RebootRequired(_) => {
+                self.reboot_after_rollback = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Calls an outcome phase; a host-side fault becomes a failed outcome.

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::apt::{AptRepo, Deb, Sysroot, apt_handler, copy_apt_handler, deb};
-use common::runtime;
+use common::{failed, runtime};
 use otabox::runtime::{Handler, Runtime};
 use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
@@ -92,20 +92,6 @@ fn installed(report: &StepReport) -> &str {
     match &report.result {
         StepResult::Installed { criteria } => criteria,
         other => panic!("expected an install, got {other:?}\n{:?}", report.phases),
-    }
-}
-
-/// (phase, result code, message, rolled back) of a failed step.
-fn failed(report: &StepReport) -> (&str, u32, &str, bool) {
-    match &report.result {
-        StepResult::Failed {
-            phase,
-            result_code,
-            message,
-            rolled_back,
-            ..
-        } => (phase, *result_code, message, *rolled_back),
-        other => panic!("expected a failure, got {other:?}"),
     }
 }
 

@@ -55,7 +55,7 @@ fn audit_passes_a_clean_handler_and_lists_its_real_imports() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("handler file: ok"), "{t}");
     assert!(t.contains("wasi:filesystem/preopens@0.2"), "{t}");
-    assert!(t.contains("otabox:handler/payloads@1.0.0"), "{t}");
+    assert!(t.contains("otabox:handler/payloads@1.1.0"), "{t}");
     assert!(t.contains("1 handler(s), 0 error(s), 0 warning(s)"), "{t}");
 }
 
@@ -88,7 +88,7 @@ fn audit_fails_on_an_undeclared_import_and_warns_on_an_unused_declaration() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
-        t.contains("error: imports `otabox:handler/process@1.0.0` but declares no command rules"),
+        t.contains("error: imports `otabox:handler/process@1.1.0` but declares no command rules"),
         "{t}"
     );
     assert!(
@@ -195,13 +195,13 @@ fn list_shows_loaded_and_refused_handlers() {
             .expect(n)
     };
     assert_eq!(by_name("file")["status"], "loaded");
-    assert_eq!(by_name("file")["contract"], "1.0.0");
+    assert_eq!(by_name("file")["contract"], "1.1.0");
     assert_eq!(by_name("hostile")["status"], "refused");
     assert!(
         by_name("hostile")["error"]
             .as_str()
             .expect("error")
-            .contains("otabox:handler/process@1.0.0")
+            .contains("otabox:handler/process@1.1.0")
     );
 }
 

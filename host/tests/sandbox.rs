@@ -288,7 +288,7 @@ async fn an_ungranted_import_is_refused_at_load_by_name() {
         .expect_err("process is imported but not declared");
     let text = format!("{err:#}");
     assert!(
-        text.contains("`otabox:handler/process@1.0.0`") && text.contains("declares no process"),
+        text.contains("`otabox:handler/process@1.1.0`") && text.contains("declares no process"),
         "{text}"
     );
 

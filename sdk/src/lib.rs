@@ -33,7 +33,8 @@
 //! The helpers wrap the host imports: [`log`] and the [`info!`]-style macros,
 //! [`progress`], [`cancel_requested`], [`Payload`] (read-only verified
 //! payloads), [`checkpoint`] (durable per-step key/value store) and
-//! [`Command`] (run a declared program). File access uses `std::fs` on the
+//! [`Command`] (run a declared program), and [`devices`] (whole images to
+//! declared block devices or slot files). File access uses `std::fs` on the
 //! paths the manifest declares.
 
 mod command;
@@ -44,6 +45,8 @@ mod payload;
 mod step;
 
 pub mod checkpoint;
+pub mod devices;
+pub mod fs;
 
 #[doc(hidden)]
 pub mod __bindings {
@@ -69,7 +72,7 @@ pub use __bindings::otabox::handler::types::{
 };
 
 /// The version of the WIT contract this SDK implements.
-pub const CONTRACT_VERSION: &str = "1.0.0";
+pub const CONTRACT_VERSION: &str = "1.1.0";
 
 /// Everything a handler usually needs, for `use otabox_sdk::prelude::*`.
 pub mod prelude {

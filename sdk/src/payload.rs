@@ -20,6 +20,11 @@ impl Payload {
         host::open(name).map(|inner| Self { inner })
     }
 
+    /// The host resource, for host calls that take a payload.
+    pub(crate) fn resource(&self) -> &host::Payload {
+        &self.inner
+    }
+
     /// The payload's file name.
     pub fn name(&self) -> String {
         self.inner.name()

@@ -6,8 +6,6 @@
 //! "not cumulative" warning), and `inventory` lists the packages it names.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -55,32 +53,12 @@ pub struct Records {
 impl Records {
     /// Reads the records in `dir`; none yet is an empty set.
     pub fn load(dir: &Path) -> Result<Self, String> {
-        let path = dir.join(RECORD_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{} is damaged: {e}", path.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        }
+        otabox_sdk::fs::load_json(&dir.join(RECORD_FILE))
     }
 
     /// Writes the records to `dir` atomically (temporary file, fsync, rename).
     pub fn save(&self, dir: &Path) -> Result<(), String> {
-        let path = dir.join(RECORD_FILE);
-        let staged = dir.join(format!("{RECORD_FILE}.new"));
-        let write = || -> io::Result<()> {
-            fs::create_dir_all(dir)?;
-            let mut file = File::create(&staged)?;
-            file.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
-            file.sync_all()?;
-            fs::rename(&staged, &path)?;
-            // Make the rename durable where the platform lets a directory sync.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        };
-        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+        otabox_sdk::fs::save_json(&dir.join(RECORD_FILE), self)
     }
 
     /// Packages the previous manifest named `manifest.name` installed that
@@ -113,6 +91,7 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn manifest(json: &str) -> AptManifest {
         AptManifest::parse(json).expect("valid manifest")

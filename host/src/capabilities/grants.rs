@@ -31,6 +31,9 @@ pub struct DeviceGrant {
     /// Programs whose declared rules are kept.
     #[serde(default)]
     pub commands: Option<Vec<String>>,
+    /// Declared devices the device allows (absent: all declared).
+    #[serde(default)]
+    pub devices: Option<Vec<PathBuf>>,
     /// Network hosts kept.
     #[serde(default)]
     pub network: Option<Vec<String>>,
@@ -68,10 +71,21 @@ pub struct Grants {
     pub paths: Vec<PathGrant>,
     /// Programs it may run.
     pub commands: Vec<CommandRule>,
+    /// Devices it may write whole images to.
+    pub devices: Vec<DevicePath>,
     /// Hosts it may connect to.
     pub network: Vec<String>,
     /// Its limits.
     pub limits: Limits,
+}
+
+/// A granted device: the path the handler names and the path on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevicePath {
+    /// As declared.
+    pub guest: PathBuf,
+    /// Where it is on this device (after `mounts`).
+    pub host: PathBuf,
 }
 
 impl DeviceGrant {
@@ -113,6 +127,20 @@ impl Grants {
                         .is_none_or(|allowed| allowed.contains(&r.program))
                 })
                 .cloned()
+                .collect(),
+            devices: manifest
+                .devices
+                .iter()
+                .filter(|d| {
+                    device
+                        .devices
+                        .as_ref()
+                        .is_none_or(|allowed| allowed.contains(&d.path))
+                })
+                .map(|d| DevicePath {
+                    guest: d.path.clone(),
+                    host: mount(&d.path, &device.mounts),
+                })
                 .collect(),
             network: manifest
                 .network

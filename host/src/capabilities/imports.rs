@@ -13,6 +13,8 @@ pub enum Capability {
     Process,
     /// `wasi:sockets`: needs declared and granted network hosts.
     Network,
+    /// `otabox:handler/devices`: needs declared and granted devices.
+    Devices,
     /// Anything else: otabox does not provide it.
     Unsupported,
 }
@@ -25,6 +27,7 @@ impl Capability {
             Capability::Filesystem => "filesystem",
             Capability::Process => "process",
             Capability::Network => "network",
+            Capability::Devices => "devices",
             Capability::Unsupported => "unsupported",
         }
     }
@@ -36,6 +39,7 @@ pub fn classify_import(name: &str) -> Capability {
     let (package, _) = interface.split_once('/').unwrap_or((interface, ""));
     match (package, interface) {
         (_, "otabox:handler/process") => Capability::Process,
+        (_, "otabox:handler/devices") => Capability::Devices,
         ("otabox:handler", i)
             if ["types", "context", "payloads", "checkpoint"]
                 .iter()

@@ -46,6 +46,10 @@ pub struct HandlerManifest {
     /// Programs the handler may run, with argument patterns.
     #[serde(default)]
     pub commands: Vec<CommandRule>,
+    /// Block devices or slot files the handler may write whole images to
+    /// (contract 1.1 `devices`).
+    #[serde(default)]
+    pub devices: Vec<DeviceRule>,
     /// Hosts the handler may connect to.
     #[serde(default)]
     pub network: NetworkSection,
@@ -78,6 +82,15 @@ pub struct PathRule {
 }
 
 /// Access to a directory.
+/// One `[[devices]]` entry: a block device or slot file, by absolute path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRule {
+    /// The device's path as the handler names it; the device config may
+    /// place it elsewhere with `mounts`.
+    pub path: PathBuf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 pub enum Access {
     /// Read only.
@@ -175,6 +188,9 @@ impl HandlerManifest {
         }
         for (i, rule) in self.filesystem.iter().enumerate() {
             check_dir_path(&rule.path).with_context(|| format!("field `filesystem[{i}].path`"))?;
+        }
+        for (i, rule) in self.devices.iter().enumerate() {
+            check_dir_path(&rule.path).with_context(|| format!("field `devices[{i}].path`"))?;
         }
         for (i, rule) in self.commands.iter().enumerate() {
             rule.check()

@@ -15,7 +15,7 @@ use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
 use wasmtime_wasi::sockets::WasiSockets;
 use wasmtime_wasi::sockets::WasiSocketsView;
 
-use super::bindings::otabox::handler::{checkpoint, context, payloads, process, types};
+use super::bindings::otabox::handler::{checkpoint, context, devices, payloads, process, types};
 use super::state::HostState;
 use crate::capabilities::Grants;
 
@@ -38,6 +38,9 @@ pub fn build(engine: &Engine, grants: &Grants) -> Result<Linker<HostState>> {
     }
     if !grants.network.is_empty() {
         add_network(&mut l)?;
+    }
+    if !grants.devices.is_empty() {
+        devices::add_to_linker::<HostState, HasSelf<HostState>>(&mut l, |s| s)?;
     }
     Ok(l)
 }

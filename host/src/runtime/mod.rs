@@ -289,6 +289,7 @@ fn check_imports(
                 !manifest.network.hosts.is_empty(),
                 !grants.network.is_empty(),
             ),
+            Capability::Devices => (!manifest.devices.is_empty(), !grants.devices.is_empty()),
             Capability::Unsupported => {
                 bail!("handler {name}: imports `{import}`, which otabox does not provide")
             }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apt;
+pub mod firmware;
 pub mod pki;
 pub mod services;
 
@@ -95,6 +96,21 @@ pub async fn act(handler: &Handler, manifest: serde_json::Value) -> anyhow::Resu
     handler
         .run_phase(Phase::Install, CallScope::default(), &step(manifest))
         .await
+}
+
+/// (phase, result code, message, rolled back) of a failed step; panics on
+/// anything else.
+pub fn failed(report: &otabox::workflow::StepReport) -> (&str, u32, &str, bool) {
+    match &report.result {
+        otabox::workflow::StepResult::Failed {
+            phase,
+            result_code,
+            message,
+            rolled_back,
+            ..
+        } => (phase, *result_code, message, *rolled_back),
+        other => panic!("expected a failure, got {other:?}\n{:?}", report.phases),
+    }
 }
 
 /// The text of a `failed` outcome; panics on anything else.

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod context;
+pub mod devices;
 pub mod payloads;
 pub mod process;
 

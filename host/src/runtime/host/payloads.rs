@@ -22,6 +22,18 @@ pub struct PayloadHandle {
     file: File,
 }
 
+impl PayloadHandle {
+    /// The open verified file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its verified size.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 impl Host for HostState {
     async fn open(
         &mut self,

@@ -1,0 +1,457 @@
+//! The `otabox/firmware:1` handler: A/B slot images in the style of RAUC,
+//! SWUpdate and Mender's rootfs-image module.
+//!
+//! - `validate` refuses an image for other hardware and an image larger
+//!   than the inactive slot, before anything is fetched.
+//! - `is-installed`: the booted slot holds this name and version, committed.
+//! - `backup` records the booted and target slots, the bootloader's boot
+//!   variables and what the target held.
+//! - `install` streams the verified payload into the inactive slot through
+//!   the host's `devices` capability (never the booted slot), which syncs,
+//!   reads back and hashes; the slot is marked `writing` before the first
+//!   byte and `written` only when the read-back hash matches.
+//! - `apply` sets the bootloader to try the new slot once and asks for a
+//!   reboot (immediate or deferred, as the manifest says).
+//! - `verify`, after the reboot: the booted slot must be the new one (else
+//!   the bootloader fell back), then the optional health command.
+//! - `commit` gives the new slot the full count of boots; `rollback` puts
+//!   the old slot first, marks the new one bad, and asks for a reboot when
+//!   the device still runs the new slot.
+//!
+//! The bootloader variables are described in [`bootloader`].
+
+pub mod bootloader;
+pub mod manifest;
+pub mod slots;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use otabox_sdk::prelude::*;
+use otabox_sdk::{InstalledItem, devices};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Config, Manifest, RebootWhen, booted_slot_from};
+use crate::slots::{STATE_DIR, SlotRecord, SlotState, Slots};
+
+/// The handler's update type.
+pub const UPDATE_TYPE: &str = "otabox/firmware:1";
+
+/// Checkpoint key of the [`Backup`].
+const BACKUP_KEY: &str = "backup";
+
+/// What `backup` recorded for the rest of the step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Backup {
+    /// The slot that was booted when the step began.
+    booted: String,
+    /// The slot the image goes to.
+    target: String,
+    /// The bootloader environment before the step.
+    env: BTreeMap<String, String>,
+}
+
+/// A step's parsed manifest and config, checked for compatibility.
+struct Job {
+    manifest: Manifest,
+    config: Config,
+}
+
+impl Job {
+    fn of(step: &Step) -> Result<Self, Status> {
+        let manifest = Manifest::parse(step.manifest_json()).map_err(|e| Status::new(10, e))?;
+        let config = Config::parse(&step.raw().config).map_err(|e| Status::new(11, e))?;
+        if manifest.compatible != config.compatible {
+            return Err(Status::new(
+                status::INCOMPATIBLE,
+                format!(
+                    "the image {} {} is built for {:?}; this device is {:?}",
+                    manifest.name, manifest.version, manifest.compatible, config.compatible
+                ),
+            )
+            .detail("image-compatible", manifest.compatible.clone())
+            .detail("device-compatible", config.compatible.clone()));
+        }
+        Ok(Self { manifest, config })
+    }
+
+    /// The slot the device booted from.
+    fn booted(&self) -> Result<String, Status> {
+        booted_slot(&self.config)
+    }
+
+    /// The declared device of `slot`.
+    fn device(&self, slot: &str) -> Result<&str, Status> {
+        self.config.device(slot).ok_or_else(|| {
+            Status::new(
+                status::SLOT,
+                format!("no device configured for slot {slot}"),
+            )
+        })
+    }
+
+    fn backup(&self) -> Result<Backup, Status> {
+        checkpoint::get_json::<Backup>(BACKUP_KEY)
+            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
+            .ok_or_else(|| {
+                Status::new(
+                    status::NO_BACKUP,
+                    "no backup of the boot state was taken in this step",
+                )
+            })
+    }
+}
+
+struct FirmwareHandler;
+
+impl Handler for FirmwareHandler {
+    fn describe() -> Description {
+        Description::new("firmware", env!("CARGO_PKG_VERSION"), [UPDATE_TYPE])
+            .with_rollback()
+            .with_reboot(RebootBehaviour::Always)
+    }
+
+    fn validate(step: &Step) -> Result<Plan, Status> {
+        let job = Job::of(step)?;
+        let m = &job.manifest;
+        let image = step
+            .payloads()
+            .iter()
+            .find(|p| p.name == m.image)
+            .ok_or_else(|| {
+                Status::new(
+                    10,
+                    format!(
+                        "invalid firmware manifest: the step has no payload {:?}",
+                        m.image
+                    ),
+                )
+            })?;
+        let booted = job.booted()?;
+        let target = other_slot(&job.config, &booted)?;
+        let capacity = slot_size(job.device(&target)?)?;
+        if image.size > capacity {
+            return Err(too_large(image.size, &target, capacity));
+        }
+        let mut plan = Plan::new(m.installed_criteria()).payload(m.image.clone());
+        plan.reboot = RebootExpectation::Required;
+        plan.details.push(("booted-slot".into(), booted));
+        plan.details.push(("target-slot".into(), target));
+        Ok(plan)
+    }
+
+    fn is_installed(step: &Step) -> Result<bool, Status> {
+        let job = Job::of(step)?;
+        let booted = job.booted()?;
+        let slots = load_slots()?;
+        Ok(slots.holds(&booted, &job.manifest.name, &job.manifest.version))
+    }
+
+    fn backup(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let booted = job.booted()?;
+            let target = other_slot(&job.config, &booted)?;
+            let env = bootloader::read(&job.config.bootloader)?;
+            let backup = Backup {
+                booted,
+                target,
+                env,
+            };
+            checkpoint::set_json(BACKUP_KEY, &backup)
+                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+            info!(
+                "slot {} is booted; the image goes to slot {}",
+                backup.booted, backup.target
+            );
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn install(step: &Step) -> Outcome {
+        phase(step, |job| install(step, job))
+    }
+
+    fn apply(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let b = job.backup()?;
+            bootloader::write(
+                &job.config.bootloader,
+                &bootloader::try_once(&b.target, &b.booted),
+            )?;
+            set_state(&b.target, SlotState::Trying)?;
+            info!(
+                "the bootloader tries slot {} once on the next boot",
+                b.target
+            );
+            Ok(Outcome::RebootRequired(match job.manifest.reboot {
+                RebootWhen::Immediate => RebootMode::Immediate,
+                RebootWhen::Deferred => RebootMode::Deferred,
+            }))
+        })
+    }
+
+    fn verify(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let b = job.backup()?;
+            let booted = job.booted()?;
+            if booted != b.target {
+                return Err(Status::new(
+                    status::FELL_BACK,
+                    format!(
+                        "the device booted slot {booted}, not the new slot {}: the bootloader fell back \
+                         (slot {} did not come up within its try)",
+                        b.target, b.target
+                    ),
+                )
+                .extended(Facility::Bootloader, 2, 0));
+            }
+            health_check(&job.config)?;
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn commit(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let b = job.backup()?;
+            bootloader::write(
+                &job.config.bootloader,
+                &bootloader::mark_good(&b.target, &b.booted, job.config.boot_attempts),
+            )?;
+            set_state(&b.target, SlotState::Good)?;
+            let _ = checkpoint::remove(BACKUP_KEY);
+            info!("slot {} committed", b.target);
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn rollback(step: &Step) -> Outcome {
+        phase(step, rollback)
+    }
+
+    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
+        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
+        let booted = booted_slot(&config).ok();
+        let slots = load_slots()?;
+        Ok(config
+            .slots
+            .keys()
+            .filter_map(|slot| {
+                let record = slots.0.get(slot)?;
+                Some(InstalledItem {
+                    name: format!("slot-{slot}"),
+                    version: record.version.clone(),
+                    update_type: UPDATE_TYPE.into(),
+                    details: vec![
+                        ("image".into(), record.name.clone()),
+                        ("state".into(), state_name(record.state).into()),
+                        (
+                            "booted".into(),
+                            (booted.as_deref() == Some(slot.as_str())).to_string(),
+                        ),
+                    ],
+                })
+            })
+            .collect())
+    }
+}
+
+export_handler!(FirmwareHandler);
+
+/// Runs a phase on the parsed step, turning errors into `failed`.
+fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
+    Job::of(step)
+        .and_then(|job| body(&job))
+        .unwrap_or_else(Outcome::Failed)
+}
+
+fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
+    let b = job.backup()?;
+    let booted = job.booted()?;
+    if booted == b.target {
+        return Err(Status::new(
+            status::SLOT,
+            format!(
+                "slot {} is the booted slot now; it is never written",
+                b.target
+            ),
+        ));
+    }
+    let m = &job.manifest;
+    let image = step.open_payload(&m.image)?;
+    let device = job.device(&b.target)?;
+    let capacity = slot_size(device)?;
+    if image.size() > capacity {
+        return Err(too_large(image.size(), &b.target, capacity));
+    }
+    let mut slots = load_slots()?;
+    slots.0.insert(
+        b.target.clone(),
+        SlotRecord {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            sha256: image.sha256(),
+            state: SlotState::Writing,
+        },
+    );
+    save_slots(&slots)?;
+    info!(
+        "writing {} {} ({} bytes) to slot {}",
+        m.name,
+        m.version,
+        image.size(),
+        b.target
+    );
+    let written = devices::write_image(device, &image).map_err(|e| match e {
+        HostError::Invalid(text) => Status::new(status::TOO_LARGE, text),
+        other => Status::new(
+            status::WRITE_FAILED,
+            format!("writing slot {} failed: {other}", b.target),
+        )
+        .extended(Facility::Os, 0, 0),
+    })?;
+    if written != image.sha256() {
+        return Err(Status::new(
+            status::READBACK_MISMATCH,
+            format!(
+                "slot {} reads back as sha256 {written}, not the image's {}",
+                b.target,
+                image.sha256()
+            ),
+        ));
+    }
+    set_state(&b.target, SlotState::Written)?;
+    Ok(Outcome::Success)
+}
+
+fn rollback(job: &Job) -> Result<Outcome, Status> {
+    let b = job.backup()?;
+    let mut changes = bootloader::fall_back(&b.booted, &b.target);
+    let old_left = format!("BOOT_{}_LEFT", b.booted);
+    changes.extend(bootloader::restore(&b.env, &[old_left]));
+    bootloader::write(&job.config.bootloader, &changes)?;
+    let mut slots = load_slots()?;
+    if let Some(record) = slots.0.get_mut(&b.target)
+        && record.name == job.manifest.name
+        && record.version == job.manifest.version
+    {
+        record.state = SlotState::Bad;
+        save_slots(&slots)?;
+    }
+    let booted = job.booted()?;
+    if booted == b.target {
+        warn!(
+            "the device runs slot {} that failed; slot {} boots next",
+            b.target, b.booted
+        );
+        return Ok(Outcome::RebootRequired(RebootMode::Immediate));
+    }
+    info!(
+        "slot {} stays booted; slot {} is marked bad",
+        b.booted, b.target
+    );
+    Ok(Outcome::Success)
+}
+
+fn health_check(config: &Config) -> Result<(), Status> {
+    let Some((program, args)) = config.health_command.split_first() else {
+        return Ok(());
+    };
+    let out = Command::new(program.clone())
+        .args(args.iter().cloned())
+        .run()
+        .map_err(|e| {
+            Status::new(
+                status::UNHEALTHY,
+                format!("cannot run the health check: {e}"),
+            )
+        })?;
+    if out.success() {
+        return Ok(());
+    }
+    let said = format!("{}{}", out.stdout(), out.stderr());
+    Err(Status::new(
+        status::UNHEALTHY,
+        format!(
+            "the health check {program} failed ({}): {}",
+            out.code()
+                .map_or("killed".to_string(), |c| format!("exit {c}")),
+            said.trim()
+        ),
+    ))
+}
+
+fn booted_slot(config: &Config) -> Result<String, Status> {
+    let text = std::fs::read_to_string(&config.booted_slot_file).map_err(|e| {
+        Status::new(
+            status::SLOT,
+            format!(
+                "cannot read the booted slot from {}: {e}",
+                config.booted_slot_file
+            ),
+        )
+    })?;
+    let slot = booted_slot_from(&text).ok_or_else(|| {
+        Status::new(
+            status::SLOT,
+            format!("{} names no slot", config.booted_slot_file),
+        )
+    })?;
+    if !config.slots.contains_key(&slot) {
+        return Err(Status::new(
+            status::SLOT,
+            format!("the booted slot {slot:?} is not one of the configured slots"),
+        ));
+    }
+    Ok(slot)
+}
+
+fn other_slot(config: &Config, booted: &str) -> Result<String, Status> {
+    config
+        .other_slot(booted)
+        .map(str::to_string)
+        .ok_or_else(|| Status::new(status::SLOT, "no inactive slot configured"))
+}
+
+fn slot_size(device: &str) -> Result<u64, Status> {
+    devices::info(device)
+        .map(|i| i.size)
+        .map_err(|e| Status::new(status::SLOT, format!("slot device {device}: {e}")))
+}
+
+fn too_large(size: u64, slot: &str, capacity: u64) -> Status {
+    Status::new(
+        status::TOO_LARGE,
+        format!("the image ({size} bytes) is larger than slot {slot} ({capacity} bytes)"),
+    )
+}
+
+fn load_slots() -> Result<Slots, Status> {
+    Slots::load(Path::new(STATE_DIR)).map_err(|e| Status::new(status::RECORD, e))
+}
+
+fn save_slots(slots: &Slots) -> Result<(), Status> {
+    slots
+        .save(Path::new(STATE_DIR))
+        .map_err(|e| Status::new(status::RECORD, e))
+}
+
+fn set_state(slot: &str, state: SlotState) -> Result<(), Status> {
+    let mut slots = load_slots()?;
+    let record = slots
+        .0
+        .get_mut(slot)
+        .ok_or_else(|| Status::new(status::RECORD, format!("slot {slot} has no record")))?;
+    record.state = state;
+    save_slots(&slots)
+}
+
+fn state_name(state: SlotState) -> &'static str {
+    match state {
+        SlotState::Writing => "writing",
+        SlotState::Written => "written",
+        SlotState::Trying => "trying",
+        SlotState::Good => "good",
+        SlotState::Bad => "bad",
+    }
+}

@@ -1,0 +1,265 @@
+//! The step manifest and the device configuration of the firmware handler.
+//!
+//! Manifest:
+//! ```json
+//! {"name": "rootfs", "version": "2.1.0", "compatible": "acme,pump-v2",
+//!  "image": "rootfs.img", "reboot": "immediate"}
+//! ```
+//! Device configuration (`[handlers.firmware] config = {...}`):
+//! ```toml
+//! compatible = "acme,pump-v2"
+//! bootloader = { kind = "grub", env = "/boot/grub/grubenv" }
+//! # or { kind = "uboot", config = "/etc/fw_env.config" }
+//! slots = { A = "/dev/otabox/slot-a", B = "/dev/otabox/slot-b" }
+//! booted_slot_file = "/run/otabox/booted-slot"
+//! boot_attempts = 3
+//! health_command = ["/usr/libexec/otabox/firmware-health"]
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// When the reboot into the new slot happens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebootWhen {
+    /// As soon as the job's steps are installed.
+    #[default]
+    Immediate,
+    /// When the operator or the deployment says so.
+    Deferred,
+}
+
+/// The step manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// What the image is (`rootfs`, `firmware`).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The hardware it is built for; must equal the device's.
+    pub compatible: String,
+    /// The payload holding the image.
+    pub image: String,
+    /// When to reboot into it.
+    #[serde(default)]
+    pub reboot: RebootWhen,
+}
+
+impl Manifest {
+    /// Parses and checks `json`.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let m: Self =
+            serde_json::from_str(json).map_err(|e| format!("invalid firmware manifest: {e}"))?;
+        for (field, value) in [
+            ("name", &m.name),
+            ("version", &m.version),
+            ("compatible", &m.compatible),
+            ("image", &m.image),
+        ] {
+            if value.trim().is_empty() {
+                return Err(format!(
+                    "invalid firmware manifest: `{field}` must not be empty"
+                ));
+            }
+        }
+        Ok(m)
+    }
+
+    /// `<name>-<version>`.
+    pub fn installed_criteria(&self) -> String {
+        format!("{}-{}", self.name, self.version)
+    }
+}
+
+/// Which bootloader environment holds the boot order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Bootloader {
+    /// A GRUB environment block, edited with `grub-editenv`.
+    Grub {
+        /// The environment file (`/boot/grub/grubenv`).
+        env: String,
+    },
+    /// A U-Boot environment, edited with `fw_setenv` / `fw_printenv`.
+    Uboot {
+        /// The `fw_env.config` describing where the environment lives.
+        config: String,
+    },
+}
+
+/// The device configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's hardware compatibility string.
+    pub compatible: String,
+    /// The bootloader environment.
+    pub bootloader: Bootloader,
+    /// Slot name → declared device path.
+    #[serde(default = "default_slots")]
+    pub slots: BTreeMap<String, String>,
+    /// A file naming the booted slot (`A`), or holding a kernel command line
+    /// with `otabox.slot=A` or `rauc.slot=A`.
+    #[serde(default = "default_booted_slot_file")]
+    pub booted_slot_file: String,
+    /// How many boots a committed slot gets before the bootloader falls back.
+    #[serde(default = "default_boot_attempts")]
+    pub boot_attempts: u32,
+    /// Program and arguments run by `verify` in the new slot; exit 0 is
+    /// healthy. It must be declared in the handler's command rules.
+    #[serde(default)]
+    pub health_command: Vec<String>,
+}
+
+fn default_slots() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("A".to_string(), "/dev/otabox/slot-a".to_string()),
+        ("B".to_string(), "/dev/otabox/slot-b".to_string()),
+    ])
+}
+
+fn default_booted_slot_file() -> String {
+    "/run/otabox/booted-slot".into()
+}
+
+fn default_boot_attempts() -> u32 {
+    3
+}
+
+impl Config {
+    /// Parses and checks the configuration JSON the host passes.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let c: Self = serde_json::from_str(json)
+            .map_err(|e| format!("invalid firmware handler config: {e}"))?;
+        if c.slots.len() != 2 {
+            return Err(format!(
+                "invalid firmware handler config: `slots` must name exactly two slots, found {}",
+                c.slots.len()
+            ));
+        }
+        if let Some(bad) = c
+            .slots
+            .keys()
+            .find(|s| s.is_empty() || !s.chars().all(|ch| ch.is_ascii_alphanumeric()))
+        {
+            return Err(format!(
+                "invalid firmware handler config: slot name {bad:?} must be alphanumeric"
+            ));
+        }
+        if c.boot_attempts == 0 || c.boot_attempts > 100 {
+            return Err("invalid firmware handler config: `boot_attempts` must be 1..=100".into());
+        }
+        Ok(c)
+    }
+
+    /// The slot other than `booted`.
+    pub fn other_slot(&self, booted: &str) -> Option<&str> {
+        self.slots
+            .keys()
+            .find(|s| s.as_str() != booted)
+            .map(String::as_str)
+    }
+
+    /// The declared device of `slot`.
+    pub fn device(&self, slot: &str) -> Option<&str> {
+        self.slots.get(slot).map(String::as_str)
+    }
+}
+
+/// The booted slot named by the contents of the booted-slot file: the name
+/// alone, or `otabox.slot=` / `rauc.slot=` in a kernel command line.
+pub fn booted_slot_from(text: &str) -> Option<String> {
+    let text = text.trim();
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Some(text.to_string());
+    }
+    text.split_whitespace().find_map(|word| {
+        ["otabox.slot=", "rauc.slot="]
+            .iter()
+            .find_map(|key| word.strip_prefix(key))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_strict() {
+        let m = Manifest::parse(
+            r#"{"name":"rootfs","version":"2","compatible":"acme,x","image":"r.img"}"#,
+        )
+        .expect("valid");
+        assert_eq!(m.reboot, RebootWhen::Immediate);
+        assert_eq!(m.installed_criteria(), "rootfs-2");
+        for (json, why) in [
+            (
+                r#"{"name":"r","version":"2","compatible":"c"}"#,
+                "missing field `image`",
+            ),
+            (
+                r#"{"name":"r","version":"2","compatible":"c","image":"i","size":1}"#,
+                "unknown field `size`",
+            ),
+            (
+                r#"{"name":"r","version":" ","compatible":"c","image":"i"}"#,
+                "`version` must not be empty",
+            ),
+            (
+                r#"{"name":"r","version":"2","compatible":"c","image":"i","reboot":"later"}"#,
+                "unknown variant",
+            ),
+        ] {
+            let err = Manifest::parse(json).expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn configs_name_two_slots_and_a_bootloader() {
+        let c = Config::parse(
+            r#"{"compatible":"acme,x","bootloader":{"kind":"uboot","config":"/etc/fw_env.config"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.other_slot("A"), Some("B"));
+        assert_eq!(c.device("B"), Some("/dev/otabox/slot-b"));
+        assert_eq!(c.boot_attempts, 3);
+        for (json, why) in [
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"lilo"}}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"slots":{"A":"/a"}}"#,
+                "exactly two slots",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"boot_attempts":0}"#,
+                "boot_attempts",
+            ),
+        ] {
+            let err = Config::parse(json).expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_booted_slot_comes_from_a_name_or_a_command_line() {
+        assert_eq!(booted_slot_from("B\n").as_deref(), Some("B"));
+        assert_eq!(
+            booted_slot_from("root=/dev/vda2 ro rauc.slot=A quiet").as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            booted_slot_from("console=ttyS0 otabox.slot=B").as_deref(),
+            Some("B")
+        );
+        assert_eq!(booted_slot_from("root=/dev/vda2 ro"), None);
+        assert_eq!(booted_slot_from(""), None);
+    }
+}

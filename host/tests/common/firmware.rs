@@ -1,0 +1,235 @@
+//! A/B slots as plain files, a real GRUB (`grub-editenv`) or U-Boot
+//! (`fw_setenv`/`fw_printenv` on an image made by `mkenvimage`) environment,
+//! a booted-slot marker, and a bootloader that follows the boot script of
+//! `examples/firmware`, so a reboot can be simulated faithfully.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use otabox::capabilities::DeviceGrant;
+use otabox::runtime::{Handler, Runtime};
+
+/// Slot size in the tests.
+pub const SLOT_BYTES: usize = 4 << 20;
+/// The device's compatibility string.
+pub const COMPATIBLE: &str = "otabox,test-board";
+
+/// Which bootloader environment a rig uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loader {
+    /// `grub-editenv` on a grubenv file.
+    Grub,
+    /// `fw_setenv` on a U-Boot environment image.
+    Uboot,
+}
+
+/// A device with two slot files booted from slot A.
+pub struct Board {
+    /// The test folder.
+    pub root: PathBuf,
+    /// The bootloader kind.
+    pub loader: Loader,
+}
+
+impl Board {
+    /// Slots filled with their own byte, the environment set to boot A with
+    /// three attempts, the marker saying A.
+    pub fn new(root: &Path, loader: Loader) -> Self {
+        let board = Self {
+            root: root.to_path_buf(),
+            loader,
+        };
+        std::fs::create_dir_all(root.join("slots")).expect("slots");
+        std::fs::create_dir_all(root.join("run")).expect("run");
+        std::fs::write(board.slot("A"), vec![b'a'; SLOT_BYTES]).expect("slot A");
+        std::fs::write(board.slot("B"), vec![b'b'; SLOT_BYTES]).expect("slot B");
+        match loader {
+            Loader::Grub => run(Command::new("grub-editenv")
+                .arg(root.join("grubenv"))
+                .arg("create")),
+            Loader::Uboot => {
+                std::fs::write(root.join("env.txt"), "").expect("env source");
+                run(Command::new("mkenvimage")
+                    .args(["-s", "0x4000", "-o"])
+                    .arg(root.join("uboot.env"))
+                    .arg(root.join("env.txt")));
+                std::fs::write(
+                    root.join("fw_env.config"),
+                    format!("{} 0x0 0x4000\n", root.join("uboot.env").display()),
+                )
+                .expect("fw_env.config");
+            }
+        }
+        board.set_env(&[
+            ("BOOT_ORDER", "A B"),
+            ("BOOT_A_LEFT", "3"),
+            ("BOOT_B_LEFT", "0"),
+        ]);
+        board.mark_booted("A");
+        board
+    }
+
+    /// The file of `slot`.
+    pub fn slot(&self, slot: &str) -> PathBuf {
+        self.root
+            .join("slots")
+            .join(format!("slot-{}", slot.to_lowercase()))
+    }
+
+    /// The booted-slot marker as the boot scripts would leave it.
+    pub fn mark_booted(&self, slot: &str) {
+        std::fs::write(self.root.join("run/booted-slot"), format!("{slot}\n")).expect("marker");
+    }
+
+    /// The handler config for this board.
+    pub fn config(&self, health: Option<&Path>) -> serde_json::Value {
+        let bootloader = match self.loader {
+            Loader::Grub => {
+                serde_json::json!({"kind": "grub", "env": self.root.join("grubenv").display().to_string()})
+            }
+            Loader::Uboot => {
+                serde_json::json!({"kind": "uboot", "config": self.root.join("fw_env.config").display().to_string()})
+            }
+        };
+        let mut config = serde_json::json!({"compatible": COMPATIBLE, "bootloader": bootloader});
+        if let Some(h) = health {
+            config["health_command"] = serde_json::json!([h.display().to_string()]);
+        }
+        config
+    }
+
+    /// The grant: state, marker directory and slots mounted in the folder.
+    pub fn grant(&self, health: Option<&Path>) -> DeviceGrant {
+        let mut grant = DeviceGrant::default();
+        for (guest, host) in [
+            ("/var/lib/otabox/firmware", "fw-state"),
+            ("/run/otabox", "run"),
+            ("/dev/otabox", "slots"),
+        ] {
+            grant.mounts.insert(guest.into(), self.root.join(host));
+        }
+        grant.config = Some(toml::Table::try_from(self.config(health)).expect("config as toml"));
+        grant
+    }
+
+    /// The boot variables.
+    pub fn env(&self) -> BTreeMap<String, String> {
+        let out = match self.loader {
+            Loader::Grub => output(
+                Command::new("grub-editenv")
+                    .arg(self.root.join("grubenv"))
+                    .arg("list"),
+            ),
+            Loader::Uboot => output(
+                Command::new("fw_printenv")
+                    .arg("-c")
+                    .arg(self.root.join("fw_env.config")),
+            ),
+        };
+        out.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn set_env(&self, vars: &[(&str, &str)]) {
+        match self.loader {
+            Loader::Grub => run(Command::new("grub-editenv")
+                .arg(self.root.join("grubenv"))
+                .arg("set")
+                .args(vars.iter().map(|(k, v)| format!("{k}={v}")))),
+            Loader::Uboot => {
+                for (k, v) in vars {
+                    run(Command::new("fw_setenv")
+                        .arg("-c")
+                        .arg(self.root.join("fw_env.config"))
+                        .args([k, v]));
+                }
+            }
+        }
+    }
+
+    /// One boot as the boot script does it: the first slot of `BOOT_ORDER`
+    /// with boots left is booted and its counter decremented. Returns the
+    /// slot and leaves the marker.
+    pub fn boot(&self) -> String {
+        let env = self.env();
+        let order = env
+            .get("BOOT_ORDER")
+            .cloned()
+            .unwrap_or_else(|| "A B".into());
+        for slot in order.split_whitespace() {
+            let key = format!("BOOT_{slot}_LEFT");
+            let left: u32 = env.get(&key).and_then(|v| v.parse().ok()).unwrap_or(0);
+            if left > 0 {
+                self.set_env(&[(&key, &(left - 1).to_string())]);
+                self.mark_booted(slot);
+                return slot.to_string();
+            }
+        }
+        panic!("no bootable slot in {env:?}");
+    }
+
+    /// Both slots' hashes and the boot variables, to show nothing changed.
+    pub fn snapshot(&self) -> (String, String, BTreeMap<String, String>) {
+        (self.slot_sha256("A"), self.slot_sha256("B"), self.env())
+    }
+
+    /// sha256 of a slot file.
+    pub fn slot_sha256(&self, slot: &str) -> String {
+        otabox::runtime::sha256_hex(&std::fs::read(self.slot(slot)).expect("slot"))
+    }
+}
+
+/// The built firmware handler with its packaged manifest plus `extra`
+/// capability lines, granted `board`.
+pub async fn firmware_handler(
+    rt: &Runtime,
+    dir: &Path,
+    board: &Board,
+    health: Option<&Path>,
+) -> Handler {
+    let handlers = dir.join("handlers");
+    std::fs::create_dir_all(&handlers).expect("handlers");
+    let built = Path::new(otabox::builtin::BUILT_DIR);
+    std::fs::copy(built.join("firmware.wasm"), handlers.join("firmware.wasm")).expect("wasm");
+    let mut manifest = std::fs::read_to_string(built.join("firmware.toml")).expect("toml");
+    if let Some(h) = health {
+        manifest.push_str(&format!(
+            "\n[[commands]]\nprogram = \"{}\"\nargs = [\"**\"]\n",
+            h.display()
+        ));
+    }
+    std::fs::write(handlers.join("firmware.toml"), manifest).expect("manifest");
+    rt.load_handler(&handlers.join("firmware.toml"), Some(&board.grant(health)))
+        .await
+        .expect("load the firmware handler")
+}
+
+/// A health check script that exits with `code`.
+pub fn health_script(dir: &Path, code: i32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("health.sh");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\necho \"health: exit {code}\"\nexit {code}\n"),
+    )
+    .expect("health script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("start");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(cmd: &mut Command) {
+    output(cmd);
+}

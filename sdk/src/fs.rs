@@ -1,0 +1,61 @@
+//! File helpers for handlers that keep state in a declared directory.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Reads a JSON file written by [`save_json`]; a missing file is
+/// `T::default()`. Errors name the file.
+pub fn load_json<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is damaged: {e}", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes `value` as pretty JSON with [`write_atomic`]. Errors name the file.
+pub fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+    write_atomic(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename,
+/// then a sync of the directory where the platform allows it. A reader sees
+/// the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
+    let mut staged_name = path.file_name().unwrap_or_default().to_os_string();
+    staged_name.push(".new");
+    let staged = dir.join(staged_name);
+    fs::create_dir_all(dir)?;
+    let mut file = File::create(&staged)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&staged, path)?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("otabox-sdk-fs-{}", std::process::id()));
+        let path = dir.join("state.json");
+        write_atomic(&path, b"one").expect("first");
+        write_atomic(&path, b"two").expect("second");
+        assert_eq!(fs::read(&path).expect("read"), b"two");
+        assert!(!dir.join("state.json.new").exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
