@@ -29,6 +29,11 @@ const GUESTS: &[(&str, &str, &str)] = &[
         "hostile",
         "host/tests/guests/hostile/hostile.toml",
     ),
+    (
+        "otabox-test-contract-1-0",
+        "contract-1-0",
+        "host/tests/guests/contract-1-0/contract-1-0.toml",
+    ),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip2";

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::capabilities::{
     Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
 };
-use crate::runtime::{HANDLER_EXPORT_PREFIX, Runtime, handler_name, sha256_hex};
+use crate::runtime::{Runtime, handler_name, sha256_hex};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -81,6 +81,8 @@ pub struct HandlerAudit {
     pub declared: Option<CapabilitySummary>,
     /// Capabilities granted on this device.
     pub granted: Option<CapabilitySummary>,
+    /// The contract version the component was built against.
+    pub contract: Option<String>,
     /// The component's real imports.
     pub imports: Vec<ImportAudit>,
     /// Mismatches and problems.
@@ -150,6 +152,7 @@ async fn audit_one(
         update_types: Vec::new(),
         declared: None,
         granted: None,
+        contract: None,
         imports: Vec::new(),
         findings: Vec::new(),
     };
@@ -196,10 +199,8 @@ async fn audit_one(
             capability: classify_import(import),
         });
     }
-    if !ty
-        .exports(runtime.engine())
-        .any(|(e, _)| e.starts_with(HANDLER_EXPORT_PREFIX))
-    {
+    audit.contract = crate::runtime::contract_version(runtime.engine(), &component);
+    if audit.contract.is_none() {
         audit.error("does not export `otabox:handler/handler@1.x`");
     }
     compare(&mut audit, &manifest, &grants);
@@ -345,6 +346,7 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
         let _ = writeln!(out, "  wasm      {}", a.wasm.display());
         let _ = writeln!(out, "  sha256    {}", a.sha256.as_deref().unwrap_or("-"));
         let _ = writeln!(out, "  types     {}", a.update_types.join(", "));
+        let _ = writeln!(out, "  contract  {}", a.contract.as_deref().unwrap_or("-"));
         for (label, caps) in [("declared", &a.declared), ("granted", &a.granted)] {
             if let Some(c) = caps {
                 let _ = writeln!(

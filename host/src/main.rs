@@ -365,7 +365,7 @@ fn list_json(set: &HandlerSet) -> serde_json::Value {
     let loaded = set.handlers.iter().map(|h| {
         serde_json::json!({
             "name": h.name, "status": "loaded", "file": h.wasm_path, "sha256": h.sha256,
-            "version": h.description.version, "contract": h.description.contract,
+            "version": h.description.version, "contract": h.contract,
             "update_types": h.manifest.handler.update_types, "supports_rollback": h.description.supports_rollback,
             "grants": &*h.grants, "cache": h.cache,
         })

@@ -535,3 +535,55 @@ async fn network_access_is_limited_to_granted_hosts_and_ports() {
     );
     still_serves(&h).await;
 }
+
+/// A handler built against the frozen 1.0.0 contract (its own copy of that
+/// WIT) keeps loading and running in this 1.x host, which reports the
+/// contract it was built against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_built_against_contract_1_0_keeps_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let manifest = install_handler(
+        &dir.path().join("handlers"),
+        "contract-1-0",
+        &built_wasm("contract-1-0"),
+        "otabox-test/contract-1-0:1",
+        "",
+    );
+    let handler = rt
+        .load_handler(&manifest, None)
+        .await
+        .expect("a 1.0 handler loads");
+    assert_eq!(handler.contract, "1.0.0");
+    assert_eq!(handler.description.contract, "1.0.0");
+    let job_dir = dir.path().join("job");
+    let request = || otabox::workflow::StepRequest {
+        job_id: "legacy".into(),
+        step: 0,
+        update_type: "otabox-test/contract-1-0:1".into(),
+        manifest: "{}".into(),
+        payloads: Vec::new(),
+        job_dir: job_dir.clone(),
+        cancel: Default::default(),
+    };
+    let first = otabox::workflow::run_step(&handler, request(), None)
+        .await
+        .expect("step");
+    assert_eq!(
+        first.result,
+        otabox::workflow::StepResult::Installed {
+            criteria: "legacy-legacy".into()
+        }
+    );
+    let again = otabox::workflow::run_step(&handler, request(), None)
+        .await
+        .expect("step");
+    assert!(
+        matches!(
+            again.result,
+            otabox::workflow::StepResult::AlreadyInstalled { .. }
+        ),
+        "its checkpoint import works: {:?}",
+        again.result
+    );
+}

@@ -75,6 +75,8 @@ pub struct Handler {
     pub grants: Arc<Grants>,
     /// What the handler says it is.
     pub description: Description,
+    /// The contract version it was built against, from its export name.
+    pub contract: String,
     /// The handler's device configuration, as JSON text.
     pub config_json: String,
     /// Whether the compiled component came from the cache.

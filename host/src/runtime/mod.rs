@@ -167,7 +167,7 @@ impl Runtime {
             .load(&self.engine, &wasm, &sha256)
             .with_context(|| format!("handler {name}: {}", wasm_path.display()))?;
         check_imports(&self.engine, &component, &name, &manifest, &grants)?;
-        check_export(&self.engine, &component, &name)?;
+        let contract = check_export(&self.engine, &component, &name)?;
         let instance_pre = linker::build(&self.engine, &grants)?
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
@@ -184,6 +184,7 @@ impl Runtime {
             manifest,
             grants: Arc::new(grants),
             description: empty_description(),
+            contract,
             cache,
             pre,
             engine: self.engine.clone(),
@@ -309,16 +310,29 @@ fn check_imports(
     Ok(())
 }
 
-fn check_export(engine: &Engine, component: &Component, name: &str) -> Result<()> {
+/// The contract version a component was built against, read from its
+/// export `otabox:handler/handler@<version>`; `None` when it exports no
+/// 1.x handler.
+pub fn contract_version(engine: &Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .exports(engine)
+        .find_map(|(n, _)| {
+            n.strip_prefix(HANDLER_EXPORT_PREFIX)
+                .map(|minor| format!("1.{minor}"))
+        })
+}
+
+fn check_export(engine: &Engine, component: &Component, name: &str) -> Result<String> {
+    if let Some(version) = contract_version(engine, component) {
+        return Ok(version);
+    }
     let exports: Vec<String> = component
         .component_type()
         .exports(engine)
         .map(|(n, _)| n.to_string())
         .collect();
-    if !exports.iter().any(|e| e.starts_with(HANDLER_EXPORT_PREFIX)) {
-        bail!("handler {name}: exports {exports:?} but not `otabox:handler/handler@1.x`");
-    }
-    Ok(())
+    bail!("handler {name}: exports {exports:?} but not `otabox:handler/handler@1.x`")
 }
 
 fn check_description(handler: &Handler) -> Result<()> {
