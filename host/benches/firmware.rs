@@ -78,7 +78,7 @@ fn main() {
     );
     println!(
         "{:<72} {:>7.2} s {:>8.0} MiB/s",
-        "firmware handler: validate .. install (write, fsync, read back, sha256) .. apply",
+        "firmware handler, validate to apply (write, fsync, read back, sha256)",
         t_ours.as_secs_f64(),
         rate(t_ours)
     );
