@@ -7,7 +7,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::firmware::{Board, COMPATIBLE, Loader, SLOT_BYTES, firmware_handler, health_script};
+use common::firmware::{
+    Board, COMPATIBLE, Loader, SLOT_BYTES, firmware_handler, firmware_handler_with, health_script,
+    swupdate_bundle,
+};
 use common::{failed, runtime};
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
 use otabox::workflow::{StepReport, StepRequest, StepResult, continue_step, run_step};
@@ -284,4 +287,99 @@ async fn a_manifest_for_other_hardware_is_refused() {
         "{message}"
     );
     assert_eq!((r.board.slot_sha256("B"), r.board.env()), before);
+}
+
+/// A rig whose device runs SWUpdate for signed bundles; the bundle's
+/// signing certificate will be `root/bundle/cert.pem`.
+async fn swupdate_rig() -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let board = Board::new(&root, Loader::Grub);
+    std::fs::create_dir_all(root.join("swu-tmp")).expect("tmpdir");
+    let mut config = board.config(None);
+    config["swupdate"] = json!({
+        "args": ["-k", root.join("bundle/cert.pem").display().to_string(), "-H", "otabox-test:1.0", "-m", "-M"],
+        "select": {"A": "stable,copy1", "B": "stable,copy2"},
+        "tmpdir": root.join("swu-tmp").display().to_string(),
+    });
+    let rt = runtime(&root);
+    let handler = firmware_handler_with(&rt, &root, &board, None, config).await;
+    Rig {
+        _dir: dir,
+        root,
+        board,
+        handler,
+        _rt: rt,
+    }
+}
+
+impl Rig {
+    fn bundle_request(&self, job: &str, bundle: &[u8]) -> StepRequest {
+        let mut request = self.request(job, "2.0", bundle, None);
+        request.manifest = json!({"name": "rootfs", "version": "2.0", "compatible": COMPATIBLE,
+                                  "image": "rootfs.img", "bundle": "swupdate"})
+        .to_string();
+        request
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_swupdate_bundle_goes_to_the_inactive_slot() {
+    let r = swupdate_rig().await;
+    let slot_a = r.board.slot_sha256("A");
+    let image = image_bytes("2.0", 1 << 20);
+    let (bundle, _) = swupdate_bundle(&r.board, &r.root.join("bundle"), "2.0", &image);
+    let report = r.run(r.bundle_request("j1", &bundle)).await;
+    assert_eq!(
+        report.result,
+        StepResult::RebootRequired { deferred: false },
+        "{:?}",
+        report.phases
+    );
+    assert!(
+        r.slot_holds("B", &image),
+        "swupdate wrote the inactive slot"
+    );
+    assert_eq!(r.board.slot_sha256("A"), slot_a);
+    assert_eq!(r.board.boot(), "B");
+    let done = r
+        .after_reboot(r.bundle_request("j1", &bundle), "rootfs-2.0")
+        .await;
+    assert!(
+        matches!(done.result, StepResult::Installed { .. }),
+        "{:?}",
+        done.phases
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_swupdate_bundle_is_refused_and_rolled_back() {
+    let r = swupdate_rig().await;
+    let slot_a = r.board.slot_sha256("A");
+    let image = image_bytes("2.0", 1 << 20);
+    let (mut bundle, _) = swupdate_bundle(&r.board, &r.root.join("bundle"), "2.0", &image);
+    let middle = bundle.len() / 2;
+    bundle[middle] ^= 0xFF;
+    let report = r.run(r.bundle_request("j1", &bundle)).await;
+    let (phase, code, message, rolled_back) = failed(&report);
+    assert_eq!(
+        (phase, code, rolled_back),
+        ("install", 30, true),
+        "{message}"
+    );
+    assert!(message.contains("swupdate refused the bundle"), "{message}");
+    assert!(
+        message.to_lowercase().contains("hash mismatch"),
+        "{message}"
+    );
+    assert_eq!(
+        r.board.slot_sha256("A"),
+        slot_a,
+        "the booted slot is never touched"
+    );
+    let env = r.board.env();
+    assert_eq!(
+        (env["BOOT_ORDER"].as_str(), env["BOOT_B_LEFT"].as_str()),
+        ("A B", "0")
+    );
 }

@@ -32,7 +32,7 @@ use otabox_sdk::prelude::*;
 use otabox_sdk::{InstalledItem, devices};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Config, Manifest, RebootWhen, booted_slot_from};
+use crate::manifest::{BundleKind, Config, Manifest, RebootWhen, booted_slot_from};
 use crate::slots::{STATE_DIR, SlotRecord, SlotState, Slots};
 
 /// The handler's update type.
@@ -130,9 +130,17 @@ impl Handler for FirmwareHandler {
             })?;
         let booted = job.booted()?;
         let target = other_slot(&job.config, &booted)?;
-        let capacity = slot_size(job.device(&target)?)?;
-        if image.size > capacity {
-            return Err(too_large(image.size, &target, capacity));
+        match m.bundle {
+            // The bundle's own tool knows what goes where.
+            Some(BundleKind::Swupdate) => {
+                swupdate_config(&job.config)?;
+            }
+            None => {
+                let capacity = slot_size(job.device(&target)?)?;
+                if image.size > capacity {
+                    return Err(too_large(image.size, &target, capacity));
+                }
+            }
         }
         let mut plan = Plan::new(m.installed_criteria()).payload(m.image.clone());
         plan.reboot = RebootExpectation::Required;
@@ -280,9 +288,11 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
     let m = &job.manifest;
     let image = step.open_payload(&m.image)?;
     let device = job.device(&b.target)?;
-    let capacity = slot_size(device)?;
-    if image.size() > capacity {
-        return Err(too_large(image.size(), &b.target, capacity));
+    if m.bundle.is_none() {
+        let capacity = slot_size(device)?;
+        if image.size() > capacity {
+            return Err(too_large(image.size(), &b.target, capacity));
+        }
     }
     let mut slots = load_slots()?;
     slots.0.insert(
@@ -295,6 +305,11 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
         },
     );
     save_slots(&slots)?;
+    if let Some(BundleKind::Swupdate) = m.bundle {
+        install_swupdate_bundle(job, &b.target)?;
+        set_state(&b.target, SlotState::Written)?;
+        return Ok(Outcome::Success);
+    }
     info!(
         "writing {} {} ({} bytes) to slot {}",
         m.name,
@@ -351,6 +366,81 @@ fn rollback(job: &Job) -> Result<Outcome, Status> {
         b.booted, b.target
     );
     Ok(Outcome::Success)
+}
+
+/// The program, exactly as `firmware.toml` declares it.
+pub const SWUPDATE: &str = "/usr/bin/swupdate";
+
+fn swupdate_config(config: &Config) -> Result<&manifest::SwupdateConfig, Status> {
+    config.swupdate.as_ref().ok_or_else(|| {
+        Status::new(
+            status::BUNDLE,
+            "the manifest carries an SWUpdate bundle, but this device has no `swupdate` configured",
+        )
+    })
+}
+
+/// `swupdate -i <bundle> [-e <selection of target>] <args>`: SWUpdate checks
+/// the bundle's signature and image hashes and writes the slot.
+fn install_swupdate_bundle(job: &Job, target: &str) -> Result<(), Status> {
+    let config = swupdate_config(&job.config)?;
+    let mut cmd = Command::new(SWUPDATE).args([
+        "-i".to_string(),
+        format!("{{payload:{}}}", job.manifest.image),
+    ]);
+    if let Some(selection) = config.select.get(target) {
+        cmd = cmd.args(["-e".to_string(), selection.clone()]);
+    }
+    cmd = cmd.args(config.args.iter().cloned());
+    if let Some(dir) = &config.tmpdir {
+        cmd = cmd.env("TMPDIR", dir.clone());
+    }
+    info!(
+        "installing the SWUpdate bundle {} for slot {target}",
+        job.manifest.image
+    );
+    let out = cmd
+        .run()
+        .map_err(|e| Status::new(status::BUNDLE, format!("cannot run swupdate: {e}")))?;
+    if out.success() {
+        return Ok(());
+    }
+    let both = format!("{}\n{}", out.stdout(), out.stderr());
+    let errors: Vec<&str> = both
+        .lines()
+        .filter(|l| l.contains("[ERROR]"))
+        .map(swupdate_error_text)
+        .collect();
+    Err(Status::new(
+        status::BUNDLE,
+        format!(
+            "swupdate refused the bundle ({}): {}",
+            out.code()
+                .map_or("killed".to_string(), |c| format!("exit {c}")),
+            if errors.is_empty() {
+                both.trim().to_string()
+            } else {
+                errors.join("; ")
+            }
+        ),
+    )
+    .extended(
+        Facility::Bootloader,
+        3,
+        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
+    ))
+}
+
+/// The message of a SWUpdate `[ERROR]` line, without its prefixes:
+/// `[ERROR] : SWUPDATE failed [0] ERROR : HASH mismatch : a <--> b` gives
+/// `HASH mismatch : a <--> b`.
+fn swupdate_error_text(line: &str) -> &str {
+    let text = match (line.find("ERROR : "), line.find("] : ")) {
+        (Some(i), _) if i > 1 => &line[i + "ERROR : ".len()..],
+        (_, Some(i)) => &line[i + "] : ".len()..],
+        _ => line,
+    };
+    text.trim()
 }
 
 fn health_check(config: &Config) -> Result<(), Status> {
@@ -453,5 +543,23 @@ fn state_name(state: SlotState) -> &'static str {
         SlotState::Trying => "trying",
         SlotState::Good => "good",
         SlotState::Bad => "bad",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swupdate_errors_lose_their_prefixes() {
+        assert_eq!(
+            swupdate_error_text("[ERROR] : SWUPDATE failed [0] ERROR : HASH mismatch : a <--> b"),
+            "HASH mismatch : a <--> b"
+        );
+        assert_eq!(
+            swupdate_error_text("[ERROR] : SWUPDATE failed [1] Image invalid or corrupted."),
+            "SWUPDATE failed [1] Image invalid or corrupted."
+        );
+        assert_eq!(swupdate_error_text("plain"), "plain");
     }
 }

@@ -46,6 +46,35 @@ pub struct Manifest {
     /// When to reboot into it.
     #[serde(default)]
     pub reboot: RebootWhen,
+    /// The payload is a signed bundle for the device's update tool, which
+    /// writes the slot itself, instead of a raw slot image.
+    #[serde(default)]
+    pub bundle: Option<BundleKind>,
+}
+
+/// Bundle formats the handler can pass on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleKind {
+    /// An SWUpdate `.swu`, installed with `swupdate -i`.
+    Swupdate,
+}
+
+/// How this device runs SWUpdate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwupdateConfig {
+    /// Further arguments, such as `-k /etc/swupdate/signing.pem` (the
+    /// bundle's signature is checked against it) and `-H board:revision`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Slot → the software selection (`-e`) that writes that slot, such as
+    /// `{ A = "stable,copy1", B = "stable,copy2" }`.
+    #[serde(default)]
+    pub select: BTreeMap<String, String>,
+    /// Directory for SWUpdate's control sockets (`TMPDIR`).
+    #[serde(default)]
+    pub tmpdir: Option<String>,
 }
 
 impl Manifest {
@@ -112,6 +141,9 @@ pub struct Config {
     /// healthy. It must be declared in the handler's command rules.
     #[serde(default)]
     pub health_command: Vec<String>,
+    /// SWUpdate on this device, for manifests with `"bundle": "swupdate"`.
+    #[serde(default)]
+    pub swupdate: Option<SwupdateConfig>,
 }
 
 fn default_slots() -> BTreeMap<String, String> {

@@ -21,3 +21,5 @@ pub const BOOTLOADER: u32 = 27;
 pub const RECORD: u32 = 28;
 /// Rollback without a backup.
 pub const NO_BACKUP: u32 = 29;
+/// A bundle could not be installed by the device's update tool.
+pub const BUNDLE: u32 = 30;

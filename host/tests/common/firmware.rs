@@ -101,6 +101,11 @@ impl Board {
 
     /// The grant: state, marker directory and slots mounted in the folder.
     pub fn grant(&self, health: Option<&Path>) -> DeviceGrant {
+        self.grant_with(self.config(health))
+    }
+
+    /// The same grant with another handler `config`.
+    pub fn grant_with(&self, config: serde_json::Value) -> DeviceGrant {
         let mut grant = DeviceGrant::default();
         for (guest, host) in [
             ("/var/lib/otabox/firmware", "fw-state"),
@@ -109,7 +114,7 @@ impl Board {
         ] {
             grant.mounts.insert(guest.into(), self.root.join(host));
         }
-        grant.config = Some(toml::Table::try_from(self.config(health)).expect("config as toml"));
+        grant.config = Some(toml::Table::try_from(config).expect("config as toml"));
         grant
     }
 
@@ -182,13 +187,24 @@ impl Board {
     }
 }
 
-/// The built firmware handler with its packaged manifest plus `extra`
-/// capability lines, granted `board`.
+/// The built firmware handler with its packaged manifest (plus a command
+/// rule for the health script), granted `board`.
 pub async fn firmware_handler(
     rt: &Runtime,
     dir: &Path,
     board: &Board,
     health: Option<&Path>,
+) -> Handler {
+    firmware_handler_with(rt, dir, board, health, board.config(health)).await
+}
+
+/// Same, with another handler `config`.
+pub async fn firmware_handler_with(
+    rt: &Runtime,
+    dir: &Path,
+    board: &Board,
+    health: Option<&Path>,
+    config: serde_json::Value,
 ) -> Handler {
     let handlers = dir.join("handlers");
     std::fs::create_dir_all(&handlers).expect("handlers");
@@ -202,9 +218,87 @@ pub async fn firmware_handler(
         ));
     }
     std::fs::write(handlers.join("firmware.toml"), manifest).expect("manifest");
-    rt.load_handler(&handlers.join("firmware.toml"), Some(&board.grant(health)))
-        .await
-        .expect("load the firmware handler")
+    rt.load_handler(
+        &handlers.join("firmware.toml"),
+        Some(&board.grant_with(config)),
+    )
+    .await
+    .expect("load the firmware handler")
+}
+
+/// A signed SWUpdate bundle (`.swu`) whose selections `stable,copy1` and
+/// `stable,copy2` write `image` raw to slot A and slot B; returns the
+/// bundle and the certificate that verifies it.
+pub fn swupdate_bundle(
+    board: &Board,
+    dir: &Path,
+    version: &str,
+    image: &[u8],
+) -> (Vec<u8>, PathBuf) {
+    std::fs::create_dir_all(dir).expect("bundle dir");
+    std::fs::write(dir.join("rootfs.img"), image).expect("image");
+    let sha = otabox::runtime::sha256_hex(image);
+    let copy = |slot: &str| {
+        format!(
+            "{{ images: ( {{ filename = \"rootfs.img\"; device = \"{}\"; type = \"raw\"; sha256 = \"{sha}\"; }} ); }}",
+            board.slot(slot).display()
+        )
+    };
+    std::fs::write(
+        dir.join("sw-description"),
+        format!(
+            "software = {{ version = \"{version}\"; hardware-compatibility = [ \"1.0\" ];\n\
+             stable = {{ copy1 = {}; copy2 = {}; }}; }}\n",
+            copy("A"),
+            copy("B")
+        ),
+    )
+    .expect("sw-description");
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
+            "cert.pem",
+        ])
+        .args(["-days", "2", "-subj", "/CN=otabox test bundles"])
+        .args([
+            "-addext",
+            "keyUsage=digitalSignature",
+            "-addext",
+            "extendedKeyUsage=emailProtection",
+        ]));
+    run(Command::new("openssl").current_dir(dir).args([
+        "cms",
+        "-sign",
+        "-in",
+        "sw-description",
+        "-out",
+        "sw-description.sig",
+        "-signer",
+        "cert.pem",
+        "-inkey",
+        "key.pem",
+        "-outform",
+        "DER",
+        "-nosmimecap",
+        "-binary",
+    ]));
+    let mut cpio = Command::new("cpio")
+        .current_dir(dir)
+        .args(["-o", "--quiet", "-H", "crc"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cpio is installed (make setup)");
+    use std::io::Write;
+    cpio.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"sw-description\nsw-description.sig\nrootfs.img\n")
+        .expect("file list");
+    let out = cpio.wait_with_output().expect("cpio");
+    assert!(out.status.success(), "cpio failed");
+    (out.stdout, dir.join("cert.pem"))
 }
 
 /// A health check script that exits with `code`.

@@ -32,11 +32,45 @@ impl Host for HostState {
             remaining.min(Duration::from_millis(ms.into()))
         });
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
+        let cmd = match self.with_payload_paths(cmd) {
+            Ok(cmd) => cmd,
+            Err(error) => return Ok(Err(error)),
+        };
         Ok(execute(cmd, limit).await)
     }
 }
 
+/// The placeholder of a payload's path in an argument: `{payload:NAME}`.
+fn payload_placeholder(arg: &str) -> Option<&str> {
+    arg.strip_prefix("{payload:")?.strip_suffix('}')
+}
+
 impl HostState {
+    /// Replaces each `{payload:NAME}` argument with the path of the step's
+    /// verified payload `NAME`; an unknown or unverified payload is refused.
+    fn with_payload_paths(&self, mut cmd: Command) -> Result<Command, HostError> {
+        for arg in &mut cmd.args {
+            let Some(name) = payload_placeholder(arg) else {
+                continue;
+            };
+            let payload = self
+                .scope
+                .payloads
+                .iter()
+                .find(|p| p.name == name)
+                .ok_or_else(|| {
+                    HostError::NotFound(format!("the step has no payload named {name:?}"))
+                })?;
+            let path = payload.verified.as_ref().ok_or_else(|| {
+                HostError::Denied(format!(
+                    "payload {name:?} is not downloaded and verified yet"
+                ))
+            })?;
+            *arg = path.to_string_lossy().into_owned();
+        }
+        Ok(cmd)
+    }
+
     fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
         let arg_bytes: usize = cmd.args.iter().map(String::len).sum();
         if cmd.args.len() > MAX_ARGS || arg_bytes > MAX_ARG_BYTES {
