@@ -8,8 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::firmware::{
-    Board, COMPATIBLE, Loader, SLOT_BYTES, firmware_handler, firmware_handler_with, health_script,
-    swupdate_bundle,
+    Board, COMPATIBLE, Loader, RaucService, SLOT_BYTES, firmware_handler, firmware_handler_with,
+    health_script, swupdate_bundle,
 };
 use common::{failed, runtime};
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
@@ -382,4 +382,99 @@ async fn a_tampered_swupdate_bundle_is_refused_and_rolled_back() {
         (env["BOOT_ORDER"].as_str(), env["BOOT_B_LEFT"].as_str()),
         ("A B", "0")
     );
+}
+
+/// A U-Boot device with RAUC's service (custom backend over the board's
+/// boot variables) and the firmware handler configured for its bus.
+async fn rauc_rig(health_exit: Option<i32>) -> (Rig, RaucService) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let board = Board::new(&root, Loader::Uboot);
+    let rauc = RaucService::start(&board, "A");
+    let health = health_exit.map(|code| health_script(&root, code));
+    let mut config = board.config(health.as_deref());
+    config["rauc"] = json!({"bus": rauc.bus});
+    let rt = runtime(&root);
+    let handler = firmware_handler_with(&rt, &root, &board, health.as_deref(), config).await;
+    let rig = Rig {
+        _dir: dir,
+        root,
+        board,
+        handler,
+        _rt: rt,
+    };
+    (rig, rauc)
+}
+
+impl Rig {
+    fn rauc_request(&self, job: &str, bundle: &[u8]) -> StepRequest {
+        let mut request = self.request(job, "2.0", bundle, None);
+        request.manifest = json!({"name": "rootfs", "version": "2.0", "compatible": COMPATIBLE,
+                                  "image": "rootfs.img", "bundle": "rauc"})
+        .to_string();
+        request
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rauc_bundle_is_installed_booted_and_marked_good() {
+    let (r, mut rauc) = rauc_rig(None).await;
+    let slot_a = r.board.slot_sha256("A");
+    let image = image_bytes("2.0", 1 << 20);
+    let bundle = rauc.bundle("2.0", &image);
+    let report = r.run(r.rauc_request("j1", &bundle)).await;
+    assert_eq!(
+        report.result,
+        StepResult::RebootRequired { deferred: false },
+        "{:?}",
+        report.phases
+    );
+    assert!(r.slot_holds("B", &image), "RAUC wrote the inactive slot");
+    assert_eq!(r.board.slot_sha256("A"), slot_a);
+    assert_eq!(r.board.env()["BOOT_ORDER"], "B A", "RAUC made B primary");
+    assert_eq!(r.board.boot(), "B");
+    rauc.restart("B");
+    let done = r
+        .after_reboot(r.rauc_request("j1", &bundle), "rootfs-2.0")
+        .await;
+    assert!(
+        matches!(done.result, StepResult::Installed { .. }),
+        "{:?}",
+        done.phases
+    );
+    assert_eq!(
+        r.board.env()["BOOT_B_LEFT"],
+        "3",
+        "marked good: the full count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_health_check_under_rauc_marks_b_bad_and_reactivates_a() {
+    let (r, mut rauc) = rauc_rig(Some(1)).await;
+    let image = image_bytes("2.0", 1 << 20);
+    let bundle = rauc.bundle("2.0", &image);
+    let report = r.run(r.rauc_request("j1", &bundle)).await;
+    assert_eq!(
+        report.result,
+        StepResult::RebootRequired { deferred: false }
+    );
+    assert_eq!(r.board.boot(), "B");
+    rauc.restart("B");
+    let report = r
+        .after_reboot(r.rauc_request("j1", &bundle), "rootfs-2.0")
+        .await;
+    let (phase, code, message, rolled_back) = failed(&report);
+    assert_eq!(
+        (phase, code, rolled_back),
+        ("verify", 26, true),
+        "{message}"
+    );
+    assert!(report.reboot_after_rollback);
+    let env = r.board.env();
+    assert_eq!(
+        (env["BOOT_ORDER"].as_str(), env["BOOT_B_LEFT"].as_str()),
+        ("A B", "0")
+    );
+    assert_eq!(r.board.boot(), "A");
 }

@@ -135,6 +135,7 @@ impl Handler for FirmwareHandler {
             Some(BundleKind::Swupdate) => {
                 swupdate_config(&job.config)?;
             }
+            Some(BundleKind::Rauc) => {}
             None => {
                 let capacity = slot_size(job.device(&target)?)?;
                 if image.size > capacity {
@@ -183,10 +184,13 @@ impl Handler for FirmwareHandler {
     fn apply(step: &Step) -> Outcome {
         phase(step, |job| {
             let b = job.backup()?;
-            bootloader::write(
-                &job.config.bootloader,
-                &bootloader::try_once(&b.target, &b.booted),
-            )?;
+            // RAUC's bootloader backend switched the slot at install.
+            if job.manifest.bundle != Some(BundleKind::Rauc) {
+                bootloader::write(
+                    &job.config.bootloader,
+                    &bootloader::try_once(&b.target, &b.booted),
+                )?;
+            }
             set_state(&b.target, SlotState::Trying)?;
             info!(
                 "the bootloader tries slot {} once on the next boot",
@@ -222,10 +226,14 @@ impl Handler for FirmwareHandler {
     fn commit(step: &Step) -> Outcome {
         phase(step, |job| {
             let b = job.backup()?;
-            bootloader::write(
-                &job.config.bootloader,
-                &bootloader::mark_good(&b.target, &b.booted, job.config.boot_attempts),
-            )?;
+            if job.manifest.bundle == Some(BundleKind::Rauc) {
+                rauc(job, &["status", "mark-good", "booted"])?;
+            } else {
+                bootloader::write(
+                    &job.config.bootloader,
+                    &bootloader::mark_good(&b.target, &b.booted, job.config.boot_attempts),
+                )?;
+            }
             set_state(&b.target, SlotState::Good)?;
             let _ = checkpoint::remove(BACKUP_KEY);
             info!("slot {} committed", b.target);
@@ -305,8 +313,14 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
         },
     );
     save_slots(&slots)?;
-    if let Some(BundleKind::Swupdate) = m.bundle {
-        install_swupdate_bundle(job, &b.target)?;
+    if let Some(kind) = m.bundle {
+        match kind {
+            BundleKind::Swupdate => install_swupdate_bundle(job, &b.target)?,
+            BundleKind::Rauc => {
+                info!("installing the RAUC bundle {} (slot {})", m.image, b.target);
+                rauc(job, &["install", &format!("{{payload:{}}}", m.image)])?;
+            }
+        }
         set_state(&b.target, SlotState::Written)?;
         return Ok(Outcome::Success);
     }
@@ -341,10 +355,20 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
 
 fn rollback(job: &Job) -> Result<Outcome, Status> {
     let b = job.backup()?;
-    let mut changes = bootloader::fall_back(&b.booted, &b.target);
-    let old_left = format!("BOOT_{}_LEFT", b.booted);
-    changes.extend(bootloader::restore(&b.env, &[old_left]));
-    bootloader::write(&job.config.bootloader, &changes)?;
+    let booted = job.booted()?;
+    if job.manifest.bundle == Some(BundleKind::Rauc) {
+        if booted == b.target {
+            rauc(job, &["status", "mark-bad", "booted"])?;
+            rauc(job, &["status", "mark-active", "other"])?;
+        } else {
+            rauc(job, &["status", "mark-bad", "other"])?;
+        }
+    } else {
+        let mut changes = bootloader::fall_back(&b.booted, &b.target);
+        let old_left = format!("BOOT_{}_LEFT", b.booted);
+        changes.extend(bootloader::restore(&b.env, &[old_left]));
+        bootloader::write(&job.config.bootloader, &changes)?;
+    }
     let mut slots = load_slots()?;
     if let Some(record) = slots.0.get_mut(&b.target)
         && record.name == job.manifest.name
@@ -353,7 +377,6 @@ fn rollback(job: &Job) -> Result<Outcome, Status> {
         record.state = SlotState::Bad;
         save_slots(&slots)?;
     }
-    let booted = job.booted()?;
     if booted == b.target {
         warn!(
             "the device runs slot {} that failed; slot {} boots next",
@@ -368,8 +391,49 @@ fn rollback(job: &Job) -> Result<Outcome, Status> {
     Ok(Outcome::Success)
 }
 
-/// The program, exactly as `firmware.toml` declares it.
+/// The programs, exactly as `firmware.toml` declares them.
 pub const SWUPDATE: &str = "/usr/bin/swupdate";
+/// See [`SWUPDATE`].
+pub const RAUC: &str = "/usr/bin/rauc";
+
+/// Runs `rauc ARGS` on the configured bus; a failure carries RAUC's words.
+fn rauc(job: &Job, args: &[&str]) -> Result<(), Status> {
+    let mut cmd = Command::new(RAUC).args(args.iter().map(|a| a.to_string()));
+    if let Some(bus) = job.config.rauc.as_ref().and_then(|r| r.bus.clone()) {
+        cmd = cmd.env("DBUS_SYSTEM_BUS_ADDRESS", bus);
+    }
+    let what = args.iter().take(2).copied().collect::<Vec<_>>().join(" ");
+    let out = cmd
+        .run()
+        .map_err(|e| Status::new(status::BUNDLE, format!("cannot run rauc {what}: {e}")))?;
+    if out.success() {
+        return Ok(());
+    }
+    Err(Status::new(
+        status::BUNDLE,
+        format!(
+            "rauc {what} failed ({}): {}",
+            out.code()
+                .map_or("killed".to_string(), |c| format!("exit {c}")),
+            diagnose_tail(&format!("{}\n{}", out.stdout(), out.stderr()))
+        ),
+    )
+    .extended(
+        Facility::Bootloader,
+        4,
+        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
+    ))
+}
+
+/// The last lines of a tool's output that say something.
+fn diagnose_tail(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
+}
 
 fn swupdate_config(config: &Config) -> Result<&manifest::SwupdateConfig, Status> {
     config.swupdate.as_ref().ok_or_else(|| {

@@ -58,6 +58,19 @@ pub struct Manifest {
 pub enum BundleKind {
     /// An SWUpdate `.swu`, installed with `swupdate -i`.
     Swupdate,
+    /// A RAUC `.raucb`, installed with `rauc install`; RAUC's bootloader
+    /// backend switches the slot, and `rauc status` marks it good or bad.
+    Rauc,
+}
+
+/// How this device reaches RAUC's service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaucConfig {
+    /// The D-Bus address of the bus RAUC's service is on
+    /// (`DBUS_SYSTEM_BUS_ADDRESS`), when not the system bus.
+    #[serde(default)]
+    pub bus: Option<String>,
 }
 
 /// How this device runs SWUpdate.
@@ -144,6 +157,9 @@ pub struct Config {
     /// SWUpdate on this device, for manifests with `"bundle": "swupdate"`.
     #[serde(default)]
     pub swupdate: Option<SwupdateConfig>,
+    /// RAUC on this device, for manifests with `"bundle": "rauc"`.
+    #[serde(default)]
+    pub rauc: Option<RaucConfig>,
 }
 
 fn default_slots() -> BTreeMap<String, String> {

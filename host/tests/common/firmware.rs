@@ -327,3 +327,168 @@ fn output(cmd: &mut Command) -> String {
 fn run(cmd: &mut Command) {
     output(cmd);
 }
+
+/// RAUC's service on a private D-Bus for a U-Boot board: slots are the
+/// board's slot files, the bootloader is a custom backend script over the
+/// board's `BOOT_ORDER` / `BOOT_<slot>_LEFT` variables, bundles are signed
+/// with a throwaway certificate.
+pub struct RaucService {
+    dbus: std::process::Child,
+    service: Option<std::process::Child>,
+    /// The private bus address, for `DBUS_SYSTEM_BUS_ADDRESS`.
+    pub bus: String,
+    dir: PathBuf,
+}
+
+impl RaucService {
+    /// Starts the bus and the service, booted from the board's slot.
+    pub fn start(board: &Board, booted: &str) -> Self {
+        use std::io::BufRead;
+        assert_eq!(board.loader, Loader::Uboot, "the backend drives fw_setenv");
+        let dir = board.root.join("rauc");
+        std::fs::create_dir_all(dir.join("mnt")).expect("rauc dir");
+        std::fs::create_dir_all(dir.join("data")).expect("rauc data");
+        run(Command::new("openssl")
+            .current_dir(&dir)
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem",
+            ])
+            .args([
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=otabox rauc test",
+            ]));
+        let cfg = board.root.join("fw_env.config");
+        let backend = dir.join("backend.sh");
+        std::fs::write(
+            &backend,
+            format!(
+                "#!/bin/sh\nCFG={cfg}\n\
+                 case \"$1\" in\n\
+                 get-primary) for s in $(fw_printenv -c \"$CFG\" -n BOOT_ORDER); do\n\
+                   left=$(fw_printenv -c \"$CFG\" -n \"BOOT_${{s}}_LEFT\"); if [ \"${{left:-0}}\" -gt 0 ]; then echo \"$s\"; exit 0; fi; done; exit 1 ;;\n\
+                 set-primary) other=A; [ \"$2\" = A ] && other=B\n\
+                   printf 'BOOT_ORDER=%s %s\\nBOOT_%s_LEFT=3\\n' \"$2\" \"$other\" \"$2\" | fw_setenv -c \"$CFG\" -s - ;;\n\
+                 get-state) left=$(fw_printenv -c \"$CFG\" -n \"BOOT_$2_LEFT\"); if [ \"${{left:-0}}\" -gt 0 ]; then echo good; else echo bad; fi ;;\n\
+                 set-state) if [ \"$3\" = good ]; then n=3; else n=0; fi; fw_setenv -c \"$CFG\" \"BOOT_$2_LEFT\" \"$n\" ;;\n\
+                 get-current) cat {booted} ;;\n\
+                 *) exit 1 ;;\nesac\n",
+                cfg = cfg.display(),
+                booted = board.root.join("run/booted-slot").display(),
+            ),
+        )
+        .expect("backend");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&backend, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        std::fs::write(
+            dir.join("system.conf"),
+            format!(
+                "[system]\ncompatible=otabox-test\nbootloader=custom\ndata-directory={data}\n\n\
+                 [handlers]\nbootloader-custom-backend={backend}\n\n\
+                 [keyring]\npath={cert}\n\n\
+                 [slot.rootfs.0]\ndevice={a}\ntype=raw\nbootname=A\n\n\
+                 [slot.rootfs.1]\ndevice={b}\ntype=raw\nbootname=B\n",
+                data = dir.join("data").display(),
+                backend = backend.display(),
+                cert = dir.join("cert.pem").display(),
+                a = board.slot("A").display(),
+                b = board.slot("B").display(),
+            ),
+        )
+        .expect("system.conf");
+        let mut dbus = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .arg(format!("--address=unix:path={}", dir.join("bus").display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dbus-daemon is installed (make setup)");
+        let mut line = String::new();
+        std::io::BufReader::new(dbus.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("bus address");
+        let mut rauc = Self {
+            dbus,
+            service: None,
+            bus: line.trim().to_string(),
+            dir,
+        };
+        rauc.restart(booted);
+        rauc
+    }
+
+    /// (Re)starts the service as after a boot from `booted`.
+    pub fn restart(&mut self, booted: &str) {
+        if let Some(mut old) = self.service.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let child = Command::new("rauc")
+            .arg(format!("--conf={}", self.dir.join("system.conf").display()))
+            .arg(format!("--mount={}", self.dir.join("mnt").display()))
+            .arg("service")
+            .arg(format!("--override-boot-slot={booted}"))
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rauc is installed (make setup)");
+        self.service = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let status = Command::new("rauc")
+                .arg("status")
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("rauc status");
+            if status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rauc service did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// A signed bundle holding `image` for the `rootfs` slot class.
+    pub fn bundle(&self, version: &str, image: &[u8]) -> Vec<u8> {
+        let content = self.dir.join(format!("bundle-{version}"));
+        std::fs::create_dir_all(&content).expect("bundle dir");
+        std::fs::write(content.join("rootfs.img"), image).expect("image");
+        std::fs::write(
+            content.join("manifest.raucm"),
+            format!("[update]\ncompatible=otabox-test\nversion={version}\n\n[image.rootfs]\nfilename=rootfs.img\n"),
+        )
+        .expect("manifest");
+        let out = self.dir.join(format!("{version}.raucb"));
+        let _ = std::fs::remove_file(&out);
+        run(Command::new("rauc")
+            .arg(format!("--cert={}", self.dir.join("cert.pem").display()))
+            .arg(format!("--key={}", self.dir.join("key.pem").display()))
+            .arg("bundle")
+            .arg(&content)
+            .arg(&out));
+        std::fs::read(&out).expect("bundle")
+    }
+}
+
+impl Drop for RaucService {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.service.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = self.dbus.kill();
+        let _ = self.dbus.wait();
+    }
+}
