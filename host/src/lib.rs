@@ -22,6 +22,7 @@ pub mod replica;
 pub mod runtime;
 pub mod shadow;
 pub mod trust;
+pub mod tryout;
 pub mod workflow;
 
 /// The first-party handlers built into this binary, packaged by the build.

@@ -248,6 +248,33 @@ enum HandlersCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Call one lifecycle phase of a handler (or the whole step) against a
+    /// manifest, outside any job, and print the result as JSON. Calls with
+    /// the same --job share checkpoints, so backup, install and rollback can
+    /// follow one another. Exits 1 when the phase fails.
+    RunPhase {
+        #[command(flatten)]
+        source: Source,
+        /// The handler (its manifest's file name without `.toml`).
+        #[arg(long)]
+        handler: String,
+        /// The phase to call.
+        #[arg(long, value_enum)]
+        phase: otabox::tryout::PhaseChoice,
+        /// The step manifest: a JSON file, or JSON text starting with `{`.
+        #[arg(long, default_value = "{}")]
+        manifest: String,
+        /// The update type to ask for (default: the handler's first).
+        #[arg(long)]
+        update_type: Option<String>,
+        /// A payload file as NAME=PATH (repeatable); its size and sha256
+        /// are taken from the file.
+        #[arg(long = "payload", value_parser = otabox::tryout::parse_payload)]
+        payloads: Vec<(String, PathBuf)>,
+        /// Job id; checkpoints live in STATE/tryout/JOB.
+        #[arg(long, default_value = "tryout")]
+        job: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -290,6 +317,28 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Handlers {
             command: HandlersCommand::Audit { source, json },
         } => audit(&source, json).await,
+        Command::Handlers {
+            command:
+                HandlersCommand::RunPhase {
+                    source,
+                    handler,
+                    phase,
+                    manifest,
+                    update_type,
+                    payloads,
+                    job,
+                },
+        } => {
+            let tryout = otabox::tryout::Tryout {
+                phase,
+                manifest: read_manifest_arg(&manifest)?,
+                update_type,
+                payloads,
+                job_dir: PathBuf::new(),
+                job_id: job,
+            };
+            run_phase(&source, &handler, tryout).await
+        }
         Command::Demo { dir, keep } => demo(dir, keep).await,
         Command::Replica { db, broker } => {
             let mqtt = broker.into_section()?;
@@ -339,6 +388,7 @@ fn device_config(source: &Source) -> Result<DeviceConfig> {
     } else {
         let mut config = DeviceConfig::default();
         config.paths.cache = Some(std::env::temp_dir().join("otabox-cache"));
+        config.paths.state = std::env::temp_dir().join("otabox-state");
         config
     };
     if let Some(dir) = &source.dir {
@@ -405,6 +455,35 @@ fn print_list(set: &HandlerSet, dir: &Path) {
     if set.handlers.is_empty() && set.refused.is_empty() && set.disabled.is_empty() {
         println!("(no handlers in {})", dir.display());
     }
+}
+
+/// A manifest given as JSON text (starting with `{`) or as a file path.
+fn read_manifest_arg(arg: &str) -> Result<String> {
+    if arg.trim_start().starts_with('{') {
+        return Ok(arg.to_string());
+    }
+    std::fs::read_to_string(arg).with_context(|| format!("cannot read manifest {arg}"))
+}
+
+async fn run_phase(
+    source: &Source,
+    name: &str,
+    mut tryout: otabox::tryout::Tryout,
+) -> Result<ExitCode> {
+    let config = device_config(source)?;
+    let runtime = Runtime::new(Some(config.cache_dir()))?;
+    let manifest_path = config.paths.handlers.join(format!("{name}.toml"));
+    let handler = runtime
+        .load_handler(&manifest_path, config.handlers.get(name))
+        .await?;
+    tryout.job_dir = config.paths.state.join("tryout").join(&tryout.job_id);
+    let (result, ok) = otabox::tryout::run(&handler, &tryout).await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn audit(source: &Source, json: bool) -> Result<ExitCode> {

@@ -264,7 +264,7 @@ fn call_setup(
         step: request.step,
         update_type: request.update_type.clone(),
         manifest: request.manifest.clone(),
-        payloads: payloads.iter().map(to_info).collect(),
+        payloads: payloads.iter().map(payload_info).collect(),
         config: handler.config_json.clone(),
         installed_criteria,
     };
@@ -496,7 +496,8 @@ impl<'a> Run<'a> {
     }
 }
 
-fn to_info(p: &PayloadFile) -> crate::runtime::bindings::PayloadInfo {
+/// What a handler sees of a payload.
+pub fn payload_info(p: &PayloadFile) -> crate::runtime::bindings::PayloadInfo {
     crate::runtime::bindings::PayloadInfo {
         name: p.name.clone(),
         size: p.size,

@@ -1,4 +1,5 @@
-//! The `otabox` binary: `handlers list`, `handlers audit` and `demo`.
+//! The `otabox` binary: `handlers list`, `handlers audit`, `handlers
+//! run-phase` and `demo`.
 
 mod common;
 
@@ -406,5 +407,82 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
         !refused.status.success() && text(&refused).contains("current root"),
         "{}",
         text(&refused)
+    );
+}
+
+/// `handlers run-phase` drives single phases against a manifest on the
+/// command line; calls of one job share checkpoints, so a rollback after
+/// an install restores what the backup kept.
+#[test]
+fn run_phase_drives_single_phases_that_share_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).expect("files");
+    std::fs::write(files.join("app.conf"), "v1\n").expect("previous");
+    std::fs::write(dir.path().join("app.conf"), "v2\n").expect("payload");
+    install_handler(
+        &dir.path().join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
+            files.display()
+        ),
+    );
+    let payload = format!("app.conf={}", dir.path().join("app.conf").display());
+    let manifest = r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#;
+    let run_phase = |phase: &str, manifest: &str, extra: &[&str]| {
+        let mut args = vec![
+            "handlers",
+            "run-phase",
+            "--config",
+            &config,
+            "--handler",
+            "file",
+            "--phase",
+            phase,
+            "--manifest",
+            manifest,
+        ];
+        args.extend_from_slice(extra);
+        otabox(&args)
+    };
+    let phase =
+        |phase: &str| run_phase(phase, manifest, &["--payload", &payload, "--job", "try-1"]);
+    let validate = phase("validate");
+    assert!(validate.status.success(), "{}", text(&validate));
+    let plan: serde_json::Value = serde_json::from_slice(&validate.stdout).expect("json");
+    assert_eq!(plan["installed_criteria"], "cfg-2");
+    assert_eq!(plan["reboot"], "none");
+    for step in ["backup", "install", "apply"] {
+        let out = phase(step);
+        assert!(out.status.success(), "{step}: {}", text(&out));
+    }
+    assert_eq!(
+        std::fs::read_to_string(files.join("app.conf")).expect("read"),
+        "v2\n"
+    );
+    let rollback = phase("rollback");
+    assert!(rollback.status.success(), "{}", text(&rollback));
+    assert_eq!(
+        std::fs::read_to_string(files.join("app.conf")).expect("read"),
+        "v1\n",
+        "the backup taken by an earlier call was restored"
+    );
+
+    let bad = run_phase("validate", r#"{"name":"cfg"}"#, &[]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    let failure: serde_json::Value = serde_json::from_slice(&bad.stdout).expect("json");
+    assert_eq!(failure["failed"]["result_code"], 10);
+    assert!(
+        failure["failed"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("missing field")),
+        "{failure}"
     );
 }

@@ -11,6 +11,15 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+/// The size and lowercase hex sha256 of the file at `path`.
+pub fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
 /// Checks `path` against `size` and lowercase hex `sha256`, reading it once.
 pub fn verify_file(path: &Path, size: u64, sha256: &str) -> Result<()> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
