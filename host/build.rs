@@ -20,6 +20,11 @@ const GUESTS: &[(&str, &str, &str)] = &[
     ("otabox-handler-file", "file", "handlers/file/file.toml"),
     ("otabox-handler-apt", "apt", "handlers/apt/apt.toml"),
     (
+        "otabox-handler-container",
+        "container",
+        "handlers/container/container.toml",
+    ),
+    (
         "otabox-handler-firmware",
         "firmware",
         "handlers/firmware/firmware.toml",

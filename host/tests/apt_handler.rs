@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::apt::{AptRepo, Deb, Sysroot, apt_handler, copy_apt_handler, deb};
-use common::{failed, runtime};
+use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, Runtime};
 use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
@@ -139,12 +139,7 @@ async fn an_omitted_version_installs_the_latest_and_inventory_lists_it() {
             .await,
     );
     assert_eq!(r.sys.version_of("tool").as_deref(), Some("1.1"));
-    let items = r
-        .handler
-        .inventory()
-        .await
-        .expect("call")
-        .expect("inventory");
+    let items = inventory_of(&r.handler).await;
     let seen: Vec<(&str, &str, &str)> = items
         .iter()
         .map(|i| (i.name.as_str(), i.version.as_str(), i.update_type.as_str()))

@@ -11,7 +11,7 @@ use common::firmware::{
     Board, COMPATIBLE, Loader, RaucService, SLOT_BYTES, firmware_handler, firmware_handler_with,
     health_script, swupdate_bundle,
 };
-use common::{failed, runtime};
+use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
 use otabox::workflow::{StepReport, StepRequest, StepResult, continue_step, run_step};
 use serde_json::json;
@@ -169,12 +169,7 @@ async fn a_to_b_and_back(loader: Loader) {
     );
     assert_eq!(r.board.env()["BOOT_ORDER"], "A B");
 
-    let items = r
-        .handler
-        .inventory()
-        .await
-        .expect("call")
-        .expect("inventory");
+    let items = inventory_of(&r.handler).await;
     let seen: Vec<(&str, &str)> = items
         .iter()
         .map(|i| (i.name.as_str(), i.version.as_str()))

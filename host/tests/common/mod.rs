@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apt;
+pub mod containers;
 pub mod firmware;
 pub mod pki;
 pub mod services;
@@ -111,6 +112,15 @@ pub fn failed(report: &otabox::workflow::StepReport) -> (&str, u32, &str, bool) 
         } => (phase, *result_code, message, *rolled_back),
         other => panic!("expected a failure, got {other:?}\n{:?}", report.phases),
     }
+}
+
+/// What `handler` lists as installed; panics when the call fails.
+pub async fn inventory_of(handler: &Handler) -> Vec<otabox::runtime::InstalledItem> {
+    handler
+        .inventory()
+        .await
+        .expect("the inventory call")
+        .expect("an inventory")
 }
 
 /// The text of a `failed` outcome; panics on anything else.

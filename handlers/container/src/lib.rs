@@ -1,0 +1,389 @@
+//! The `otabox/container:1` handler: IoT Edge-style deployments of
+//! container modules ([`manifest`]), driven through the engine's CLI
+//! ([`engine`]).
+//!
+//! - `validate` resolves every tag to a digest in its registry (no pull)
+//!   and keeps the result in a checkpoint, so a retry or a resumed job
+//!   installs exactly the same images; an unknown image or tag fails here,
+//!   before anything is stopped; a release-candidate tag is refused unless
+//!   the deployment allows it.
+//! - `is-installed`: every module's container carries exactly the resolved
+//!   spec (digest and options) and is in its desired state, and no other
+//!   managed container is left.
+//! - `download` pulls the pinned digests the engine lacks (a rolling tag
+//!   whose digest moved is pulled again).
+//! - `install` leaves unchanged modules alone; a changed module's container
+//!   is stopped and kept as `<name>.otabox-old`, a new one created; modules
+//!   no longer listed are stopped and kept the same way. Only containers
+//!   labelled `otabox.managed=true` are ever touched.
+//! - `apply` starts the new containers and waits for running (and healthy,
+//!   when the image has a health check); `commit` removes the kept ones;
+//!   `rollback` puts them back and starts them as they were.
+
+pub mod engine;
+pub mod manifest;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use otabox_sdk::InstalledItem;
+use otabox_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Container, Engine, OLD, Resolved};
+use crate::manifest::{Config, Deployment, DesiredStatus, ImageRef};
+
+/// The handler's update type.
+pub const UPDATE_TYPE: &str = "otabox/container:1";
+
+const RESOLVED_KEY: &str = "resolved";
+const CHANGES_KEY: &str = "changes";
+
+/// What `install` changed, for `apply`, `commit` and `rollback`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Changes {
+    /// Modules with a new container.
+    created: Vec<String>,
+    /// Containers kept as `<name>.otabox-old`, and whether they ran.
+    kept: BTreeMap<String, bool>,
+}
+
+struct Job {
+    deployment: Deployment,
+    config: Config,
+}
+
+impl Job {
+    fn of(step: &Step) -> Result<Self, Status> {
+        Ok(Self {
+            deployment: Deployment::parse(step.manifest_json()).map_err(|e| Status::new(10, e))?,
+            config: Config::parse(&step.raw().config).map_err(|e| Status::new(11, e))?,
+        })
+    }
+
+    fn engine(&self) -> Engine<'_> {
+        Engine::new(&self.config)
+    }
+
+    /// Module name → pinned spec: from the checkpoint when this step
+    /// resolved them already, else from the registries (and remembered).
+    fn resolved(&self) -> Result<BTreeMap<String, Resolved>, Status> {
+        let saved: Option<BTreeMap<String, String>> = checkpoint::get_json(RESOLVED_KEY)
+            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+        let engine = self.engine();
+        let mut digests = BTreeMap::new();
+        for (name, module) in self.deployment.all() {
+            let digest = match saved.as_ref().and_then(|s| s.get(name)) {
+                Some(d) => d.clone(),
+                None => {
+                    let image = ImageRef::parse(&module.image).map_err(|e| Status::new(10, e))?;
+                    engine.resolve(&image, &module.image).map_err(|s| Status {
+                        message: format!("module {name}: {}", s.message),
+                        ..s
+                    })?
+                }
+            };
+            digests.insert(name.clone(), digest);
+        }
+        if saved.is_none() {
+            checkpoint::set_json(RESOLVED_KEY, &digests)
+                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+        }
+        Ok(self
+            .deployment
+            .all()
+            .map(|(name, module)| {
+                (
+                    name.clone(),
+                    Resolved {
+                        module: module.clone(),
+                        digest: digests[name].clone(),
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+struct ContainerHandler;
+
+impl Handler for ContainerHandler {
+    fn describe() -> Description {
+        Description::new("container", env!("CARGO_PKG_VERSION"), [UPDATE_TYPE]).with_rollback()
+    }
+
+    fn validate(step: &Step) -> Result<Plan, Status> {
+        let job = Job::of(step)?;
+        let resolved = job.resolved()?;
+        let mut plan = Plan::new(job.deployment.installed_criteria());
+        for (name, r) in &resolved {
+            plan.details
+                .push((name.clone(), format!("{} = {}", r.module.image, r.digest)));
+        }
+        Ok(plan)
+    }
+
+    fn is_installed(step: &Step) -> Result<bool, Status> {
+        let job = Job::of(step)?;
+        let resolved = job.resolved()?;
+        let managed = job.engine().managed()?;
+        let all_match = resolved
+            .iter()
+            .all(|(name, want)| managed.iter().any(|c| &c.name == name && c.matches(want)));
+        let no_strays = managed.iter().all(|c| resolved.contains_key(&c.name));
+        Ok(all_match && no_strays)
+    }
+
+    fn download(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let engine = job.engine();
+            let resolved = job.resolved()?;
+            let total = resolved.len() as u64;
+            for (i, (name, r)) in resolved.iter().enumerate() {
+                if cancel_requested() {
+                    return Ok(Outcome::Cancelled);
+                }
+                let pinned = r.pinned();
+                if !engine.has_image(&pinned) {
+                    info!("pulling {pinned} for {name}");
+                    engine.pull(&pinned)?;
+                }
+                progress(Phase::Download, i as u64 + 1, total);
+            }
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn backup(step: &Step) -> Outcome {
+        phase(step, |_| {
+            checkpoint::set_json(CHANGES_KEY, &Changes::default())
+                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn install(step: &Step) -> Outcome {
+        phase(step, install)
+    }
+
+    fn apply(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let engine = job.engine();
+            let resolved = job.resolved()?;
+            let changes = load_changes()?;
+            for name in &changes.created {
+                if resolved[name].module.status == DesiredStatus::Running {
+                    engine.start(name)?;
+                }
+            }
+            for name in &changes.created {
+                wait_until_ready(&engine, name, &resolved[name], &job.config)?;
+            }
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn verify(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let engine = job.engine();
+            for (name, want) in job.resolved()? {
+                match engine.inspect(&name)? {
+                    Some(c) if c.matches(&want) => {}
+                    Some(c) => {
+                        return Err(Status::new(
+                            status::NOT_RUNNING,
+                            format!("module {name} is {}, not as deployed", c.state),
+                        ));
+                    }
+                    None => {
+                        return Err(Status::new(
+                            status::NOT_RUNNING,
+                            format!("module {name} has no container"),
+                        ));
+                    }
+                }
+            }
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn commit(step: &Step) -> Outcome {
+        phase(step, |job| {
+            let engine = job.engine();
+            for name in load_changes()?.kept.keys() {
+                engine.remove(&format!("{name}{OLD}"))?;
+            }
+            Ok(Outcome::Success)
+        })
+    }
+
+    fn rollback(step: &Step) -> Outcome {
+        phase(step, rollback)
+    }
+
+    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
+        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
+        let managed = Engine::new(&config).managed()?;
+        Ok(managed
+            .into_iter()
+            .filter(|c| !c.name.ends_with(OLD))
+            .filter_map(|c| {
+                let spec = c.spec?;
+                let tag = ImageRef::parse(&spec.module.image)
+                    .ok()?
+                    .tag
+                    .unwrap_or_default();
+                Some(InstalledItem {
+                    name: c.name,
+                    version: tag,
+                    update_type: UPDATE_TYPE.into(),
+                    details: vec![
+                        ("image".into(), spec.module.image),
+                        ("digest".into(), spec.digest),
+                        ("state".into(), c.state),
+                    ],
+                })
+            })
+            .collect())
+    }
+}
+
+export_handler!(ContainerHandler);
+
+fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
+    Job::of(step)
+        .and_then(|job| body(&job))
+        .unwrap_or_else(Outcome::Failed)
+}
+
+fn load_changes() -> Result<Changes, Status> {
+    checkpoint::get_json::<Changes>(CHANGES_KEY)
+        .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))
+        .map(Option::unwrap_or_default)
+}
+
+fn save_changes(changes: &Changes) -> Result<(), Status> {
+    checkpoint::set_json(CHANGES_KEY, changes)
+        .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))
+}
+
+/// Keeps `c` as `<name>.otabox-old`, stopped; records whether it ran.
+fn keep_old(engine: &Engine<'_>, c: &Container, changes: &mut Changes) -> Result<(), Status> {
+    let was_running = c.state == "running";
+    engine.remove(&format!("{}{OLD}", c.name))?;
+    if was_running {
+        engine.stop(&c.name)?;
+    }
+    engine.rename(&c.name, &format!("{}{OLD}", c.name))?;
+    changes.kept.insert(c.name.clone(), was_running);
+    save_changes(changes)
+}
+
+fn install(job: &Job) -> Result<Outcome, Status> {
+    let engine = job.engine();
+    let resolved = job.resolved()?;
+    let mut changes = load_changes()?;
+    let managed = engine.managed()?;
+    for (name, want) in &resolved {
+        let current = managed.iter().find(|c| &c.name == name);
+        if let Some(c) = current {
+            if c.spec.as_ref() == Some(want) && c.matches(want) {
+                info!("module {name} is unchanged");
+                continue;
+            }
+            keep_old(&engine, c, &mut changes)?;
+        }
+        engine.create(name, want)?;
+        changes.created.push(name.clone());
+        save_changes(&changes)?;
+        info!("module {name}: created from {}", want.pinned());
+    }
+    for stray in managed
+        .iter()
+        .filter(|c| !c.name.ends_with(OLD) && !resolved.contains_key(&c.name))
+    {
+        info!("module {} is no longer deployed", stray.name);
+        keep_old(&engine, stray, &mut changes)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// Waits until module `name` runs (and is healthy, with a health check)
+/// and keeps running for the settle time without a restart.
+fn wait_until_ready(
+    engine: &Engine<'_>,
+    name: &str,
+    want: &Resolved,
+    config: &Config,
+) -> Result<(), Status> {
+    if want.module.status == DesiredStatus::Stopped {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_millis(config.start_timeout_ms);
+    let inspect = || {
+        engine
+            .inspect(name)?
+            .ok_or_else(|| Status::new(status::NOT_RUNNING, format!("module {name} disappeared")))
+    };
+    loop {
+        let c = inspect()?;
+        if c.state == "running" && c.health.as_deref().is_none_or(|h| h == "healthy") {
+            std::thread::sleep(Duration::from_millis(config.settle_ms));
+            let later = inspect()?;
+            if later.state == "running" && later.restarts == c.restarts {
+                return Ok(());
+            }
+            return Err(not_running(engine, name, &later, "stopped"));
+        }
+        let failed = matches!(c.state.as_str(), "exited" | "dead" | "restarting")
+            || c.health.as_deref() == Some("unhealthy");
+        if failed || Instant::now() >= deadline {
+            let why = if failed {
+                "stopped"
+            } else {
+                "was not ready in time"
+            };
+            return Err(not_running(engine, name, &c, why));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn not_running(engine: &Engine<'_>, name: &str, c: &Container, why: &str) -> Status {
+    Status::new(
+        status::NOT_RUNNING,
+        format!(
+            "module {name} {why} (state {}{}, {} restart(s)): {}",
+            c.state,
+            c.health
+                .as_deref()
+                .map(|h| format!(", {h}"))
+                .unwrap_or_default(),
+            c.restarts,
+            engine.logs(name)
+        ),
+    )
+    .detail("module", name)
+}
+
+fn rollback(job: &Job) -> Result<Outcome, Status> {
+    let engine = job.engine();
+    let changes = load_changes()?;
+    for name in &changes.created {
+        engine.remove(name)?;
+    }
+    for (name, was_running) in &changes.kept {
+        let old = format!("{name}{OLD}");
+        if engine.inspect(&old)?.is_none() {
+            continue;
+        }
+        engine.remove(name)?;
+        engine.rename(&old, name)?;
+        if *was_running {
+            engine.start(name)?;
+        }
+        info!("module {name} restored");
+    }
+    Ok(Outcome::Success)
+}

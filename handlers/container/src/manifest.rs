@@ -1,0 +1,412 @@
+//! The deployment manifest (IoT Edge style) and the device configuration.
+//!
+//! ```json
+//! {"name": "edge-runtime", "version": "7",
+//!  "allowReleaseCandidates": false,
+//!  "systemModules": {"edgeAgent": {"image": "registry.example/edge-agent:1.4"}},
+//!  "modules": {
+//!    "tempSensor": {"image": "registry.example/temp:1.0.7",
+//!                   "env": {"INTERVAL": "5"}, "status": "running",
+//!                   "restartPolicy": "always",
+//!                   "createOptions": {"Cmd": ["/bin/temp", "--fast"],
+//!                                     "HostConfig": {"NetworkMode": "none"}}}}}
+//! ```
+//! A tag such as `1.0` is rolling (re-resolved on every deployment), `1.0.7`
+//! specific; a release candidate (`1.0.7-rc1`) is refused unless
+//! `allowReleaseCandidates` is true. Installed criteria: `<name>-<version>`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a module's container should run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredStatus {
+    /// Started and kept running.
+    #[default]
+    Running,
+    /// Created but not started.
+    Stopped,
+}
+
+/// When the engine restarts a module's container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// When it exits with an error.
+    OnFailure,
+    /// Always.
+    #[default]
+    Always,
+    /// Always, unless it was stopped by hand.
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// The engine's name for the policy.
+    pub fn engine_name(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+            RestartPolicy::UnlessStopped => "unless-stopped",
+        }
+    }
+}
+
+/// The supported subset of Docker's create options (its API casing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOptions {
+    /// Command and arguments.
+    #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Entrypoint (program first).
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entrypoint: Option<Vec<String>>,
+    /// Working directory.
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub working_dir: Option<String>,
+    /// User.
+    #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Host options.
+    #[serde(
+        rename = "HostConfig",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub host_config: Option<HostConfig>,
+}
+
+/// The supported subset of `HostConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Bind mounts, `host:container[:ro]`.
+    #[serde(rename = "Binds", default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<String>,
+    /// Network mode (`none`, `host`, a network name).
+    #[serde(
+        rename = "NetworkMode",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network_mode: Option<String>,
+}
+
+/// One module as written in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Module {
+    /// Image reference, `registry/repo:tag` (or `@sha256:…`).
+    pub image: String,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Running or stopped.
+    #[serde(default)]
+    pub status: DesiredStatus,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Create options.
+    #[serde(default)]
+    pub create_options: CreateOptions,
+}
+
+/// The manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Deployment {
+    /// Deployment name.
+    pub name: String,
+    /// Deployment version.
+    pub version: String,
+    /// Whether release-candidate tags may be installed.
+    #[serde(default)]
+    pub allow_release_candidates: bool,
+    /// Runtime modules, reconciled first.
+    #[serde(default)]
+    pub system_modules: BTreeMap<String, Module>,
+    /// User modules.
+    #[serde(default)]
+    pub modules: BTreeMap<String, Module>,
+}
+
+impl Deployment {
+    /// Parses and checks `json`; errors name the module at fault.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let d: Self =
+            serde_json::from_str(json).map_err(|e| format!("invalid container deployment: {e}"))?;
+        if d.name.trim().is_empty() || d.version.trim().is_empty() {
+            return Err(
+                "invalid container deployment: `name` and `version` must not be empty".into(),
+            );
+        }
+        if d.system_modules.is_empty() && d.modules.is_empty() {
+            return Err("invalid container deployment: no modules".into());
+        }
+        for name in d.system_modules.keys() {
+            if d.modules.contains_key(name) {
+                return Err(format!(
+                    "module {name:?}: listed as a system module and a module"
+                ));
+            }
+        }
+        for (name, module) in d.all() {
+            check_module_name(name).map_err(|e| format!("module {name:?}: {e}"))?;
+            let image =
+                ImageRef::parse(&module.image).map_err(|e| format!("module {name:?}: {e}"))?;
+            if image.is_release_candidate() && !d.allow_release_candidates {
+                return Err(format!(
+                    "module {name:?}: {} is a release candidate; set \"allowReleaseCandidates\": true to install it",
+                    module.image
+                ));
+            }
+        }
+        Ok(d)
+    }
+
+    /// Every module, system modules first, each group in name order.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &Module)> {
+        self.system_modules.iter().chain(self.modules.iter())
+    }
+
+    /// `<name>-<version>`.
+    pub fn installed_criteria(&self) -> String {
+        format!("{}-{}", self.name, self.version)
+    }
+}
+
+fn check_module_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(
+            "a module name is letters, digits and `_ . -`, starting with a letter or digit".into(),
+        );
+    }
+    Ok(())
+}
+
+/// An image reference split into repository and tag or digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// `registry/path/repo`.
+    pub repository: String,
+    /// The tag, when given.
+    pub tag: Option<String>,
+    /// The digest, when given.
+    pub digest: Option<String>,
+}
+
+impl ImageRef {
+    /// Parses `repo[:tag][@digest]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{text:?} is not an image reference"));
+        }
+        let (name, digest) = match text.split_once('@') {
+            Some((n, d)) if d.starts_with("sha256:") && d.len() == 71 => (n, Some(d.to_string())),
+            Some(_) => return Err(format!("{text:?}: a digest is `sha256:` and 64 hex digits")),
+            None => (text, None),
+        };
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match name[last_slash..].rfind(':') {
+            Some(i) => (
+                name[..last_slash + i].to_string(),
+                Some(name[last_slash + i + 1..].to_string()),
+            ),
+            None => (name.to_string(), None),
+        };
+        if repository.is_empty() || tag.as_deref() == Some("") {
+            return Err(format!("{text:?} is not an image reference"));
+        }
+        if tag.is_none() && digest.is_none() {
+            return Err(format!(
+                "{text:?} names no tag: give a tag (rolling like `1.0` or specific like `1.0.7`)"
+            ));
+        }
+        Ok(Self {
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// `1.0.7-rc1`, `2.0-RC.3`: a release candidate.
+    pub fn is_release_candidate(&self) -> bool {
+        let Some(tag) = &self.tag else {
+            return false;
+        };
+        let lower = tag.to_ascii_lowercase();
+        lower.match_indices("-rc").any(|(i, _)| {
+            lower[i + 3..]
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '.')
+        })
+    }
+
+    /// The reference pinned to `digest`: `repository@digest`.
+    pub fn pinned(&self, digest: &str) -> String {
+        format!("{}@{digest}", self.repository)
+    }
+}
+
+/// The device configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The engine CLI: `/usr/bin/docker` or `/usr/bin/podman`.
+    pub cli: String,
+    /// The engine's socket (`-H`), when not the default.
+    pub host: Option<String>,
+    /// Registries reached over plain HTTP or with a certificate the engine
+    /// does not check (`--insecure` for manifest lookups), such as a
+    /// registry on loopback.
+    pub insecure_registries: Vec<String>,
+    /// A directory with the engine CLI's `config.json` holding registry
+    /// credentials (`DOCKER_CONFIG`); the handler never reads or logs it.
+    pub credentials_dir: Option<String>,
+    /// How long a started module may take to be running (and healthy).
+    pub start_timeout_ms: u64,
+    /// How long a module must then keep running, without a restart, to
+    /// count as started.
+    pub settle_ms: u64,
+    /// The device's architecture as registries name it (`amd64`, `arm64`),
+    /// to pick from multi-platform images.
+    pub architecture: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cli: "/usr/bin/docker".into(),
+            host: None,
+            insecure_registries: Vec::new(),
+            credentials_dir: None,
+            start_timeout_ms: 30_000,
+            settle_ms: 1_000,
+            architecture: "amd64".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses the configuration JSON the host passes.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let c: Self = serde_json::from_str(json)
+            .map_err(|e| format!("invalid container handler config: {e}"))?;
+        if !["/usr/bin/docker", "/usr/bin/podman"].contains(&c.cli.as_str()) {
+            return Err(format!(
+                "invalid container handler config: `cli` must be /usr/bin/docker or /usr/bin/podman, found {:?}",
+                c.cli
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Whether lookups of `repository` need `--insecure`.
+    pub fn is_insecure(&self, repository: &str) -> bool {
+        let registry = repository.split('/').next().unwrap_or_default();
+        self.insecure_registries.iter().any(|r| r == registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_repository_tag_and_digest() {
+        let r = ImageRef::parse("127.0.0.1:5000/edge/agent:1.4").expect("valid");
+        assert_eq!(r.repository, "127.0.0.1:5000/edge/agent");
+        assert_eq!(r.tag.as_deref(), Some("1.4"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let pinned = ImageRef::parse(&format!("reg/app:1.0@{d}")).expect("valid");
+        assert_eq!(pinned.digest.as_deref(), Some(d.as_str()));
+        assert_eq!(pinned.pinned(&d), format!("reg/app@{d}"));
+        for bad in ["", "reg/app", "reg/app:", "reg/app@sha256:12", "a b:1"] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn release_candidates_are_recognised() {
+        let rc = |t: &str| {
+            ImageRef::parse(&format!("r/app:{t}"))
+                .expect("valid")
+                .is_release_candidate()
+        };
+        assert!(rc("1.0.7-rc1"));
+        assert!(rc("2.0-RC.3"));
+        assert!(rc("1.0-rc"));
+        assert!(!rc("1.0.7"));
+        assert!(!rc("1.0-rcfoo"));
+        assert!(!rc("1.0"));
+    }
+
+    #[test]
+    fn deployments_are_strict_and_refuse_unasked_release_candidates() {
+        let ok = r#"{"name":"rt","version":"1","modules":{"temp":{"image":"r/temp:1.0","env":{"A":"1"},
+            "createOptions":{"Cmd":["/bin/sleep","9"],"HostConfig":{"NetworkMode":"none"}}}}}"#;
+        let d = Deployment::parse(ok).expect("valid");
+        assert_eq!(d.installed_criteria(), "rt-1");
+        assert_eq!(d.modules["temp"].restart_policy, RestartPolicy::Always);
+        for (json, why) in [
+            (r#"{"name":"rt","version":"1","modules":{}}"#, "no modules"),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1","ports":[]}}}"#,
+                "unknown field `ports`",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1","createOptions":{"Privileged":true}}}}"#,
+                "unknown field `Privileged`",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"-a":{"image":"r/a:1"}}}"#,
+                "module \"-a\"",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a"}}}"#,
+                "names no tag",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1.0.7-rc1"}}}"#,
+                "release candidate",
+            ),
+            (
+                r#"{"name":"rt","version":"1","systemModules":{"a":{"image":"r/a:1"}},"modules":{"a":{"image":"r/a:1"}}}"#,
+                "system module and a module",
+            ),
+        ] {
+            let err = Deployment::parse(json).expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
+        let asked = r#"{"name":"rt","version":"1","allowReleaseCandidates":true,"modules":{"a":{"image":"r/a:1.0.7-rc1"}}}"#;
+        assert!(Deployment::parse(asked).is_ok());
+    }
+
+    #[test]
+    fn configs_pick_an_engine_and_insecure_registries() {
+        let c = Config::parse(
+            r#"{"host":"unix:///run/d.sock","insecure_registries":["127.0.0.1:5000"]}"#,
+        )
+        .expect("valid");
+        assert!(c.is_insecure("127.0.0.1:5000/app"));
+        assert!(!c.is_insecure("registry.example/app"));
+        assert!(Config::parse(r#"{"cli":"/bin/sh"}"#).is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! Result codes of the container handler (10 and 11 are the SDK's: invalid
+//! manifest, invalid config). Engine failures carry facility 5 (container
+//! engine) and the CLI's exit code.
+
+/// An image or tag is not in its registry (or the registry is unreachable).
+pub const UNKNOWN_IMAGE: u32 = 40;
+/// Pulling an image failed.
+pub const PULL_FAILED: u32 = 41;
+/// Creating a container failed.
+pub const CREATE_FAILED: u32 = 42;
+/// Starting a container failed.
+pub const START_FAILED: u32 = 43;
+/// A module did not reach its desired state in time (exited, unhealthy).
+pub const NOT_RUNNING: u32 = 44;
+/// Another engine operation failed.
+pub const ENGINE: u32 = 45;
+/// The handler's checkpoints could not be read or written.
+pub const RECORD: u32 = 46;

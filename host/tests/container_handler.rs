@@ -1,0 +1,263 @@
+//! The container handler through the step workflow against a real isolated
+//! dockerd and a real registry on loopback, with tiny busybox images built
+//! and pushed by the tests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::containers::{Dockerd, Registry};
+use common::{failed, inventory_of, runtime};
+use otabox::capabilities::DeviceGrant;
+use otabox::runtime::{Handler, Runtime};
+use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
+use serde_json::{Value, json};
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    engine: Dockerd,
+    registry: Registry,
+    handler: Handler,
+    _rt: Runtime,
+}
+
+async fn rig() -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let engine = Dockerd::start(&root.join("engine"));
+    let registry = Registry::start(&root.join("registry"));
+    let handlers = root.join("handlers");
+    std::fs::create_dir_all(&handlers).expect("handlers");
+    for ext in ["wasm", "toml"] {
+        std::fs::copy(
+            Path::new(otabox::builtin::BUILT_DIR).join(format!("container.{ext}")),
+            handlers.join(format!("container.{ext}")),
+        )
+        .expect("the built container handler");
+    }
+    let grant = DeviceGrant {
+        config: Some(
+            toml::Table::try_from(json!({
+                "host": engine.host,
+                "insecure_registries": [registry.address],
+                "start_timeout_ms": 10000,
+            }))
+            .expect("config"),
+        ),
+        ..DeviceGrant::default()
+    };
+    let rt = runtime(&root);
+    let handler = rt
+        .load_handler(&handlers.join("container.toml"), Some(&grant))
+        .await
+        .expect("load the container handler");
+    Rig {
+        _dir: dir,
+        root,
+        engine,
+        registry,
+        handler,
+        _rt: rt,
+    }
+}
+
+impl Rig {
+    fn image(&self, repo_tag: &str) -> String {
+        format!("{}/{repo_tag}", self.registry.address)
+    }
+
+    /// Builds and pushes `repo:tag` with a long-running command.
+    fn publish(&self, repo_tag: &str, content: &str) -> String {
+        self.engine
+            .publish(&self.image(repo_tag), content, r#"["/bin/sleep","3600"]"#)
+    }
+
+    async fn deploy(&self, job: &str, version: &str, modules: Value) -> StepReport {
+        let manifest = json!({"name": "edge", "version": version, "modules": modules});
+        self.deploy_manifest(job, manifest).await
+    }
+
+    async fn deploy_manifest(&self, job: &str, manifest: Value) -> StepReport {
+        let request = StepRequest {
+            job_id: job.into(),
+            step: 0,
+            update_type: "otabox/container:1".into(),
+            manifest: manifest.to_string(),
+            payloads: Vec::new(),
+            job_dir: self.root.join("jobs").join(job),
+            cancel: Default::default(),
+        };
+        run_step(&self.handler, request, None).await.expect("step")
+    }
+
+    fn module(&self, repo_tag: &str) -> Value {
+        json!({"image": self.image(repo_tag), "createOptions": {"HostConfig": {"NetworkMode": "none"}}})
+    }
+}
+
+fn installed(report: &StepReport) {
+    assert!(
+        matches!(report.result, StepResult::Installed { .. }),
+        "{:?}\n{:?}",
+        report.result,
+        report.phases
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_recreate_only_what_changed_and_leave_other_containers_alone() {
+    let r = rig().await;
+    let sensor = r.publish("sensor:1.0", "sensor 1.0");
+    let app_10 = r.publish("app:1.0", "app 1.0");
+    let app_11 = r.publish("app:1.1", "app 1.1");
+    r.engine.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "bystander",
+        &r.image("app:1.0"),
+    ]);
+    let bystander = r.engine.container_id("bystander").expect("bystander");
+
+    // First deployment.
+    installed(
+        &r.deploy(
+            "d1",
+            "1",
+            json!({"sensor": r.module("sensor:1.0"), "app": r.module("app:1.0")}),
+        )
+        .await,
+    );
+    assert_eq!(r.engine.state("sensor"), "running");
+    assert_eq!(r.engine.state("app"), "running");
+    assert_eq!(r.engine.digest_of("app"), app_10);
+    assert_eq!(r.engine.digest_of("sensor"), sensor);
+    let sensor_id = r.engine.container_id("sensor").expect("sensor");
+    let app_id = r.engine.container_id("app").expect("app");
+
+    // A specific tag changes for one module: only that one is recreated.
+    installed(
+        &r.deploy(
+            "d2",
+            "2",
+            json!({"sensor": r.module("sensor:1.0"), "app": r.module("app:1.1")}),
+        )
+        .await,
+    );
+    assert_eq!(
+        r.engine.container_id("sensor"),
+        Some(sensor_id.clone()),
+        "sensor untouched"
+    );
+    assert_ne!(r.engine.container_id("app"), Some(app_id), "app recreated");
+    assert_eq!(r.engine.digest_of("app"), app_11);
+    assert_eq!(r.engine.state("app"), "running");
+    assert!(
+        r.engine.container_id("app.otabox-old").is_none(),
+        "commit dropped the old one"
+    );
+
+    // The same deployment again: nothing to do.
+    let app_id = r.engine.container_id("app").expect("app");
+    let again = r
+        .deploy(
+            "d2-again",
+            "2",
+            json!({"sensor": r.module("sensor:1.0"), "app": r.module("app:1.1")}),
+        )
+        .await;
+    assert_eq!(
+        again.result,
+        StepResult::AlreadyInstalled {
+            criteria: "edge-2".into()
+        }
+    );
+    assert_eq!(r.engine.container_id("app"), Some(app_id));
+    assert_eq!(r.engine.container_id("sensor"), Some(sensor_id));
+
+    // A rolling tag moves in the registry: the next deployment pulls the
+    // new digest and recreates the module; a module no longer listed goes.
+    let first = r.publish("app:1", "app 1 first build");
+    installed(&r.deploy("d3", "3", json!({"app": r.module("app:1")})).await);
+    assert_eq!(r.engine.digest_of("app"), first);
+    assert!(
+        r.engine.container_id("sensor").is_none(),
+        "sensor is no longer deployed"
+    );
+    let moved = r.publish("app:1", "app 1 rebuilt");
+    assert_ne!(first, moved);
+    installed(&r.deploy("d4", "4", json!({"app": r.module("app:1")})).await);
+    assert_eq!(r.engine.digest_of("app"), moved, "re-pulled and recreated");
+
+    let items = inventory_of(&r.handler).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(
+        (items[0].name.as_str(), items[0].version.as_str()),
+        ("app", "1")
+    );
+
+    assert_eq!(
+        r.engine.container_id("bystander"),
+        Some(bystander),
+        "never touched"
+    );
+    assert_eq!(r.engine.state("bystander"), "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_roll_back_or_stop_before_anything_changes() {
+    let r = rig().await;
+    let good = r.publish("app:1.0", "app 1.0");
+    r.engine
+        .publish(&r.image("app:2.0"), "app 2.0 broken", r#"["/bin/false"]"#);
+    r.publish("app:2.1-rc1", "app 2.1 candidate");
+    installed(
+        &r.deploy("d1", "1", json!({"app": r.module("app:1.0")}))
+            .await,
+    );
+    let app_id = r.engine.container_id("app").expect("app");
+
+    // An image that does not start: rolled back to the previous digest.
+    let report = r
+        .deploy("d2", "2", json!({"app": r.module("app:2.0")}))
+        .await;
+    let (phase, code, message, rolled_back) = failed(&report);
+    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+    assert!(message.contains("module app stopped"), "{message}");
+    assert_eq!(
+        r.engine.container_id("app"),
+        Some(app_id.clone()),
+        "the old container is back"
+    );
+    assert_eq!(r.engine.state("app"), "running");
+    assert_eq!(r.engine.digest_of("app"), good);
+
+    // An unknown tag: a clear error at validate, nothing stopped.
+    let report = r
+        .deploy("d3", "3", json!({"app": r.module("app:9.9")}))
+        .await;
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("validate", 40), "{message}");
+    assert!(
+        message.contains("module app") && message.contains("app:9.9"),
+        "{message}"
+    );
+    assert_eq!(r.engine.container_id("app"), Some(app_id.clone()));
+    assert_eq!(r.engine.state("app"), "running");
+
+    // A release candidate without opt-in: refused; with it: installed.
+    let report = r
+        .deploy("d4", "4", json!({"app": r.module("app:2.1-rc1")}))
+        .await;
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("validate", 10), "{message}");
+    assert!(message.contains("release candidate"), "{message}");
+    assert_eq!(r.engine.container_id("app"), Some(app_id));
+    let opted = json!({"name": "edge", "version": "5", "allowReleaseCandidates": true,
+                       "modules": {"app": r.module("app:2.1-rc1")}});
+    installed(&r.deploy_manifest("d5", opted).await);
+    assert_eq!(r.engine.state("app"), "running");
+}
