@@ -19,14 +19,51 @@ struct Rig {
     engine: Dockerd,
     registry: Registry,
     handler: Handler,
-    _rt: Runtime,
+    rt: Runtime,
 }
 
 async fn rig() -> Rig {
+    rig_with(None).await
+}
+
+/// A rig whose registry requires `login`; the handler gets the login in
+/// its device config.
+async fn rig_with(login: Option<(&str, &str)>) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
     let engine = Dockerd::start(&root.join("engine"));
-    let registry = Registry::start(&root.join("registry"));
+    let registry = match login {
+        Some((user, password)) => {
+            let r = Registry::start_with_login(&root.join("registry"), user, password);
+            engine.login(&r.address, user, password);
+            r
+        }
+        None => Registry::start(&root.join("registry")),
+    };
+    let mut config = json!({
+        "host": engine.host,
+        "insecure_registries": [registry.address],
+        "start_timeout_ms": 10000,
+    });
+    if let Some((user, password)) = login {
+        config["credentials_dir"] = json!(root.join("device-docker").display().to_string());
+        config["registries"] =
+            json!({registry.address.clone(): {"username": user, "password": password}});
+    }
+    let rt = runtime(&root);
+    let handler = load(&rt, &root, config).await;
+    Rig {
+        _dir: dir,
+        root,
+        engine,
+        registry,
+        handler,
+        rt,
+    }
+}
+
+/// The built container handler in `root/handlers` with `config`.
+async fn load(rt: &Runtime, root: &Path, config: Value) -> Handler {
     let handlers = root.join("handlers");
     std::fs::create_dir_all(&handlers).expect("handlers");
     for ext in ["wasm", "toml"] {
@@ -37,29 +74,12 @@ async fn rig() -> Rig {
         .expect("the built container handler");
     }
     let grant = DeviceGrant {
-        config: Some(
-            toml::Table::try_from(json!({
-                "host": engine.host,
-                "insecure_registries": [registry.address],
-                "start_timeout_ms": 10000,
-            }))
-            .expect("config"),
-        ),
+        config: Some(toml::Table::try_from(config).expect("config")),
         ..DeviceGrant::default()
     };
-    let rt = runtime(&root);
-    let handler = rt
-        .load_handler(&handlers.join("container.toml"), Some(&grant))
+    rt.load_handler(&handlers.join("container.toml"), Some(&grant))
         .await
-        .expect("load the container handler");
-    Rig {
-        _dir: dir,
-        root,
-        engine,
-        registry,
-        handler,
-        _rt: rt,
-    }
+        .expect("load the container handler")
 }
 
 impl Rig {
@@ -260,4 +280,44 @@ async fn failures_roll_back_or_stop_before_anything_changes() {
                        "modules": {"app": r.module("app:2.1-rc1")}});
     installed(&r.deploy_manifest("d5", opted).await);
     assert_eq!(r.engine.state("app"), "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_credentials_come_from_the_device_config_and_stay_secret() {
+    const PASSWORD: &str = "s3cret-registry-pw";
+    let r = rig_with(Some(("device-7", PASSWORD))).await;
+    let digest = r.publish("private:1.0", "private 1.0");
+    let modules = json!({"private": r.module("private:1.0")});
+
+    // The same registry without the login: refused at validate.
+    let bare_root = r.root.join("bare");
+    let bare = load(
+        &r.rt,
+        &bare_root,
+        json!({"host": r.engine.host, "insecure_registries": [r.registry.address]}),
+    )
+    .await;
+    let request = StepRequest {
+        job_id: "anon".into(),
+        step: 0,
+        update_type: "otabox/container:1".into(),
+        manifest: json!({"name": "edge", "version": "1", "modules": modules}).to_string(),
+        payloads: Vec::new(),
+        job_dir: bare_root.join("job"),
+        cancel: Default::default(),
+    };
+    let report = run_step(&bare, request, None).await.expect("step");
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("validate", 40), "{message}");
+    assert!(message.contains("no basic auth credentials"), "{message}");
+
+    // With the login from the device config: installed, the secret nowhere.
+    let report = r.deploy("d1", "1", modules).await;
+    installed(&report);
+    assert_eq!(r.engine.digest_of("private"), digest);
+    let everything = serde_json::to_string(&report).expect("report");
+    assert!(!everything.contains(PASSWORD), "{everything}");
+    let kept =
+        std::fs::read_to_string(r.root.join("device-docker/config.json")).expect("login kept");
+    assert!(kept.contains(&r.registry.address));
 }

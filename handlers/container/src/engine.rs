@@ -145,6 +145,41 @@ impl<'a> Engine<'a> {
         )
     }
 
+    /// Logs in to every configured registry (the password on stdin).
+    pub fn login_all(&self) -> Result<(), Status> {
+        for (registry, login) in &self.config.registries {
+            let out = self
+                .command([
+                    "login",
+                    "--username",
+                    &login.username,
+                    "--password-stdin",
+                    registry,
+                ])
+                .stdin(login.password.clone().into_bytes())
+                .run()
+                .map_err(|e| {
+                    Status::new(
+                        status::LOGIN_FAILED,
+                        format!("cannot log in to {registry}: {e}"),
+                    )
+                })?;
+            if !out.success() {
+                let said = out.stderr().replace(&login.password, "<redacted>");
+                return Err(Status::new(
+                    status::LOGIN_FAILED,
+                    format!(
+                        "{registry} refused the login of {}: {}",
+                        login.username,
+                        said.trim()
+                    ),
+                )
+                .extended(Facility::ContainerEngine, 1, 0));
+            }
+        }
+        Ok(())
+    }
+
     /// The digest `image`'s tag points at in its registry (no pull).
     pub fn resolve(&self, image: &ImageRef, text: &str) -> Result<String, Status> {
         if let Some(d) = &image.digest {

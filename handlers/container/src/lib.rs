@@ -72,6 +72,9 @@ impl Job {
         let saved: Option<BTreeMap<String, String>> = checkpoint::get_json(RESOLVED_KEY)
             .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
         let engine = self.engine();
+        if saved.is_none() {
+            engine.login_all()?;
+        }
         let mut digests = BTreeMap::new();
         for (name, module) in self.deployment.all() {
             let digest = match saved.as_ref().and_then(|s| s.get(name)) {
@@ -139,6 +142,7 @@ impl Handler for ContainerHandler {
         phase(step, |job| {
             let engine = job.engine();
             let resolved = job.resolved()?;
+            engine.login_all()?;
             let total = resolved.len() as u64;
             for (i, (name, r)) in resolved.iter().enumerate() {
                 if cancel_requested() {

@@ -277,9 +277,12 @@ pub struct Config {
     /// does not check (`--insecure` for manifest lookups), such as a
     /// registry on loopback.
     pub insecure_registries: Vec<String>,
-    /// A directory with the engine CLI's `config.json` holding registry
-    /// credentials (`DOCKER_CONFIG`); the handler never reads or logs it.
+    /// A directory for the engine CLI's `config.json`, where logins to
+    /// `registries` are kept (`DOCKER_CONFIG`).
     pub credentials_dir: Option<String>,
+    /// Registry → login. Passwords reach the CLI on its standard input
+    /// only; they are never in arguments, logs or reports.
+    pub registries: BTreeMap<String, Login>,
     /// How long a started module may take to be running (and healthy).
     pub start_timeout_ms: u64,
     /// How long a module must then keep running, without a restart, to
@@ -297,10 +300,30 @@ impl Default for Config {
             host: None,
             insecure_registries: Vec::new(),
             credentials_dir: None,
+            registries: BTreeMap::new(),
             start_timeout_ms: 30_000,
             settle_ms: 1_000,
             architecture: "amd64".into(),
         }
+    }
+}
+
+/// A registry login.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -309,6 +332,12 @@ impl Config {
     pub fn parse(json: &str) -> Result<Self, String> {
         let c: Self = serde_json::from_str(json)
             .map_err(|e| format!("invalid container handler config: {e}"))?;
+        if !c.registries.is_empty() && c.credentials_dir.is_none() {
+            return Err(
+                "invalid container handler config: `registries` need a `credentials_dir` to keep the logins in"
+                    .into(),
+            );
+        }
         if !["/usr/bin/docker", "/usr/bin/podman"].contains(&c.cli.as_str()) {
             return Err(format!(
                 "invalid container handler config: `cli` must be /usr/bin/docker or /usr/bin/podman, found {:?}",
@@ -408,5 +437,17 @@ mod tests {
         assert!(c.is_insecure("127.0.0.1:5000/app"));
         assert!(!c.is_insecure("registry.example/app"));
         assert!(Config::parse(r#"{"cli":"/bin/sh"}"#).is_err());
+        let err = Config::parse(r#"{"registries":{"r.example":{"username":"u","password":"p"}}}"#)
+            .expect_err("no credentials_dir");
+        assert!(err.contains("credentials_dir"), "{err}");
+        let c = Config::parse(
+            r#"{"credentials_dir":"/var/lib/otabox/docker","registries":{"r.example":{"username":"u","password":"hunter2"}}}"#,
+        )
+        .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

@@ -16,3 +16,5 @@ pub const NOT_RUNNING: u32 = 44;
 pub const ENGINE: u32 = 45;
 /// The handler's checkpoints could not be read or written.
 pub const RECORD: u32 = 46;
+/// A registry refused the configured login.
+pub const LOGIN_FAILED: u32 = 47;

@@ -63,9 +63,11 @@ impl Dockerd {
         engine
     }
 
-    /// Runs the docker CLI against this engine.
+    /// Runs the docker CLI against this engine (with its own CLI config
+    /// directory, never the machine's).
     pub fn docker(&self, args: &[&str]) -> std::process::Output {
         Command::new("/usr/bin/docker")
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
             .args(["-H", &self.host])
             .args(args)
             .output()
@@ -167,6 +169,36 @@ impl Dockerd {
     }
 }
 
+impl Dockerd {
+    /// Logs the test's own CLI in to `registry`.
+    pub fn login(&self, registry: &str, user: &str, password: &str) {
+        let mut child = Command::new("/usr/bin/docker")
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .args([
+                "-H",
+                &self.host,
+                "login",
+                "--username",
+                user,
+                "--password-stdin",
+                registry,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker login");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(password.as_bytes())
+            .expect("password");
+        assert!(child.wait().expect("wait").success(), "docker login");
+    }
+}
+
 impl Drop for Dockerd {
     fn drop(&mut self) {
         let ids = self.docker(&["ps", "-aq"]);
@@ -198,14 +230,34 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry with filesystem storage in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    /// Same, requiring `user` / `password` (htpasswd, bcrypt).
+    pub fn start_with_login(dir: &Path, user: &str, password: &str) -> Self {
+        Self::start_with(dir, Some((user, password)))
+    }
+
+    fn start_with(dir: &Path, login: Option<(&str, &str)>) -> Self {
         std::fs::create_dir_all(dir).expect("registry dir");
         let port = free_port();
         let config = dir.join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+                dir.join("data").display(),
+                login.map_or(String::new(), |(user, password)| {
+                    let out = Command::new("htpasswd")
+                        .args(["-Bbn", user, password])
+                        .output()
+                        .expect("htpasswd is installed (make setup)");
+                    std::fs::write(dir.join("htpasswd"), out.stdout).expect("htpasswd file");
+                    format!(
+                        "auth:\n  htpasswd:\n    realm: otabox-test\n    path: {}\n",
+                        dir.join("htpasswd").display()
+                    )
+                })
             ),
         )
         .expect("registry config");
