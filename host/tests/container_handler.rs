@@ -321,3 +321,36 @@ async fn registry_credentials_come_from_the_device_config_and_stay_secret() {
         std::fs::read_to_string(r.root.join("device-docker/config.json")).expect("login kept");
     assert!(kept.contains(&r.registry.address));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_are_awaited_and_an_unhealthy_module_is_rolled_back() {
+    let r = rig().await;
+    let healthy = r
+        .engine
+        .publish_with_health(&r.image("probe:1.0"), "probe 1.0", true);
+    r.engine
+        .publish_with_health(&r.image("probe:2.0"), "probe 2.0", false);
+    installed(
+        &r.deploy("d1", "1", json!({"probe": r.module("probe:1.0")}))
+            .await,
+    );
+    let health = r.engine.ok(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{.State.Health.Status}}",
+        "probe",
+    ]);
+    assert_eq!(health, "healthy", "apply waited for the health check");
+    let probe_id = r.engine.container_id("probe").expect("probe");
+
+    let report = r
+        .deploy("d2", "2", json!({"probe": r.module("probe:2.0")}))
+        .await;
+    let (phase, code, message, rolled_back) = failed(&report);
+    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+    assert!(message.contains("unhealthy"), "{message}");
+    assert_eq!(r.engine.container_id("probe"), Some(probe_id));
+    assert_eq!(r.engine.digest_of("probe"), healthy);
+    assert_eq!(r.engine.state("probe"), "running");
+}

@@ -121,18 +121,62 @@ impl Dockerd {
     /// command is `cmd`, tags it `reference` and pushes it; returns the
     /// pushed digest.
     pub fn publish(&self, reference: &str, version: &str, cmd: &str) -> String {
+        self.import(reference, version, cmd);
+        self.push(reference)
+    }
+
+    /// Like [`Dockerd::publish`], with a health check (`test -e
+    /// /tmp/ready`, every second) on an image whose command creates that
+    /// file after two seconds — or never, when `healthy` is false.
+    pub fn publish_with_health(&self, reference: &str, version: &str, healthy: bool) -> String {
+        let base = format!("{reference}-base");
+        self.import(&base, version, r#"["/bin/sleep","3600"]"#);
+        let context = self
+            .dir
+            .join(format!("ctx-{}", version.replace(['/', ' '], "_")));
+        std::fs::create_dir_all(&context).expect("build context");
+        let start = if healthy {
+            "sleep 2; touch /tmp/ready; sleep 3600"
+        } else {
+            "sleep 3600"
+        };
+        std::fs::write(
+            context.join("Dockerfile"),
+            format!(
+                "FROM {base}\nHEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/bin/test\",\"-e\",\"/tmp/ready\"]\n\
+                 CMD [\"/bin/sh\",\"-c\",\"{start}\"]\n"
+            ),
+        )
+        .expect("Dockerfile");
+        let out = Command::new("/usr/bin/docker")
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["-H", &self.host, "build", "-q", "-t", reference])
+            .arg(&context)
+            .output()
+            .expect("docker build");
+        assert!(
+            out.status.success(),
+            "docker build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.push(reference)
+    }
+
+    fn import(&self, reference: &str, version: &str, cmd: &str) {
         let root = self
             .dir
             .join(format!("rootfs-{}", version.replace('/', "_")));
         std::fs::create_dir_all(root.join("bin")).expect("rootfs");
         std::fs::copy("/usr/bin/busybox", root.join("bin/busybox"))
             .expect("busybox-static (make setup)");
-        for tool in ["sh", "sleep", "cat", "false", "true"] {
+        for tool in ["sh", "sleep", "cat", "false", "true", "test", "touch"] {
             let link = root.join("bin").join(tool);
             if !link.exists() {
                 std::os::unix::fs::symlink("busybox", &link).expect("symlink");
             }
         }
+        std::fs::create_dir_all(root.join("tmp")).expect("tmp");
         std::fs::write(root.join("version"), format!("{version}\n")).expect("version");
         let tar = self.dir.join(format!("{}.tar", version.replace('/', "_")));
         let status = Command::new("tar")
@@ -151,6 +195,10 @@ impl Dockerd {
             &tar.display().to_string(),
             reference,
         ]);
+    }
+
+    /// Pushes `reference`; returns the digest the registry stored.
+    fn push(&self, reference: &str) -> String {
         self.ok(&["push", "-q", reference]);
         let digests = self.ok(&[
             "image",
