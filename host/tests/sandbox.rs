@@ -587,3 +587,55 @@ async fn a_handler_built_against_contract_1_0_keeps_working() {
         again.result
     );
 }
+
+/// A program that outlives the call's time limit is killed together with
+/// everything it started (its own process group), so nothing it spawned
+/// keeps running after the handler gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_program_is_killed_with_its_children() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let pidfile = dir.path().join("child.pid");
+    // The base capabilities (the guest's other imports) plus /bin/sh -c.
+    let body = format!(
+        "{BASE}[[commands]]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"*\"]\n[limits]\ncall_timeout_ms = 500\n"
+    );
+    let h = hostile(&rt, dir.path(), &body).await.expect("load");
+    let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+    let outcome = act(
+        &h,
+        json!({"action": "exec", "program": "/bin/sh", "args": ["-c", script]}),
+    )
+    .await;
+    let said = match outcome {
+        Ok(o) => failure(o),
+        Err(fault) => format!("{fault:#}"),
+    };
+    assert!(
+        said.contains("killed with its children") || said.contains("time limit"),
+        "{said}"
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the child started")
+        .trim()
+        .parse()
+        .expect("pid");
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                // The state follows the command name in parentheses.
+                let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+                !state.starts_with('Z')
+            })
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background child {pid} survived the timeout"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    still_serves(&h).await;
+}

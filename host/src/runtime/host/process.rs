@@ -107,6 +107,8 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         .env("LANG", "C.UTF-8")
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
+        // Its own process group, so a timeout ends its children too.
+        .process_group(0)
         .stdin(if cmd.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -117,6 +119,7 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| HostError::Failed(format!("cannot start {}: {e}", cmd.program)))?;
+    let group = child.id();
     let stdin = child.stdin.take().zip(cmd.stdin);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -132,11 +135,14 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         (out, err, status)
     };
     match tokio::time::timeout(limit, run).await {
-        Err(_) => Err(HostError::TimedOut(format!(
-            "{} ran longer than {} ms and was killed",
-            cmd.program,
-            limit.as_millis()
-        ))),
+        Err(_) => {
+            kill_group(group);
+            Err(HostError::TimedOut(format!(
+                "{} ran longer than {} ms and was killed with its children",
+                cmd.program,
+                limit.as_millis()
+            )))
+        }
         Ok((_, _, Err(e))) => Err(HostError::Failed(format!(
             "waiting for {}: {e}",
             cmd.program
@@ -147,6 +153,19 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
             stderr,
             truncated: cut_out || cut_err,
         }),
+    }
+}
+
+/// Kills the process group led by `leader` (the program and whatever it
+/// started), so nothing it spawned outlives a timeout.
+fn kill_group(leader: Option<u32>) {
+    let Some(pgid) = leader.and_then(|p| libc::pid_t::try_from(p).ok()) else {
+        return;
+    };
+    // SAFETY: killpg only sends a signal; the group was created for this
+    // child (`process_group(0)`), so no other process is addressed.
+    unsafe {
+        libc::killpg(pgid, libc::SIGKILL);
     }
 }
 
