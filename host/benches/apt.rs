@@ -14,19 +14,14 @@
 //! the two alternates. `make bench` runs 15 rounds; without `--bench` it is a
 //! one-round smoke run.
 
-#[path = "../tests/common/services.rs"]
-#[allow(dead_code)]
-mod services;
-
-#[path = "../tests/common/apt.rs"]
-#[allow(dead_code)]
-mod apt;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use apt::{AptRepo, Sysroot, apt_handler, deb};
+use common::apt::{self as apt, AptRepo, Sysroot, apt_handler, deb};
 use otabox::runtime::{CallScope, Outcome, Phase, Runtime, StepContext};
 use otabox::workflow::{StepRequest, StepResult, run_step};
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::apt::{AptRepo, Deb, Sysroot, apt_handler, copy_apt_handler, deb};
+use common::apt::{AptRepo, Deb, Sysroot, apt_handler, deb};
 use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, Runtime};
 use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
@@ -412,7 +412,7 @@ async fn the_seed_manifests_parse_and_install() {
 /// from its journal, verifies, commits and acknowledges the job.
 #[test]
 fn an_agent_package_restarts_the_agent_which_completes_the_job() {
-    use common::services::{AgentProcess, Mosquitto, TestClient};
+    use common::services::{Mosquitto, TestClient};
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(30);
@@ -439,7 +439,7 @@ fn an_agent_package_restarts_the_agent_which_completes_the_job() {
     assert_eq!(run_marker(), "otabox 1.0");
 
     let broker = Mosquitto::start(&root.join("broker"));
-    copy_apt_handler(&root);
+    common::copy_built_handler(&root, "apt");
     let config = root.join("device.toml");
     std::fs::write(
         &config,
@@ -452,26 +452,17 @@ fn an_agent_package_restarts_the_agent_which_completes_the_job() {
     )
     .expect("device.toml");
     let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-apt/update"]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent online", |m| {
-        m.json
-            .pointer("/state/reported/deployment/agent/state")
-            .is_some()
-    });
-    cloud.publish(
-        "state/dev-apt/update/delta",
-        json!({"version": 1, "state": {"deployment": {
+    let (agent, seen) = common::deploy_through_agent(
+        &cloud,
+        &config,
+        "dev-apt",
+        "job-self",
+        json!({
             "schema": 1, "jobId": "job-self", "version": "2.0",
             "steps": [{"updateType": "microsoft/apt:1", "manifest":
                 {"name": "otabox-agent", "version": "2.0", "packages": [{"name": "otabox", "version": "2.0"}]}}]
-        }}})
-        .to_string(),
+        }),
     );
-    let is_ack = |m: &common::services::Message| {
-        m.json.get("jobId").and_then(Value::as_str) == Some("job-self")
-            && m.json.get("status").is_some()
-    };
-    let seen = cloud.collect_until(WAIT, "the ack after the restart", is_ack);
     let ack = seen.last().expect("the ack");
     let log = agent.log();
     assert_eq!(ack.json["status"], "SUCCESS", "{log}");

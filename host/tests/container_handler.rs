@@ -64,20 +64,12 @@ async fn rig_with(login: Option<(&str, &str)>) -> Rig {
 
 /// The built container handler in `root/handlers` with `config`.
 async fn load(rt: &Runtime, root: &Path, config: Value) -> Handler {
-    let handlers = root.join("handlers");
-    std::fs::create_dir_all(&handlers).expect("handlers");
-    for ext in ["wasm", "toml"] {
-        std::fs::copy(
-            Path::new(otabox::builtin::BUILT_DIR).join(format!("container.{ext}")),
-            handlers.join(format!("container.{ext}")),
-        )
-        .expect("the built container handler");
-    }
+    let manifest = common::copy_built_handler(root, "container");
     let grant = DeviceGrant {
         config: Some(toml::Table::try_from(config).expect("config")),
         ..DeviceGrant::default()
     };
-    rt.load_handler(&handlers.join("container.toml"), Some(&grant))
+    rt.load_handler(&manifest, Some(&grant))
         .await
         .expect("load the container handler")
 }
@@ -353,4 +345,64 @@ async fn health_checks_are_awaited_and_an_unhealthy_module_is_rolled_back() {
     assert_eq!(r.engine.container_id("probe"), Some(probe_id));
     assert_eq!(r.engine.digest_of("probe"), healthy);
     assert_eq!(r.engine.state("probe"), "running");
+}
+
+/// The whole path through the agent: a deployment arrives over MQTT, the
+/// modules run, the ack says SUCCESS and the reported inventory lists the
+/// module with its tag.
+#[test]
+fn a_deployment_through_the_agent_runs_the_modules_and_reports_them() {
+    use common::services::{Mosquitto, TestClient};
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let engine = Dockerd::start(&root.join("engine"));
+    let registry = Registry::start(&root.join("registry"));
+    let image = format!("{}/app:1.0", registry.address);
+    engine.publish(&image, "app 1.0", r#"["/bin/sleep","3600"]"#);
+    let broker = Mosquitto::start(&root.join("broker"));
+    common::copy_built_handler(&root, "container");
+    let config = root.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"gw-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+             [mqtt]\nport = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n\
+             [handlers.container]\nconfig = {{ host = \"{}\", insecure_registries = [\"{}\"], start_timeout_ms = 10000 }}\n",
+            broker.port, engine.host, registry.address
+        ),
+    )
+    .expect("device.toml");
+    let cloud = TestClient::connect(broker.port, "cloud", &["state/gw-1/update"]);
+    let (agent, seen) = common::deploy_through_agent(
+        &cloud,
+        &config,
+        "gw-1",
+        "job-edge",
+        json!({"schema": 1, "jobId": "job-edge", "version": "1",
+            "steps": [{"updateType": "otabox/container:1", "manifest":
+                {"name": "edge", "version": "1", "modules": {"app": {"image": image,
+                    "createOptions": {"HostConfig": {"NetworkMode": "none"}}}}}}]}),
+    );
+    assert_eq!(
+        seen.last().expect("ack").json["status"],
+        "SUCCESS",
+        "{}",
+        agent.log()
+    );
+    assert_eq!(engine.state("app"), "running");
+    let inventory = "/state/reported/deployment/inventory/otabox~1container:1/app";
+    if !seen
+        .iter()
+        .any(|m| m.json.pointer(inventory) == Some(&json!("1.0")))
+    {
+        let found = cloud.wait_for_or(WAIT, |m| m.json.pointer(inventory) == Some(&json!("1.0")));
+        assert!(
+            found.is_some(),
+            "no inventory with app 1.0\n{}",
+            agent.log()
+        );
+    }
 }

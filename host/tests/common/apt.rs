@@ -352,24 +352,9 @@ impl Sysroot {
     }
 }
 
-/// Copies the built apt handler and its packaged manifest into
-/// `dir/handlers`; returns the manifest's path.
-pub fn copy_apt_handler(dir: &Path) -> PathBuf {
-    let handlers = dir.join("handlers");
-    std::fs::create_dir_all(&handlers).expect("handlers dir");
-    for ext in ["wasm", "toml"] {
-        std::fs::copy(
-            Path::new(otabox::builtin::BUILT_DIR).join(format!("apt.{ext}")),
-            handlers.join(format!("apt.{ext}")),
-        )
-        .expect("the built apt handler");
-    }
-    handlers.join("apt.toml")
-}
-
 /// The built apt handler with its packaged manifest, granted `sysroot`.
 pub async fn apt_handler(rt: &Runtime, dir: &Path, sysroot: &Sysroot) -> Handler {
-    let manifest = copy_apt_handler(dir);
+    let manifest = super::copy_built_handler(dir, "apt");
     let mut grant = DeviceGrant::default();
     grant.mounts.insert(APT_STATE.into(), sysroot.state.clone());
     grant.config = Some(toml::Table::try_from(sysroot.config()).expect("config as toml"));

@@ -114,6 +114,48 @@ pub fn failed(report: &otabox::workflow::StepReport) -> (&str, u32, &str, bool) 
     }
 }
 
+/// Copies the packaged handler `name` (`.wasm` and pinned `.toml`) of this
+/// build into `dir/handlers`; returns the manifest's path.
+pub fn copy_built_handler(dir: &Path, name: &str) -> PathBuf {
+    let handlers = dir.join("handlers");
+    std::fs::create_dir_all(&handlers).expect("handlers dir");
+    for ext in ["wasm", "toml"] {
+        std::fs::copy(
+            Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.{ext}")),
+            handlers.join(format!("{name}.{ext}")),
+        )
+        .unwrap_or_else(|e| panic!("the built {name} handler: {e}"));
+    }
+    handlers.join(format!("{name}.toml"))
+}
+
+/// Starts the agent for `config`, waits until it reports online, publishes
+/// `deployment` (a desired state, schema 1) on the device's delta topic and
+/// returns every message up to the ack of `job`, with the agent.
+pub fn deploy_through_agent(
+    cloud: &services::TestClient,
+    config: &Path,
+    device: &str,
+    job: &str,
+    deployment: serde_json::Value,
+) -> (services::AgentProcess, Vec<services::Message>) {
+    let wait = std::time::Duration::from_secs(60);
+    let agent = services::AgentProcess::start(config);
+    cloud.wait_for(wait, "the agent online", |m| {
+        m.json
+            .pointer("/state/reported/deployment/agent/state")
+            .is_some()
+    });
+    cloud.publish(
+        &format!("state/{device}/update/delta"),
+        serde_json::json!({"version": 1, "state": {"deployment": deployment}}).to_string(),
+    );
+    let seen = cloud.collect_until(wait, "the ack", |m| {
+        m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+    });
+    (agent, seen)
+}
+
 /// What `handler` lists as installed; panics when the call fails.
 pub async fn inventory_of(handler: &Handler) -> Vec<otabox::runtime::InstalledItem> {
     handler
