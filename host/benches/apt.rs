@@ -227,7 +227,7 @@ impl Timings {
     /// ratios (each round's two runs share the machine's state of the
     /// moment, so the paired figure cancels drift between rounds).
     fn print(&self, what: &str, goal: Option<f64>) {
-        let (direct, handler) = (median(&self.direct), median(&self.handler));
+        let (direct, handler) = (common::median(&self.direct), common::median(&self.handler));
         let overhead = |d: f64, h: f64| (h / d - 1.0) * 100.0;
         let mut paired: Vec<f64> = self
             .direct
@@ -256,10 +256,4 @@ impl Timings {
             ms(&self.handler)
         );
     }
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
 }

@@ -12,15 +12,15 @@
 //! alternate the order. `make bench` runs 3 rounds of 512 MiB; without
 //! `--bench` it is a one-round 32 MiB smoke run.
 
-#[path = "../tests/common/firmware.rs"]
-#[allow(dead_code)]
-mod firmware;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use firmware::{Board, COMPATIBLE, Loader, firmware_handler};
+use common::firmware::{Board, COMPATIBLE, Loader, firmware_handler};
+use common::{median, noise};
 use otabox::runtime::{PayloadFile, Runtime, sha256_hex};
 use otabox::workflow::{StepRequest, StepResult, run_step};
 
@@ -167,21 +167,7 @@ fn slot_len(size: usize) -> u64 {
 
 /// Writes `size` bytes that do not compress to nothing; returns their sha256.
 fn write_image(path: &Path, size: usize) -> String {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let bytes: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let bytes = noise(size, 0x9E37_79B9_7F4A_7C15);
     std::fs::write(path, &bytes).expect("image");
     sha256_hex(&bytes)
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
 }

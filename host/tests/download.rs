@@ -13,15 +13,7 @@ use otabox::runtime::sha256_hex;
 use otabox::shadow::FileSpec;
 
 fn payload(nginx: &Nginx, name: &str, len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    let bytes: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let bytes = common::noise(len, seed);
     std::fs::write(nginx.www.join(name), &bytes).expect("payload");
     bytes
 }

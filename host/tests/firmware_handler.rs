@@ -5,16 +5,16 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::firmware::{
-    Board, COMPATIBLE, Loader, RaucService, SLOT_BYTES, firmware_handler, firmware_handler_with,
-    health_script, swupdate_bundle,
+    Board, COMPATIBLE, Loader, RaucService, SLOT_BYTES, firmware_handler_with, health_script,
+    swupdate_bundle,
 };
 use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
 use otabox::workflow::{StepReport, StepRequest, StepResult, continue_step, run_step};
-use serde_json::json;
+use serde_json::{Value, json};
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -25,19 +25,32 @@ struct Rig {
 }
 
 async fn rig(loader: Loader, health_exit: Option<i32>) -> Rig {
+    rig_with(loader, health_exit, |_, _, _| ()).await.0
+}
+
+/// A rig whose handler config `setup` may extend (it gets the test folder,
+/// the board and the config, and returns what the test keeps alongside).
+async fn rig_with<T>(
+    loader: Loader,
+    health_exit: Option<i32>,
+    setup: impl FnOnce(&Path, &Board, &mut Value) -> T,
+) -> (Rig, T) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
     let board = Board::new(&root, loader);
     let health = health_exit.map(|code| health_script(&root, code));
+    let mut config = board.config(health.as_deref());
+    let kept = setup(&root, &board, &mut config);
     let rt = runtime(&root);
-    let handler = firmware_handler(&rt, &root, &board, health.as_deref()).await;
-    Rig {
+    let handler = firmware_handler_with(&rt, &root, &board, health.as_deref(), config).await;
+    let rig = Rig {
         _dir: dir,
         root,
         board,
         handler,
         _rt: rt,
-    }
+    };
+    (rig, kept)
 }
 
 /// An image of `len` bytes that names its version.
@@ -287,32 +300,24 @@ async fn a_manifest_for_other_hardware_is_refused() {
 /// A rig whose device runs SWUpdate for signed bundles; the bundle's
 /// signing certificate will be `root/bundle/cert.pem`.
 async fn swupdate_rig() -> Rig {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let board = Board::new(&root, Loader::Grub);
-    std::fs::create_dir_all(root.join("swu-tmp")).expect("tmpdir");
-    let mut config = board.config(None);
-    config["swupdate"] = json!({
-        "args": ["-k", root.join("bundle/cert.pem").display().to_string(), "-H", "otabox-test:1.0", "-m", "-M"],
-        "select": {"A": "stable,copy1", "B": "stable,copy2"},
-        "tmpdir": root.join("swu-tmp").display().to_string(),
-    });
-    let rt = runtime(&root);
-    let handler = firmware_handler_with(&rt, &root, &board, None, config).await;
-    Rig {
-        _dir: dir,
-        root,
-        board,
-        handler,
-        _rt: rt,
-    }
+    rig_with(Loader::Grub, None, |root, _, config| {
+        std::fs::create_dir_all(root.join("swu-tmp")).expect("tmpdir");
+        config["swupdate"] = json!({
+            "args": ["-k", root.join("bundle/cert.pem").display().to_string(), "-H", "otabox-test:1.0", "-m", "-M"],
+            "select": {"A": "stable,copy1", "B": "stable,copy2"},
+            "tmpdir": root.join("swu-tmp").display().to_string(),
+        });
+    })
+    .await
+    .0
 }
 
 impl Rig {
-    fn bundle_request(&self, job: &str, bundle: &[u8]) -> StepRequest {
+    /// A step whose payload is a `kind` bundle (`swupdate` or `rauc`).
+    fn bundle_request(&self, job: &str, bundle: &[u8], kind: &str) -> StepRequest {
         let mut request = self.request(job, "2.0", bundle, None);
         request.manifest = json!({"name": "rootfs", "version": "2.0", "compatible": COMPATIBLE,
-                                  "image": "rootfs.img", "bundle": "swupdate"})
+                                  "image": "rootfs.img", "bundle": kind})
         .to_string();
         request
     }
@@ -324,7 +329,7 @@ async fn a_signed_swupdate_bundle_goes_to_the_inactive_slot() {
     let slot_a = r.board.slot_sha256("A");
     let image = image_bytes("2.0", 1 << 20);
     let (bundle, _) = swupdate_bundle(&r.board, &r.root.join("bundle"), "2.0", &image);
-    let report = r.run(r.bundle_request("j1", &bundle)).await;
+    let report = r.run(r.bundle_request("j1", &bundle, "swupdate")).await;
     assert_eq!(
         report.result,
         StepResult::RebootRequired { deferred: false },
@@ -338,7 +343,7 @@ async fn a_signed_swupdate_bundle_goes_to_the_inactive_slot() {
     assert_eq!(r.board.slot_sha256("A"), slot_a);
     assert_eq!(r.board.boot(), "B");
     let done = r
-        .after_reboot(r.bundle_request("j1", &bundle), "rootfs-2.0")
+        .after_reboot(r.bundle_request("j1", &bundle, "swupdate"), "rootfs-2.0")
         .await;
     assert!(
         matches!(done.result, StepResult::Installed { .. }),
@@ -355,7 +360,7 @@ async fn a_tampered_swupdate_bundle_is_refused_and_rolled_back() {
     let (mut bundle, _) = swupdate_bundle(&r.board, &r.root.join("bundle"), "2.0", &image);
     let middle = bundle.len() / 2;
     bundle[middle] ^= 0xFF;
-    let report = r.run(r.bundle_request("j1", &bundle)).await;
+    let report = r.run(r.bundle_request("j1", &bundle, "swupdate")).await;
     let (phase, code, message, rolled_back) = failed(&report);
     assert_eq!(
         (phase, code, rolled_back),
@@ -382,33 +387,12 @@ async fn a_tampered_swupdate_bundle_is_refused_and_rolled_back() {
 /// A U-Boot device with RAUC's service (custom backend over the board's
 /// boot variables) and the firmware handler configured for its bus.
 async fn rauc_rig(health_exit: Option<i32>) -> (Rig, RaucService) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let board = Board::new(&root, Loader::Uboot);
-    let rauc = RaucService::start(&board, "A");
-    let health = health_exit.map(|code| health_script(&root, code));
-    let mut config = board.config(health.as_deref());
-    config["rauc"] = json!({"bus": rauc.bus});
-    let rt = runtime(&root);
-    let handler = firmware_handler_with(&rt, &root, &board, health.as_deref(), config).await;
-    let rig = Rig {
-        _dir: dir,
-        root,
-        board,
-        handler,
-        _rt: rt,
-    };
-    (rig, rauc)
-}
-
-impl Rig {
-    fn rauc_request(&self, job: &str, bundle: &[u8]) -> StepRequest {
-        let mut request = self.request(job, "2.0", bundle, None);
-        request.manifest = json!({"name": "rootfs", "version": "2.0", "compatible": COMPATIBLE,
-                                  "image": "rootfs.img", "bundle": "rauc"})
-        .to_string();
-        request
-    }
+    rig_with(Loader::Uboot, health_exit, |_, board, config| {
+        let rauc = RaucService::start(board, "A");
+        config["rauc"] = json!({"bus": rauc.bus});
+        rauc
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +401,7 @@ async fn a_rauc_bundle_is_installed_booted_and_marked_good() {
     let slot_a = r.board.slot_sha256("A");
     let image = image_bytes("2.0", 1 << 20);
     let bundle = rauc.bundle("2.0", &image);
-    let report = r.run(r.rauc_request("j1", &bundle)).await;
+    let report = r.run(r.bundle_request("j1", &bundle, "rauc")).await;
     assert_eq!(
         report.result,
         StepResult::RebootRequired { deferred: false },
@@ -430,7 +414,7 @@ async fn a_rauc_bundle_is_installed_booted_and_marked_good() {
     assert_eq!(r.board.boot(), "B");
     rauc.restart("B");
     let done = r
-        .after_reboot(r.rauc_request("j1", &bundle), "rootfs-2.0")
+        .after_reboot(r.bundle_request("j1", &bundle, "rauc"), "rootfs-2.0")
         .await;
     assert!(
         matches!(done.result, StepResult::Installed { .. }),
@@ -449,7 +433,7 @@ async fn a_failed_health_check_under_rauc_marks_b_bad_and_reactivates_a() {
     let (r, mut rauc) = rauc_rig(Some(1)).await;
     let image = image_bytes("2.0", 1 << 20);
     let bundle = rauc.bundle("2.0", &image);
-    let report = r.run(r.rauc_request("j1", &bundle)).await;
+    let report = r.run(r.bundle_request("j1", &bundle, "rauc")).await;
     assert_eq!(
         report.result,
         StepResult::RebootRequired { deferred: false }
@@ -457,7 +441,7 @@ async fn a_failed_health_check_under_rauc_marks_b_bad_and_reactivates_a() {
     assert_eq!(r.board.boot(), "B");
     rauc.restart("B");
     let report = r
-        .after_reboot(r.rauc_request("j1", &bundle), "rootfs-2.0")
+        .after_reboot(r.bundle_request("j1", &bundle, "rauc"), "rootfs-2.0")
         .await;
     let (phase, code, message, rolled_back) = failed(&report);
     assert_eq!(

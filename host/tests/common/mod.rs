@@ -52,14 +52,7 @@ pub fn runtime(dir: &Path) -> Runtime {
 
 /// Loads the hostile guest with `body` as its capabilities.
 pub async fn hostile(rt: &Runtime, dir: &Path, body: &str) -> anyhow::Result<Handler> {
-    let manifest = install_handler(
-        &dir.join("handlers"),
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        body,
-    );
-    rt.load_handler(&manifest, None).await
+    load_hostile(rt, dir, body, None).await
 }
 
 /// Same, with a device grant.
@@ -69,6 +62,15 @@ pub async fn hostile_with(
     body: &str,
     grant: &DeviceGrant,
 ) -> anyhow::Result<Handler> {
+    load_hostile(rt, dir, body, Some(grant)).await
+}
+
+async fn load_hostile(
+    rt: &Runtime,
+    dir: &Path,
+    body: &str,
+    grant: Option<&DeviceGrant>,
+) -> anyhow::Result<Handler> {
     let manifest = install_handler(
         &dir.join("handlers"),
         "hostile",
@@ -76,7 +78,28 @@ pub async fn hostile_with(
         "otabox-test/hostile:1",
         body,
     );
-    rt.load_handler(&manifest, Some(grant)).await
+    rt.load_handler(&manifest, grant).await
+}
+
+/// `len` bytes of xorshift noise from `seed`: payloads that do not compress
+/// to nothing and differ per seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The median of `samples` (benchmarks).
+pub fn median(samples: &[std::time::Duration]) -> std::time::Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
 }
 
 /// A step context carrying `manifest`.
