@@ -6,7 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::containers::{Dockerd, Registry};
+use common::containers::{Engine, Registry};
+use common::pki::Pki;
 use common::{failed, inventory_of, runtime};
 use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{Handler, Runtime};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 struct Rig {
     _dir: tempfile::TempDir,
     root: PathBuf,
-    engine: Dockerd,
+    engine: Engine,
     registry: Registry,
     handler: Handler,
     rt: Runtime,
@@ -31,7 +32,7 @@ async fn rig() -> Rig {
 async fn rig_with(login: Option<(&str, &str)>) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let engine = Dockerd::start(&root.join("engine"));
+    let engine = Engine::dockerd(&root.join("engine"));
     let registry = match login {
         Some((user, password)) => {
             let r = Registry::start_with_login(&root.join("registry"), user, password);
@@ -40,11 +41,9 @@ async fn rig_with(login: Option<(&str, &str)>) -> Rig {
         }
         None => Registry::start(&root.join("registry")),
     };
-    let mut config = json!({
-        "host": engine.host,
-        "insecure_registries": [registry.address],
-        "start_timeout_ms": 10000,
-    });
+    let mut config = engine.handler_config();
+    config["insecure_registries"] = json!([registry.address]);
+    config["start_timeout_ms"] = json!(10000);
     if let Some((user, password)) = login {
         config["credentials_dir"] = json!(root.join("device-docker").display().to_string());
         config["registries"] =
@@ -103,8 +102,27 @@ impl Rig {
         run_step(&self.handler, request, None).await.expect("step")
     }
 
+    /// Asserts `report` skipped the step as installed and the containers
+    /// are the ones they were.
+    fn unchanged<const N: usize>(
+        &self,
+        report: &StepReport,
+        criteria: &str,
+        containers: [(&str, String); N],
+    ) {
+        assert_eq!(
+            report.result,
+            StepResult::AlreadyInstalled {
+                criteria: criteria.into()
+            }
+        );
+        for (name, id) in containers {
+            assert_eq!(self.engine.container_id(name), Some(id), "{name}");
+        }
+    }
+
     fn module(&self, repo_tag: &str) -> Value {
-        json!({"image": self.image(repo_tag), "createOptions": {"HostConfig": {"NetworkMode": "none"}}})
+        json!({"image": self.image(repo_tag), "createOptions": {"HostConfig": self.engine.host_config()}})
     }
 }
 
@@ -123,16 +141,7 @@ async fn deployments_recreate_only_what_changed_and_leave_other_containers_alone
     let sensor = r.publish("sensor:1.0", "sensor 1.0");
     let app_10 = r.publish("app:1.0", "app 1.0");
     let app_11 = r.publish("app:1.1", "app 1.1");
-    r.engine.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--name",
-        "bystander",
-        &r.image("app:1.0"),
-    ]);
-    let bystander = r.engine.container_id("bystander").expect("bystander");
+    let bystander = r.engine.run_unmanaged("bystander", &r.image("app:1.0"));
 
     // First deployment.
     installed(
@@ -181,14 +190,7 @@ async fn deployments_recreate_only_what_changed_and_leave_other_containers_alone
             json!({"sensor": r.module("sensor:1.0"), "app": r.module("app:1.1")}),
         )
         .await;
-    assert_eq!(
-        again.result,
-        StepResult::AlreadyInstalled {
-            criteria: "edge-2".into()
-        }
-    );
-    assert_eq!(r.engine.container_id("app"), Some(app_id));
-    assert_eq!(r.engine.container_id("sensor"), Some(sensor_id));
+    r.unchanged(&again, "edge-2", [("app", app_id), ("sensor", sensor_id)]);
 
     // A rolling tag moves in the registry: the next deployment pulls the
     // new digest and recreates the module; a module no longer listed goes.
@@ -283,12 +285,9 @@ async fn registry_credentials_come_from_the_device_config_and_stay_secret() {
 
     // The same registry without the login: refused at validate.
     let bare_root = r.root.join("bare");
-    let bare = load(
-        &r.rt,
-        &bare_root,
-        json!({"host": r.engine.host, "insecure_registries": [r.registry.address]}),
-    )
-    .await;
+    let mut bare_config = r.engine.handler_config();
+    bare_config["insecure_registries"] = json!([r.registry.address]);
+    let bare = load(&r.rt, &bare_root, bare_config).await;
     let request = StepRequest {
         job_id: "anon".into(),
         step: 0,
@@ -347,6 +346,103 @@ async fn health_checks_are_awaited_and_an_unhealthy_module_is_rolled_back() {
     assert_eq!(r.engine.state("probe"), "running");
 }
 
+/// Podman instead of docker, against a registry whose certificate comes
+/// from the device's own CA and which requires a login: refused without
+/// the CA, then the same must-holds as with docker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_deploys_from_a_registry_signed_by_a_custom_ca() {
+    const USER: &str = "device-9";
+    const PASSWORD: &str = "podman-pw-77";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let pki = Pki::new(&root.join("pki"));
+    let certs = root.join("registry-ca");
+    std::fs::create_dir_all(&certs).expect("cert dir");
+    std::fs::copy(pki.ca(), certs.join("ca.crt")).expect("CA");
+    let registry = Registry::start_with(&root.join("registry"), Some((USER, PASSWORD)), Some(&pki));
+    let engine = Engine::podman(&root.join("engine"), Some(&certs));
+    engine.login(&registry.address, USER, PASSWORD);
+    let rt = runtime(&root);
+    let mut config = engine.handler_config();
+    config["start_timeout_ms"] = json!(10000);
+    config["credentials_dir"] = json!(root.join("device-auth").display().to_string());
+    config["registries"] =
+        json!({registry.address.clone(): {"username": USER, "password": PASSWORD}});
+    let without_ca = load(&rt, &root.join("no-ca"), config.clone()).await;
+    config["registries"][&registry.address]["cert_dir"] = json!(certs.display().to_string());
+    let handler = load(&rt, &root, config).await;
+    let r = Rig {
+        _dir: dir,
+        root,
+        engine,
+        registry,
+        handler,
+        rt,
+    };
+    let app_10 = r.publish("app:1.0", "app 1.0");
+    let app_11 = r.publish("app:1.1", "app 1.1");
+    let sensor = r.publish("sensor:1.0", "sensor 1.0");
+    r.engine
+        .publish(&r.image("app:2.0"), "app 2.0 broken", r#"["/bin/false"]"#);
+    let modules = |app: &str| json!({"sensor": r.module("sensor:1.0"), "app": r.module(app)});
+
+    // The registry's CA unknown to the device: a clear refusal, nothing run.
+    let request = StepRequest {
+        job_id: "no-ca".into(),
+        step: 0,
+        update_type: "otabox/container:1".into(),
+        manifest: json!({"name": "edge", "version": "1", "modules": modules("app:1.0")})
+            .to_string(),
+        payloads: Vec::new(),
+        job_dir: r.root.join("no-ca/job"),
+        cancel: Default::default(),
+    };
+    let report = run_step(&without_ca, request, None).await.expect("step");
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("validate", 47), "{message}");
+    assert!(
+        message.contains("certificate signed by unknown authority"),
+        "{message}"
+    );
+    assert!(r.engine.container_id("app").is_none());
+
+    // With the CA: the first deployment, then one changed module.
+    let bystander = r.engine.run_unmanaged("bystander", &r.image("app:1.0"));
+    let report = r.deploy("d1", "1", modules("app:1.0")).await;
+    installed(&report);
+    assert!(
+        !serde_json::to_string(&report)
+            .expect("report")
+            .contains(PASSWORD)
+    );
+    assert_eq!(r.engine.state("app"), "running");
+    assert_eq!(r.engine.digest_of("app"), app_10);
+    assert_eq!(r.engine.digest_of("sensor"), sensor);
+    let sensor_id = r.engine.container_id("sensor").expect("sensor");
+    installed(&r.deploy("d2", "2", modules("app:1.1")).await);
+    assert_eq!(r.engine.container_id("sensor"), Some(sensor_id.clone()));
+    assert_eq!(r.engine.digest_of("app"), app_11);
+    let app_id = r.engine.container_id("app").expect("app");
+
+    // An image that does not start: rolled back; an unknown tag: refused
+    // before anything stops; the same deployment again: nothing to do.
+    let report = r.deploy("d3", "3", modules("app:2.0")).await;
+    let (phase, code, message, rolled_back) = failed(&report);
+    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+    assert_eq!(r.engine.container_id("app"), Some(app_id.clone()));
+    assert_eq!(r.engine.state("app"), "running");
+    assert_eq!(r.engine.digest_of("app"), app_11);
+    let report = r.deploy("d4", "4", modules("app:9.9")).await;
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("validate", 40), "{message}");
+    assert!(message.contains("app:9.9"), "{message}");
+    let again = r.deploy("d2-again", "2", modules("app:1.1")).await;
+    r.unchanged(&again, "edge-2", [("app", app_id), ("sensor", sensor_id)]);
+    assert_eq!(r.engine.container_id("bystander"), Some(bystander));
+    assert_eq!(r.engine.state("bystander"), "running");
+    assert_eq!(inventory_of(&r.handler).await.len(), 2);
+}
+
 /// The whole path through the agent: a deployment arrives over MQTT, the
 /// modules run, the ack says SUCCESS and the reported inventory lists the
 /// module with its tag.
@@ -358,7 +454,7 @@ fn a_deployment_through_the_agent_runs_the_modules_and_reports_them() {
     const WAIT: Duration = Duration::from_secs(60);
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let engine = Dockerd::start(&root.join("engine"));
+    let engine = Engine::dockerd(&root.join("engine"));
     let registry = Registry::start(&root.join("registry"));
     let image = format!("{}/app:1.0", registry.address);
     engine.publish(&image, "app 1.0", r#"["/bin/sleep","3600"]"#);
@@ -371,7 +467,7 @@ fn a_deployment_through_the_agent_runs_the_modules_and_reports_them() {
             "[device]\nid = \"gw-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
              [mqtt]\nport = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n\
              [handlers.container]\nconfig = {{ host = \"{}\", insecure_registries = [\"{}\"], start_timeout_ms = 10000 }}\n",
-            broker.port, engine.host, registry.address
+            broker.port, engine.handler_config()["host"].as_str().unwrap_or_default(), registry.address
         ),
     )
     .expect("device.toml");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use otabox_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Config, DesiredStatus, ImageRef, Module};
+use crate::manifest::{Config, DesiredStatus, EngineKind, ImageRef, Module};
 use crate::status;
 
 /// Label on every container this handler manages.
@@ -108,6 +108,11 @@ impl<'a> Engine<'a> {
         Self { config }
     }
 
+    fn kind(&self) -> EngineKind {
+        self.config.engine().unwrap_or(EngineKind::Docker)
+    }
+
+    /// The engine CLI with the device's global options and credentials.
     fn command<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -115,12 +120,45 @@ impl<'a> Engine<'a> {
     {
         let mut cmd = Command::new(self.config.cli.clone());
         if let Some(host) = &self.config.host {
-            cmd = cmd.args(["-H".to_string(), host.clone()]);
+            let flag = match self.kind() {
+                EngineKind::Docker => "-H",
+                EngineKind::Podman => "--url",
+            };
+            cmd = cmd.args([flag.to_string(), host.clone()]);
         }
-        if let Some(dir) = &self.config.credentials_dir {
-            cmd = cmd.env("DOCKER_CONFIG", dir.clone());
+        cmd = cmd.args(self.config.engine_args.iter().cloned());
+        self.with_credentials(cmd).args(args)
+    }
+
+    /// `cmd` with the environment variable naming the kept logins.
+    fn with_credentials(&self, cmd: Command) -> Command {
+        match (&self.config.credentials_dir, self.kind()) {
+            (Some(dir), EngineKind::Docker) => cmd.env("DOCKER_CONFIG", dir.clone()),
+            (Some(dir), EngineKind::Podman) => {
+                cmd.env("REGISTRY_AUTH_FILE", format!("{dir}/auth.json"))
+            }
+            (None, _) => cmd,
         }
-        cmd.args(args)
+    }
+
+    /// Podman's and skopeo's TLS options for `registry`.
+    fn tls_args(&self, registry: &str) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.kind() == EngineKind::Docker {
+            return args;
+        }
+        if self.config.is_insecure(registry) {
+            args.push("--tls-verify=false".to_string());
+        }
+        if let Some(dir) = self
+            .config
+            .registries
+            .get(registry)
+            .and_then(|r| r.cert_dir.as_ref())
+        {
+            args.extend(["--cert-dir".to_string(), dir.clone()]);
+        }
+        args
     }
 
     /// Runs the CLI; a failure carries the engine's message.
@@ -147,16 +185,21 @@ impl<'a> Engine<'a> {
 
     /// Logs in to every configured registry (the password on stdin).
     pub fn login_all(&self) -> Result<(), Status> {
-        for (registry, login) in &self.config.registries {
+        for (registry, settings) in &self.config.registries {
+            let Some((username, password)) = settings.login() else {
+                continue;
+            };
+            let mut args = vec!["login".to_string()];
+            args.extend(self.tls_args(registry));
+            args.extend([
+                "--username".to_string(),
+                username.to_string(),
+                "--password-stdin".to_string(),
+                registry.clone(),
+            ]);
             let out = self
-                .command([
-                    "login",
-                    "--username",
-                    &login.username,
-                    "--password-stdin",
-                    registry,
-                ])
-                .stdin(login.password.clone().into_bytes())
+                .command(args)
+                .stdin(password.as_bytes().to_vec())
                 .run()
                 .map_err(|e| {
                     Status::new(
@@ -165,12 +208,11 @@ impl<'a> Engine<'a> {
                     )
                 })?;
             if !out.success() {
-                let said = out.stderr().replace(&login.password, "<redacted>");
+                let said = out.stderr().replace(password, "<redacted>");
                 return Err(Status::new(
                     status::LOGIN_FAILED,
                     format!(
-                        "{registry} refused the login of {}: {}",
-                        login.username,
+                        "{registry} refused the login of {username}: {}",
                         said.trim()
                     ),
                 )
@@ -185,22 +227,54 @@ impl<'a> Engine<'a> {
         if let Some(d) = &image.digest {
             return Ok(d.clone());
         }
-        let mut args = vec!["manifest".to_string(), "inspect".into(), "-v".into()];
-        if self.config.is_insecure(&image.repository) {
-            args.push("--insecure".into());
+        let what = format!("find {text} in its registry");
+        match self.kind() {
+            EngineKind::Docker => {
+                let mut args = vec!["manifest".to_string(), "inspect".into(), "-v".into()];
+                if self.config.is_insecure(image.registry()) {
+                    args.push("--insecure".into());
+                }
+                args.push(text.to_string());
+                let out = self.run(args, &what, status::UNKNOWN_IMAGE)?;
+                digest_of(&out, &self.config.architecture).ok_or_else(|| {
+                    Status::new(
+                        status::UNKNOWN_IMAGE,
+                        format!("the registry's answer for {text} holds no linux digest"),
+                    )
+                })
+            }
+            EngineKind::Podman => self.resolve_with_skopeo(image, text, &what),
         }
-        args.push(text.to_string());
-        let out = self.run(
-            args,
-            &format!("find {text} in its registry"),
+    }
+
+    /// `skopeo inspect`: the digest of the tag's manifest (or list).
+    fn resolve_with_skopeo(
+        &self,
+        image: &ImageRef,
+        text: &str,
+        what: &str,
+    ) -> Result<String, Status> {
+        let mut args = vec![
+            "inspect".to_string(),
+            "--no-tags".into(),
+            "--format".into(),
+            "{{.Digest}}".into(),
+        ];
+        args.extend(self.tls_args(image.registry()));
+        args.push(format!("docker://{text}"));
+        let out = self
+            .with_credentials(Command::new(self.config.resolver.clone()).args(args))
+            .run()
+            .map_err(|e| Status::new(status::UNKNOWN_IMAGE, format!("cannot {what}: {e}")))?;
+        let digest = out.stdout().trim().to_string();
+        if out.success() && digest.starts_with("sha256:") {
+            return Ok(digest);
+        }
+        Err(Status::new(
             status::UNKNOWN_IMAGE,
-        )?;
-        digest_of(&out, &self.config.architecture).ok_or_else(|| {
-            Status::new(
-                status::UNKNOWN_IMAGE,
-                format!("the registry's answer for {text} holds no linux digest"),
-            )
-        })
+            format!("cannot {what}: {}", skopeo_message(&out.stderr())),
+        )
+        .extended(Facility::ContainerEngine, 2, 0))
     }
 
     /// Whether the engine has the image `pinned`.
@@ -210,14 +284,16 @@ impl<'a> Engine<'a> {
             .is_ok_and(|o| o.success())
     }
 
-    /// Pulls `pinned`.
-    pub fn pull(&self, pinned: &str) -> Result<(), Status> {
-        self.run(
-            ["pull", "-q", pinned],
-            &format!("pull {pinned}"),
-            status::PULL_FAILED,
-        )
-        .map(|_| ())
+    /// Pulls the image `want` is pinned to.
+    pub fn pull(&self, want: &Resolved) -> Result<(), Status> {
+        let pinned = want.pinned();
+        let mut args = vec!["pull".to_string(), "-q".into()];
+        if let Ok(image) = ImageRef::parse(&want.module.image) {
+            args.extend(self.tls_args(image.registry()));
+        }
+        args.push(pinned.clone());
+        self.run(args, &format!("pull {pinned}"), status::PULL_FAILED)
+            .map(|_| ())
     }
 
     /// Every container this handler manages (replaced ones included).
@@ -250,13 +326,13 @@ impl<'a> Engine<'a> {
         if !out.success() {
             return Ok(None);
         }
-        let raw: Inspect = serde_json::from_str(out.stdout().trim())
+        let raw = parse_inspect(&out.stdout())
             .map_err(|e| Status::new(status::ENGINE, format!("inspect {name}: {e}")))?;
         let labels = raw.config.labels.unwrap_or_default();
         Ok(Some(Container {
             name: raw.name.trim_start_matches('/').to_string(),
             state: raw.state.status,
-            health: raw.state.health.map(|h| h.status),
+            health: raw.state.health.map(|h| h.status).filter(|h| !h.is_empty()),
             restarts: raw.restart_count,
             spec: labels.get(SPEC).and_then(|s| serde_json::from_str(s).ok()),
         }))
@@ -324,6 +400,28 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// One container from `container inspect --format '{{json .}}'`: docker
+/// prints the object, podman a list of one.
+fn parse_inspect(out: &str) -> Result<Inspect, serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_str(out.trim())?;
+    match value {
+        serde_json::Value::Array(mut items) if items.len() == 1 => {
+            serde_json::from_value(items.remove(0))
+        }
+        other => serde_json::from_value(other),
+    }
+}
+
+/// skopeo's last `msg="…"` (its fatal error), or everything it said.
+fn skopeo_message(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("msg=\"").map(|(_, m)| m.trim_end_matches('"')))
+        .map(|m| m.replace("\\\"", "\""))
+        .unwrap_or_else(|| stderr.trim().to_string())
+}
+
 /// The `create` arguments for module `name`.
 pub fn create_args(name: &str, want: &Resolved) -> Vec<String> {
     let m = &want.module;
@@ -348,6 +446,12 @@ pub fn create_args(name: &str, want: &Resolved) -> Vec<String> {
         }
         for bind in &h.binds {
             args.extend(["-v".to_string(), bind.clone()]);
+        }
+        for u in &h.ulimits {
+            args.extend([
+                "--ulimit".to_string(),
+                format!("{}={}:{}", u.name, u.soft, u.hard),
+            ]);
         }
     }
     if let Some(dir) = &o.working_dir {
@@ -418,6 +522,48 @@ mod tests {
         ] {
             assert!(args.contains(part), "{part:?} in {args}");
         }
+    }
+
+    #[test]
+    fn inspect_output_of_docker_and_podman_reads_alike() {
+        let docker = r#"{"Name":"/app","State":{"Status":"running"},"RestartCount":2,
+            "Config":{"Labels":{"otabox.managed":"true"}}}"#;
+        let d = parse_inspect(docker).expect("docker");
+        assert_eq!((d.name.as_str(), d.restart_count), ("/app", 2));
+        let podman = r#"[{"Name":"app","State":{"Status":"created","Health":{"Status":""}},
+            "RestartCount":0,"Config":{"Labels":null}}]"#;
+        let p = parse_inspect(podman).expect("podman");
+        assert_eq!(p.state.status, "created");
+        assert_eq!(p.state.health.map(|h| h.status).as_deref(), Some(""));
+        assert!(parse_inspect("[]").is_err());
+    }
+
+    #[test]
+    fn skopeo_errors_keep_only_its_message() {
+        let said = "time=\"2026-11-23T19:14:05Z\" level=fatal msg=\"Error parsing image name \\\"docker://r/app:1\\\": x509: certificate signed by unknown authority\"\n";
+        assert_eq!(
+            skopeo_message(said),
+            "Error parsing image name \"docker://r/app:1\": x509: certificate signed by unknown authority"
+        );
+        assert_eq!(skopeo_message("plain words\n"), "plain words");
+    }
+
+    #[test]
+    fn ulimits_become_engine_options() {
+        let d = Deployment::parse(
+            r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1",
+                "createOptions":{"HostConfig":{"Ulimits":[{"Name":"nofile","Soft":1024,"Hard":2048}]}}}}}"#,
+        )
+        .expect("valid");
+        let want = Resolved {
+            module: d.modules["a"].clone(),
+            digest: format!("sha256:{}", "c".repeat(64)),
+        };
+        assert!(
+            create_args("a", &want)
+                .join(" ")
+                .contains("--ulimit nofile=1024:2048")
+        );
     }
 
     #[test]

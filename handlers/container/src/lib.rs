@@ -151,7 +151,7 @@ impl Handler for ContainerHandler {
                 let pinned = r.pinned();
                 if !engine.has_image(&pinned) {
                     info!("pulling {pinned} for {name}");
-                    engine.pull(&pinned)?;
+                    engine.pull(r)?;
                 }
                 progress(Phase::Download, i as u64 + 1, total);
             }

@@ -104,6 +104,24 @@ pub struct HostConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub network_mode: Option<String>,
+    /// Resource limits (`--ulimit NAME=SOFT:HARD`).
+    #[serde(rename = "Ulimits", default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<Ulimit>,
+}
+
+/// One resource limit of `HostConfig.Ulimits`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ulimit {
+    /// The limit's name (`nofile`, `nproc`, ...).
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// Soft limit.
+    #[serde(rename = "Soft")]
+    pub soft: i64,
+    /// Hard limit.
+    #[serde(rename = "Hard")]
+    pub hard: i64,
 }
 
 /// One module as written in the manifest.
@@ -259,10 +277,32 @@ impl ImageRef {
         })
     }
 
+    /// The registry the repository lives in (`host[:port]`; Docker Hub for
+    /// a bare name).
+    pub fn registry(&self) -> &str {
+        match self.repository.split_once('/') {
+            Some((first, _))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                first
+            }
+            _ => "docker.io",
+        }
+    }
+
     /// The reference pinned to `digest`: `repository@digest`.
     pub fn pinned(&self, digest: &str) -> String {
         format!("{}@{digest}", self.repository)
     }
+}
+
+/// The container engine a [`Config`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// `/usr/bin/docker`, talking to dockerd.
+    Docker,
+    /// `/usr/bin/podman`, daemonless; tags are resolved with skopeo.
+    Podman,
 }
 
 /// The device configuration.
@@ -271,18 +311,27 @@ impl ImageRef {
 pub struct Config {
     /// The engine CLI: `/usr/bin/docker` or `/usr/bin/podman`.
     pub cli: String,
-    /// The engine's socket (`-H`), when not the default.
+    /// The engine's socket: docker's `-H`, podman's `--url`, when not the
+    /// default.
     pub host: Option<String>,
+    /// Global options put before every engine command, such as podman's
+    /// `--root`, `--runroot` or `--runtime`.
+    pub engine_args: Vec<String>,
+    /// The program that resolves tags to digests with podman (docker uses
+    /// `docker manifest inspect`).
+    pub resolver: String,
     /// Registries reached over plain HTTP or with a certificate the engine
-    /// does not check (`--insecure` for manifest lookups), such as a
-    /// registry on loopback.
+    /// does not check (`--insecure` for docker's manifest lookups,
+    /// `--tls-verify=false` for podman and skopeo), such as a registry on
+    /// loopback.
     pub insecure_registries: Vec<String>,
-    /// A directory for the engine CLI's `config.json`, where logins to
-    /// `registries` are kept (`DOCKER_CONFIG`).
+    /// A directory where logins to `registries` are kept: docker's
+    /// `DOCKER_CONFIG`, or podman's `auth.json` (`REGISTRY_AUTH_FILE`).
     pub credentials_dir: Option<String>,
-    /// Registry → login. Passwords reach the CLI on its standard input
-    /// only; they are never in arguments, logs or reports.
-    pub registries: BTreeMap<String, Login>,
+    /// Registry (`host[:port]`) → login and certificates. Passwords reach
+    /// the CLI on its standard input only; they are never in arguments,
+    /// logs or reports.
+    pub registries: BTreeMap<String, Registry>,
     /// How long a started module may take to be running (and healthy).
     pub start_timeout_ms: u64,
     /// How long a module must then keep running, without a restart, to
@@ -298,6 +347,8 @@ impl Default for Config {
         Self {
             cli: "/usr/bin/docker".into(),
             host: None,
+            engine_args: Vec::new(),
+            resolver: "/usr/bin/skopeo".into(),
             insecure_registries: Vec::new(),
             credentials_dir: None,
             registries: BTreeMap::new(),
@@ -308,21 +359,34 @@ impl Default for Config {
     }
 }
 
-/// A registry login.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Login {
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
+/// How to reach one registry.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// User name (with `password`).
+    pub username: Option<String>,
+    /// Password or token (with `username`).
+    pub password: Option<String>,
+    /// A directory with the CA certificate (`*.crt`) that signed the
+    /// registry's certificate, and a client certificate (`*.cert`, `*.key`)
+    /// when the registry asks for one: podman's and skopeo's `--cert-dir`.
+    /// Docker reads the same files from `/etc/docker/certs.d/<registry>/`.
+    pub cert_dir: Option<String>,
 }
 
-impl std::fmt::Debug for Login {
+impl Registry {
+    /// The login, when one is configured.
+    pub fn login(&self) -> Option<(&str, &str)> {
+        Some((self.username.as_deref()?, self.password.as_deref()?))
+    }
+}
+
+impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login")
+        f.debug_struct("Registry")
             .field("username", &self.username)
-            .field("password", &"<redacted>")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("cert_dir", &self.cert_dir)
             .finish()
     }
 }
@@ -332,24 +396,46 @@ impl Config {
     pub fn parse(json: &str) -> Result<Self, String> {
         let c: Self = serde_json::from_str(json)
             .map_err(|e| format!("invalid container handler config: {e}"))?;
-        if !c.registries.is_empty() && c.credentials_dir.is_none() {
-            return Err(
-                "invalid container handler config: `registries` need a `credentials_dir` to keep the logins in"
-                    .into(),
-            );
-        }
-        if !["/usr/bin/docker", "/usr/bin/podman"].contains(&c.cli.as_str()) {
-            return Err(format!(
-                "invalid container handler config: `cli` must be /usr/bin/docker or /usr/bin/podman, found {:?}",
-                c.cli
-            ));
-        }
+        c.check()
+            .map_err(|e| format!("invalid container handler config: {e}"))?;
         Ok(c)
     }
 
-    /// Whether lookups of `repository` need `--insecure`.
-    pub fn is_insecure(&self, repository: &str) -> bool {
-        let registry = repository.split('/').next().unwrap_or_default();
+    fn check(&self) -> Result<(), String> {
+        let kind = self.engine()?;
+        for (name, registry) in &self.registries {
+            if registry.username.is_some() != registry.password.is_some() {
+                return Err(format!(
+                    "registry {name}: give both `username` and `password`, or neither"
+                ));
+            }
+            if registry.login().is_some() && self.credentials_dir.is_none() {
+                return Err(format!(
+                    "registry {name}: logins need a `credentials_dir` to be kept in"
+                ));
+            }
+            if registry.cert_dir.is_some() && kind == EngineKind::Docker {
+                return Err(format!(
+                    "registry {name}: docker takes a registry's CA from /etc/docker/certs.d/{name}/ca.crt, not from `cert_dir` (which is for podman)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine `cli` names.
+    pub fn engine(&self) -> Result<EngineKind, String> {
+        match self.cli.as_str() {
+            "/usr/bin/docker" => Ok(EngineKind::Docker),
+            "/usr/bin/podman" => Ok(EngineKind::Podman),
+            other => Err(format!(
+                "`cli` must be /usr/bin/docker or /usr/bin/podman, found {other:?}"
+            )),
+        }
+    }
+
+    /// Whether `registry` (`host[:port]`) is reached without TLS checks.
+    pub fn is_insecure(&self, registry: &str) -> bool {
         self.insecure_registries.iter().any(|r| r == registry)
     }
 }
@@ -367,6 +453,10 @@ mod tests {
         let pinned = ImageRef::parse(&format!("reg/app:1.0@{d}")).expect("valid");
         assert_eq!(pinned.digest.as_deref(), Some(d.as_str()));
         assert_eq!(pinned.pinned(&d), format!("reg/app@{d}"));
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(pinned.registry(), "docker.io");
+        let hub = ImageRef::parse("library/busybox:1").expect("valid");
+        assert_eq!(hub.registry(), "docker.io");
         for bad in ["", "reg/app", "reg/app:", "reg/app@sha256:12", "a b:1"] {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }
@@ -434,12 +524,26 @@ mod tests {
             r#"{"host":"unix:///run/d.sock","insecure_registries":["127.0.0.1:5000"]}"#,
         )
         .expect("valid");
-        assert!(c.is_insecure("127.0.0.1:5000/app"));
-        assert!(!c.is_insecure("registry.example/app"));
+        assert!(c.is_insecure("127.0.0.1:5000"));
+        assert!(!c.is_insecure("registry.example"));
         assert!(Config::parse(r#"{"cli":"/bin/sh"}"#).is_err());
         let err = Config::parse(r#"{"registries":{"r.example":{"username":"u","password":"p"}}}"#)
             .expect_err("no credentials_dir");
         assert!(err.contains("credentials_dir"), "{err}");
+        let err = Config::parse(r#"{"registries":{"r.example":{"username":"u"}}}"#)
+            .expect_err("no password");
+        assert!(err.contains("both"), "{err}");
+        let err = Config::parse(r#"{"registries":{"r.example":{"cert_dir":"/etc/ca"}}}"#)
+            .expect_err("cert_dir with docker");
+        assert!(
+            err.contains("/etc/docker/certs.d/r.example/ca.crt"),
+            "{err}"
+        );
+        let c = Config::parse(
+            r#"{"cli":"/usr/bin/podman","registries":{"r.example":{"cert_dir":"/etc/ca"}}}"#,
+        )
+        .expect("podman with a CA");
+        assert_eq!(c.engine(), Ok(EngineKind::Podman));
         let c = Config::parse(
             r#"{"credentials_dir":"/var/lib/otabox/docker","registries":{"r.example":{"username":"u","password":"hunter2"}}}"#,
         )

@@ -1,26 +1,43 @@
 //! A real container engine and registry on loopback for the container
 //! handler: an isolated dockerd (its own data root, exec root, socket and
-//! containerd namespace, no networking), the distribution registry
-//! (`docker-registry serve`), and tiny images built from busybox.
+//! containerd namespace, no networking) or podman (its own storage, run
+//! and temporary directories), the distribution registry (`docker-registry
+//! serve`, over HTTP or over TLS with a certificate from a throwaway CA),
+//! and tiny images built from busybox.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
+use super::pki::Pki;
 use super::services::free_port;
 
-/// An isolated dockerd.
-pub struct Dockerd {
-    child: Child,
-    /// `unix:///…/docker.sock`.
-    pub host: String,
+/// Which engine an [`Engine`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// dockerd, driven by the docker CLI.
+    Docker,
+    /// podman, daemonless.
+    Podman,
+}
+
+/// An isolated container engine.
+pub struct Engine {
+    kind: Kind,
+    daemon: Option<Child>,
+    /// Options before every CLI verb (`-H …` or podman's storage options).
+    global: Vec<String>,
+    /// TLS options for the test's own pushes and logins (podman).
+    registry_args: Vec<String>,
     /// Its folder.
     pub dir: PathBuf,
 }
 
-impl Dockerd {
+impl Engine {
     /// Starts dockerd in `dir` and waits until it answers.
-    pub fn start(dir: &Path) -> Self {
+    pub fn dockerd(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).expect("dockerd dir");
         let host = format!("unix://{}", dir.join("docker.sock").display());
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("log");
@@ -51,43 +68,123 @@ impl Dockerd {
             .spawn()
             .expect("dockerd is installed (make setup)");
         let engine = Self {
-            child,
-            host,
+            kind: Kind::Docker,
+            daemon: Some(child),
+            global: vec!["-H".into(), host],
+            registry_args: Vec::new(),
             dir: dir.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !engine.docker(&["info"]).status.success() {
+        while !engine.cli(&["info"]).status.success() {
             assert!(Instant::now() < deadline, "dockerd did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
         engine
     }
 
-    /// Runs the docker CLI against this engine (with its own CLI config
-    /// directory, never the machine's).
-    pub fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("/usr/bin/docker")
-            .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .args(["-H", &self.host])
-            .args(args)
-            .output()
-            .expect("docker CLI")
+    /// Podman with its storage in `dir` (vfs, so nothing stays mounted);
+    /// `certs` is the `--cert-dir` of the test's own pushes, if any.
+    pub fn podman(dir: &Path, certs: Option<&Path>) -> Self {
+        std::fs::create_dir_all(dir.join("tmp")).expect("podman dir");
+        let global = [
+            ("--root", dir.join("root").display().to_string()),
+            ("--runroot", dir.join("run").display().to_string()),
+            ("--tmpdir", dir.join("tmp").display().to_string()),
+            ("--storage-driver", "vfs".into()),
+            ("--runtime", "/usr/sbin/runc".into()),
+            ("--cgroup-manager", "cgroupfs".into()),
+            ("--events-backend", "file".into()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+        let registry_args = match certs {
+            Some(d) => vec!["--cert-dir".into(), d.display().to_string()],
+            None => vec!["--tls-verify=false".into()],
+        };
+        Self {
+            kind: Kind::Podman,
+            daemon: None,
+            global,
+            registry_args,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The handler's device config naming this engine.
+    pub fn handler_config(&self) -> Value {
+        match self.kind {
+            Kind::Docker => json!({"host": self.global[1]}),
+            Kind::Podman => json!({"cli": "/usr/bin/podman", "engine_args": self.global}),
+        }
+    }
+
+    /// Create options every module needs on this machine: podman has no
+    /// daemon-wide default limits, and the sandbox refuses the engine's own.
+    pub fn host_config(&self) -> Value {
+        match self.kind {
+            Kind::Docker => json!({"NetworkMode": "none"}),
+            Kind::Podman => json!({"NetworkMode": "none", "Ulimits": [
+                {"Name": "nofile", "Soft": 1024, "Hard": 1024},
+                {"Name": "nproc", "Soft": 4096, "Hard": 4096}]}),
+        }
+    }
+
+    /// The engine's CLI with its global options and the test's own
+    /// credentials (never the machine's).
+    fn command(&self) -> Command {
+        let mut cmd = match self.kind {
+            Kind::Docker => {
+                let mut c = Command::new("/usr/bin/docker");
+                c.env("DOCKER_CONFIG", self.dir.join("cli"));
+                c
+            }
+            Kind::Podman => {
+                let mut c = Command::new("/usr/bin/podman");
+                c.env("REGISTRY_AUTH_FILE", self.dir.join("cli-auth.json"));
+                c
+            }
+        };
+        cmd.args(&self.global);
+        cmd
+    }
+
+    /// Runs the engine's CLI.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.command().args(args).output().expect("engine CLI")
     }
 
     /// Same, asserting success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
+        let out = self.cli(args);
         assert!(
             out.status.success(),
-            "docker {args:?}: {}",
+            "{:?} {args:?}: {}",
+            self.kind,
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Runs a container the handler does not manage; returns its id.
+    pub fn run_unmanaged(&self, name: &str, image: &str) -> String {
+        let mut args = vec!["run", "-d", "--network", "none", "--name", name];
+        if self.kind == Kind::Podman {
+            args.extend([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=4096:4096",
+            ]);
+        }
+        args.push(image);
+        self.ok(&args);
+        self.container_id(name).expect("the container just run")
+    }
+
     /// The id of container `name`, if it exists.
     pub fn container_id(&self, name: &str) -> Option<String> {
-        let out = self.docker(&["container", "inspect", "--format", "{{.Id}}", name]);
+        let out = self.cli(&["container", "inspect", "--format", "{{.Id}}", name]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -125,7 +222,7 @@ impl Dockerd {
         self.push(reference)
     }
 
-    /// Like [`Dockerd::publish`], with a health check (`test -e
+    /// Like [`Engine::publish`] (docker only), with a health check (`test -e
     /// /tmp/ready`, every second) on an image whose command creates that
     /// file after two seconds — or never, when `healthy` is false.
     pub fn publish_with_health(&self, reference: &str, version: &str, healthy: bool) -> String {
@@ -148,10 +245,11 @@ impl Dockerd {
             ),
         )
         .expect("Dockerfile");
-        let out = Command::new("/usr/bin/docker")
-            .env("DOCKER_CONFIG", self.dir.join("cli"))
+        assert_eq!(self.kind, Kind::Docker, "images with health checks");
+        let out = self
+            .command()
             .env("DOCKER_BUILDKIT", "0")
-            .args(["-H", &self.host, "build", "-q", "-t", reference])
+            .args(["build", "-q", "-t", reference])
             .arg(&context)
             .output()
             .expect("docker build");
@@ -199,6 +297,15 @@ impl Dockerd {
 
     /// Pushes `reference`; returns the digest the registry stored.
     fn push(&self, reference: &str) -> String {
+        if self.kind == Kind::Podman {
+            let file = self.dir.join("pushed-digest");
+            let file_arg = file.display().to_string();
+            let mut args = vec!["push", "-q", "--digestfile", &file_arg];
+            args.extend(self.registry_args.iter().map(String::as_str));
+            args.push(reference);
+            self.ok(&args);
+            return std::fs::read_to_string(&file).expect("digest file");
+        }
         self.ok(&["push", "-q", reference]);
         let digests = self.ok(&[
             "image",
@@ -217,25 +324,20 @@ impl Dockerd {
     }
 }
 
-impl Dockerd {
+impl Engine {
     /// Logs the test's own CLI in to `registry`.
     pub fn login(&self, registry: &str, user: &str, password: &str) {
-        let mut child = Command::new("/usr/bin/docker")
-            .env("DOCKER_CONFIG", self.dir.join("cli"))
-            .args([
-                "-H",
-                &self.host,
-                "login",
-                "--username",
-                user,
-                "--password-stdin",
-                registry,
-            ])
+        let mut args = vec!["login"];
+        args.extend(self.registry_args.iter().map(String::as_str));
+        args.extend(["--username", user, "--password-stdin", registry]);
+        let mut child = self
+            .command()
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("docker login");
+            .expect("engine login");
         use std::io::Write;
         child
             .stdin
@@ -243,28 +345,31 @@ impl Dockerd {
             .expect("stdin")
             .write_all(password.as_bytes())
             .expect("password");
-        assert!(child.wait().expect("wait").success(), "docker login");
+        assert!(child.wait().expect("wait").success(), "engine login");
     }
 }
 
-impl Drop for Dockerd {
+impl Drop for Engine {
     fn drop(&mut self) {
-        let ids = self.docker(&["ps", "-aq"]);
+        let ids = self.cli(&["ps", "-aq"]);
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker(&["rm", "-f", id]);
+            let _ = self.cli(&["rm", "-f", id]);
         }
+        let Some(child) = self.daemon.as_mut() else {
+            return;
+        };
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+            if matches!(child.try_wait(), Ok(Some(_))) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -278,22 +383,31 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry with filesystem storage in `dir`.
     pub fn start(dir: &Path) -> Self {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, None)
     }
 
     /// Same, requiring `user` / `password` (htpasswd, bcrypt).
     pub fn start_with_login(dir: &Path, user: &str, password: &str) -> Self {
-        Self::start_with(dir, Some((user, password)))
+        Self::start_with(dir, Some((user, password)), None)
     }
 
-    fn start_with(dir: &Path, login: Option<(&str, &str)>) -> Self {
+    /// Starts the registry, with a login when `login` is given, and over
+    /// TLS with `pki`'s server certificate when that is given.
+    pub fn start_with(dir: &Path, login: Option<(&str, &str)>, pki: Option<&Pki>) -> Self {
         std::fs::create_dir_all(dir).expect("registry dir");
         let port = free_port();
         let config = dir.join("config.yml");
+        let tls = pki.map_or(String::new(), |p| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                p.dir.join("server.pem").display(),
+                p.dir.join("server.key").display()
+            )
+        });
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{}",
                 dir.join("data").display(),
                 login.map_or(String::new(), |(user, password)| {
                     let out = Command::new("htpasswd")
