@@ -13,8 +13,11 @@ setup:
 demo: setup
 	cargo run -p otabox -- demo
 
-## Run the whole test suite (the wasm handlers are built by host/build.rs),
-## and the benchmarks as short smoke runs so they cannot rot.
+## Run the whole test suite (the wasm handlers are built by host/build.rs,
+## the example handlers in other languages by their build.sh; a missing
+## toolchain fails the run), and the benchmarks as short smoke runs so they
+## cannot rot.
+test: export OTABOX_REQUIRE_TOOLCHAINS = 1
 test: setup
 	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware
 	set -o pipefail; log=$$(mktemp); \

@@ -51,6 +51,8 @@ pub struct CapabilitySummary {
     pub memory_mb: u64,
     /// Time limit per call in ms.
     pub call_timeout_ms: u64,
+    /// Capabilities linked to stubs that refuse every call.
+    pub stubbed: Vec<String>,
 }
 
 /// An import of the component and the capability it needs.
@@ -60,6 +62,8 @@ pub struct ImportAudit {
     pub name: String,
     /// The capability it belongs to.
     pub capability: Capability,
+    /// Linked to a stub that refuses every call (`[stubs] refuse`).
+    pub stubbed: bool,
 }
 
 /// The audit of one handler.
@@ -194,9 +198,11 @@ async fn audit_one(
     };
     let ty = component.component_type();
     for (import, _) in ty.imports(runtime.engine()) {
+        let capability = classify_import(import);
         audit.imports.push(ImportAudit {
             name: import.to_string(),
-            capability: classify_import(import),
+            capability,
+            stubbed: manifest.stubs(capability),
         });
     }
     audit.contract = crate::runtime::contract_version(runtime.engine(), &component);
@@ -245,7 +251,7 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
     ];
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    for import in &audit.imports {
+    for import in audit.imports.iter().filter(|i| !i.stubbed) {
         match checks.iter().find(|c| c.0 == import.capability) {
             Some((_, false, _, what)) => {
                 errors.push(format!("imports `{}` but declares no {what}", import.name))
@@ -266,6 +272,15 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
         if declared && !used(cap) {
             warnings.push(format!(
                 "declares {what} but imports no {} interface",
+                cap.label()
+            ));
+        }
+    }
+    for cap in &manifest.stubs.refuse {
+        if !used(*cap) {
+            warnings.push(format!(
+                "stubs {} but imports no {} interface",
+                cap.label(),
                 cap.label()
             ));
         }
@@ -320,6 +335,11 @@ fn summarize(grants: &Grants) -> CapabilitySummary {
             .collect(),
         memory_mb: grants.limits.memory_mb,
         call_timeout_ms: grants.limits.call_timeout_ms,
+        stubbed: grants
+            .stubbed
+            .iter()
+            .map(|c| c.label().to_string())
+            .collect(),
     }
 }
 
@@ -362,6 +382,13 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
                     "            limits:     {} MiB, {} ms per call",
                     c.memory_mb, c.call_timeout_ms
                 );
+                if !c.stubbed.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "            stubbed:    {} (linked, every call refused)",
+                        c.stubbed.join(", ")
+                    );
+                }
             }
         }
         let _ = writeln!(
@@ -370,7 +397,8 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
             if a.imports.is_empty() { "-" } else { "" }
         );
         for i in &a.imports {
-            let _ = writeln!(out, "    {:<44} {}", i.name, i.capability.label());
+            let stub = if i.stubbed { " (stub: refused)" } else { "" };
+            let _ = writeln!(out, "    {:<44} {}{stub}", i.name, i.capability.label());
         }
         for f in &a.findings {
             let tag = if f.severity == Severity::Error {

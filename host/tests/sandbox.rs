@@ -536,6 +536,47 @@ async fn network_access_is_limited_to_granted_hosts_and_ports() {
     still_serves(&h).await;
 }
 
+/// A component whose runtime imports `wasi:sockets` loads without any
+/// network when its manifest stubs it, and every connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stubbed_sockets_load_and_refuse_every_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let bare =
+        "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+    let refused = hostile(&rt, dir.path(), bare)
+        .await
+        .expect_err("sockets undeclared");
+    assert!(
+        format!("{refused:#}").contains("wasi:sockets"),
+        "{refused:#}"
+    );
+    let h = hostile(
+        &rt,
+        dir.path(),
+        &format!("{bare}[stubs]\nrefuse = [\"network\"]\n"),
+    )
+    .await
+    .expect("loads with the stub");
+    let message = failure(
+        act(
+            &h,
+            json!({"action": "connect", "address": format!("127.0.0.1:{port}")}),
+        )
+        .await
+        .expect("the refusal is returned"),
+    );
+    assert!(
+        message.contains("denied") || message.contains("ermission"),
+        "{message}"
+    );
+    assert!(listener.accept().is_err(), "a stubbed socket connected");
+    still_serves(&h).await;
+}
+
 /// A handler built against the frozen 1.0.0 contract (its own copy of that
 /// WIT) keeps loading and running in this 1.x host, which reports the
 /// contract it was built against.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::check_dir_path;
-use super::{Access, CommandRule, HandlerManifest, Limits};
+use super::{Access, Capability, CommandRule, HandlerManifest, Limits};
 
 /// A device's settings for one handler (`[handlers.<name>]` in device.toml).
 /// Every list narrows: absent means "as declared", present means "only these".
@@ -77,6 +77,24 @@ pub struct Grants {
     pub network: Vec<String>,
     /// Its limits.
     pub limits: Limits,
+    /// Capabilities linked with nothing granted (`[stubs] refuse`).
+    pub stubbed: Vec<Capability>,
+}
+
+impl Grants {
+    /// Whether the interfaces of `capability` are linked: granted, or
+    /// stubbed so that every call is refused.
+    pub fn links(&self, capability: Capability) -> bool {
+        self.stubbed.contains(&capability)
+            || match capability {
+                Capability::Baseline => true,
+                Capability::Filesystem => !self.paths.is_empty(),
+                Capability::Process => !self.commands.is_empty(),
+                Capability::Network => !self.network.is_empty(),
+                Capability::Devices => !self.devices.is_empty(),
+                Capability::Unsupported => false,
+            }
+    }
 }
 
 /// A granted device: the path the handler names and the path on the device.
@@ -164,6 +182,7 @@ impl Grants {
                         t.min(manifest.limits.call_timeout_ms)
                     }),
             },
+            stubbed: manifest.stubs.refuse.clone(),
         }
     }
 }

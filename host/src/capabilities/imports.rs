@@ -1,7 +1,9 @@
 //! Which grant each component import needs.
 
 /// The capability an imported interface belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Capability {
     /// Grants nothing: logging, progress, payloads, checkpoints, clocks,

@@ -20,6 +20,9 @@
 //! [limits]
 //! memory_mb = 64
 //! call_timeout_ms = 30000
+//!
+//! [stubs]                  # imported by the language runtime, never used:
+//! refuse = ["network"]     # linked so that every call is refused
 //! ```
 
 use std::path::{Component, Path, PathBuf};
@@ -28,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::CommandRule;
+use super::{Capability, CommandRule};
 
 /// Upper bounds a manifest may ask for.
 const MAX_MEMORY_MB: u64 = 4096;
@@ -56,6 +59,21 @@ pub struct HandlerManifest {
     /// Resource limits per call.
     #[serde(default)]
     pub limits: Limits,
+    /// Capabilities the component imports but never uses.
+    #[serde(default)]
+    pub stubs: StubsSection,
+}
+
+/// The `[stubs]` table: capabilities whose interfaces a language runtime
+/// imports although the handler never calls them (Python's and
+/// JavaScript's `wasi:sockets`, for instance). They are linked with nothing
+/// granted, so the component loads and every call is refused.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StubsSection {
+    /// `filesystem`, `process`, `network` or `devices`.
+    #[serde(default)]
+    pub refuse: Vec<Capability>,
 }
 
 /// The `[handler]` table.
@@ -199,6 +217,7 @@ impl HandlerManifest {
         for (i, host) in self.network.hosts.iter().enumerate() {
             check_host(host).with_context(|| format!("field `network.hosts[{i}]`"))?;
         }
+        self.check_stubs()?;
         let l = &self.limits;
         if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
             bail!(
@@ -211,6 +230,40 @@ impl HandlerManifest {
                 "field `limits.call_timeout_ms` must be 1..={MAX_CALL_TIMEOUT_MS}, found {}",
                 l.call_timeout_ms
             );
+        }
+        Ok(())
+    }
+}
+
+impl HandlerManifest {
+    /// Whether the manifest declares anything of `capability`.
+    pub fn declares(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::Baseline => true,
+            Capability::Filesystem => !self.filesystem.is_empty(),
+            Capability::Process => !self.commands.is_empty(),
+            Capability::Network => !self.network.hosts.is_empty(),
+            Capability::Devices => !self.devices.is_empty(),
+            Capability::Unsupported => false,
+        }
+    }
+
+    /// Whether `capability` is listed in `[stubs] refuse`.
+    pub fn stubs(&self, capability: Capability) -> bool {
+        self.stubs.refuse.contains(&capability)
+    }
+
+    fn check_stubs(&self) -> Result<()> {
+        for (i, &cap) in self.stubs.refuse.iter().enumerate() {
+            let what = cap.label();
+            if matches!(cap, Capability::Baseline | Capability::Unsupported) {
+                bail!(
+                    "field `stubs.refuse[{i}]`: {what} cannot be stubbed; use filesystem, process, network or devices"
+                );
+            }
+            if self.declares(cap) {
+                bail!("field `stubs.refuse[{i}]`: the manifest both declares and stubs {what}");
+            }
         }
         Ok(())
     }
@@ -272,6 +325,36 @@ fn check_host(host: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stubs_name_capabilities_that_are_not_declared() {
+        let head = format!(
+            "[handler]\nupdate_types = [\"a/b:1\"]\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        );
+        let m = HandlerManifest::parse(&format!(
+            "{head}[stubs]\nrefuse = [\"network\", \"devices\"]\n"
+        ))
+        .expect("valid");
+        assert!(m.stubs(Capability::Network) && !m.stubs(Capability::Process));
+        for (tail, why) in [
+            (
+                "[network]\nhosts = [\"a.example\"]\n[stubs]\nrefuse = [\"network\"]\n",
+                "both declares and stubs network",
+            ),
+            (
+                "[stubs]\nrefuse = [\"baseline\"]\n",
+                "baseline cannot be stubbed",
+            ),
+            (
+                "[stubs]\nrefuse = [\"sockets\"]\n",
+                "unknown variant `sockets`",
+            ),
+        ] {
+            let err = HandlerManifest::parse(&format!("{head}{tail}")).expect_err(tail);
+            assert!(format!("{err:#}").contains(why), "{tail}: {err:#}");
+        }
+    }
 
     const HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

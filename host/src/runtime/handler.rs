@@ -224,7 +224,9 @@ impl Handler {
                     )
                 })?;
         }
-        if !self.grants.network.is_empty() {
+        if self.grants.network.is_empty() {
+            network::refuse_all(&mut builder);
+        } else {
             network::allow_hosts(&mut builder, &self.grants.network);
         }
         Ok(builder.build())

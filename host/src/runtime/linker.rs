@@ -1,5 +1,6 @@
-//! One linker per handler, holding only the interfaces its grants allow:
-//! a component that imports anything else cannot be instantiated.
+//! One linker per handler, holding only the interfaces its grants allow (or
+//! its manifest stubs, linked with nothing granted): a component that
+//! imports anything else cannot be instantiated.
 
 use anyhow::Result;
 use wasmtime::Engine;
@@ -17,13 +18,13 @@ use wasmtime_wasi::sockets::WasiSocketsView;
 
 use super::bindings::otabox::handler::{checkpoint, context, devices, payloads, process, types};
 use super::state::HostState;
-use crate::capabilities::Grants;
+use crate::capabilities::{Capability, Grants};
 
 /// Builds the linker for a handler with `grants`.
 pub fn build(engine: &Engine, grants: &Grants) -> Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
     add_baseline(&mut l)?;
-    if !grants.paths.is_empty() {
+    if grants.links(Capability::Filesystem) {
         filesystem::types::add_to_linker::<HostState, WasiFilesystem>(
             &mut l,
             HostState::filesystem,
@@ -33,13 +34,13 @@ pub fn build(engine: &Engine, grants: &Grants) -> Result<Linker<HostState>> {
             HostState::filesystem,
         )?;
     }
-    if !grants.commands.is_empty() {
+    if grants.links(Capability::Process) {
         process::add_to_linker::<HostState, HasSelf<HostState>>(&mut l, |s| s)?;
     }
-    if !grants.network.is_empty() {
+    if grants.links(Capability::Network) {
         add_network(&mut l)?;
     }
-    if !grants.devices.is_empty() {
+    if grants.links(Capability::Devices) {
         devices::add_to_linker::<HostState, HasSelf<HostState>>(&mut l, |s| s)?;
     }
     Ok(l)

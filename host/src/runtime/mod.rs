@@ -282,26 +282,21 @@ fn check_imports(
 ) -> Result<()> {
     for (import, _) in component.component_type().imports(engine) {
         let capability = classify_import(import);
-        let (declared, granted) = match capability {
+        match capability {
             Capability::Baseline => continue,
-            Capability::Filesystem => (!manifest.filesystem.is_empty(), !grants.paths.is_empty()),
-            Capability::Process => (!manifest.commands.is_empty(), !grants.commands.is_empty()),
-            Capability::Network => (
-                !manifest.network.hosts.is_empty(),
-                !grants.network.is_empty(),
-            ),
-            Capability::Devices => (!manifest.devices.is_empty(), !grants.devices.is_empty()),
             Capability::Unsupported => {
                 bail!("handler {name}: imports `{import}`, which otabox does not provide")
             }
-        };
+            _ if manifest.stubs(capability) => continue,
+            _ => {}
+        }
         let what = capability.label();
-        if !declared {
+        if !manifest.declares(capability) {
             bail!(
                 "handler {name}: imports `{import}` but its manifest declares no {what} capability"
             );
         }
-        if !granted {
+        if !grants.links(capability) {
             bail!(
                 "handler {name}: imports `{import}` but the device grants none of its declared {what} capability"
             );

@@ -31,6 +31,14 @@ fn parse(entry: &str) -> AllowedHost {
     }
 }
 
+/// Refuses every socket and name lookup (no network granted; the sockets
+/// interfaces are linked only when stubbed).
+pub fn refuse_all(builder: &mut WasiCtxBuilder) {
+    builder.allow_ip_name_lookup(false);
+    builder.allow_tcp(false);
+    builder.allow_udp(false);
+}
+
 /// Lets the guest resolve names and connect over TCP to `hosts` only.
 pub fn allow_hosts(builder: &mut WasiCtxBuilder, hosts: &[String]) {
     let allowed: Arc<Vec<AllowedHost>> = Arc::new(hosts.iter().map(|h| parse(h)).collect());

@@ -5,6 +5,7 @@
 pub mod apt;
 pub mod containers;
 pub mod firmware;
+pub mod languages;
 pub mod pki;
 pub mod services;
 
