@@ -19,7 +19,7 @@ demo: setup
 ## cannot rot.
 test: export OTABOX_REQUIRE_TOOLCHAINS = 1
 test: setup
-	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware
+	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages
 	set -o pipefail; log=$$(mktemp); \
 	cargo test --workspace 2>&1 | tee "$$log"; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$$log"; \
@@ -27,4 +27,4 @@ test: setup
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
-	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware
+	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages

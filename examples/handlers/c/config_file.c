@@ -214,13 +214,17 @@ void exports_otabox_handler_handler_download(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_backup(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
     char *data = NULL;
     size_t len = 0;
     int found = read_file(m.path, &data, &len);
     if (found < 0) {
         snprintf(message, sizeof message, "cannot read %s: %s", m.path, strerror(errno));
-        return fail(ret, READ_FAILED, message);
+        fail(ret, READ_FAILED, message);
+        return;
     }
     // The backup: "0" when there was no file, "1" and its bytes otherwise.
     handler_list_u8_t kept = {malloc(len + 1), len + 1};
@@ -229,17 +233,23 @@ void exports_otabox_handler_handler_backup(step_context *ctx, outcome *ret) {
     handler_string_t key;
     handler_string_set(&key, BACKUP_KEY);
     otabox_handler_checkpoint_host_error_t herr;
-    if (!otabox_handler_checkpoint_set(&key, &kept, &herr))
-        return fail(ret, WRITE_FAILED, "cannot keep the backup in a checkpoint");
+    if (!otabox_handler_checkpoint_set(&key, &kept, &herr)) {
+        fail(ret, WRITE_FAILED, "cannot keep the backup in a checkpoint");
+        return;
+    }
     succeed(ret);
 }
 
 void exports_otabox_handler_handler_install(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
     if (write_atomic(m.path, m.content, m.content_len) != 0) {
         snprintf(message, sizeof message, "cannot write %s: %s", m.path, strerror(errno));
-        return fail(ret, WRITE_FAILED, message);
+        fail(ret, WRITE_FAILED, message);
+        return;
     }
     snprintf(message, sizeof message, "wrote %s version %s", m.path, m.version);
     log_info(message);
@@ -248,8 +258,14 @@ void exports_otabox_handler_handler_install(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_apply(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
-    if (m.reload_len == 0) return succeed(ret);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
+    if (m.reload_len == 0) {
+        succeed(ret);
+        return;
+    }
     otabox_handler_process_command_t cmd;
     memset(&cmd, 0, sizeof cmd);
     handler_string_set(&cmd.program, m.reload[0]);
@@ -263,23 +279,29 @@ void exports_otabox_handler_handler_apply(step_context *ctx, outcome *ret) {
     if (!otabox_handler_process_run(&cmd, &out, &herr)) {
         snprintf(message, sizeof message, "the host refused %s: %.*s", m.reload[0],
                  (int)herr.val.denied.len, (const char *)herr.val.denied.ptr);
-        return fail(ret, RELOAD_REFUSED, message);
+        fail(ret, RELOAD_REFUSED, message);
+        return;
     }
     if (!out.exit_code.is_some || out.exit_code.val != 0) {
         snprintf(message, sizeof message, "%s exited with %d: %.*s", m.reload[0],
                  out.exit_code.is_some ? out.exit_code.val : -1, (int)out.stderr.len,
                  (const char *)out.stderr.ptr);
-        return fail(ret, RELOAD_FAILED, message);
+        fail(ret, RELOAD_FAILED, message);
+        return;
     }
     succeed(ret);
 }
 
 void exports_otabox_handler_handler_verify(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
     if (holds(&m) != 1) {
         snprintf(message, sizeof message, "%s does not hold version %s", m.path, m.version);
-        return fail(ret, NOT_IN_PLACE, message);
+        fail(ret, NOT_IN_PLACE, message);
+        return;
     }
     succeed(ret);
 }
@@ -295,13 +317,18 @@ void exports_otabox_handler_handler_commit(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_rollback(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
     handler_string_t key;
     handler_string_set(&key, BACKUP_KEY);
     handler_option_list_u8_t kept;
     otabox_handler_checkpoint_host_error_t herr;
-    if (!otabox_handler_checkpoint_get(&key, &kept, &herr))
-        return fail(ret, READ_FAILED, "cannot read the backup checkpoint");
+    if (!otabox_handler_checkpoint_get(&key, &kept, &herr)) {
+        fail(ret, READ_FAILED, "cannot read the backup checkpoint");
+        return;
+    }
     if (!kept.is_some || kept.val.len == 0) {
         ret->tag = OTABOX_HANDLER_TYPES_OUTCOME_SKIPPED;
         handler_string_dup(&ret->val.skipped, "nothing was changed");
@@ -312,7 +339,8 @@ void exports_otabox_handler_handler_rollback(step_context *ctx, outcome *ret) {
                        : (unlink(m.path) == 0 || errno == ENOENT ? 0 : -1);
     if (restored != 0) {
         snprintf(message, sizeof message, "cannot restore %s: %s", m.path, strerror(errno));
-        return fail(ret, WRITE_FAILED, message);
+        fail(ret, WRITE_FAILED, message);
+        return;
     }
     snprintf(message, sizeof message, "restored %s", m.path);
     log_info(message);
@@ -321,7 +349,10 @@ void exports_otabox_handler_handler_rollback(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_cleanup(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) return fail(ret, INVALID_MANIFEST, message);
+    if (!parse(&ctx->manifest, &m)) {
+        fail(ret, INVALID_MANIFEST, message);
+        return;
+    }
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.otabox-new", m.path);
     unlink(tmp);

@@ -146,7 +146,8 @@ fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name();
-        if ["out", "node_modules", "deps"].contains(&name.to_string_lossy().as_ref()) {
+        if ["out", "node_modules", "deps", "__pycache__"].contains(&name.to_string_lossy().as_ref())
+        {
             continue;
         }
         if path.is_dir() {
