@@ -2,12 +2,12 @@
 # Builds the JavaScript config-file handler: OUT/config-file.wasm (default
 # ./out) with componentize-js (StarlingMonkey), or with ENGINE=quickjs with
 # componentize-qjs (jco's QuickJS backend; a much smaller component). The
-# npm packages come from package-lock.json (npm ci, once).
+# npm packages come from package-lock.json (installed once).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/out}
 mkdir -p "$out"
-[ -d "$here/node_modules" ] || npm ci --prefix "$here" --no-audit --no-fund --loglevel=error
+[ -d "$here/node_modules" ] || npm install --prefix "$here" --no-save --no-audit --no-fund --loglevel=error
 bin="$here/node_modules/.bin"
 case "${ENGINE:-starlingmonkey}" in
 starlingmonkey)
