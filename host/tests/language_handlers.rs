@@ -7,10 +7,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::languages::Language;
-use common::{failed, runtime};
+use common::failed;
+use common::languages::{self, Language};
 use otabox::capabilities::DeviceGrant;
-use otabox::runtime::Handler;
+use otabox::runtime::{Handler, Runtime};
 use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
 
@@ -38,7 +38,8 @@ async fn rig(language: Language) -> Option<Rig> {
         mounts: [(PathBuf::from("/etc/example"), etc.clone())].into(),
         ..DeviceGrant::default()
     };
-    let handler = runtime(&root)
+    let handler = Runtime::new(Some(languages::compiled_cache()))
+        .expect("runtime")
         .load_handler(&handlers.join("config-file.toml"), Some(&grant))
         .await
         .unwrap_or_else(|e| panic!("{}: load: {e:#}", language.name()));

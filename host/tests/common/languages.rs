@@ -115,6 +115,13 @@ impl Language {
     }
 }
 
+/// A compiled-component cache shared by the tests of the example handlers
+/// (entries are keyed by the wasm's sha256 and written by rename), so each
+/// build is compiled once rather than once per test.
+pub fn compiled_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-handlers/compiled")
+}
+
 /// `examples/handlers`.
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/handlers")
