@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apt::{self as apt, AptRepo, Sysroot, apt_handler, deb};
-use otabox::runtime::{CallScope, Outcome, Phase, Runtime, StepContext};
+use otabox::runtime::{CallScope, Outcome, Phase, StepContext};
 use otabox::workflow::{StepRequest, StepResult, run_step};
 
 const PACKAGES: usize = 10;
@@ -48,12 +48,7 @@ fn main() {
     })
     .to_string();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio");
-    let runtime = Runtime::new(Some(dir.join("cache"))).expect("runtime");
+    let (rt, runtime) = common::bench_runtimes(&dir);
 
     let mut install = Timings::default();
     let mut step = Timings::default();

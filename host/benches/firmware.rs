@@ -38,12 +38,7 @@ fn main() {
     let image = dir.join("rootfs.img");
     let sha256 = write_image(&image, size);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio");
-    let runtime = Runtime::new(Some(dir.join("cache"))).expect("runtime");
+    let (rt, runtime) = common::bench_runtimes(&dir);
 
     let mut ours = Vec::new();
     let mut peer = Vec::new();

@@ -223,66 +223,44 @@ async fn audit_one(
 /// declaration without an import (warning).
 fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants) {
     let used = |cap: Capability| audit.imports.iter().any(|i| i.capability == cap);
-    let checks = [
-        (
-            Capability::Filesystem,
-            !manifest.filesystem.is_empty(),
-            !grants.paths.is_empty(),
-            "filesystem paths",
-        ),
-        (
-            Capability::Process,
-            !manifest.commands.is_empty(),
-            !grants.commands.is_empty(),
-            "command rules",
-        ),
-        (
-            Capability::Network,
-            !manifest.network.hosts.is_empty(),
-            !grants.network.is_empty(),
-            "network hosts",
-        ),
-        (
-            Capability::Devices,
-            !manifest.devices.is_empty(),
-            !grants.devices.is_empty(),
-            "devices",
-        ),
+    let declarations = [
+        (Capability::Filesystem, "filesystem paths"),
+        (Capability::Process, "command rules"),
+        (Capability::Network, "network hosts"),
+        (Capability::Devices, "devices"),
     ];
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     for import in audit.imports.iter().filter(|i| !i.stubbed) {
-        match checks.iter().find(|c| c.0 == import.capability) {
-            Some((_, false, _, what)) => {
+        let cap = import.capability;
+        match declarations.iter().find(|(c, _)| *c == cap) {
+            Some((_, what)) if !manifest.declares(cap) => {
                 errors.push(format!("imports `{}` but declares no {what}", import.name))
             }
-            Some((_, true, false, what)) => errors.push(format!(
+            Some((_, what)) if !grants.links(cap) => errors.push(format!(
                 "imports `{}` but the device grants none of its {what}",
                 import.name
             )),
             Some(_) => {}
-            None if import.capability == Capability::Unsupported => errors.push(format!(
+            None if cap == Capability::Unsupported => errors.push(format!(
                 "imports `{}`, which otabox does not provide",
                 import.name
             )),
             None => {}
         }
     }
-    for (cap, declared, _, what) in checks {
-        if declared && !used(cap) {
+    for (cap, what) in declarations {
+        if manifest.declares(cap) && !used(cap) {
             warnings.push(format!(
                 "declares {what} but imports no {} interface",
                 cap.label()
             ));
         }
     }
-    for cap in &manifest.stubs.refuse {
-        if !used(*cap) {
-            warnings.push(format!(
-                "stubs {} but imports no {} interface",
-                cap.label(),
-                cap.label()
-            ));
+    for &cap in &manifest.stubs.refuse {
+        if !used(cap) {
+            let what = cap.label();
+            warnings.push(format!("stubs {what} but imports no {what} interface"));
         }
     }
     errors.into_iter().for_each(|e| audit.error(e));

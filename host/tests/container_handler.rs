@@ -121,6 +121,28 @@ impl Rig {
         }
     }
 
+    /// Asserts `report` failed at apply (code 44) and rolled back, with
+    /// `module` back in container `id` on `digest`, running; returns the
+    /// failure message.
+    fn rolled_back<'a>(
+        &self,
+        report: &'a StepReport,
+        module: &str,
+        id: &str,
+        digest: &str,
+    ) -> &'a str {
+        let (phase, code, message, rolled_back) = failed(report);
+        assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+        assert_eq!(
+            self.engine.container_id(module).as_deref(),
+            Some(id),
+            "the old container is back"
+        );
+        assert_eq!(self.engine.state(module), "running");
+        assert_eq!(self.engine.digest_of(module), digest);
+        message
+    }
+
     fn module(&self, repo_tag: &str) -> Value {
         json!({"image": self.image(repo_tag), "createOptions": {"HostConfig": self.engine.host_config()}})
     }
@@ -238,16 +260,8 @@ async fn failures_roll_back_or_stop_before_anything_changes() {
     let report = r
         .deploy("d2", "2", json!({"app": r.module("app:2.0")}))
         .await;
-    let (phase, code, message, rolled_back) = failed(&report);
-    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+    let message = r.rolled_back(&report, "app", &app_id, &good);
     assert!(message.contains("module app stopped"), "{message}");
-    assert_eq!(
-        r.engine.container_id("app"),
-        Some(app_id.clone()),
-        "the old container is back"
-    );
-    assert_eq!(r.engine.state("app"), "running");
-    assert_eq!(r.engine.digest_of("app"), good);
 
     // An unknown tag: a clear error at validate, nothing stopped.
     let report = r
@@ -338,12 +352,8 @@ async fn health_checks_are_awaited_and_an_unhealthy_module_is_rolled_back() {
     let report = r
         .deploy("d2", "2", json!({"probe": r.module("probe:2.0")}))
         .await;
-    let (phase, code, message, rolled_back) = failed(&report);
-    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
+    let message = r.rolled_back(&report, "probe", &probe_id, &healthy);
     assert!(message.contains("unhealthy"), "{message}");
-    assert_eq!(r.engine.container_id("probe"), Some(probe_id));
-    assert_eq!(r.engine.digest_of("probe"), healthy);
-    assert_eq!(r.engine.state("probe"), "running");
 }
 
 /// Podman instead of docker, against a registry whose certificate comes
@@ -427,11 +437,7 @@ async fn podman_deploys_from_a_registry_signed_by_a_custom_ca() {
     // An image that does not start: rolled back; an unknown tag: refused
     // before anything stops; the same deployment again: nothing to do.
     let report = r.deploy("d3", "3", modules("app:2.0")).await;
-    let (phase, code, message, rolled_back) = failed(&report);
-    assert_eq!((phase, code, rolled_back), ("apply", 44, true), "{message}");
-    assert_eq!(r.engine.container_id("app"), Some(app_id.clone()));
-    assert_eq!(r.engine.state("app"), "running");
-    assert_eq!(r.engine.digest_of("app"), app_11);
+    r.rolled_back(&report, "app", &app_id, &app_11);
     let report = r.deploy("d4", "4", modules("app:9.9")).await;
     let (phase, code, message, _) = failed(&report);
     assert_eq!((phase, code), ("validate", 40), "{message}");

@@ -177,6 +177,18 @@ fn ack_of(job: &'static str) -> impl Fn(&Message) -> bool {
     }
 }
 
+/// Asserts the job was acked FAILURE and last reported as rolled back.
+fn acked_rolled_back(agent: &AgentProcess, seen: &[Message]) {
+    assert_eq!(
+        seen.last().expect("ack").json["status"],
+        "FAILURE",
+        "{}",
+        agent.log()
+    );
+    let result = last_result(seen).expect("a result report");
+    assert_eq!(result["result"], "failed-rolled-back", "{result}");
+}
+
 fn last_result(messages: &[Message]) -> Option<&Value> {
     messages
         .iter()
@@ -207,14 +219,7 @@ fn a_reboot_into_the_new_slot_completes_the_job() {
 fn a_failed_health_check_is_rolled_back_and_reported_once() {
     let mut dev = Device::new(Some(3));
     let (agent, seen) = dev.install_and_boot_the_new_slot("job-sick");
-    assert_eq!(
-        seen.last().expect("ack").json["status"],
-        "FAILURE",
-        "{}",
-        agent.log()
-    );
-    let result = last_result(&seen).expect("a result report");
-    assert_eq!(result["result"], "failed-rolled-back", "{result}");
+    acked_rolled_back(&agent, &seen);
     // The rollback asks for a reboot into A.
     dev.wait_rebooted(&agent);
     let (agent, booted) = dev.reboot(agent, 0);
@@ -258,14 +263,7 @@ fn the_agent_killed_during_the_write_fails_cleanly_and_spares_the_booted_slot() 
     agent.kill();
     let agent = dev.start_agent();
     let seen = dev.cloud.collect_until(WAIT, "the ack", ack_of("job-cut"));
-    assert_eq!(
-        seen.last().expect("ack").json["status"],
-        "FAILURE",
-        "{}",
-        agent.log()
-    );
-    let result = last_result(&seen).expect("a result report");
-    assert_eq!(result["result"], "failed-rolled-back", "{result}");
+    acked_rolled_back(&agent, &seen);
     assert_eq!(
         dev.board.slot_sha256("A"),
         slot_a,

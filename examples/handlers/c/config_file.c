@@ -114,6 +114,14 @@ static int parse(const handler_string_t *text, manifest *m) {
     return check_content(m->content, m->content_len);
 }
 
+// Parses a phase's manifest; when it is invalid, `ret` says so and 0 is
+// returned.
+static int load(const step_context *ctx, manifest *m, outcome *ret) {
+    if (parse(&ctx->manifest, m)) return 1;
+    fail(ret, INVALID_MANIFEST, message);
+    return 0;
+}
+
 // Reads the whole file: 1 and its bytes, 0 when it does not exist, -1 on
 // any other error (errno set).
 static int read_file(const char *path, char **data, size_t *len) {
@@ -214,10 +222,7 @@ void exports_otabox_handler_handler_download(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_backup(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     char *data = NULL;
     size_t len = 0;
     int found = read_file(m.path, &data, &len);
@@ -242,10 +247,7 @@ void exports_otabox_handler_handler_backup(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_install(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     if (write_atomic(m.path, m.content, m.content_len) != 0) {
         snprintf(message, sizeof message, "cannot write %s: %s", m.path, strerror(errno));
         fail(ret, WRITE_FAILED, message);
@@ -258,10 +260,7 @@ void exports_otabox_handler_handler_install(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_apply(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     if (m.reload_len == 0) {
         succeed(ret);
         return;
@@ -294,10 +293,7 @@ void exports_otabox_handler_handler_apply(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_verify(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     if (holds(&m) != 1) {
         snprintf(message, sizeof message, "%s does not hold version %s", m.path, m.version);
         fail(ret, NOT_IN_PLACE, message);
@@ -317,10 +313,7 @@ void exports_otabox_handler_handler_commit(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_rollback(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     handler_string_t key;
     handler_string_set(&key, BACKUP_KEY);
     handler_option_list_u8_t kept;
@@ -349,10 +342,7 @@ void exports_otabox_handler_handler_rollback(step_context *ctx, outcome *ret) {
 
 void exports_otabox_handler_handler_cleanup(step_context *ctx, outcome *ret) {
     manifest m;
-    if (!parse(&ctx->manifest, &m)) {
-        fail(ret, INVALID_MANIFEST, message);
-        return;
-    }
+    if (!load(ctx, &m, ret)) return;
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.otabox-new", m.path);
     unlink(tmp);

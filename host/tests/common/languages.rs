@@ -55,23 +55,11 @@ impl Language {
     }
 
     /// The command that says whether the toolchain is there.
-    fn probe(self) -> Command {
+    fn probe(self) -> (&'static str, &'static [&'static str]) {
         match self {
-            Language::Python => {
-                let mut c = Command::new("componentize-py");
-                c.arg("--version");
-                c
-            }
-            Language::JavaScript | Language::JavaScriptQuickJs => {
-                let mut c = Command::new("npm");
-                c.arg("--version");
-                c
-            }
-            Language::C => {
-                let mut c = Command::new("python3");
-                c.args(["-m", "ziglang", "version"]);
-                c
-            }
+            Language::Python => ("componentize-py", &["--version"]),
+            Language::JavaScript | Language::JavaScriptQuickJs => ("npm", &["--version"]),
+            Language::C => ("python3", &["-m", "ziglang", "version"]),
         }
     }
 
@@ -82,7 +70,11 @@ impl Language {
         let locks = LOCKS.get_or_init(|| Self::ALL.iter().map(|_| Mutex::new(())).collect());
         let index = Self::ALL.iter().position(|l| *l == self).unwrap_or(0);
         let _one_build_at_a_time = locks[index].lock().unwrap_or_else(|e| e.into_inner());
-        let present = self.probe().output().is_ok_and(|o| o.status.success());
+        let (program, args) = self.probe();
+        let present = Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !present {
             assert!(
                 std::env::var(REQUIRE).as_deref() != Ok("1"),

@@ -96,6 +96,17 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A two-worker tokio runtime and an otabox runtime caching in `dir/cache`
+/// (benchmarks).
+pub fn bench_runtimes(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    (rt, runtime(dir))
+}
+
 /// The median of `samples` (benchmarks).
 pub fn median(samples: &[std::time::Duration]) -> std::time::Duration {
     let mut sorted = samples.to_vec();
