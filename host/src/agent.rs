@@ -7,6 +7,7 @@
 //! Every report goes through the durable [`Outbox`] and is published in
 //! order, one at a time, each removed only when the broker acknowledged it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -21,11 +22,12 @@ use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
 use crate::mqtt::{self, Backoff};
 use crate::outbox::Outbox;
 use crate::runtime::{
-    CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, StepContext,
+    CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, Status,
+    StepContext,
 };
 use crate::shadow::{
-    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, ReportedState, StepOutcome,
-    Topics, parse_delta,
+    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, Rejection, ReportedState,
+    StepOutcome, Topics, parse_delta,
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
@@ -114,6 +116,9 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     refresh_inventory(&shared).await;
     announce(&shared)?;
     resume_jobs(&shared, &jobs_tx).await?;
+    if let Err(e) = shared.journal.prune(shared.config.device.retained_jobs) {
+        tracing::warn!("cannot clean up finished jobs: {e:#}");
+    }
     // A job completed after a restart may have changed what handlers manage.
     report_inventory(&shared, "inventory:resumed").await;
     tokio::spawn(worker(shared.clone(), jobs_rx));
@@ -313,11 +318,13 @@ fn on_publish(
     };
     let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
         Ok(delta) => delta,
-        Err(e) => return rejection(shared, &format!("{e:#}")),
+        Err(e) => return rejection(shared, payload, &format!("{e:#}")),
     };
     let (sequence, new_root) = match verify_signature(shared, &delta.state.deployment) {
         Ok(verified) => verified,
-        Err(e) => return rejection(shared, &format!("untrusted deployment: {e:#}")),
+        Err(e) => {
+            return rejection(shared, payload, &format!("untrusted deployment: {e:#}"));
+        }
     };
     if delta.state.deployment.cancel {
         cancel_job(shared, delta.version, &delta.state.deployment.job_id);
@@ -346,6 +353,9 @@ fn on_publish(
                 job = record.job_id,
                 "ignored a duplicate delta (the job runs at most once)"
             )
+        }
+        Ok(Acceptance::Finished(job)) => {
+            tracing::info!(job, "ignored a delta of a job that ran long ago")
         }
         Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
     }
@@ -439,16 +449,18 @@ fn announce(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// Asks every handler for what it manages and stores that in the reported
-/// state (`inventory`: update type → item → version); true when it changed.
-async fn refresh_inventory(shared: &Shared) -> bool {
-    let mut inventory = std::collections::BTreeMap::new();
+/// Asks every handler for what it manages (`inventory`: canonical update
+/// type → item → version).
+async fn collect_inventory(shared: &Shared) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut inventory = BTreeMap::new();
     for handler in &shared.handlers.handlers {
-        let update_type = handler.manifest.handler.update_types[0].clone();
+        let Some(update_type) = handler.manifest.handler.update_types.first() else {
+            continue;
+        };
         match handler.inventory().await {
             Ok(Ok(items)) if !items.is_empty() => {
                 inventory.insert(
-                    update_type,
+                    update_type.to_string(),
                     items.into_iter().map(|i| (i.name, i.version)).collect(),
                 );
             }
@@ -461,6 +473,13 @@ async fn refresh_inventory(shared: &Shared) -> bool {
             Err(e) => tracing::warn!(handler = handler.name, "inventory failed: {e:#}"),
         }
     }
+    inventory
+}
+
+/// Stores the handlers' inventory in the reported state; true when it
+/// changed.
+async fn refresh_inventory(shared: &Shared) -> bool {
+    let inventory = collect_inventory(shared).await;
     let mut changed = false;
     let updated = shared.journal.update_shadow(|s| {
         let mut reported = s.reported.clone().unwrap_or_else(idle_state);
@@ -536,9 +555,10 @@ fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
 }
 
 /// The report of a rejected delta: the current reported state with
-/// `lastRejected`. Nothing is written: a rejection leaves every state file
-/// as it was.
-fn rejection(shared: &Shared, reason: &str) -> Option<String> {
+/// `lastRejected` (the delta's shadow version and job id as far as they
+/// can be read, and the reason). Nothing is written: a rejection leaves
+/// every state file as it was.
+fn rejection(shared: &Shared, payload: &[u8], reason: &str) -> Option<String> {
     tracing::warn!("rejected delta: {reason}");
     let mut reported = shared
         .journal
@@ -546,9 +566,32 @@ fn rejection(shared: &Shared, reason: &str) -> Option<String> {
         .ok()
         .and_then(|s| s.reported)
         .unwrap_or_else(idle_state);
-    reported.last_rejected = Some(reason.to_string());
+    reported.last_rejected = Some(rejected_delta(
+        payload,
+        shared.config.mqtt.max_message_bytes,
+        reason,
+    ));
     Some(reported_payload(&reported))
 }
+
+/// Which delta was rejected: its version and job id when the message is
+/// JSON within the size cap and they are well-formed.
+fn rejected_delta(payload: &[u8], max_bytes: usize, reason: &str) -> Rejection {
+    let value: Option<serde_json::Value> = (payload.len() <= max_bytes)
+        .then(|| serde_json::from_slice(payload).ok())
+        .flatten();
+    let field = |pointer: &str| value.as_ref().and_then(|v| v.pointer(pointer)).cloned();
+    Rejection {
+        shadow_version: field("/version").and_then(|v| v.as_u64()),
+        job_id: field("/state/deployment/jobId")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .filter(|id| crate::shadow::validate_job_id(id).is_ok()),
+        reason: crate::shadow::bounded_text(reason, MAX_REASON_BYTES),
+    }
+}
+
+/// Longest reason of a rejection, as the contract bounds status messages.
+const MAX_REASON_BYTES: usize = 1024;
 
 fn idle_state() -> ReportedState {
     ReportedState {
@@ -598,10 +641,10 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
                 let _ = jobs.send(record);
             }
             Resume::AskHandler { step } => ask_handler(shared, record, step as usize, jobs).await?,
-            Resume::Report(result) => finish(shared, record, result, None)?,
+            Resume::Report(result) => finish(shared, record, result, None).await?,
             Resume::GiveUp(message) => {
                 let status = workflow::host_status(host_codes::LOOP_BREAKER, message);
-                finish(shared, record, JobResult::Failed, Some(status))?
+                finish(shared, record, JobResult::Failed, Some(status)).await?
             }
             Resume::Nothing => {}
             Resume::AwaitReboot => {
@@ -622,7 +665,7 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
                     host_codes::JOURNAL,
                     "the agent stopped during a rollback".into(),
                 );
-                finish(shared, record, JobResult::FailedInconsistent, Some(status))?
+                finish(shared, record, JobResult::FailedInconsistent, Some(status)).await?
             }
         }
     }
@@ -643,17 +686,19 @@ async fn ask_handler(
         .get(step)
         .map(|s| s.update_type.clone())
     else {
-        return finish(shared, record, JobResult::FailedInconsistent, None);
+        return finish(shared, record, JobResult::FailedInconsistent, None).await;
     };
     let handler = match pinned_handler(shared, &record, step, &update_type) {
         Ok(handler) => handler,
-        Err(status) => return finish(shared, record, JobResult::FailedInconsistent, Some(status)),
+        Err(status) => {
+            return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
+        }
     };
     let (scope, ctx) = match step_call(shared, &record, step, &handler) {
         Ok(call) => call,
         Err(e) => {
             let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
-            return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+            return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
         }
     };
     if matches!(
@@ -692,7 +737,7 @@ async fn ask_handler(
         host_codes::JOURNAL,
         "the agent stopped while the step was changing the system".into(),
     );
-    finish(shared, record, result, Some(status))
+    finish(shared, record, result, Some(status)).await
 }
 
 /// The handler that may continue `step` of a resumed job: the one serving
@@ -766,7 +811,7 @@ async fn report_inventory(shared: &Shared, key: &str) {
 /// Runs a job from its first unfinished step to a terminal state.
 async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     if lock(&shared.cancelled).remove(&record.job_id) {
-        return finish(shared, record, JobResult::Cancelled, None);
+        return finish(shared, record, JobResult::Cancelled, None).await;
     }
     let cancel = CancelFlag::default();
     *lock(&shared.current) = Some((record.job_id.clone(), cancel.clone()));
@@ -786,7 +831,7 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
                         spec.update_type
                     ),
                 );
-                return finish(shared, record, JobResult::Failed, Some(status));
+                return finish(shared, record, JobResult::Failed, Some(status)).await;
             }
         }
     }
@@ -799,40 +844,21 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         );
     }
     record.handler_sha256 = pins;
-    report_progress(shared, &record, AgentState::Downloading)?;
-    shared
-        .journal
-        .transition(&mut record, JobPhase::Downloading)?;
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let first = record.steps.len();
-    for step in first..record.desired.steps.len() {
-        if let Err(e) = fetch_step(shared, &record, step, &job_dir).await {
-            let code = match e.kind {
-                crate::download::FailureKind::UrlExpired
-                | crate::download::FailureKind::Unauthorized => host_codes::URL_EXPIRED,
-                crate::download::FailureKind::DiskFull => host_codes::DISK_FULL,
-                _ => host_codes::DOWNLOAD,
-            };
-            let kind = serde_json::to_value(e.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let status = workflow::host_status(code, format!("{kind}: {}", e.message));
-            return finish(shared, record, JobResult::Failed, Some(status));
-        }
-    }
-    report_progress(shared, &record, AgentState::Installing)?;
     let mut pending = None;
     for (step, handler) in handlers.iter().enumerate().skip(first) {
+        if let Err(e) = fetch_manifest(shared, &record, step, &job_dir).await {
+            return finish(shared, record, JobResult::Failed, Some(download_status(&e))).await;
+        }
         let mut request = step_request(&record, step, &job_dir)?;
         request.cancel = cancel.clone();
-        // fetch_step verified every payload (size and sha256) as it came in.
-        for (payload, path) in &mut request.payloads {
-            payload.verified = Some(path.clone());
-        }
         let journal = shared.journal.clone();
         let snapshot = Mutex::new(record.clone());
         let before = |phase: Phase| -> Result<()> {
+            if let Some(state) = agent_state_of(phase) {
+                report_progress(shared, &record, state)?;
+            }
             if matches!(
                 phase,
                 Phase::Backup
@@ -853,22 +879,45 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             }
             Ok(())
         };
+        let fetch =
+            |names: Vec<String>| -> futures_util::future::BoxFuture<'_, Result<(), Status>> {
+                let (record, job_dir, snapshot) = (&record, &job_dir, &snapshot);
+                Box::pin(async move {
+                    let journaled = {
+                        let mut current = lock(snapshot);
+                        shared
+                            .journal
+                            .transition(&mut current, JobPhase::Downloading)
+                    };
+                    journaled.map_err(|e| {
+                        workflow::host_status(
+                            host_codes::JOURNAL,
+                            format!("cannot journal the download: {e:#}"),
+                        )
+                    })?;
+                    report_progress(shared, record, AgentState::Downloading).map_err(|e| {
+                        workflow::host_status(host_codes::JOURNAL, format!("{e:#}"))
+                    })?;
+                    fetch_payloads(shared, record, step, job_dir, &names)
+                        .await
+                        .map_err(|e| download_status(&e))
+                })
+            };
         let progress = Some(progress_reporter(shared, &record.job_id));
-        let report = workflow::run_step_with(handler, request, progress, &before).await?;
+        let report =
+            workflow::run_step_with(handler, request, progress, &before, Some(&fetch)).await?;
         record = snapshot
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
         let spec = &record.desired.steps[step];
         let (mut outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
-        if let Some(plan) = report.phases.first().filter(|p| p.phase == "validate") {
-            outcome.installed_criteria = outcome
-                .installed_criteria
-                .or_else(|| criteria_of(&plan.outcome));
-        }
         if matches!(
             report.result,
             StepResult::RebootRequired { .. } | StepResult::RestartAgent
         ) {
+            // Verify and commit after the reboot or restart need the plan's
+            // criteria; they count as installed only once committed.
+            outcome.installed_criteria = report.planned_criteria.clone();
             pending = Some(workflow::merge(pending, report.result.clone()));
         }
         record.steps.push(outcome);
@@ -879,7 +928,8 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
                 result,
                 status,
                 report.reboot_after_rollback,
-            );
+            )
+            .await;
         }
         shared.journal.write(&record)?;
     }
@@ -893,15 +943,9 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             } else {
                 JobResult::Succeeded
             };
-            finish(shared, record, result, None)
+            finish(shared, record, result, None).await
         }
     }
-}
-
-/// The installed criteria from a validate record (`plan: installed criteria "…"`).
-fn criteria_of(text: &str) -> Option<String> {
-    text.strip_prefix("plan: installed criteria ")
-        .and_then(|q| serde_json::from_str(q).ok())
 }
 
 /// Journals the wait for a reboot (with the current boot id) and, unless
@@ -924,7 +968,7 @@ fn await_reboot(shared: &Shared, mut record: JobRecord, deferred: bool) -> Resul
 
 /// Ends the job as [`finish`] does; then, when a rollback restored the
 /// previous version for the next boot only, reboots into it.
-fn finish_then_reboot(
+async fn finish_then_reboot(
     shared: &Shared,
     record: JobRecord,
     result: JobResult,
@@ -932,7 +976,7 @@ fn finish_then_reboot(
     reboot: bool,
 ) -> Result<()> {
     let job = record.job_id.clone();
-    finish(shared, record, result, status)?;
+    finish(shared, record, result, status).await?;
     if reboot {
         tracing::warn!(job, "the rollback takes effect after a reboot");
         reboot_now(shared, &job)?;
@@ -998,7 +1042,7 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
         let handler = match pinned_handler(shared, &record, step, &update_type) {
             Ok(handler) => handler,
             Err(status) => {
-                return finish(shared, record, JobResult::FailedInconsistent, Some(status));
+                return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
             }
         };
         let request = step_request(&record, step, &job_dir)?;
@@ -1029,11 +1073,12 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
                 result,
                 status,
                 report.reboot_after_rollback,
-            );
+            )
+            .await;
         }
         shared.journal.write(&record)?;
     }
-    finish(shared, record, JobResult::Succeeded, None)
+    finish(shared, record, JobResult::Succeeded, None).await
 }
 
 /// Maps a step's result to its report line and, when the job ends there,
@@ -1121,10 +1166,10 @@ fn manifest_path(job_dir: &std::path::Path, step: usize) -> PathBuf {
     job_dir.join("manifests").join(format!("{step}.json"))
 }
 
-/// Fetches the manifest (when given by URL) and the payload files of `step`
-/// into the job folder.
-async fn fetch_step(
-    shared: &Arc<Shared>,
+/// Fetches the manifest of `step` when the deployment gives it by URL
+/// (before validate: the handler needs it to plan).
+async fn fetch_manifest(
+    shared: &Shared,
     record: &JobRecord,
     step: usize,
     job_dir: &std::path::Path,
@@ -1137,8 +1182,24 @@ async fn fetch_step(
             .fetch_document(url, sha256, MAX_MANIFEST, &manifest_path(job_dir, step))
             .await?;
     }
+    Ok(())
+}
+
+/// Fetches the payload files of `step` named by its plan into the job
+/// folder, each verified (size and sha256) as it comes in.
+async fn fetch_payloads(
+    shared: &Arc<Shared>,
+    record: &JobRecord,
+    step: usize,
+    job_dir: &std::path::Path,
+    names: &[String],
+) -> Result<(), download::DownloadError> {
     let sink = progress_reporter(shared, &record.job_id);
-    for file in &record.desired.steps[step].files {
+    let files = record.desired.steps[step]
+        .files
+        .iter()
+        .filter(|f| names.contains(&f.name));
+    for file in files {
         let report = |done: u64, total: u64| {
             sink(crate::runtime::ProgressEvent {
                 handler: "host".into(),
@@ -1160,6 +1221,34 @@ async fn fetch_step(
             .await?;
     }
     Ok(())
+}
+
+/// The host status of a failed download.
+fn download_status(e: &download::DownloadError) -> Status {
+    let code = match e.kind {
+        download::FailureKind::UrlExpired | download::FailureKind::Unauthorized => {
+            host_codes::URL_EXPIRED
+        }
+        download::FailureKind::DiskFull => host_codes::DISK_FULL,
+        _ => host_codes::DOWNLOAD,
+    };
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    workflow::host_status(code, format!("{kind}: {}", e.message))
+}
+
+/// The agent state a handler phase stands for, as reported.
+fn agent_state_of(phase: Phase) -> Option<AgentState> {
+    match phase {
+        Phase::Validate | Phase::IsInstalled => Some(AgentState::Validating),
+        Phase::Download => Some(AgentState::Downloading),
+        Phase::Backup | Phase::Install | Phase::Apply => Some(AgentState::Installing),
+        Phase::Verify | Phase::Commit => Some(AgentState::Verifying),
+        Phase::Rollback => Some(AgentState::RollingBack),
+        Phase::Describe | Phase::Cleanup | Phase::Inventory => None,
+    }
 }
 
 fn payload_path(job_dir: &std::path::Path, step: usize, name: &str) -> PathBuf {
@@ -1228,7 +1317,7 @@ fn report_progress(shared: &Shared, record: &JobRecord, state: AgentState) -> Re
 
 /// Ends a job: journals the result, updates the reported state, queues the
 /// report and the acknowledgement, then marks the job reported.
-fn finish(
+async fn finish(
     shared: &Shared,
     mut record: JobRecord,
     result: JobResult,
@@ -1249,19 +1338,29 @@ fn finish(
         (None, Some(step)) => (step.result_code, step.extended_code, step.message.clone()),
         (None, None) => (0, 0, String::new()),
     };
+    // Payloads go before the cloud hears of the end (a crash before the
+    // report repeats this on restart).
+    if let Err(e) = shared
+        .journal
+        .retire(&record.job_id, shared.config.device.retained_jobs)
+    {
+        tracing::warn!(
+            job = record.job_id,
+            "cannot clean up the job's files: {e:#}"
+        );
+    }
     let ack_status = result.ack_status();
+    // The terminal report carries what the handlers manage after the job.
+    let inventory = collect_inventory(shared).await;
     let shadow = shared.journal.update_shadow(|s| {
         if ack_status == crate::shadow::AckStatus::Success {
             s.running_version = Some(record.desired.version.clone());
         }
         let mut reported = s.reported.clone().unwrap_or_else(idle_state);
-        for step in &record.steps {
-            if let Some(criteria) = &step.installed_criteria {
-                reported
-                    .installed
-                    .insert(step.update_type.clone(), criteria.clone());
-            }
+        for (update_type, criteria) in committed_criteria(shared, &record.steps) {
+            reported.installed.insert(update_type, criteria);
         }
+        reported.inventory = inventory;
         reported.agent.state = AgentState::Idle;
         reported.job_id = Some(record.job_id.clone());
         reported.progress = None;
@@ -1296,6 +1395,36 @@ fn finish(
     );
     record.reported = true;
     shared.journal.write(&record)?;
-    tracing::info!(job = record.job_id, ?result, "job finished");
+    if message.is_empty() {
+        tracing::info!(job = record.job_id, ?result, "job finished");
+    } else {
+        tracing::warn!(job = record.job_id, ?result, "job finished: {message}");
+    }
     Ok(())
+}
+
+/// The installed criteria of the steps that committed (installed, or found
+/// already installed), keyed by the canonical update type of the handler
+/// that served each (the first of its manifest's `update_types`, as the
+/// inventory is): a failed, pending or rolled-back step changes nothing.
+fn committed_criteria(shared: &Shared, steps: &[StepOutcome]) -> Vec<(String, String)> {
+    steps
+        .iter()
+        .filter(|s| matches!(s.result.as_str(), "installed" | "already-installed"))
+        .filter_map(|s| {
+            let criteria = s.installed_criteria.clone()?;
+            Some((canonical_update_type(shared, &s.update_type), criteria))
+        })
+        .collect()
+}
+
+/// The update type a report keys `update_type` under: the first update type
+/// of the handler serving it (aliases such as `microsoft/apt:1` map to
+/// `otabox/apt:1`), or itself when no handler serves it.
+fn canonical_update_type(shared: &Shared, update_type: &str) -> String {
+    shared
+        .handlers
+        .for_update_type(update_type)
+        .and_then(|h| h.manifest.handler.update_types.first())
+        .map_or_else(|| update_type.to_string(), |t| t.to_string())
 }

@@ -62,10 +62,20 @@ pub struct DeviceSection {
     /// immediate reboot (program and arguments, no shell).
     #[serde(default = "default_reboot_command")]
     pub reboot_command: Vec<String>,
+    /// Finished jobs whose folders (journal record, fetched manifests,
+    /// checkpoints) are kept in the state directory; payloads are deleted
+    /// as soon as a job ends. The ids of older jobs are remembered (the
+    /// last 10,000), so a job id still runs at most once.
+    #[serde(default = "default_retained_jobs")]
+    pub retained_jobs: usize,
 }
 
 fn default_reboot_command() -> Vec<String> {
     vec!["/sbin/reboot".into()]
+}
+
+fn default_retained_jobs() -> usize {
+    100
 }
 
 impl Default for DeviceSection {
@@ -73,6 +83,7 @@ impl Default for DeviceSection {
         Self {
             id: None,
             reboot_command: default_reboot_command(),
+            retained_jobs: default_retained_jobs(),
         }
     }
 }

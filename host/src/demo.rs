@@ -2,8 +2,8 @@
 //! built-in `file` handler, in a scratch directory.
 //!
 //! Part 1 drives the lifecycle directly: audit, install, a repeat that is
-//! already installed, a payload with a wrong hash refused before any
-//! handler runs, a manifest pointing outside the grant stopped by the
+//! already installed, a payload with a wrong hash refused before the
+//! handler's download and install see it, a manifest pointing outside the grant stopped by the
 //! sandbox and rolled back, and the inventory.
 //!
 //! Part 2 (when mosquitto is installed) runs the real thing: a broker on a
@@ -64,7 +64,8 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
 
     let files = root.join("device/files");
     let v1 = b"greeting = \"hello\"\nversion = \"1.2.0\"\n".as_slice();
-    let tampered = b"greeting = \"HELLO\"\nversion = \"1.2.0\"\n".as_slice();
+    let v2 = b"greeting = \"hello\"\nversion = \"1.3.0\"\n".as_slice();
+    let tampered = b"greeting = \"HELLO\"\nversion = \"1.3.0\"\n".as_slice();
     let mut reports = Vec::new();
     let inside = "/var/lib/otabox/files/app.conf";
     let cases = [
@@ -86,7 +87,7 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
             title: "payload bytes differ from the declared hash",
             job: "demo-3",
             bytes: tampered,
-            declared: v1,
+            declared: v2,
             destination: inside,
         },
         DemoCase {

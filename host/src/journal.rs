@@ -205,7 +205,14 @@ pub enum Acceptance {
     /// A job id already journaled (QoS 1 redelivery, or a replay): not
     /// executed again.
     Duplicate(Box<JobRecord>),
+    /// A job id that ran long ago: its folder was pruned, its id is
+    /// remembered; not executed again.
+    Finished(String),
 }
+
+/// Ids of pruned job folders remembered in `jobs/pruned.json`, so a job id
+/// still runs at most once after its folder is gone.
+const PRUNED_MEMORY: usize = 10_000;
 
 /// The journal in a state directory.
 #[derive(Debug, Clone)]
@@ -307,6 +314,9 @@ impl Journal {
         if let Some(existing) = self.record(&desired.job_id)? {
             return Ok(Acceptance::Duplicate(Box::new(existing)));
         }
+        if self.pruned()?.contains(&desired.job_id) {
+            return Ok(Acceptance::Finished(desired.job_id.clone()));
+        }
         let record = JobRecord {
             job_id: desired.job_id.clone(),
             shadow_version,
@@ -348,8 +358,11 @@ impl Journal {
         for entry in
             std::fs::read_dir(&jobs).with_context(|| format!("cannot list {}", jobs.display()))?
         {
-            let path = entry?.path().join("journal.json");
-            if let Some(record) = read_json::<JobRecord>(&path)?
+            let folder = entry?.path();
+            if !folder.is_dir() {
+                continue;
+            }
+            if let Some(record) = read_json::<JobRecord>(&folder.join("journal.json"))?
                 && !(matches!(record.phase, JobPhase::Done { .. }) && record.reported)
             {
                 records.push(record);
@@ -357,6 +370,73 @@ impl Journal {
         }
         records.sort_by_key(|r| r.shadow_version);
         Ok(records)
+    }
+
+    /// Cleans up after a finished job: deletes its payloads (and partial
+    /// downloads), then prunes the folders of the oldest finished jobs
+    /// beyond the `keep` most recent.
+    pub fn retire(&self, job_id: &str, keep: usize) -> Result<()> {
+        remove_dir_if_present(&self.job_dir(job_id)?.join("payloads"))?;
+        if self.job_folders()? > keep {
+            self.prune(keep)?;
+        }
+        Ok(())
+    }
+
+    /// How many job folders there are.
+    fn job_folders(&self) -> Result<usize> {
+        let jobs = self.dir.join("jobs");
+        Ok(std::fs::read_dir(&jobs)
+            .with_context(|| format!("cannot list {}", jobs.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .count())
+    }
+
+    /// Deletes the payloads of every finished and reported job (left by an
+    /// older agent or a crash before cleanup) and the folders of the oldest
+    /// of them until at most `keep` job folders are left; the ids of the
+    /// pruned ones are remembered first.
+    pub fn prune(&self, keep: usize) -> Result<()> {
+        let jobs = self.dir.join("jobs");
+        let mut finished = Vec::new();
+        let mut folders = 0usize;
+        for entry in std::fs::read_dir(&jobs)? {
+            let path = entry?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            folders += 1;
+            let Ok(Some(record)) = read_json::<JobRecord>(&path.join("journal.json")) else {
+                continue;
+            };
+            if matches!(record.phase, JobPhase::Done { .. }) && record.reported {
+                remove_dir_if_present(&path.join("payloads"))?;
+                finished.push((record.shadow_version, record.job_id));
+            }
+        }
+        // Only finished and reported jobs go, oldest first, until `keep`
+        // folders are left.
+        let excess = folders.saturating_sub(keep).min(finished.len());
+        if excess == 0 {
+            return Ok(());
+        }
+        finished.sort();
+        let gone: Vec<String> = finished.drain(..excess).map(|(_, id)| id).collect();
+        let mut pruned = self.pruned()?;
+        pruned.extend(gone.iter().cloned());
+        let start = pruned.len().saturating_sub(PRUNED_MEMORY);
+        write_json(&jobs.join("pruned.json"), &pruned[start..])?;
+        for id in gone {
+            remove_dir_if_present(&self.job_dir(&id)?)?;
+        }
+        durable::sync_dir(&jobs)
+    }
+
+    /// Ids of the job folders pruned so far (the most recent
+    /// [`PRUNED_MEMORY`]).
+    fn pruned(&self) -> Result<Vec<String>> {
+        read_json(&self.dir.join("jobs").join("pruned.json")).map(Option::unwrap_or_default)
     }
 
     /// Counts an agent start that found `record` unfinished (loop breaker),
@@ -388,6 +468,15 @@ pub fn boot_id() -> Result<String> {
     Ok(id.to_string())
 }
 
+fn remove_dir_if_present(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -398,7 +487,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).context("cannot encode state")?;
     durable::write_atomic(path, &bytes)
 }

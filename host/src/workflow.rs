@@ -1,7 +1,10 @@
 //! The lifecycle of one update step, phase by phase:
-//! validate → verify payloads → is-installed → download → backup → install
-//! → apply → verify → commit, with rollback on a failure after backup (when
-//! the handler supports it) and cleanup at the end whatever happened.
+//! validate → is-installed → fetch and verify payloads → download → backup
+//! → install → apply → verify → commit, with rollback on a failure after
+//! backup (when the handler supports it) and cleanup at the end whatever
+//! happened. Nothing is fetched before the handler has validated the step
+//! and said it is not installed: `validate` and `is-installed` see the
+//! manifest and the declared payload names, sizes and hashes, not the bytes.
 //!
 //! Reboot and agent-restart requests from install and apply are merged (a
 //! reboot covers a restart; immediate wins over deferred); apply still runs,
@@ -124,6 +127,10 @@ pub struct StepReport {
     pub warnings: Vec<String>,
     /// How it ended.
     pub result: StepResult,
+    /// The installed criteria of the handler's plan, once validate
+    /// returned one (a step that waits for a reboot carries it forward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_criteria: Option<String>,
     /// The rollback restored the previous version for the next boot and
     /// asked for a reboot into it (the device still runs the failed one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -166,21 +173,31 @@ struct Run<'a> {
 /// before the phase runs (the journal could not record it).
 pub type PhaseHook<'a> = &'a (dyn Fn(Phase) -> Result<()> + Sync);
 
+/// Fetches the payloads a step's plan names into their local files (the
+/// agent downloads them); called once is-installed said no, before the
+/// files are verified and handed to the handler. An error fails the step
+/// in its download phase with the status returned.
+pub type PayloadFetch<'a> =
+    &'a (dyn Fn(Vec<String>) -> futures_util::future::BoxFuture<'a, Result<(), Status>> + Sync);
+
 /// Runs one step through `handler`; progress goes to `progress`.
 pub async fn run_step(
     handler: &Handler,
     request: StepRequest,
     progress: Option<ProgressSink>,
 ) -> Result<StepReport> {
-    run_step_with(handler, request, progress, &|_| Ok(())).await
+    run_step_with(handler, request, progress, &|_| Ok(()), None).await
 }
 
-/// Like [`run_step`], calling `before` ahead of every handler phase.
+/// Like [`run_step`], calling `before` ahead of every handler phase and
+/// `fetch` (when given) for the planned payloads once the step is known not
+/// to be installed.
 pub async fn run_step_with(
     handler: &Handler,
     request: StepRequest,
     progress: Option<ProgressSink>,
     before: PhaseHook<'_>,
+    fetch: Option<PayloadFetch<'_>>,
 ) -> Result<StepReport> {
     std::fs::create_dir_all(&request.job_dir)
         .with_context(|| format!("cannot create job directory {}", request.job_dir.display()))?;
@@ -189,7 +206,7 @@ pub async fn run_step_with(
     scope.progress = progress;
     let mut run = Run::new(handler, scope, ctx, before);
     let mut warnings = Vec::new();
-    let result = run.drive(&request, &mut warnings).await;
+    let result = run.drive(&request, fetch, &mut warnings).await;
     if !matches!(
         result,
         StepResult::RebootRequired { .. } | StepResult::RestartAgent
@@ -200,6 +217,7 @@ pub async fn run_step_with(
         phases: run.phases,
         warnings,
         result,
+        planned_criteria: run.ctx.installed_criteria.clone(),
         reboot_after_rollback: run.reboot_after_rollback,
     })
 }
@@ -216,7 +234,7 @@ pub async fn continue_step(
     let (scope, ctx) = resumed_call(handler, &request, installed_criteria.clone());
     let mut run = Run::new(handler, scope, ctx, before);
     let mut result = StepResult::Installed {
-        criteria: installed_criteria.unwrap_or_default(),
+        criteria: installed_criteria.clone().unwrap_or_default(),
     };
     for phase in [Phase::Verify, Phase::Commit] {
         if let Flow::Stop(stopped) = run.step(phase, true).await {
@@ -229,6 +247,7 @@ pub async fn continue_step(
         phases: run.phases,
         warnings: Vec::new(),
         result,
+        planned_criteria: installed_criteria,
         reboot_after_rollback: run.reboot_after_rollback,
     })
 }
@@ -290,7 +309,12 @@ impl<'a> Run<'a> {
         }
     }
 
-    async fn drive(&mut self, request: &StepRequest, warnings: &mut Vec<String>) -> StepResult {
+    async fn drive(
+        &mut self,
+        request: &StepRequest,
+        fetch: Option<PayloadFetch<'_>>,
+        warnings: &mut Vec<String>,
+    ) -> StepResult {
         let plan = match self.handler.validate(self.scope.clone(), &self.ctx).await {
             Ok(Ok(plan)) => plan,
             Ok(Err(status)) => return self.failed(Phase::Validate, status, false),
@@ -302,9 +326,6 @@ impl<'a> Run<'a> {
         );
         warnings.extend(plan.warnings.iter().cloned());
         self.ctx.installed_criteria = Some(plan.installed_criteria.clone());
-        if let Err(status) = self.verify_payloads(request, &plan.payloads) {
-            return self.result_of(Phase::Download, status, false);
-        }
         match self
             .handler
             .is_installed(self.scope.clone(), &self.ctx)
@@ -319,6 +340,14 @@ impl<'a> Run<'a> {
             Ok(Ok(false)) => self.record(Phase::IsInstalled, "not installed".into()),
             Ok(Err(status)) => return self.failed(Phase::IsInstalled, status, false),
             Err(fault) => return self.failed(Phase::IsInstalled, fault_status(&fault), false),
+        }
+        if let Some(fetch) = fetch
+            && let Err(status) = self.fetch_payloads(fetch, &plan.payloads).await
+        {
+            return self.result_of(Phase::Download, status, false);
+        }
+        if let Err(status) = self.verify_payloads(request, &plan.payloads, fetch.is_some()) {
+            return self.result_of(Phase::Download, status, false);
         }
         for phase in [Phase::Download, Phase::Backup] {
             if let Flow::Stop(result) = self.step(phase, false).await {
@@ -427,9 +456,30 @@ impl<'a> Run<'a> {
         outcome
     }
 
+    /// Fetches the planned payloads; a failure is recorded as the `payloads`
+    /// pseudo-phase.
+    async fn fetch_payloads(
+        &mut self,
+        fetch: PayloadFetch<'_>,
+        planned: &[String],
+    ) -> Result<(), Status> {
+        fetch(planned.to_vec()).await.inspect_err(|status| {
+            self.phases.push(PhaseRecord {
+                phase: "payloads".into(),
+                outcome: format!("failed: {}", status.message),
+            });
+        })
+    }
+
     /// Checks each planned payload against its declared size and sha256 and
-    /// hands the verified file to the scope.
-    fn verify_payloads(&mut self, request: &StepRequest, planned: &[String]) -> Result<(), Status> {
+    /// hands the verified file to the scope; `fetched` files were verified
+    /// by the fetch as they came in.
+    fn verify_payloads(
+        &mut self,
+        request: &StepRequest,
+        planned: &[String],
+        fetched: bool,
+    ) -> Result<(), Status> {
         for name in planned {
             let Some((declared, path)) = request.payloads.iter().find(|(p, _)| &p.name == name)
             else {
@@ -442,6 +492,7 @@ impl<'a> Run<'a> {
             // downloading) is not read a second time.
             let checked = match declared.verified {
                 Some(_) => Ok(()),
+                None if fetched => Ok(()),
                 None => verify_file(path, declared.size, &declared.sha256),
             };
             checked.map_err(|e| {

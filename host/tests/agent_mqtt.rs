@@ -121,12 +121,17 @@ fn end_to_end(layout: &str, update: &str, delta: &str) {
         progress,
         &json!({"step": 0, "phase": "install", "done": 13, "total": 13})
     );
-    let inventory = s.cloud.wait_for(WAIT, "the inventory report", |m| {
-        m.json
-            .pointer("/state/reported/deployment/inventory/otabox~1file:1")
-            .is_some()
-    });
-    let items = &inventory.json["state"]["reported"]["deployment"]["inventory"]["otabox/file:1"];
+    // The terminal report (before the ack) already carries the inventory
+    // as it is after the job.
+    let terminal = seen
+        .iter()
+        .find(|m| {
+            m.json
+                .pointer("/state/reported/deployment/lastResult/jobId")
+                == Some(&json!("job-1"))
+        })
+        .unwrap_or_else(|| panic!("no terminal report: {seen:?}"));
+    let items = &terminal.json["state"]["reported"]["deployment"]["inventory"]["otabox/file:1"];
     assert!(
         items.get("/var/lib/otabox/files/app.conf").is_some(),
         "{items}"
@@ -210,7 +215,7 @@ fn malformed_deltas_are_rejected_and_reported_and_change_nothing() {
         s.cloud.publish("state/dev-1/update/delta", payload);
         let report = s.cloud.wait_for(WAIT, reason, |m| {
             m.json
-                .pointer("/state/reported/deployment/lastRejected")
+                .pointer("/state/reported/deployment/lastRejected/reason")
                 .and_then(|r| r.as_str())
                 .is_some_and(|r| r.contains(reason))
         });
@@ -314,7 +319,8 @@ fn payloads_come_over_http_and_an_expired_url_is_reported_as_such() {
     let expired = nginx.url("private/app.conf?X-Signature=s3cret&Expires=1");
     s.cloud.publish(
         "state/dev-1/update/delta",
-        http_delta(2, "job-expired", &expired, bytes),
+        // Other bytes than installed: the agent must fetch them.
+        http_delta(2, "job-expired", &expired, b"served = \"expired\"\n"),
     );
     let seen = s
         .cloud

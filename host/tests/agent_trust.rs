@@ -215,7 +215,7 @@ fn only_a_valid_signed_deployment_runs_and_rejections_change_no_state_file() {
         cloud.publish("state/dev-1/update/delta", delta);
         cloud.wait_for(WAIT, reason, |m| {
             m.json
-                .pointer("/state/reported/deployment/lastRejected")
+                .pointer("/state/reported/deployment/lastRejected/reason")
                 .and_then(|r| r.as_str())
                 .is_some_and(|r| r.contains(reason))
         });
@@ -272,7 +272,7 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
     );
     cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
         m.json
-            .pointer("/state/reported/deployment/lastRejected")
+            .pointer("/state/reported/deployment/lastRejected/reason")
             .and_then(|r| r.as_str())
             .is_some_and(|r| r.contains("rootRotations[0]"))
     });
@@ -304,7 +304,7 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
     );
     cloud.wait_for(WAIT, "the old keys' rejection", |m| {
         m.json
-            .pointer("/state/reported/deployment/lastRejected")
+            .pointer("/state/reported/deployment/lastRejected/reason")
             .and_then(|r| r.as_str())
             .is_some_and(|r| r.contains("valid signature"))
     });

@@ -237,10 +237,7 @@ async fn already_installed_runs_no_apt_get_and_a_hand_removal_is_noticed() {
             criteria: "tools-1".into()
         }
     );
-    assert_eq!(
-        phases(&again),
-        ["validate", "payloads", "is-installed", "cleanup"]
-    );
+    assert_eq!(phases(&again), ["validate", "is-installed", "cleanup"]);
     assert_eq!(
         (r.sys.snapshot(), r.repo.request_count()),
         before,

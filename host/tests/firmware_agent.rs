@@ -283,3 +283,50 @@ fn the_agent_killed_during_the_write_fails_cleanly_and_spares_the_booted_slot() 
     );
     assert_eq!(dev.board.boot(), "A");
 }
+
+#[test]
+fn an_image_for_another_device_is_refused_before_anything_is_fetched() {
+    let dev = Device::new(None);
+    let agent = dev.start_agent();
+    dev.wait_online();
+    let nginx = common::services::Nginx::start(&dev.root.join("nginx"));
+    let image = vec![0x5au8; 4 << 20];
+    std::fs::write(nginx.www.join("other.img"), &image).expect("image");
+    dev.cloud.publish(
+        DELTA,
+        json!({"version": 1, "state": {"deployment": {
+            "schema": 1, "jobId": "job-other", "version": "2.0",
+            "steps": [{"updateType": "otabox/firmware:1",
+                "manifest": {"name": "rootfs", "version": "2.0", "compatible": "acme,other-board", "image": "rootfs.img"},
+                "files": [{"name": "rootfs.img", "url": nginx.url("other.img"),
+                           "size": image.len(), "sha256": sha256_hex(&image)}]}]
+        }}})
+        .to_string(),
+    );
+    let seen = dev
+        .cloud
+        .collect_until(WAIT, "the ack", ack_of("job-other"));
+    assert_eq!(
+        seen.last().expect("ack").json["status"],
+        "FAILURE",
+        "{}",
+        agent.log()
+    );
+    let result = last_result(&seen).expect("a result report");
+    assert_eq!(
+        result["steps"][0]["result"], "failed in validate",
+        "{result}"
+    );
+    assert!(
+        result["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("built for \"acme,other-board\""),
+        "{result}"
+    );
+    assert_eq!(
+        nginx.requests(),
+        [],
+        "the image was fetched before validate refused it"
+    );
+}

@@ -164,9 +164,11 @@ impl Handler for FileHandler {
                 continue;
             }
             let hash = sha256_file(&path).map_err(|e| io_status(28, "cannot hash", &root, e))?;
+            // A file has no version of its own: its content hash tells
+            // the cloud which one is there.
             items.push(InstalledItem {
                 name: path.to_string_lossy().into_owned(),
-                version: String::new(),
+                version: format!("sha256:{hash}"),
                 update_type: UPDATE_TYPE.into(),
                 details: vec![("sha256".into(), hash)],
             });

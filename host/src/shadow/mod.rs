@@ -15,10 +15,23 @@ pub use desired::{
     SCHEMA_VERSION, StepSpec, parse_delta, validate_job_id,
 };
 pub use reported::{
-    Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, ReportedState,
-    StepOutcome,
+    Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, Rejection,
+    ReportedState, StepOutcome,
 };
 pub use topics::{TopicLayout, Topics};
+
+/// `text` cut to at most `max` bytes on a character boundary, ending in
+/// `…` when it was cut.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// A minimal valid desired state for `job`, for tests.
 #[cfg(test)]

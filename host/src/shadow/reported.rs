@@ -159,9 +159,23 @@ pub struct ReportedState {
     /// Progress of the running job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
-    /// Why the last delta was rejected, if it was.
+    /// The last delta rejected, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_rejected: Option<String>,
+    pub last_rejected: Option<Rejection>,
+}
+
+/// A delta the device refused: which one (as far as it parsed) and why.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejection {
+    /// The delta's shadow version, when it had a readable one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_version: Option<u64>,
+    /// The deployment's job id, when it had a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Why it was refused.
+    pub reason: String,
 }
 
 /// The acknowledgement of a job, per the IoT Atlas pattern.
