@@ -40,6 +40,25 @@ fn downloader(attempts: u32) -> Downloader {
     .expect("client")
 }
 
+/// Downloads `bytes` from `port` into `dir`, which must fail as `kind`
+/// with a message ending in `says`.
+async fn fails_saying(
+    attempts: u32,
+    port: u16,
+    bytes: &[u8],
+    dir: &Path,
+    kind: FailureKind,
+    says: &str,
+) {
+    let url = format!("http://127.0.0.1:{port}/p.bin");
+    let err = downloader(attempts)
+        .fetch(&spec(url, bytes), &dir.join("p.bin"), None)
+        .await
+        .expect_err("the download must fail");
+    assert_eq!(err.kind, kind, "{err}");
+    assert!(err.message.ends_with(says), "{err}");
+}
+
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -190,37 +209,11 @@ async fn failures_are_classified_and_leave_nothing_behind() {
 #[tokio::test]
 async fn a_stalled_server_times_out_and_the_download_fails_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            use std::io::{Read, Write};
-            let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request);
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes");
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(30));
-                drop(conn);
-            });
-        }
-    });
+    let port = silent_server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes");
     let bytes = vec![b'x'; 1000];
     let started = std::time::Instant::now();
-    let err = downloader(2)
-        .fetch(
-            &spec(format!("http://127.0.0.1:{port}/p.bin"), &bytes),
-            &dir.path().join("p.bin"),
-            None,
-        )
-        .await
-        .expect_err("stalled");
-    assert_eq!(err.kind, FailureKind::Network, "{err}");
-    assert!(
-        err.message.ends_with(
-            "gave up after 2 attempts: the server sent nothing for 500 ms after byte 11"
-        ),
-        "{err}"
-    );
+    let says = "gave up after 2 attempts: the server sent nothing for 500 ms after byte 11";
+    fails_saying(2, port, &bytes, dir.path(), FailureKind::Network, says).await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -329,18 +322,27 @@ async fn a_full_disk_fails_early_and_leaves_nothing() {
 /// An HTTP server that answers each request with the next scripted
 /// response (raw bytes); returns its port.
 fn scripted_server(responses: Vec<Vec<u8>>) -> u16 {
+    let script = std::sync::Mutex::new(responses.into_iter());
+    serve(move |mut conn| {
+        let next = script.lock().ok().and_then(|mut s| s.next());
+        if let Some(response) = next {
+            let _ = std::io::Write::write_all(&mut conn, &response);
+        }
+    })
+}
+
+/// A loopback HTTP server: reads each request, then lets `answer` have the
+/// connection (in a thread of its own); returns its port.
+fn serve(answer: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     let port = listener.local_addr().expect("addr").port();
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
-        let mut script = responses.into_iter();
         for mut conn in listener.incoming().flatten() {
-            use std::io::{Read, Write};
             let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request);
-            let Some(response) = script.next() else {
-                return;
-            };
-            let _ = conn.write_all(&response);
+            let _ = std::io::Read::read(&mut conn, &mut request);
+            let answer = answer.clone();
+            std::thread::spawn(move || answer(conn));
         }
     });
     port
@@ -366,22 +368,28 @@ fn leave_partial(dest: &Path, url: &str, bytes: &[u8], kept: usize) {
 
 #[tokio::test]
 async fn a_bad_content_range_is_refused_and_the_partial_discarded() {
+    // The range starts at 0, not 400.
+    let says = "bad Content-Range \"bytes 0-999/1000\" for a resume at byte 400 of 1000";
+    let headers = "Content-Range: bytes 0-999/1000\r\n";
+    resume_fails("206 Partial Content", headers, FailureKind::Protocol, says).await;
+}
+
+/// Resumes a download of 1000 bytes kept up to byte 400 from a server that
+/// answers `status` with `headers` (and 1000 bytes); it must fail as `kind`
+/// with a message ending in `says` and leave nothing behind.
+async fn resume_fails(status: &str, headers: &str, kind: FailureKind, says: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = vec![7u8; 1000];
-    let port = scripted_server(vec![response(
-        "206 Partial Content",
-        "Content-Range: bytes 0-999/1000\r\n",
-        &bytes,
-    )]);
+    let port = scripted_server(vec![response(status, headers, &bytes)]);
     let url = format!("http://127.0.0.1:{port}/p.bin");
     let dest = dir.path().join("job/p.bin");
     leave_partial(&dest, &url, &bytes, 400);
-    let err = downloader(1)
+    let err = downloader(3)
         .fetch(&spec(url, &bytes), &dest, None)
         .await
-        .expect_err("the range starts at 0, not 400");
-    assert_eq!(err.kind, FailureKind::Protocol, "{err}");
-    assert!(err.message.contains("bad Content-Range"), "{err}");
+        .expect_err("the resume must fail");
+    assert_eq!(err.kind, kind, "{err}");
+    assert!(err.message.ends_with(says), "{err}");
     assert!(leftovers(dest.parent().expect("dir")).is_empty());
 }
 
@@ -524,45 +532,22 @@ async fn a_body_cut_before_its_content_length_is_retried_and_named() {
     let cut = [head, vec![b'x'; 1000]].concat();
     let port = scripted_server(vec![cut.clone(), cut.clone(), cut]);
     let bytes = vec![b'x'; 4096];
-    let err = downloader(3)
-        .fetch(
-            &spec(format!("http://127.0.0.1:{port}/p.bin"), &bytes),
-            &dir.path().join("p.bin"),
-            None,
-        )
-        .await
-        .expect_err("cut");
-    assert_eq!(err.kind, FailureKind::Network, "{err}");
-    assert!(
-        err.message.contains(
-            "gave up after 3 attempts: the server sent 1000 of 4096 bytes, then the connection broke"
-        ),
-        "{err}"
-    );
+    let says = "gave up after 3 attempts: the server sent 1000 of 4096 bytes, \
+                then the connection broke: end of file before message length reached";
+    fails_saying(3, port, &bytes, dir.path(), FailureKind::Network, says).await;
 }
 
 #[tokio::test]
 async fn a_416_for_a_shorter_file_fails_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bytes = vec![5u8; 1000];
-    let port = scripted_server(vec![response(
+    let says = "payload.bin: the server has 300 of 1000 declared bytes";
+    let headers = "Content-Range: bytes */300\r\n";
+    resume_fails(
         "416 Range Not Satisfiable",
-        "Content-Range: bytes */300\r\n",
-        b"",
-    )]);
-    let url = format!("http://127.0.0.1:{port}/p.bin");
-    let dest = dir.path().join("job/p.bin");
-    leave_partial(&dest, &url, &bytes, 400);
-    let err = downloader(3)
-        .fetch(&spec(url, &bytes), &dest, None)
-        .await
-        .expect_err("the server has less than declared");
-    assert_eq!(err.kind, FailureKind::Mismatch, "{err}");
-    assert_eq!(
-        err.message, "payload.bin: the server has 300 of 1000 declared bytes",
-        "{err}"
-    );
-    assert!(leftovers(dest.parent().expect("dir")).is_empty());
+        headers,
+        FailureKind::Mismatch,
+        says,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -618,54 +603,38 @@ impl Captured {
     }
 }
 
-/// A server that accepts, reads the request and answers nothing.
-fn silent_server() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(30));
-                drop(conn);
-            });
-        }
-    });
-    port
+/// A server that sends `greeting` after a request, then nothing for 30 s.
+fn silent_server(greeting: &'static [u8]) -> u16 {
+    serve(move |mut conn| {
+        let _ = std::io::Write::write_all(&mut conn, greeting);
+        std::thread::sleep(Duration::from_secs(30));
+    })
 }
 
 /// A server that sends 1000 of 100000 announced bytes, then resets the
 /// connection (RST, not FIN).
 fn resetting_server() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            use std::io::{Read, Write};
-            use std::os::fd::AsRawFd;
-            let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request);
-            let _ =
-                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: \"e\"\r\n\r\n");
-            let _ = conn.write_all(&[1u8; 1000]);
-            std::thread::sleep(Duration::from_millis(50));
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt reads `linger` (of the size given) only.
-            unsafe {
-                libc::setsockopt(
-                    conn.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&raw const linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-            }
-            drop(conn);
+    serve(|mut conn| {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: \"e\"\r\n\r\n");
+        let _ = conn.write_all(&[1u8; 1000]);
+        std::thread::sleep(Duration::from_millis(50));
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger` (of the size given) only.
+        unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
         }
-    });
-    port
+    })
 }
 
 #[tokio::test]
@@ -686,7 +655,7 @@ async fn a_pre_signed_query_reaches_no_message_and_no_log_line_whatever_fails() 
         ),
         (
             "silent server",
-            format!("http://127.0.0.1:{}/p.bin", silent_server()),
+            format!("http://127.0.0.1:{}/p.bin", silent_server(b"")),
             "the server sent no response for 500 ms",
         ),
         (
