@@ -119,6 +119,11 @@ pub struct DownloadSection {
     /// `{"token"}` as the bearer token of payloads that carry none.
     #[serde(default)]
     pub credentials_url: Option<String>,
+    /// The hosts (`host` or `host:port`) that may receive that token
+    /// (default: the host of `credentials_url` only). Payload URLs of
+    /// other hosts get no token, whatever a deployment names.
+    #[serde(default)]
+    pub credentials_hosts: Option<Vec<String>>,
 }
 
 fn default_stall() -> u64 {
@@ -135,6 +140,7 @@ impl Default for DownloadSection {
             stall_timeout_secs: default_stall(),
             attempts: default_attempts(),
             credentials_url: None,
+            credentials_hosts: None,
         }
     }
 }
@@ -145,6 +151,7 @@ impl DownloadSection {
         crate::download::DownloadOptions {
             ca_file: self.ca_file.clone().or_else(|| mqtt.ca_file.clone()),
             credentials_url: self.credentials_url.clone(),
+            credentials_hosts: self.credentials_hosts.clone(),
             identity: mqtt.cert_file.clone().zip(mqtt.key_file.clone()),
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs.max(1)),
             attempts: self.attempts.max(1),

@@ -9,9 +9,15 @@
 //! changed sends the whole file again, which restarts from zero. The bytes
 //! become `<dest>` only once complete and verified. `file://` URLs (payloads
 //! staged on the device) are copied and verified the same way.
+//!
+//! Pre-signed URLs carry credentials in their query: no message or log line
+//! made here shows a URL's query or user info ([`redact`]), and the device's
+//! own token (from a credentials endpoint) goes only to the hosts named for
+//! it. Payloads and partial files are private to the agent (mode 0600).
 
 use std::fmt;
 use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE, TRANSFER_ENCODING};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -67,6 +73,15 @@ impl fmt::Display for DownloadError {
 
 impl std::error::Error for DownloadError {}
 
+impl DownloadError {
+    /// The error with every verbatim trace of `url`'s secrets (its query
+    /// and user info) taken out, whatever produced the message.
+    fn scrubbed(mut self, url: &str) -> Self {
+        self.message = scrub(self.message, url);
+        self
+    }
+}
+
 fn fail(kind: FailureKind, message: impl Into<String>) -> DownloadError {
     DownloadError {
         kind,
@@ -92,6 +107,9 @@ pub struct DownloadOptions {
     pub credentials_url: Option<String>,
     /// The device's TLS identity for the credentials endpoint (cert, key).
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// The hosts (`host` or `host:port`) that may receive the token from
+    /// the credentials endpoint; `None`: the host of `credentials_url` only.
+    pub credentials_hosts: Option<Vec<String>>,
 }
 
 impl Default for DownloadOptions {
@@ -104,6 +122,7 @@ impl Default for DownloadOptions {
             retry_delay: Duration::from_millis(500),
             credentials_url: None,
             identity: None,
+            credentials_hosts: None,
         }
     }
 }
@@ -127,7 +146,71 @@ pub struct Downloader {
     credentials_client: Option<reqwest::Client>,
     /// The token last fetched from the credentials endpoint.
     token: Arc<tokio::sync::Mutex<Option<String>>>,
+    /// Where that token may go.
+    credentials_hosts: Vec<HostRule>,
     options: DownloadOptions,
+}
+
+/// A host, and maybe a port, that may receive the device's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostRule {
+    /// The host as a parsed URL spells it (lower case, IPv6 in brackets).
+    host: String,
+    /// The port; any port when `None`.
+    port: Option<u16>,
+}
+
+impl HostRule {
+    /// Parses `host` or `host:port` (an IPv6 address in brackets).
+    fn parse(entry: &str) -> anyhow::Result<Self> {
+        let bad = || {
+            anyhow::anyhow!("[download] credentials_hosts: {entry:?} is not a host or host:port")
+        };
+        let url = reqwest::Url::parse(&format!("http://{entry}/")).map_err(|_| bad())?;
+        let plain = url.username().is_empty()
+            && url.password().is_none()
+            && url.path() == "/"
+            && url.query().is_none()
+            && url.fragment().is_none();
+        let host = url.host_str().filter(|_| plain).ok_or_else(bad)?;
+        let port = match entry.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+                Some(p.parse::<u16>().map_err(|_| bad())?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// Whether requests to `url` may carry the token.
+    fn admits(&self, url: &str) -> bool {
+        reqwest::Url::parse(url).is_ok_and(|u| {
+            u.host_str() == Some(self.host.as_str())
+                && self
+                    .port
+                    .is_none_or(|p| u.port_or_known_default() == Some(p))
+        })
+    }
+}
+
+/// The hosts that may receive the credentials endpoint's token.
+fn credentials_hosts(options: &DownloadOptions) -> anyhow::Result<Vec<HostRule>> {
+    match (&options.credentials_hosts, &options.credentials_url) {
+        (Some(hosts), _) => hosts.iter().map(|h| HostRule::parse(h)).collect(),
+        (None, Some(url)) => {
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .with_context(|| {
+                    format!("[download] credentials_url {} is not a URL", redact(url))
+                })?;
+            Ok(vec![HostRule { host, port: None }])
+        }
+        (None, None) => Ok(Vec::new()),
+    }
 }
 
 /// Outcome of one attempt.
@@ -151,8 +234,15 @@ impl Downloader {
             client,
             credentials_client,
             token: Default::default(),
+            credentials_hosts: credentials_hosts(&options)?,
             options,
         })
+    }
+
+    /// Whether the credentials endpoint's token may go with a request to
+    /// `url` (never to a host that only a deployment names).
+    fn may_send_credentials(&self, url: &str) -> bool {
+        self.credentials_hosts.iter().any(|h| h.admits(url))
     }
 
     /// The bearer token from the credentials endpoint (cached; `refresh`
@@ -169,7 +259,7 @@ impl Downloader {
         let response = client.get(url).send().await.map_err(|e| {
             fail(
                 FailureKind::Unauthorized,
-                format!("credentials endpoint {}: {e}", redact(url)),
+                format!("credentials endpoint {}: {}", redact(url), describe(e)),
             )
         })?;
         if !response.status().is_success() {
@@ -189,7 +279,7 @@ impl Downloader {
         let body = response.bytes().await.map_err(|e| {
             fail(
                 FailureKind::Unauthorized,
-                format!("credentials endpoint {}: {e}", redact(url)),
+                format!("credentials endpoint {}: {}", redact(url), describe(e)),
             )
         })?;
         let credentials: Credentials = serde_json::from_slice(&body).map_err(|e| {
@@ -223,11 +313,24 @@ impl Downloader {
         token: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<(), DownloadError> {
-        let endpoint = if token.is_none() && file.token.is_none() {
-            self.endpoint_token(false).await?
-        } else {
-            None
-        };
+        self.fetch_file(file, dest, token, progress)
+            .await
+            .map_err(|e| e.scrubbed(&file.url))
+    }
+
+    async fn fetch_file(
+        &self,
+        file: &FileSpec,
+        dest: &Path,
+        token: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<(), DownloadError> {
+        let endpoint =
+            if token.is_none() && file.token.is_none() && self.may_send_credentials(&file.url) {
+                self.endpoint_token(false).await?
+            } else {
+                None
+            };
         let mut refreshed = false;
         let token = token
             .or(file.token.as_deref())
@@ -237,8 +340,8 @@ impl Downloader {
             return Ok(());
         }
         if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| fail(FailureKind::Local, format!("{}: {e}", dir.display())))?;
+            durable::create_private_dir(dir)
+                .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
         }
         if let Some(path) = file.url.strip_prefix("file://") {
             return copy_local(file, Path::new(path), dest);
@@ -262,6 +365,7 @@ impl Downloader {
             match result {
                 Attempt::Done => return Ok(()),
                 Attempt::Retry(why) => {
+                    let why = scrub(why, &file.url);
                     tracing::info!(
                         file = file.name,
                         attempt,
@@ -291,10 +395,23 @@ impl Downloader {
         max: u64,
         dest: &Path,
     ) -> Result<(), DownloadError> {
+        self.fetch_small(url, sha256, max, dest)
+            .await
+            .map_err(|e| e.scrubbed(url))
+    }
+
+    async fn fetch_small(
+        &self,
+        url: &str,
+        sha256: &str,
+        max: u64,
+        dest: &Path,
+    ) -> Result<(), DownloadError> {
         if std::fs::read(dest).is_ok_and(|b| hex::encode(Sha256::digest(&b)) == sha256) {
             return Ok(());
         }
         let bytes = if let Some(path) = url.strip_prefix("file://") {
+            let url = redact(url);
             let meta = std::fs::metadata(path)
                 .map_err(|e| fail(FailureKind::NotFound, format!("{url}: {e}")))?;
             if meta.len() > max {
@@ -315,18 +432,19 @@ impl Downloader {
             ));
         }
         if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+            durable::create_private_dir(dir)
+                .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
         }
         durable::write_atomic(dest, &bytes).map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
     }
 
     async fn get_capped(&self, url: &str, max: u64) -> Result<Vec<u8>, DownloadError> {
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
+        let response = self.client.get(url).send().await.map_err(|e| {
+            fail(
+                FailureKind::Network,
+                format!("{}: {}", redact(url), describe(e)),
+            )
+        })?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN => {
@@ -354,8 +472,12 @@ impl Downloader {
         let mut bytes = Vec::new();
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| fail(FailureKind::Network, format!("{}: {e}", redact(url))))?;
+            let chunk = chunk.map_err(|e| {
+                fail(
+                    FailureKind::Network,
+                    format!("{}: {}", redact(url), describe(e)),
+                )
+            })?;
             if bytes.len() as u64 + chunk.len() as u64 > max {
                 return Err(fail(
                     FailureKind::Mismatch,
@@ -376,6 +498,14 @@ impl Downloader {
     ) -> Result<Attempt, DownloadError> {
         let (partial_path, meta_path) = (sibling(dest, "partial"), sibling(dest, "partial.json"));
         let (mut offset, validator) = resume_point(file, &partial_path, &meta_path);
+        if offset == file.size && offset > 0 {
+            // Every byte arrived before a stop ahead of the rename.
+            if verify_file(&partial_path, file.size, &file.sha256).is_ok() {
+                return put_in_place(&partial_path, &meta_path, dest).map(|()| Attempt::Done);
+            }
+            discard(&partial_path, &meta_path);
+            offset = 0;
+        }
         check_space(dest, file.size.saturating_sub(offset))?;
         let mut request = self.client.get(&file.url);
         if let Some(token) = token {
@@ -388,7 +518,7 @@ impl Downloader {
         }
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(format!("request failed: {e}"))),
+            Err(e) => return Ok(Attempt::Retry(self.request_failure(e))),
         };
         let status = response.status();
         let resumed = status == StatusCode::PARTIAL_CONTENT;
@@ -399,9 +529,7 @@ impl Downloader {
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 discard(&partial_path, &meta_path);
-                return Ok(Attempt::Retry(
-                    "416: the partial file is not resumable; starting over".into(),
-                ));
+                return unsatisfiable(file, &response);
             }
             StatusCode::FORBIDDEN => {
                 return Err(fail(
@@ -415,6 +543,9 @@ impl Downloader {
             StatusCode::UNAUTHORIZED => {
                 let why = if token.is_some() {
                     "the bearer token was refused"
+                } else if self.options.credentials_url.is_some() {
+                    "a bearer token is required (the device's token goes only to the \
+                     hosts in [download] credentials_hosts)"
                 } else {
                     "a bearer token is required"
                 };
@@ -437,6 +568,24 @@ impl Downloader {
                 ));
             }
         }
+        if let Some(length) = response.content_length()
+            && offset + length > file.size
+        {
+            discard(&partial_path, &meta_path);
+            return Err(fail(
+                FailureKind::Mismatch,
+                format!(
+                    "{}: the server announces {} bytes, more than the declared {}",
+                    file.name,
+                    offset + length,
+                    file.size
+                ),
+            ));
+        }
+        // A response framed by its length or by chunks ends where the
+        // server meant it to end; one ended by a closed connection may be cut.
+        let framed = response.content_length().is_some()
+            || header(&response, TRANSFER_ENCODING).is_some_and(|t| t.contains("chunked"));
         let meta = Partial {
             url: file.url.clone(),
             etag: header(&response, ETAG),
@@ -454,9 +603,7 @@ impl Downloader {
                 Ok(c) => c,
                 Err(e) => {
                     sync(&out)?;
-                    return Ok(Attempt::Retry(format!(
-                        "body stopped at byte {received}: {e}"
-                    )));
+                    return Ok(Attempt::Retry(self.body_failure(e, received, file.size)));
                 }
             };
             if received + chunk.len() as u64 > file.size {
@@ -474,10 +621,16 @@ impl Downloader {
         }
         sync(&out)?;
         if received < file.size {
-            return Ok(Attempt::Retry(format!(
-                "body ended at byte {received} of {}",
-                file.size
-            )));
+            let short = format!("the server sent {received} of {} declared bytes", file.size);
+            if status == StatusCode::OK && framed {
+                // A whole response, shorter than declared: not a network fault.
+                discard(&partial_path, &meta_path);
+                return Err(fail(
+                    FailureKind::Mismatch,
+                    format!("{}: {short}", file.name),
+                ));
+            }
+            return Ok(Attempt::Retry(short));
         }
         let actual = hex::encode(hasher.finalize());
         if actual != file.sha256 {
@@ -497,12 +650,116 @@ impl Downloader {
                 ),
             ));
         }
-        std::fs::rename(&partial_path, dest)
-            .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
-        let _ = std::fs::remove_file(&meta_path);
-        durable::sync_dir(dest.parent().unwrap_or(Path::new(".")))
-            .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))?;
+        put_in_place(&partial_path, &meta_path, dest)?;
         Ok(Attempt::Done)
+    }
+
+    /// Why a request got no response, in words and without its URL.
+    fn request_failure(&self, e: reqwest::Error) -> String {
+        if e.is_timeout() && e.is_connect() {
+            format!(
+                "no connection within {}",
+                seconds(self.options.connect_timeout)
+            )
+        } else if e.is_timeout() {
+            format!(
+                "the server sent no response for {}",
+                seconds(self.options.stall_timeout)
+            )
+        } else if e.is_connect() {
+            format!("cannot connect: {}", root_cause(&e))
+        } else {
+            describe(e)
+        }
+    }
+
+    /// Why a body stopped after `received` of `size` bytes, without its URL.
+    fn body_failure(&self, e: reqwest::Error, received: u64, size: u64) -> String {
+        if e.is_timeout() {
+            format!(
+                "the server sent nothing for {} after byte {received}",
+                seconds(self.options.stall_timeout)
+            )
+        } else {
+            format!(
+                "the server sent {received} of {size} bytes, then the connection broke: {}",
+                root_cause(&e)
+            )
+        }
+    }
+}
+
+/// The answer to a 416: a server holding fewer (or more) bytes than
+/// declared fails the download; otherwise it starts over from zero.
+fn unsatisfiable(file: &FileSpec, response: &reqwest::Response) -> Result<Attempt, DownloadError> {
+    let total = header(response, CONTENT_RANGE).and_then(|r| {
+        r.strip_prefix("bytes */")
+            .and_then(|t| t.parse::<u64>().ok())
+    });
+    match total {
+        Some(total) if total < file.size => Err(fail(
+            FailureKind::Mismatch,
+            format!(
+                "{}: the server has {total} of {} declared bytes",
+                file.name, file.size
+            ),
+        )),
+        Some(total) if total > file.size => Err(fail(
+            FailureKind::Mismatch,
+            format!(
+                "{}: the server has {total} bytes, more than the declared {}",
+                file.name, file.size
+            ),
+        )),
+        _ => Ok(Attempt::Retry(
+            "416: the partial file is not resumable; starting over".into(),
+        )),
+    }
+}
+
+/// Makes the complete, verified `partial` the file at `dest`.
+fn put_in_place(partial: &Path, meta: &Path, dest: &Path) -> Result<(), DownloadError> {
+    std::fs::rename(partial, dest).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+    let _ = std::fs::remove_file(meta);
+    durable::sync_dir(dest.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| fail(FailureKind::Local, format!("{e:#}")))
+}
+
+/// The whole chain of `e`, without the URL reqwest puts in its message.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// The innermost cause of `e` (an OS error, a protocol error), which
+/// names no URL.
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if std::ptr::addr_eq(cause, e) {
+        return "no cause given".into();
+    }
+    cause.to_string()
+}
+
+/// A duration as people read it in a message (`30 s`, `500 ms`).
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }
 
@@ -551,6 +808,8 @@ fn http_client(
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.stall_timeout)
         .tcp_nodelay(true)
+        // A redirect would hand the pre-signed URL to the next host.
+        .referer(false)
         .build()
         .context("cannot build the HTTP client")
 }
@@ -583,6 +842,7 @@ fn open_partial(path: &Path, offset: u64) -> Result<(std::fs::File, Sha256), Dow
         .read(true)
         .write(true)
         .truncate(false)
+        .mode(durable::FILE_MODE)
         .open(path)
         .map_err(local)?;
     file.set_len(offset).map_err(local)?;
@@ -689,36 +949,76 @@ fn sibling(dest: &Path, suffix: &str) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// A URL without its query (pre-signed URLs carry credentials there).
-pub fn redact(url: &str) -> &str {
-    url.split_once('?').map_or(url, |(base, _)| base)
+/// A URL as messages show it: scheme, host, port and path, never the user
+/// info, query or fragment (pre-signed URLs carry credentials there).
+pub fn redact(url: &str) -> Redacted<'_> {
+    Redacted(url)
+}
+
+/// A URL that displays without its secrets; see [`redact`].
+#[derive(Debug, Clone, Copy)]
+pub struct Redacted<'a>(&'a str);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = self.0.split(['?', '#']).next().unwrap_or_default();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return f.write_str(url);
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        write!(f, "{scheme}://{host}{path}")
+    }
+}
+
+/// `message` with `url` (whole) shown redacted and its query and user info
+/// replaced wherever they still appear verbatim.
+fn scrub(message: String, url: &str) -> String {
+    let shown = redact(url).to_string();
+    let mut message = message.replace(url, &shown);
+    let query = url.split_once('?').map(|(_, q)| q);
+    let user = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .map(|(user, _)| user);
+    for secret in [query, user]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+    {
+        message = message.replace(secret, "<redacted>");
+    }
+    message
 }
 
 /// Copies a staged `file://` payload, verified; nothing is left at `dest`
 /// on a mismatch.
 fn copy_local(file: &FileSpec, source: &Path, dest: &Path) -> Result<(), DownloadError> {
-    if !source.is_absolute() || file.url.contains(['%', '?']) {
+    let url = redact(&file.url);
+    if !source.is_absolute() || file.url.contains(['%', '?', '#']) {
         return Err(fail(
             FailureKind::Local,
-            format!(
-                "{}: only plain absolute file:// URLs are supported",
-                file.url
-            ),
+            format!("{url}: only plain absolute file:// URLs are supported"),
         ));
     }
     check_space(dest, file.size)?;
     let partial = sibling(dest, "partial");
-    std::fs::copy(source, &partial).map_err(|e| {
-        fail(
-            FailureKind::NotFound,
-            format!("cannot fetch {}: {e}", file.url),
-        )
-    })?;
+    std::fs::copy(source, &partial)
+        .and_then(|_| {
+            std::fs::set_permissions(
+                &partial,
+                std::fs::Permissions::from_mode(durable::FILE_MODE),
+            )
+        })
+        .map_err(|e| fail(FailureKind::NotFound, format!("cannot fetch {url}: {e}")))?;
     if let Err(e) = verify_file(&partial, file.size, &file.sha256) {
         let _ = std::fs::remove_file(&partial);
         return Err(fail(
             FailureKind::Mismatch,
-            format!("payload {} from {}: {e:#}", file.name, file.url),
+            format!("payload {} from {url}: {e:#}", file.name),
         ));
     }
     std::fs::File::open(&partial)
@@ -763,10 +1063,54 @@ mod tests {
     }
 
     #[test]
-    fn pre_signed_queries_are_redacted() {
+    fn urls_show_no_query_user_info_or_fragment() {
+        let shown = |url: &str| redact(url).to_string();
         assert_eq!(
-            redact("https://h/p.bin?X-Amz-Signature=secret"),
+            shown("https://h/p.bin?X-Amz-Signature=secret"),
             "https://h/p.bin"
         );
+        assert_eq!(
+            shown("https://user:pa%40ss@h:8443/a/b?x=1#frag"),
+            "https://h:8443/a/b"
+        );
+        assert_eq!(shown("https://u@h?q=1"), "https://h");
+        assert_eq!(shown("http://h/p@x?y"), "http://h/p@x");
+        assert_eq!(shown("file:///srv/p.bin"), "file:///srv/p.bin");
+        assert_eq!(shown("no url?q"), "no url");
+        let url = "https://u:pw@h/p?sig=abc";
+        assert_eq!(
+            scrub(format!("x {url} y; sig=abc; pw"), url),
+            "x https://h/p y; <redacted>; pw"
+        );
+    }
+
+    #[test]
+    fn the_credentials_token_goes_only_to_the_named_hosts() {
+        let rule = |s: &str| HostRule::parse(s).expect(s);
+        assert!(rule("Creds.Example").admits("https://creds.example:9443/p"));
+        assert!(!rule("creds.example").admits("https://creds.example.evil/p"));
+        assert!(!rule("creds.example").admits("https://evil/p?h=creds.example"));
+        assert!(!rule("creds.example").admits("https://creds.example@evil/p"));
+        assert!(rule("creds.example:443").admits("https://creds.example/p"));
+        assert!(!rule("creds.example:443").admits("http://creds.example/p"));
+        assert!(rule("[::1]:8080").admits("http://[::1]:8080/p"));
+        assert!(!rule("127.0.0.1").admits("file:///127.0.0.1/p"));
+        for bad in ["https://h", "h/p", "u@h", "h:99999", "h?q", "", "::1"] {
+            assert!(HostRule::parse(bad).is_err(), "{bad:?}");
+        }
+        let options = |url: &str, hosts: Option<Vec<String>>| DownloadOptions {
+            credentials_url: Some(url.into()),
+            credentials_hosts: hosts,
+            ..DownloadOptions::default()
+        };
+        assert_eq!(
+            credentials_hosts(&options("https://creds.example:9443/token", None)).expect("ok"),
+            vec![rule("creds.example")]
+        );
+        assert_eq!(
+            credentials_hosts(&options("https://c/t", Some(vec![]))).expect("ok"),
+            vec![]
+        );
+        assert!(credentials_hosts(&options("not a url?k=secret", None)).is_err());
     }
 }

@@ -1,7 +1,13 @@
 //! Crash-safe file writes: temp file, fsync, rename, fsync of the directory.
+//!
+//! State files can hold secrets (bearer tokens of a deployment): every file
+//! written here is private to the agent (mode 0600), and the directories of
+//! the agent's state are created 0700. [`make_private`] tightens what an
+//! older agent left readable by others.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -9,8 +15,13 @@ use anyhow::{Context, Result};
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
+/// Mode of the files the agent writes: readable by the agent only.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of the directories the agent creates for its state.
+pub const DIR_MODE: u32 = 0o700;
+
 /// Replaces `path` with `bytes` so that after a crash it holds either the
-/// old or the new content, never a mix.
+/// old or the new content, never a mix. The file is private (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -29,6 +40,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(FILE_MODE)
             .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -48,6 +60,53 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
+/// Creates `dir` and any missing parents with mode 0700.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Takes every permission of group and others from `path` itself; a
+/// symbolic link is neither followed nor changed, and a missing `path` is
+/// fine. Returns whether `path` is a directory.
+pub fn make_private(path: &Path) -> Result<bool> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    };
+    if meta.file_type().is_symlink() {
+        return Ok(false);
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o077))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+        tracing::info!(
+            "{} was open to others (mode {mode:o}); now {:o}",
+            path.display(),
+            mode & !0o077
+        );
+    }
+    Ok(meta.is_dir())
+}
+
+/// Like [`make_private`], for `path` and everything below it.
+pub fn make_private_tree(path: &Path) -> Result<()> {
+    if make_private(path)? {
+        let entries =
+            fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", path.display()))?;
+            make_private_tree(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +124,32 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, FILE_MODE, "{mode:o}");
+    }
+
+    #[test]
+    fn make_private_tightens_a_tree_and_leaves_links_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("state");
+        fs::create_dir_all(root.join("jobs/a")).expect("dirs");
+        fs::write(root.join("jobs/a/journal.json"), b"{}").expect("file");
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"x").expect("outside");
+        std::os::unix::fs::symlink(&outside, root.join("jobs/link")).expect("link");
+        for p in [&root, &root.join("jobs"), &root.join("jobs/a")] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).expect("chmod");
+        make_private_tree(&root).expect("tighten");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("jobs/a")), 0o700);
+        assert_eq!(mode(&root.join("jobs/a/journal.json")), 0o600);
+        assert_eq!(mode(&outside), 0o644, "a link is not followed");
+        make_private_tree(&dir.path().join("missing")).expect("nothing to do");
+        create_private_dir(&dir.path().join("new/deeper")).expect("create");
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&dir.path().join("new/deeper")), 0o700);
     }
 }

@@ -223,11 +223,21 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) the journal in `state_dir`.
+    /// Opens (creating) the journal in `state_dir`. The state directory,
+    /// the jobs and the shadow bookkeeping (they hold the deployment's
+    /// tokens) are made private to the agent, also when an older agent left
+    /// them open to others.
     pub fn open(state_dir: &Path) -> Result<Self> {
         let jobs = state_dir.join("jobs");
-        std::fs::create_dir_all(&jobs)
-            .with_context(|| format!("cannot create {}", jobs.display()))?;
+        durable::create_private_dir(&jobs)?;
+        durable::make_private(state_dir)?;
+        for entry in [
+            jobs,
+            state_dir.join("shadow.json"),
+            state_dir.join("trust-root.json"),
+        ] {
+            durable::make_private_tree(&entry)?;
+        }
         Ok(Self {
             dir: state_dir.to_path_buf(),
             shadow_lock: Default::default(),
@@ -274,8 +284,7 @@ impl Journal {
     fn store(&self, record: &JobRecord) -> Result<()> {
         let dir = self.job_dir(&record.job_id)?;
         if !dir.exists() {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            durable::create_private_dir(&dir)?;
             durable::sync_dir(dir.parent().unwrap_or(&self.dir))?;
         }
         write_json(&dir.join("journal.json"), record)

@@ -40,9 +40,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens (creating) the outbox in `dir`, dropping entries already sent.
+    /// Opens (creating, private to the agent) the outbox in `dir`, dropping
+    /// entries already sent.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        durable::create_private_dir(dir)?;
+        durable::make_private_tree(dir)?;
         let sent: VecDeque<String> = match std::fs::read(dir.join("sent.json")) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes).context("outbox sent.json does not parse")?

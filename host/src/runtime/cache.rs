@@ -90,7 +90,7 @@ fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component> {
 
 fn store(entry: &Path, component: &Component) -> Result<()> {
     if let Some(dir) = entry.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        durable::create_private_dir(dir)?;
     }
     durable::write_atomic(entry, &component.serialize()?)
 }
