@@ -863,7 +863,7 @@ fn through_the_agent_tokens_and_signatures_stay_in_the_request() {
             .pointer("/state/reported/deployment/agent/state")
             .is_some()
     });
-    let deploy = |version: u64, job: &str, url: String| {
+    let deploy = |version: u64, job: &str, url: String, content: &[u8]| {
         let delta = serde_json::json!({"version": version, "state": {"deployment": {
             "schema": 1, "jobId": job, "version": job,
             "steps": [{"updateType": "otabox/file:1",
@@ -877,7 +877,7 @@ fn through_the_agent_tokens_and_signatures_stay_in_the_request() {
                 && m.json.get("status").is_some()
         })
     };
-    let mut seen = deploy(1, "job-ok", signed(&nginx.url("auth/app.conf")));
+    let mut seen = deploy(1, "job-ok", signed(&nginx.url("auth/app.conf")), content);
     assert_eq!(
         seen.last().map(|m| m.json["status"].clone()),
         Some(serde_json::json!("SUCCESS")),
@@ -889,6 +889,8 @@ fn through_the_agent_tokens_and_signatures_stay_in_the_request() {
         2,
         "job-down",
         signed(&format!("http://127.0.0.1:{closed}/app.conf")),
+        // Other bytes than installed, so the agent must fetch them.
+        b"never served\n",
     ));
     assert_eq!(
         seen.last().map(|m| m.json["status"].clone()),
