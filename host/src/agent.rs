@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::config::DeviceConfig;
 use crate::download;
 use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
 use crate::mqtt::{self, Backoff};
-use crate::outbox::Outbox;
+use crate::outbox::{Next as OutboxNext, Outbox};
 use crate::runtime::{
     CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, Status,
     StepContext,
@@ -55,6 +56,11 @@ struct Shared {
     current: Mutex<Option<(String, CancelFlag)>>,
     /// Jobs cancelled before they started.
     cancelled: Mutex<std::collections::BTreeSet<String>>,
+    /// The running job's state and progress, as last reported.
+    live: Mutex<Live>,
+    /// The size reports are built within: `[mqtt] max_report_bytes`, or
+    /// less once the broker refused a report of that size.
+    report_limit: std::sync::atomic::AtomicUsize,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -99,6 +105,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         }
         None => None,
     };
+    let max_report_bytes = config.mqtt.max_report_bytes;
     let shared = Arc::new(Shared {
         downloader,
         trust_root: Mutex::new(trust_root),
@@ -110,6 +117,8 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         outbox_changed: Notify::new(),
         current: Mutex::new(None),
         cancelled: Mutex::new(Default::default()),
+        live: Mutex::new(Live::default()),
+        report_limit: std::sync::atomic::AtomicUsize::new(max_report_bytes),
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
@@ -168,7 +177,17 @@ async fn shutdown_signal() {
 struct InFlight {
     seq: Option<u64>,
     pkid: Option<u16>,
+    /// Connections lost in a row while this head was in flight.
+    losses: u32,
 }
+
+/// A connection that lasted this long counts as working: the reconnect
+/// backoff starts over after it drops.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// Connections lost in a row while the same report was in flight after
+/// which that report is taken for refused by the broker and shrunk.
+const LOSSES_BEFORE_SHRINKING: u32 = 2;
 
 /// The MQTT session loop: subscriptions, deltas, and the ordered outbox.
 async fn session(
@@ -179,16 +198,22 @@ async fn session(
     jobs: mpsc::UnboundedSender<JobRecord>,
 ) -> Result<()> {
     let mut in_flight = InFlight::default();
-    let mut connected = false;
+    let mut connected_at: Option<std::time::Instant> = None;
+    let mut wake: Option<std::time::Instant> = None;
     loop {
+        let timer = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     tracing::info!("connected to {}:{}", shared.config.mqtt.host, shared.config.mqtt.port);
-                    backoff.reset();
-                    connected = true;
+                    connected_at = Some(std::time::Instant::now());
                     subscribe(&shared, &client).await?;
-                    publish_next(&shared, &client, &mut in_flight).await?;
+                    wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     if let Some(rejection) = on_publish(&shared, &jobs, &publish) {
@@ -209,28 +234,105 @@ async fn session(
                     if in_flight.pkid == Some(ack.pkid) {
                         lock(&shared.outbox).complete_head()?;
                         in_flight = InFlight::default();
-                        publish_next(&shared, &client, &mut in_flight).await?;
+                        wake = publish_next(&shared, &client, &mut in_flight).await?;
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if connected_at.is_some_and(|t| t.elapsed() >= STABLE_CONNECTION) {
+                        backoff.reset();
+                    }
                     let delay = backoff.next_delay();
-                    if connected {
+                    if connected_at.is_some() {
                         tracing::warn!("connection lost: {e}; reconnecting in {delay:?}");
                     } else {
                         tracing::debug!("cannot connect: {e}; retrying in {delay:?}");
                     }
-                    connected = false;
+                    connected_at = None;
+                    if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
+                        // rumqttc would send the refused packet again.
+                        eventloop.pending.retain(|r| {
+                            !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid)
+                        });
+                    }
                     tokio::time::sleep(delay).await;
                 }
             },
             _ = shared.outbox_changed.notified() => {
-                if connected {
-                    publish_next(&shared, &client, &mut in_flight).await?;
+                if connected_at.is_some() {
+                    wake = publish_next(&shared, &client, &mut in_flight).await?;
+                }
+            }
+            _ = timer => {
+                wake = None;
+                if connected_at.is_some() {
+                    wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
             }
         }
     }
+}
+
+/// The connection dropped with the outbox head unacknowledged (rumqttc
+/// sends it again after the reconnect). When the broker keeps dropping the
+/// connection over it, the head is shrunk, or dropped when it cannot be;
+/// returns the packet id rumqttc must then forget.
+fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
+    let seq = in_flight.seq?;
+    in_flight.losses += 1;
+    if in_flight.losses < LOSSES_BEFORE_SHRINKING {
+        return None;
+    }
+    let (losses, pkid) = (in_flight.losses, in_flight.pkid);
+    *in_flight = InFlight::default();
+    let mut outbox = lock(&shared.outbox);
+    outbox.requeue();
+    let head = outbox.head().filter(|e| e.seq == seq).cloned()?;
+    let limit = (head.payload.len() / 2).max(*crate::config::MAX_REPORT_RANGE.start());
+    if limit < shared.report_limit.load(Ordering::Relaxed) {
+        shared.report_limit.store(limit, Ordering::Relaxed);
+        tracing::warn!(
+            "the broker refuses reports of {} bytes: reports are limited to {limit} bytes from now on (lower [mqtt] max_report_bytes to match the broker)",
+            head.payload.len()
+        );
+    }
+    match shrunk(&head.payload, limit) {
+        Some(smaller) => {
+            tracing::warn!(
+                key = head.key,
+                "the broker dropped the connection {losses} times over a report of {} bytes; sending it trimmed to {} bytes",
+                head.payload.len(),
+                smaller.len()
+            );
+            if let Err(e) = outbox.replace_head(smaller) {
+                tracing::error!("cannot store the trimmed report: {e:#}");
+            }
+        }
+        None => {
+            tracing::error!(
+                key = head.key,
+                "the broker dropped the connection {losses} times over a message of {} bytes that cannot be trimmed; dropped it",
+                head.payload.len()
+            );
+            if let Err(e) = outbox.complete_head() {
+                tracing::error!("cannot drop the refused message: {e:#}");
+            }
+        }
+    }
+    pkid
+}
+
+/// A report document trimmed to `limit` bytes; `None` when it is not a
+/// report or cannot get smaller.
+fn shrunk(payload: &str, limit: usize) -> Option<String> {
+    let smaller = as_report(payload)?.bounded_payload(limit);
+    (smaller.len() < payload.len()).then_some(smaller)
+}
+
+/// The reported state a report document carries, if it is one.
+fn as_report(payload: &str) -> Option<ReportedState> {
+    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
+    serde_json::from_value(value.pointer("/state/reported/deployment")?.clone()).ok()
 }
 
 /// Subscribes, and in the AWS layout asks for the whole shadow, so a delta
@@ -267,29 +369,70 @@ fn delta_from_shadow(payload: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Publishes the outbox head unless one is already in flight.
+/// Publishes the outbox head unless one is already in flight; returns when
+/// to look again if the head is a progress report not yet due. A queued
+/// report over the size limit (one queued by an older agent) is trimmed
+/// first.
 async fn publish_next(
     shared: &Shared,
     client: &AsyncClient,
     in_flight: &mut InFlight,
-) -> Result<()> {
+) -> Result<Option<std::time::Instant>> {
     if in_flight.seq.is_some() {
-        return Ok(());
+        return Ok(None);
     }
-    let head = lock(&shared.outbox).head().cloned();
-    if let Some(entry) = head {
-        client
-            .publish(
-                entry.topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                entry.payload.into_bytes(),
-            )
-            .await
-            .context("cannot queue a publish")?;
-        in_flight.seq = Some(entry.seq);
+    let max = shared.report_limit.load(Ordering::Relaxed);
+    let next = {
+        let mut outbox = lock(&shared.outbox);
+        if let Some(head) = outbox.head().filter(|e| e.payload.len() > max).cloned() {
+            fit_head(&mut outbox, &head, max)?;
+        }
+        outbox.next(std::time::Instant::now())
+    };
+    let entry = match next {
+        OutboxNext::Publish(entry) => entry,
+        OutboxNext::WaitUntil(at) => return Ok(Some(at)),
+        OutboxNext::Idle => return Ok(None),
+    };
+    let losses = in_flight.losses;
+    *in_flight = InFlight {
+        seq: Some(entry.seq),
+        pkid: None,
+        losses,
+    };
+    client
+        .publish(
+            entry.topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            entry.payload.into_bytes(),
+        )
+        .await
+        .context("cannot queue a publish")?;
+    Ok(None)
+}
+
+/// Makes an oversized outbox head fit `max`: a report is trimmed, anything
+/// else is dropped with a logged reason.
+fn fit_head(outbox: &mut Outbox, head: &crate::outbox::Entry, max: usize) -> Result<()> {
+    match as_report(&head.payload) {
+        Some(reported) => {
+            tracing::warn!(
+                key = head.key,
+                "a queued report of {} bytes exceeds the report limit ({max}); trimmed",
+                head.payload.len()
+            );
+            outbox.replace_head(reported.bounded_payload(max))
+        }
+        None => {
+            tracing::error!(
+                key = head.key,
+                "a queued message of {} bytes exceeds the report limit ({max}) and is no report; dropped",
+                head.payload.len()
+            );
+            outbox.complete_head()
+        }
     }
-    Ok(())
 }
 
 /// Handles a message; returns the report of a rejected delta, if any.
@@ -443,7 +586,7 @@ fn announce(shared: &Shared) -> Result<()> {
         enqueue(
             shared,
             &format!("online:{stamp}"),
-            reported_payload(reported),
+            reported_payload(shared, reported),
         );
     }
     Ok(())
@@ -512,23 +655,60 @@ fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::Progres
             done: event.done,
             total: event.total,
         };
-        let updated = shared.journal.update_shadow(|s| {
-            let mut reported = s.reported.clone().unwrap_or_else(idle_state);
-            reported.progress = Some(progress);
-            s.reported = Some(reported);
+        let report = live_report(&shared, |live| {
+            live.job_id = Some(job.clone());
+            live.state = agent_state_of(event.phase).or(live.state);
+            live.progress = Some(progress);
         });
-        if let Ok(shadow) = updated
-            && let Some(reported) = &shadow.reported
-        {
-            let n = sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            enqueue(
-                &shared,
-                &format!("progress:{job}:{n}"),
-                reported_payload(reported),
-            );
-        }
+        let n = sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("progress:{job}:{n}");
+        lock(&shared.outbox).push_volatile(
+            &key,
+            &shared.topics.update,
+            report,
+            std::time::Instant::now(),
+        );
+        shared.outbox_changed.notify_one();
     })
 }
+
+/// What a running job adds to the stored reported state: held in memory
+/// and sent as progress reports, never written (the terminal report
+/// replaces it).
+#[derive(Debug, Clone, Default)]
+struct Live {
+    job_id: Option<String>,
+    state: Option<AgentState>,
+    progress: Option<crate::shadow::Progress>,
+}
+
+/// A report of the stored reported state with the running job's live
+/// state, after `change` to it.
+fn live_report(shared: &Shared, change: impl FnOnce(&mut Live)) -> String {
+    let live = {
+        let mut live = lock(&shared.live);
+        change(&mut live);
+        live.clone()
+    };
+    let mut reported = shared
+        .journal
+        .shadow()
+        .ok()
+        .and_then(|s| s.reported)
+        .unwrap_or_else(idle_state);
+    if let Some(state) = live.state {
+        reported.agent.state = state;
+    }
+    if live.job_id.is_some() {
+        reported.job_id = live.job_id;
+    }
+    reported.progress = live.progress;
+    reported_payload(shared, &reported)
+}
+
+/// How long a state change waits before it is reported: a job that ends
+/// within it sends only its result.
+const STATE_REPORT_DELAY: Duration = Duration::from_millis(100);
 
 /// An explicit cancel: signals the running job, or marks a queued one.
 fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
@@ -571,7 +751,7 @@ fn rejection(shared: &Shared, payload: &[u8], reason: &str) -> Option<String> {
         shared.config.mqtt.max_message_bytes,
         reason,
     ));
-    Some(reported_payload(&reported))
+    Some(reported_payload(shared, &reported))
 }
 
 /// Which delta was rejected: its version and job id when the message is
@@ -602,14 +782,16 @@ fn idle_state() -> ReportedState {
         job_id: None,
         installed: Default::default(),
         inventory: Default::default(),
+        inventory_omitted: None,
         last_result: None,
         progress: None,
         last_rejected: None,
     }
 }
 
-fn reported_payload(reported: &ReportedState) -> String {
-    serde_json::json!({"state": {"reported": {"deployment": reported}}}).to_string()
+/// The report document of `reported`, within `[mqtt] max_report_bytes`.
+fn reported_payload(shared: &Shared, reported: &ReportedState) -> String {
+    reported.bounded_payload(shared.report_limit.load(Ordering::Relaxed))
 }
 
 /// Queues a message on the update topic and wakes the publisher.
@@ -804,7 +986,7 @@ async fn report_inventory(shared: &Shared, key: &str) {
         && let Ok(shadow) = shared.journal.shadow()
         && let Some(reported) = &shadow.reported
     {
-        enqueue(shared, key, reported_payload(reported));
+        enqueue(shared, key, reported_payload(shared, reported));
     }
 }
 
@@ -1299,19 +1481,41 @@ fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> R
 
 /// Reports the agent's state for a running job.
 fn report_progress(shared: &Shared, record: &JobRecord, state: AgentState) -> Result<()> {
-    let shadow = shared.journal.update_shadow(|s| {
-        let mut reported = s.reported.clone().unwrap_or_else(idle_state);
-        reported.agent.state = state;
-        reported.job_id = Some(record.job_id.clone());
-        s.reported = Some(reported);
-    })?;
-    if let Some(reported) = &shadow.reported {
-        enqueue(
-            shared,
-            &format!("state:{}:{state:?}", record.job_id),
-            reported_payload(reported),
-        );
+    if state == AgentState::RebootPending {
+        // The device is about to reboot: this one is stored and queued
+        // durably.
+        *lock(&shared.live) = Live::default();
+        let shadow = shared.journal.update_shadow(|s| {
+            let mut reported = s.reported.clone().unwrap_or_else(idle_state);
+            reported.agent.state = state;
+            reported.job_id = Some(record.job_id.clone());
+            s.reported = Some(reported);
+        })?;
+        if let Some(reported) = &shadow.reported {
+            enqueue(
+                shared,
+                &format!("state:{}:{state:?}", record.job_id),
+                reported_payload(shared, reported),
+            );
+        }
+        return Ok(());
     }
+    if lock(&shared.live).state == Some(state) {
+        return Ok(());
+    }
+    let report = live_report(shared, |live| {
+        live.job_id = Some(record.job_id.clone());
+        live.state = Some(state);
+        // Progress belongs to the phase that reported it.
+        live.progress = None;
+    });
+    lock(&shared.outbox).push_volatile(
+        &format!("state:{}:{state:?}", record.job_id),
+        &shared.topics.update,
+        report,
+        std::time::Instant::now() + STATE_REPORT_DELAY,
+    );
+    shared.outbox_changed.notify_one();
     Ok(())
 }
 
@@ -1349,6 +1553,7 @@ async fn finish(
             "cannot clean up the job's files: {e:#}"
         );
     }
+    *lock(&shared.live) = Live::default();
     let ack_status = result.ack_status();
     // The terminal report carries what the handlers manage after the job.
     let inventory = collect_inventory(shared).await;
@@ -1380,7 +1585,7 @@ async fn finish(
         enqueue(
             shared,
             &format!("result:{}", record.job_id),
-            reported_payload(reported),
+            reported_payload(shared, reported),
         );
     }
     let ack = Ack {

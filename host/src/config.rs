@@ -197,6 +197,11 @@ pub struct MqttSection {
     /// Largest delta accepted, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// Largest report the agent publishes, in bytes; a larger reported
+    /// state is trimmed to fit (see `ReportedState::bounded_payload`).
+    /// Keep it below the broker's maximum packet size.
+    #[serde(default = "default_max_report")]
+    pub max_report_bytes: usize,
     /// First reconnect delay in milliseconds (doubles up to the maximum).
     #[serde(default = "default_backoff_min")]
     pub reconnect_min_ms: u64,
@@ -217,6 +222,13 @@ fn default_keep_alive() -> u64 {
 fn default_max_message() -> usize {
     crate::shadow::DEFAULT_MAX_MESSAGE
 }
+/// Default report limit: half of AWS IoT's 128 KiB message limit.
+fn default_max_report() -> usize {
+    64 << 10
+}
+/// Bounds of `max_report_bytes`: a minimal report always fits the lower
+/// one; the upper one is the agent's own outgoing packet limit.
+pub const MAX_REPORT_RANGE: std::ops::RangeInclusive<usize> = 4096..=(1 << 20);
 fn default_backoff_min() -> u64 {
     500
 }
@@ -238,6 +250,7 @@ impl Default for MqttSection {
             key_file: None,
             keep_alive_secs: default_keep_alive(),
             max_message_bytes: default_max_message(),
+            max_report_bytes: default_max_report(),
             reconnect_min_ms: default_backoff_min(),
             reconnect_max_ms: default_backoff_max(),
         }
@@ -285,6 +298,14 @@ impl DeviceConfig {
         let mut config: Self = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
             .with_context(|| format!("invalid device config {}", path.display()))?;
+        anyhow::ensure!(
+            MAX_REPORT_RANGE.contains(&config.mqtt.max_report_bytes),
+            "invalid device config {}: [mqtt] max_report_bytes = {} is outside {}..={}",
+            path.display(),
+            config.mqtt.max_report_bytes,
+            MAX_REPORT_RANGE.start(),
+            MAX_REPORT_RANGE.end()
+        );
         let base = path.parent().unwrap_or(Path::new("."));
         config.paths.resolve_against(base);
         let mqtt = &mut config.mqtt;

@@ -31,7 +31,7 @@ pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
     // session would redeliver it at every reconnect.
     opts.set_max_packet_size(
         MAX_PACKET.max(cfg.max_message_bytes.saturating_mul(4)),
-        1 << 20,
+        *crate::config::MAX_REPORT_RANGE.end(),
     );
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {

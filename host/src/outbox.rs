@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,23 @@ pub struct Entry {
     pub topic: String,
     /// Payload (JSON text).
     pub payload: String,
+    /// A progress report held in memory only (see [`Outbox::push_volatile`]).
+    #[serde(skip)]
+    pub volatile: bool,
+    /// A volatile entry is published no earlier than this.
+    #[serde(skip)]
+    pub due: Option<Instant>,
+}
+
+/// What the publisher should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Publish this entry (the head, now marked in flight).
+    Publish(Entry),
+    /// The head is a progress report not yet due: look again then.
+    WaitUntil(Instant),
+    /// Nothing to publish (empty, or the head is in flight).
+    Idle,
 }
 
 /// The queue in a directory.
@@ -37,6 +55,8 @@ pub struct Outbox {
     entries: VecDeque<Entry>,
     sent: VecDeque<String>,
     next_seq: u64,
+    /// The head was handed out by [`Outbox::next`] and awaits the broker.
+    in_flight: bool,
 }
 
 impl Outbox {
@@ -78,10 +98,13 @@ impl Outbox {
             entries: entries.into(),
             sent,
             next_seq,
+            in_flight: false,
         })
     }
 
     /// Queues a message durably; a key already queued or sent is ignored.
+    /// Unsent progress reports queued before it are dropped: every durable
+    /// message is a full report, or an acknowledgement that follows one.
     pub fn push(&mut self, key: &str, topic: &str, payload: String) -> Result<bool> {
         if self.sent.iter().any(|k| k == key) || self.entries.iter().any(|e| e.key == key) {
             return Ok(false);
@@ -91,11 +114,49 @@ impl Outbox {
             key: key.to_string(),
             topic: topic.to_string(),
             payload,
+            volatile: false,
+            due: None,
         };
         durable::write_atomic(&self.path(entry.seq), &serde_json::to_vec(&entry)?)?;
+        self.drop_unsent_volatile();
         self.next_seq += 1;
         self.entries.push_back(entry);
         Ok(true)
+    }
+
+    /// Queues a progress report in memory only (a crash loses it, as it
+    /// may: the agent reports its whole state when it starts again). It
+    /// replaces an unsent progress report, and goes out no earlier than
+    /// `due` (or the replaced one's due time, if sooner), so a job that
+    /// ends at once sends only its result.
+    pub fn push_volatile(&mut self, key: &str, topic: &str, payload: String, due: Instant) {
+        let earlier = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| e.volatile && !(*i == 0 && self.in_flight))
+            .filter_map(|(_, e)| e.due)
+            .min();
+        self.drop_unsent_volatile();
+        self.entries.push_back(Entry {
+            seq: self.next_seq,
+            key: key.to_string(),
+            topic: topic.to_string(),
+            payload,
+            volatile: true,
+            due: Some(earlier.map_or(due, |e| e.min(due))),
+        });
+        self.next_seq += 1;
+    }
+
+    fn drop_unsent_volatile(&mut self) {
+        let keep_head = self.in_flight;
+        let mut index = 0;
+        self.entries.retain(|e| {
+            let sent = index == 0 && keep_head;
+            index += 1;
+            !e.volatile || sent
+        });
     }
 
     /// The oldest message not yet acknowledged.
@@ -103,11 +164,54 @@ impl Outbox {
         self.entries.front()
     }
 
-    /// Marks the head acknowledged by the broker and removes it.
+    /// What to publish at `now`; a head handed out is in flight until
+    /// [`Outbox::complete_head`] or [`Outbox::requeue`].
+    pub fn next(&mut self, now: Instant) -> Next {
+        if self.in_flight {
+            return Next::Idle;
+        }
+        match self.entries.front() {
+            None => Next::Idle,
+            Some(e) if e.due.is_some_and(|due| due > now) => Next::WaitUntil(e.due.unwrap_or(now)),
+            Some(e) => {
+                self.in_flight = true;
+                Next::Publish(e.clone())
+            }
+        }
+    }
+
+    /// The connection dropped before the broker acknowledged the head: it
+    /// goes out again.
+    pub fn requeue(&mut self) {
+        self.in_flight = false;
+    }
+
+    /// Replaces the payload of the head (not in flight), durably.
+    pub fn replace_head(&mut self, payload: String) -> Result<()> {
+        if self.in_flight {
+            return Ok(());
+        }
+        let Some(entry) = self.entries.front_mut() else {
+            return Ok(());
+        };
+        entry.payload = payload;
+        if entry.volatile {
+            return Ok(());
+        }
+        let (seq, bytes) = (entry.seq, serde_json::to_vec(&*entry)?);
+        durable::write_atomic(&self.path(seq), &bytes)
+    }
+
+    /// Marks the head acknowledged by the broker (or given up) and removes
+    /// it.
     pub fn complete_head(&mut self) -> Result<()> {
+        self.in_flight = false;
         let Some(entry) = self.entries.pop_front() else {
             return Ok(());
         };
+        if entry.volatile {
+            return Ok(());
+        }
         self.sent.push_back(entry.key.clone());
         while self.sent.len() > SENT_MEMORY {
             self.sent.pop_front();
@@ -116,8 +220,9 @@ impl Outbox {
             &self.dir.join("sent.json"),
             &serde_json::to_vec(&self.sent)?,
         )?;
-        std::fs::remove_file(self.path(entry.seq)).context("cannot remove a sent outbox entry")?;
-        durable::sync_dir(&self.dir)
+        // No sync of the removal: an entry found again after a crash is
+        // dropped on open, its key being in sent.json.
+        std::fs::remove_file(self.path(entry.seq)).context("cannot remove a sent outbox entry")
     }
 
     /// Messages waiting.
@@ -159,6 +264,60 @@ mod tests {
         let reopened = Outbox::open(dir.path()).expect("reopen");
         assert_eq!(reopened.len(), 1);
         assert_eq!(reopened.head().map(|e| e.key.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn progress_reports_coalesce_and_never_outlive_a_durable_report() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut outbox = Outbox::open(dir.path()).expect("open");
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_millis(50);
+        outbox.push_volatile("p1", "t", "validating".into(), later);
+        assert_eq!(outbox.next(now), Next::WaitUntil(later));
+        outbox.push_volatile("p2", "t", "installing".into(), later);
+        assert_eq!(outbox.len(), 1, "an unsent progress report is replaced");
+        let Next::Publish(head) = outbox.next(later) else {
+            panic!("due now")
+        };
+        assert_eq!(head.payload, "installing");
+        outbox.push_volatile("p3", "t", "verifying".into(), now);
+        outbox.push("result", "t", "done".into()).expect("push");
+        assert_eq!(
+            outbox
+                .entries
+                .iter()
+                .map(|e| e.key.as_str())
+                .collect::<Vec<_>>(),
+            ["p2", "result"],
+            "the in-flight report stays, the unsent one goes"
+        );
+        outbox.complete_head().expect("ack");
+        assert_eq!(outbox.head().map(|e| e.key.as_str()), Some("result"));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("ls").count(),
+            1,
+            "progress reports never touch the disk"
+        );
+        let reopened = Outbox::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.len(), 1);
+    }
+
+    #[test]
+    fn a_requeued_head_goes_out_again_and_a_replaced_one_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut outbox = Outbox::open(dir.path()).expect("open");
+        outbox.push("a", "t", "big".into()).expect("push");
+        let now = Instant::now();
+        assert!(matches!(outbox.next(now), Next::Publish(_)));
+        assert_eq!(outbox.next(now), Next::Idle, "in flight");
+        outbox.requeue();
+        outbox.replace_head("small".into()).expect("replace");
+        let Next::Publish(head) = outbox.next(now) else {
+            panic!("requeued")
+        };
+        assert_eq!(head.payload, "small");
+        let reopened = Outbox::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.head().map(|e| e.payload.as_str()), Some("small"));
     }
 
     #[test]

@@ -30,10 +30,30 @@ struct Rig {
 impl Rig {
     /// A file-handler device keeping `retained` finished job folders.
     fn start(retained: usize) -> Self {
+        Self::start_with(retained, "", "", |_| {})
+    }
+
+    /// Same, with extra broker config, extra `[mqtt]` lines, and `prepare`
+    /// run on the root before the agent starts.
+    fn start_with(
+        retained: usize,
+        broker_extra: &str,
+        mqtt_extra: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().canonicalize().expect("canonical");
-        let broker = Mosquitto::start(&root.join("broker"));
-        let config = file_device(&root, "dev-1", &format!("port = {}", broker.port));
+        let broker = Mosquitto::start_with(
+            &root.join("broker"),
+            common::services::free_port(),
+            &format!("allow_anonymous true\n{broker_extra}"),
+        );
+        let config = file_device(
+            &root,
+            "dev-1",
+            &format!("port = {}\n{mqtt_extra}", broker.port),
+        );
+        prepare(&root);
         let text = std::fs::read_to_string(&config).expect("config");
         let text = text.replacen(
             "[device]\n",
@@ -144,7 +164,7 @@ fn outcome(seen: &[Message]) -> (String, Value) {
         .rev()
         .find_map(|m| m.json.pointer("/state/reported/deployment"))
         .cloned()
-        .expect("a report before the ack");
+        .unwrap_or_else(|| panic!("no report before the ack: {seen:?}"));
     (ack.json["status"].as_str().unwrap_or("").into(), reported)
 }
 
@@ -348,4 +368,63 @@ fn a_step_deployed_under_an_alias_is_reported_under_the_handlers_first_update_ty
         json!({"otabox-test/hostile:1": "hostile-0"}),
         "{reported}"
     );
+}
+
+/// Fills the file handler's directory with `n` files, so that its
+/// inventory makes every report about `n` × 120 bytes long.
+fn many_files(n: usize) -> impl FnOnce(&Path) {
+    move |root: &Path| {
+        let files = root.join("files");
+        std::fs::create_dir_all(&files).expect("files");
+        for i in 0..n {
+            std::fs::write(files.join(format!("extra-{i:04}.conf")), i.to_string()).expect("file");
+        }
+    }
+}
+
+/// Reports the broker saw up to the job's ack, each within `max` bytes.
+fn assert_reports_within(seen: &[Message], max: usize) {
+    for m in seen {
+        let size = m.json.to_string().len();
+        assert!(size <= max, "a report of {size} bytes reached the cloud");
+    }
+}
+
+#[test]
+fn reports_are_trimmed_to_the_configured_limit_before_they_leave() {
+    let mut rig = Rig::start_with(
+        100,
+        "max_packet_size 6000\n",
+        "max_report_bytes = 5000",
+        many_files(200),
+    );
+    let seen = rig.deploy("limited", b"small\n", |_| {});
+    let (status, reported) = outcome(&seen);
+    assert_eq!(status, "SUCCESS", "{}", rig.agent.log());
+    assert_reports_within(&seen, 5000);
+    assert!(
+        reported["inventoryOmitted"].as_u64().unwrap_or(0) > 0,
+        "{reported}"
+    );
+    assert_eq!(installed_criteria(&reported), json!("app-limited"));
+    let log = rig.agent.log();
+    assert!(!log.contains("connection lost"), "{log}");
+}
+
+#[test]
+fn a_report_the_broker_refuses_is_trimmed_and_later_reports_still_flow() {
+    // The broker drops any packet over 6000 bytes; the agent's limit is
+    // the default 64 KiB, so its reports (an inventory of 200 files) are
+    // refused until it trims them.
+    let mut rig = Rig::start_with(100, "max_packet_size 6000\n", "", many_files(200));
+    let seen = rig.deploy("refused", b"first\n", |_| {});
+    let (status, _) = outcome(&seen);
+    assert_eq!(status, "SUCCESS", "{}", rig.agent.log());
+    let seen = rig.deploy("next", b"second\n", |_| {});
+    assert_eq!(outcome(&seen).0, "SUCCESS", "{}", rig.agent.log());
+    let log = rig.agent.log();
+    assert!(log.contains("sending it trimmed"), "{log}");
+    let losses = log.matches("connection lost").count();
+    assert!(losses <= 8, "{losses} reconnects:\n{log}");
+    assert!(log.contains("reports are limited to"), "{log}");
 }

@@ -153,6 +153,9 @@ pub struct ReportedState {
     /// Inventory per update type: item name → version.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inventory: BTreeMap<String, BTreeMap<String, String>>,
+    /// Inventory items left out to keep the report within its size limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_omitted: Option<u64>,
     /// The last result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_result: Option<LastResult>,
@@ -162,6 +165,100 @@ pub struct ReportedState {
     /// The last delta rejected, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rejected: Option<Rejection>,
+}
+
+/// Messages in a report that had to be trimmed are cut to this many bytes.
+const TRIMMED_MESSAGE: usize = 256;
+
+impl ReportedState {
+    /// The report document (`{"state": {"reported": {"deployment": …}}}`)
+    /// within `max` bytes, by construction: when the whole state does not
+    /// fit, messages are cut, then inventory items are left out (counted
+    /// in `inventoryOmitted`), then per-step results, and at last only the
+    /// agent and the last result's outcome remain.
+    pub fn bounded_payload(&self, max: usize) -> String {
+        let fits = |state: &ReportedState| {
+            let text = state.payload();
+            (text.len() <= max).then_some(text)
+        };
+        if let Some(text) = fits(self) {
+            return text;
+        }
+        let mut state = self.clone();
+        state.cut_messages();
+        if let Some(text) = fits(&state) {
+            return text;
+        }
+        let mut keep = state
+            .inventory
+            .values()
+            .map(BTreeMap::len)
+            .max()
+            .unwrap_or(0);
+        while keep > 0 {
+            keep /= 2;
+            let trimmed = state.with_inventory_cut_to(keep);
+            if let Some(text) = fits(&trimmed) {
+                return text;
+            }
+        }
+        state = state.with_inventory_cut_to(0);
+        if let Some(result) = &mut state.last_result {
+            result.steps.clear();
+        }
+        if let Some(text) = fits(&state) {
+            return text;
+        }
+        state.minimal().payload()
+    }
+
+    fn payload(&self) -> String {
+        serde_json::json!({"state": {"reported": {"deployment": self}}}).to_string()
+    }
+
+    fn cut_messages(&mut self) {
+        let cut = |text: &mut String| *text = super::bounded_text(text, TRIMMED_MESSAGE);
+        if let Some(result) = &mut self.last_result {
+            cut(&mut result.message);
+            result.steps.iter_mut().for_each(|s| cut(&mut s.message));
+        }
+        if let Some(rejected) = &mut self.last_rejected {
+            cut(&mut rejected.reason);
+        }
+    }
+
+    /// A copy listing at most `keep` inventory items per update type.
+    fn with_inventory_cut_to(&self, keep: usize) -> ReportedState {
+        let mut state = self.clone();
+        let mut omitted = self.inventory_omitted.unwrap_or(0);
+        for items in state.inventory.values_mut() {
+            while items.len() > keep {
+                items.pop_last();
+                omitted += 1;
+            }
+        }
+        state.inventory.retain(|_, items| !items.is_empty());
+        state.inventory_omitted = (omitted > 0).then_some(omitted);
+        state
+    }
+
+    /// Only what the cloud must know: the agent, the job and its outcome.
+    fn minimal(&self) -> ReportedState {
+        ReportedState {
+            agent: self.agent.clone(),
+            job_id: self.job_id.clone(),
+            installed: BTreeMap::new(),
+            inventory: BTreeMap::new(),
+            inventory_omitted: None,
+            last_result: self.last_result.as_ref().map(|r| LastResult {
+                message: super::bounded_text(&r.message, 64),
+                steps: Vec::new(),
+                ..r.clone()
+            }),
+            progress: None,
+            last_rejected: None,
+        }
+    }
 }
 
 /// A delta the device refused: which one (as far as it parsed) and why.
@@ -194,6 +291,67 @@ pub struct Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn huge_state() -> ReportedState {
+        let step = StepOutcome {
+            update_type: "otabox/file:1".into(),
+            result: "failed in install".into(),
+            result_code: 7,
+            extended_code: 1,
+            message: "m".repeat(100_000),
+            installed_criteria: None,
+        };
+        ReportedState {
+            agent: AgentInfo {
+                state: AgentState::Idle,
+                version: "0.1.0".into(),
+            },
+            job_id: Some("j".into()),
+            installed: BTreeMap::from([("otabox/file:1".into(), "app-1".into())]),
+            inventory: BTreeMap::from([(
+                "otabox/apt:1".into(),
+                (0..5000)
+                    .map(|i| (format!("package-{i:05}"), "1.0.0-1".to_string()))
+                    .collect(),
+            )]),
+            inventory_omitted: None,
+            last_result: Some(LastResult {
+                job_id: "j".into(),
+                status: AckStatus::Failure,
+                result: JobResult::Failed,
+                result_code: 7,
+                extended_code: 1,
+                message: "x".repeat(2 << 20),
+                steps: vec![step; 64],
+            }),
+            progress: None,
+            last_rejected: None,
+        }
+    }
+
+    #[test]
+    fn reports_fit_their_limit_and_say_what_they_left_out() {
+        let state = huge_state();
+        for max in [4096, 16 << 10, 64 << 10] {
+            let text = state.bounded_payload(max);
+            assert!(text.len() <= max, "{} > {max}", text.len());
+            let back: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let doc = &back["state"]["reported"]["deployment"];
+            assert_eq!(doc["lastResult"]["status"], "FAILURE", "{max}");
+            assert_eq!(doc["lastResult"]["resultCode"], 7);
+        }
+        let text = state.bounded_payload(64 << 10);
+        let back: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let doc = &back["state"]["reported"]["deployment"];
+        let kept = doc["inventory"]["otabox/apt:1"]
+            .as_object()
+            .map_or(0, |o| o.len()) as u64;
+        assert!(kept > 0, "some inventory kept at 64 KiB");
+        assert_eq!(doc["inventoryOmitted"].as_u64(), Some(5000 - kept));
+        assert!(doc["lastResult"]["message"].as_str().unwrap_or("").len() <= TRIMMED_MESSAGE);
+        let small = huge_state().minimal();
+        assert!(small.payload().len() < 1024);
+    }
 
     #[test]
     fn ack_matches_the_seed_format() {
