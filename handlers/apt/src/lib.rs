@@ -70,13 +70,34 @@ impl Job {
         Apt::new(&self.config)
     }
 
-    /// The `apt-get install` arguments, in the listed order.
+    /// The `apt-get install` arguments, in the listed order, as the
+    /// manifest spells them (for the plan).
     fn targets(&self) -> Vec<String> {
         self.manifest
             .packages
             .iter()
             .map(PackageAction::apt_argument)
             .collect()
+    }
+
+    /// The same with each pinned version spelled as the repositories spell
+    /// an equal version (`1.0.8` asked, `1.0.8-0` published, or the
+    /// reverse): apt pins by exact text. Reads the indexes `update` fetched.
+    fn apt_targets(&self, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
+        let pinned: Vec<&str> = self
+            .manifest
+            .packages
+            .iter()
+            .filter(|p| matches!(p, PackageAction::Install { version: Some(_), .. }))
+            .map(PackageAction::name)
+            .collect();
+        let offered = apt.available(&pinned)?;
+        Ok(self
+            .manifest
+            .packages
+            .iter()
+            .map(|p| p.apt_argument_in(&offered))
+            .collect())
     }
 }
 
@@ -154,7 +175,7 @@ impl Handler for AptHandler {
             if cancel_requested() {
                 return Ok(Outcome::Cancelled);
             }
-            apt.download(&job.targets(), &job.manifest.packages)?;
+            apt.download(&job.apt_targets(&apt)?, &job.manifest.packages)?;
             progress(Phase::Download, 2, 2);
             Ok(Outcome::Success)
         })
@@ -162,7 +183,8 @@ impl Handler for AptHandler {
 
     fn backup(step: &Step) -> Outcome {
         phase(step, |job| {
-            let changes = job.apt().simulate(&job.targets())?.map_err(|out| {
+            let apt = job.apt();
+            let changes = apt.simulate(&job.apt_targets(&apt)?)?.map_err(|out| {
                 status::apt_failure(
                     status::INSTALL_FAILED,
                     "apt-get cannot plan the install",
@@ -180,7 +202,7 @@ impl Handler for AptHandler {
     fn install(step: &Step) -> Outcome {
         phase(step, |job| {
             let apt = job.apt();
-            let out = apt.install(&job.targets())?;
+            let out = apt.install(&job.apt_targets(&apt)?)?;
             if out.success() {
                 return Ok(Outcome::Success);
             }
