@@ -249,13 +249,15 @@ async fn a_pin_without_its_dependency_pin_names_the_dependency() {
         ),
         "{message}"
     );
-    let advice = r#"add {"name":"aziot-identity-service","version":"1.4.1"} to the manifest's packages"#;
+    let advice =
+        r#"add {"name":"aziot-identity-service","version":"1.4.1"} to the manifest's packages"#;
     assert!(message.contains(advice), "{message}");
     assert!(!message.contains("(= 1.4.1) in the manifest"), "{message}");
     assert_eq!(r.sys.snapshot(), before);
 
-    let entry: Value = serde_json::from_str(r#"{"name":"aziot-identity-service","version":"1.4.1"}"#)
-        .expect("the advised entry is JSON");
+    let entry: Value =
+        serde_json::from_str(r#"{"name":"aziot-identity-service","version":"1.4.1"}"#)
+            .expect("the advised entry is JSON");
     packages.as_array_mut().expect("list").insert(0, entry);
     installed(&r.run("j2", manifest("edge", "1", packages)).await);
     assert_eq!(

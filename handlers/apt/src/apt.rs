@@ -106,7 +106,10 @@ impl<'a> Apt<'a> {
             return Ok(BTreeMap::new());
         }
         let out = self
-            .apt_program(APT_CACHE, ["madison"].into_iter().chain(names.iter().copied()))
+            .apt_program(
+                APT_CACHE,
+                ["madison"].into_iter().chain(names.iter().copied()),
+            )
             .run()
             .map_err(|e| host_failure(APT_CACHE, e))?;
         if !out.success() {
@@ -241,7 +244,8 @@ pub fn parse_madison(stdout: &str) -> BTreeMap<String, Vec<String>> {
     let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in stdout.lines() {
         let mut fields = line.split('|').map(str::trim);
-        let (Some(name), Some(version), Some(source)) = (fields.next(), fields.next(), fields.next())
+        let (Some(name), Some(version), Some(source)) =
+            (fields.next(), fields.next(), fields.next())
         else {
             continue;
         };

@@ -88,7 +88,15 @@ impl Job {
             .manifest
             .packages
             .iter()
-            .filter(|p| matches!(p, PackageAction::Install { version: Some(_), .. }))
+            .filter(|p| {
+                matches!(
+                    p,
+                    PackageAction::Install {
+                        version: Some(_),
+                        ..
+                    }
+                )
+            })
             .map(PackageAction::name)
             .collect();
         let offered = apt.available(&pinned)?;

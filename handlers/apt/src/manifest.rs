@@ -229,7 +229,11 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
         .collect();
-        let args: Vec<String> = m.packages.iter().map(|p| p.apt_argument_in(&offered)).collect();
+        let args: Vec<String> = m
+            .packages
+            .iter()
+            .map(|p| p.apt_argument_in(&offered))
+            .collect();
         assert_eq!(args, ["a1=1.0.8-0", "b1=2.0", "c1=3", "d1", "e1-"]);
     }
 

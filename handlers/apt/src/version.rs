@@ -224,8 +224,16 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(spelling_in(&v("1.0.8"), &offered), Some("1.0.8-0"));
-        assert_eq!(spelling_in(&v("1.0.9-0"), &offered), Some("1.0.9-0"), "exact first");
-        assert_eq!(spelling_in(&v("1:2.05"), &offered), None, "revision 0 is not 1");
+        assert_eq!(
+            spelling_in(&v("1.0.9-0"), &offered),
+            Some("1.0.9-0"),
+            "exact first"
+        );
+        assert_eq!(
+            spelling_in(&v("1:2.05"), &offered),
+            None,
+            "revision 0 is not 1"
+        );
         assert_eq!(spelling_in(&v("1:2.05-1"), &offered), Some("1:2.5-1"));
         assert_eq!(spelling_in(&v("1.0.8-1"), &offered), None);
         assert_eq!(spelling_in(&v("1.0.8"), &[]), None);
