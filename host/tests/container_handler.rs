@@ -854,8 +854,8 @@ fn env_values_never_reach_the_agents_log_when_create_fails() {
         reports.iter().any(|r| r.contains("cannot create app")),
         "the create failed: {reports:?}"
     );
-    assert!(log.contains("--env-file=/dev/stdin"), "{log}");
     assert!(!log.contains(SECRET), "the env value is in the log:\n{log}");
+    assert!(log.contains("--env-file=/dev/stdin"), "{log}");
     for report in &reports {
         assert!(!report.contains(SECRET), "{report}");
     }
