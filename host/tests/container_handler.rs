@@ -439,7 +439,9 @@ async fn podman_deploys_from_a_registry_signed_by_a_custom_ca() {
     let sensor = r.publish("sensor:1.0", "sensor 1.0");
     r.engine
         .publish(&r.image("app:2.0"), "app 2.0 broken", r#"["/bin/false"]"#);
-    let modules = |app: &str| json!({"sensor": r.module("sensor:1.0"), "app": r.module(app)});
+    let mut sensor_module = r.module("sensor:1.0");
+    sensor_module["env"] = json!({"MODE": "podman = env"});
+    let modules = |app: &str| json!({"sensor": sensor_module, "app": r.module(app)});
 
     // The registry's CA unknown to the device: a clear refusal, nothing run.
     let request = StepRequest {
@@ -473,6 +475,17 @@ async fn podman_deploys_from_a_registry_signed_by_a_custom_ca() {
     assert_eq!(r.engine.state("app"), "running");
     assert_eq!(r.engine.digest_of("app"), app_10);
     assert_eq!(r.engine.digest_of("sensor"), sensor);
+    let env = r.engine.ok(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        "sensor",
+    ]);
+    assert!(
+        env.contains("MODE=podman = env"),
+        "the env file reached podman: {env}"
+    );
     let sensor_id = r.engine.container_id("sensor").expect("sensor");
     installed(&r.deploy("d2", "2", modules("app:1.1")).await);
     assert_eq!(r.engine.container_id("sensor"), Some(sensor_id.clone()));
@@ -494,44 +507,85 @@ async fn podman_deploys_from_a_registry_signed_by_a_custom_ca() {
     assert_eq!(inventory_of(&r.handler).await.len(), 2);
 }
 
+/// A device for the agent tests: an isolated dockerd, a registry with
+/// `app:1.0` (a long sleep), a broker and a `device.toml` for device `id`
+/// granting the container handler.
+struct AgentDevice {
+    cloud: common::services::TestClient,
+    engine: Engine,
+    _registry: Registry,
+    _broker: common::services::Mosquitto,
+    config: PathBuf,
+    /// `app:1.0` in the registry, and its digest.
+    image: String,
+    digest: String,
+    /// Dropped last, once the services are stopped.
+    _dir: tempfile::TempDir,
+}
+
+impl AgentDevice {
+    fn start(id: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let engine = Engine::dockerd(&root.join("engine"));
+        let registry = Registry::start(&root.join("registry"));
+        let image = format!("{}/app:1.0", registry.address);
+        let digest = engine.publish(&image, "app 1.0", r#"["/bin/sleep","3600"]"#);
+        let broker = common::services::Mosquitto::start(&root.join("broker"));
+        common::copy_built_handler(&root, "container");
+        let config = root.join("device.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[device]\nid = \"{id}\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
+                 [mqtt]\nport = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n\
+                 [handlers.container]\nconfig = {{ host = \"{}\", insecure_registries = [\"{}\"], start_timeout_ms = 10000 }}\n",
+                broker.port,
+                engine.handler_config()["host"].as_str().unwrap_or_default(),
+                registry.address
+            ),
+        )
+        .expect("device.toml");
+        let topic = format!("state/{id}/update");
+        let cloud = common::services::TestClient::connect(broker.port, "cloud", &[&topic]);
+        Self {
+            cloud,
+            engine,
+            _registry: registry,
+            _broker: broker,
+            config,
+            image,
+            digest,
+            _dir: dir,
+        }
+    }
+
+    /// A deployment (job `job`, version 1) of the one module `app`.
+    fn deployment(job: &str, app: Value) -> Value {
+        json!({"schema": 1, "jobId": job, "version": "1",
+            "steps": [{"updateType": "otabox/container:1", "manifest":
+                {"name": "edge", "version": "1", "modules": {"app": app}}}]})
+    }
+}
+
 /// The whole path through the agent: a deployment arrives over MQTT, the
 /// modules run, the ack says SUCCESS and the reported inventory lists the
 /// module with its tag and the digest it runs.
 #[test]
 fn a_deployment_through_the_agent_runs_the_modules_and_reports_them() {
-    use common::services::{Mosquitto, TestClient};
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(60);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let engine = Engine::dockerd(&root.join("engine"));
-    let registry = Registry::start(&root.join("registry"));
-    let image = format!("{}/app:1.0", registry.address);
-    let digest = engine.publish(&image, "app 1.0", r#"["/bin/sleep","3600"]"#);
-    let broker = Mosquitto::start(&root.join("broker"));
-    common::copy_built_handler(&root, "container");
-    let config = root.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"gw-1\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n\
-             [handlers.container]\nconfig = {{ host = \"{}\", insecure_registries = [\"{}\"], start_timeout_ms = 10000 }}\n",
-            broker.port, engine.handler_config()["host"].as_str().unwrap_or_default(), registry.address
-        ),
-    )
-    .expect("device.toml");
-    let cloud = TestClient::connect(broker.port, "cloud", &["state/gw-1/update"]);
+    let d = AgentDevice::start("gw-1");
     let (agent, seen) = common::deploy_through_agent(
-        &cloud,
-        &config,
+        &d.cloud,
+        &d.config,
         "gw-1",
         "job-edge",
-        json!({"schema": 1, "jobId": "job-edge", "version": "1",
-            "steps": [{"updateType": "otabox/container:1", "manifest":
-                {"name": "edge", "version": "1", "modules": {"app": {"image": image,
-                    "createOptions": {"HostConfig": {"NetworkMode": "none"}}}}}}]}),
+        AgentDevice::deployment(
+            "job-edge",
+            json!({"image": d.image, "createOptions": {"HostConfig": {"NetworkMode": "none"}}}),
+        ),
     );
     assert_eq!(
         seen.last().expect("ack").json["status"],
@@ -539,14 +593,16 @@ fn a_deployment_through_the_agent_runs_the_modules_and_reports_them() {
         "{}",
         agent.log()
     );
-    assert_eq!(engine.state("app"), "running");
+    assert_eq!(d.engine.state("app"), "running");
     let inventory = "/state/reported/deployment/inventory/otabox~1container:1/app";
-    let version = json!(format!("1.0@{digest}"));
+    let version = json!(format!("1.0@{}", d.digest));
     if !seen
         .iter()
         .any(|m| m.json.pointer(inventory) == Some(&version))
     {
-        let found = cloud.wait_for_or(WAIT, |m| m.json.pointer(inventory) == Some(&version));
+        let found = d
+            .cloud
+            .wait_for_or(WAIT, |m| m.json.pointer(inventory) == Some(&version));
         assert!(
             found.is_some(),
             "no inventory with app 1.0\n{}",
@@ -809,43 +865,18 @@ async fn host_reaching_options_need_the_devices_consent() {
 /// written) and the reports hold none of them.
 #[test]
 fn env_values_never_reach_the_agents_log_when_create_fails() {
-    use common::services::{Mosquitto, TestClient};
-
     const SECRET: &str = "tok-9f3a-never-logged";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let engine = Engine::dockerd(&root.join("engine"));
-    let registry = Registry::start(&root.join("registry"));
-    let image = format!("{}/app:1.0", registry.address);
-    engine.publish(&image, "app 1.0", r#"["/bin/sleep","3600"]"#);
-    let broker = Mosquitto::start(&root.join("broker"));
-    common::copy_built_handler(&root, "container");
-    let config = root.join("device.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"gw-2\"\n[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n\
-             [mqtt]\nport = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n\
-             [handlers.container]\nconfig = {{ host = \"{}\", insecure_registries = [\"{}\"] }}\n",
-            broker.port,
-            engine.handler_config()["host"].as_str().unwrap_or_default(),
-            registry.address
-        ),
-    )
-    .expect("device.toml");
-    let cloud = TestClient::connect(broker.port, "cloud", &["state/gw-2/update"]);
-    let module = json!({"image": image, "env": {"API_TOKEN": SECRET, "PLAIN": "1"},
+    let d = AgentDevice::start("gw-2");
+    let module = json!({"image": d.image, "env": {"API_TOKEN": SECRET, "PLAIN": "1"},
         "createOptions": {"HostConfig": {"NetworkMode": "none",
             "Ulimits": [{"Name": "bogus", "Soft": 1, "Hard": 1}]}}});
     let (agent, seen) = common::deploy_through_agent_with(
-        &cloud,
-        &config,
+        &d.cloud,
+        &d.config,
         &[("OTABOX_LOG", "debug")],
         "gw-2",
         "job-secret",
-        json!({"schema": 1, "jobId": "job-secret", "version": "1",
-            "steps": [{"updateType": "otabox/container:1", "manifest":
-                {"name": "edge", "version": "1", "modules": {"app": module}}}]}),
+        AgentDevice::deployment("job-secret", module),
     );
     let log = agent.log();
     assert_eq!(seen.last().expect("ack").json["status"], "FAILURE", "{log}");

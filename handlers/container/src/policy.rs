@@ -111,7 +111,7 @@ fn host_path(
     key: &str,
 ) -> Result<(), String> {
     match normal_path(path) {
-        Some(p) if allowed.iter().any(|a| *a == p) => Ok(()),
+        Some(p) if allowed.contains(&p) => Ok(()),
         Some(_) => Err(refused(field, value, "mounts a host path", key)),
         None => Err(format!(
             "{field} {value:?}: {path:?} is neither a volume name nor an absolute host path \
