@@ -2,9 +2,13 @@
 //! container modules ([`manifest`]), driven through the engine's CLI
 //! ([`engine`]).
 //!
-//! - `validate` resolves every tag to a digest in its registry (no pull)
-//!   and keeps the result in a checkpoint, so a retry or a resumed job
-//!   installs exactly the same images; an unknown image or tag fails here,
+//! - `validate` refuses create options that reach the host without the
+//!   device's consent ([`policy`]) and module names held by containers it
+//!   does not manage; resolves every tag to a digest in its registry (no
+//!   pull) and keeps the pins in a checkpoint by module name and image
+//!   reference, so a retry or a resumed job installs exactly the same
+//!   images while a changed reference is resolved again; refuses create
+//!   commands over the host's limits. An unknown image or tag fails here,
 //!   before anything is stopped; a release-candidate tag is refused unless
 //!   the deployment allows it.
 //! - `is-installed`: every module's container carries exactly the resolved
@@ -15,7 +19,8 @@
 //! - `install` leaves unchanged modules alone; a changed module's container
 //!   is stopped and kept as `<name>.otabox-old`, a new one created; modules
 //!   no longer listed are stopped and kept the same way. Only containers
-//!   labelled `otabox.managed=true` are ever touched.
+//!   labelled `otabox.managed=true` are ever touched. A module's env
+//!   reaches the engine on standard input, never as an argument.
 //! - `apply` starts the new containers and waits for running (and healthy,
 //!   when the image has a health check); `commit` removes the kept ones;
 //!   `rollback` puts them back and starts them as they were.
