@@ -165,32 +165,106 @@ async fn a_version_not_in_the_repository_fails_clearly_and_changes_nothing() {
         "{message}"
     );
     assert!(
-        message.contains("version 7.7 of tool is not in any configured repository"),
+        message.starts_with(
+            "version not available: version 7.7 of tool is not in any configured repository"
+        ),
         "{message}"
     );
     assert_eq!(r.sys.snapshot(), before, "dpkg and apt history unchanged");
     assert_eq!(r.sys.version_of("tool").as_deref(), Some("0.9"));
 }
 
+/// `1.0.8` equals `1.0.8-0` when installing too: the manifest's version
+/// is resolved to the repository's spelling of an equal version, both
+/// ways (and through leading zeros and an explicit `0:` epoch); a version
+/// that is only close is still not available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_equal_version_spelled_otherwise_installs_the_repository_one() {
+    let r = rig_with(&[
+        deb("thermocontrol", "1.0.1"),
+        deb("thermocontrol", "1.0.2"),
+        deb("tempreport", "2.0.0-0"),
+        deb("tempreport", "2.1.0-0"),
+        deb("sensor", "1:2.5-1"),
+    ])
+    .await;
+    let m = manifest(
+        "contoso",
+        "1",
+        json!([
+            {"name": "thermocontrol", "version": "1.0.1-0"},
+            {"name": "tempreport", "version": "0:2.0.0"},
+            {"name": "sensor", "version": "1:2.05-1"}
+        ]),
+    );
+    let report = r.run("j1", m.clone()).await;
+    assert_eq!(installed(&report), "contoso-1");
+    assert_eq!(r.sys.version_of("thermocontrol").as_deref(), Some("1.0.1"));
+    assert_eq!(r.sys.version_of("tempreport").as_deref(), Some("2.0.0-0"));
+    assert_eq!(r.sys.version_of("sensor").as_deref(), Some("1:2.5-1"));
+    assert_eq!(
+        r.run("j2", m).await.result,
+        StepResult::AlreadyInstalled {
+            criteria: "contoso-1".into()
+        }
+    );
+
+    let close = manifest(
+        "contoso",
+        "2",
+        json!([{"name": "thermocontrol", "version": "1.0.1-1"}]),
+    );
+    let before = r.sys.snapshot();
+    let report = r.run("j3", close).await;
+    let (phase, code, message, _) = failed(&report);
+    assert_eq!((phase, code), ("download", 33), "{message}");
+    assert!(
+        message.contains("version 1.0.1-1 of thermocontrol is not in any configured repository"),
+        "{message}"
+    );
+    assert_eq!(r.sys.snapshot(), before);
+}
+
+/// The seed documents' pin trap: `aziot-edge=1.4.1-1` alone, while a newer
+/// `aziot-identity-service` exists. The failure is headlined by its cause
+/// and advises the manifest entry to add, which the parser takes and which
+/// then installs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_without_its_dependency_pin_names_the_dependency() {
-    let r = rig().await;
+    let r = rig_with(&[
+        deb("aziot-identity-service", "1.4.1"),
+        deb("aziot-identity-service", "1.4.2"),
+        deb("aziot-edge", "1.4.1-1").depends("aziot-identity-service (= 1.4.1)"),
+    ])
+    .await;
     let before = r.sys.snapshot();
-    let report = r
-        .run(
-            "j1",
-            manifest("edge", "1", json!([{"name": "foo", "version": "1.0.1"}])),
-        )
-        .await;
+    let mut packages = json!([{"name": "aziot-edge", "version": "1.4.1-1"}]);
+    let report = r.run("j1", manifest("edge", "1", packages.clone())).await;
     let (phase, code, message, _) = failed(&report);
     assert_eq!((phase, code), ("download", 32), "{message}");
-    for part in [
-        "foo depends on libfoo (= 1.0.1) but 1.0.2 is to be installed",
-        "list libfoo (= 1.0.1) in the manifest with explicit versions",
-    ] {
-        assert!(message.contains(part), "{part:?} in {message}");
-    }
+    assert!(
+        message.starts_with(
+            "unmet dependency: aziot-edge depends on aziot-identity-service (= 1.4.1) \
+             but 1.4.2 is to be installed"
+        ),
+        "{message}"
+    );
+    let advice =
+        r#"add {"name":"aziot-identity-service","version":"1.4.1"} to the manifest's packages"#;
+    assert!(message.contains(advice), "{message}");
+    assert!(!message.contains("(= 1.4.1) in the manifest"), "{message}");
     assert_eq!(r.sys.snapshot(), before);
+
+    let entry: Value =
+        serde_json::from_str(r#"{"name":"aziot-identity-service","version":"1.4.1"}"#)
+            .expect("the advised entry is JSON");
+    packages.as_array_mut().expect("list").insert(0, entry);
+    installed(&r.run("j2", manifest("edge", "1", packages)).await);
+    assert_eq!(
+        r.sys.version_of("aziot-identity-service").as_deref(),
+        Some("1.4.1")
+    );
+    assert_eq!(r.sys.version_of("aziot-edge").as_deref(), Some("1.4.1-1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

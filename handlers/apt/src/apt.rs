@@ -14,6 +14,8 @@ use crate::status;
 pub const APT_GET: &str = "/usr/bin/apt-get";
 /// See [`APT_GET`].
 pub const DPKG_QUERY: &str = "/usr/bin/dpkg-query";
+/// See [`APT_GET`].
+pub const APT_CACHE: &str = "/usr/bin/apt-cache";
 
 /// Options of every install: downgrades allowed, existing configuration
 /// files kept without asking.
@@ -75,14 +77,50 @@ impl<'a> Apt<'a> {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let mut cmd = Command::new(APT_GET)
+        self.apt_program(APT_GET, args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+            .map_err(|e| host_failure(APT_GET, e))
+    }
+
+    /// `program` (apt-get or apt-cache) with the root's options before
+    /// `args` and the configured `APT_CONFIG`.
+    fn apt_program<I, S>(&self, program: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let cmd = Command::new(program)
             .args(self.config.apt_options())
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        if let Some(file) = &self.config.apt_config {
-            cmd = cmd.env("APT_CONFIG", file.clone());
+            .args(args);
+        match &self.config.apt_config {
+            Some(file) => cmd.env("APT_CONFIG", file.clone()),
+            None => cmd,
         }
-        cmd.run().map_err(|e| host_failure(APT_GET, e))
+    }
+
+    /// Every version of `names` the configured repositories offer, as they
+    /// spell them (`apt-cache madison`, from the indexes `update` fetched).
+    pub fn available(&self, names: &[&str]) -> Result<BTreeMap<String, Vec<String>>, Status> {
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let out = self
+            .apt_program(
+                APT_CACHE,
+                ["madison"].into_iter().chain(names.iter().copied()),
+            )
+            .run()
+            .map_err(|e| host_failure(APT_CACHE, e))?;
+        if !out.success() {
+            return Err(status::apt_failure(
+                status::QUERY_FAILED,
+                "apt-cache cannot list the available versions",
+                &out,
+                &[],
+            ));
+        }
+        Ok(parse_madison(&out.stdout()))
     }
 
     /// `apt-get update`; any failure to fetch or verify an index fails.
@@ -200,6 +238,28 @@ pub fn parse_query(stdout: &str) -> BTreeMap<String, Installed> {
         .collect()
 }
 
+/// Parses `apt-cache madison` lines (`name | version | source Packages`)
+/// into name → versions; source-package lines are left out.
+pub fn parse_madison(stdout: &str) -> BTreeMap<String, Vec<String>> {
+    let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in stdout.lines() {
+        let mut fields = line.split('|').map(str::trim);
+        let (Some(name), Some(version), Some(source)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if name.is_empty() || version.is_empty() || source.ends_with("Sources") {
+            continue;
+        }
+        let versions = found.entry(name.to_string()).or_default();
+        if !versions.iter().any(|v| v == version) {
+            versions.push(version.to_string());
+        }
+    }
+    found
+}
+
 /// The exit code as an extended-code value (signals as 0xFFFFF).
 pub fn exit_value(out: &Output) -> u32 {
     out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF)
@@ -231,6 +291,18 @@ mod tests {
         assert_eq!(parsed["bad"].describe(), "iF (half-configured)");
         assert_eq!(parsed["old"].describe(), "rc (config-files)");
         assert_eq!(parsed.len(), 3);
+    }
+
+    #[test]
+    fn madison_lines_give_every_spelling() {
+        let out = "  thermo |   1.0.1 | http://127.0.0.1:8080 ./ Packages\n\
+                   \x20 thermo | 1.0.2-0 | http://127.0.0.1:8080 ./ Packages\n\
+                   \x20 thermo |   1.0.1 | http://mirror ./ Packages\n\
+                   \x20 thermo |   1.0.1 | http://mirror ./ Sources\n\
+                   N: Unable to locate package nopkg\n";
+        let parsed = parse_madison(out);
+        assert_eq!(parsed.len(), 1, "{parsed:?}");
+        assert_eq!(parsed["thermo"], ["1.0.1", "1.0.2-0"]);
     }
 
     #[test]

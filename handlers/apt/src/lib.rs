@@ -51,6 +51,8 @@ pub const DEVICE_UPDATE_TYPE: &str = "microsoft/apt:1";
 
 /// Checkpoint key: the changes `backup` expects the install to make.
 const BACKUP_KEY: &str = "backup.changes";
+/// Checkpoint key: the `apt-get install` targets `download` spelled.
+const TARGETS_KEY: &str = "install.targets";
 
 /// A step's parsed manifest and config.
 struct Job {
@@ -70,13 +72,55 @@ impl Job {
         Apt::new(&self.config)
     }
 
-    /// The `apt-get install` arguments, in the listed order.
+    /// The `apt-get install` arguments, in the listed order, as the
+    /// manifest spells them (for the plan).
     fn targets(&self) -> Vec<String> {
         self.manifest
             .packages
             .iter()
             .map(PackageAction::apt_argument)
             .collect()
+    }
+
+    /// The targets `download` spelled (see [`Job::spell_targets`]), kept
+    /// so backup and install use the same ones; spelled again when none
+    /// were kept.
+    fn apt_targets(&self, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
+        let kept: Option<Vec<String>> =
+            checkpoint::get_json(TARGETS_KEY).map_err(checkpoint_failure)?;
+        match kept {
+            Some(targets) => Ok(targets),
+            None => self.spell_targets(apt),
+        }
+    }
+
+    /// The targets with each pinned version spelled as the repositories
+    /// spell an equal version (`1.0.8` asked, `1.0.8-0` published, or the
+    /// reverse): apt pins by exact text. Reads the indexes `update`
+    /// fetched; runs nothing when no version is pinned.
+    fn spell_targets(&self, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
+        let pinned: Vec<&str> = self
+            .manifest
+            .packages
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p,
+                    PackageAction::Install {
+                        version: Some(_),
+                        ..
+                    }
+                )
+            })
+            .map(PackageAction::name)
+            .collect();
+        let offered = apt.available(&pinned)?;
+        Ok(self
+            .manifest
+            .packages
+            .iter()
+            .map(|p| p.apt_argument_in(&offered))
+            .collect())
     }
 }
 
@@ -154,7 +198,9 @@ impl Handler for AptHandler {
             if cancel_requested() {
                 return Ok(Outcome::Cancelled);
             }
-            apt.download(&job.targets(), &job.manifest.packages)?;
+            let targets = job.spell_targets(&apt)?;
+            checkpoint::set_json(TARGETS_KEY, &targets).map_err(checkpoint_failure)?;
+            apt.download(&targets, &job.manifest.packages)?;
             progress(Phase::Download, 2, 2);
             Ok(Outcome::Success)
         })
@@ -162,7 +208,8 @@ impl Handler for AptHandler {
 
     fn backup(step: &Step) -> Outcome {
         phase(step, |job| {
-            let changes = job.apt().simulate(&job.targets())?.map_err(|out| {
+            let apt = job.apt();
+            let changes = apt.simulate(&job.apt_targets(&apt)?)?.map_err(|out| {
                 status::apt_failure(
                     status::INSTALL_FAILED,
                     "apt-get cannot plan the install",
@@ -171,8 +218,7 @@ impl Handler for AptHandler {
                 )
             })?;
             info!("the install changes {}", describe_changes(&changes));
-            checkpoint::set_json(BACKUP_KEY, &changes)
-                .map_err(|e| Status::new(status::RECORD_FAILED, format!("checkpoint: {e}")))?;
+            checkpoint::set_json(BACKUP_KEY, &changes).map_err(checkpoint_failure)?;
             Ok(Outcome::Success)
         })
     }
@@ -180,7 +226,7 @@ impl Handler for AptHandler {
     fn install(step: &Step) -> Outcome {
         phase(step, |job| {
             let apt = job.apt();
-            let out = apt.install(&job.targets())?;
+            let out = apt.install(&job.apt_targets(&apt)?)?;
             if out.success() {
                 return Ok(Outcome::Success);
             }
@@ -233,6 +279,7 @@ impl Handler for AptHandler {
                 .save(dir)
                 .map_err(|e| Status::new(status::RECORD_FAILED, e))?;
             let _ = checkpoint::remove(BACKUP_KEY);
+            let _ = checkpoint::remove(TARGETS_KEY);
             Ok(Outcome::Success)
         })
     }
@@ -267,6 +314,11 @@ impl Handler for AptHandler {
 }
 
 export_handler!(AptHandler);
+
+/// A checkpoint the host could not read or write.
+fn checkpoint_failure(e: HostError) -> Status {
+    Status::new(status::RECORD_FAILED, format!("checkpoint: {e}"))
+}
 
 /// Runs a phase on the parsed step, turning errors into `failed`.
 fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
@@ -315,7 +367,7 @@ fn same_version(installed: &str, want: &Version) -> bool {
 
 fn rollback(job: &Job) -> Result<Outcome, Status> {
     let changes: Vec<Change> = checkpoint::get_json(BACKUP_KEY)
-        .map_err(|e| Status::new(status::RECORD_FAILED, format!("checkpoint: {e}")))?
+        .map_err(checkpoint_failure)?
         .ok_or_else(|| {
             Status::new(
                 status::NO_BACKUP,

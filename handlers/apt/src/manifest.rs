@@ -10,9 +10,11 @@
 //! available; a name ending in `-` removes the package (and may not carry a
 //! version). Installed criteria are `<name>-<version>`.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
-use crate::version::Version;
+use crate::version::{Version, spelling_in};
 
 /// The manifest as written.
 #[derive(Debug, Deserialize)]
@@ -64,6 +66,25 @@ impl PackageAction {
                 version: None,
             } => name.clone(),
             PackageAction::Remove { name } => format!("{name}-"),
+        }
+    }
+
+    /// Like [`apt_argument`](Self::apt_argument), with the version spelled
+    /// as `offered` (name → versions in the repositories) spells an equal
+    /// one; unchanged when none is equal (apt then says it is missing).
+    pub fn apt_argument_in(&self, offered: &BTreeMap<String, Vec<String>>) -> String {
+        match self {
+            PackageAction::Install {
+                name,
+                version: Some(v),
+            } => {
+                let spelled = offered
+                    .get(name)
+                    .and_then(|o| spelling_in(v, o))
+                    .map_or_else(|| v.to_string(), str::to_string);
+                format!("{name}={spelled}")
+            }
+            other => other.apt_argument(),
         }
     }
 
@@ -191,6 +212,29 @@ mod tests {
         assert_eq!(args, ["aziot-edge=1.4.2-1", "moby-engine", "old-tool-"]);
         assert_eq!(m.installed_criteria(), "contoso-edge-1.0.0");
         assert!(!m.agent_restart_required);
+    }
+
+    #[test]
+    fn pins_take_the_repository_spelling_of_an_equal_version() {
+        let m = AptManifest::parse(
+            r#"{"name":"m","version":"1","packages":[{"name":"a1","version":"1.0.8"},
+                {"name":"b1","version":"2.0-0"},{"name":"c1","version":"3"},{"name":"d1"},{"name":"e1-"}]}"#,
+        )
+        .expect("valid");
+        let offered: BTreeMap<String, Vec<String>> = [
+            ("a1", vec!["1.0.8-0"]),
+            ("b1", vec!["1.9", "2.0"]),
+            ("c1", vec!["3-1"]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+        .collect();
+        let args: Vec<String> = m
+            .packages
+            .iter()
+            .map(|p| p.apt_argument_in(&offered))
+            .collect();
+        assert_eq!(args, ["a1=1.0.8-0", "b1=2.0", "c1=3", "d1", "e1-"]);
     }
 
     #[test]

@@ -48,47 +48,30 @@ pub const NO_BACKUP: u32 = 45;
 /// Most bytes of apt's output kept in a report detail.
 const OUTPUT_DETAIL: usize = 1000;
 
-/// A failure of an apt-get run, explained from its output. `manifest` is
-/// the step's package list, used to name the dependencies the manifest
-/// should pin.
+/// A failure of an apt-get run, explained from its output. An unmet
+/// dependency or a missing version or package is headlined by that cause,
+/// with `headline` (what failed) after it; other failures start with
+/// `headline`. `manifest` is the step's package list, used to name the
+/// dependencies the manifest should pin.
 pub fn apt_failure(code: u32, headline: &str, out: &Output, manifest: &[PackageAction]) -> Status {
     let (stdout, stderr) = (out.stdout(), out.stderr());
     let said = diagnose::messages(&stderr).join("; ");
     let (code, message, extra) = match diagnose::diagnose(&stdout, &stderr) {
-        Problem::UnmetDependencies(unmet) => {
-            let relations: Vec<String> = unmet
-                .iter()
-                .map(|u| format!("{} depends on {}", u.package, u.relation))
-                .collect();
-            let missing = missing_pins(&unmet, manifest);
-            let advice = if missing.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ". apt does not carry a package's `=` version over to its dependencies: \
-                     list {} in the manifest with explicit versions",
-                    missing.join(", ")
-                )
-            };
-            (
-                DEPENDENCIES,
-                format!(
-                    "{headline}: unmet dependencies: {}{advice}",
-                    relations.join("; ")
-                ),
-                vec![("missing-pins".to_string(), missing.join(", "))],
-            )
-        }
+        Problem::UnmetDependencies(unmet) => unmet_dependencies(&unmet, headline, manifest),
         Problem::VersionNotFound { package, version } => (
             NOT_AVAILABLE,
             format!(
-                "{headline}: version {version} of {package} is not in any configured repository"
+                "version not available: version {version} of {package} is not in any \
+                 configured repository ({headline})"
             ),
             vec![("package".to_string(), package)],
         ),
         Problem::UnknownPackage(package) => (
             NOT_AVAILABLE,
-            format!("{headline}: package {package} is not in any configured repository"),
+            format!(
+                "package not available: package {package} is not in any configured \
+                 repository ({headline})"
+            ),
             vec![("package".to_string(), package)],
         ),
         Problem::PackageScripts(failures) => {
@@ -125,8 +108,44 @@ pub fn apt_failure(code: u32, headline: &str, out: &Output, manifest: &[PackageA
     status.detail("apt-output", output_tail(&stdout, &stderr))
 }
 
-/// The dependencies apt could not satisfy that the manifest does not pin:
-/// `name (= version)` when the dependent asks for an exact version.
+/// The code, message and details of unmet dependencies: each relation,
+/// then the manifest entries that would pin the dependencies apt did not
+/// carry a pin over to.
+fn unmet_dependencies(
+    unmet: &[diagnose::Unmet],
+    headline: &str,
+    manifest: &[PackageAction],
+) -> (u32, String, Vec<(String, String)>) {
+    let relations: Vec<String> = unmet
+        .iter()
+        .map(|u| format!("{} depends on {}", u.package, u.relation))
+        .collect();
+    let missing = missing_pins(unmet, manifest);
+    let advice = if missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ". apt does not carry a package's `=` version over to its dependencies: \
+             add {} to the manifest's packages",
+            missing.join(", ")
+        )
+    };
+    let cause = if unmet.len() == 1 {
+        "unmet dependency"
+    } else {
+        "unmet dependencies"
+    };
+    (
+        DEPENDENCIES,
+        format!("{cause}: {} ({headline}){advice}", relations.join("; ")),
+        vec![("missing-pins".to_string(), missing.join(", "))],
+    )
+}
+
+/// The dependencies apt could not satisfy that the manifest does not pin,
+/// each as the manifest entry that would list it:
+/// `{"name":"libfoo","version":"1.0.1"}` when the dependent asks for an
+/// exact version, `{"name":"libfoo"}` otherwise.
 fn missing_pins(unmet: &[diagnose::Unmet], manifest: &[PackageAction]) -> Vec<String> {
     let pinned = |name: &str| {
         manifest
@@ -139,12 +158,13 @@ fn missing_pins(unmet: &[diagnose::Unmet], manifest: &[PackageAction]) -> Vec<St
         if pinned(dep) {
             continue;
         }
-        let named = match u.pinned_version() {
-            Some(v) => format!("{dep} (= {v})"),
-            None => dep.to_string(),
+        let entry = match u.pinned_version() {
+            Some(v) => serde_json::json!({"name": dep, "version": v}),
+            None => serde_json::json!({"name": dep}),
         };
-        if !missing.contains(&named) {
-            missing.push(named);
+        let entry = entry.to_string();
+        if !missing.contains(&entry) {
+            missing.push(entry);
         }
     }
     missing
@@ -184,7 +204,10 @@ mod tests {
                 relation: "bar (= 2) but 3 is to be installed".into(),
             },
         ];
-        assert_eq!(missing_pins(&unmet, &m.packages), ["libfoo (= 1.0.1)"]);
+        assert_eq!(
+            missing_pins(&unmet, &m.packages),
+            [r#"{"name":"libfoo","version":"1.0.1"}"#]
+        );
     }
 
     #[test]

@@ -91,6 +91,22 @@ impl Version {
     }
 }
 
+/// The spelling among `offered` of a version equal to `want` (Debian
+/// comparison): `want`'s own text when offered, else the first equal one.
+/// apt pins by exact text, so `foo=1.0.8` misses a published `1.0.8-0`.
+pub fn spelling_in<'a>(want: &Version, offered: &'a [String]) -> Option<&'a str> {
+    let text = want.to_string();
+    offered
+        .iter()
+        .find(|o| **o == text)
+        .or_else(|| {
+            offered
+                .iter()
+                .find(|o| Version::parse(o).is_ok_and(|v| v == *want))
+        })
+        .map(String::as_str)
+}
+
 impl PartialEq for Version {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
@@ -199,6 +215,28 @@ mod tests {
         assert_eq!(v("1.0.8"), v("1.0.8-0"));
         assert_eq!(v("1.0.8").canonical(), "1.0.8-0");
         assert_eq!(v("2:1.0").canonical(), "2:1.0-0");
+    }
+
+    #[test]
+    fn the_offered_spelling_of_an_equal_version_is_found() {
+        let offered: Vec<String> = ["1.0.8-0", "1.0.9", "1:2.5-1", "1.0.9-0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(spelling_in(&v("1.0.8"), &offered), Some("1.0.8-0"));
+        assert_eq!(
+            spelling_in(&v("1.0.9-0"), &offered),
+            Some("1.0.9-0"),
+            "exact first"
+        );
+        assert_eq!(
+            spelling_in(&v("1:2.05"), &offered),
+            None,
+            "revision 0 is not 1"
+        );
+        assert_eq!(spelling_in(&v("1:2.05-1"), &offered), Some("1:2.5-1"));
+        assert_eq!(spelling_in(&v("1.0.8-1"), &offered), None);
+        assert_eq!(spelling_in(&v("1.0.8"), &[]), None);
     }
 
     #[test]

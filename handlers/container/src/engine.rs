@@ -5,9 +5,29 @@ use std::collections::BTreeMap;
 
 use otabox_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::manifest::{Config, DesiredStatus, EngineKind, ImageRef, Module};
 use crate::status;
+
+/// Most arguments the host passes to a program, and most bytes in all of
+/// them (the host's process limits).
+pub const MAX_ARGS: usize = 4096;
+/// See [`MAX_ARGS`].
+pub const MAX_ARG_BYTES: usize = 1 << 20;
+/// Most env entries of a module, and most bytes in all of them: they reach
+/// the engine as an env file on standard input, and the container's first
+/// process through `execve`, which the kernel bounds.
+pub const MAX_ENV: usize = 4096;
+/// See [`MAX_ENV`].
+pub const MAX_ENV_BYTES: usize = 1 << 20;
+/// Most bytes of one `NAME=value` (the engines read env files by lines of
+/// at most 64 KiB).
+pub const MAX_ENV_ENTRY: usize = 32 << 10;
+/// Most lines of a module's output kept in a failure message.
+const LOG_LINES: usize = 5;
+/// Most bytes of that output in the message.
+const LOG_BYTES: usize = 600;
 
 /// Label on every container this handler manages.
 pub const MANAGED: &str = "otabox.managed";
@@ -33,10 +53,60 @@ impl Resolved {
             .unwrap_or_else(|_| self.module.image.clone())
     }
 
-    /// The spec label's value.
+    /// What the container's spec label records of it.
+    pub fn spec(&self) -> Spec {
+        let module = serde_json::to_vec(&self.module).unwrap_or_default();
+        Spec {
+            image: self.module.image.clone(),
+            digest: self.digest.clone(),
+            module: hex(&Sha256::digest(&module)),
+        }
+    }
+}
+
+/// A managed container's spec label: the image as deployed, its digest and
+/// a hash of the whole module (options and env), so a changed module is
+/// recreated — without the env values, which must not travel as an engine
+/// argument (arguments reach logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The image reference as the deployment gave it.
+    pub image: String,
+    /// The digest it was pinned to.
+    pub digest: String,
+    /// sha256 (hex) of the module's JSON.
+    pub module: String,
+}
+
+impl Spec {
+    /// The label's value.
     pub fn label(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// Reads a label: this format, or the whole resolved module that
+    /// earlier versions of the handler wrote.
+    pub fn from_label(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok().or_else(|| {
+            serde_json::from_str::<Resolved>(text)
+                .ok()
+                .map(|r| r.spec())
+        })
+    }
+
+    /// How the inventory reports the version: `tag@digest` (the tag alone
+    /// cannot tell which image a rolling tag runs), or the digest when the
+    /// deployment gave none.
+    pub fn version(&self) -> String {
+        match ImageRef::parse(&self.image).ok().and_then(|r| r.tag) {
+            Some(tag) => format!("{tag}@{}", self.digest),
+            None => self.digest.clone(),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A container as the engine reports it.
@@ -50,14 +120,18 @@ pub struct Container {
     pub health: Option<String>,
     /// How often the engine restarted it.
     pub restarts: u64,
+    /// The exit code of its last run.
+    pub exit_code: i64,
+    /// Whether it carries the handler's `otabox.managed=true` label.
+    pub managed: bool,
     /// Its spec label, when managed.
-    pub spec: Option<Resolved>,
+    pub spec: Option<Spec>,
 }
 
 impl Container {
-    /// Whether it is in the state `module` asks for.
+    /// Whether it was created for `want` and is in the state it asks for.
     pub fn matches(&self, want: &Resolved) -> bool {
-        self.spec.as_ref() == Some(want)
+        self.spec.as_ref() == Some(&want.spec())
             && match want.module.status {
                 DesiredStatus::Running => self.state == "running",
                 DesiredStatus::Stopped => self.state != "running",
@@ -83,6 +157,8 @@ struct InspectState {
     status: String,
     #[serde(rename = "Health", default)]
     health: Option<InspectHealth>,
+    #[serde(rename = "ExitCode", default)]
+    exit_code: i64,
 }
 
 #[derive(Deserialize)]
@@ -174,13 +250,7 @@ impl<'a> Engine<'a> {
         if out.success() {
             return Ok(out.stdout());
         }
-        Err(
-            Status::new(code, format!("cannot {what}: {}", out.stderr().trim())).extended(
-                Facility::ContainerEngine,
-                0,
-                out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
-            ),
-        )
+        Err(engine_failure(code, what, &out))
     }
 
     /// Logs in to every configured registry (the password on stdin).
@@ -298,23 +368,36 @@ impl<'a> Engine<'a> {
 
     /// Every container this handler manages (replaced ones included).
     pub fn managed(&self) -> Result<Vec<Container>, Status> {
-        let names = self.run(
-            [
-                "ps",
-                "-a",
-                "--filter",
-                &format!("label={MANAGED}=true"),
-                "--format",
-                "{{.Names}}",
-            ],
-            "list containers",
-            status::ENGINE,
-        )?;
-        names
-            .lines()
-            .filter(|n| !n.trim().is_empty())
-            .filter_map(|n| self.inspect(n.trim()).transpose())
+        self.names(true)?
+            .iter()
+            .filter_map(|n| self.inspect(n).transpose())
             .collect()
+    }
+
+    /// The names of every container, or of the managed ones only.
+    fn names(&self, managed_only: bool) -> Result<Vec<String>, Status> {
+        let mut args = vec!["ps".to_string(), "-a".into()];
+        if managed_only {
+            args.extend(["--filter".to_string(), format!("label={MANAGED}=true")]);
+        }
+        args.extend(["--format".to_string(), "{{.Names}}".into()]);
+        let names = self.run(args, "list containers", status::ENGINE)?;
+        Ok(names
+            .lines()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The names of the containers this handler does not manage.
+    pub fn unmanaged_names(&self) -> Result<Vec<String>, Status> {
+        let managed = self.names(true)?;
+        Ok(self
+            .names(false)?
+            .into_iter()
+            .filter(|n| !managed.contains(n))
+            .collect())
     }
 
     /// The container `name`, if it exists.
@@ -334,18 +417,28 @@ impl<'a> Engine<'a> {
             state: raw.state.status,
             health: raw.state.health.map(|h| h.status).filter(|h| !h.is_empty()),
             restarts: raw.restart_count,
-            spec: labels.get(SPEC).and_then(|s| serde_json::from_str(s).ok()),
+            exit_code: raw.state.exit_code,
+            managed: labels.get(MANAGED).is_some_and(|v| v == "true"),
+            spec: labels.get(SPEC).and_then(|s| Spec::from_label(s)),
         }))
     }
 
-    /// Creates (does not start) the container of module `name`.
+    /// Creates (does not start) the container of module `name`; its env
+    /// goes to the engine as an env file on standard input, never as an
+    /// argument.
     pub fn create(&self, name: &str, want: &Resolved) -> Result<(), Status> {
-        self.run(
-            create_args(name, want),
-            &format!("create {name}"),
-            status::CREATE_FAILED,
-        )
-        .map(|_| ())
+        let what = format!("create {name}");
+        let mut cmd = self.command(create_args(name, want));
+        if let Some(file) = env_file(&want.module) {
+            cmd = cmd.stdin(file.into_bytes());
+        }
+        let out = cmd
+            .run()
+            .map_err(|e| Status::new(status::CREATE_FAILED, format!("cannot {what}: {e}")))?;
+        if out.success() {
+            return Ok(());
+        }
+        Err(engine_failure(status::CREATE_FAILED, &what, &out))
     }
 
     /// Starts `name`.
@@ -391,12 +484,40 @@ impl<'a> Engine<'a> {
         .map(|_| ())
     }
 
-    /// The last lines `name` printed.
+    /// The last lines `name` printed (standard output, then standard
+    /// error), control characters escaped, at most [`LOG_BYTES`] of them.
     pub fn logs(&self, name: &str) -> String {
-        self.command(["logs", "--tail", "5", name])
+        let tail = LOG_LINES.to_string();
+        let said = self
+            .command(["logs", "--tail", tail.as_str(), name])
             .run()
-            .map(|o| format!("{}{}", o.stdout(), o.stderr()).trim().to_string())
-            .unwrap_or_default()
+            .map(|o| format!("{}\n{}", o.stdout(), o.stderr()))
+            .unwrap_or_default();
+        last_lines(&said)
+    }
+}
+
+/// A failed engine run: the engine's message, facility 5, its exit code.
+fn engine_failure(code: u32, what: &str, out: &otabox_sdk::Output) -> Status {
+    Status::new(code, format!("cannot {what}: {}", out.stderr().trim())).extended(
+        Facility::ContainerEngine,
+        0,
+        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
+    )
+}
+
+/// The last [`LOG_LINES`] non-empty lines of `text` joined with ` | `,
+/// control characters escaped, cut to the last [`LOG_BYTES`] bytes.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().escape_debug().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let joined = lines[lines.len().saturating_sub(LOG_LINES)..].join(" | ");
+    match joined.char_indices().rev().nth(LOG_BYTES) {
+        Some((cut, _)) => format!("…{}", &joined[cut..]),
+        None => joined,
     }
 }
 
@@ -422,53 +543,129 @@ fn skopeo_message(stderr: &str) -> String {
         .unwrap_or_else(|| stderr.trim().to_string())
 }
 
-/// The `create` arguments for module `name`.
+/// The `create` arguments for module `name`, each option as one
+/// `--flag=value` argument (a value can never be read as another option).
+/// The env is not among them: see [`env_file`].
 pub fn create_args(name: &str, want: &Resolved) -> Vec<String> {
     let m = &want.module;
     let mut args = vec![
         "create".to_string(),
-        "--name".into(),
-        name.into(),
-        "--label".into(),
-        format!("{MANAGED}=true"),
-        "--label".into(),
-        format!("{SPEC}={}", want.label()),
-        "--restart".into(),
-        m.restart_policy.engine_name().into(),
+        format!("--name={name}"),
+        format!("--label={MANAGED}=true"),
+        format!("--label={SPEC}={}", want.spec().label()),
+        format!("--restart={}", m.restart_policy.engine_name()),
     ];
-    for (k, v) in &m.env {
-        args.extend(["-e".to_string(), format!("{k}={v}")]);
+    if !m.env.is_empty() {
+        args.push("--env-file=/dev/stdin".into());
     }
     let o = &m.create_options;
     if let Some(h) = &o.host_config {
-        if let Some(net) = &h.network_mode {
-            args.extend(["--network".to_string(), net.clone()]);
-        }
-        for bind in &h.binds {
-            args.extend(["-v".to_string(), bind.clone()]);
-        }
-        for u in &h.ulimits {
-            args.extend([
-                "--ulimit".to_string(),
-                format!("{}={}:{}", u.name, u.soft, u.hard),
-            ]);
-        }
+        args.extend(host_args(h));
     }
     if let Some(dir) = &o.working_dir {
-        args.extend(["-w".to_string(), dir.clone()]);
+        args.push(format!("--workdir={dir}"));
     }
     if let Some(user) = &o.user {
-        args.extend(["-u".to_string(), user.clone()]);
+        args.push(format!("--user={user}"));
     }
     let mut command: Vec<String> = Vec::new();
     if let Some((program, rest)) = o.entrypoint.as_ref().and_then(|e| e.split_first()) {
-        args.extend(["--entrypoint".to_string(), program.clone()]);
+        args.push(format!("--entrypoint={program}"));
         command.extend(rest.iter().cloned());
     }
     args.push(want.pinned());
     command.extend(o.cmd.iter().flatten().cloned());
     args.extend(command);
     args
+}
+
+/// The engine options of `HostConfig` (checked by [`crate::policy`]).
+fn host_args(h: &crate::manifest::HostConfig) -> Vec<String> {
+    let mut args = Vec::new();
+    for (flag, mode) in [
+        ("network", &h.network_mode),
+        ("pid", &h.pid_mode),
+        ("ipc", &h.ipc_mode),
+    ] {
+        if let Some(mode) = mode {
+            args.push(format!("--{flag}={mode}"));
+        }
+    }
+    args.extend(h.binds.iter().map(|b| format!("--volume={b}")));
+    for mount in &h.mounts {
+        let mut spec = format!("type={}", mount.kind);
+        if let Some(source) = &mount.source {
+            spec.push_str(&format!(",source={source}"));
+        }
+        spec.push_str(&format!(",target={}", mount.target));
+        if mount.read_only {
+            spec.push_str(",readonly");
+        }
+        args.push(format!("--mount={spec}"));
+    }
+    if h.privileged {
+        args.push("--privileged".into());
+    }
+    args.extend(h.cap_add.iter().map(|c| format!("--cap-add={c}")));
+    for d in &h.devices {
+        let inside = d.path_in_container.as_deref().unwrap_or(&d.path_on_host);
+        let permissions = d.cgroup_permissions.as_deref().unwrap_or("rwm");
+        args.push(format!(
+            "--device={}:{inside}:{permissions}",
+            d.path_on_host
+        ));
+    }
+    for u in &h.ulimits {
+        args.push(format!("--ulimit={}={}:{}", u.name, u.soft, u.hard));
+    }
+    args
+}
+
+/// The module's env as an env file (`NAME=value` lines), fed to `create`
+/// on standard input; none without env.
+pub fn env_file(module: &Module) -> Option<String> {
+    (!module.env.is_empty()).then(|| {
+        module
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect()
+    })
+}
+
+/// Whether module `name`'s container can be created within the host's
+/// process limits and the handler's env limits; found at validate, before
+/// anything is stopped.
+pub fn check_limits(name: &str, want: &Resolved) -> Result<(), String> {
+    let args = create_args(name, want);
+    let arg_bytes: usize = args.iter().map(String::len).sum();
+    // The engine's global options and credentials come on top.
+    if args.len() + 16 > MAX_ARGS || arg_bytes + 4096 > MAX_ARG_BYTES {
+        return Err(format!(
+            "its create command has {} arguments of {arg_bytes} bytes; the host runs at most \
+             {MAX_ARGS} arguments of {MAX_ARG_BYTES} bytes",
+            args.len()
+        ));
+    }
+    let env = &want.module.env;
+    let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len() + 1).sum();
+    if env.len() > MAX_ENV || env_bytes > MAX_ENV_BYTES {
+        return Err(format!(
+            "it has {} env entries of {env_bytes} bytes; at most {MAX_ENV} entries of \
+             {MAX_ENV_BYTES} bytes are allowed",
+            env.len()
+        ));
+    }
+    if let Some((key, value)) = env
+        .iter()
+        .find(|(k, v)| k.len() + v.len() + 1 > MAX_ENV_ENTRY)
+    {
+        return Err(format!(
+            "env {key} is {} bytes; one entry may have at most {MAX_ENV_ENTRY}",
+            key.len() + value.len() + 1
+        ));
+    }
+    Ok(())
 }
 
 /// The digest in `manifest inspect -v` output: one descriptor, or the
@@ -502,26 +699,122 @@ mod tests {
     use super::*;
     use crate::manifest::Deployment;
 
+    fn resolved(json: &str, module: &str) -> Resolved {
+        let d = Deployment::parse(json).expect("valid");
+        Resolved {
+            module: d.modules[module].clone(),
+            digest: format!("sha256:{}", "b".repeat(64)),
+        }
+    }
+
     #[test]
-    fn create_arguments_pin_the_digest_and_label_the_spec() {
-        let d = Deployment::parse(
-            r#"{"name":"rt","version":"1","modules":{"temp":{"image":"r/temp:1.0","env":{"A":"1"},
+    fn create_arguments_pin_the_digest_and_label_the_spec_without_env_values() {
+        let want = resolved(
+            r#"{"name":"rt","version":"1","modules":{"temp":{"image":"r/temp:1.0","env":{"A":"1","TOKEN":"s3cret"},
                 "restartPolicy":"on-failure",
                 "createOptions":{"Entrypoint":["/bin/sh","-c"],"Cmd":["sleep 9"],"HostConfig":{"NetworkMode":"none"}}}}}"#,
-        )
-        .expect("valid");
-        let want = Resolved {
-            module: d.modules["temp"].clone(),
-            digest: format!("sha256:{}", "b".repeat(64)),
-        };
-        let args = create_args("temp", &want).join(" ");
+            "temp",
+        );
+        let args = create_args("temp", &want);
+        let joined = args.join(" ");
         for part in [
-            "create --name temp --label otabox.managed=true",
-            "--restart on-failure -e A=1 --network none --entrypoint /bin/sh",
+            "create --name=temp --label=otabox.managed=true",
+            "--restart=on-failure --env-file=/dev/stdin --network=none --entrypoint=/bin/sh",
             &format!("r/temp@sha256:{} -c sleep 9", "b".repeat(64)),
         ] {
-            assert!(args.contains(part), "{part:?} in {args}");
+            assert!(joined.contains(part), "{part:?} in {joined}");
         }
+        assert!(!joined.contains("s3cret"), "{joined}");
+        assert_eq!(
+            env_file(&want.module).as_deref(),
+            Some("A=1\nTOKEN=s3cret\n")
+        );
+        let label = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--label=otabox.spec="))
+            .expect("spec label");
+        let spec = Spec::from_label(label).expect("label reads back");
+        assert_eq!(spec, want.spec());
+        assert_eq!(spec.version(), format!("1.0@sha256:{}", "b".repeat(64)));
+    }
+
+    #[test]
+    fn a_changed_env_value_changes_the_spec_and_old_labels_still_read() {
+        let json = |v: &str| {
+            format!(
+                r#"{{"name":"rt","version":"1","modules":{{"a":{{"image":"r/a:1","env":{{"K":"{v}"}}}}}}}}"#
+            )
+        };
+        let (one, two) = (resolved(&json("1"), "a"), resolved(&json("2"), "a"));
+        assert_ne!(one.spec(), two.spec());
+        let legacy = serde_json::to_string(&one).expect("legacy label");
+        assert_eq!(Spec::from_label(&legacy), Some(one.spec()));
+        assert_eq!(Spec::from_label("{oops"), None);
+    }
+
+    #[test]
+    fn host_options_become_single_arguments() {
+        let want = resolved(
+            r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1","createOptions":{"HostConfig":{
+                "Binds":["/srv/edge:/data:ro"],"Mounts":[{"Type":"tmpfs","Target":"/t","ReadOnly":true}],
+                "PidMode":"host","IpcMode":"private","Privileged":true,"CapAdd":["NET_ADMIN"],
+                "Devices":[{"PathOnHost":"/dev/ttyUSB0","PathInContainer":"/dev/tty0"}]}}}}}"#,
+            "a",
+        );
+        let args = create_args("a", &want);
+        for part in [
+            "--volume=/srv/edge:/data:ro",
+            "--mount=type=tmpfs,target=/t,readonly",
+            "--pid=host",
+            "--ipc=private",
+            "--privileged",
+            "--cap-add=NET_ADMIN",
+            "--device=/dev/ttyUSB0:/dev/tty0:rwm",
+        ] {
+            assert!(args.iter().any(|a| a == part), "{part:?} in {args:?}");
+        }
+    }
+
+    #[test]
+    fn limits_are_known_before_the_engine_runs() {
+        let with_env = |n: usize, len: usize| {
+            let env: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| (format!("V{i}"), serde_json::Value::String("x".repeat(len))))
+                .collect();
+            let json = serde_json::json!({"name": "rt", "version": "1",
+                "modules": {"a": {"image": "r/a:1", "env": env}}});
+            resolved(&json.to_string(), "a")
+        };
+        check_limits("a", &with_env(100, 10)).expect("small");
+        let err = check_limits("a", &with_env(10_000, 1)).expect_err("many");
+        assert!(err.contains("10000 env entries"), "{err}");
+        let err = check_limits("a", &with_env(1, 40_000)).expect_err("long");
+        assert!(err.contains("env V0 is 40003 bytes"), "{err}");
+        let cmd: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+        let json = serde_json::json!({"name": "rt", "version": "1",
+            "modules": {"a": {"image": "r/a:1", "createOptions": {"Cmd": cmd}}}});
+        let err = check_limits("a", &resolved(&json.to_string(), "a")).expect_err("args");
+        assert!(
+            err.contains("the host runs at most 4096 arguments"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_last_lines_are_escaped_and_bounded() {
+        assert_eq!(last_lines("a\n\nb\x1b[31m\n"), "a | b\\u{1b}[31m");
+        assert_eq!(last_lines("\n"), "");
+        let many: String = (0..9).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(
+            last_lines(&many),
+            "line 4 | line 5 | line 6 | line 7 | line 8"
+        );
+        let long = last_lines(&"y".repeat(5000));
+        assert!(
+            long.len() <= LOG_BYTES + 4 && long.starts_with('…'),
+            "{}",
+            long.len()
+        );
     }
 
     #[test]
@@ -550,19 +843,15 @@ mod tests {
 
     #[test]
     fn ulimits_become_engine_options() {
-        let d = Deployment::parse(
+        let want = resolved(
             r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1",
                 "createOptions":{"HostConfig":{"Ulimits":[{"Name":"nofile","Soft":1024,"Hard":2048}]}}}}}"#,
-        )
-        .expect("valid");
-        let want = Resolved {
-            module: d.modules["a"].clone(),
-            digest: format!("sha256:{}", "c".repeat(64)),
-        };
+            "a",
+        );
         assert!(
             create_args("a", &want)
-                .join(" ")
-                .contains("--ulimit nofile=1024:2048")
+                .iter()
+                .any(|a| a == "--ulimit=nofile=1024:2048")
         );
     }
 

@@ -2,9 +2,13 @@
 //! container modules ([`manifest`]), driven through the engine's CLI
 //! ([`engine`]).
 //!
-//! - `validate` resolves every tag to a digest in its registry (no pull)
-//!   and keeps the result in a checkpoint, so a retry or a resumed job
-//!   installs exactly the same images; an unknown image or tag fails here,
+//! - `validate` refuses create options that reach the host without the
+//!   device's consent ([`policy`]) and module names held by containers it
+//!   does not manage; resolves every tag to a digest in its registry (no
+//!   pull) and keeps the pins in a checkpoint by module name and image
+//!   reference, so a retry or a resumed job installs exactly the same
+//!   images while a changed reference is resolved again; refuses create
+//!   commands over the host's limits. An unknown image or tag fails here,
 //!   before anything is stopped; a release-candidate tag is refused unless
 //!   the deployment allows it.
 //! - `is-installed`: every module's container carries exactly the resolved
@@ -15,13 +19,15 @@
 //! - `install` leaves unchanged modules alone; a changed module's container
 //!   is stopped and kept as `<name>.otabox-old`, a new one created; modules
 //!   no longer listed are stopped and kept the same way. Only containers
-//!   labelled `otabox.managed=true` are ever touched.
+//!   labelled `otabox.managed=true` are ever touched. A module's env
+//!   reaches the engine on standard input, never as an argument.
 //! - `apply` starts the new containers and waits for running (and healthy,
 //!   when the image has a health check); `commit` removes the kept ones;
 //!   `rollback` puts them back and starts them as they were.
 
 pub mod engine;
 pub mod manifest;
+pub mod policy;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -37,8 +43,18 @@ use crate::manifest::{Config, Deployment, DesiredStatus, ImageRef};
 /// The handler's update type.
 pub const UPDATE_TYPE: &str = "otabox/container:1";
 
-const RESOLVED_KEY: &str = "resolved";
+/// Checkpoint key of the pins: module name → image reference and digest.
+const RESOLVED_KEY: &str = "resolved-images";
 const CHANGES_KEY: &str = "changes";
+
+/// The digest a module's image reference resolved to in this step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Pin {
+    /// The reference as the manifest gave it.
+    image: String,
+    /// What it resolved to.
+    digest: String,
+}
 
 /// What `install` changed, for `apply`, `commit` and `rollback`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -66,47 +82,85 @@ impl Job {
         Engine::new(&self.config)
     }
 
-    /// Module name → pinned spec: from the checkpoint when this step
-    /// resolved them already, else from the registries (and remembered).
+    /// Module name → pinned spec. A module whose image reference this step
+    /// resolved already (same name, same reference) keeps that digest, so
+    /// a retry installs exactly the same images; any other is resolved in
+    /// its registry, and the pins are remembered.
     fn resolved(&self) -> Result<BTreeMap<String, Resolved>, Status> {
-        let saved: Option<BTreeMap<String, String>> = checkpoint::get_json(RESOLVED_KEY)
-            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+        let saved: BTreeMap<String, Pin> = checkpoint::get_json(RESOLVED_KEY)
+            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
+            .unwrap_or_default();
         let engine = self.engine();
-        if saved.is_none() {
-            engine.login_all()?;
-        }
-        let mut digests = BTreeMap::new();
+        let mut pins = BTreeMap::new();
+        let mut logged_in = false;
         for (name, module) in self.deployment.all() {
-            let digest = match saved.as_ref().and_then(|s| s.get(name)) {
-                Some(d) => d.clone(),
+            let pin = match saved.get(name).filter(|p| p.image == module.image) {
+                Some(pin) => pin.clone(),
                 None => {
-                    let image = ImageRef::parse(&module.image).map_err(|e| Status::new(10, e))?;
-                    engine.resolve(&image, &module.image).map_err(|s| Status {
-                        message: format!("module {name}: {}", s.message),
-                        ..s
-                    })?
+                    if !logged_in {
+                        engine.login_all()?;
+                        logged_in = true;
+                    }
+                    resolve(&engine, name, &module.image)?
                 }
             };
-            digests.insert(name.clone(), digest);
+            pins.insert(name.clone(), pin);
         }
-        if saved.is_none() {
-            checkpoint::set_json(RESOLVED_KEY, &digests)
+        if pins != saved {
+            checkpoint::set_json(RESOLVED_KEY, &pins)
                 .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
         }
         Ok(self
             .deployment
             .all()
             .map(|(name, module)| {
-                (
-                    name.clone(),
-                    Resolved {
-                        module: module.clone(),
-                        digest: digests[name].clone(),
-                    },
-                )
+                let digest = pins[name].digest.clone();
+                let module = module.clone();
+                (name.clone(), Resolved { module, digest })
             })
             .collect())
     }
+
+    /// Refuses a create option that reaches the host without the device's
+    /// consent.
+    fn check_policy(&self) -> Result<(), Status> {
+        policy::check(&self.deployment, &self.config.allow)
+            .map_err(|e| Status::new(status::REFUSED, e))
+    }
+}
+
+/// Module `name`'s `image` pinned to the digest its registry has for it.
+fn resolve(engine: &Engine<'_>, name: &str, image: &str) -> Result<Pin, Status> {
+    let parsed = ImageRef::parse(image).map_err(|e| Status::new(10, e))?;
+    let digest = engine.resolve(&parsed, image).map_err(|s| Status {
+        message: format!("module {name}: {}", s.message),
+        ..s
+    })?;
+    Ok(Pin {
+        image: image.to_string(),
+        digest,
+    })
+}
+
+/// Refuses module names held by containers the handler does not manage
+/// (the module's own name, or the name its replaced container is kept
+/// under), which install would otherwise fail on or remove.
+fn check_names(engine: &Engine<'_>, deployment: &Deployment) -> Result<(), Status> {
+    let unmanaged = engine.unmanaged_names()?;
+    for (name, _) in deployment.all() {
+        let kept = format!("{name}{OLD}");
+        if let Some(taken) = unmanaged.iter().find(|n| **n == *name || **n == kept) {
+            return Err(Status::new(
+                status::NAME_TAKEN,
+                format!(
+                    "module {name}: a container named {taken} exists that otabox does not \
+                     manage; rename or remove it, or rename the module"
+                ),
+            )
+            .detail("module", name.clone()));
+        }
+    }
+    Ok(())
 }
 
 struct ContainerHandler;
@@ -118,7 +172,15 @@ impl Handler for ContainerHandler {
 
     fn validate(step: &Step) -> Result<Plan, Status> {
         let job = Job::of(step)?;
+        job.check_policy()?;
+        check_names(&job.engine(), &job.deployment)?;
         let resolved = job.resolved()?;
+        for (name, want) in &resolved {
+            engine::check_limits(name, want).map_err(|e| {
+                Status::new(status::TOO_LARGE, format!("module {name}: {e}"))
+                    .detail("module", name.clone())
+            })?;
+        }
         let mut plan = Plan::new(job.deployment.installed_criteria());
         for (name, r) in &resolved {
             plan.details
@@ -234,16 +296,12 @@ impl Handler for ContainerHandler {
             .filter(|c| !c.name.ends_with(OLD))
             .filter_map(|c| {
                 let spec = c.spec?;
-                let tag = ImageRef::parse(&spec.module.image)
-                    .ok()?
-                    .tag
-                    .unwrap_or_default();
                 Some(InstalledItem {
                     name: c.name,
-                    version: tag,
+                    version: spec.version(),
                     update_type: UPDATE_TYPE.into(),
                     details: vec![
-                        ("image".into(), spec.module.image),
+                        ("image".into(), spec.image),
                         ("digest".into(), spec.digest),
                         ("state".into(), c.state),
                     ],
@@ -285,6 +343,7 @@ fn keep_old(engine: &Engine<'_>, c: &Container, changes: &mut Changes) -> Result
 }
 
 fn install(job: &Job) -> Result<Outcome, Status> {
+    job.check_policy()?;
     let engine = job.engine();
     let resolved = job.resolved()?;
     let mut changes = load_changes()?;
@@ -292,7 +351,7 @@ fn install(job: &Job) -> Result<Outcome, Status> {
     for (name, want) in &resolved {
         let current = managed.iter().find(|c| &c.name == name);
         if let Some(c) = current {
-            if c.spec.as_ref() == Some(want) && c.matches(want) {
+            if c.matches(want) {
                 info!("module {name} is unchanged");
                 continue;
             }
@@ -354,21 +413,37 @@ fn wait_until_ready(
     }
 }
 
+/// Why module `name` is not running, with its exit code and its last
+/// output (or that it printed none).
 fn not_running(engine: &Engine<'_>, name: &str, c: &Container, why: &str) -> Status {
-    Status::new(
+    let health = c
+        .health
+        .as_deref()
+        .map(|h| format!(", {h}"))
+        .unwrap_or_default();
+    let exit = if c.state == "running" {
+        String::new()
+    } else {
+        format!(", exit code {}", c.exit_code)
+    };
+    let output = engine.logs(name);
+    let said = if output.is_empty() {
+        "it printed nothing".to_string()
+    } else {
+        format!("its last output: {output}")
+    };
+    let mut status = Status::new(
         status::NOT_RUNNING,
         format!(
-            "module {name} {why} (state {}{}, {} restart(s)): {}",
-            c.state,
-            c.health
-                .as_deref()
-                .map(|h| format!(", {h}"))
-                .unwrap_or_default(),
-            c.restarts,
-            engine.logs(name)
+            "module {name} {why} (state {}{health}{exit}, {} restart(s)); {said}",
+            c.state, c.restarts
         ),
     )
-    .detail("module", name)
+    .detail("module", name);
+    if !output.is_empty() {
+        status = status.detail("last-output", output);
+    }
+    status
 }
 
 fn rollback(job: &Job) -> Result<Outcome, Status> {

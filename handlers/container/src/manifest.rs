@@ -90,23 +90,94 @@ pub struct CreateOptions {
     pub host_config: Option<HostConfig>,
 }
 
-/// The supported subset of `HostConfig`.
+/// The supported subset of `HostConfig`. The options that reach the host
+/// (host binds, host namespaces, privileges, devices) are refused unless
+/// the device config allows them ([`crate::policy`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
-    /// Bind mounts, `host:container[:ro]`.
+    /// Bind mounts and volumes, `source:container[:options]`: a host path
+    /// or a named volume as the source, or a container path alone.
     #[serde(rename = "Binds", default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<String>,
-    /// Network mode (`none`, `host`, a network name).
+    /// Mounts (`bind`, `volume` or `tmpfs`).
+    #[serde(rename = "Mounts", default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+    /// Network mode (`none`, a network name, `host`, `container:NAME`).
     #[serde(
         rename = "NetworkMode",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     pub network_mode: Option<String>,
+    /// PID namespace (`private`, `host`, `container:NAME`).
+    #[serde(rename = "PidMode", default, skip_serializing_if = "Option::is_none")]
+    pub pid_mode: Option<String>,
+    /// IPC namespace (`private`, `shareable`, `none`, `host`,
+    /// `container:NAME`).
+    #[serde(rename = "IpcMode", default, skip_serializing_if = "Option::is_none")]
+    pub ipc_mode: Option<String>,
+    /// Every capability and every device of the host.
+    #[serde(
+        rename = "Privileged",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub privileged: bool,
+    /// Capabilities added to the engine's default set (`NET_ADMIN`).
+    #[serde(rename = "CapAdd", default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Host devices made available in the container.
+    #[serde(rename = "Devices", default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceMapping>,
     /// Resource limits (`--ulimit NAME=SOFT:HARD`).
     #[serde(rename = "Ulimits", default, skip_serializing_if = "Vec::is_empty")]
     pub ulimits: Vec<Ulimit>,
+}
+
+/// One entry of `HostConfig.Mounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// `bind`, `volume` or `tmpfs`.
+    #[serde(rename = "Type")]
+    pub kind: String,
+    /// The host path (`bind`) or volume name (`volume`; none: anonymous).
+    #[serde(rename = "Source", default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The path in the container.
+    #[serde(rename = "Target")]
+    pub target: String,
+    /// Mounted read-only.
+    #[serde(
+        rename = "ReadOnly",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_only: bool,
+}
+
+/// One entry of `HostConfig.Devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMapping {
+    /// The device on the host (`/dev/ttyUSB0`).
+    #[serde(rename = "PathOnHost")]
+    pub path_on_host: String,
+    /// Where it appears in the container (default: the same path).
+    #[serde(
+        rename = "PathInContainer",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub path_in_container: Option<String>,
+    /// Access, a subset of `rwm` (default `rwm`).
+    #[serde(
+        rename = "CgroupPermissions",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cgroup_permissions: Option<String>,
 }
 
 /// One resource limit of `HostConfig.Ulimits`.
@@ -185,6 +256,7 @@ impl Deployment {
         }
         for (name, module) in d.all() {
             check_module_name(name).map_err(|e| format!("module {name:?}: {e}"))?;
+            check_env(&module.env).map_err(|e| format!("module {name:?}: {e}"))?;
             let image =
                 ImageRef::parse(&module.image).map_err(|e| format!("module {name:?}: {e}"))?;
             if image.is_release_candidate() && !d.allow_release_candidates {
@@ -219,6 +291,30 @@ fn check_module_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Environment variables as the engine's env file carries them (one
+/// `NAME=value` per line): names without `=`, whitespace or control
+/// characters, not starting with `#`; values without line breaks or NUL.
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    for (key, value) in env {
+        let bad_name = key.is_empty()
+            || key.starts_with('#')
+            || key
+                .chars()
+                .any(|c| c == '=' || c.is_whitespace() || c.is_control());
+        if bad_name {
+            return Err(format!(
+                "env {key:?} is not a variable name (no `=`, whitespace or control characters, not starting with `#`)"
+            ));
+        }
+        if value.contains(['\n', '\r', '\0']) {
+            return Err(format!(
+                "env {key}: the value holds a line break or NUL, which the engine's env file cannot carry"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An image reference split into repository and tag or digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
@@ -233,7 +329,10 @@ pub struct ImageRef {
 impl ImageRef {
     /// Parses `repo[:tag][@digest]`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if text.is_empty()
+            || text.starts_with('-')
+            || text.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(format!("{text:?} is not an image reference"));
         }
         let (name, digest) = match text.split_once('@') {
@@ -340,6 +439,56 @@ pub struct Config {
     /// The device's architecture as registries name it (`amd64`, `arm64`),
     /// to pick from multi-platform images.
     pub architecture: String,
+    /// What deployments may reach on the host; nothing by default.
+    pub allow: Allow,
+}
+
+/// The create options that reach the host which the device allows
+/// (`[handlers.container.config.allow]`). Each is refused by default: a
+/// module with a host bind, a host namespace, `Privileged`, an added
+/// capability or a device controls the host as root.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allow {
+    /// Host paths a module may bind (`Binds`, `Mounts` of type `bind`),
+    /// exactly: not the paths under them, where a module given one of them
+    /// could plant a symlink that a later bind would follow.
+    pub binds: Vec<String>,
+    /// Host devices (`Devices[].PathOnHost`) a module may use.
+    pub devices: Vec<String>,
+    /// Capabilities `CapAdd` may name (`NET_ADMIN`, without `CAP_`).
+    pub capabilities: Vec<String>,
+    /// Host namespaces a module may share: `network`, `pid`, `ipc`
+    /// (`NetworkMode`, `PidMode`, `IpcMode` = `host`).
+    pub host_namespaces: Vec<String>,
+    /// Containers whose namespaces a module may join (`container:NAME`).
+    pub join_containers: Vec<String>,
+    /// Modules that may run `Privileged`.
+    pub privileged: Vec<String>,
+}
+
+impl Allow {
+    fn check(&self) -> Result<(), String> {
+        for (key, paths) in [("binds", &self.binds), ("devices", &self.devices)] {
+            for path in paths {
+                if crate::policy::normal_path(path).as_deref() != Some(path.as_str()) {
+                    return Err(format!(
+                        "allow.{key}: {path:?} must be an absolute path without `.`, `..`, `//` or a trailing `/`"
+                    ));
+                }
+            }
+        }
+        if let Some(bad) = self
+            .host_namespaces
+            .iter()
+            .find(|n| !["network", "pid", "ipc"].contains(&n.as_str()))
+        {
+            return Err(format!(
+                "allow.host_namespaces: {bad:?} is not one of network, pid, ipc"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -355,6 +504,7 @@ impl Default for Config {
             start_timeout_ms: 30_000,
             settle_ms: 1_000,
             architecture: "amd64".into(),
+            allow: Allow::default(),
         }
     }
 }
@@ -403,6 +553,7 @@ impl Config {
 
     fn check(&self) -> Result<(), String> {
         let kind = self.engine()?;
+        self.allow.check()?;
         for (name, registry) in &self.registries {
             if registry.username.is_some() != registry.password.is_some() {
                 return Err(format!(
@@ -499,6 +650,18 @@ mod tests {
                 "module \"-a\"",
             ),
             (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"--privileged:1"}}}"#,
+                "not an image reference",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1","env":{"A=B":"1"}}}}"#,
+                "not a variable name",
+            ),
+            (
+                r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a:1","env":{"A":"1\nB=2"}}}}"#,
+                "line break",
+            ),
+            (
                 r#"{"name":"rt","version":"1","modules":{"a":{"image":"r/a"}}}"#,
                 "names no tag",
             ),
@@ -544,6 +707,16 @@ mod tests {
         )
         .expect("podman with a CA");
         assert_eq!(c.engine(), Ok(EngineKind::Podman));
+        for (json, why) in [
+            (r#"{"allow":{"binds":["data"]}}"#, "allow.binds"),
+            (r#"{"allow":{"binds":["/srv/../etc"]}}"#, "allow.binds"),
+            (r#"{"allow":{"devices":["/dev/tty0/"]}}"#, "allow.devices"),
+            (r#"{"allow":{"host_namespaces":["uts"]}}"#, "not one of"),
+            (r#"{"allow":{"everything":true}}"#, "unknown field"),
+        ] {
+            let err = Config::parse(json).expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
         let c = Config::parse(
             r#"{"credentials_dir":"/var/lib/otabox/docker","registries":{"r.example":{"username":"u","password":"hunter2"}}}"#,
         )

@@ -18,3 +18,10 @@ pub const ENGINE: u32 = 45;
 pub const RECORD: u32 = 46;
 /// A registry refused the configured login.
 pub const LOGIN_FAILED: u32 = 47;
+/// A create option reaches the host (host bind, host namespace,
+/// `Privileged`, added capability, device) and the device does not allow it.
+pub const REFUSED: u32 = 48;
+/// A module's create command or env is over a limit.
+pub const TOO_LARGE: u32 = 49;
+/// A container the handler does not manage holds a name a module needs.
+pub const NAME_TAKEN: u32 = 50;

@@ -174,8 +174,21 @@ pub fn deploy_through_agent(
     job: &str,
     deployment: serde_json::Value,
 ) -> (services::AgentProcess, Vec<services::Message>) {
+    deploy_through_agent_with(cloud, config, &[], device, job, deployment)
+}
+
+/// Like [`deploy_through_agent`], the agent started with `env` (such as
+/// `OTABOX_LOG`).
+pub fn deploy_through_agent_with(
+    cloud: &services::TestClient,
+    config: &Path,
+    env: &[(&str, &str)],
+    device: &str,
+    job: &str,
+    deployment: serde_json::Value,
+) -> (services::AgentProcess, Vec<services::Message>) {
     let wait = std::time::Duration::from_secs(60);
-    let agent = services::AgentProcess::start(config);
+    let agent = services::AgentProcess::start_with_env(config, env);
     cloud.wait_for(wait, "the agent online", |m| {
         m.json
             .pointer("/state/reported/deployment/agent/state")
