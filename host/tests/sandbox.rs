@@ -680,3 +680,345 @@ async fn a_timed_out_program_is_killed_with_its_children() {
     }
     still_serves(&h).await;
 }
+
+/// The manifest of a hostile guest that may use a lot of memory and time.
+const ROOMY: &str = concat!(
+    base_caps!(),
+    "[limits]\nmemory_mb = 512\ncall_timeout_ms = 60000\n"
+);
+
+/// A status of 8 MiB with 100,000 details, full of forged lines, comes back
+/// within the contract's bounds: a 1024-byte message cut on a character
+/// boundary with a marker, 32 details (the last counting the dropped ones),
+/// keys and values cut, every control character escaped. One of 50 MiB
+/// with a million details is more than the host copies out of a guest: the
+/// call fails with a bounded fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_status_is_cut_to_the_contracts_bounds() {
+    use otabox::runtime::bounds;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let h = hostile(&rt, dir.path(), ROOMY).await.expect("load");
+    let forged = "é\nERROR otabox: job deploy-42 SUCCESS\r\0\u{1b}[2J";
+    let outcome = act(
+        &h,
+        json!({"action": "status", "text": forged, "bytes": 8 << 20, "details": 100_000}),
+    )
+    .await
+    .expect("call");
+    let Outcome::Failed(status) = outcome else {
+        panic!("expected a failure, got {outcome:?}");
+    };
+    assert!(
+        status.message.len() <= bounds::MAX_MESSAGE,
+        "{}",
+        status.message.len()
+    );
+    assert!(status.message.ends_with(bounds::MARKER));
+    assert!(
+        status.message.starts_with("é\\nERROR otabox"),
+        "{}",
+        status.message
+    );
+    assert!(
+        !status.message.chars().any(char::is_control),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(status.details.len(), bounds::MAX_DETAILS);
+    assert_eq!(
+        status.details.last().map(|(k, v)| (k.as_str(), v.as_str())),
+        Some((bounds::DROPPED_KEY, "99969 more details"))
+    );
+    for (k, v) in &status.details {
+        assert!(k.len() <= bounds::MAX_DETAIL_KEY && v.len() <= bounds::MAX_DETAIL_VALUE);
+        assert!(
+            !format!("{k}{v}").chars().any(char::is_control),
+            "{k:?}={v:?}"
+        );
+    }
+    still_serves(&h).await;
+
+    let err = act(
+        &h,
+        json!({"action": "status", "text": forged, "bytes": 50 << 20, "details": 1_000_000}),
+    )
+    .await
+    .expect_err("more than the host copies");
+    let text = format!("{err:#}");
+    assert!(
+        text.len() < 4096 && text.contains("too much data"),
+        "{text}"
+    );
+    still_serves(&h).await;
+}
+
+/// A plan and an inventory over the bounds: installed criteria (an
+/// identity) over 1024 bytes are refused as a breach of the contract;
+/// warnings, inventory items and their texts are cut and escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_and_inventories_are_bounded() {
+    use otabox::runtime::bounds;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let mut config = toml::Table::new();
+    config.insert("items".into(), toml::Value::Integer(5000));
+    config.insert("name_bytes".into(), toml::Value::Integer(1000));
+    let grant = DeviceGrant {
+        config: Some(config),
+        ..DeviceGrant::default()
+    };
+    let h = hostile_with(&rt, dir.path(), ROOMY, &grant)
+        .await
+        .expect("load");
+    let plan = |criteria: usize, warnings: usize| {
+        step(json!({"action": "plan", "criteria_bytes": criteria, "warnings": warnings}))
+    };
+    let err = h
+        .validate(CallScope::default(), &plan(bounds::MAX_CRITERIA + 1, 0))
+        .await
+        .expect_err("criteria over the bound");
+    assert!(matches!(fault(&err), CallFault::Breach(_)), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("installed criteria is 1025 bytes"),
+        "{err:#}"
+    );
+    let ok = h
+        .validate(CallScope::default(), &plan(bounds::MAX_CRITERIA, 1000))
+        .await
+        .expect("call")
+        .expect("a plan");
+    assert_eq!(ok.installed_criteria.len(), bounds::MAX_CRITERIA);
+    assert_eq!(ok.warnings.len(), bounds::MAX_WARNINGS);
+    assert_eq!(ok.warnings[0], "warning 0\\nforged");
+    assert_eq!(
+        ok.warnings.last().map(String::as_str),
+        Some("969 more warnings dropped")
+    );
+
+    let items = inventory_of(&h).await;
+    assert_eq!(items.len(), bounds::MAX_INVENTORY_ITEMS);
+    for item in &items {
+        assert!(item.name.len() <= bounds::MAX_NAME, "{}", item.name.len());
+        assert_eq!(item.version, "1\\u{1b}[2J");
+        assert_eq!(item.details.len(), bounds::MAX_ITEM_DETAILS);
+    }
+}
+
+/// Deep recursion is reported as a stack overflow, whether the engine's
+/// call stack runs out or the shadow stack in linear memory wraps below
+/// address 0 (which faults at the top of the address space).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_overflow_reads_as_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let h = hostile(&rt, dir.path(), BASE).await.expect("load");
+    for shadow in [true, false] {
+        let err = act(&h, json!({"action": "recurse", "shadow": shadow}))
+            .await
+            .expect_err("the recursion must trap");
+        assert_eq!(
+            fault(&err),
+            &CallFault::StackOverflow,
+            "shadow {shadow}: {err:#}"
+        );
+        let text = format!("{err:#}");
+        assert!(text.contains("stack overflow"), "{text}");
+        assert!(!text.contains("memory fault"), "{text}");
+        still_serves(&h).await;
+    }
+}
+
+/// Only names that appear in the network grants are resolved. `localhost`
+/// is in /etc/hosts, so the system resolver would answer it: with a grant
+/// of `127.0.0.1:PORT` the lookup must still fail (the host never asks the
+/// resolver), while a grant naming `localhost` resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_granted_names_are_resolved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let caps = |host: &str| {
+        format!(
+            "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[network]\nhosts = [\"{host}\"]\n"
+        )
+    };
+    let by_address = hostile(&rt, dir.path(), &caps("127.0.0.1:8080"))
+        .await
+        .expect("load");
+    for name in [
+        "localhost",
+        "LOCALHOST",
+        "exfiltrated-secret.example.com",
+        "localhost.",
+    ] {
+        let text = failure(
+            act(&by_address, json!({"action": "resolve", "name": name}))
+                .await
+                .expect("a refusal is returned"),
+        );
+        assert!(!text.contains("127.0.0.1"), "{name}: {text}");
+    }
+    assert_eq!(
+        success(
+            act(
+                &by_address,
+                json!({"action": "resolve", "name": "127.0.0.1"})
+            )
+            .await
+            .expect("an address needs no lookup")
+        ),
+        "127.0.0.1"
+    );
+    let by_name = hostile(&rt, dir.path(), &caps("localhost:8080"))
+        .await
+        .expect("load");
+    for name in ["localhost", "LocalHost", "localhost."] {
+        // `localhost.` is not in /etc/hosts: it resolves only because the
+        // host asks for the grant's own spelling.
+        let resolved = success(
+            act(&by_name, json!({"action": "resolve", "name": name}))
+                .await
+                .expect("a granted name resolves"),
+        );
+        assert!(resolved.contains("127.0.0.1"), "{name}: {resolved}");
+    }
+    failure(
+        act(
+            &by_name,
+            json!({"action": "resolve", "name": "localhost.localdomain"}),
+        )
+        .await
+        .expect("a refusal is returned"),
+    );
+}
+
+/// Runs `otabox handlers run-phase --phase install` on the hostile guest
+/// with `manifest`; returns the output and the peak RSS of the children
+/// so far (KiB).
+fn run_phase_hostile(
+    dir: &std::path::Path,
+    manifest: serde_json::Value,
+) -> (std::process::Output, i64) {
+    install_handler(
+        &dir.join("handlers"),
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        ROOMY,
+    );
+    let config = dir.join("device.toml");
+    std::fs::write(
+        &config,
+        "[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["handlers", "run-phase", "--config"])
+        .arg(&config)
+        .args(["--handler", "hostile", "--phase", "install", "--manifest"])
+        .arg(manifest.to_string())
+        .env("OTABOX_LOG", "info")
+        .output()
+        .expect("run otabox");
+    // SAFETY: getrusage only fills the struct it is given.
+    let peak = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss
+    };
+    (out, peak)
+}
+
+/// `handlers run-phase` on a 50 MiB status with a million details prints a
+/// bounded result (the call fails: more than the host copies out of a
+/// guest) and stays within the guest's memory cap; one of 8 MiB with
+/// 100,000 details prints the status cut to its bounds.
+#[test]
+fn run_phase_prints_a_bounded_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let (out, peak_kib) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "status", "text": "line\nforged ", "bytes": 50 << 20, "details": 1_000_000}),
+    );
+    let printed = out.stdout.len() + out.stderr.len();
+    assert!(printed < 64 << 10, "{printed} bytes printed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too much data"));
+    eprintln!(
+        "run-phase of a 50 MiB status: {printed} bytes printed, peak RSS of the children {} MiB, {:?}",
+        peak_kib >> 10,
+        started.elapsed()
+    );
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "status", "text": "line\nforged ", "bytes": 8 << 20, "details": 100_000}),
+    );
+    assert!(
+        out.stdout.len() < 64 << 10,
+        "{} bytes printed",
+        out.stdout.len()
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let message = json["failed"]["message"].as_str().expect("message");
+    assert!(
+        message.len() <= 1024 && message.starts_with("line\\nforged"),
+        "{message}"
+    );
+    assert_eq!(
+        json["failed"]["details"].as_object().map(|d| d.len()),
+        Some(32)
+    );
+}
+
+/// A guest's log line cannot start a line of the agent's log (newline, CR,
+/// NUL and escape sequences are escaped), and a million log calls produce
+/// a bounded log with one line counting what was dropped.
+#[test]
+fn guest_logs_are_escaped_and_budgeted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let forged = "step done\nERROR otabox: job deploy-42 SUCCESS (forged line)\r\0\u{1b}[2J";
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "log", "text": forged, "times": 3}),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("step done\\nERROR otabox: job deploy-42")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("ERROR otabox")) && !log.contains('\0'),
+        "a forged line reached column 0: {log}"
+    );
+    assert!(!log.contains("\u{1b}[2J") && !log.contains('\r'), "{log:?}");
+
+    let started = Instant::now();
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "log", "text": "x".repeat(100), "times": 1_000_000}),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    assert!(
+        out.stderr.len() < 512 << 10,
+        "{} bytes of log",
+        out.stderr.len()
+    );
+    assert!(
+        log.contains("999000 log lines dropped"),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    eprintln!(
+        "10^6 guest log calls: {} bytes of log in {:?}",
+        out.stderr.len(),
+        started.elapsed()
+    );
+}

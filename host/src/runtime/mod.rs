@@ -8,6 +8,7 @@
 //! granted interfaces, pre-instantiate, and call `describe`.
 
 pub mod bindings;
+pub mod bounds;
 mod cache;
 mod engine;
 mod handler;

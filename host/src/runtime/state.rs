@@ -172,6 +172,8 @@ pub struct HostState {
     pub(crate) open_payloads: usize,
     /// The guest's captured stdout and stderr.
     pub(crate) output: [super::stdio::GuestOutput; 2],
+    /// What the guest logged in this call, against its budget.
+    pub(crate) log_budget: super::host::context::LogBudget,
 }
 
 impl WasiView for HostState {
