@@ -1022,3 +1022,205 @@ fn guest_logs_are_escaped_and_budgeted() {
         started.elapsed()
     );
 }
+
+/// Loads the device-attacking guest with a rw grant of `grant` and the
+/// device `slot` inside it.
+async fn device_attacker(
+    rt: &otabox::runtime::Runtime,
+    root: &std::path::Path,
+    grant: &std::path::Path,
+    slot: &std::path::Path,
+) -> otabox::runtime::Handler {
+    let manifest = install_handler(
+        &root.join("handlers"),
+        "hostile-devices",
+        &built_wasm("hostile-devices"),
+        "otabox-test/hostile-devices:1",
+        &format!(
+            "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[devices]]\npath = \"{}\"\n",
+            grant.display(),
+            slot.display()
+        ),
+    );
+    rt.load_handler(&manifest, None).await.expect("load")
+}
+
+/// A handler granted a rw directory and a slot file inside it replaces the
+/// slot, through WASI, with a relative link to a file outside every grant
+/// (or with another file): `info`, `hash` (the byte oracle) and
+/// `write-image` are all refused, the outside file is unchanged, and a
+/// handler loaded after the link was planted refuses the device too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_planted_where_a_device_was_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let (grant, outside) = (root.join("grant"), root.join("outside"));
+    std::fs::create_dir_all(&grant).expect("grant");
+    std::fs::create_dir_all(&outside).expect("outside");
+    let secret = outside.join("passwd");
+    let secret_bytes = b"root:x:0:0:root:/root:/bin/bash\n".repeat(256);
+    std::fs::write(&secret, &secret_bytes).expect("secret");
+    let slot = grant.join("slot.img");
+    std::fs::write(&slot, vec![0xAAu8; 8192]).expect("slot");
+    // Keeps the slot's inode allocated, so no file made later reuses its
+    // number (a reused one would be a file inside the grant: harmless,
+    // but the check could not tell).
+    std::fs::hard_link(&slot, root.join("slot-inode")).expect("hard link");
+    let image = root.join("image.bin");
+    std::fs::write(&image, vec![0x55u8; 4096]).expect("image");
+    let rt = runtime(&root);
+    let h = device_attacker(&rt, &root, &grant, &slot).await;
+    let s = slot.display().to_string();
+    let call = |manifest: serde_json::Value| {
+        let payload = PayloadFile {
+            name: "image.bin".into(),
+            size: 4096,
+            sha256: "x".into(),
+            verified: Some(image.clone()),
+        };
+        let scope = CallScope::for_step("job-1", 0, &root, vec![payload]);
+        let h = &h;
+        async move {
+            h.run_phase(Phase::Install, scope, &step(manifest))
+                .await
+                .expect("call")
+        }
+    };
+    assert_eq!(
+        success(call(json!({"action": "info", "path": s})).await),
+        "size=8192 block=false"
+    );
+
+    let planted =
+        success(call(json!({"action": "plant", "path": s, "target": "../outside/passwd"})).await);
+    assert!(planted.ends_with("../outside/passwd"), "{planted}");
+    assert!(
+        slot.symlink_metadata()
+            .expect("planted")
+            .file_type()
+            .is_symlink()
+    );
+    let attacks = [
+        json!({"action": "info", "path": s}),
+        json!({"action": "hash", "path": s, "length": 1}),
+        json!({"action": "hash", "path": s, "length": 16}),
+        json!({"action": "write", "path": s, "payload": "image.bin"}),
+    ];
+    for attack in &attacks {
+        let text = failure(call(attack.clone()).await);
+        assert!(
+            text.contains("Denied") && text.contains("symbolic link"),
+            "{attack}: {text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&secret).expect("secret"),
+        secret_bytes,
+        "written through the link"
+    );
+
+    let reloaded = device_attacker(&rt, &root, &grant, &slot).await;
+    let payload = PayloadFile {
+        name: "image.bin".into(),
+        size: 4096,
+        sha256: "x".into(),
+        verified: Some(image.clone()),
+    };
+    for attack in &attacks {
+        let scope = CallScope::for_step("job-1", 0, &root, vec![payload.clone()]);
+        let text = failure(
+            reloaded
+                .run_phase(Phase::Install, scope, &step(attack.clone()))
+                .await
+                .expect("call"),
+        );
+        assert!(
+            text.contains("Denied") && text.contains("not usable"),
+            "after a reload, {attack}: {text}"
+        );
+    }
+    assert_eq!(std::fs::read(&secret).expect("secret"), secret_bytes);
+
+    std::fs::remove_file(&slot).expect("remove the link");
+    std::fs::write(&slot, vec![0xAAu8; 8192]).expect("slot again");
+    let text = failure(call(json!({"action": "info", "path": s})).await);
+    assert!(text.contains("another file is in its place"), "{text}");
+    let fresh = device_attacker(&rt, &root, &grant, &slot).await;
+    let scope = CallScope::for_step("job-1", 0, &root, vec![]);
+    let replaced = success(
+        fresh
+            .run_phase(
+                Phase::Install,
+                scope.clone(),
+                &step(json!({"action": "replace", "path": s})),
+            )
+            .await
+            .expect("call"),
+    );
+    assert_eq!(replaced, "replaced");
+    let text = failure(
+        fresh
+            .run_phase(
+                Phase::Install,
+                scope,
+                &step(json!({"action": "hash", "path": s, "length": 16})),
+            )
+            .await
+            .expect("call"),
+    );
+    assert!(text.contains("another file is in its place"), "{text}");
+}
+
+/// `handlers audit` reports a device inside a directory the same handler
+/// may write as an error, and as a warning once the device config lists
+/// it in `devices_in_writable_paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_errs_on_a_device_inside_a_writable_grant() {
+    use otabox::audit::{Severity, audit_dir};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let grant = root.join("grant");
+    std::fs::create_dir_all(&grant).expect("grant");
+    let slot = grant.join("slot.img");
+    std::fs::write(&slot, vec![0u8; 4096]).expect("slot");
+    let rt = runtime(&root);
+    device_attacker(&rt, &root, &grant, &slot).await;
+    let findings = |device: std::collections::BTreeMap<String, DeviceGrant>| {
+        let (rt, handlers) = (&rt, root.join("handlers"));
+        async move {
+            let audits = audit_dir(rt, &handlers, &device).await.expect("audit");
+            audits[0]
+                .findings
+                .iter()
+                .map(|f| (f.severity, f.message.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let found = findings(Default::default()).await;
+    let inside: Vec<_> = found
+        .iter()
+        .filter(|(_, m)| m.contains("lies inside"))
+        .collect();
+    assert_eq!(inside.len(), 1, "{found:?}");
+    assert_eq!(inside[0].0, Severity::Error, "{found:?}");
+    assert!(
+        inside[0].1.contains(&grant.display().to_string()),
+        "{found:?}"
+    );
+
+    let allowed = DeviceGrant {
+        devices_in_writable_paths: vec![slot.clone()],
+        ..DeviceGrant::default()
+    };
+    let found = findings([("hostile-devices".to_string(), allowed)].into()).await;
+    assert!(
+        found.iter().all(|(s, _)| *s != Severity::Error),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(s, m)| *s == Severity::Warning && m.contains("allowed by")),
+        "{found:?}"
+    );
+}

@@ -19,6 +19,7 @@ use super::bounds;
 use super::cache::CacheUse;
 use super::engine::ticks_for;
 use super::host::context::{MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL};
+use super::host::devices::PinnedDevice;
 use super::network;
 use super::state::{CallScope, HostState, Limiter};
 use super::stdio::GuestOutput;
@@ -99,6 +100,8 @@ pub struct Handler {
     pub cache: CacheUse,
     pub(crate) pre: UpdateHandlerPre<HostState>,
     pub(crate) engine: Engine,
+    /// The granted devices, as found at load.
+    pub(crate) devices: Arc<[PinnedDevice]>,
 }
 
 impl fmt::Debug for Handler {
@@ -221,6 +224,7 @@ impl Handler {
             deadline: Instant::now() + limits.call_timeout(),
             open_payloads: 0,
             output,
+            devices: self.devices.clone(),
             log_budget: Default::default(),
         };
         let mut store = Store::new(&self.engine, state);

@@ -176,6 +176,7 @@ impl Runtime {
         let pre = bindings::UpdateHandlerPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
+        let devices = host::devices::PinnedDevice::pin_all(&grants).into();
         let mut handler = Handler {
             name: name.clone(),
             manifest_path: manifest_path.to_path_buf(),
@@ -189,6 +190,7 @@ impl Runtime {
             cache,
             pre,
             engine: self.engine.clone(),
+            devices,
         };
         handler.description = handler.describe().await?;
         check_description(&handler)?;
