@@ -1224,3 +1224,42 @@ async fn audit_errs_on_a_device_inside_a_writable_grant() {
         "{found:?}"
     );
 }
+
+/// `{payload:NAME}` reaches a program as `/proc/self/fd/N`, a read-only
+/// descriptor only that program inherits: `echo` shows nothing of where
+/// the host keeps the payload, and `cat` still reads its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_argument_reveals_no_host_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let body = format!(
+        "{BASE}[[commands]]\nprogram = \"/bin/echo\"\nargs = [\"*\"]\n\
+         [[commands]]\nprogram = \"/bin/cat\"\nargs = [\"*\"]\n"
+    );
+    let h = hostile(&rt, dir.path(), &body).await.expect("load");
+    let secret_dir = dir.path().join("state-jobs-42");
+    std::fs::create_dir_all(&secret_dir).expect("dir");
+    let file = secret_dir.join("payload.bin");
+    std::fs::write(&file, b"payload bytes").expect("write");
+    let payload = PayloadFile {
+        name: "p.bin".into(),
+        size: 13,
+        sha256: "x".into(),
+        verified: Some(file.clone()),
+    };
+    let scope = CallScope::for_step("job-1", 0, dir.path(), vec![payload]);
+    let run = |program: &str, args: serde_json::Value| {
+        let ctx = step(json!({"action": "exec", "program": program, "args": args}));
+        let (h, scope) = (&h, scope.clone());
+        async move {
+            h.run_phase(Phase::Install, scope, &ctx)
+                .await
+                .expect("call")
+        }
+    };
+    let echoed = success(run("/bin/echo", json!(["{payload:p.bin}"])).await);
+    assert!(!echoed.contains("state-jobs-42"), "{echoed}");
+    assert!(echoed.contains("stdout=/proc/self/fd/"), "{echoed}");
+    let read = success(run("/bin/cat", json!(["{payload:p.bin}"])).await);
+    assert!(read.contains("stdout=payload bytes"), "{read}");
+}

@@ -1,6 +1,8 @@
 //! `otabox:handler/process`: runs a program only when a command rule of
 //! the handler allows the program, every argument and every variable.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -32,11 +34,11 @@ impl Host for HostState {
             remaining.min(Duration::from_millis(ms.into()))
         });
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
-        let cmd = match self.with_payload_paths(cmd) {
-            Ok(cmd) => cmd,
+        let (cmd, payloads) = match self.with_payload_paths(cmd) {
+            Ok(substituted) => substituted,
             Err(error) => return Ok(Err(error)),
         };
-        Ok(execute(cmd, limit).await)
+        Ok(execute(cmd, &payloads, limit).await)
     }
 }
 
@@ -46,9 +48,12 @@ fn payload_placeholder(arg: &str) -> Option<&str> {
 }
 
 impl HostState {
-    /// Replaces each `{payload:NAME}` argument with the path of the step's
-    /// verified payload `NAME`; an unknown or unverified payload is refused.
-    fn with_payload_paths(&self, mut cmd: Command) -> Result<Command, HostError> {
+    /// Replaces each `{payload:NAME}` argument with `/proc/self/fd/N`, N a
+    /// read-only descriptor of the step's verified payload `NAME` that only
+    /// the program inherits: the path reveals nothing of where the host
+    /// keeps it. An unknown or unverified payload is refused.
+    fn with_payload_paths(&self, mut cmd: Command) -> Result<(Command, Vec<File>), HostError> {
+        let mut opened = Vec::new();
         for arg in &mut cmd.args {
             let Some(name) = payload_placeholder(arg) else {
                 continue;
@@ -66,9 +71,12 @@ impl HostState {
                     "payload {name:?} is not downloaded and verified yet"
                 ))
             })?;
-            *arg = path.to_string_lossy().into_owned();
+            let file = File::open(path)
+                .map_err(|e| HostError::Failed(format!("payload {name:?}: {e}")))?;
+            *arg = format!("/proc/self/fd/{}", file.as_raw_fd());
+            opened.push(file);
         }
-        Ok(cmd)
+        Ok((cmd, opened))
     }
 
     fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
@@ -99,8 +107,10 @@ impl HostState {
     }
 }
 
-async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
-    let mut child = tokio::process::Command::new(&cmd.program)
+async fn execute(cmd: Command, payloads: &[File], limit: Duration) -> Result<Output, HostError> {
+    let mut command = tokio::process::Command::new(&cmd.program);
+    inherit(&mut command, payloads);
+    let mut child = command
         .args(&cmd.args)
         .env_clear()
         .env("PATH", FIXED_PATH)
@@ -153,6 +163,28 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
             stderr,
             truncated: cut_out || cut_err,
         }),
+    }
+}
+
+/// Lets the program inherit `files` (opened close-on-exec, so no other
+/// child of the agent gets them) under their own descriptor numbers.
+fn inherit(command: &mut tokio::process::Command, files: &[File]) {
+    if files.is_empty() {
+        return;
+    }
+    let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: between fork and exec the closure only calls fcntl, which
+    // is async-signal-safe, on descriptors the parent keeps open until the
+    // child is spawned; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 
