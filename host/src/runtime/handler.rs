@@ -35,6 +35,20 @@ const BACKSTOP_GRACE: Duration = Duration::from_millis(50);
 /// A guest that returns more traps, and the host never allocates for it.
 const HOSTCALL_FUEL: usize = 32 << 20;
 
+/// The environment variable that lists the directories granted to a
+/// handler, as it sees them, separated by `:`.
+pub const GRANTED_PATHS_ENV: &str = "OTABOX_GRANTED_PATHS";
+
+/// The value of [`GRANTED_PATHS_ENV`] for `grants`.
+pub(crate) fn granted_paths(grants: &Grants) -> String {
+    grants
+        .paths
+        .iter()
+        .map(|p| p.guest.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Why a call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallFault {
@@ -102,6 +116,8 @@ pub struct Handler {
     pub(crate) engine: Engine,
     /// The granted devices, as found at load.
     pub(crate) devices: Arc<[PinnedDevice]>,
+    /// The value of [`GRANTED_PATHS_ENV`].
+    pub(crate) granted_paths: String,
 }
 
 impl fmt::Debug for Handler {
@@ -242,10 +258,14 @@ impl Handler {
     }
 
     /// WASI context of one call: preopens for granted paths, sockets for
-    /// granted hosts, no environment, no arguments, no inherited stdio.
+    /// granted hosts, no arguments, no inherited stdio, and one variable:
+    /// [`GRANTED_PATHS_ENV`], so a handler can say that a path it could not
+    /// open lies outside its grants (the guest's libc refuses such a path
+    /// before the host sees it).
     fn wasi_ctx(&self, output: &[GuestOutput; 2]) -> Result<WasiCtx> {
         let mut builder = WasiCtxBuilder::new();
         builder.stdout(output[0].clone()).stderr(output[1].clone());
+        builder.env(GRANTED_PATHS_ENV, &self.granted_paths);
         // Local file operations run on the calling thread: a guest already
         // occupies its worker while it runs, and a hand-off to the blocking
         // pool per syscall cost ~5x the whole call (see benches/handler_call).

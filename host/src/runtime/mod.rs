@@ -30,7 +30,7 @@ use wasmtime::component::Component;
 pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
-pub use handler::{CallFault, Handler};
+pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler};
 pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{
@@ -177,6 +177,7 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
         let devices = host::devices::PinnedDevice::pin_all(&grants).into();
+        let granted_paths = handler::granted_paths(&grants);
         let mut handler = Handler {
             name: name.clone(),
             manifest_path: manifest_path.to_path_buf(),
@@ -191,6 +192,7 @@ impl Runtime {
             pre,
             engine: self.engine.clone(),
             devices,
+            granted_paths,
         };
         handler.description = handler.describe().await?;
         check_description(&handler)?;

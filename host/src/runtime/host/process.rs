@@ -2,7 +2,7 @@
 //! the handler allows the program, every argument and every variable.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -48,10 +48,13 @@ fn payload_placeholder(arg: &str) -> Option<&str> {
 }
 
 impl HostState {
-    /// Replaces each `{payload:NAME}` argument with `/proc/self/fd/N`, N a
-    /// read-only descriptor of the step's verified payload `NAME` that only
-    /// the program inherits: the path reveals nothing of where the host
-    /// keeps it. An unknown or unverified payload is refused.
+    /// Replaces each `{payload:NAME}` argument with `/proc/<agent>/fd/N`: N
+    /// a read-only descriptor of the step's verified payload `NAME`, open in
+    /// the agent (close-on-exec) until the program ends. The path reveals
+    /// nothing of where the host keeps the payload, and it works for a tool
+    /// that hands it to a service of its own (`rauc install` → the RAUC
+    /// service), where `/proc/self/fd/N` would name the service's
+    /// descriptors. An unknown or unverified payload is refused.
     fn with_payload_paths(&self, mut cmd: Command) -> Result<(Command, Vec<File>), HostError> {
         let mut opened = Vec::new();
         for arg in &mut cmd.args {
@@ -73,7 +76,7 @@ impl HostState {
             })?;
             let file = File::open(path)
                 .map_err(|e| HostError::Failed(format!("payload {name:?}: {e}")))?;
-            *arg = format!("/proc/self/fd/{}", file.as_raw_fd());
+            *arg = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
             opened.push(file);
         }
         Ok((cmd, opened))
@@ -107,10 +110,9 @@ impl HostState {
     }
 }
 
-async fn execute(cmd: Command, payloads: &[File], limit: Duration) -> Result<Output, HostError> {
-    let mut command = tokio::process::Command::new(&cmd.program);
-    inherit(&mut command, payloads);
-    let mut child = command
+/// Runs `cmd`; `payloads` stay open until it ends.
+async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Output, HostError> {
+    let mut child = tokio::process::Command::new(&cmd.program)
         .args(&cmd.args)
         .env_clear()
         .env("PATH", FIXED_PATH)
@@ -163,28 +165,6 @@ async fn execute(cmd: Command, payloads: &[File], limit: Duration) -> Result<Out
             stderr,
             truncated: cut_out || cut_err,
         }),
-    }
-}
-
-/// Lets the program inherit `files` (opened close-on-exec, so no other
-/// child of the agent gets them) under their own descriptor numbers.
-fn inherit(command: &mut tokio::process::Command, files: &[File]) {
-    if files.is_empty() {
-        return;
-    }
-    let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-    // SAFETY: between fork and exec the closure only calls fcntl, which
-    // is async-signal-safe, on descriptors the parent keeps open until the
-    // child is spawned; it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
     }
 }
 
