@@ -35,6 +35,11 @@ const GUESTS: &[(&str, &str, &str)] = &[
         "host/tests/guests/hostile/hostile.toml",
     ),
     (
+        "otabox-test-hostile-devices",
+        "hostile-devices",
+        "host/tests/guests/hostile-devices/hostile-devices.toml",
+    ),
+    (
         "otabox-test-contract-1-0",
         "contract-1-0",
         "host/tests/guests/contract-1-0/contract-1-0.toml",

@@ -210,6 +210,7 @@ async fn audit_one(
         audit.error("does not export `otabox:handler/handler@1.x`");
     }
     compare(&mut audit, &manifest, &grants);
+    devices_in_writable_paths(&mut audit, &grants, grant);
     if audit.count(Severity::Error) == 0
         && audit.enabled
         && let Err(e) = runtime.load_handler(manifest_path, grant).await
@@ -265,6 +266,33 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
     }
     errors.into_iter().for_each(|e| audit.error(e));
     warnings.into_iter().for_each(|w| audit.warning(w));
+}
+
+/// A device inside a directory the handler may write is an error, unless
+/// the device config allows it (`devices_in_writable_paths`): a warning.
+fn devices_in_writable_paths(
+    audit: &mut HandlerAudit,
+    grants: &Grants,
+    device: Option<&DeviceGrant>,
+) {
+    for found in crate::capabilities::devices_in_writable_paths(grants, device) {
+        let message = format!(
+            "device {} ({}) lies inside {}, which the handler may write: it could put a link or another file in the device's place{}",
+            found.device.display(),
+            found.host.display(),
+            found.writable.display(),
+            if found.allowed {
+                " (allowed by `devices_in_writable_paths`)"
+            } else {
+                "; move it, or list it in `devices_in_writable_paths` of the device config"
+            }
+        );
+        if found.allowed {
+            audit.warning(message);
+        } else {
+            audit.error(message);
+        }
+    }
 }
 
 fn summarize(grants: &Grants) -> CapabilitySummary {

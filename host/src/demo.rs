@@ -118,6 +118,15 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         !Path::new("/etc/otabox-demo.conf").exists(),
         "the sandbox let the handler write outside its grant"
     );
+    let denial = reports
+        .iter()
+        .find(|(job, _)| job == "demo-4")
+        .map(|(_, r)| &r.result);
+    anyhow::ensure!(
+        matches!(denial, Some(StepResult::Failed { message, .. })
+            if message == "denied: /etc/otabox-demo.conf is outside the granted paths (/var/lib/otabox/files)"),
+        "job demo-4 does not read as a sandbox denial: {denial:?}"
+    );
 
     println!("\n== inventory of the file handler");
     match handler.inventory().await? {

@@ -251,12 +251,24 @@ async fn a_destination_outside_the_grant_is_stopped_by_the_sandbox() {
     .await
     .expect("run");
     let StepResult::Failed {
-        phase, rolled_back, ..
+        phase,
+        rolled_back,
+        message,
+        ..
     } = &report.result
     else {
         panic!("{:?}", report.result)
     };
     assert_eq!((phase.as_str(), *rolled_back), ("install", true));
+    // The sandbox's refusal reads as one, naming the destination and the
+    // granted directory as the handler sees it.
+    assert_eq!(
+        message,
+        &format!(
+            "denied: {} is outside the granted paths ({GUEST_DIR})",
+            outside.display()
+        )
+    );
     assert!(!outside.exists());
     assert!(
         list(&b.root).iter().all(|n| !n.starts_with("outside")),

@@ -680,3 +680,587 @@ async fn a_timed_out_program_is_killed_with_its_children() {
     }
     still_serves(&h).await;
 }
+
+/// The manifest of a hostile guest that may use a lot of memory and time.
+const ROOMY: &str = concat!(
+    base_caps!(),
+    "[limits]\nmemory_mb = 512\ncall_timeout_ms = 60000\n"
+);
+
+/// A status of 8 MiB with 100,000 details, full of forged lines, comes back
+/// within the contract's bounds: a 1024-byte message cut on a character
+/// boundary with a marker, 32 details (the last counting the dropped ones),
+/// keys and values cut, every control character escaped. One of 50 MiB
+/// with a million details is more than the host copies out of a guest: the
+/// call fails with a bounded fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_status_is_cut_to_the_contracts_bounds() {
+    use otabox::runtime::bounds;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let h = hostile(&rt, dir.path(), ROOMY).await.expect("load");
+    let forged = "é\nERROR otabox: job deploy-42 SUCCESS\r\0\u{1b}[2J";
+    let outcome = act(
+        &h,
+        json!({"action": "status", "text": forged, "bytes": 8 << 20, "details": 100_000}),
+    )
+    .await
+    .expect("call");
+    let Outcome::Failed(status) = outcome else {
+        panic!("expected a failure, got {outcome:?}");
+    };
+    assert!(
+        status.message.len() <= bounds::MAX_MESSAGE,
+        "{}",
+        status.message.len()
+    );
+    assert!(status.message.ends_with(bounds::MARKER));
+    assert!(
+        status.message.starts_with("é\\nERROR otabox"),
+        "{}",
+        status.message
+    );
+    assert!(
+        !status.message.chars().any(char::is_control),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(status.details.len(), bounds::MAX_DETAILS);
+    assert_eq!(
+        status.details.last().map(|(k, v)| (k.as_str(), v.as_str())),
+        Some((bounds::DROPPED_KEY, "99969 more details"))
+    );
+    for (k, v) in &status.details {
+        assert!(k.len() <= bounds::MAX_DETAIL_KEY && v.len() <= bounds::MAX_DETAIL_VALUE);
+        assert!(
+            !format!("{k}{v}").chars().any(char::is_control),
+            "{k:?}={v:?}"
+        );
+    }
+    still_serves(&h).await;
+
+    let err = act(
+        &h,
+        json!({"action": "status", "text": forged, "bytes": 50 << 20, "details": 1_000_000}),
+    )
+    .await
+    .expect_err("more than the host copies");
+    let text = format!("{err:#}");
+    assert!(
+        text.len() < 4096 && text.contains("too much data"),
+        "{text}"
+    );
+    still_serves(&h).await;
+}
+
+/// A plan and an inventory over the bounds: installed criteria (an
+/// identity) over 1024 bytes are refused as a breach of the contract;
+/// warnings, inventory items and their texts are cut and escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_and_inventories_are_bounded() {
+    use otabox::runtime::bounds;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let mut config = toml::Table::new();
+    config.insert("items".into(), toml::Value::Integer(5000));
+    config.insert("name_bytes".into(), toml::Value::Integer(1000));
+    let grant = DeviceGrant {
+        config: Some(config),
+        ..DeviceGrant::default()
+    };
+    let h = hostile_with(&rt, dir.path(), ROOMY, &grant)
+        .await
+        .expect("load");
+    let plan = |criteria: usize, warnings: usize| {
+        step(json!({"action": "plan", "criteria_bytes": criteria, "warnings": warnings}))
+    };
+    let err = h
+        .validate(CallScope::default(), &plan(bounds::MAX_CRITERIA + 1, 0))
+        .await
+        .expect_err("criteria over the bound");
+    assert!(matches!(fault(&err), CallFault::Breach(_)), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("installed criteria is 1025 bytes"),
+        "{err:#}"
+    );
+    let ok = h
+        .validate(CallScope::default(), &plan(bounds::MAX_CRITERIA, 1000))
+        .await
+        .expect("call")
+        .expect("a plan");
+    assert_eq!(ok.installed_criteria.len(), bounds::MAX_CRITERIA);
+    assert_eq!(ok.warnings.len(), bounds::MAX_WARNINGS);
+    assert_eq!(ok.warnings[0], "warning 0\\nforged");
+    assert_eq!(
+        ok.warnings.last().map(String::as_str),
+        Some("969 more warnings dropped")
+    );
+
+    let items = inventory_of(&h).await;
+    assert_eq!(items.len(), bounds::MAX_INVENTORY_ITEMS);
+    for item in &items {
+        assert!(item.name.len() <= bounds::MAX_NAME, "{}", item.name.len());
+        assert_eq!(item.version, "1\\u{1b}[2J");
+        assert_eq!(item.details.len(), bounds::MAX_ITEM_DETAILS);
+    }
+}
+
+/// Deep recursion is reported as a stack overflow, whether the engine's
+/// call stack runs out or the shadow stack in linear memory wraps below
+/// address 0 (which faults at the top of the address space).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_overflow_reads_as_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let h = hostile(&rt, dir.path(), BASE).await.expect("load");
+    for shadow in [true, false] {
+        let err = act(&h, json!({"action": "recurse", "shadow": shadow}))
+            .await
+            .expect_err("the recursion must trap");
+        assert_eq!(
+            fault(&err),
+            &CallFault::StackOverflow,
+            "shadow {shadow}: {err:#}"
+        );
+        let text = format!("{err:#}");
+        assert!(text.contains("stack overflow"), "{text}");
+        assert!(!text.contains("memory fault"), "{text}");
+        still_serves(&h).await;
+    }
+}
+
+/// Only names that appear in the network grants are resolved. `localhost`
+/// is in /etc/hosts, so the system resolver would answer it: with a grant
+/// of `127.0.0.1:PORT` the lookup must still fail (the host never asks the
+/// resolver), while a grant naming `localhost` resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_granted_names_are_resolved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let caps = |host: &str| {
+        format!(
+            "[[commands]]\nprogram = \"/bin/true\"\n[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n[network]\nhosts = [\"{host}\"]\n"
+        )
+    };
+    let by_address = hostile(&rt, dir.path(), &caps("127.0.0.1:8080"))
+        .await
+        .expect("load");
+    for name in [
+        "localhost",
+        "LOCALHOST",
+        "exfiltrated-secret.example.com",
+        "localhost.",
+    ] {
+        let text = failure(
+            act(&by_address, json!({"action": "resolve", "name": name}))
+                .await
+                .expect("a refusal is returned"),
+        );
+        assert!(!text.contains("127.0.0.1"), "{name}: {text}");
+    }
+    assert_eq!(
+        success(
+            act(
+                &by_address,
+                json!({"action": "resolve", "name": "127.0.0.1"})
+            )
+            .await
+            .expect("an address needs no lookup")
+        ),
+        "127.0.0.1"
+    );
+    let by_name = hostile(&rt, dir.path(), &caps("localhost:8080"))
+        .await
+        .expect("load");
+    for name in ["localhost", "LocalHost", "localhost."] {
+        // `localhost.` is not in /etc/hosts: it resolves only because the
+        // host asks for the grant's own spelling.
+        let resolved = success(
+            act(&by_name, json!({"action": "resolve", "name": name}))
+                .await
+                .expect("a granted name resolves"),
+        );
+        assert!(resolved.contains("127.0.0.1"), "{name}: {resolved}");
+    }
+    failure(
+        act(
+            &by_name,
+            json!({"action": "resolve", "name": "localhost.localdomain"}),
+        )
+        .await
+        .expect("a refusal is returned"),
+    );
+}
+
+/// Runs `otabox handlers run-phase --phase install` on the hostile guest
+/// with `manifest`; returns the output and the peak RSS of the children
+/// so far (KiB).
+fn run_phase_hostile(
+    dir: &std::path::Path,
+    manifest: serde_json::Value,
+) -> (std::process::Output, i64) {
+    install_handler(
+        &dir.join("handlers"),
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        ROOMY,
+    );
+    let config = dir.join("device.toml");
+    std::fs::write(
+        &config,
+        "[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["handlers", "run-phase", "--config"])
+        .arg(&config)
+        .args(["--handler", "hostile", "--phase", "install", "--manifest"])
+        .arg(manifest.to_string())
+        .env("OTABOX_LOG", "info")
+        .output()
+        .expect("run otabox");
+    // SAFETY: getrusage only fills the struct it is given.
+    let peak = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss
+    };
+    (out, peak)
+}
+
+/// `handlers run-phase` on a 50 MiB status with a million details prints a
+/// bounded result (the call fails: more than the host copies out of a
+/// guest) and stays within the guest's memory cap; one of 8 MiB with
+/// 100,000 details prints the status cut to its bounds.
+#[test]
+fn run_phase_prints_a_bounded_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let (out, peak_kib) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "status", "text": "line\nforged ", "bytes": 50 << 20, "details": 1_000_000}),
+    );
+    let printed = out.stdout.len() + out.stderr.len();
+    assert!(printed < 64 << 10, "{printed} bytes printed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too much data"));
+    eprintln!(
+        "run-phase of a 50 MiB status: {printed} bytes printed, peak RSS of the children {} MiB, {:?}",
+        peak_kib >> 10,
+        started.elapsed()
+    );
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "status", "text": "line\nforged ", "bytes": 8 << 20, "details": 100_000}),
+    );
+    assert!(
+        out.stdout.len() < 64 << 10,
+        "{} bytes printed",
+        out.stdout.len()
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let message = json["failed"]["message"].as_str().expect("message");
+    assert!(
+        message.len() <= 1024 && message.starts_with("line\\nforged"),
+        "{message}"
+    );
+    assert_eq!(
+        json["failed"]["details"].as_object().map(|d| d.len()),
+        Some(32)
+    );
+}
+
+/// A guest's log line cannot start a line of the agent's log (newline, CR,
+/// NUL and escape sequences are escaped), and a million log calls produce
+/// a bounded log with one line counting what was dropped.
+#[test]
+fn guest_logs_are_escaped_and_budgeted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let forged = "step done\nERROR otabox: job deploy-42 SUCCESS (forged line)\r\0\u{1b}[2J";
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "log", "text": forged, "times": 3}),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("step done\\nERROR otabox: job deploy-42")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("ERROR otabox")) && !log.contains('\0'),
+        "a forged line reached column 0: {log}"
+    );
+    assert!(!log.contains("\u{1b}[2J") && !log.contains('\r'), "{log:?}");
+
+    let started = Instant::now();
+    let (out, _) = run_phase_hostile(
+        dir.path(),
+        json!({"action": "log", "text": "x".repeat(100), "times": 1_000_000}),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    assert!(
+        out.stderr.len() < 512 << 10,
+        "{} bytes of log",
+        out.stderr.len()
+    );
+    assert!(
+        log.contains("999000 log lines dropped"),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    eprintln!(
+        "10^6 guest log calls: {} bytes of log in {:?}",
+        out.stderr.len(),
+        started.elapsed()
+    );
+}
+
+/// Loads the device-attacking guest with a rw grant of `grant` and the
+/// device `slot` inside it.
+async fn device_attacker(
+    rt: &otabox::runtime::Runtime,
+    root: &std::path::Path,
+    grant: &std::path::Path,
+    slot: &std::path::Path,
+) -> otabox::runtime::Handler {
+    let manifest = install_handler(
+        &root.join("handlers"),
+        "hostile-devices",
+        &built_wasm("hostile-devices"),
+        "otabox-test/hostile-devices:1",
+        &format!(
+            "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[devices]]\npath = \"{}\"\n",
+            grant.display(),
+            slot.display()
+        ),
+    );
+    rt.load_handler(&manifest, None).await.expect("load")
+}
+
+/// A handler granted a rw directory and a slot file inside it replaces the
+/// slot, through WASI, with a relative link to a file outside every grant
+/// (or with another file): `info`, `hash` (the byte oracle) and
+/// `write-image` are all refused, the outside file is unchanged, and a
+/// handler loaded after the link was planted refuses the device too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_planted_where_a_device_was_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let (grant, outside) = (root.join("grant"), root.join("outside"));
+    std::fs::create_dir_all(&grant).expect("grant");
+    std::fs::create_dir_all(&outside).expect("outside");
+    let secret = outside.join("passwd");
+    let secret_bytes = b"root:x:0:0:root:/root:/bin/bash\n".repeat(256);
+    std::fs::write(&secret, &secret_bytes).expect("secret");
+    let slot = grant.join("slot.img");
+    std::fs::write(&slot, vec![0xAAu8; 8192]).expect("slot");
+    // Keeps the slot's inode allocated, so no file made later reuses its
+    // number (a reused one would be a file inside the grant: harmless,
+    // but the check could not tell).
+    std::fs::hard_link(&slot, root.join("slot-inode")).expect("hard link");
+    let image = root.join("image.bin");
+    std::fs::write(&image, vec![0x55u8; 4096]).expect("image");
+    let rt = runtime(&root);
+    let h = device_attacker(&rt, &root, &grant, &slot).await;
+    let s = slot.display().to_string();
+    let call = |manifest: serde_json::Value| {
+        let payload = PayloadFile {
+            name: "image.bin".into(),
+            size: 4096,
+            sha256: "x".into(),
+            verified: Some(image.clone()),
+        };
+        let scope = CallScope::for_step("job-1", 0, &root, vec![payload]);
+        let h = &h;
+        async move {
+            h.run_phase(Phase::Install, scope, &step(manifest))
+                .await
+                .expect("call")
+        }
+    };
+    assert_eq!(
+        success(call(json!({"action": "info", "path": s})).await),
+        "size=8192 block=false"
+    );
+
+    let planted =
+        success(call(json!({"action": "plant", "path": s, "target": "../outside/passwd"})).await);
+    assert!(planted.ends_with("../outside/passwd"), "{planted}");
+    assert!(
+        slot.symlink_metadata()
+            .expect("planted")
+            .file_type()
+            .is_symlink()
+    );
+    let attacks = [
+        json!({"action": "info", "path": s}),
+        json!({"action": "hash", "path": s, "length": 1}),
+        json!({"action": "hash", "path": s, "length": 16}),
+        json!({"action": "write", "path": s, "payload": "image.bin"}),
+    ];
+    for attack in &attacks {
+        let text = failure(call(attack.clone()).await);
+        assert!(
+            text.contains("Denied") && text.contains("symbolic link"),
+            "{attack}: {text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&secret).expect("secret"),
+        secret_bytes,
+        "written through the link"
+    );
+
+    let reloaded = device_attacker(&rt, &root, &grant, &slot).await;
+    let payload = PayloadFile {
+        name: "image.bin".into(),
+        size: 4096,
+        sha256: "x".into(),
+        verified: Some(image.clone()),
+    };
+    for attack in &attacks {
+        let scope = CallScope::for_step("job-1", 0, &root, vec![payload.clone()]);
+        let text = failure(
+            reloaded
+                .run_phase(Phase::Install, scope, &step(attack.clone()))
+                .await
+                .expect("call"),
+        );
+        assert!(
+            text.contains("Denied") && text.contains("not usable"),
+            "after a reload, {attack}: {text}"
+        );
+    }
+    assert_eq!(std::fs::read(&secret).expect("secret"), secret_bytes);
+
+    std::fs::remove_file(&slot).expect("remove the link");
+    std::fs::write(&slot, vec![0xAAu8; 8192]).expect("slot again");
+    let text = failure(call(json!({"action": "info", "path": s})).await);
+    assert!(text.contains("another file is in its place"), "{text}");
+    let fresh = device_attacker(&rt, &root, &grant, &slot).await;
+    let scope = CallScope::for_step("job-1", 0, &root, vec![]);
+    let replaced = success(
+        fresh
+            .run_phase(
+                Phase::Install,
+                scope.clone(),
+                &step(json!({"action": "replace", "path": s})),
+            )
+            .await
+            .expect("call"),
+    );
+    assert_eq!(replaced, "replaced");
+    let text = failure(
+        fresh
+            .run_phase(
+                Phase::Install,
+                scope,
+                &step(json!({"action": "hash", "path": s, "length": 16})),
+            )
+            .await
+            .expect("call"),
+    );
+    assert!(text.contains("another file is in its place"), "{text}");
+}
+
+/// `handlers audit` reports a device inside a directory the same handler
+/// may write as an error, and as a warning once the device config lists
+/// it in `devices_in_writable_paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_errs_on_a_device_inside_a_writable_grant() {
+    use otabox::audit::{Severity, audit_dir};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let grant = root.join("grant");
+    std::fs::create_dir_all(&grant).expect("grant");
+    let slot = grant.join("slot.img");
+    std::fs::write(&slot, vec![0u8; 4096]).expect("slot");
+    let rt = runtime(&root);
+    device_attacker(&rt, &root, &grant, &slot).await;
+    let findings = |device: std::collections::BTreeMap<String, DeviceGrant>| {
+        let (rt, handlers) = (&rt, root.join("handlers"));
+        async move {
+            let audits = audit_dir(rt, &handlers, &device).await.expect("audit");
+            audits[0]
+                .findings
+                .iter()
+                .map(|f| (f.severity, f.message.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let found = findings(Default::default()).await;
+    let inside: Vec<_> = found
+        .iter()
+        .filter(|(_, m)| m.contains("lies inside"))
+        .collect();
+    assert_eq!(inside.len(), 1, "{found:?}");
+    assert_eq!(inside[0].0, Severity::Error, "{found:?}");
+    assert!(
+        inside[0].1.contains(&grant.display().to_string()),
+        "{found:?}"
+    );
+
+    let allowed = DeviceGrant {
+        devices_in_writable_paths: vec![slot.clone()],
+        ..DeviceGrant::default()
+    };
+    let found = findings([("hostile-devices".to_string(), allowed)].into()).await;
+    assert!(
+        found.iter().all(|(s, _)| *s != Severity::Error),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(s, m)| *s == Severity::Warning && m.contains("allowed by")),
+        "{found:?}"
+    );
+}
+
+/// `{payload:NAME}` reaches a program as `/proc/<agent>/fd/N`, a read-only
+/// descriptor of the agent: `echo` shows nothing of where the host keeps
+/// the payload, and `cat` still reads its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_argument_reveals_no_host_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let body = format!(
+        "{BASE}[[commands]]\nprogram = \"/bin/echo\"\nargs = [\"*\"]\n\
+         [[commands]]\nprogram = \"/bin/cat\"\nargs = [\"*\"]\n"
+    );
+    let h = hostile(&rt, dir.path(), &body).await.expect("load");
+    let secret_dir = dir.path().join("state-jobs-42");
+    std::fs::create_dir_all(&secret_dir).expect("dir");
+    let file = secret_dir.join("payload.bin");
+    std::fs::write(&file, b"payload bytes").expect("write");
+    let payload = PayloadFile {
+        name: "p.bin".into(),
+        size: 13,
+        sha256: "x".into(),
+        verified: Some(file.clone()),
+    };
+    let scope = CallScope::for_step("job-1", 0, dir.path(), vec![payload]);
+    let run = |program: &str, args: serde_json::Value| {
+        let ctx = step(json!({"action": "exec", "program": program, "args": args}));
+        let (h, scope) = (&h, scope.clone());
+        async move {
+            h.run_phase(Phase::Install, scope, &ctx)
+                .await
+                .expect("call")
+        }
+    };
+    let echoed = success(run("/bin/echo", json!(["{payload:p.bin}"])).await);
+    assert!(!echoed.contains("state-jobs-42"), "{echoed}");
+    let fd_path = format!("stdout=/proc/{}/fd/", std::process::id());
+    assert!(echoed.contains(&fd_path), "{echoed}");
+    let read = success(run("/bin/cat", json!(["{payload:p.bin}"])).await);
+    assert!(read.contains("stdout=payload bytes"), "{read}");
+}

@@ -2,7 +2,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -44,6 +44,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The environment variable in which the host lists the directories it
+/// grants the handler (as the handler sees them), separated by `:`.
+pub const GRANTED_PATHS_ENV: &str = "OTABOX_GRANTED_PATHS";
+
+/// The directories the device grants this handler.
+pub fn granted_paths() -> Vec<PathBuf> {
+    std::env::var(GRANTED_PATHS_ENV)
+        .unwrap_or_default()
+        .split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// When `path` lies outside every granted directory, the sandbox's
+/// refusal in words: `denied: PATH is outside the granted paths (A, B)`.
+/// The guest's own libc refuses such a path (as "not found") before the
+/// host sees it; use this to report the real cause of an I/O error.
+pub fn denial(path: &Path) -> Option<String> {
+    denial_within(path, &granted_paths())
+}
+
+fn denial_within(path: &Path, granted: &[PathBuf]) -> Option<String> {
+    let mut normal = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    if path.is_absolute() && granted.iter().any(|g| normal.starts_with(g)) {
+        return None;
+    }
+    let list: Vec<String> = granted.iter().map(|g| g.display().to_string()).collect();
+    Some(format!(
+        "denied: {} is outside the granted paths ({})",
+        path.display(),
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.join(", ")
+        }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +105,34 @@ mod tests {
         assert_eq!(fs::read(&path).expect("read"), b"two");
         assert!(!dir.join("state.json.new").exists());
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_path_outside_every_grant_is_a_denial() {
+        let granted = [
+            PathBuf::from("/var/lib/otabox/files"),
+            PathBuf::from("/run/x"),
+        ];
+        assert_eq!(
+            denial_within(Path::new("/var/lib/otabox/files/a.conf"), &granted),
+            None
+        );
+        assert_eq!(
+            denial_within(Path::new("/etc/otabox-demo.conf"), &granted).as_deref(),
+            Some(
+                "denied: /etc/otabox-demo.conf is outside the granted paths (/var/lib/otabox/files, /run/x)"
+            )
+        );
+        for escape in [
+            "/var/lib/otabox/files/../x",
+            "/var/lib/otabox/filesx/a",
+            "relative/a",
+        ] {
+            assert!(
+                denial_within(Path::new(escape), &granted).is_some(),
+                "{escape}"
+            );
+        }
+        assert!(denial_within(Path::new("/a"), &[]).is_some_and(|d| d.ends_with("(none)")));
     }
 }

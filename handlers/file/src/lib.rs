@@ -94,7 +94,10 @@ impl Handler for FileHandler {
             let payload = step.open_payload(&m.payload)?;
             let staged = sibling(Path::new(&m.destination), "otabox-new");
             write_payload(&payload, &staged).map_err(|e| {
-                io_status(22, "cannot write staged file", &staged.to_string_lossy(), e)
+                match otabox_sdk::fs::denial(&staged) {
+                    Some(_) => io_status(22, "cannot write", &m.destination, e),
+                    None => io_status(22, "cannot write staged file", &staged.to_string_lossy(), e),
+                }
             })?;
             info!("staged {} ({} bytes)", staged.display(), payload.size());
             Ok(Outcome::Success)
@@ -247,8 +250,12 @@ fn is_temporary(path: &Path) -> bool {
     name.ends_with(".otabox-new") || name.ends_with(".otabox-backup")
 }
 
+/// An I/O failure on `path`; a path outside every granted directory (which
+/// the sandbox refuses as "not found") is reported as the denial it is.
 fn io_status(code: u32, what: &str, path: &str, e: io::Error) -> Status {
-    Status::new(code, format!("{what}: {path}: {e}"))
+    let message =
+        otabox_sdk::fs::denial(Path::new(path)).unwrap_or_else(|| format!("{what}: {path}: {e}"));
+    Status::new(code, message)
         .extended(
             Facility::Os,
             0,

@@ -34,6 +34,10 @@ pub struct DeviceGrant {
     /// Declared devices the device allows (absent: all declared).
     #[serde(default)]
     pub devices: Option<Vec<PathBuf>>,
+    /// Declared devices allowed to lie inside a directory the handler may
+    /// write (otherwise an audit error).
+    #[serde(default)]
+    pub devices_in_writable_paths: Vec<PathBuf>,
     /// Network hosts kept.
     #[serde(default)]
     pub network: Option<Vec<String>>,

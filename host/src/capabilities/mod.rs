@@ -2,11 +2,13 @@
 //! the device's narrowing of it, and the checks host functions apply.
 
 mod commands;
+mod devices;
 mod grants;
 mod imports;
 mod manifest;
 
 pub use commands::{ArgPattern, CommandRule, Denial, authorize as commands_authorize};
+pub use devices::{DeviceInWritablePath, devices_in_writable_paths};
 pub use grants::{DeviceGrant, Grants, PathGrant};
 pub use imports::{Capability, classify_import};
 pub use manifest::{Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule};

@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{
     Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext, UpdateHandlerPre,
 };
+use super::bounds;
 use super::cache::CacheUse;
 use super::engine::ticks_for;
+use super::host::context::{MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL};
+use super::host::devices::PinnedDevice;
 use super::network;
 use super::state::{CallScope, HostState, Limiter};
 use super::stdio::GuestOutput;
@@ -25,6 +28,26 @@ use crate::capabilities::{Access, Grants, HandlerManifest};
 /// Extra time the async backstop allows beyond the epoch deadline, for a
 /// guest blocked in a host call.
 const BACKSTOP_GRACE: Duration = Duration::from_millis(50);
+
+/// Most bytes (roughly) the host copies out of the guest in one import
+/// call or export return: above the largest input a host function takes
+/// (16 MiB of a command's stdin), well below the engine's 128 MiB default.
+/// A guest that returns more traps, and the host never allocates for it.
+const HOSTCALL_FUEL: usize = 32 << 20;
+
+/// The environment variable that lists the directories granted to a
+/// handler, as it sees them, separated by `:`.
+pub const GRANTED_PATHS_ENV: &str = "OTABOX_GRANTED_PATHS";
+
+/// The value of [`GRANTED_PATHS_ENV`] for `grants`.
+pub(crate) fn granted_paths(grants: &Grants) -> String {
+    grants
+        .paths
+        .iter()
+        .map(|p| p.guest.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 /// Why a call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +62,12 @@ pub enum CallFault {
         /// The cap, in MiB.
         limit_mb: u64,
     },
+    /// The guest overflowed its stack: the engine's call stack, or the
+    /// shadow stack in its linear memory (which wraps below address 0).
+    StackOverflow,
+    /// The guest returned a value over the contract's bounds that the
+    /// host cannot cut (an identity such as installed criteria).
+    Breach(String),
     /// The guest trapped (a panic, unreachable, a host-side fault).
     Trap(String),
 }
@@ -52,6 +81,8 @@ impl fmt::Display for CallFault {
             CallFault::MemoryLimit { limit_mb } => {
                 write!(f, "exceeded its memory limit of {limit_mb} MiB")
             }
+            CallFault::StackOverflow => write!(f, "stack overflow: the guest recursed too deep"),
+            CallFault::Breach(what) => write!(f, "broke the contract: {what}"),
             CallFault::Trap(detail) => write!(f, "trapped: {detail}"),
         }
     }
@@ -83,6 +114,10 @@ pub struct Handler {
     pub cache: CacheUse,
     pub(crate) pre: UpdateHandlerPre<HostState>,
     pub(crate) engine: Engine,
+    /// The granted devices, as found at load.
+    pub(crate) devices: Arc<[PinnedDevice]>,
+    /// The value of [`GRANTED_PATHS_ENV`].
+    pub(crate) granted_paths: String,
 }
 
 impl fmt::Debug for Handler {
@@ -112,18 +147,31 @@ macro_rules! invoke {
 impl Handler {
     /// Calls `describe`.
     pub async fn describe(&self) -> Result<Description> {
-        invoke!(self, Phase::Describe, CallScope::default(), |h, store| h
-            .call_describe(store))
+        let described: Result<Description> =
+            invoke!(self, Phase::Describe, CallScope::default(), |h, store| h
+                .call_describe(store));
+        described.map(bounds::description)
     }
 
-    /// Calls `validate`.
+    /// Calls `validate`. A plan over the contract's bounds is a fault.
     pub async fn validate(
         &self,
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Result<Plan, Status>> {
-        invoke!(self, Phase::Validate, scope, |h, store| h
-            .call_validate(store, ctx))
+        let planned: Result<Result<Plan, Status>> =
+            invoke!(self, Phase::Validate, scope, |h, store| h
+                .call_validate(store, ctx));
+        match planned? {
+            Ok(plan) => bounds::plan(plan).map(Ok).map_err(|breach| {
+                anyhow::Error::new(CallFault::Breach(breach)).context(format!(
+                    "handler {}: {:?}",
+                    self.name,
+                    Phase::Validate
+                ))
+            }),
+            Err(status) => Ok(Err(bounds::status(status))),
+        }
     }
 
     /// Calls `is-installed`.
@@ -132,14 +180,21 @@ impl Handler {
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Result<bool, Status>> {
-        invoke!(self, Phase::IsInstalled, scope, |h, store| h
-            .call_is_installed(store, ctx))
+        let checked: Result<Result<bool, Status>> =
+            invoke!(self, Phase::IsInstalled, scope, |h, store| h
+                .call_is_installed(store, ctx));
+        checked.map(|r| r.map_err(bounds::status))
     }
 
     /// Calls `inventory` with the handler's device configuration.
     pub async fn inventory(&self) -> Result<Result<Vec<InstalledItem>, Status>> {
-        invoke!(self, Phase::Inventory, CallScope::default(), |h, store| h
-            .call_inventory(store, &self.config_json))
+        let listed: Result<Result<Vec<InstalledItem>, Status>> =
+            invoke!(self, Phase::Inventory, CallScope::default(), |h, store| h
+                .call_inventory(store, &self.config_json));
+        listed.map(|r| {
+            r.map(|items| bounds::inventory(&self.name, items))
+                .map_err(bounds::status)
+        })
     }
 
     /// Calls one of the phases that return an [`Outcome`]: download, backup,
@@ -150,7 +205,7 @@ impl Handler {
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Outcome> {
-        match phase {
+        let outcome: Result<Outcome> = match phase {
             Phase::Download => invoke!(self, phase, scope, |h, s| h.call_download(s, ctx)),
             Phase::Backup => invoke!(self, phase, scope, |h, s| h.call_backup(s, ctx)),
             Phase::Install => invoke!(self, phase, scope, |h, s| h.call_install(s, ctx)),
@@ -160,7 +215,8 @@ impl Handler {
             Phase::Rollback => invoke!(self, phase, scope, |h, s| h.call_rollback(s, ctx)),
             Phase::Cleanup => invoke!(self, phase, scope, |h, s| h.call_cleanup(s, ctx)),
             other => anyhow::bail!("{other:?} does not return an outcome; use its own method"),
-        }
+        };
+        outcome.map(bounds::outcome)
     }
 
     async fn instantiate(
@@ -184,9 +240,12 @@ impl Handler {
             deadline: Instant::now() + limits.call_timeout(),
             open_payloads: 0,
             output,
+            devices: self.devices.clone(),
+            log_budget: Default::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(HOSTCALL_FUEL);
         store.set_epoch_deadline(ticks_for(limits.call_timeout()));
         store.epoch_deadline_trap();
         let instance = self
@@ -199,10 +258,14 @@ impl Handler {
     }
 
     /// WASI context of one call: preopens for granted paths, sockets for
-    /// granted hosts, no environment, no arguments, no inherited stdio.
+    /// granted hosts, no arguments, no inherited stdio, and one variable:
+    /// [`GRANTED_PATHS_ENV`], so a handler can say that a path it could not
+    /// open lies outside its grants (the guest's libc refuses such a path
+    /// before the host sees it).
     fn wasi_ctx(&self, output: &[GuestOutput; 2]) -> Result<WasiCtx> {
         let mut builder = WasiCtxBuilder::new();
         builder.stdout(output[0].clone()).stderr(output[1].clone());
+        builder.env(GRANTED_PATHS_ENV, &self.granted_paths);
         // Local file operations run on the calling thread: a guest already
         // occupies its worker while it runs, and a hand-off to the blocking
         // pool per syscall cost ~5x the whole call (see benches/handler_call).
@@ -232,16 +295,23 @@ impl Handler {
         Ok(builder.build())
     }
 
-    /// Writes what the guest printed to the agent log.
+    /// Writes what the guest printed to the agent log, escaped, and how
+    /// many log lines its budget dropped.
     fn log_output(&self, phase: Phase, store: &Store<HostState>) {
+        let handler = &*self.name;
         for (stream, output) in ["stdout", "stderr"].into_iter().zip(&store.data().output) {
             let (text, dropped) = output.take();
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                tracing::info!(target: "handler", handler = self.name, ?phase, stream, "{line}");
+                let line = bounds::text(line.to_string(), MAX_LOG_LINE);
+                tracing::info!(target: "handler", handler, ?phase, stream, "{line}");
             }
             if dropped > 0 {
-                tracing::warn!(target: "handler", handler = self.name, ?phase, stream, "{dropped} more bytes dropped");
+                tracing::warn!(target: "handler", handler, ?phase, stream, "{dropped} more bytes dropped");
             }
+        }
+        let dropped = store.data().log_budget.dropped();
+        if dropped > 0 {
+            tracing::warn!(target: "handler", handler, ?phase, "{dropped} log lines dropped: over the budget of {MAX_LOG_LINES_PER_CALL} lines or {MAX_LOG_BYTES_PER_CALL} bytes per call");
         }
     }
 
@@ -262,6 +332,7 @@ impl Handler {
             Ok(Err(_)) if store.data().limiter.exceeded => CallFault::MemoryLimit {
                 limit_mb: limits.memory_mb,
             },
+            Ok(Err(e)) if stack_overflow(&e) => CallFault::StackOverflow,
             Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
                 CallFault::TimeLimit {
                     limit_ms: limits.call_timeout_ms,
@@ -271,4 +342,55 @@ impl Handler {
         };
         Err(anyhow::Error::new(fault).context(format!("handler {}: {phase:?}", self.name)))
     }
+}
+
+/// Lowest fault address taken for a shadow stack that wrapped below 0.
+const WRAPPED_STACK: u64 = (1 << 32) - (64 << 20);
+/// Fewest wasm frames of one function in a backtrace taken for a
+/// recursion that ran out of stack.
+const RECURSION_FRAMES: usize = 16;
+
+/// Whether a trap is a stack overflow: the engine's call stack ran out, or
+/// the guest's shadow stack (at the bottom of its linear memory, growing
+/// down) went below address 0 and wrapped to the top of the 32-bit space,
+/// where the access faults — at a wrapped address when the engine knows
+/// it, else deep in a recursion.
+fn stack_overflow(e: &wasmtime::Error) -> bool {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => true,
+        Some(Trap::MemoryOutOfBounds) => fault_address(e).map_or_else(
+            || deep_recursion(e),
+            |a| (WRAPPED_STACK..1 << 32).contains(&a),
+        ),
+        _ => false,
+    }
+}
+
+/// The wasm address of a memory fault, from the engine's context message.
+fn fault_address(e: &wasmtime::Error) -> Option<u64> {
+    const PREFIX: &str = "memory fault at wasm address 0x";
+    e.chain().find_map(|cause| {
+        let text = cause.to_string();
+        let hex = text.strip_prefix(PREFIX)?;
+        let end = hex
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(hex.len());
+        u64::from_str_radix(&hex[..end], 16).ok()
+    })
+}
+
+/// Whether the trap's backtrace is one function recursing: at least
+/// [`RECURSION_FRAMES`] frames of it.
+fn deep_recursion(e: &wasmtime::Error) -> bool {
+    let Some(trace) = e.downcast_ref::<WasmBacktrace>() else {
+        return false;
+    };
+    let frames = trace.frames();
+    frames.iter().any(|f| {
+        frames
+            .iter()
+            .filter(|g| g.func_index() == f.func_index() && g.func_name() == f.func_name())
+            .count()
+            >= RECURSION_FRAMES
+    })
 }

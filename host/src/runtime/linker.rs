@@ -17,6 +17,7 @@ use wasmtime_wasi::sockets::WasiSockets;
 use wasmtime_wasi::sockets::WasiSocketsView;
 
 use super::bindings::otabox::handler::{checkpoint, context, devices, payloads, process, types};
+use super::network::GrantedNames;
 use super::state::HostState;
 use crate::capabilities::{Capability, Grants};
 
@@ -85,6 +86,6 @@ fn add_network(l: &mut Linker<HostState>) -> Result<()> {
         &Default::default(),
         HostState::sockets,
     )?;
-    sockets::ip_name_lookup::add_to_linker::<HostState, WasiSockets>(l, HostState::sockets)?;
+    sockets::ip_name_lookup::add_to_linker::<HostState, GrantedNames>(l, HostState::name_lookup)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! granted interfaces, pre-instantiate, and call `describe`.
 
 pub mod bindings;
+pub mod bounds;
 mod cache;
 mod engine;
 mod handler;
@@ -29,7 +30,7 @@ use wasmtime::component::Component;
 pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
-pub use handler::{CallFault, Handler};
+pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler};
 pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{
@@ -175,6 +176,8 @@ impl Runtime {
         let pre = bindings::UpdateHandlerPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
+        let devices = host::devices::PinnedDevice::pin_all(&grants).into();
+        let granted_paths = handler::granted_paths(&grants);
         let mut handler = Handler {
             name: name.clone(),
             manifest_path: manifest_path.to_path_buf(),
@@ -188,6 +191,8 @@ impl Runtime {
             cache,
             pre,
             engine: self.engine.clone(),
+            devices,
+            granted_paths,
         };
         handler.description = handler.describe().await?;
         check_description(&handler)?;

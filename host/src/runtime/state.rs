@@ -172,6 +172,10 @@ pub struct HostState {
     pub(crate) open_payloads: usize,
     /// The guest's captured stdout and stderr.
     pub(crate) output: [super::stdio::GuestOutput; 2],
+    /// The granted devices, as found when the handler was loaded.
+    pub(crate) devices: Arc<[super::host::devices::PinnedDevice]>,
+    /// What the guest logged in this call, against its budget.
+    pub(crate) log_budget: super::host::context::LogBudget,
 }
 
 impl WasiView for HostState {

@@ -2,13 +2,17 @@
 //! and slot files, streamed from a verified payload, synced, read back and
 //! hashed by the host.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{CWD, Mode, OFlags, ResolveFlags, openat, openat2};
+use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Resource;
+
+use crate::capabilities::Grants;
 
 use crate::runtime::bindings::otabox::handler::devices::{DeviceInfo, Host};
 use crate::runtime::bindings::{HostError, Phase};
@@ -20,10 +24,15 @@ const CHUNK: usize = 4 << 20;
 
 impl Host for HostState {
     async fn info(&mut self, path: String) -> wasmtime::Result<Result<DeviceInfo, HostError>> {
-        let Some(host) = self.device(&path) else {
+        let Some(device) = self.device(&path) else {
             return Ok(Err(undeclared(&path)));
         };
-        Ok(blocking(move || device_info(&host)).await)
+        Ok(blocking(move || {
+            let (mut file, block) = device.open(false)?;
+            let size = device_size(&mut file).map_err(|e| device.error("size", e))?;
+            Ok(DeviceInfo { size, block })
+        })
+        .await)
     }
 
     async fn write_image(
@@ -31,7 +40,7 @@ impl Host for HostState {
         path: String,
         image: Resource<PayloadHandle>,
     ) -> wasmtime::Result<Result<String, HostError>> {
-        let Some(host) = self.device(&path) else {
+        let Some(device) = self.device(&path) else {
             return Ok(Err(undeclared(&path)));
         };
         let payload = self.table.get(&image)?;
@@ -42,8 +51,12 @@ impl Host for HostState {
         let size = payload.size();
         let report = self.progress_reporter();
         let cancel = self.scope.cancel.clone();
-        tracing::info!(handler = &*self.handler, device = path, host = %host.display(), size, "writing image");
-        Ok(blocking(move || write_image(&host, source, size, &report, &cancel)).await)
+        tracing::info!(handler = &*self.handler, device = path, host = %device.host.display(), size, "writing image");
+        Ok(blocking(move || {
+            let (target, _) = device.open(true)?;
+            write_image(target, &device.host, source, size, &report, &cancel)
+        })
+        .await)
     }
 
     async fn hash(
@@ -51,31 +64,30 @@ impl Host for HostState {
         path: String,
         length: u64,
     ) -> wasmtime::Result<Result<String, HostError>> {
-        let Some(host) = self.device(&path) else {
+        let Some(device) = self.device(&path) else {
             return Ok(Err(undeclared(&path)));
         };
         Ok(blocking(move || {
-            let mut file = File::open(&host).map_err(|e| io_error(&host, "open", e))?;
-            let available = device_size(&mut file).map_err(|e| io_error(&host, "size", e))?;
+            let (mut file, _) = device.open(false)?;
+            let available = device_size(&mut file).map_err(|e| device.error("size", e))?;
             if length > available {
                 return Err(HostError::Invalid(format!(
                     "cannot hash {length} bytes of a {available}-byte device"
                 )));
             }
-            sha256_prefix(&mut file, length).map_err(|e| io_error(&host, "read", e))
+            sha256_prefix(&mut file, length).map_err(|e| device.error("read", e))
         })
         .await)
     }
 }
 
 impl HostState {
-    /// The host path of the declared device `path`, if it is granted.
-    fn device(&self, path: &str) -> Option<PathBuf> {
-        self.grants
-            .devices
+    /// The declared device `path`, if it is granted.
+    fn device(&self, path: &str) -> Option<PinnedDevice> {
+        self.devices
             .iter()
             .find(|d| d.guest == Path::new(path))
-            .map(|d| d.host.clone())
+            .cloned()
     }
 
     /// Install progress for the current call, as bytes done of total.
@@ -101,6 +113,127 @@ impl HostState {
     }
 }
 
+/// A granted device as found when its handler was loaded: the path with
+/// every link resolved then, its kind and identity (device and inode).
+/// Each call opens that path refusing any symbolic link in it, and goes on
+/// only when it reaches the very same block device or slot file, so a
+/// link or file planted since (through a writable grant, say) is refused.
+#[derive(Debug, Clone)]
+pub struct PinnedDevice {
+    /// The path the handler names.
+    pub guest: PathBuf,
+    /// Where the device config places it.
+    pub host: PathBuf,
+    /// What was found at load, or why the device cannot be used.
+    found: Result<Identity, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    resolved: PathBuf,
+    dev: u64,
+    ino: u64,
+    block: bool,
+}
+
+impl PinnedDevice {
+    /// Finds each granted device of `grants` now (at load).
+    pub fn pin_all(grants: &Grants) -> Vec<PinnedDevice> {
+        grants
+            .devices
+            .iter()
+            .map(|d| {
+                let found = identify(&d.host);
+                if let Err(why) = &found {
+                    tracing::warn!("device {} cannot be used: {why}", d.guest.display());
+                }
+                PinnedDevice {
+                    guest: d.guest.clone(),
+                    host: d.host.clone(),
+                    found,
+                }
+            })
+            .collect()
+    }
+
+    /// Opens the device, read-only or for writing, with no symbolic link
+    /// on the way, and checks it is the one found at load; also says
+    /// whether it is a block device.
+    fn open(&self, write: bool) -> Result<(File, bool), HostError> {
+        let id = self.found.as_ref().map_err(|why| {
+            HostError::Denied(format!(
+                "device {} was not usable when the handler was loaded: {why}",
+                self.guest.display()
+            ))
+        })?;
+        let access = if write { OFlags::RDWR } else { OFlags::RDONLY };
+        let flags = access | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let opened = match openat2(
+            CWD,
+            &id.resolved,
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            // Before Linux 5.6: the identity check below still holds.
+            Err(Errno::NOSYS) => openat(CWD, &id.resolved, flags | OFlags::NOFOLLOW, Mode::empty()),
+            other => other,
+        };
+        let file = File::from(opened.map_err(|e| match e {
+            Errno::LOOP => self.replaced("a symbolic link was planted in its path"),
+            e => self.error("open", e.into()),
+        })?);
+        let meta = file.metadata().map_err(|e| self.error("stat", e))?;
+        if meta.dev() != id.dev
+            || meta.ino() != id.ino
+            || meta.file_type().is_block_device() != id.block
+        {
+            return Err(self.replaced("another file is in its place"));
+        }
+        Ok((file, id.block))
+    }
+
+    fn replaced(&self, how: &str) -> HostError {
+        tracing::warn!(device = %self.guest.display(), host = %self.host.display(), "refused: {how} since the handler was loaded");
+        HostError::Denied(format!(
+            "device {}: {how} since the handler was loaded; refusing",
+            self.guest.display()
+        ))
+    }
+
+    fn error(&self, what: &str, e: io::Error) -> HostError {
+        io_error(&self.host, what, e)
+    }
+}
+
+/// The device at `host` as found now: a block device (possibly named
+/// through links, such as `/dev/disk/by-partlabel/…`), or a regular slot
+/// file named by its own path (no link on the way).
+fn identify(host: &Path) -> Result<Identity, String> {
+    let resolved = std::fs::canonicalize(host).map_err(|e| format!("{}: {e}", host.display()))?;
+    let meta = std::fs::metadata(&resolved).map_err(|e| format!("{}: {e}", resolved.display()))?;
+    let block = meta.file_type().is_block_device();
+    if !block && !meta.is_file() {
+        return Err(format!(
+            "{} is neither a block device nor a regular file",
+            resolved.display()
+        ));
+    }
+    if !block && resolved != host {
+        return Err(format!(
+            "slot file {} leads through a symbolic link to {}; name it by its own path",
+            host.display(),
+            resolved.display()
+        ));
+    }
+    Ok(Identity {
+        resolved,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        block,
+    })
+}
+
 fn undeclared(path: &str) -> HostError {
     HostError::Denied(format!(
         "device {path:?} is not among the handler's declared and granted devices"
@@ -119,17 +252,6 @@ fn io_error(path: &Path, what: &str, e: io::Error) -> HostError {
     HostError::Failed(format!("{what} {}: {e}", path.display()))
 }
 
-fn device_info(path: &Path) -> Result<DeviceInfo, HostError> {
-    let mut file = File::open(path).map_err(|e| io_error(path, "open", e))?;
-    let block = file
-        .metadata()
-        .map_err(|e| io_error(path, "stat", e))?
-        .file_type()
-        .is_block_device();
-    let size = device_size(&mut file).map_err(|e| io_error(path, "size", e))?;
-    Ok(DeviceInfo { size, block })
-}
-
 /// The capacity: the end of a block device, or a file's length.
 fn device_size(file: &mut File) -> io::Result<u64> {
     let end = file.seek(SeekFrom::End(0))?;
@@ -137,21 +259,17 @@ fn device_size(file: &mut File) -> io::Result<u64> {
     Ok(end)
 }
 
-/// Copies `size` bytes of `source` to the start of the device, syncs,
-/// reads them back and returns their sha256.
+/// Copies `size` bytes of `source` to the start of `device` (opened
+/// read-write, named `path` in errors), syncs, reads them back and returns
+/// their sha256. Never creates or grows: a slot is allocated ahead.
 fn write_image(
+    mut device: File,
     path: &Path,
     mut source: File,
     size: u64,
     report: &(dyn Fn(u64, u64) + Send),
     cancel: &CancelFlag,
 ) -> Result<String, HostError> {
-    // Never create or grow: a slot is allocated ahead.
-    let mut device = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| io_error(path, "open", e))?;
     let capacity = device_size(&mut device).map_err(|e| io_error(path, "size", e))?;
     if size > capacity {
         return Err(HostError::Invalid(format!(
@@ -215,7 +333,15 @@ mod tests {
         std::fs::write(&image, &content).expect("image");
         let seen = std::sync::Mutex::new(Vec::new());
         let report = |done, total| seen.lock().expect("lock").push((done, total));
+        let rw = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .expect("open device")
+        };
         let hash = write_image(
+            rw(&slot),
             &slot,
             File::open(&image).expect("open"),
             content.len() as u64,
@@ -236,6 +362,7 @@ mod tests {
         let small = dir.path().join("small");
         std::fs::write(&small, vec![1u8; 1024]).expect("small slot");
         let err = write_image(
+            rw(&small),
             &small,
             File::open(&image).expect("open"),
             content.len() as u64,
@@ -259,7 +386,13 @@ mod tests {
         std::fs::write(&image, vec![7u8; 1 << 20]).expect("image");
         let cancel = CancelFlag::default();
         cancel.cancel();
+        let device = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&slot)
+            .expect("open device");
         let err = write_image(
+            device,
             &slot,
             File::open(&image).expect("open"),
             1 << 20,

@@ -12,15 +12,3 @@ use super::bindings::otabox::handler::types;
 use super::state::HostState;
 
 impl types::Host for HostState {}
-
-/// Cuts `text` to at most `max` bytes on a character boundary.
-pub(crate) fn truncate_utf8(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-}

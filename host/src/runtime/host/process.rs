@@ -1,6 +1,8 @@
 //! `otabox:handler/process`: runs a program only when a command rule of
 //! the handler allows the program, every argument and every variable.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -32,11 +34,11 @@ impl Host for HostState {
             remaining.min(Duration::from_millis(ms.into()))
         });
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
-        let cmd = match self.with_payload_paths(cmd) {
-            Ok(cmd) => cmd,
+        let (cmd, payloads) = match self.with_payload_paths(cmd) {
+            Ok(substituted) => substituted,
             Err(error) => return Ok(Err(error)),
         };
-        Ok(execute(cmd, limit).await)
+        Ok(execute(cmd, &payloads, limit).await)
     }
 }
 
@@ -46,9 +48,15 @@ fn payload_placeholder(arg: &str) -> Option<&str> {
 }
 
 impl HostState {
-    /// Replaces each `{payload:NAME}` argument with the path of the step's
-    /// verified payload `NAME`; an unknown or unverified payload is refused.
-    fn with_payload_paths(&self, mut cmd: Command) -> Result<Command, HostError> {
+    /// Replaces each `{payload:NAME}` argument with `/proc/<agent>/fd/N`: N
+    /// a read-only descriptor of the step's verified payload `NAME`, open in
+    /// the agent (close-on-exec) until the program ends. The path reveals
+    /// nothing of where the host keeps the payload, and it works for a tool
+    /// that hands it to a service of its own (`rauc install` → the RAUC
+    /// service), where `/proc/self/fd/N` would name the service's
+    /// descriptors. An unknown or unverified payload is refused.
+    fn with_payload_paths(&self, mut cmd: Command) -> Result<(Command, Vec<File>), HostError> {
+        let mut opened = Vec::new();
         for arg in &mut cmd.args {
             let Some(name) = payload_placeholder(arg) else {
                 continue;
@@ -66,9 +74,12 @@ impl HostState {
                     "payload {name:?} is not downloaded and verified yet"
                 ))
             })?;
-            *arg = path.to_string_lossy().into_owned();
+            let file = File::open(path)
+                .map_err(|e| HostError::Failed(format!("payload {name:?}: {e}")))?;
+            *arg = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+            opened.push(file);
         }
-        Ok(cmd)
+        Ok((cmd, opened))
     }
 
     fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
@@ -99,7 +110,8 @@ impl HostState {
     }
 }
 
-async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
+/// Runs `cmd`; `payloads` stay open until it ends.
+async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Output, HostError> {
     let mut child = tokio::process::Command::new(&cmd.program)
         .args(&cmd.args)
         .env_clear()

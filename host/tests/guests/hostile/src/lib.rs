@@ -5,8 +5,14 @@
 //! `program` with `args` (and `env`), `read`/`write`/`list` touch `path`,
 //! `checkpoint` stores `value`, `payload` reads the payload `name`, `print`
 //! writes `text` to stdout and stderr `times` times, `connect` opens a TCP
-//! connection to `address` and sends `hello`. Results
-//! come back as `skipped(text)`, host errors as `failed` with the error text.
+//! connection to `address` and sends `hello`, `resolve` looks up `name`,
+//! `status` fails with a message of `bytes` bytes (repeating `text`) and
+//! `details` details, `log` logs `text` `times` times, `recurse` recurses
+//! until the (`shadow`) stack overflows. `validate`
+//! answers a `plan` manifest with `criteria_bytes` of installed criteria and
+//! `warnings` warnings; `inventory` lists `items` items when the device
+//! config asks for them. Results come back as `skipped(text)`, host errors
+//! as `failed` with the error text.
 
 use otabox_sdk::prelude::*;
 use serde::Deserialize;
@@ -63,7 +69,36 @@ enum Action {
         mode: String,
         marker: String,
     },
+    Resolve {
+        name: String,
+    },
+    Status {
+        text: String,
+        bytes: usize,
+        details: usize,
+    },
+    Log {
+        text: String,
+        times: usize,
+    },
+    Recurse {
+        shadow: bool,
+    },
+    Plan {
+        criteria_bytes: usize,
+        warnings: usize,
+    },
     Ok,
+}
+
+/// The device config of the hostile guest: how many inventory items to
+/// list, each with a name of `name_bytes` bytes.
+#[derive(Deserialize, Default)]
+struct Config {
+    #[serde(default)]
+    items: usize,
+    #[serde(default)]
+    name_bytes: usize,
 }
 
 struct Hostile;
@@ -134,8 +169,32 @@ impl Handler for Hostile {
         Outcome::Success
     }
 
-    fn validate(_step: &Step) -> Result<Plan, Status> {
-        Ok(Plan::new("hostile-0"))
+    fn validate(step: &Step) -> Result<Plan, Status> {
+        match step.manifest::<Action>() {
+            Ok(Action::Plan {
+                criteria_bytes,
+                warnings,
+            }) => {
+                let mut plan = Plan::new("c".repeat(criteria_bytes));
+                plan.warnings = (0..warnings)
+                    .map(|i| format!("warning {i}\nforged"))
+                    .collect();
+                Ok(plan)
+            }
+            _ => Ok(Plan::new("hostile-0")),
+        }
+    }
+
+    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
+        let config: Config = serde_json::from_str(config).unwrap_or_default();
+        Ok((0..config.items)
+            .map(|i| InstalledItem {
+                name: format!("{i}{}", "n".repeat(config.name_bytes)),
+                version: "1\u{1b}[2J".into(),
+                update_type: "otabox-test/hostile:1".into(),
+                details: vec![("k".into(), "v\n".into()); 40],
+            })
+            .collect())
     }
 
     fn install(step: &Step) -> Outcome {
@@ -219,8 +278,50 @@ fn act(action: Action) -> Outcome {
             }
             Outcome::Skipped("never cancelled".into())
         }
-        Action::Count { .. } | Action::Reboot { .. } | Action::Ok => Outcome::Success,
+        Action::Resolve { name } => report(
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), 80)).map(|addrs| {
+                addrs
+                    .map(|a| a.ip().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+        ),
+        Action::Status {
+            text,
+            bytes,
+            details,
+        } => {
+            let message: String = text.chars().cycle().take(bytes).collect();
+            let mut status = Status::new(97, message);
+            status.details = (0..details)
+                .map(|i| (format!("key-{i}"), text.clone()))
+                .collect();
+            Outcome::Failed(status)
+        }
+        Action::Log { text, times } => {
+            for _ in 0..times {
+                otabox_sdk::log(LogLevel::Info, &text);
+            }
+            Outcome::Success
+        }
+        Action::Recurse { shadow } => Outcome::Skipped(format!("depth {}", recurse(shadow, 0))),
+        Action::Count { .. } | Action::Reboot { .. } | Action::Plan { .. } | Action::Ok => {
+            Outcome::Success
+        }
     }
+}
+
+/// Recurses until the stack overflows: with `shadow`, each frame keeps 4
+/// KiB in the shadow stack of linear memory (which then wraps below
+/// address 0); without, frames live only on the engine's call stack.
+fn recurse(shadow: bool, depth: u64) -> u64 {
+    if !shadow {
+        return 1 + std::hint::black_box(recurse(false, std::hint::black_box(depth) + 1));
+    }
+    let mut local = [0u8; 4096];
+    local[0] = depth as u8;
+    std::hint::black_box(&mut local);
+    1 + recurse(true, depth + 1) + u64::from(local[1])
 }
 
 fn report<E: std::fmt::Display>(result: Result<String, E>) -> Outcome {
