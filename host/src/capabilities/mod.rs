@@ -3,10 +3,12 @@
 
 mod commands;
 mod grants;
+mod identity;
 mod imports;
 mod manifest;
 
 pub use commands::{ArgPattern, CommandRule, Denial, authorize as commands_authorize};
-pub use grants::{DeviceGrant, Grants, PathGrant};
+pub use grants::{CommandIsolation, DeviceGrant, Grants, PathGrant};
+pub use identity::{CapSet, RunAs};
 pub use imports::{Capability, classify_import};
 pub use manifest::{Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule};

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::capabilities::commands_authorize;
+use super::confine::{self, Privileges};
+use crate::capabilities::{CommandIsolation, commands_authorize};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::otabox::handler::process::{Command, Host, Output};
 use crate::runtime::state::HostState;
@@ -23,10 +24,13 @@ const MAX_ARG_BYTES: usize = 1 << 20;
 
 impl Host for HostState {
     async fn run(&mut self, cmd: Command) -> wasmtime::Result<Result<Output, HostError>> {
-        if let Err(error) = self.authorize(&cmd) {
-            tracing::warn!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "denied: {error:?}");
-            return Ok(Err(error));
-        }
+        let privileges = match self.authorize(&cmd) {
+            Ok(privileges) => privileges,
+            Err(error) => {
+                tracing::warn!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "denied: {error:?}");
+                return Ok(Err(error));
+            }
+        };
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let limit = cmd.timeout_ms.map_or(remaining, |ms| {
             remaining.min(Duration::from_millis(ms.into()))
@@ -36,7 +40,7 @@ impl Host for HostState {
             Ok(cmd) => cmd,
             Err(error) => return Ok(Err(error)),
         };
-        Ok(execute(cmd, limit).await)
+        Ok(execute(cmd, limit, &privileges, self.grants.command_isolation).await)
     }
 }
 
@@ -71,7 +75,9 @@ impl HostState {
         Ok(cmd)
     }
 
-    fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
+    /// Checks the command against the rules; the privileges of the rule
+    /// that allows it.
+    fn authorize(&self, cmd: &Command) -> Result<Privileges, HostError> {
         let arg_bytes: usize = cmd.args.iter().map(String::len).sum();
         if cmd.args.len() > MAX_ARGS || arg_bytes > MAX_ARG_BYTES {
             return Err(HostError::Invalid(format!(
@@ -90,24 +96,35 @@ impl HostState {
                 "NUL byte in program, argument or environment".into(),
             ));
         }
-        commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
+        let rule = commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
             .map_err(|denial| HostError::Denied(denial.0))?;
         if self.scope.cancel.is_cancelled() {
             return Err(HostError::TimedOut("the job was cancelled".into()));
         }
-        Ok(())
+        Ok(Privileges {
+            run_as: rule.run_as.clone(),
+            keep: rule.keeps(),
+        })
     }
 }
 
-async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
-    let mut child = tokio::process::Command::new(&cmd.program)
+/// Runs `cmd` confined (see [`confine`](super::confine)) with
+/// `privileges`: when the program exits, whatever it left running is killed;
+/// at `limit`, or when the call is dropped, everything it started is.
+async fn execute(
+    cmd: Command,
+    limit: Duration,
+    privileges: &Privileges,
+    isolation: CommandIsolation,
+) -> Result<Output, HostError> {
+    let mut command = tokio::process::Command::new(&cmd.program);
+    command
         .args(&cmd.args)
         .env_clear()
         .env("PATH", FIXED_PATH)
         .env("LANG", "C.UTF-8")
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
-        // Its own process group, so a timeout ends its children too.
         .process_group(0)
         .stdin(if cmd.stdin.is_some() {
             Stdio::piped()
@@ -116,10 +133,9 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    let (mut child, mut confined) = confine::spawn(&mut command, privileges, isolation)
         .map_err(|e| HostError::Failed(format!("cannot start {}: {e}", cmd.program)))?;
-    let group = child.id();
     let stdin = child.stdin.take().zip(cmd.stdin);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -130,13 +146,17 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
         }
     };
     let run = async {
-        let ((), out, err, status) =
-            tokio::join!(feed, read_capped(stdout), read_capped(stderr), child.wait());
+        let ((), out, err, status) = tokio::join!(
+            feed,
+            read_capped(stdout),
+            read_capped(stderr),
+            confined.wait(&mut child)
+        );
         (out, err, status)
     };
     match tokio::time::timeout(limit, run).await {
         Err(_) => {
-            kill_group(group);
+            confined.kill_all();
             Err(HostError::TimedOut(format!(
                 "{} ran longer than {} ms and was killed with its children",
                 cmd.program,
@@ -153,19 +173,6 @@ async fn execute(cmd: Command, limit: Duration) -> Result<Output, HostError> {
             stderr,
             truncated: cut_out || cut_err,
         }),
-    }
-}
-
-/// Kills the process group led by `leader` (the program and whatever it
-/// started), so nothing it spawned outlives a timeout.
-fn kill_group(leader: Option<u32>) {
-    let Some(pgid) = leader.and_then(|p| libc::pid_t::try_from(p).ok()) else {
-        return;
-    };
-    // SAFETY: killpg only sends a signal; the group was created for this
-    // child (`process_group(0)`), so no other process is addressed.
-    unsafe {
-        libc::killpg(pgid, libc::SIGKILL);
     }
 }
 
