@@ -166,9 +166,17 @@ pub fn command_effect(rule: &CommandRule) -> Option<(Effect, &'static str)> {
         ));
     }
     if is(CONTAINER_ENGINES) && open {
-        let guarded = ["--privileged", "--pid=host", "--network=host"]
-            .iter()
-            .all(|d| rule.deny_args.iter().any(|a| a.eq_ignore_ascii_case(d)));
+        let guarded = [
+            &["--privileged"][..],
+            &["--pid=host"],
+            &["--network=host"],
+            &["-v", "/:/host"],
+        ]
+        .iter()
+        .all(|probe| {
+            let args: Vec<String> = probe.iter().map(|a| a.to_string()).collect();
+            rule.denied_by(&args).is_some()
+        });
         return Some(if guarded {
             (
                 Effect::Network,
@@ -180,6 +188,9 @@ pub fn command_effect(rule: &CommandRule) -> Option<(Effect, &'static str)> {
                 "runs containers that may be --privileged, mount the host (`-v /:/host`) or share its namespaces",
             )
         });
+    }
+    if is(IMAGE_INSTALLERS) && rule.args.first().is_some_and(|a| a == "status") {
+        return Some((Effect::Bootloader, "marks slots good, bad or active"));
     }
     if is(IMAGE_INSTALLERS) {
         return Some((
