@@ -21,6 +21,20 @@ fn shell_caps(timeout_ms: u64) -> String {
     )
 }
 
+/// The hostile guest with `caps`, under `grant` if any.
+async fn load(
+    rt: &otabox::runtime::Runtime,
+    dir: &std::path::Path,
+    caps: &str,
+    grant: Option<&DeviceGrant>,
+) -> otabox::runtime::Handler {
+    match grant {
+        Some(g) => hostile_with(rt, dir, caps, g).await,
+        None => hostile(rt, dir, caps).await,
+    }
+    .expect("load")
+}
+
 fn subreaper() -> DeviceGrant {
     toml::from_str("command_isolation = \"subreaper\"\n").expect("grant")
 }
@@ -93,11 +107,7 @@ async fn nothing_outlives_a_command(grant: Option<&DeviceGrant>, base: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let caps = shell_caps(20_000);
-    let h = match grant {
-        Some(g) => hostile_with(&rt, dir.path(), &caps, g).await,
-        None => hostile(&rt, dir.path(), &caps).await,
-    }
-    .expect("load");
+    let h = load(&rt, dir.path(), &caps, grant).await;
     for (i, (what, script)) in escapes(marker(base)).into_iter().enumerate() {
         let n = marker(base + i as u64);
         let script = script.replace(&marker(base).to_string(), &n.to_string());
@@ -141,11 +151,7 @@ async fn nothing_outlives_the_time_limit(grant: Option<&DeviceGrant>, base: u64)
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime(dir.path());
     let caps = shell_caps(1_500);
-    let h = match grant {
-        Some(g) => hostile_with(&rt, dir.path(), &caps, g).await,
-        None => hostile(&rt, dir.path(), &caps).await,
-    }
-    .expect("load");
+    let h = load(&rt, dir.path(), &caps, grant).await;
     for (i, (what, script)) in escapes(marker(base)).into_iter().enumerate() {
         let n = marker(base + i as u64);
         let script = format!(
@@ -190,11 +196,7 @@ async fn a_dropped_call_kills_its_command_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
         let rt = runtime(dir.path());
         let caps = shell_caps(20_000);
-        let h = match &grant {
-            Some(g) => hostile_with(&rt, dir.path(), &caps, g).await,
-            None => hostile(&rt, dir.path(), &caps).await,
-        }
-        .expect("load");
+        let h = load(&rt, dir.path(), &caps, grant.as_ref()).await;
         let n = marker(case);
         let script = format!("setsid sleep {n} & sleep 30");
         let call = act(
@@ -544,4 +546,36 @@ async fn a_command_still_reports_its_output_and_exit_code() {
         matches!(&out, Outcome::Skipped(t) if t.contains("exit=Some(3)") && t.contains("hi")),
         "{out:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_cannot_start_is_an_error_in_both_modes() {
+    for grant in [None, Some(subreaper())] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path());
+        let caps = format!(
+            "{}[[commands]]\nprogram = \"/nonexistent/otabox-program\"\n",
+            shell_caps(5_000)
+        );
+        let h = load(&rt, dir.path(), &caps, grant.as_ref()).await;
+        let started = Instant::now();
+        let text = failure(
+            act(
+                &h,
+                json!({"action": "exec", "program": "/nonexistent/otabox-program", "args": []}),
+            )
+            .await
+            .expect("a start failure is not a fault"),
+        );
+        assert!(
+            text.contains("cannot start /nonexistent/otabox-program"),
+            "{text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        still_serves(&h).await;
+    }
 }

@@ -105,13 +105,12 @@ impl Confined {
             Kind::Cgroup(_) => child.wait().await,
             Kind::Reaper(pipe) => read_status(pipe.take()).await,
         };
-        if self.left_behind() {
+        if self.kill_all() {
             tracing::warn!(
                 pid = self.pid,
-                "the command left processes behind; they are killed"
+                "the command left processes behind; they were killed"
             );
         }
-        self.kill_all();
         if matches!(self.kind, Kind::Reaper(_)) {
             // Reap the subreaper, killed above.
             let _ = child.wait().await;
@@ -119,30 +118,25 @@ impl Confined {
         status
     }
 
-    /// Kills every process of the command (idempotent).
-    pub fn kill_all(&mut self) {
+    /// Kills every process of the command (once); whether any besides the
+    /// program (and the subreaper) was still there.
+    pub fn kill_all(&mut self) -> bool {
         if self.killed {
-            return;
+            return false;
         }
         self.killed = true;
         match &self.kind {
-            Kind::Cgroup(cgroup) => cgroup.kill(),
-            Kind::Reaper(_) => {
-                if let Some(pid) = self.pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
-                    kill_tree(pid);
+            // An empty cgroup stays empty: only its members can add to it.
+            Kind::Cgroup(cgroup) => {
+                cgroup.populated() && {
+                    cgroup.kill();
+                    true
                 }
             }
-        }
-    }
-
-    /// Whether processes other than the program's own remain.
-    fn left_behind(&self) -> bool {
-        match &self.kind {
-            Kind::Cgroup(cgroup) => cgroup.populated(),
             Kind::Reaper(_) => self
                 .pid
                 .and_then(|p| libc::pid_t::try_from(p).ok())
-                .is_some_and(|pid| !descendants(pid).is_empty()),
+                .is_some_and(|pid| kill_tree(pid) > 0),
         }
     }
 
@@ -306,8 +300,9 @@ fn enable_controllers(base: &Path) {
 }
 
 /// Stops every descendant of `root` (rescanning until no new one appears,
-/// so none can fork away), then kills them and `root`.
-fn kill_tree(root: libc::pid_t) {
+/// so none can fork away), then kills them and `root`; how many
+/// descendants there were.
+fn kill_tree(root: libc::pid_t) -> usize {
     let mut stopped = BTreeSet::new();
     for _ in 0..1000 {
         let new: Vec<libc::pid_t> = descendants(root)
@@ -323,10 +318,12 @@ fn kill_tree(root: libc::pid_t) {
             stopped.insert(pid);
         }
     }
+    let count = stopped.len();
     for pid in stopped.into_iter().chain([root]) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    count
 }
 
 /// Every live descendant of `root`, from `/proc`.
@@ -533,7 +530,7 @@ fn effective_caps() -> io::Result<u32> {
 }
 
 /// The subreaper: waits for the program, reports its status, then reaps
-/// adopted orphans until the agent kills it with the rest.
+/// adopted orphans until the agent kills them (and it), or none is left.
 ///
 /// # Safety
 /// Runs in a forked child of a multi-threaded process: system calls only.
@@ -563,11 +560,14 @@ unsafe fn subreaper(program: libc::pid_t, status_fd: RawFd) -> ! {
         }
         let bytes = status.to_ne_bytes();
         write_all(status_fd, &bytes);
+        // Orphans of the program are children of this process now; with
+        // none left there is nothing more to hold (and std, when the exec
+        // failed, waits for this process).
         loop {
             if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0
                 && *libc::__errno_location() == libc::ECHILD
             {
-                libc::pause();
+                libc::_exit(0);
             }
         }
     }

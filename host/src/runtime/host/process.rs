@@ -156,7 +156,7 @@ async fn execute(
     };
     match tokio::time::timeout(limit, run).await {
         Err(_) => {
-            confined.kill_all();
+            let _ = confined.kill_all();
             Err(HostError::TimedOut(format!(
                 "{} ran longer than {} ms and was killed with its children",
                 cmd.program,
