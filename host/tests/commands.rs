@@ -579,3 +579,49 @@ async fn a_program_that_cannot_start_is_an_error_in_both_modes() {
         still_serves(&h).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_running_lets_a_daemon_outlive_a_normal_exit_only() {
+    for (mode, grant, case) in [("cgroup", None, 50), ("subreaper", Some(subreaper()), 52)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path());
+        let caps = shell_caps(1_500).replace(
+            "args = [\"-c\", \"*\"]\n",
+            "args = [\"-c\", \"*\"]\nkeep_running = true\n",
+        );
+        let h = load(&rt, dir.path(), &caps, grant.as_ref()).await;
+        let n = marker(case);
+        let script = format!("setsid sleep {n} >/dev/null 2>&1 & echo started");
+        let out = success(
+            act(
+                &h,
+                json!({"action": "exec", "program": "/bin/sh", "args": ["-c", script]}),
+            )
+            .await
+            .expect("call"),
+        );
+        assert!(out.contains("exit=Some(0)"), "{mode}: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+        let alive = sleepers(n);
+        assert_eq!(alive.len(), 1, "{mode}: the daemon must keep running");
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", alive[0])).expect("cgroup");
+        assert!(
+            !cgroup.contains("otabox-cmd-"),
+            "{mode}: moved out of its cgroup: {cgroup}"
+        );
+        survivors(n);
+
+        let n = marker(case + 1);
+        let script = format!("setsid sleep {n} >/dev/null 2>&1 & sleep 30");
+        let _ = act(
+            &h,
+            json!({"action": "exec", "program": "/bin/sh", "args": ["-c", script]}),
+        )
+        .await;
+        assert_eq!(
+            survivors(n),
+            Vec::<i32>::new(),
+            "{mode}: the time limit kills it"
+        );
+    }
+}

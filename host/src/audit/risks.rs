@@ -233,7 +233,12 @@ pub fn runs_as(rule: &CommandRule) -> String {
         c if c.is_empty() => "no capabilities".to_string(),
         _ => format!("capabilities {}", rule.capabilities.join(", ")),
     };
-    format!("as {user}, {caps}, no_new_privs")
+    let stays = if rule.keep_running {
+        ", leaves processes running"
+    } else {
+        ""
+    };
+    format!("as {user}, {caps}, no_new_privs{stays}")
 }
 
 /// Directories nothing may grant read-write: the directory itself or

@@ -39,6 +39,11 @@ pub struct CommandRule {
     /// default none (an empty bounding set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// Processes the program leaves behind when it exits normally keep
+    /// running (podman starts its containers' `conmon` so); at the time
+    /// limit, or when the call ends early, they are killed all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_running: bool,
     /// `user`/`group` resolved on this device (set when granted).
     #[serde(skip)]
     pub run_as: Option<RunAs>,
@@ -332,6 +337,7 @@ mod tests {
             user: None,
             group: None,
             capabilities: vec![],
+            keep_running: false,
             run_as: None,
         }
     }

@@ -45,6 +45,8 @@ pub struct Privileges {
     pub run_as: Option<RunAs>,
     /// Capabilities it keeps.
     pub keep: CapSet,
+    /// Leave what it started running when it exits normally.
+    pub keep_running: bool,
 }
 
 /// A started command and what holds its processes together.
@@ -52,6 +54,7 @@ pub struct Confined {
     kind: Kind,
     pid: Option<u32>,
     killed: bool,
+    keep_running: bool,
 }
 
 enum Kind {
@@ -91,6 +94,7 @@ pub fn spawn(
         kind,
         pid: None,
         killed: false,
+        keep_running: privileges.keep_running,
     };
     let child = child?;
     confined.pid = child.id();
@@ -105,7 +109,9 @@ impl Confined {
             Kind::Cgroup(_) => child.wait().await,
             Kind::Reaper(pipe) => read_status(pipe.take()).await,
         };
-        if self.kill_all() {
+        if self.keep_running {
+            self.release();
+        } else if self.kill_all() {
             tracing::warn!(
                 pid = self.pid,
                 "the command left processes behind; they were killed"
@@ -137,6 +143,21 @@ impl Confined {
                 .pid
                 .and_then(|p| libc::pid_t::try_from(p).ok())
                 .is_some_and(|pid| kill_tree(pid) > 0),
+        }
+    }
+
+    /// Lets what the program left behind go on running: out of its cgroup
+    /// (into the agent's), or orphaned by killing the subreaper alone.
+    fn release(&mut self) {
+        self.killed = true;
+        match &self.kind {
+            Kind::Cgroup(cgroup) => cgroup.release(),
+            Kind::Reaper(_) => {
+                if let Some(pid) = self.pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+                    // SAFETY: kill only signals the command's own subreaper.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
     }
 
@@ -248,6 +269,24 @@ impl Cgroup {
             {
                 // SAFETY: kill only sends a signal to a member of this cgroup.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Moves the remaining processes to the agent's own cgroup.
+    fn release(&self) {
+        let (Some(base), Ok(pids)) = (
+            cgroup_base(),
+            std::fs::read_to_string(self.dir.join("cgroup.procs")),
+        ) else {
+            return;
+        };
+        for pid in pids.lines() {
+            if let Err(e) = std::fs::write(base.join("cgroup.procs"), pid) {
+                tracing::warn!(
+                    "cannot move process {pid} out of {}: {e}",
+                    self.dir.display()
+                );
             }
         }
     }

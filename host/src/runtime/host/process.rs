@@ -104,6 +104,7 @@ impl HostState {
         Ok(Privileges {
             run_as: rule.run_as.clone(),
             keep: rule.keeps(),
+            keep_running: rule.keep_running,
         })
     }
 }
