@@ -6,7 +6,10 @@
 //! - spawn a trivial executable (`/bin/true`) and wait for it, per call;
 //! - the ratio of the two (goal: the handler call ≥ 10× faster);
 //! - load three handlers from a warm compiled-component cache (goal ≤ 20 ms);
-//! - for reference: a cold compile of the same component.
+//! - for reference: a cold compile of the same component;
+//! - a handler's command (`/bin/true`) spawned as before (tokio, its own
+//!   process group) vs confined in its own cgroup vs under the subreaper
+//!   fallback: the latency the containment adds.
 //!
 //! Run with `make bench` (or `cargo bench -p otabox --bench handler_call`).
 //! Without cargo's `--bench` flag (as `make test` runs it) or with
@@ -16,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use otabox::capabilities::DeviceGrant;
+use otabox::capabilities::{CommandIsolation, DeviceGrant};
+use otabox::runtime::host::confine;
 use otabox::runtime::{CallScope, Handler, PayloadFile, Runtime, StepContext, sha256_hex};
 
 const GUEST_DIR: &str = "/var/lib/otabox/files";
@@ -101,6 +105,16 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
     })
     .await;
 
+    let plain = sample(spawns, spawns / 10, || spawn_true(None)).await;
+    let in_cgroup = sample(spawns, spawns / 10, || {
+        spawn_true(Some(CommandIsolation::Auto))
+    })
+    .await;
+    let reaped = sample(spawns, spawns / 10, || {
+        spawn_true(Some(CommandIsolation::Subreaper))
+    })
+    .await;
+
     for (i, manifest) in manifests.iter().enumerate() {
         runtime
             .load_handler(manifest, (i == 0).then_some(&grant))
@@ -122,6 +136,7 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
         call,
         describe,
         spawn,
+        commands: [plain, in_cgroup, reaped],
         load3,
         cold_load,
         engine_time,
@@ -132,11 +147,41 @@ async fn run(scratch: &Path, calls: usize, spawns: usize, loads: usize, quick: b
     report(&handler, &figures, quick);
 }
 
+/// Runs `/bin/true` as a handler's command is run: plainly as before
+/// (`None`), or confined as `isolation` says.
+async fn spawn_true(isolation: Option<CommandIsolation>) {
+    let mut cmd = tokio::process::Command::new("/bin/true");
+    cmd.env_clear()
+        .current_dir("/")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let status = match isolation {
+        None => cmd.spawn().expect("spawn").wait().await,
+        Some(isolation) => {
+            let (mut child, mut confined) =
+                confine::spawn(&mut cmd, &confine::Privileges::default(), isolation)
+                    .expect("confined spawn");
+            assert_eq!(
+                confined.in_cgroup(),
+                isolation == CommandIsolation::Auto,
+                "containment mode"
+            );
+            confined.wait(&mut child).await
+        }
+    };
+    assert!(status.expect("wait").success());
+}
+
 /// Everything one run measured.
 struct Figures {
     call: Stats,
     describe: Stats,
     spawn: Stats,
+    /// A command spawned plainly, in its own cgroup, under the subreaper.
+    commands: [Stats; 3],
     load3: Stats,
     cold_load: Duration,
     engine_time: Duration,
@@ -150,6 +195,7 @@ fn report(handler: &Handler, f: &Figures, quick: bool) {
         call,
         describe,
         spawn,
+        commands,
         load3,
         cold_load,
         engine_time,
@@ -178,6 +224,23 @@ fn report(handler: &Handler, f: &Figures, quick: bool) {
         us,
     );
     row(&format!("spawn /bin/true and wait (n={spawns})"), spawn, us);
+    for (label, stats) in ["plain (as before)", "own cgroup", "subreaper"]
+        .iter()
+        .zip(commands)
+    {
+        row(
+            &format!("command /bin/true, {label} (n={spawns})"),
+            stats,
+            us,
+        );
+    }
+    let added = |s: &Stats| (s.median.as_secs_f64() - commands[0].median.as_secs_f64()) * 1e6;
+    println!(
+        "{:<52} {:>+10.1} us (subreaper {:+.1} us)",
+        "added per command by its own cgroup (medians)",
+        added(&commands[1]),
+        added(&commands[2])
+    );
     row(
         &format!("load 3 handlers from the warm cache (n={loads})"),
         load3,

@@ -2,8 +2,13 @@
 //! grants, what the component really imports, and every mismatch.
 //!
 //! An import with no matching declaration or grant is an error; a
-//! declaration nothing uses is a warning. Any error makes the command exit
-//! non-zero, so it can gate a release.
+//! declaration nothing uses is a warning. Risky grants (a shell with open
+//! arguments, a system directory granted read-write, a root-equivalent
+//! program) are warnings that `--strict` or `--deny ID` turn into errors.
+//! Every finding carries a stable id (`docs/audit.md`). Any error makes the
+//! command exit non-zero, so it can gate a release.
+
+mod risks;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,10 +35,46 @@ pub enum Severity {
 /// One mismatch or problem.
 #[derive(Debug, Clone, Serialize)]
 pub struct Finding {
+    /// Its stable id (`docs/audit.md`), such as `shell-wildcard`.
+    pub id: &'static str,
     /// Error or warning.
     pub severity: Severity,
+    /// Whether it is a risk of the grants (which `--strict` makes an error)
+    /// rather than a mismatch.
+    pub risk: bool,
     /// What is wrong.
     pub message: String,
+}
+
+/// What a grant really gives.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantEffect {
+    /// The grant, as in the summary (`program pattern…`, `rw /path`).
+    pub grant: String,
+    /// Its effective privilege.
+    pub effect: risks::Effect,
+    /// Why, and as whom a command runs.
+    pub why: String,
+}
+
+/// Which findings are errors beyond those that always are.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Every risk finding is an error.
+    pub strict: bool,
+    /// Finding ids that are errors.
+    pub deny: Vec<String>,
+}
+
+impl Policy {
+    /// Raises the findings this policy denies to errors.
+    pub fn apply(&self, audits: &mut [HandlerAudit]) {
+        for finding in audits.iter_mut().flat_map(|a| a.findings.iter_mut()) {
+            if (self.strict && finding.risk) || self.deny.iter().any(|d| d == finding.id) {
+                finding.severity = Severity::Error;
+            }
+        }
+    }
 }
 
 /// A summary of capabilities, declared or granted.
@@ -89,6 +130,8 @@ pub struct HandlerAudit {
     pub contract: Option<String>,
     /// The component's real imports.
     pub imports: Vec<ImportAudit>,
+    /// What each granted command and directory really gives.
+    pub effective: Vec<GrantEffect>,
     /// Mismatches and problems.
     pub findings: Vec<Finding>,
 }
@@ -102,17 +145,24 @@ impl HandlerAudit {
             .count()
     }
 
-    fn error(&mut self, message: impl Into<String>) {
-        self.findings.push(Finding {
-            severity: Severity::Error,
-            message: message.into(),
-        });
+    fn error(&mut self, id: &'static str, message: impl Into<String>) {
+        self.push(id, Severity::Error, false, message.into());
     }
 
-    fn warning(&mut self, message: impl Into<String>) {
+    fn warning(&mut self, id: &'static str, message: impl Into<String>) {
+        self.push(id, Severity::Warning, false, message.into());
+    }
+
+    fn risk(&mut self, id: &'static str, message: String) {
+        self.push(id, Severity::Warning, true, message);
+    }
+
+    fn push(&mut self, id: &'static str, severity: Severity, risk: bool, message: String) {
         self.findings.push(Finding {
-            severity: Severity::Warning,
-            message: message.into(),
+            id,
+            severity,
+            risk,
+            message,
         });
     }
 }
@@ -130,9 +180,10 @@ pub async fn audit_dir(
         let mut audit = audit_one(runtime, &manifest_path, device).await;
         for t in audit.update_types.clone() {
             if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
-                audit.error(format!(
-                    "update type {t:?} is also declared by handler {owner}"
-                ));
+                audit.error(
+                    "duplicate-update-type",
+                    format!("update type {t:?} is also declared by handler {owner}"),
+                );
             }
         }
         audits.push(audit);
@@ -158,41 +209,55 @@ async fn audit_one(
         granted: None,
         contract: None,
         imports: Vec::new(),
+        effective: Vec::new(),
         findings: Vec::new(),
     };
     if let Err(e) = handler_name(manifest_path) {
-        audit.error(format!("{e:#}"));
+        audit.error("bad-name", format!("{e:#}"));
     }
     let manifest = match HandlerManifest::load(manifest_path) {
         Ok(m) => m,
         Err(e) => {
-            audit.error(format!("{e:#}"));
+            audit.error("manifest-invalid", format!("{e:#}"));
             return audit;
         }
     };
-    let grants = Grants::narrow(&manifest, grant);
     audit.update_types = manifest.handler.update_types.clone();
-    audit.declared = Some(summarize(&Grants::narrow(&manifest, None)));
+    audit.declared = Grants::narrow(&manifest, None).ok().as_ref().map(summarize);
+    let grants = match Grants::narrow(&manifest, grant) {
+        Ok(grants) => grants,
+        Err(e) => {
+            audit.error("grant-refused", format!("{e:#}"));
+            return audit;
+        }
+    };
     audit.granted = Some(summarize(&grants));
+    assess(&mut audit, &grants);
     let wasm = match std::fs::read(&audit.wasm) {
         Ok(bytes) => bytes,
         Err(e) => {
-            audit.error(format!("cannot read {}: {e}", audit.wasm.display()));
+            audit.error(
+                "wasm-unreadable",
+                format!("cannot read {}: {e}", audit.wasm.display()),
+            );
             return audit;
         }
     };
     let sha256 = sha256_hex(&wasm);
     if sha256 != manifest.handler.sha256 {
-        audit.error(format!(
-            "sha256 of the wasm is {sha256}, but the manifest pins {}",
-            manifest.handler.sha256
-        ));
+        audit.error(
+            "sha256-mismatch",
+            format!(
+                "sha256 of the wasm is {sha256}, but the manifest pins {}",
+                manifest.handler.sha256
+            ),
+        );
     }
     audit.sha256 = Some(sha256.clone());
     let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
         Ok((component, _)) => component,
         Err(e) => {
-            audit.error(format!("{e:#}"));
+            audit.error("compile-failed", format!("{e:#}"));
             return audit;
         }
     };
@@ -207,7 +272,10 @@ async fn audit_one(
     }
     audit.contract = crate::runtime::contract_version(runtime.engine(), &component);
     if audit.contract.is_none() {
-        audit.error("does not export `otabox:handler/handler@1.x`");
+        audit.error(
+            "no-handler-export",
+            "does not export `otabox:handler/handler@1.x`",
+        );
     }
     compare(&mut audit, &manifest, &grants);
     devices_in_writable_paths(&mut audit, &grants, grant);
@@ -215,7 +283,7 @@ async fn audit_one(
         && audit.enabled
         && let Err(e) = runtime.load_handler(manifest_path, grant).await
     {
-        audit.error(format!("load: {e:#}"));
+        audit.error("load-failed", format!("load: {e:#}"));
     }
     audit
 }
@@ -235,37 +303,92 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
     for import in audit.imports.iter().filter(|i| !i.stubbed) {
         let cap = import.capability;
         match declarations.iter().find(|(c, _)| *c == cap) {
-            Some((_, what)) if !manifest.declares(cap) => {
-                errors.push(format!("imports `{}` but declares no {what}", import.name))
-            }
-            Some((_, what)) if !grants.links(cap) => errors.push(format!(
-                "imports `{}` but the device grants none of its {what}",
-                import.name
+            Some((_, what)) if !manifest.declares(cap) => errors.push((
+                "undeclared-import",
+                format!("imports `{}` but declares no {what}", import.name),
+            )),
+            Some((_, what)) if !grants.links(cap) => errors.push((
+                "ungranted-import",
+                format!(
+                    "imports `{}` but the device grants none of its {what}",
+                    import.name
+                ),
             )),
             Some(_) => {}
-            None if cap == Capability::Unsupported => errors.push(format!(
-                "imports `{}`, which otabox does not provide",
-                import.name
+            None if cap == Capability::Unsupported => errors.push((
+                "unsupported-import",
+                format!("imports `{}`, which otabox does not provide", import.name),
             )),
             None => {}
         }
     }
     for (cap, what) in declarations {
         if manifest.declares(cap) && !used(cap) {
-            warnings.push(format!(
-                "declares {what} but imports no {} interface",
-                cap.label()
+            warnings.push((
+                "unused-declaration",
+                format!("declares {what} but imports no {} interface", cap.label()),
             ));
         }
     }
     for &cap in &manifest.stubs.refuse {
         if !used(cap) {
             let what = cap.label();
-            warnings.push(format!("stubs {what} but imports no {what} interface"));
+            warnings.push((
+                "unused-stub",
+                format!("stubs {what} but imports no {what} interface"),
+            ));
         }
     }
-    errors.into_iter().for_each(|e| audit.error(e));
-    warnings.into_iter().for_each(|w| audit.warning(w));
+    errors.into_iter().for_each(|(id, e)| audit.error(id, e));
+    warnings
+        .into_iter()
+        .for_each(|(id, w)| audit.warning(id, w));
+}
+
+/// Records what each granted command and read-write directory really
+/// gives, and a risk finding for each dangerous one.
+fn assess(audit: &mut HandlerAudit, grants: &Grants) {
+    for rule in &grants.commands {
+        let line = command_line(rule);
+        let as_whom = risks::runs_as(rule);
+        let Some((effect, why)) = risks::command_effect(rule) else {
+            continue;
+        };
+        if let Some(id) = effect.finding() {
+            audit.risk(id, format!("`{line}` is {}: {why}", effect.label()));
+        }
+        audit.effective.push(GrantEffect {
+            grant: line,
+            effect,
+            why: format!("{why}; runs {as_whom}"),
+        });
+    }
+    for path in grants
+        .paths
+        .iter()
+        .filter(|p| p.access == Access::ReadWrite)
+    {
+        if risks::is_system_path(&path.host) || risks::is_system_path(&path.guest) {
+            let grant = format!("rw {}", path.host.display());
+            audit.risk(
+                "system-path-rw",
+                format!("`{grant}` lets the handler change the system's own files"),
+            );
+            audit.effective.push(GrantEffect {
+                grant,
+                effect: risks::Effect::WritesAnywhere,
+                why: "a system directory, writable".into(),
+            });
+        }
+    }
+}
+
+/// `program pattern…` of a rule.
+fn command_line(rule: &crate::capabilities::CommandRule) -> String {
+    std::iter::once(rule.program.as_str())
+        .chain(rule.args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A device inside a directory the handler may write is an error, unless
@@ -288,9 +411,9 @@ fn devices_in_writable_paths(
             }
         );
         if found.allowed {
-            audit.warning(message);
+            audit.warning("device-in-writable-path", message);
         } else {
-            audit.error(message);
+            audit.error("device-in-writable-path", message);
         }
     }
 }
@@ -317,13 +440,14 @@ fn summarize(grants: &Grants) -> CapabilitySummary {
             .commands
             .iter()
             .map(|c| {
-                let mut line = std::iter::once(c.program.as_str())
-                    .chain(c.args.iter().map(String::as_str))
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let mut line = command_line(c);
                 if !c.env.is_empty() {
                     let _ = write!(line, " [env: {}]", c.env.join(", "));
                 }
+                if !c.deny_args.is_empty() {
+                    let _ = write!(line, " [deny: {}]", c.deny_args.join(", "));
+                }
+                let _ = write!(line, " [{}]", risks::runs_as(c));
                 line
             })
             .collect(),
@@ -406,13 +530,22 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
             let stub = if i.stubbed { " (stub: refused)" } else { "" };
             let _ = writeln!(out, "    {:<44} {}{stub}", i.name, i.capability.label());
         }
+        for e in &a.effective {
+            let _ = writeln!(
+                out,
+                "  effective {}: {} ({})",
+                e.grant,
+                e.effect.label(),
+                e.why
+            );
+        }
         for f in &a.findings {
             let tag = if f.severity == Severity::Error {
                 "error"
             } else {
                 "warning"
             };
-            let _ = writeln!(out, "  {tag}: {}", f.message);
+            let _ = writeln!(out, "  {tag}: {} [{}]", f.message, f.id);
         }
         out.push('\n');
     }

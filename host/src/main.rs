@@ -247,6 +247,12 @@ enum HandlersCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Make every risk finding an error (docs/audit.md).
+        #[arg(long)]
+        strict: bool,
+        /// Make the findings with this id errors (repeatable).
+        #[arg(long, value_name = "ID")]
+        deny: Vec<String>,
     },
     /// Call one lifecycle phase of a handler (or the whole step) against a
     /// manifest, outside any job, and print the result as JSON. Calls with
@@ -315,8 +321,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             command: HandlersCommand::List { source, json },
         } => list(&source, json).await,
         Command::Handlers {
-            command: HandlersCommand::Audit { source, json },
-        } => audit(&source, json).await,
+            command:
+                HandlersCommand::Audit {
+                    source,
+                    json,
+                    strict,
+                    deny,
+                },
+        } => audit(&source, json, &otabox::audit::Policy { strict, deny }).await,
         Command::Handlers {
             command:
                 HandlersCommand::RunPhase {
@@ -486,10 +498,11 @@ async fn run_phase(
     })
 }
 
-async fn audit(source: &Source, json: bool) -> Result<ExitCode> {
+async fn audit(source: &Source, json: bool, policy: &otabox::audit::Policy) -> Result<ExitCode> {
     let config = device_config(source)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
+    let mut audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
+    policy.apply(&mut audits);
     if json {
         println!("{}", serde_json::to_string_pretty(&audits)?);
     } else {

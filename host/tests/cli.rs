@@ -486,3 +486,184 @@ fn run_phase_drives_single_phases_that_share_checkpoints() {
         "{failure}"
     );
 }
+
+/// The risk findings of `docs/audit.md`, by id, in `--json`.
+fn finding_ids(out: &Output, handler: &str) -> Vec<String> {
+    let audits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    audits
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|a| a["name"] == handler)
+        .expect("handler")["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| f["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+#[test]
+fn audit_warns_on_risky_grants_by_stable_id_and_strict_makes_them_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handlers = dir.path().join("handlers");
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        "[[filesystem]]\npath = \"/etc\"\naccess = \"rw\"\n\
+         [[commands]]\nprogram = \"/bin/sh\"\nargs = [\"**\"]\n\
+         [[commands]]\nprogram = \"/usr/bin/python3\"\nargs = [\"-c\", \"*\"]\n\
+         [network]\nhosts = [\"127.0.0.1\"]\n",
+    );
+    let dir_arg = handlers.display().to_string();
+    let out = otabox(&["handlers", "audit", "--dir", &dir_arg]);
+    let t = text(&out);
+    assert!(out.status.success(), "risks warn by default: {t}");
+    assert!(
+        t.contains("warning: `/bin/sh **` is runs any command") && t.contains("[shell-wildcard]"),
+        "{t}"
+    );
+    assert!(t.contains("`/usr/bin/python3 -c *`"), "{t}");
+    assert!(
+        t.contains(
+            "warning: `rw /etc` lets the handler change the system's own files [system-path-rw]"
+        ),
+        "{t}"
+    );
+    assert!(t.contains("effective /bin/sh **: runs any command"), "{t}");
+
+    let json = otabox(&["handlers", "audit", "--dir", &dir_arg, "--json"]);
+    let ids = finding_ids(&json, "hostile");
+    assert_eq!(
+        ids,
+        ["shell-wildcard", "shell-wildcard", "system-path-rw"],
+        "{}",
+        text(&json)
+    );
+
+    let strict = otabox(&["handlers", "audit", "--dir", &dir_arg, "--strict"]);
+    assert_eq!(strict.status.code(), Some(1), "{}", text(&strict));
+    assert!(
+        text(&strict).contains("error: `rw /etc`"),
+        "{}",
+        text(&strict)
+    );
+    let deny = otabox(&[
+        "handlers",
+        "audit",
+        "--dir",
+        &dir_arg,
+        "--deny",
+        "system-path-rw",
+    ]);
+    assert_eq!(deny.status.code(), Some(1), "{}", text(&deny));
+    assert!(
+        text(&deny).contains("1 error(s), 2 warning(s)"),
+        "{}",
+        text(&deny)
+    );
+}
+
+#[test]
+fn audit_and_load_refuse_narrowing_that_cannot_be_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().display().to_string();
+    let handlers = dir.path().join("handlers");
+    let hostile_caps = |fs: &str| {
+        format!("{fs}[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n")
+    };
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        &hostile_caps(&format!(
+            "[[filesystem]]\npath = \"{root}/rw\"\naccess = \"rw\"\n\
+             [[filesystem]]\npath = \"{root}/rw/ro\"\naccess = \"ro\"\n"
+        )),
+    );
+    let out = otabox(&[
+        "handlers",
+        "audit",
+        "--dir",
+        &handlers.display().to_string(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        finding_ids(&out, "hostile"),
+        ["grant-refused"],
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("inside the read-write grant"),
+        "{}",
+        text(&out)
+    );
+
+    install_handler(
+        &handlers,
+        "hostile",
+        &built_wasm("hostile"),
+        "otabox-test/hostile:1",
+        &hostile_caps(&format!(
+            "[[filesystem]]\npath = \"{root}/rw\"\naccess = \"rw\"\n"
+        )),
+    );
+    for (device, why) in [
+        (
+            format!("[handlers.hostile]\nread_only = [\"{root}/rw/sub\"]\n"),
+            "cannot be enforced",
+        ),
+        (
+            "[handlers.hostile]\ncommands = [\"/bin/true\", \"/bin/sh\"]\n".to_string(),
+            "\"/bin/sh\"",
+        ),
+    ] {
+        let config = write_config(dir.path(), &device);
+        let out = otabox(&["handlers", "audit", "--config", &config]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{device}: {t}");
+        assert!(
+            t.contains("[grant-refused]") && t.contains(why),
+            "{device}: {t}"
+        );
+        let list = text(&otabox(&["handlers", "list", "--config", &config]));
+        assert!(
+            list.contains(why),
+            "{device}: the handler must be refused: {list}"
+        );
+    }
+}
+
+#[test]
+fn audit_states_what_the_first_party_grants_really_give() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["apt", "container", "firmware"] {
+        copy_built_handler(dir.path(), name);
+    }
+    let config = write_config(
+        dir.path(),
+        "[handlers.firmware]\nenabled = false\n\
+         [handlers.firmware.config]\nbootloader = { kind = \"grub\", env = \"/boot/grub/grubenv\" }\n",
+    );
+    let t = text(&otabox(&["handlers", "audit", "--config", &config]));
+    assert!(
+        t.contains("effective /usr/bin/apt-get **: root-equivalent")
+            && t.contains("runs as root, all capabilities, no_new_privs"),
+        "{t}"
+    );
+    assert!(
+        t.contains("effective /usr/bin/docker **: network (runs containers; --privileged"),
+        "{t}"
+    );
+    assert!(
+        t.contains("effective /usr/bin/grub-editenv /boot/grub/grubenv set **: bootloader"),
+        "{t}"
+    );
+    assert!(!t.contains("writes anywhere"), "{t}");
+    assert!(t.contains("[root-equivalent]"), "{t}");
+}

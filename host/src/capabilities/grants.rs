@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::check_dir_path;
@@ -28,9 +28,17 @@ pub struct DeviceGrant {
     /// Granted directories under these are read-only whatever was declared.
     #[serde(default)]
     pub read_only: Vec<PathBuf>,
-    /// Programs whose declared rules are kept.
+    /// Programs whose declared rules are kept (each must be declared).
     #[serde(default)]
     pub commands: Option<Vec<String>>,
+    /// Deny patterns (`deny_args`) of the declared rules lifted on this
+    /// device, per program: `"/usr/bin/docker" = ["--privileged"]`.
+    #[serde(default)]
+    pub allow_args: BTreeMap<String, Vec<String>>,
+    /// How each command is contained: `auto` (its own cgroup where cgroup2
+    /// allows, else the subreaper) or `subreaper`.
+    #[serde(default)]
+    pub command_isolation: CommandIsolation,
     /// Declared devices the device allows (absent: all declared).
     #[serde(default)]
     pub devices: Option<Vec<PathBuf>>,
@@ -55,6 +63,19 @@ pub struct DeviceGrant {
 
 fn yes() -> bool {
     true
+}
+
+/// How the processes of a command are kept together, so that all of them
+/// end with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandIsolation {
+    /// Its own cgroup v2 (killed with `cgroup.kill`) where one can be made,
+    /// else `subreaper`.
+    #[default]
+    Auto,
+    /// A per-command subreaper whose every descendant is found and killed.
+    Subreaper,
 }
 
 /// A directory granted to a handler.
@@ -83,6 +104,8 @@ pub struct Grants {
     pub limits: Limits,
     /// Capabilities linked with nothing granted (`[stubs] refuse`).
     pub stubbed: Vec<Capability>,
+    /// How commands are contained.
+    pub command_isolation: CommandIsolation,
 }
 
 impl Grants {
@@ -133,23 +156,15 @@ impl DeviceGrant {
 }
 
 impl Grants {
-    /// The declared capabilities of `manifest`, narrowed by `device`.
-    pub fn narrow(manifest: &HandlerManifest, device: Option<&DeviceGrant>) -> Self {
+    /// The declared capabilities of `manifest`, narrowed by `device`. A
+    /// narrowing that cannot be enforced, or that names what the handler
+    /// does not declare, is an error naming it.
+    pub fn narrow(manifest: &HandlerManifest, device: Option<&DeviceGrant>) -> Result<Self> {
         let default = DeviceGrant::default();
         let device = device.unwrap_or(&default);
-        Self {
-            paths: narrow_paths(manifest, device),
-            commands: manifest
-                .commands
-                .iter()
-                .filter(|r| {
-                    device
-                        .commands
-                        .as_ref()
-                        .is_none_or(|allowed| allowed.contains(&r.program))
-                })
-                .cloned()
-                .collect(),
+        Ok(Self {
+            paths: narrow_paths(manifest, device)?,
+            commands: narrow_commands(manifest, device)?,
             devices: manifest
                 .devices
                 .iter()
@@ -187,12 +202,69 @@ impl Grants {
                     }),
             },
             stubbed: manifest.stubs.refuse.clone(),
-        }
+            command_isolation: device.command_isolation,
+        })
     }
 }
 
-fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Vec<PathGrant> {
+/// The declared rules of the programs the device keeps, as granted there.
+fn narrow_commands(manifest: &HandlerManifest, device: &DeviceGrant) -> Result<Vec<CommandRule>> {
+    let declared = |program: &String| manifest.commands.iter().any(|r| &r.program == program);
+    for program in device
+        .commands
+        .iter()
+        .flatten()
+        .chain(device.allow_args.keys())
+    {
+        if !declared(program) {
+            bail!(
+                "device config lists program {program:?} (`commands`/`allow_args`), which the handler does not declare"
+            );
+        }
+    }
     let mut granted = Vec::new();
+    for rule in &manifest.commands {
+        let kept = device
+            .commands
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(&rule.program));
+        if !kept {
+            continue;
+        }
+        let allowed: Vec<String> = device
+            .allow_args
+            .get(&rule.program)
+            .into_iter()
+            .flatten()
+            .filter(|lift| rule.deny_args.contains(lift))
+            .cloned()
+            .collect();
+        if let Some(rule) = rule.for_device(device.config.as_ref(), &allowed)? {
+            granted.push(rule);
+        }
+    }
+    for (program, lifts) in &device.allow_args {
+        for lift in lifts {
+            let denied = manifest
+                .commands
+                .iter()
+                .any(|r| &r.program == program && r.deny_args.contains(lift));
+            if !denied {
+                bail!(
+                    "device config `allow_args` lifts {lift:?} for {program:?}, which none of its rules denies"
+                );
+            }
+        }
+    }
+    Ok(granted)
+}
+
+/// The granted directories: per guest path the most specific declared rule
+/// that covers it, made read-only under `read_only`. A read-only grant
+/// inside a read-write one cannot be enforced (the guest writes it through
+/// the outer directory) and is refused.
+fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Result<Vec<PathGrant>> {
+    let mut chosen: Vec<(PathBuf, &super::PathRule)> = Vec::new();
     for rule in &manifest.filesystem {
         let guests: Vec<PathBuf> = match &device.paths {
             None => vec![rule.path.clone()],
@@ -206,20 +278,54 @@ fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Vec<PathGra
                 .collect(),
         };
         for guest in guests {
+            match chosen.iter_mut().find(|(g, _)| *g == guest) {
+                Some((_, kept))
+                    if rule.path.components().count() > kept.path.components().count() =>
+                {
+                    *kept = rule;
+                }
+                Some(_) => {}
+                None => chosen.push((guest, rule)),
+            }
+        }
+    }
+    let granted: Vec<PathGrant> = chosen
+        .into_iter()
+        .map(|(guest, rule)| {
             let access = if device.read_only.iter().any(|ro| guest.starts_with(ro)) {
                 Access::ReadOnly
             } else {
                 rule.access
             };
-            let host = mount(&guest, &device.mounts);
-            granted.push(PathGrant {
+            PathGrant {
+                host: mount(&guest, &device.mounts),
                 guest,
-                host,
                 access,
-            });
+            }
+        })
+        .collect();
+    let rw = || granted.iter().filter(|g| g.access == Access::ReadWrite);
+    for ro in &device.read_only {
+        if let Some(outer) = rw().find(|g| ro.starts_with(&g.guest) && *ro != g.guest) {
+            bail!(
+                "device config `read_only` {} lies inside the read-write grant {} and cannot be enforced; make {} read-only or narrow `paths`",
+                ro.display(),
+                outer.guest.display(),
+                outer.guest.display()
+            );
         }
     }
-    granted
+    for inner in granted.iter().filter(|g| g.access == Access::ReadOnly) {
+        if let Some(outer) = rw().find(|g| inner.guest.starts_with(&g.guest)) {
+            bail!(
+                "read-only {} lies inside the read-write grant {}: the handler could write it through {}",
+                inner.guest.display(),
+                outer.guest.display(),
+                outer.guest.display()
+            );
+        }
+    }
+    Ok(granted)
 }
 
 /// Maps a handler path to the device path through the longest mount prefix.
@@ -258,7 +364,7 @@ mod tests {
 
     #[test]
     fn no_device_section_grants_what_is_declared() {
-        let g = Grants::narrow(&manifest(), None);
+        let g = Grants::narrow(&manifest(), None).expect("narrow");
         assert_eq!(g.paths.len(), 2);
         assert_eq!(g.commands.len(), 2);
         assert_eq!(g.network.len(), 2);
@@ -272,7 +378,7 @@ mod tests {
              network = []\nmemory_mb = 512\ncall_timeout_ms = 10\n[mounts]\n\"/srv/data\" = \"/mnt/x\"\n",
         )
         .expect("device grant");
-        let g = Grants::narrow(&manifest(), Some(&device));
+        let g = Grants::narrow(&manifest(), Some(&device)).expect("narrow");
         assert_eq!(
             g.paths,
             vec![PathGrant {
@@ -294,5 +400,80 @@ mod tests {
             "a device cannot raise the declared cap"
         );
         assert_eq!(g.limits.call_timeout_ms, 10);
+    }
+
+    fn with_paths(rules: &str) -> HandlerManifest {
+        HandlerManifest::parse(&format!(
+            "[handler]\nupdate_types=[\"a/b:1\"]\nsha256=\"{}\"\n{rules}\n\
+             [[commands]]\nprogram=\"/bin/true\"\n",
+            "a".repeat(64)
+        ))
+        .expect("valid manifest")
+    }
+
+    fn narrowed(manifest: &HandlerManifest, device: &str) -> Result<Vec<String>> {
+        let device: DeviceGrant = toml::from_str(device).expect("device grant");
+        Ok(Grants::narrow(manifest, Some(&device))?
+            .paths
+            .iter()
+            .map(|p| format!("{:?} {}", p.access, p.guest.display()))
+            .collect())
+    }
+
+    #[test]
+    fn a_read_only_grant_inside_a_read_write_one_is_refused() {
+        let nested = with_paths(
+            "[[filesystem]]\npath=\"/srv/rw\"\naccess=\"rw\"\n[[filesystem]]\npath=\"/srv/rw/ro\"\naccess=\"ro\"\n",
+        );
+        let err = Grants::narrow(&nested, None).expect_err("nested ro in rw");
+        assert!(
+            format!("{err:#}").contains("inside the read-write grant /srv/rw"),
+            "{err:#}"
+        );
+        let rw = with_paths("[[filesystem]]\npath=\"/srv/rw\"\naccess=\"rw\"\n");
+        let err = narrowed(&rw, "read_only = [\"/srv/rw/sub\"]\n").expect_err("unenforceable");
+        assert!(format!("{err:#}").contains("cannot be enforced"), "{err:#}");
+        assert_eq!(
+            narrowed(&rw, "read_only = [\"/srv/rw\"]\n").expect("whole grant ro"),
+            ["ReadOnly /srv/rw"]
+        );
+        assert_eq!(
+            narrowed(
+                &rw,
+                "paths = [\"/srv/rw/a\"]\nread_only = [\"/srv/rw/a\"]\n"
+            )
+            .expect("narrowed ro"),
+            ["ReadOnly /srv/rw/a"]
+        );
+    }
+
+    #[test]
+    fn two_device_paths_give_two_grants_and_nothing_else() {
+        let m = with_paths(
+            "[[filesystem]]\npath=\"/srv\"\naccess=\"rw\"\n[[filesystem]]\npath=\"/srv/a\"\naccess=\"ro\"\n",
+        );
+        assert_eq!(
+            narrowed(&m, "paths = [\"/srv/a\", \"/srv/b\"]\n").expect("narrow"),
+            ["ReadOnly /srv/a", "ReadWrite /srv/b"],
+            "one grant per path, from the most specific rule"
+        );
+    }
+
+    #[test]
+    fn an_undeclared_program_or_lift_is_refused() {
+        let m = with_paths("");
+        let err =
+            narrowed(&m, "commands = [\"/bin/true\", \"/bin/sh\"]\n").expect_err("undeclared");
+        assert!(
+            format!("{err:#}").contains("\"/bin/sh\"")
+                && format!("{err:#}").contains("does not declare"),
+            "{err:#}"
+        );
+        let err =
+            narrowed(&m, "[allow_args]\n\"/bin/true\" = [\"--x\"]\n").expect_err("no such deny");
+        assert!(
+            format!("{err:#}").contains("none of its rules denies"),
+            "{err:#}"
+        );
     }
 }

@@ -4,11 +4,13 @@
 mod commands;
 mod devices;
 mod grants;
+mod identity;
 mod imports;
 mod manifest;
 
 pub use commands::{ArgPattern, CommandRule, Denial, authorize as commands_authorize};
 pub use devices::{DeviceInWritablePath, devices_in_writable_paths};
-pub use grants::{DeviceGrant, Grants, PathGrant};
+pub use grants::{CommandIsolation, DeviceGrant, Grants, PathGrant};
+pub use identity::{CapSet, RunAs};
 pub use imports::{Capability, classify_import};
 pub use manifest::{Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule};

@@ -161,7 +161,8 @@ impl Runtime {
         let wasm = std::fs::read(&wasm_path)
             .with_context(|| format!("handler {name}: cannot read {}", wasm_path.display()))?;
         let sha256 = verify_hash(&name, &wasm, &manifest, &wasm_path, manifest_path)?;
-        let grants = Grants::narrow(&manifest, device);
+        let grants = Grants::narrow(&manifest, device)
+            .with_context(|| format!("handler {name}: device config"))?;
         prepare_paths(&name, &grants)?;
         let (component, cache) = self
             .cache

@@ -3,6 +3,7 @@
 //! side effect; a refusal is a `host-error` returned to the guest.
 
 pub mod checkpoint;
+pub mod confine;
 pub mod context;
 pub mod devices;
 pub mod payloads;

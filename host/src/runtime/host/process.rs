@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::capabilities::commands_authorize;
+use super::confine::{self, Privileges};
+use crate::capabilities::{CommandIsolation, commands_authorize};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::otabox::handler::process::{Command, Host, Output};
 use crate::runtime::state::HostState;
@@ -25,20 +26,24 @@ const MAX_ARG_BYTES: usize = 1 << 20;
 
 impl Host for HostState {
     async fn run(&mut self, cmd: Command) -> wasmtime::Result<Result<Output, HostError>> {
-        if let Err(error) = self.authorize(&cmd) {
-            tracing::warn!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "denied: {error:?}");
-            return Ok(Err(error));
-        }
+        let privileges = match self.authorize(&cmd) {
+            Ok(privileges) => privileges,
+            Err(error) => {
+                tracing::warn!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "denied: {error:?}");
+                return Ok(Err(error));
+            }
+        };
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let limit = cmd.timeout_ms.map_or(remaining, |ms| {
             remaining.min(Duration::from_millis(ms.into()))
         });
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
-        let (cmd, payloads) = match self.with_payload_paths(cmd) {
+        let (cmd, payloads) = match self.with_payload_paths(cmd, &privileges) {
             Ok(substituted) => substituted,
             Err(error) => return Ok(Err(error)),
         };
-        Ok(execute(cmd, &payloads, limit).await)
+        let isolation = self.grants.command_isolation;
+        Ok(execute(cmd, &payloads, limit, &privileges, isolation).await)
     }
 }
 
@@ -47,15 +52,34 @@ fn payload_placeholder(arg: &str) -> Option<&str> {
     arg.strip_prefix("{payload:")?.strip_suffix('}')
 }
 
+/// `CAP_SYS_PTRACE`: what a process needs to open another one's
+/// `/proc/<pid>/fd/N` when that process holds more capabilities.
+const CAP_SYS_PTRACE: u64 = 1 << 19;
+
 impl HostState {
-    /// Replaces each `{payload:NAME}` argument with `/proc/<agent>/fd/N`: N
-    /// a read-only descriptor of the step's verified payload `NAME`, open in
-    /// the agent (close-on-exec) until the program ends. The path reveals
-    /// nothing of where the host keeps the payload, and it works for a tool
-    /// that hands it to a service of its own (`rauc install` → the RAUC
-    /// service), where `/proc/self/fd/N` would name the service's
-    /// descriptors. An unknown or unverified payload is refused.
-    fn with_payload_paths(&self, mut cmd: Command) -> Result<(Command, Vec<File>), HostError> {
+    /// Replaces each `{payload:NAME}` argument with a path to N, a
+    /// read-only descriptor of the step's verified payload `NAME`, open in
+    /// the agent until the program ends; the path reveals nothing of where
+    /// the host keeps the payload. A program that keeps `CAP_SYS_PTRACE`
+    /// as root (root-equivalent rules, such as `rauc install`, which hands
+    /// the path to a service of its own) gets `/proc/<agent>/fd/N`; any
+    /// other gets `/proc/self/fd/N`, N being inherited by it (it could not
+    /// open the agent's). An unknown or unverified payload is refused.
+    fn with_payload_paths(
+        &self,
+        mut cmd: Command,
+        privileges: &Privileges,
+    ) -> Result<(Command, Vec<File>), HostError> {
+        let owner = if privileges.keep.0 & CAP_SYS_PTRACE != 0
+            && privileges
+                .run_as
+                .as_ref()
+                .is_none_or(|r| r.uid.is_none_or(|uid| uid == 0))
+        {
+            std::process::id().to_string()
+        } else {
+            "self".to_string()
+        };
         let mut opened = Vec::new();
         for arg in &mut cmd.args {
             let Some(name) = payload_placeholder(arg) else {
@@ -76,13 +100,15 @@ impl HostState {
             })?;
             let file = File::open(path)
                 .map_err(|e| HostError::Failed(format!("payload {name:?}: {e}")))?;
-            *arg = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+            *arg = format!("/proc/{owner}/fd/{}", file.as_raw_fd());
             opened.push(file);
         }
         Ok((cmd, opened))
     }
 
-    fn authorize(&self, cmd: &Command) -> Result<(), HostError> {
+    /// Checks the command against the rules; the privileges of the rule
+    /// that allows it.
+    fn authorize(&self, cmd: &Command) -> Result<Privileges, HostError> {
         let arg_bytes: usize = cmd.args.iter().map(String::len).sum();
         if cmd.args.len() > MAX_ARGS || arg_bytes > MAX_ARG_BYTES {
             return Err(HostError::Invalid(format!(
@@ -101,25 +127,39 @@ impl HostState {
                 "NUL byte in program, argument or environment".into(),
             ));
         }
-        commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
+        let rule = commands_authorize(&self.grants.commands, &cmd.program, &cmd.args, &cmd.env)
             .map_err(|denial| HostError::Denied(denial.0))?;
         if self.scope.cancel.is_cancelled() {
             return Err(HostError::TimedOut("the job was cancelled".into()));
         }
-        Ok(())
+        Ok(Privileges {
+            run_as: rule.run_as.clone(),
+            keep: rule.keeps(),
+            keep_running: rule.keep_running,
+        })
     }
 }
 
-/// Runs `cmd`; `payloads` stay open until it ends.
-async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Output, HostError> {
-    let mut child = tokio::process::Command::new(&cmd.program)
+/// Runs `cmd` confined (see [`confine`](super::confine)) with
+/// `privileges`: when the program exits, whatever it left running is killed;
+/// at `limit`, or when the call is dropped, everything it started is. The
+/// `payloads` stay open until it ends and are inherited by it.
+async fn execute(
+    cmd: Command,
+    payloads: &[File],
+    limit: Duration,
+    privileges: &Privileges,
+    isolation: CommandIsolation,
+) -> Result<Output, HostError> {
+    let mut command = tokio::process::Command::new(&cmd.program);
+    inherit(&mut command, payloads);
+    command
         .args(&cmd.args)
         .env_clear()
         .env("PATH", FIXED_PATH)
         .env("LANG", "C.UTF-8")
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
-        // Its own process group, so a timeout ends its children too.
         .process_group(0)
         .stdin(if cmd.stdin.is_some() {
             Stdio::piped()
@@ -128,10 +168,9 @@ async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Ou
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    let (mut child, mut confined) = confine::spawn(&mut command, privileges, isolation)
         .map_err(|e| HostError::Failed(format!("cannot start {}: {e}", cmd.program)))?;
-    let group = child.id();
     let stdin = child.stdin.take().zip(cmd.stdin);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -142,13 +181,17 @@ async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Ou
         }
     };
     let run = async {
-        let ((), out, err, status) =
-            tokio::join!(feed, read_capped(stdout), read_capped(stderr), child.wait());
+        let ((), out, err, status) = tokio::join!(
+            feed,
+            read_capped(stdout),
+            read_capped(stderr),
+            confined.wait(&mut child)
+        );
         (out, err, status)
     };
     match tokio::time::timeout(limit, run).await {
         Err(_) => {
-            kill_group(group);
+            let _ = confined.kill_all();
             Err(HostError::TimedOut(format!(
                 "{} ran longer than {} ms and was killed with its children",
                 cmd.program,
@@ -168,16 +211,25 @@ async fn execute(cmd: Command, _payloads: &[File], limit: Duration) -> Result<Ou
     }
 }
 
-/// Kills the process group led by `leader` (the program and whatever it
-/// started), so nothing it spawned outlives a timeout.
-fn kill_group(leader: Option<u32>) {
-    let Some(pgid) = leader.and_then(|p| libc::pid_t::try_from(p).ok()) else {
+/// Lets the program inherit `files` at their numbers (the agent opens
+/// them close-on-exec).
+fn inherit(command: &mut tokio::process::Command, files: &[File]) {
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    if fds.is_empty() {
         return;
-    };
-    // SAFETY: killpg only sends a signal; the group was created for this
-    // child (`process_group(0)`), so no other process is addressed.
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls fcntl, which is async-signal-safe, on descriptors the child
+    // inherited from the agent.
     unsafe {
-        libc::killpg(pgid, libc::SIGKILL);
+        command.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 
