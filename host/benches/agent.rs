@@ -33,7 +33,11 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let broker = Mosquitto::start(&dir.join("broker"));
     let config = lay_out(&dir, broker.port);
-    let cloud = TestClient::connect(broker.port, "bench-cloud", &["state/dev-1/update"]);
+    let cloud = TestClient::connect(
+        broker.port,
+        "bench-cloud",
+        &["state/dev-1/update", "bench/echo"],
+    );
 
     let mut start_times = Vec::new();
     let mut rss_kib;
@@ -87,7 +91,74 @@ fn deploy_latency(
         latencies.push(sent.elapsed());
         assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
     }
+    // The broker's share: the same client publishing to itself through
+    // mosquitto (one round trip, no agent).
+    let mut echoes = Vec::new();
+    for n in 0..jobs {
+        let sent = Instant::now();
+        cloud.publish("bench/echo", format!("{{\"echo\":{n}}}"));
+        cloud.wait_for(WAIT, "the echo", |m| m.json.get("echo") == Some(&n.into()));
+        echoes.push(sent.elapsed());
+    }
+    echoes.sort();
+    let calibration = Calibration::measure(dir);
     report(start_times, rss_kib, &mut latencies, quick);
+    let median = |v: &[Duration]| v[v.len() / 2];
+    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "{:<58} {:>10}",
+        "broker round trip alone (echo, median)",
+        ms(median(&echoes))
+    );
+    println!(
+        "{:<58} {:>10}",
+        "delta -> ack, agent's share (median - echo median)",
+        ms(median(latencies).saturating_sub(median(&echoes)))
+    );
+    calibration.print();
+}
+
+/// This machine's speed today: the figures scale with both.
+struct Calibration {
+    /// sha256 throughput of one core, MB/s.
+    sha256_mb_s: f64,
+    /// One write + fsync of a small file in the state directory's
+    /// filesystem, median.
+    fsync: Duration,
+}
+
+impl Calibration {
+    fn measure(dir: &Path) -> Self {
+        use sha2::Digest;
+        let data = vec![0x5au8; 64 << 20];
+        let start = Instant::now();
+        std::hint::black_box(sha2::Sha256::digest(&data));
+        let sha256_mb_s = 64.0 * 1.048_576 / start.elapsed().as_secs_f64();
+        let path = dir.join("fsync-probe");
+        let mut times: Vec<Duration> = (0..50)
+            .map(|i| {
+                use std::io::Write;
+                let start = Instant::now();
+                let mut f = std::fs::File::create(&path).expect("probe");
+                f.write_all(format!("{i}").as_bytes()).expect("write");
+                f.sync_all().expect("fsync");
+                start.elapsed()
+            })
+            .collect();
+        times.sort();
+        Self {
+            sha256_mb_s,
+            fsync: times[times.len() / 2],
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "calibration: sha256 {:.0} MB/s on one core; write + fsync of a small file {:.2} ms (median)",
+            self.sha256_mb_s,
+            self.fsync.as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn report(start_times: &[Duration], rss_kib: u64, latencies: &mut [Duration], quick: bool) {

@@ -428,3 +428,27 @@ fn a_report_the_broker_refuses_is_trimmed_and_later_reports_still_flow() {
     assert!(losses <= 8, "{losses} reconnects:\n{log}");
     assert!(log.contains("reports are limited to"), "{log}");
 }
+
+#[test]
+fn a_handler_returning_a_2_mib_message_fails_its_job_and_the_next_one_succeeds() {
+    let mut rig = Rig::start(100);
+    let seen = rig.deploy("flood", b"unused\n", |step| {
+        *step = json!({"updateType": "otabox-test/hostile:1",
+                       "manifest": {"action": "status", "text": "flood\n", "bytes": 2 << 20, "details": 1000}});
+    });
+    let (status, reported) = outcome(&seen);
+    assert_eq!(status, "FAILURE", "{}", rig.agent.log());
+    let message = reported["lastResult"]["message"].as_str().unwrap_or("");
+    assert!(
+        (1..=1024).contains(&message.len()) && message.starts_with("flood\\n"),
+        "{message:?}"
+    );
+    assert_reports_within(&seen, 64 << 10);
+    let seen = rig.deploy("after-flood", b"fine\n", |_| {});
+    assert_eq!(outcome(&seen).0, "SUCCESS", "{}", rig.agent.log());
+    assert!(
+        !rig.agent.log().contains("connection lost"),
+        "{}",
+        rig.agent.log()
+    );
+}

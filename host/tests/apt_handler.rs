@@ -547,7 +547,9 @@ fn an_agent_package_restarts_the_agent_which_completes_the_job() {
         log.contains("restarting the agent as the update asked"),
         "{log}"
     );
-    let criteria = "/state/reported/deployment/installed/microsoft~1apt:1";
+    // Deployed as microsoft/apt:1, reported under the handler's canonical
+    // update type, as the inventory is.
+    let criteria = "/state/reported/deployment/installed/otabox~1apt:1";
     assert!(
         seen.iter()
             .any(|m| m.json.pointer(criteria) == Some(&json!("otabox-agent-2.0"))),

@@ -63,11 +63,23 @@ async fn rig_with(login: Option<(&str, &str)>) -> Rig {
 
 /// The built container handler in `root/handlers` with `config`.
 async fn load(rt: &Runtime, root: &Path, config: Value) -> Handler {
+    load_lifting(rt, root, config, &[]).await
+}
+
+/// Same, the device lifting the docker rule's `deny_args` in `lifts` (the
+/// host's layer of the consent the handler's `allow` gives).
+async fn load_lifting(rt: &Runtime, root: &Path, config: Value, lifts: &[&str]) -> Handler {
     let manifest = common::copy_built_handler(root, "container");
-    let grant = DeviceGrant {
+    let mut grant = DeviceGrant {
         config: Some(toml::Table::try_from(config).expect("config")),
         ..DeviceGrant::default()
     };
+    if !lifts.is_empty() {
+        grant.allow_args.insert(
+            "/usr/bin/docker".into(),
+            lifts.iter().map(|l| l.to_string()).collect(),
+        );
+    }
     rt.load_handler(&manifest, Some(&grant))
         .await
         .expect("load the container handler")
@@ -814,7 +826,13 @@ async fn host_reaching_options_need_the_devices_consent() {
     config["start_timeout_ms"] = json!(10000);
     config["allow"] = json!({"binds": [data_text], "capabilities": ["NET_ADMIN"],
                              "devices": ["/dev/null"]});
-    let consenting = load(&r.rt, &r.root.join("consent"), config).await;
+    let consenting = load_lifting(
+        &r.rt,
+        &r.root.join("consent"),
+        config,
+        &["--volume=/*", "--cap-add*", "--device*"],
+    )
+    .await;
     r.engine.publish(
         &r.image("app:2.0"),
         "app 2.0",

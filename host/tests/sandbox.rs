@@ -1225,9 +1225,10 @@ async fn audit_errs_on_a_device_inside_a_writable_grant() {
     );
 }
 
-/// `{payload:NAME}` reaches a program as `/proc/<agent>/fd/N`, a read-only
-/// descriptor of the agent: `echo` shows nothing of where the host keeps
-/// the payload, and `cat` still reads its bytes.
+/// `{payload:NAME}` reaches a program as `/proc/self/fd/N`, a read-only
+/// descriptor it inherits from the agent (a rule keeping no capabilities
+/// could not open the agent's `/proc/<pid>/fd`): `echo` shows nothing of
+/// where the host keeps the payload, and `cat` still reads its bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_argument_reveals_no_host_path() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1259,8 +1260,7 @@ async fn a_payload_argument_reveals_no_host_path() {
     };
     let echoed = success(run("/bin/echo", json!(["{payload:p.bin}"])).await);
     assert!(!echoed.contains("state-jobs-42"), "{echoed}");
-    let fd_path = format!("stdout=/proc/{}/fd/", std::process::id());
-    assert!(echoed.contains(&fd_path), "{echoed}");
+    assert!(echoed.contains("stdout=/proc/self/fd/"), "{echoed}");
     let read = success(run("/bin/cat", json!(["{payload:p.bin}"])).await);
     assert!(read.contains("stdout=payload bytes"), "{read}");
 }

@@ -66,7 +66,7 @@ mod tests {
             "a".repeat(64)
         ))
         .expect("manifest");
-        Grants::narrow(&manifest, device)
+        Grants::narrow(&manifest, device).expect("narrow")
     }
 
     #[test]

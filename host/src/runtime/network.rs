@@ -205,6 +205,7 @@ mod tests {
             network: vec!["updates.example:443".into(), "10.0.0.1".into()],
             limits: crate::capabilities::Limits::default(),
             stubbed: vec![],
+            command_isolation: Default::default(),
         };
         for name in ["updates.example", "UPDATES.example", "updates.example."] {
             assert_eq!(

@@ -314,6 +314,7 @@ fn act(action: Action) -> Outcome {
 /// Recurses until the stack overflows: with `shadow`, each frame keeps 4
 /// KiB in the shadow stack of linear memory (which then wraps below
 /// address 0); without, frames live only on the engine's call stack.
+#[allow(unconditional_recursion)]
 fn recurse(shadow: bool, depth: u64) -> u64 {
     if !shadow {
         return 1 + std::hint::black_box(recurse(false, std::hint::black_box(depth) + 1));
