@@ -113,7 +113,7 @@ fn deploy_latency(
     println!(
         "{:<58} {:>10}",
         "delta -> ack, agent's share (median - echo median)",
-        ms(median(latencies).saturating_sub(median(&echoes)))
+        ms(median(&latencies).saturating_sub(median(&echoes)))
     );
     calibration.print();
 }

@@ -690,12 +690,7 @@ fn live_report(shared: &Shared, change: impl FnOnce(&mut Live)) -> String {
         change(&mut live);
         live.clone()
     };
-    let mut reported = shared
-        .journal
-        .shadow()
-        .ok()
-        .and_then(|s| s.reported)
-        .unwrap_or_else(idle_state);
+    let mut reported = stored_reported(shared);
     if let Some(state) = live.state {
         reported.agent.state = state;
     }
@@ -704,6 +699,16 @@ fn live_report(shared: &Shared, change: impl FnOnce(&mut Live)) -> String {
     }
     reported.progress = live.progress;
     reported_payload(shared, &reported)
+}
+
+/// The reported state as last stored (idle when none is).
+fn stored_reported(shared: &Shared) -> ReportedState {
+    shared
+        .journal
+        .shadow()
+        .ok()
+        .and_then(|s| s.reported)
+        .unwrap_or_else(idle_state)
 }
 
 /// How long a state change waits before it is reported: a job that ends
@@ -740,12 +745,7 @@ fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
 /// every state file as it was.
 fn rejection(shared: &Shared, payload: &[u8], reason: &str) -> Option<String> {
     tracing::warn!("rejected delta: {reason}");
-    let mut reported = shared
-        .journal
-        .shadow()
-        .ok()
-        .and_then(|s| s.reported)
-        .unwrap_or_else(idle_state);
+    let mut reported = stored_reported(shared);
     reported.last_rejected = Some(rejected_delta(
         payload,
         shared.config.mqtt.max_message_bytes,
