@@ -3,7 +3,8 @@
 //!
 //! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
 //! (what a handler may do), [`runtime`] (loading and calling handlers),
-//! [`audit`] (declared vs real imports), [`trust`] (payload verification),
+//! [`audit`] (declared vs real imports), [`console`] (the command line's
+//! stdout and log colours), [`trust`] (payload verification),
 //! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
 //! [`demo`] (the self-contained walkthrough).
 
@@ -11,6 +12,7 @@ pub mod agent;
 pub mod audit;
 pub mod capabilities;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod download;
 pub mod durable;
