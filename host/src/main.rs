@@ -191,7 +191,9 @@ struct Source {
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Handler directory to use instead of the config's (without a config
-    /// file, every handler gets what it declares).
+    /// file, every handler gets what it declares, and checkpoints and the
+    /// compiled-component cache live in `$XDG_STATE_HOME/otabox`, default
+    /// `~/.local/state/otabox`).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -414,14 +416,35 @@ fn device_config(source: &Source) -> Result<DeviceConfig> {
             .with_context(|| "pass --config FILE, or --dir DIR for a bare handler directory")?
     } else {
         let mut config = DeviceConfig::default();
-        config.paths.cache = Some(std::env::temp_dir().join("otabox-cache"));
-        config.paths.state = std::env::temp_dir().join("otabox-state");
+        config.paths.state = user_state_dir()?;
+        config.paths.cache = None;
         config
     };
     if let Some(dir) = &source.dir {
         config.paths.handlers = dir.clone();
     }
     Ok(config)
+}
+
+/// Where a bare `--dir` keeps `run-phase` checkpoints (`tryout/JOB`) and
+/// the compiled-component cache (`cache`): `$XDG_STATE_HOME/otabox`, else
+/// `~/.local/state/otabox`, created 0700. Never a shared directory such as
+/// /tmp, where another user could plant checkpoints or native code that
+/// the cache loads unchecked.
+fn user_state_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|d| Path::new(d).is_absolute()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|h| Path::new(h).is_absolute())
+                .context("HOME is not set: pass --config FILE with [paths] state")?;
+            PathBuf::from(home).join(".local/state")
+        }
+    };
+    let dir = base.join("otabox");
+    otabox::durable::create_private_dir(&dir)?;
+    otabox::durable::make_private(&dir)?;
+    Ok(dir)
 }
 
 async fn list(source: &Source, json: bool) -> Result<ExitCode> {

@@ -671,3 +671,74 @@ fn every_printing_command_exits_quietly_when_its_reader_goes_away() {
         "the demo cleaned up its directory as it stopped"
     );
 }
+
+#[test]
+fn run_phase_with_a_bare_dir_keeps_state_and_cache_private_to_the_user_not_in_tmp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, tmp, files) = (
+        dir.path().join("home"),
+        dir.path().join("tmp"),
+        dir.path().join("files"),
+    );
+    for d in [&home, &tmp, &files] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let handlers = dir.path().join("handlers");
+    install_handler(
+        &handlers,
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["handlers", "run-phase", "--config", "/nonexistent/device.toml", "--dir"])
+        .arg(&handlers)
+        .args(["--handler", "file", "--phase", "backup", "--job", "try-7", "--manifest"])
+        .arg(r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#)
+        .env("HOME", &home)
+        .env_remove("XDG_STATE_HOME")
+        .env("TMPDIR", &tmp)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox");
+    // The file handler's backup of a missing mount fails or succeeds; what
+    // matters is where the checkpoint store and the compiled cache went.
+    let _ = out.status;
+    assert_eq!(
+        std::fs::read_dir(&tmp).expect("tmp").count(),
+        0,
+        "another user can plant checkpoints and native code in a shared temporary directory: {}",
+        text(&out)
+    );
+    let state = home.join(".local/state/otabox");
+    assert!(state.join("tryout/try-7").is_dir(), "{}", text(&out));
+    assert!(state.join("cache").is_dir(), "{}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&state)
+        .expect("state")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "the state directory is the user's alone");
+
+    let xdg = dir.path().join("xdg");
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args([
+            "handlers",
+            "run-phase",
+            "--config",
+            "/nonexistent/device.toml",
+            "--dir",
+        ])
+        .arg(&handlers)
+        .args(["--handler", "file", "--phase", "describe"])
+        .env("HOME", &home)
+        .env("XDG_STATE_HOME", &xdg)
+        .env("TMPDIR", &tmp)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(xdg.join("otabox/cache").is_dir(), "{}", text(&out));
+}
