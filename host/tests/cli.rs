@@ -34,6 +34,27 @@ fn write_config(dir: &Path, body: &str) -> String {
     path.display().to_string()
 }
 
+/// The `file` handler in `dir/handlers`, its `/var/lib/otabox/files`
+/// mounted at `dir/files` (created); returns the config path.
+fn file_handler_config(dir: &Path) -> String {
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("files");
+    install_handler(
+        &dir.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    write_config(
+        dir,
+        &format!(
+            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
+            files.display()
+        ),
+    )
+}
+
 const FILE_CAPS: &str = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
 
 #[test]
@@ -417,23 +438,9 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
 fn run_phase_drives_single_phases_that_share_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     let files = dir.path().join("files");
-    std::fs::create_dir_all(&files).expect("files");
+    let config = file_handler_config(dir.path());
     std::fs::write(files.join("app.conf"), "v1\n").expect("previous");
     std::fs::write(dir.path().join("app.conf"), "v2\n").expect("payload");
-    install_handler(
-        &dir.path().join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
-            files.display()
-        ),
-    );
     let payload = format!("app.conf={}", dir.path().join("app.conf").display());
     let manifest = r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#;
     let run_phase = |phase: &str, manifest: &str, extra: &[&str]| {
@@ -609,23 +616,7 @@ fn with_stdout_closed(args: &[&str]) -> (std::process::ExitStatus, String) {
 #[test]
 fn every_printing_command_exits_quietly_when_its_reader_goes_away() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files).expect("files");
-    let handlers = dir.path().join("handlers");
-    install_handler(
-        &handlers,
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
-            files.display()
-        ),
-    );
+    let config = file_handler_config(dir.path());
     let db = dir.path().join("fleet.db").display().to_string();
     assert!(
         otabox(&["fleet", "--db", &db, "register", "pump-1"])
