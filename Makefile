@@ -3,17 +3,24 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/otabox/target
 SHELL := /bin/bash
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-demo demo test bench
 
-## Install the wasm32-wasip2 target and the system packages the tests use.
+## Install what the demo needs: mosquitto, nginx-light and the wasm32-wasip2
+## target.
+setup-demo:
+	@bash .ci/setup-demo
+
+## Install that, and the system packages and toolchains the tests use.
 setup:
 	@bash .ci/setup
 
-## Walk through a whole update with the built-in file handler.
-demo: setup
+## Walk through a whole update with the built-in file handler (builds only
+## the handler the binary embeds, not the test guests).
+demo: setup-demo
 	cargo run -p otabox -- demo
 
-## Run the whole test suite (the wasm handlers are built by host/build.rs,
+## Run the whole test suite (the wasm handlers are built by host/build.rs and
+## host/tests/guests/packaged/build.rs,
 ## the example handlers in other languages by their build.sh; a missing
 ## toolchain fails the run), and the benchmarks as short smoke runs so they
 ## cannot rot.

@@ -21,6 +21,7 @@ use crate::builtin;
 use crate::config::DeviceConfig;
 use crate::runtime::{PayloadFile, ProgressSink, Runtime, sha256_hex};
 use crate::workflow::{StepReport, StepRequest, StepResult, run_step};
+use crate::{out, outln};
 
 /// Where the demo lives and what it left behind.
 pub struct DemoOutcome {
@@ -34,12 +35,12 @@ pub struct DemoOutcome {
 pub async fn run(root: &Path) -> Result<DemoOutcome> {
     let config_path = lay_out(root)?;
     let config = DeviceConfig::load(&config_path)?;
-    println!("otabox demo in {}\n", root.display());
+    outln!("otabox demo in {}\n", root.display())?;
 
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    println!("== otabox handlers audit\n");
+    outln!("== otabox handlers audit\n")?;
     let audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
-    print!("{}", render_text(&audits));
+    out!("{}", render_text(&audits))?;
     anyhow::ensure!(
         audits.iter().all(|a| a.count(Severity::Error) == 0),
         "the built-in handler failed its audit"
@@ -53,7 +54,8 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         .context("the file handler did not load")?;
     let progress: ProgressSink = std::sync::Arc::new(|e| {
         if e.total > 0 && e.done == e.total {
-            println!(
+            // A closed stdout stops the demo at its next line.
+            let _ = outln!(
                 "    progress     {} {}/{} bytes",
                 crate::workflow::phase_name(e.phase),
                 e.done,
@@ -100,13 +102,13 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
     ];
     for case in cases {
         let job = case.job;
-        println!("\n== job {job}: {}", case.title);
+        outln!("\n== job {job}: {}", case.title)?;
         let request = step_request(root, &config, &case)?;
         let report = run_step(handler, request, Some(progress.clone())).await?;
         for record in &report.phases {
-            println!("    {:<12} {}", record.phase, record.outcome);
+            outln!("    {:<12} {}", record.phase, record.outcome)?;
         }
-        println!("  result: {}", summarize(&report.result));
+        outln!("  result: {}", summarize(&report.result))?;
         reports.push((job.to_string(), report));
     }
     let installed = std::fs::read(files.join("app.conf")).context("app.conf was not installed")?;
@@ -128,25 +130,20 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         "job demo-4 does not read as a sandbox denial: {denial:?}"
     );
 
-    println!("\n== inventory of the file handler");
+    outln!("\n== inventory of the file handler")?;
     match handler.inventory().await? {
-        Ok(items) => items.iter().for_each(|i| {
-            println!(
-                "    {} {}",
-                i.name,
-                i.details
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )
-        }),
-        Err(status) => println!("    failed: {}", status.message),
+        Ok(items) => {
+            for i in items {
+                let details = i.details.iter().map(|(k, v)| format!("{k}={v}"));
+                outln!("    {} {}", i.name, details.collect::<Vec<_>>().join(" "))?;
+            }
+        }
+        Err(status) => outln!("    failed: {}", status.message)?,
     }
-    println!(
+    outln!(
         "\nThe handler wrote only inside {} (granted as /var/lib/otabox/files).",
         files.display()
-    );
+    )?;
     mqtt_flow(root).await?;
     Ok(DemoOutcome {
         root: root.to_path_buf(),
@@ -156,11 +153,11 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
 
 /// Part 2: broker, replica, agent, and a deployment through them.
 async fn mqtt_flow(root: &Path) -> Result<()> {
-    println!("\n== part 2: a deployment through mosquitto, the replica and the agent");
+    outln!("\n== part 2: a deployment through mosquitto, the replica and the agent")?;
     let Some(broker) = start_broker(root)? else {
-        println!(
+        outln!(
             "  mosquitto is not installed: run `make setup` (or apt-get install mosquitto) to see this part"
-        );
+        )?;
         return Ok(());
     };
     let port = broker.port;
@@ -190,7 +187,7 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
         .wait(|m| m.contains("\"agent\""))
         .await
         .context("the agent did not come online")?;
-    println!("  agent demo-device is online (broker on 127.0.0.1:{port})");
+    outln!("  agent demo-device is online (broker on 127.0.0.1:{port})")?;
 
     let payload = root.join("payloads/app-2.0.0.conf");
     let content = b"greeting = \"hello again\"\nversion = \"2.0.0\"\n";
@@ -200,13 +197,13 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
         Some((server, www)) => {
             std::fs::copy(&payload, www.join("app-2.0.0.conf"))?;
             let url = format!("http://127.0.0.1:{}/app-2.0.0.conf", server.port);
-            println!("  payload server (nginx) serves {url}");
+            outln!("  payload server (nginx) serves {url}")?;
             url
         }
         None => {
-            println!(
+            outln!(
                 "  nginx is not installed (make setup installs it): the payload is staged as a file:// URL"
-            );
+            )?;
             format!("file://{}", payload.display())
         }
     };
@@ -221,7 +218,7 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
                            "size": content.len(), "sha256": sha256_hex(content)}]}]
         }))?;
         let version = store.deploy("demo-device", &desired)?;
-        println!("\n  otabox fleet deploy: job {job} -> demo-device (shadow version {version})");
+        outln!("\n  otabox fleet deploy: job {job} -> demo-device (shadow version {version})")?;
         observer
             .wait(|m| {
                 m.contains(&format!("\"jobId\":\"{job}\""))
@@ -409,7 +406,7 @@ impl Observer {
                 .await
                 .context("timed out")?
                 .context("closed")?;
-            print_message(&line);
+            print_message(&line)?;
             if want(&line) {
                 return Ok(());
             }
@@ -418,13 +415,13 @@ impl Observer {
 }
 
 /// One line per message: the agent's state, its result, or the ack.
-fn print_message(line: &str) {
+fn print_message(line: &str) -> Result<()> {
     let (prefix, text) = match line.strip_prefix("accepted ") {
         Some(rest) => ("    replica  accepted", rest),
         None => ("    device  ", line),
     };
     let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else {
-        return;
+        return Ok(());
     };
     if let Some(d) = json.pointer("/state/reported/deployment") {
         let state = d
@@ -437,24 +434,25 @@ fn print_message(line: &str) {
         match result {
             _ if progress.is_some() && prefix.starts_with("    device") => {
                 let p = progress.unwrap_or(&serde_json::Value::Null);
-                println!(
+                outln!(
                     "{prefix} report: {state}, progress {} {}/{} bytes (job {job})",
                     p["phase"].as_str().unwrap_or("?"),
                     p["done"],
                     p["total"]
-                );
+                )?;
             }
             Some(r) if state == "idle" && prefix.starts_with("    device") => {
-                println!("{prefix} report: idle, job {job} {r}")
+                outln!("{prefix} report: idle, job {job} {r}")?
             }
             _ if prefix.starts_with("    device") => {
-                println!("{prefix} report: {state} (job {job})")
+                outln!("{prefix} report: {state} (job {job})")?
             }
             _ => {}
         }
     } else if json.get("status").is_some() {
-        println!("{prefix} ack {text}");
+        outln!("{prefix} ack {text}")?;
     }
+    Ok(())
 }
 
 /// Writes the handler directory, device config and payloads; returns the

@@ -3,7 +3,8 @@
 //!
 //! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
 //! (what a handler may do), [`runtime`] (loading and calling handlers),
-//! [`audit`] (declared vs real imports), [`trust`] (payload verification),
+//! [`audit`] (declared vs real imports), [`console`] (the command line's
+//! stdout and log colours), [`trust`] (payload verification),
 //! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
 //! [`demo`] (the self-contained walkthrough).
 
@@ -11,6 +12,7 @@ pub mod agent;
 pub mod audit;
 pub mod capabilities;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod download;
 pub mod durable;
@@ -32,6 +34,8 @@ pub mod builtin {
         include_bytes!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.wasm"));
     /// The `file` handler's capability manifest, pinned to [`FILE_WASM`].
     pub const FILE_TOML: &str = include_str!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.toml"));
-    /// Directory of the packaged handlers and test guests of this build.
+    /// Directory of the packaged handlers of this target directory: the
+    /// embedded ones, and the other handlers and the test guests once the
+    /// tests were built (by the `otabox-test-guests` dev-dependency).
     pub const BUILT_DIR: &str = env!("OTABOX_BUILT_HANDLERS");
 }

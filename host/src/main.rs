@@ -1,5 +1,6 @@
 //! The `otabox` command line.
 
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -8,14 +9,24 @@ use clap::{Parser, Subcommand};
 use otabox::audit::{Severity, audit_dir, render_text};
 use otabox::config::DeviceConfig;
 use otabox::runtime::{HandlerSet, Runtime};
+use otabox::{console, out, outln};
 
 /// Default device configuration file.
 const DEFAULT_CONFIG: &str = "/etc/otabox/device.toml";
 
+/// The environment the command line reads, shown by `--help`.
+const ENVIRONMENT_HELP: &str = "Environment:
+  OTABOX_LOG  the log filter (as --log)
+  NO_COLOR    any non-empty value turns colour off in the logs (logs on
+              stderr are coloured only when it is a terminal)
+
+Output piped into a reader that stops early (`| head`) ends the command
+quietly with status 141.";
+
 /// otabox: over-the-air updates whose update types are sandboxed
 /// WebAssembly handlers.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = ENVIRONMENT_HELP)]
 struct Cli {
     /// Log filter, such as `info`, `debug` or `otabox=debug,handler=trace`
     /// (default: `info` for `run` and `replica`, `error` for `demo`, `warn`
@@ -180,7 +191,9 @@ struct Source {
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Handler directory to use instead of the config's (without a config
-    /// file, every handler gets what it declares).
+    /// file, every handler gets what it declares, and checkpoints and the
+    /// compiled-component cache live in `$XDG_STATE_HOME/otabox`, default
+    /// `~/.local/state/otabox`).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -285,6 +298,26 @@ enum HandlersCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            report_error(&anyhow::Error::new(e).context("cannot start the async runtime"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) if console::is_stdout_closed(&e) => ExitCode::from(console::STDOUT_CLOSED_STATUS),
+        Err(e) => {
+            report_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, coloured only on a terminal and without `NO_COLOR`.
+fn init_logging(cli: &Cli) {
     let default_log = match cli.command {
         Command::Run { .. } | Command::Replica { .. } => "info",
         // The demo's printout is its interface; its services' warnings as it
@@ -293,26 +326,22 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     let filter = cli.log.as_deref().unwrap_or(default_log);
+    let color = console::use_color(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()),
         )
+        .with_ansi(color)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(dispatch(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+}
+
+/// Prints `error` with its causes on stderr (nothing if stderr is gone too).
+fn report_error(error: &anyhow::Error) {
+    let _ = writeln!(std::io::stderr(), "error: {error:#}");
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
@@ -399,14 +428,35 @@ fn device_config(source: &Source) -> Result<DeviceConfig> {
             .with_context(|| "pass --config FILE, or --dir DIR for a bare handler directory")?
     } else {
         let mut config = DeviceConfig::default();
-        config.paths.cache = Some(std::env::temp_dir().join("otabox-cache"));
-        config.paths.state = std::env::temp_dir().join("otabox-state");
+        config.paths.state = user_state_dir()?;
+        config.paths.cache = None;
         config
     };
     if let Some(dir) = &source.dir {
         config.paths.handlers = dir.clone();
     }
     Ok(config)
+}
+
+/// Where a bare `--dir` keeps `run-phase` checkpoints (`tryout/JOB`) and
+/// the compiled-component cache (`cache`): `$XDG_STATE_HOME/otabox`, else
+/// `~/.local/state/otabox`, created 0700. Never a shared directory such as
+/// /tmp, where another user could plant checkpoints or native code that
+/// the cache loads unchecked.
+fn user_state_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|d| Path::new(d).is_absolute()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|h| Path::new(h).is_absolute())
+                .context("HOME is not set: pass --config FILE with [paths] state")?;
+            PathBuf::from(home).join(".local/state")
+        }
+    };
+    let dir = base.join("otabox");
+    otabox::durable::create_private_dir(&dir)?;
+    otabox::durable::make_private(&dir)?;
+    Ok(dir)
 }
 
 async fn list(source: &Source, json: bool) -> Result<ExitCode> {
@@ -416,9 +466,9 @@ async fn list(source: &Source, json: bool) -> Result<ExitCode> {
         .load_dir(&config.paths.handlers, &config.handlers)
         .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list_json(&set))?);
+        outln!("{}", serde_json::to_string_pretty(&list_json(&set))?)?;
     } else {
-        print_list(&set, &config.paths.handlers);
+        print_list(&set, &config.paths.handlers)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -442,13 +492,17 @@ fn list_json(set: &HandlerSet) -> serde_json::Value {
     serde_json::Value::Array(loaded.chain(refused).chain(disabled).collect())
 }
 
-fn print_list(set: &HandlerSet, dir: &Path) {
-    println!(
+fn print_list(set: &HandlerSet, dir: &Path) -> Result<()> {
+    outln!(
         "{:<12} {:<9} {:<9} {:<14} {:<30} FILE",
-        "NAME", "STATUS", "VERSION", "SHA256", "UPDATE TYPES"
-    );
+        "NAME",
+        "STATUS",
+        "VERSION",
+        "SHA256",
+        "UPDATE TYPES"
+    )?;
     for h in &set.handlers {
-        println!(
+        outln!(
             "{:<12} {:<9} {:<9} {:<14} {:<30} {}",
             h.name,
             "loaded",
@@ -456,17 +510,18 @@ fn print_list(set: &HandlerSet, dir: &Path) {
             &h.sha256[..12],
             h.manifest.handler.update_types.join(","),
             h.wasm_path.display()
-        );
+        )?;
     }
     for r in &set.refused {
-        println!("{:<12} {:<9} {:#}", r.name, "refused", r.error);
+        outln!("{:<12} {:<9} {:#}", r.name, "refused", r.error)?;
     }
     for name in &set.disabled {
-        println!("{name:<12} disabled");
+        outln!("{name:<12} disabled")?;
     }
     if set.handlers.is_empty() && set.refused.is_empty() && set.disabled.is_empty() {
-        println!("(no handlers in {})", dir.display());
+        outln!("(no handlers in {})", dir.display())?;
     }
+    Ok(())
 }
 
 /// A manifest given as JSON text (starting with `{`) or as a file path.
@@ -490,7 +545,7 @@ async fn run_phase(
         .await?;
     tryout.job_dir = config.paths.state.join("tryout").join(&tryout.job_id);
     let (result, ok) = otabox::tryout::run(&handler, &tryout).await?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
+    outln!("{}", serde_json::to_string_pretty(&result)?)?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -504,9 +559,9 @@ async fn audit(source: &Source, json: bool, policy: &otabox::audit::Policy) -> R
     let mut audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
     policy.apply(&mut audits);
     if json {
-        println!("{}", serde_json::to_string_pretty(&audits)?);
+        outln!("{}", serde_json::to_string_pretty(&audits)?)?;
     } else {
-        print!("{}", render_text(&audits));
+        out!("{}", render_text(&audits))?;
     }
     let clean = audits.iter().all(|a| a.count(Severity::Error) == 0);
     Ok(if clean {
@@ -521,10 +576,10 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
     match command {
         FleetCommand::Register { device, group } => {
             store.register(&device, group.as_deref())?;
-            println!(
+            outln!(
                 "registered {device}{}",
                 group.map(|g| format!(" in group {g}")).unwrap_or_default()
-            );
+            )?;
         }
         FleetCommand::Deploy {
             file,
@@ -543,11 +598,11 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
                 (None, Some(group)) => store.deploy_group(&group, &desired)?,
                 (None, None) => anyhow::bail!("give --device or --group"),
             };
-            println!("deployed {} to {}", desired.job_id, targets.join(", "));
+            outln!("deployed {} to {}", desired.job_id, targets.join(", "))?;
         }
         FleetCommand::Cancel { device, group } => {
             let cancelled = store.cancel(device.as_deref(), group.as_deref())?;
-            println!("cancel sent to {}", cancelled.join(", "));
+            outln!("cancel sent to {}", cancelled.join(", "))?;
         }
         FleetCommand::Status { device, json } => {
             let devices = match device {
@@ -559,9 +614,9 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
                 None => store.fleet()?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&devices)?);
+                outln!("{}", serde_json::to_string_pretty(&devices)?)?;
             } else {
-                print_fleet(&devices);
+                print_fleet(&devices)?;
             }
         }
         FleetCommand::Watch => watch(&store).await?,
@@ -588,14 +643,19 @@ fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {
     )
 }
 
-fn print_fleet(devices: &[otabox::replica::DeviceStatus]) {
-    println!(
+fn print_fleet(devices: &[otabox::replica::DeviceStatus]) -> Result<()> {
+    outln!(
         "{:<16} {:<10} {:<8} {:<20} {:<15} ACK",
-        "DEVICE", "GROUP", "VERSION", "DESIRED JOB", "STATE"
-    );
+        "DEVICE",
+        "GROUP",
+        "VERSION",
+        "DESIRED JOB",
+        "STATE"
+    )?;
     for d in devices {
-        println!("{}", fleet_row(d));
+        outln!("{}", fleet_row(d))?;
     }
+    Ok(())
 }
 
 async fn watch(store: &otabox::replica::Store) -> Result<()> {
@@ -604,7 +664,7 @@ async fn watch(store: &otabox::replica::Store) -> Result<()> {
         for device in store.fleet()? {
             let row = fleet_row(&device);
             if last.get(&device.id) != Some(&row) {
-                println!("{}", row);
+                outln!("{}", row)?;
                 last.insert(device.id.clone(), row);
             }
         }
@@ -633,7 +693,7 @@ fn keygen(out: &Path, name: &str) -> Result<ExitCode> {
         })?;
     std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())?;
     std::fs::write(out.join(format!("{name}.pub")), format!("{public}\n"))?;
-    println!("{public}");
+    outln!("{public}")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -690,7 +750,7 @@ fn sign(
         desired.signed_manifest = Some(serde_json::to_value(signed::sign(&manifest, &keys)?)?);
         serde_json::to_value(&desired)?
     };
-    println!("{}", serde_json::to_string_pretty(&output)?);
+    outln!("{}", serde_json::to_string_pretty(&output)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -741,11 +801,11 @@ fn verify(
     };
     match result {
         Ok(text) => {
-            println!("{text}");
+            outln!("{text}")?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("refused: {e:#}");
+            let _ = writeln!(std::io::stderr(), "refused: {e:#}");
             Ok(ExitCode::FAILURE)
         }
     }
@@ -758,7 +818,7 @@ async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
     };
     let outcome = otabox::demo::run(&root).await;
     if keep {
-        println!("\nkept {}", root.display());
+        outln!("\nkept {}", root.display())?;
     } else {
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -34,6 +34,27 @@ fn write_config(dir: &Path, body: &str) -> String {
     path.display().to_string()
 }
 
+/// The `file` handler in `dir/handlers`, its `/var/lib/otabox/files`
+/// mounted at `dir/files` (created); returns the config path.
+fn file_handler_config(dir: &Path) -> String {
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).expect("files");
+    install_handler(
+        &dir.join("handlers"),
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    write_config(
+        dir,
+        &format!(
+            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
+            files.display()
+        ),
+    )
+}
+
 const FILE_CAPS: &str = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
 
 #[test]
@@ -417,23 +438,9 @@ fn operators_keygen_sign_and_verify_deployments_and_root_rotations() {
 fn run_phase_drives_single_phases_that_share_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     let files = dir.path().join("files");
-    std::fs::create_dir_all(&files).expect("files");
+    let config = file_handler_config(dir.path());
     std::fs::write(files.join("app.conf"), "v1\n").expect("previous");
     std::fs::write(dir.path().join("app.conf"), "v2\n").expect("payload");
-    install_handler(
-        &dir.path().join("handlers"),
-        "file",
-        &built_wasm("file"),
-        "otabox/file:1",
-        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
-    );
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n",
-            files.display()
-        ),
-    );
     let payload = format!("app.conf={}", dir.path().join("app.conf").display());
     let manifest = r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#;
     let run_phase = |phase: &str, manifest: &str, extra: &[&str]| {
@@ -666,4 +673,244 @@ fn audit_states_what_the_first_party_grants_really_give() {
     );
     assert!(!t.contains("writes anywhere"), "{t}");
     assert!(t.contains("[root-equivalent]"), "{t}");
+}
+
+/// A device whose broker port is closed: the agent logs its start and keeps
+/// retrying.
+fn idle_agent_config(dir: &Path) -> std::path::PathBuf {
+    file_device(
+        dir,
+        "dev-colour",
+        &format!("port = {}", common::services::free_port()),
+    )
+}
+
+/// Runs `otabox run` for a moment with `env`, stderr to `log`; returns the log.
+fn agent_log_to_file(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = idle_agent_config(dir.path());
+    let log = dir.path().join("agent.log");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("OTABOX_LOG", "debug")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline && !text.contains("started") {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    std::fs::read_to_string(&log).expect("read log")
+}
+
+#[test]
+fn logs_redirected_to_a_file_carry_no_colour_escapes() {
+    let log = agent_log_to_file(&[]);
+    assert!(log.contains("started"), "{log}");
+    assert!(
+        !log.contains("\x1b["),
+        "colour escapes in a log file: {log:?}"
+    );
+    // Not even when the terminal type says it could show them.
+    let log = agent_log_to_file(&[("TERM", "xterm-256color"), ("NO_COLOR", "")]);
+    assert!(log.contains("started") && !log.contains("\x1b["), "{log:?}");
+}
+
+/// `otabox handlers list` with debug logs on a pseudo-terminal (through
+/// `script`), with `env`; returns what the terminal showed.
+fn on_a_terminal(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = idle_agent_config(dir.path());
+    let command = format!(
+        "{} --log debug run --config {}",
+        env!("CARGO_BIN_EXE_otabox"),
+        config.display()
+    );
+    let mut child = Command::new("timeout")
+        .args(["-s", "KILL", "3", "script", "-qfec", &command, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) is installed");
+    let mut shown = Vec::new();
+    std::io::Read::read_to_end(child.stdout.as_mut().expect("stdout"), &mut shown)
+        .expect("read the terminal");
+    let _ = child.wait();
+    String::from_utf8_lossy(&shown).into_owned()
+}
+
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    let shown = on_a_terminal(&[]);
+    assert!(shown.contains("started"), "{shown:?}");
+    assert!(
+        shown.contains("\x1b["),
+        "no colour on a terminal: {shown:?}"
+    );
+    for value in ["1", "0", "false"] {
+        let shown = on_a_terminal(&[("NO_COLOR", value)]);
+        assert!(shown.contains("started"), "{shown:?}");
+        assert!(!shown.contains("\x1b["), "NO_COLOR={value}: {shown:?}");
+    }
+    let shown = on_a_terminal(&[("NO_COLOR", "")]);
+    assert!(
+        shown.contains("\x1b["),
+        "an empty NO_COLOR is unset: {shown:?}"
+    );
+}
+
+#[test]
+fn help_documents_no_color() {
+    let out = otabox(&["--help"]);
+    assert!(text(&out).contains("NO_COLOR"), "{}", text(&out));
+}
+
+/// Runs `otabox args` with a stdout pipe whose reader is closed before the
+/// command writes anything (`otabox … | head -c 0`); returns its status and
+/// stderr.
+fn with_stdout_closed(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(args)
+        .env("OTABOX_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run otabox");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_printing_command_exits_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = file_handler_config(dir.path());
+    let db = dir.path().join("fleet.db").display().to_string();
+    assert!(
+        otabox(&["fleet", "--db", &db, "register", "pump-1"])
+            .status
+            .success()
+    );
+    let keys = dir.path().join("keys").display().to_string();
+    let manifest = r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#;
+    let demo = dir.path().join("demo").display().to_string();
+    let commands: &[&[&str]] = &[
+        &["handlers", "list", "--config", &config],
+        &["handlers", "list", "--config", &config, "--json"],
+        &["handlers", "audit", "--config", &config],
+        &[
+            "handlers",
+            "run-phase",
+            "--config",
+            &config,
+            "--handler",
+            "file",
+            "--phase",
+            "validate",
+            "--manifest",
+            manifest,
+        ],
+        &["fleet", "--db", &db, "status"],
+        &["fleet", "--db", &db, "status", "--json"],
+        &["fleet", "--db", &db, "watch"],
+        &["keygen", "--out", &keys, "--name", "k"],
+        &["demo", "--dir", &demo],
+    ];
+    for args in commands {
+        let (status, stderr) = with_stdout_closed(args);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr, "", "{args:?} wrote to stderr");
+        assert_eq!(status.code(), Some(141), "{args:?}: {status}");
+    }
+    assert!(
+        !Path::new(&demo).exists(),
+        "the demo cleaned up its directory as it stopped"
+    );
+}
+
+#[test]
+fn run_phase_with_a_bare_dir_keeps_state_and_cache_private_to_the_user_not_in_tmp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, tmp, files) = (
+        dir.path().join("home"),
+        dir.path().join("tmp"),
+        dir.path().join("files"),
+    );
+    for d in [&home, &tmp, &files] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let handlers = dir.path().join("handlers");
+    install_handler(
+        &handlers,
+        "file",
+        &built_wasm("file"),
+        "otabox/file:1",
+        "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["handlers", "run-phase", "--config", "/nonexistent/device.toml", "--dir"])
+        .arg(&handlers)
+        .args(["--handler", "file", "--phase", "backup", "--job", "try-7", "--manifest"])
+        .arg(r#"{"name":"cfg","version":"2","payload":"app.conf","destination":"/var/lib/otabox/files/app.conf"}"#)
+        .env("HOME", &home)
+        .env_remove("XDG_STATE_HOME")
+        .env("TMPDIR", &tmp)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox");
+    // The file handler's backup of a missing mount fails or succeeds; what
+    // matters is where the checkpoint store and the compiled cache went.
+    let _ = out.status;
+    assert_eq!(
+        std::fs::read_dir(&tmp).expect("tmp").count(),
+        0,
+        "another user can plant checkpoints and native code in a shared temporary directory: {}",
+        text(&out)
+    );
+    let state = home.join(".local/state/otabox");
+    assert!(state.join("tryout/try-7").is_dir(), "{}", text(&out));
+    assert!(state.join("cache").is_dir(), "{}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&state)
+        .expect("state")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "the state directory is the user's alone");
+
+    let xdg = dir.path().join("xdg");
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args([
+            "handlers",
+            "run-phase",
+            "--config",
+            "/nonexistent/device.toml",
+            "--dir",
+        ])
+        .arg(&handlers)
+        .args(["--handler", "file", "--phase", "describe"])
+        .env("HOME", &home)
+        .env("XDG_STATE_HOME", &xdg)
+        .env("TMPDIR", &tmp)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(xdg.join("otabox/cache").is_dir(), "{}", text(&out));
 }
