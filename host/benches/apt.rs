@@ -61,6 +61,11 @@ fn main() {
             prepare(&sys, &targets);
             let elapsed = if handler_turn {
                 let handler = rt.block_on(apt_handler(&runtime, &base.join("install"), &sys));
+                // A step's scope: the handler keeps the targets it spelled
+                // in a checkpoint (none yet: install spells them itself).
+                let job_dir = base.join("install-job");
+                let _ = std::fs::remove_dir_all(&job_dir);
+                let scope = CallScope::for_step("bench", 0, &job_dir, Vec::new());
                 let ctx = StepContext {
                     job_id: "bench".into(),
                     step: 0,
@@ -72,7 +77,7 @@ fn main() {
                 };
                 let started = Instant::now();
                 let outcome = rt
-                    .block_on(handler.run_phase(Phase::Install, CallScope::default(), &ctx))
+                    .block_on(handler.run_phase(Phase::Install, scope.clone(), &ctx))
                     .expect("install call");
                 let elapsed = started.elapsed();
                 assert!(matches!(outcome, Outcome::Success), "{outcome:?}");
