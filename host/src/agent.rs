@@ -1581,6 +1581,15 @@ async fn finish(
         s.reported = Some(reported);
     })?;
     let version = shadow.running_version.clone().unwrap_or_default();
+    let ack = Ack {
+        job_id: record.job_id.clone(),
+        status: ack_status,
+        version,
+    };
+    let ack = serde_json::to_string(&ack)?;
+    // The result and the ack go out only once the journal says they are
+    // queued: a crash in between sends them once, after the restart.
+    lock(&shared.outbox).hold();
     if let Some(reported) = &shadow.reported {
         enqueue(
             shared,
@@ -1588,18 +1597,12 @@ async fn finish(
             reported_payload(shared, reported),
         );
     }
-    let ack = Ack {
-        job_id: record.job_id.clone(),
-        status: ack_status,
-        version,
-    };
-    enqueue(
-        shared,
-        &format!("ack:{}", record.job_id),
-        serde_json::to_string(&ack)?,
-    );
+    enqueue(shared, &format!("ack:{}", record.job_id), ack);
     record.reported = true;
-    shared.journal.write(&record)?;
+    let journaled = shared.journal.write(&record);
+    lock(&shared.outbox).release();
+    shared.outbox_changed.notify_one();
+    journaled?;
     if message.is_empty() {
         tracing::info!(job = record.job_id, ?result, "job finished");
     } else {

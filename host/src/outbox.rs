@@ -57,6 +57,8 @@ pub struct Outbox {
     next_seq: u64,
     /// The head was handed out by [`Outbox::next`] and awaits the broker.
     in_flight: bool,
+    /// Entries from this sequence number on wait for [`Outbox::release`].
+    held_from: Option<u64>,
 }
 
 impl Outbox {
@@ -99,7 +101,19 @@ impl Outbox {
             sent,
             next_seq,
             in_flight: false,
+            held_from: None,
         })
+    }
+
+    /// Entries queued from now on are not published until
+    /// [`Outbox::release`] (they are durable already).
+    pub fn hold(&mut self) {
+        self.held_from.get_or_insert(self.next_seq);
+    }
+
+    /// Publishes held entries again.
+    pub fn release(&mut self) {
+        self.held_from = None;
     }
 
     /// Queues a message durably; a key already queued or sent is ignored.
@@ -172,6 +186,7 @@ impl Outbox {
         }
         match self.entries.front() {
             None => Next::Idle,
+            Some(e) if self.held_from.is_some_and(|from| e.seq >= from) => Next::Idle,
             Some(e) if e.due.is_some_and(|due| due > now) => Next::WaitUntil(e.due.unwrap_or(now)),
             Some(e) => {
                 self.in_flight = true;
@@ -300,6 +315,21 @@ mod tests {
         );
         let reopened = Outbox::open(dir.path()).expect("reopen");
         assert_eq!(reopened.len(), 1);
+    }
+
+    #[test]
+    fn held_entries_wait_for_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut outbox = Outbox::open(dir.path()).expect("open");
+        outbox.push("before", "t", "1".into()).expect("push");
+        outbox.hold();
+        outbox.push("held", "t", "2".into()).expect("push");
+        let now = Instant::now();
+        assert!(matches!(outbox.next(now), Next::Publish(e) if e.key == "before"));
+        outbox.complete_head().expect("ack");
+        assert_eq!(outbox.next(now), Next::Idle, "held");
+        outbox.release();
+        assert!(matches!(outbox.next(now), Next::Publish(e) if e.key == "held"));
     }
 
     #[test]
