@@ -766,7 +766,7 @@ fn rejected_delta(payload: &[u8], max_bytes: usize, reason: &str) -> Rejection {
         job_id: field("/state/deployment/jobId")
             .and_then(|v| v.as_str().map(str::to_string))
             .filter(|id| crate::shadow::validate_job_id(id).is_ok()),
-        reason: crate::shadow::bounded_text(reason, MAX_REASON_BYTES),
+        reason: crate::runtime::bounds::text(reason.to_string(), MAX_REASON_BYTES),
     }
 }
 

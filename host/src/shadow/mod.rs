@@ -20,19 +20,6 @@ pub use reported::{
 };
 pub use topics::{TopicLayout, Topics};
 
-/// `text` cut to at most `max` bytes on a character boundary, ending in
-/// `…` when it was cut.
-pub fn bounded_text(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
-
 /// A minimal valid desired state for `job`, for tests.
 #[cfg(test)]
 pub(crate) fn sample_desired(job: &str) -> DesiredState {

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::bounds;
+
 /// What the agent is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -217,7 +219,7 @@ impl ReportedState {
     }
 
     fn cut_messages(&mut self) {
-        let cut = |text: &mut String| *text = super::bounded_text(text, TRIMMED_MESSAGE);
+        let cut = |text: &mut String| *text = bounds::text(std::mem::take(text), TRIMMED_MESSAGE);
         if let Some(result) = &mut self.last_result {
             cut(&mut result.message);
             result.steps.iter_mut().for_each(|s| cut(&mut s.message));
@@ -251,7 +253,7 @@ impl ReportedState {
             inventory: BTreeMap::new(),
             inventory_omitted: None,
             last_result: self.last_result.as_ref().map(|r| LastResult {
-                message: super::bounded_text(&r.message, 64),
+                message: bounds::text(r.message.clone(), 64),
                 steps: Vec::new(),
                 ..r.clone()
             }),
