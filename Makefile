@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/otabox/target
 SHELL := /bin/bash
 
-.PHONY: setup setup-demo demo test bench
+.PHONY: setup setup-demo demo test bench bench-compare
 
 ## Install what the demo needs: mosquitto, nginx-light and the wasm32-wasip2
 ## target.
@@ -35,3 +35,9 @@ test: setup
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
 	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages
+
+## Compare one benchmark between revision REV and the work tree, built alike
+## and run alternately: make bench-compare REV=dfa8818 BENCH=handler_call
+## PATTERN=is-installed ROUNDS=6
+bench-compare:
+	bash host/benches/support/before-after.sh $(REV) $(BENCH) $(or $(ROUNDS),6) '$(or $(PATTERN), (us|ms|s) )'

@@ -16,9 +16,13 @@
 #[allow(dead_code)]
 mod services;
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use calibration::Calibration;
 use otabox::runtime::sha256_hex;
 use services::{AgentProcess, Message, Mosquitto, TestClient};
 
@@ -116,49 +120,6 @@ fn deploy_latency(
         ms(median(&latencies).saturating_sub(median(&echoes)))
     );
     calibration.print();
-}
-
-/// This machine's speed today: the figures scale with both.
-struct Calibration {
-    /// sha256 throughput of one core, MB/s.
-    sha256_mb_s: f64,
-    /// One write + fsync of a small file in the state directory's
-    /// filesystem, median.
-    fsync: Duration,
-}
-
-impl Calibration {
-    fn measure(dir: &Path) -> Self {
-        use sha2::Digest;
-        let data = vec![0x5au8; 64 << 20];
-        let start = Instant::now();
-        std::hint::black_box(sha2::Sha256::digest(&data));
-        let sha256_mb_s = 64.0 * 1.048_576 / start.elapsed().as_secs_f64();
-        let path = dir.join("fsync-probe");
-        let mut times: Vec<Duration> = (0..50)
-            .map(|i| {
-                use std::io::Write;
-                let start = Instant::now();
-                let mut f = std::fs::File::create(&path).expect("probe");
-                f.write_all(format!("{i}").as_bytes()).expect("write");
-                f.sync_all().expect("fsync");
-                start.elapsed()
-            })
-            .collect();
-        times.sort();
-        Self {
-            sha256_mb_s,
-            fsync: times[times.len() / 2],
-        }
-    }
-
-    fn print(&self) {
-        println!(
-            "calibration: sha256 {:.0} MB/s on one core; write + fsync of a small file {:.2} ms (median)",
-            self.sha256_mb_s,
-            self.fsync.as_secs_f64() * 1e3
-        );
-    }
 }
 
 fn report(start_times: &[Duration], rss_kib: u64, latencies: &mut [Duration], quick: bool) {

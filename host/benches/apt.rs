@@ -17,6 +17,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -145,6 +148,7 @@ fn main() {
     );
     install.print("install phase vs the same apt-get install", Some(5.0));
     step.print("whole step vs apt-get update + download + install", None);
+    calibration::Calibration::measure(&std::env::temp_dir()).print();
 }
 
 /// Ten packages, each with its own files.

@@ -12,6 +12,9 @@
 #[allow(dead_code)]
 mod services;
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,6 +95,7 @@ fn main() {
         "peak resident memory above the level before",
         format!("{:.1} MB", peak.saturating_sub(before) as f64 / 1024.0)
     );
+    calibration::Calibration::measure(&std::env::temp_dir()).print();
     if quick || cfg!(debug_assertions) {
         println!("smoke run: judge the goals with `make bench` (release, 1 GiB)");
         return;

@@ -15,6 +15,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -82,6 +85,7 @@ fn main() {
         "ratio",
         t_peer.as_secs_f64() / t_ours.as_secs_f64()
     );
+    calibration::Calibration::measure(&std::env::temp_dir()).print();
 }
 
 fn through_handler(

@@ -15,6 +15,9 @@
 //! Without cargo's `--bench` flag (as `make test` runs it) or with
 //! `OTABOX_BENCH_QUICK=1` it makes a short smoke run.
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,6 +42,7 @@ fn main() {
         .build()
         .expect("tokio");
     rt.block_on(run(&scratch, calls, spawns, loads, quick));
+    calibration::Calibration::measure(&std::env::temp_dir()).print();
     let _ = std::fs::remove_dir_all(&scratch);
 }
 

@@ -15,6 +15,9 @@
 #[allow(dead_code)]
 mod languages;
 
+#[path = "support/calibration.rs"]
+mod calibration;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,6 +67,7 @@ fn main() {
         rows
     });
     print_table(&rows);
+    calibration::Calibration::measure(&std::env::temp_dir()).print();
     let _ = std::fs::remove_dir_all(&scratch);
 }
 

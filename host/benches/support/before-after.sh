@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Compares one benchmark between a git revision and the work tree in one
+# sitting: both are built in the same target directory with the same
+# profile, then run alternately, so the day's machine speed and the noise of
+# other work fall on both sides alike.
+#
+#   host/benches/support/before-after.sh REV BENCH [ROUNDS] [PATTERN]
+#   make bench-compare REV=dfa8818 BENCH=handler_call PATTERN=is-installed
+#
+# PATTERN selects the result rows to compare (an extended regex; default:
+# every row with a median). For each row it prints the median of the
+# per-run medians on each side and their ratio. The release profile is used
+# without LTO (opt-level 3, 16 codegen units) unless LTO=fat is set: the
+# comparison needs the same profile on both sides, not the shipping one, and
+# this keeps a cold build of both under ten minutes on two cores.
+set -euo pipefail
+rev=${1:?usage: before-after.sh REV BENCH [ROUNDS] [PATTERN]}
+bench=${2:?usage: before-after.sh REV BENCH [ROUNDS] [PATTERN]}
+rounds=${3:-6}
+pattern=${4:-' (us|ms|s) '}
+root=$(git rev-parse --show-toplevel)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/otabox/target}-compare
+if [[ ${LTO:-} != fat ]]; then
+    export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+fi
+# The revision's tree is kept beside the target directory, so a second
+# comparison with the same revision rebuilds nothing.
+before_tree=$CARGO_TARGET_DIR/trees/$(git -C "$root" rev-parse --short "$rev")
+if [[ ! -d $before_tree ]]; then
+    git -C "$root" worktree add --quiet --detach "$before_tree" "$rev"
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The path of the benchmark executable built in directory $1.
+build() {
+    (cd "$1" && cargo bench -p otabox --bench "$bench" --no-run --message-format=json 2>/dev/null) |
+        grep -F '"kind":["bench"]' | grep -F "\"name\":\"$bench\"" |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
+before=$(build "$before_tree")
+after=$(build "$root")
+[[ -x $before && -x $after ]] || { echo "cannot build $bench at both revisions" >&2; exit 1; }
+
+for ((i = 1; i <= rounds; i++)); do
+    (cd "$before_tree/host" && "$before" --bench) | grep -E "$pattern" | sed 's/^/before\t/' || true
+    (cd "$root/host" && "$after" --bench) | grep -E "$pattern" | sed 's/^/after\t/' || true
+done | tee "$work/rows"
+(cd "$root/host" && "$after" --bench) | grep '^calibration' || true
+
+# Per row: the median of the per-run medians (the first figure with a unit)
+# and the best run's median, the figure least touched by other load.
+awk -F'\t' '
+    function value(text,   n, parts, i) {
+        n = split(text, parts, / +/)
+        for (i = 1; i < n; i++)
+            if (parts[i] ~ /^[0-9.]+$/ && parts[i + 1] ~ /^(us|ms|s)$/)
+                return parts[i] * (parts[i + 1] == "s" ? 1e6 : parts[i + 1] == "ms" ? 1e3 : 1)
+        return -1
+    }
+    function sorted(list, v,   n, i, j, t) {
+        n = split(list, v, " ")
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] + 0 < v[i] + 0) { t = v[i]; v[i] = v[j]; v[j] = t }
+        return n
+    }
+    function median(list,   n, v) {
+        n = sorted(list, v)
+        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }
+    function best(list,   v) { sorted(list, v); return v[1] }
+    {
+        label = $2; sub(/ +[0-9.]+ +(us|ms|s).*/, "", label)
+        x = value($2); if (x < 0) next
+        if (!(label in seen)) { seen[label] = 1; order[++rows] = label }
+        runs[$1, label] = runs[$1, label] " " x
+    }
+    END {
+        printf "\n%-52s %22s %22s\n", "", "median of run medians", "best run"
+        printf "%-52s %9s %9s %7s %9s %9s %7s\n", "", "before", "after", "change", "before", "after", "change"
+        for (r = 1; r <= rows; r++) {
+            l = order[r]
+            if (!(("before", l) in runs) || !(("after", l) in runs)) continue
+            b = median(runs["before", l]); a = median(runs["after", l])
+            bb = best(runs["before", l]); ab = best(runs["after", l])
+            printf "%-52s %6.1f us %6.1f us %+6.1f%% %6.1f us %6.1f us %+6.1f%%\n", substr(l, 1, 52), b, a, (a - b) / b * 100, bb, ab, (ab - bb) / bb * 100
+        }
+    }' "$work/rows"
