@@ -75,6 +75,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     for refused in &handlers.refused {
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
+    handlers.require_valid_configs()?;
     let outbox = Outbox::open(&config.paths.state.join("outbox"))?;
     let options = mqtt::options(&config.mqtt, &device_id)?;
     let backoff = Backoff::new(
@@ -512,7 +513,6 @@ fn verify_signature(
     shared: &Shared,
     desired: &crate::shadow::DesiredState,
 ) -> Result<(Option<u64>, Option<crate::trust::signed::Root>)> {
-    use crate::trust::signed::{Root, Signed, UpdateManifest, Verifier};
     let Some(current) = lock(&shared.trust_root).clone() else {
         anyhow::ensure!(
             desired.signed_manifest.is_none(),
@@ -520,37 +520,18 @@ fn verify_signature(
         );
         return Ok((None, None));
     };
-    let mut root = current.clone();
-    for (i, rotation) in desired.root_rotations.iter().enumerate() {
-        let next: Signed<Root> =
-            serde_json::from_value(rotation.clone()).context("rootRotations")?;
-        if next.signed.version <= root.version {
-            continue;
-        }
-        root = root
-            .rotate(&next)
-            .with_context(|| format!("rootRotations[{i}]"))?;
-    }
-    let root_ref = &root;
-    let manifest = desired
-        .signed_manifest
-        .clone()
-        .context("this device accepts signed deployments only")?;
-    let signed: Signed<UpdateManifest> =
-        serde_json::from_value(manifest).context("signedManifest")?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let verifier = Verifier {
-        root: root_ref,
+    let verified = crate::trust::signed::Verifier {
+        root: &current,
         device: shared.config.device_id()?,
         groups: &shared.config.trust.groups,
         last_sequence: shared.journal.shadow()?.last_sequence,
         now,
-    };
-    verifier.verify(&signed, desired)?;
-    let rotated = (root.version > current.version).then_some(root);
-    Ok((Some(signed.signed.sequence), rotated))
+    }
+    .verify_deployment(desired)?;
+    Ok((Some(verified.manifest.signed.sequence), verified.rotated))
 }
 
 /// Keeps a rotated root for later deployments and restarts.

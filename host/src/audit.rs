@@ -176,7 +176,11 @@ pub async fn audit_dir(
 ) -> Result<Vec<HandlerAudit>> {
     let mut audits = Vec::new();
     let mut type_owner: BTreeMap<String, String> = BTreeMap::new();
-    for manifest_path in crate::runtime::manifest_files(dir)? {
+    let manifests = crate::runtime::manifest_files(dir)?;
+    for unknown in crate::config::unknown_handlers(device, &manifests) {
+        audits.push(unknown_handler(dir, &unknown));
+    }
+    for manifest_path in manifests {
         let mut audit = audit_one(runtime, &manifest_path, device).await;
         for t in audit.update_types.clone() {
             if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
@@ -189,6 +193,28 @@ pub async fn audit_dir(
         audits.push(audit);
     }
     Ok(audits)
+}
+
+/// The audit entry of a `[handlers.NAME]` that names no handler: an error
+/// (a typo leaves the meant handler without its grants and config).
+fn unknown_handler(dir: &Path, unknown: &crate::config::UnknownHandler) -> HandlerAudit {
+    let manifest = dir.join(format!("{}.toml", unknown.name));
+    let mut audit = HandlerAudit {
+        name: unknown.name.clone(),
+        wasm: manifest.with_extension("wasm"),
+        manifest,
+        sha256: None,
+        enabled: true,
+        update_types: Vec::new(),
+        declared: None,
+        granted: None,
+        contract: None,
+        imports: Vec::new(),
+        effective: Vec::new(),
+        findings: Vec::new(),
+    };
+    audit.error("unknown-handler", unknown.to_string());
+    audit
 }
 
 async fn audit_one(
@@ -283,7 +309,11 @@ async fn audit_one(
         && audit.enabled
         && let Err(e) = runtime.load_handler(manifest_path, grant).await
     {
-        audit.error("load-failed", format!("load: {e:#}"));
+        if e.downcast_ref::<crate::runtime::InvalidConfig>().is_some() {
+            audit.error("invalid-config", format!("{e:#}"));
+        } else {
+            audit.error("load-failed", format!("load: {e:#}"));
+        }
     }
     audit
 }

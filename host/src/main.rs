@@ -118,6 +118,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         last_sequence: u64,
     },
+    /// Print the version of otabox (as `--version`).
+    Version,
     /// Inspect the installed handlers.
     Handlers {
         #[command(subcommand)]
@@ -381,6 +383,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             run_phase(&source, &handler, tryout).await
         }
         Command::Demo { dir, keep } => demo(dir, keep).await,
+        Command::Version => {
+            outln!("otabox {}", env!("CARGO_PKG_VERSION"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replica { db, broker } => {
             let mqtt = broker.into_section()?;
             otabox::replica::service::run(otabox::replica::service::ReplicaOptions { db, mqtt })
@@ -776,12 +782,11 @@ fn verify(
         })
     } else {
         let desired: otabox::shadow::DesiredState = read_json(file)?;
-        let manifest = desired
-            .signed_manifest
-            .clone()
-            .with_context(|| format!("{} is not signed", file.display()))?;
-        let manifest: signed::Signed<signed::UpdateManifest> =
-            serde_json::from_value(manifest).context("signedManifest")?;
+        anyhow::ensure!(
+            desired.signed_manifest.is_some(),
+            "{} is not signed",
+            file.display()
+        );
         let verifier = signed::Verifier {
             root: &root,
             device: device.unwrap_or_default(),
@@ -789,13 +794,20 @@ fn verify(
             last_sequence,
             now: now_secs(),
         };
-        verifier.verify(&manifest, &desired).map(|()| {
+        verifier.verify_deployment(&desired).map(|v| {
+            let m = &v.manifest;
+            let rotated = v.rotated.map_or(String::new(), |r| {
+                format!(
+                    " under root version {} (rotated by the deployment)",
+                    r.version
+                )
+            });
             format!(
-                "valid: job {} sequence {}, signed by {} key(s), expires {}",
-                manifest.signed.job_id,
-                manifest.signed.sequence,
-                manifest.signatures.len(),
-                manifest.signed.expires
+                "valid: job {} sequence {}, signed by {} key(s){rotated}, expires {}",
+                m.signed.job_id,
+                m.signed.sequence,
+                m.signatures.len(),
+                signed::rfc3339(m.signed.expires)
             )
         })
     };

@@ -159,6 +159,33 @@ fn trust_rig(root_dir: &Path, root: &Root) -> TrustRig {
     }
 }
 
+/// `otabox verify` of the deployment in `delta` for dev-1 against the
+/// root file of the rig: `Ok(stdout)` when valid, `Err(reason)` when
+/// refused.
+fn verify_cli(root_dir: &Path, delta: &str) -> Result<String, String> {
+    let delta: serde_json::Value = serde_json::from_str(delta).expect("delta");
+    let file = root_dir.join("deployment.json");
+    std::fs::write(&file, delta["state"]["deployment"].to_string()).expect("deployment");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .arg("verify")
+        .arg("--root")
+        .arg(root_dir.join("root.json"))
+        .args(["--device", "dev-1"])
+        .arg(&file)
+        .output()
+        .expect("otabox verify");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match out.status.code() {
+        Some(0) => Ok(stdout),
+        Some(1) => Err(stderr
+            .strip_prefix("refused: ")
+            .unwrap_or_else(|| panic!("not a refusal: {stderr}"))
+            .to_string()),
+        other => panic!("verify exited {other:?}: {stderr}"),
+    }
+}
+
 fn is_ack(m: &Message, job: &str) -> bool {
     m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
 }
@@ -266,26 +293,41 @@ fn a_root_rotation_travels_with_a_deployment_and_replaces_the_old_root() {
     };
     let state = root_dir.join("state");
     let before = settled_snapshot(&state);
-    cloud.publish(
-        "state/dev-1/update/delta",
-        by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later),
-    );
-    cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
+    let bad = by_new.delta(1, with(Some(&bad_rotation), "r1"), 1, "dev-1", later);
+    let verify_reason = verify_cli(&root_dir, &bad).expect_err("verify refuses the bad rotation");
+    cloud.publish("state/dev-1/update/delta", bad);
+    let rejected = cloud.wait_for(WAIT, "the bad rotation's rejection", |m| {
         m.json
             .pointer("/state/reported/deployment/lastRejected/reason")
             .and_then(|r| r.as_str())
             .is_some_and(|r| r.contains("rootRotations[0]"))
     });
     assert_eq!(
+        rejected.json["state"]["reported"]["deployment"]["lastRejected"]["reason"],
+        format!("untrusted deployment: {verify_reason}"),
+        "the agent and `otabox verify` refuse for the same reason"
+    );
+    assert_eq!(
         snapshot(&state),
         before,
         "a rejected rotation changed a state file"
     );
 
-    cloud.publish(
-        "state/dev-1/update/delta",
-        by_new.delta(2, with(Some(&good_rotation), "r2"), 2, "dev-1", later),
+    let good = by_new.delta(2, with(Some(&good_rotation), "r2"), 2, "dev-1", later);
+    let valid = verify_cli(&root_dir, &good).expect("verify applies the carried rotation");
+    assert!(
+        valid.contains("under root version 2 (rotated by the deployment)"),
+        "{valid}"
     );
+    assert!(
+        verify_cli(
+            &root_dir,
+            &by_new.delta(2, with(None, "r2"), 2, "dev-1", later)
+        )
+        .expect_err("without the rotation the new keys are strangers")
+        .contains("2 needed"),
+    );
+    cloud.publish("state/dev-1/update/delta", good);
     assert_eq!(
         cloud.wait_for(WAIT, "r2", |m| is_ack(m, "r2")).json["status"],
         "SUCCESS",

@@ -914,3 +914,345 @@ fn run_phase_with_a_bare_dir_keeps_state_and_cache_private_to_the_user_not_in_tm
     assert!(out.status.success(), "{}", text(&out));
     assert!(xdg.join("otabox/cache").is_dir(), "{}", text(&out));
 }
+
+/// A folder for the firmware handler: its slots, marker and state
+/// directory, mounted by the returned `[handlers.firmware.mounts]` table.
+fn firmware_mounts(dir: &Path) -> String {
+    for sub in ["slots", "run", "fw-state"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("firmware dirs");
+    }
+    for slot in ["slot-a", "slot-b"] {
+        std::fs::write(dir.join("slots").join(slot), vec![0u8; 4096]).expect("slot");
+    }
+    std::fs::write(dir.join("run/booted-slot"), "A\n").expect("marker");
+    format!(
+        "[handlers.firmware.mounts]\n\"/var/lib/otabox/firmware\" = \"{0}/fw-state\"\n\
+         \"/run/otabox\" = \"{0}/run\"\n\"/dev/otabox\" = \"{0}/slots\"\n",
+        dir.display()
+    )
+}
+
+/// A firmware config table with `bootloader`, and the mounts.
+fn firmware_config(dir: &Path, bootloader: &str) -> String {
+    format!(
+        "[handlers.firmware.config]\ncompatible = \"acme,pump-v2\"\nbootloader = {bootloader}\n{}",
+        firmware_mounts(dir)
+    )
+}
+
+/// Runs `otabox ARGS` for at most 60 s (an agent that starts would run on).
+fn otabox_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run otabox");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("otabox {args:?} did not stop: {}", text(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn the_agent_refuses_to_start_on_a_handler_config_the_handler_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    copy_built_handler(&root, "firmware");
+    let config = write_config(
+        &root,
+        &format!(
+            "[device]\nid = \"pump-1\"\n[mqtt]\nport = {}\n{}",
+            common::services::free_port(),
+            firmware_config(&root, "{ kind = \"grubb\", env = \"/boot/grub/grubenv\" }")
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = otabox_bounded(&["run", "--config", &config]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(
+            "error: handler firmware refuses its device config (`[handlers.firmware] config` in device.toml): \
+             invalid firmware handler config: `bootloader.kind` = \"grubb\" is not a bootloader otabox drives: \
+             expected one of grub, uboot"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("set `enabled = false` in `[handlers.firmware]`"),
+        "{t}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refused at once"
+    );
+
+    let audit = otabox(&["handlers", "audit", "--config", &config]);
+    assert_eq!(audit.status.code(), Some(1), "{}", text(&audit));
+    assert!(
+        text(&audit).contains("`bootloader.kind` = \"grubb\"")
+            && text(&audit).contains("[invalid-config]"),
+        "{}",
+        text(&audit)
+    );
+}
+
+#[test]
+fn a_valid_config_loads_every_first_party_handler_and_a_bad_field_refuses_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    for name in ["apt", "container", "file", "firmware"] {
+        copy_built_handler(&root, name);
+    }
+    std::fs::create_dir_all(root.join("files")).expect("files");
+    let valid = format!(
+        "[handlers.apt.config]\ninventory = \"managed\"\n\
+         [handlers.container.config]\ncli = \"/usr/bin/docker\"\n\
+         [handlers.file.config]\nroot = \"/var/lib/otabox/files\"\n\
+         [handlers.file.mounts]\n\"/var/lib/otabox/files\" = \"{}\"\n{}",
+        root.join("files").display(),
+        firmware_config(
+            &root,
+            "{ kind = \"uboot\", config = \"/etc/fw_env.config\" }"
+        )
+    );
+    let config = write_config(&root, &valid);
+    let list = otabox(&["handlers", "list", "--config", &config, "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    for name in ["apt", "container", "file", "firmware"] {
+        let entry = listed
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {}", text(&list)));
+        assert_eq!(entry["status"], "loaded", "{name}: {entry}");
+    }
+
+    for (bad, handler, why) in [
+        (
+            valid.replace("inventory = \"managed\"", "inventroy = \"managed\""),
+            "apt",
+            "invalid apt handler config: unknown field `inventroy`",
+        ),
+        (
+            valid.replace("cli = \"/usr/bin/docker\"", "cli = \"docker\""),
+            "container",
+            "`cli` must be /usr/bin/docker or /usr/bin/podman, found \"docker\"",
+        ),
+        (
+            valid.replace("root = \"/var/lib/otabox/files\"", "root = \"files\""),
+            "file",
+            "`root` = \"files\" must be an absolute path",
+        ),
+        (
+            valid.replace("compatible = ", "compatibel = "),
+            "firmware",
+            "unknown field `compatibel`",
+        ),
+        (
+            valid.replace(
+                "compatible = \"acme,pump-v2\"",
+                "compatible = \"acme,pump-v2\"\nbooted_slot_file = \"booted\"",
+            ),
+            "firmware",
+            "`booted_slot_file` = \"booted\" must be an absolute path",
+        ),
+    ] {
+        let config = write_config(&root, &bad);
+        let listed: serde_json::Value = serde_json::from_slice(
+            &otabox(&["handlers", "list", "--config", &config, "--json"]).stdout,
+        )
+        .expect("json");
+        let entry = listed
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|h| h["name"] == handler)
+            .expect("listed");
+        assert_eq!(entry["status"], "refused", "{handler}: {entry}");
+        let error = entry["error"].as_str().expect("error");
+        assert!(
+            error.contains(&format!("handler {handler} refuses its device config"))
+                && error.contains(why),
+            "{handler}: {error}"
+        );
+    }
+}
+
+#[test]
+fn audit_reports_a_handler_table_that_names_no_handler_and_suggests_the_closest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    copy_built_handler(&root, "firmware");
+    let config = write_config(
+        &root,
+        &format!(
+            "[handlers.frmware.config]\ncompatible = \"acme,pump-v2\"\n{}",
+            firmware_mounts(&root)
+        ),
+    );
+    let out = otabox(&["handlers", "audit", "--config", &config]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(
+            "error: device config `[handlers.frmware]` names no installed handler \
+             (did you mean `[handlers.firmware]`?) [unknown-handler]"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("missing field `compatible`") && t.contains("[invalid-config]"),
+        "the meant handler went without its config: {t}"
+    );
+    let json = otabox(&["handlers", "audit", "--config", &config, "--json"]);
+    assert_eq!(finding_ids(&json, "frmware"), ["unknown-handler"]);
+}
+
+#[test]
+fn the_firmware_inventory_marks_a_rolled_back_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    copy_built_handler(&root, "firmware");
+    let config = write_config(
+        &root,
+        &firmware_config(&root, "{ kind = \"grub\", env = \"/boot/grub/grubenv\" }"),
+    );
+    let record = |version: &str, state: &str| serde_json::json!({"name": "rootfs", "version": version, "sha256": "00", "state": state});
+    std::fs::write(
+        root.join("fw-state/slots.json"),
+        serde_json::json!({"A": record("2.0.0", "good"), "B": record("2.1.0", "bad")}).to_string(),
+    )
+    .expect("slots.json");
+    let out = otabox(&[
+        "handlers",
+        "run-phase",
+        "--config",
+        &config,
+        "--handler",
+        "firmware",
+        "--phase",
+        "inventory",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let items: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let versions: Vec<(&str, &str)> = items
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default(),
+                i["version"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [("slot-A", "2.0.0"), ("slot-B", "2.1.0 (rolled back)")]
+    );
+}
+
+/// A root of two keys in `dir/root.json` and a deployment signed by both
+/// for `target`, in `dir/deployment.json`; returns its expiry.
+fn signed_deployment(dir: &Path, target: otabox::trust::signed::Target) -> u64 {
+    use otabox::trust::signed;
+    let keys: Vec<(String, String)> = (0..2)
+        .map(|_| signed::generate_key().expect("key"))
+        .collect();
+    let root = signed::Root {
+        version: 1,
+        threshold: 2,
+        keys: keys.iter().map(|(_, p)| p.clone()).collect(),
+    };
+    std::fs::write(
+        dir.join("root.json"),
+        serde_json::to_string(&root).expect("root"),
+    )
+    .expect("root.json");
+    let mut desired: otabox::shadow::DesiredState = serde_json::from_value(serde_json::json!({
+        "schema": 1, "jobId": "job-1", "version": "1",
+        "steps": [{"updateType": "otabox/file:1", "manifest": {"a": 1},
+                   "files": [{"name": "p", "url": "https://h/p", "size": 3, "sha256": "a".repeat(64)}]}]
+    }))
+    .expect("desired");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let expires = now + 3600;
+    let manifest = signed::describe(&desired, 1, target, now - 60, expires).expect("describe");
+    let signers: Vec<_> = keys
+        .iter()
+        .map(|(s, _)| signed::signing_key(s).expect("key"))
+        .collect();
+    desired.signed_manifest =
+        Some(serde_json::to_value(signed::sign(&manifest, &signers).expect("sign")).expect("json"));
+    std::fs::write(
+        dir.join("deployment.json"),
+        serde_json::to_string(&desired).expect("json"),
+    )
+    .expect("deployment.json");
+    expires
+}
+
+#[test]
+fn verify_names_a_group_target_in_words_with_the_groups_hint_and_expiry_in_rfc3339() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expires = signed_deployment(
+        dir.path(),
+        otabox::trust::signed::Target {
+            device: None,
+            group: Some("pumps".into()),
+        },
+    );
+    let root = dir.path().join("root.json").display().to_string();
+    let file = dir.path().join("deployment.json").display().to_string();
+    let out = otabox(&["verify", "--root", &root, "--device", "pump-1", &file]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(
+            "refused: the manifest targets group \"pumps\", not this device (\"pump-1\", no groups); \
+             if this device belongs to group \"pumps\", list it in `[trust] groups` of device.toml"
+        ),
+        "{t}"
+    );
+    assert!(!t.contains("Target {"), "no Rust debug output: {t}");
+
+    let out = otabox(&[
+        "verify", "--root", &root, "--device", "pump-1", "--group", "pumps", &file,
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let stamp = otabox::trust::signed::rfc3339(expires);
+    assert!(t.contains(&format!("expires {stamp}")), "{t}");
+    let b = stamp.as_bytes();
+    assert!(
+        stamp.len() == 20 && b[4] == b'-' && b[10] == b'T' && b[19] == b'Z',
+        "{stamp}"
+    );
+}
+
+#[test]
+fn version_is_a_subcommand_as_well_as_a_flag() {
+    let flag = otabox(&["--version"]);
+    let sub = otabox(&["version"]);
+    assert!(sub.status.success(), "{}", text(&sub));
+    assert_eq!(
+        String::from_utf8_lossy(&sub.stdout),
+        String::from_utf8_lossy(&flag.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sub.stdout).trim(),
+        format!("otabox {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -69,6 +69,11 @@ pub trait Handler {
     }
 
     /// Lists what the handler manages. Default: nothing.
+    ///
+    /// The host also calls it when it loads the handler, to check the
+    /// device `config`: parse it first and fail with result code 11 when it
+    /// is invalid (naming the key and what it accepts); the host then
+    /// refuses the handler and the agent does not start.
     fn inventory(_config: &str) -> Result<Vec<InstalledItem>, Status> {
         Ok(Vec::new())
     }

@@ -54,6 +54,24 @@ pub struct Config {
     pub root: Option<String>,
 }
 
+impl Config {
+    /// Parses and checks the configuration JSON the host passes (also at
+    /// load, through `inventory`).
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let config: Self =
+            serde_json::from_str(json).map_err(|e| format!("invalid file handler config: {e}"))?;
+        if let Some(root) = &config.root {
+            let path = Path::new(root);
+            if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+                return Err(format!(
+                    "invalid file handler config: `root` = {root:?} must be an absolute path without `..`"
+                ));
+            }
+        }
+        Ok(config)
+    }
+}
+
 struct FileHandler;
 
 impl Handler for FileHandler {
@@ -154,8 +172,7 @@ impl Handler for FileHandler {
     }
 
     fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config: Config = serde_json::from_str(config)
-            .map_err(|e| Status::new(11, format!("invalid handler config: {e}")))?;
+        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
         let Some(root) = config.root else {
             return Ok(Vec::new());
         };

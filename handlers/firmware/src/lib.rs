@@ -256,7 +256,7 @@ impl Handler for FirmwareHandler {
                 let record = slots.0.get(slot)?;
                 Some(InstalledItem {
                     name: format!("slot-{slot}"),
-                    version: record.version.clone(),
+                    version: inventory_version(record),
                     update_type: UPDATE_TYPE.into(),
                     details: vec![
                         ("image".into(), record.name.clone()),
@@ -273,6 +273,17 @@ impl Handler for FirmwareHandler {
 }
 
 export_handler!(FirmwareHandler);
+
+/// A slot's version as the inventory reports it: marked when the slot
+/// does not hold a usable image, so a report never shows a rolled-back
+/// or half-written version as if it ran.
+fn inventory_version(record: &SlotRecord) -> String {
+    match record.state {
+        SlotState::Bad => format!("{} (rolled back)", record.version),
+        SlotState::Writing => format!("{} (incomplete)", record.version),
+        _ => record.version.clone(),
+    }
+}
 
 /// Runs a phase on the parsed step, turning errors into `failed`.
 fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {

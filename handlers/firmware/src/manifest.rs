@@ -177,30 +177,51 @@ fn default_boot_attempts() -> u32 {
     3
 }
 
+/// The bootloaders `bootloader.kind` may name.
+pub const BOOTLOADER_KINDS: [&str; 2] = ["grub", "uboot"];
+
+/// Prefix of every config error.
+const INVALID: &str = "invalid firmware handler config";
+
 impl Config {
-    /// Parses and checks the configuration JSON the host passes.
+    /// Parses and checks the configuration JSON the host passes (also at
+    /// load, through `inventory`): every error names the key and what it
+    /// accepts.
     pub fn parse(json: &str) -> Result<Self, String> {
-        let c: Self = serde_json::from_str(json)
-            .map_err(|e| format!("invalid firmware handler config: {e}"))?;
-        if c.slots.len() != 2 {
-            return Err(format!(
-                "invalid firmware handler config: `slots` must name exactly two slots, found {}",
-                c.slots.len()
-            ));
-        }
-        if let Some(bad) = c
-            .slots
-            .keys()
-            .find(|s| s.is_empty() || !s.chars().all(|ch| ch.is_ascii_alphanumeric()))
-        {
-            return Err(format!(
-                "invalid firmware handler config: slot name {bad:?} must be alphanumeric"
-            ));
-        }
-        if c.boot_attempts == 0 || c.boot_attempts > 100 {
-            return Err("invalid firmware handler config: `boot_attempts` must be 1..=100".into());
-        }
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("{INVALID}: {e}"))?;
+        check_bootloader_kind(&value)?;
+        let c: Self = serde_json::from_value(value).map_err(|e| format!("{INVALID}: {e}"))?;
+        c.check().map_err(|e| format!("{INVALID}: {e}"))?;
         Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.slots.len() != 2 {
+            return Err(format!(
+                "`slots` must name exactly two slots, found {}",
+                self.slots.len()
+            ));
+        }
+        for (slot, device) in &self.slots {
+            if slot.is_empty() || !slot.chars().all(|ch| ch.is_ascii_alphanumeric()) {
+                return Err(format!(
+                    "`slots`: slot name {slot:?} must be letters and digits (A, B)"
+                ));
+            }
+            absolute(&format!("slots.{slot}"), device)?;
+        }
+        absolute("booted_slot_file", &self.booted_slot_file)?;
+        if let Some(program) = self.health_command.first() {
+            absolute("health_command", program)?;
+        }
+        if self.boot_attempts == 0 || self.boot_attempts > 100 {
+            return Err(format!(
+                "`boot_attempts` = {} must be 1..=100",
+                self.boot_attempts
+            ));
+        }
+        Ok(())
     }
 
     /// The slot other than `booted`.
@@ -215,6 +236,35 @@ impl Config {
     pub fn device(&self, slot: &str) -> Option<&str> {
         self.slots.get(slot).map(String::as_str)
     }
+}
+
+/// `bootloader.kind`, when given, must be one of [`BOOTLOADER_KINDS`]
+/// (serde alone would not name the key).
+fn check_bootloader_kind(config: &serde_json::Value) -> Result<(), String> {
+    match config.pointer("/bootloader/kind") {
+        Some(kind) if !kind.as_str().is_some_and(|k| BOOTLOADER_KINDS.contains(&k)) => {
+            Err(format!(
+                "{INVALID}: `bootloader.kind` = {kind} is not a bootloader otabox drives: expected one of {}",
+                BOOTLOADER_KINDS.join(", ")
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `value` of `key` must be an absolute path without `..`.
+fn absolute(key: &str, value: &str) -> Result<(), String> {
+    let path = std::path::Path::new(value);
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "`{key}` = {value:?} must be an absolute path without `..`"
+        ));
+    }
+    Ok(())
 }
 
 /// The booted slot named by the contents of the booted-slot file: the name
@@ -280,7 +330,40 @@ mod tests {
         for (json, why) in [
             (
                 r#"{"compatible":"x","bootloader":{"kind":"lilo"}}"#,
-                "unknown variant",
+                "`bootloader.kind` = \"lilo\" is not a bootloader otabox drives: expected one of grub, uboot",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e","config":"/c"}}"#,
+                "unknown field `config`",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"slotz":{}}"#,
+                "unknown field `slotz`",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"slots":{"A":"/a","B":"dev/b"}}"#,
+                "`slots.B` = \"dev/b\" must be an absolute path",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"booted_slot_file":"run/slot"}"#,
+                "`booted_slot_file` = \"run/slot\" must be an absolute path",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"booted_slot_file":"/run/../etc/x"}"#,
+                "without `..`",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"slots":{"A":"/a","B-":"/b"}}"#,
+                "letters and digits",
+            ),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"health_command":["health"]}"#,
+                "`health_command`",
+            ),
+            (r#"{"compatible":"x"}"#, "missing field `bootloader`"),
+            (
+                r#"{"compatible":"x","bootloader":{"kind":1}}"#,
+                "`bootloader.kind` = 1",
             ),
             (
                 r#"{"compatible":"x","bootloader":{"kind":"grub","env":"/e"},"slots":{"A":"/a"}}"#,

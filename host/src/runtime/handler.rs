@@ -49,6 +49,32 @@ pub(crate) fn granted_paths(grants: &Grants) -> String {
         .join(":")
 }
 
+/// The result code by which a handler refuses its device configuration
+/// (the SDK's `invalid handler config`).
+pub const INVALID_CONFIG: u32 = 11;
+
+/// A handler refused its device configuration (`[handlers.NAME] config`)
+/// when it was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidConfig {
+    /// The handler.
+    pub handler: String,
+    /// The handler's reason, bounded and escaped.
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "handler {0} refuses its device config (`[handlers.{0}] config` in device.toml): {1}",
+            self.handler, self.reason
+        )
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
+
 /// Why a call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallFault {
@@ -195,6 +221,26 @@ impl Handler {
             r.map(|items| bounds::inventory(&self.name, items))
                 .map_err(bounds::status)
         })
+    }
+
+    /// Checks the handler's device configuration as it is loaded: the
+    /// handler refuses it by failing `inventory` with [`INVALID_CONFIG`].
+    /// Any other failure is left to the inventory the agent takes at start
+    /// (a tool may be missing for a moment; the config is still valid).
+    pub async fn check_config(&self) -> Result<()> {
+        match self.inventory().await {
+            Ok(Err(status)) if status.result_code == INVALID_CONFIG => {
+                Err(anyhow::Error::new(InvalidConfig {
+                    handler: self.name.clone(),
+                    reason: status.message,
+                }))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(handler = self.name, "inventory at load: {e:#}");
+                Ok(())
+            }
+        }
     }
 
     /// Calls one of the phases that return an [`Outcome`]: download, backup,

@@ -5,7 +5,9 @@
 //! sha256 against the manifest, narrow the declared capabilities by the
 //! device config, compile (or load precompiled from the cache), check every
 //! import against the grants (naming the first that has none), link only the
-//! granted interfaces, pre-instantiate, and call `describe`.
+//! granted interfaces, pre-instantiate, call `describe`, and let the handler
+//! check its device configuration (`inventory` failing with result code
+//! [`INVALID_CONFIG`] refuses it).
 
 pub mod bindings;
 pub mod bounds;
@@ -30,7 +32,7 @@ use wasmtime::component::Component;
 pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
-pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler};
+pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
 pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{
@@ -57,6 +59,9 @@ pub struct HandlerSet {
     pub refused: Vec<Refusal>,
     /// Handlers switched off in the device config.
     pub disabled: Vec<String>,
+    /// `[handlers.NAME]` tables of the device config that name no handler
+    /// of the directory.
+    pub unknown: Vec<crate::config::UnknownHandler>,
 }
 
 /// A handler that was not loaded.
@@ -85,6 +90,27 @@ impl HandlerSet {
     /// The handler called `name`.
     pub fn by_name(&self, name: &str) -> Option<&Arc<Handler>> {
         self.handlers.iter().find(|h| h.name == name)
+    }
+
+    /// Fails, naming each, when a handler refused its device config: the
+    /// agent does not start with one (a typo there would otherwise surface
+    /// only when a deployment reaches the handler).
+    pub fn require_valid_configs(&self) -> Result<()> {
+        let invalid: Vec<String> = self
+            .refused
+            .iter()
+            .filter_map(|r| r.error.downcast_ref::<InvalidConfig>())
+            .map(|c| {
+                format!(
+                    "{c} (fix it, or set `enabled = false` in `[handlers.{}]`)",
+                    c.handler
+                )
+            })
+            .collect();
+        if !invalid.is_empty() {
+            bail!("{}", invalid.join("; "));
+        }
+        Ok(())
     }
 }
 
@@ -118,7 +144,12 @@ impl Runtime {
         device: &BTreeMap<String, DeviceGrant>,
     ) -> Result<HandlerSet> {
         let mut set = HandlerSet::default();
-        for manifest in manifest_files(dir)? {
+        let manifests = manifest_files(dir)?;
+        set.unknown = crate::config::unknown_handlers(device, &manifests);
+        for unknown in &set.unknown {
+            tracing::warn!("{unknown} in {}", dir.display());
+        }
+        for manifest in manifests {
             let name = handler_name(&manifest)?;
             let grant = device.get(&name);
             if grant.is_some_and(|g| !g.enabled) {
@@ -197,6 +228,7 @@ impl Runtime {
         };
         handler.description = handler.describe().await?;
         check_description(&handler)?;
+        handler.check_config().await?;
         Ok(handler)
     }
 }

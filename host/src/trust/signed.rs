@@ -75,6 +75,18 @@ pub struct Target {
     pub group: Option<String>,
 }
 
+impl std::fmt::Display for Target {
+    /// `device "pump-1"`, `group "pumps"`, both, or `no device or group`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.device, &self.group) {
+            (Some(device), Some(group)) => write!(f, "device {device:?} or group {group:?}"),
+            (Some(device), None) => write!(f, "device {device:?}"),
+            (None, Some(group)) => write!(f, "group {group:?}"),
+            (None, None) => f.write_str("no device or group"),
+        }
+    }
+}
+
 /// A payload file as the manifest vouches for it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -284,6 +296,48 @@ impl Root {
             .context("the new root is not signed by a threshold of its own keys")?;
         Ok(next.signed.clone())
     }
+
+    /// Applies `rotations` (signed next roots, oldest first, as a
+    /// deployment's `rootRotations` carries them) one after the other; a
+    /// rotation at or below the version reached so far is skipped, as a
+    /// device that already took it would.
+    pub fn apply_rotations(&self, rotations: &[Value]) -> Result<Root> {
+        let mut root = self.clone();
+        for (i, rotation) in rotations.iter().enumerate() {
+            let next: Signed<Root> =
+                serde_json::from_value(rotation.clone()).context("rootRotations")?;
+            if next.signed.version <= root.version {
+                continue;
+            }
+            root = root
+                .rotate(&next)
+                .with_context(|| format!("rootRotations[{i}]"))?;
+        }
+        Ok(root)
+    }
+}
+
+/// `secs` since the epoch as an RFC 3339 UTC time, `2025-01-31T08:00:00Z`.
+pub fn rfc3339(secs: u64) -> String {
+    // Days to a civil date (H. Hinnant's algorithm), in i128 so that no
+    // u64 overflows.
+    let days = i128::from(secs / 86_400);
+    let rest = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// The sha256 a signed step records for a step's handler manifest.
@@ -366,12 +420,12 @@ impl Verifier<'_> {
         ensure!(
             self.now >= m.not_before,
             "the manifest is not valid before {}",
-            m.not_before
+            rfc3339(m.not_before)
         );
         ensure!(
             self.now < m.expires,
             "the manifest expired at {}",
-            m.expires
+            rfc3339(m.expires)
         );
         ensure!(
             m.sequence > self.last_sequence,
@@ -384,11 +438,7 @@ impl Verifier<'_> {
                 .group
                 .as_ref()
                 .is_some_and(|g| self.groups.contains(g));
-        ensure!(
-            for_us,
-            "the manifest targets {:?}, not this device",
-            m.target
-        );
+        ensure!(for_us, "{}", self.not_ours(&m.target));
         ensure!(
             m.job_id == desired.job_id,
             "the manifest is for job {:?}, not {:?}",
@@ -408,6 +458,57 @@ impl Verifier<'_> {
         );
         Ok(())
     }
+
+    /// Why a manifest for `target` is not for this device, with the hint
+    /// that a group member lists its group in `[trust] groups`.
+    fn not_ours(&self, target: &Target) -> String {
+        let groups = if self.groups.is_empty() {
+            "no groups".to_string()
+        } else {
+            format!("groups {:?}", self.groups)
+        };
+        let mut text = format!(
+            "the manifest targets {target}, not this device ({:?}, {groups})",
+            self.device
+        );
+        if let Some(group) = &target.group {
+            text.push_str(&format!(
+                "; if this device belongs to group {group:?}, list it in `[trust] groups` of device.toml"
+            ));
+        }
+        text
+    }
+
+    /// Verifies a deployment as the agent takes it: applies the root
+    /// rotations it carries to this verifier's root, then checks its
+    /// signed manifest against the root reached. The one check behind both
+    /// the agent and `otabox verify`.
+    pub fn verify_deployment(&self, desired: &DesiredState) -> Result<VerifiedDeployment> {
+        let root = self.root.apply_rotations(&desired.root_rotations)?;
+        let manifest = desired
+            .signed_manifest
+            .clone()
+            .context("this device accepts signed deployments only")?;
+        let manifest: Signed<UpdateManifest> =
+            serde_json::from_value(manifest).context("signedManifest")?;
+        Verifier {
+            root: &root,
+            ..*self
+        }
+        .verify(&manifest, desired)?;
+        let rotated = (root.version > self.root.version).then_some(root);
+        Ok(VerifiedDeployment { manifest, rotated })
+    }
+}
+
+/// A deployment whose signed manifest verified.
+#[derive(Debug)]
+pub struct VerifiedDeployment {
+    /// Its signed update manifest.
+    pub manifest: Signed<UpdateManifest>,
+    /// The root its rotations led to, when it carried one above the
+    /// verifier's root: the device keeps it once it accepts the deployment.
+    pub rotated: Option<Root>,
 }
 
 #[cfg(test)]
@@ -462,6 +563,15 @@ mod tests {
             last_sequence: 4,
             now: 150,
         }
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert!(rfc3339(u64::MAX).ends_with('Z'), "no overflow");
     }
 
     #[test]
