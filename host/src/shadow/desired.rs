@@ -249,7 +249,10 @@ impl DesiredState {
         if let Some(reference) = &self.deployment_ref {
             return self.validate_reference(reference);
         }
-        if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
+        if self.steps.is_empty() {
+            bail!("deployment: missing field `steps` (1..={MAX_STEPS} steps), or `deploymentRef`");
+        }
+        if self.steps.len() > MAX_STEPS {
             bail!(
                 "deployment.steps must hold 1..={MAX_STEPS} steps, found {}",
                 self.steps.len()
@@ -503,6 +506,9 @@ mod tests {
         let mut v = delta();
         v["state"]["deployment"]["steps"] = json!([]);
         assert!(error(&v).contains("1..=32 steps"));
+        let step = delta()["state"]["deployment"]["steps"][0].clone();
+        v["state"]["deployment"]["steps"] = json!(vec![step; 33]);
+        assert!(error(&v).contains("1..=32 steps, found 33"));
     }
 
     #[test]
