@@ -27,8 +27,8 @@ use crate::runtime::{
     StepContext,
 };
 use crate::shadow::{
-    Ack, AgentInfo, AgentState, JobResult, LastResult, ManifestSource, Rejection, ReportedState,
-    StepOutcome, Topics, parse_delta,
+    Ack, AgentInfo, AgentState, DeltaMessage, JobResult, LastResult, ManifestSource, Rejection,
+    ReportedState, StepOutcome, TopicLayout, Topics, aws, parse_delta,
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
@@ -61,6 +61,9 @@ struct Shared {
     /// The size reports are built within: `[mqtt] max_report_bytes`, or
     /// less once the broker refused a report of that size.
     report_limit: std::sync::atomic::AtomicUsize,
+    /// Bytes the desired deployment takes in the shadow, as last seen (AWS
+    /// layout: reports leave it room within the shadow's 8 KB).
+    desired_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -120,6 +123,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         cancelled: Mutex::new(Default::default()),
         live: Mutex::new(Live::default()),
         report_limit: std::sync::atomic::AtomicUsize::new(max_report_bytes),
+        desired_bytes: std::sync::atomic::AtomicUsize::new(DESIRED_BYTES_UNSEEN),
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
@@ -217,7 +221,7 @@ async fn session(
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    if let Some(rejection) = on_publish(&shared, &jobs, &publish) {
+                    if let Some(rejection) = on_publish(&shared, &jobs, &publish).await {
                         // Not queued durably: a rejection changes no state file.
                         client
                             .publish(shared.topics.update.clone(), QoS::AtLeastOnce, false, rejection.into_bytes())
@@ -297,7 +301,7 @@ fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
             head.payload.len()
         );
     }
-    match shrunk(&head.payload, limit) {
+    match shrunk(shared, &head.payload, limit) {
         Some(smaller) => {
             tracing::warn!(
                 key = head.key,
@@ -325,13 +329,16 @@ fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
 
 /// A report document trimmed to `limit` bytes; `None` when it is not a
 /// report or cannot get smaller.
-fn shrunk(payload: &str, limit: usize) -> Option<String> {
-    let smaller = as_report(payload)?.bounded_payload(limit);
+fn shrunk(shared: &Shared, payload: &str, limit: usize) -> Option<String> {
+    let smaller = bounded(shared, &as_report(shared, payload)?, limit);
     (smaller.len() < payload.len()).then_some(smaller)
 }
 
 /// The reported state a report document carries, if it is one.
-fn as_report(payload: &str) -> Option<ReportedState> {
+fn as_report(shared: &Shared, payload: &str) -> Option<ReportedState> {
+    if shared.config.mqtt.layout == TopicLayout::AwsShadow {
+        return aws::parse_report(payload);
+    }
     let value: serde_json::Value = serde_json::from_str(payload).ok()?;
     serde_json::from_value(value.pointer("/state/reported/deployment")?.clone()).ok()
 }
@@ -340,9 +347,14 @@ fn as_report(payload: &str) -> Option<ReportedState> {
 /// published while the agent was away is not missed.
 async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
     let t = &shared.topics;
-    for topic in [Some(&t.delta), Some(&t.accepted), t.get_accepted.as_ref()]
-        .into_iter()
-        .flatten()
+    for topic in [
+        Some(&t.delta),
+        Some(&t.accepted),
+        t.get_accepted.as_ref(),
+        t.rejected.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         client
             .subscribe(topic.clone(), QoS::AtLeastOnce)
@@ -386,7 +398,7 @@ async fn publish_next(
     let next = {
         let mut outbox = lock(&shared.outbox);
         if let Some(head) = outbox.head().filter(|e| e.payload.len() > max).cloned() {
-            fit_head(&mut outbox, &head, max)?;
+            fit_head(shared, &mut outbox, &head, max)?;
         }
         outbox.next(std::time::Instant::now())
     };
@@ -415,15 +427,20 @@ async fn publish_next(
 
 /// Makes an oversized outbox head fit `max`: a report is trimmed, anything
 /// else is dropped with a logged reason.
-fn fit_head(outbox: &mut Outbox, head: &crate::outbox::Entry, max: usize) -> Result<()> {
-    match as_report(&head.payload) {
+fn fit_head(
+    shared: &Shared,
+    outbox: &mut Outbox,
+    head: &crate::outbox::Entry,
+    max: usize,
+) -> Result<()> {
+    match as_report(shared, &head.payload) {
         Some(reported) => {
             tracing::warn!(
                 key = head.key,
                 "a queued report of {} bytes exceeds the report limit ({max}); trimmed",
                 head.payload.len()
             );
-            outbox.replace_head(reported.bounded_payload(max))
+            outbox.replace_head(bounded(shared, &reported, max))
         }
         None => {
             tracing::error!(
@@ -436,12 +453,18 @@ fn fit_head(outbox: &mut Outbox, head: &crate::outbox::Entry, max: usize) -> Res
     }
 }
 
-/// Handles a message; returns the report of a rejected delta, if any.
-fn on_publish(
+/// Handles a message; returns the report of a rejected delta, if any. A
+/// deployment by reference is fetched here, before it is journaled (the
+/// session waits for it: the document is small and the fetch bounded).
+async fn on_publish(
     shared: &Shared,
     jobs: &mpsc::UnboundedSender<JobRecord>,
     publish: &rumqttc::Publish,
 ) -> Option<String> {
+    if shared.topics.rejected.as_ref() == Some(&publish.topic) {
+        on_refused(shared, &publish.payload);
+        return None;
+    }
     let from_shadow;
     let payload: &[u8] = if publish.topic == shared.topics.delta {
         &publish.payload
@@ -461,6 +484,11 @@ fn on_publish(
         return None;
     };
     let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
+        Ok(delta) => delta,
+        Err(e) => return rejection(shared, payload, &format!("{e:#}")),
+    };
+    note_desired_size(shared, &delta);
+    let delta = match resolve_reference(shared, delta).await {
         Ok(delta) => delta,
         Err(e) => return rejection(shared, payload, &format!("{e:#}")),
     };
@@ -504,6 +532,101 @@ fn on_publish(
         Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
     }
     None
+}
+
+/// Longest wait for a referenced deployment document.
+const REFERENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A deployment given by reference, fetched (exact size and sha256) and
+/// put in the delta in its place; other deltas, and cancels, pass as they
+/// are.
+async fn resolve_reference(shared: &Shared, mut delta: DeltaMessage) -> Result<DeltaMessage> {
+    let desired = &delta.state.deployment;
+    let Some(reference) = desired.deployment_ref.as_ref().filter(|_| !desired.cancel) else {
+        return Ok(delta);
+    };
+    let dir = shared.config.paths.state.join("references");
+    crate::durable::create_private_dir(&dir)?;
+    let path = dir.join(format!("{}.json", desired.job_id));
+    let fetch =
+        shared
+            .downloader
+            .fetch_document(&reference.url, &reference.sha256, reference.size, &path);
+    let fetched = tokio::time::timeout(REFERENCE_TIMEOUT, fetch).await;
+    let bytes = std::fs::read(&path);
+    let _ = std::fs::remove_file(&path);
+    match fetched {
+        Err(_) => {
+            anyhow::bail!("the referenced deployment did not arrive within {REFERENCE_TIMEOUT:?}")
+        }
+        Ok(Err(e)) => anyhow::bail!("cannot fetch the referenced deployment: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let bytes = bytes.context("the referenced deployment was not stored")?;
+    anyhow::ensure!(
+        bytes.len() as u64 == reference.size,
+        "the referenced deployment has {} bytes, not {}",
+        bytes.len(),
+        reference.size
+    );
+    delta.state.deployment = desired.resolve(&bytes)?;
+    Ok(delta)
+}
+
+/// Before any delta is seen, the room reports leave for the desired
+/// deployment (AWS layout).
+const DESIRED_BYTES_UNSEEN: usize = 2048;
+
+/// Remembers how much room the desired deployment takes in the shadow.
+fn note_desired_size(shared: &Shared, delta: &DeltaMessage) {
+    if let Ok(desired) = serde_json::to_value(&delta.state.deployment) {
+        shared
+            .desired_bytes
+            .store(aws::desired_bytes(&desired), Ordering::Relaxed);
+    }
+}
+
+/// The shadow service refused an update (AWS layout): logged with its code
+/// and message. The message is not sent again (the outbox moved on when the
+/// broker took it); when it was too large or too deep, reports get a
+/// smaller budget and the current state goes out once more, trimmed, until
+/// the smallest budget is reached.
+fn on_refused(shared: &Shared, payload: &[u8]) {
+    let Some(error) = aws::ErrorDocument::parse(payload) else {
+        tracing::warn!(
+            "the shadow service rejected an update; its answer is no error document ({} bytes)",
+            payload.len()
+        );
+        return;
+    };
+    tracing::warn!(
+        code = error.code,
+        "the shadow service rejected an update: {}",
+        crate::runtime::bounds::text(error.message.clone(), MAX_REASON_BYTES)
+    );
+    if !error.asks_for_less() {
+        return;
+    }
+    let budget = aws_budget(shared, shared.report_limit.load(Ordering::Relaxed));
+    let smaller = aws::report_budget(budget / 2, 0, "");
+    if smaller >= budget {
+        tracing::warn!(
+            "reports are at their smallest ({budget} bytes) already; the refused one is dropped"
+        );
+        return;
+    }
+    shared.report_limit.store(smaller, Ordering::Relaxed);
+    tracing::warn!(
+        "reports are limited to {smaller} bytes from now on; the current state is sent again, trimmed"
+    );
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    enqueue(
+        shared,
+        &format!("refused:{stamp}"),
+        reported_payload(shared, &stored_reported(shared)),
+    );
 }
 
 /// With a trust root, the deployment's signed manifest must verify (before
@@ -770,9 +893,47 @@ fn idle_state() -> ReportedState {
     }
 }
 
-/// The report document of `reported`, within `[mqtt] max_report_bytes`.
+/// The report document of `reported`, within `[mqtt] max_report_bytes`
+/// (and, in the AWS layout, within the shadow's room beside the desired
+/// deployment).
 fn reported_payload(shared: &Shared, reported: &ReportedState) -> String {
-    reported.bounded_payload(shared.report_limit.load(Ordering::Relaxed))
+    let limit = shared.report_limit.load(Ordering::Relaxed);
+    match shared.config.mqtt.layout {
+        TopicLayout::IotAtlas => bounded(shared, reported, limit),
+        TopicLayout::AwsShadow => bounded(shared, reported, aws_budget(shared, limit)),
+    }
+}
+
+/// The layout's report document of `reported` within `max` bytes.
+fn bounded(shared: &Shared, reported: &ReportedState, max: usize) -> String {
+    match shared.config.mqtt.layout {
+        TopicLayout::IotAtlas => reported.bounded_payload(max),
+        TopicLayout::AwsShadow => aws::report_document(reported, max),
+    }
+}
+
+/// The AWS layout's report budget: `limit`, or less to leave the desired
+/// deployment and the acknowledgement their room in the shadow.
+fn aws_budget(shared: &Shared, limit: usize) -> usize {
+    let version = shared
+        .journal
+        .shadow()
+        .ok()
+        .and_then(|s| s.running_version)
+        .unwrap_or_default();
+    aws::report_budget(
+        limit,
+        shared.desired_bytes.load(Ordering::Relaxed),
+        &version,
+    )
+}
+
+/// The layout's acknowledgement document.
+fn ack_payload(shared: &Shared, ack: &Ack) -> Result<String> {
+    Ok(match shared.config.mqtt.layout {
+        TopicLayout::IotAtlas => serde_json::to_string(ack)?,
+        TopicLayout::AwsShadow => aws::ack_document(ack),
+    })
 }
 
 /// Queues a message on the update topic and wakes the publisher.
@@ -1567,7 +1728,7 @@ async fn finish(
         status: ack_status,
         version,
     };
-    let ack = serde_json::to_string(&ack)?;
+    let ack = ack_payload(shared, &ack)?;
     // The result and the ack go out only once the journal says they are
     // queued: a crash in between sends them once, after the restart.
     lock(&shared.outbox).hold();

@@ -215,6 +215,11 @@ enum FleetCommand {
     Deploy {
         /// The deployment JSON file.
         file: PathBuf,
+        /// Deploy by reference: the device fetches FILE from this URL (the
+        /// desired state then holds only the URL, size and sha256, which
+        /// fits an AWS IoT shadow).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
         /// Target device.
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
         device: Option<String>,
@@ -589,13 +594,17 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
         }
         FleetCommand::Deploy {
             file,
+            url,
             device,
             group,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let desired: otabox::shadow::DesiredState = serde_json::from_str(&text)
+            let mut desired: otabox::shadow::DesiredState = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a deployment", file.display()))?;
+            if let Some(url) = url {
+                desired = by_reference(desired, &text, url)?;
+            }
             let targets = match (device, group) {
                 (Some(device), _) => {
                     store.deploy(&device, &desired)?;
@@ -628,6 +637,29 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
         FleetCommand::Watch => watch(&store).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `desired` (whose file holds `text`) as a deployment by reference to
+/// `url`; the file is checked as the device will check it.
+fn by_reference(
+    desired: otabox::shadow::DesiredState,
+    text: &str,
+    url: String,
+) -> Result<otabox::shadow::DesiredState> {
+    desired.validate().context("invalid deployment")?;
+    let reference = otabox::shadow::DesiredState {
+        steps: Vec::new(),
+        signed_manifest: None,
+        root_rotations: Vec::new(),
+        deployment_ref: Some(otabox::shadow::DeploymentRef {
+            url,
+            size: text.len() as u64,
+            sha256: otabox::runtime::sha256_hex(text.as_bytes()),
+        }),
+        ..desired
+    };
+    reference.resolve(text.as_bytes())?;
+    Ok(reference)
 }
 
 fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {

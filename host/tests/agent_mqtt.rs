@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::services::{AgentProcess, Message, Mosquitto, TestClient};
+use common::services::{AgentProcess, Message, Mosquitto, ReplicaProcess, TestClient};
 use common::*;
 use otabox::runtime::sha256_hex;
 use serde_json::json;
@@ -69,14 +69,31 @@ struct Setup {
     dev: Device,
     cloud: TestClient,
     agent: AgentProcess,
+    /// In the AWS layout, the replica holding every update to the AWS IoT
+    /// Device Shadow service's rules.
+    replica: Option<ReplicaProcess>,
 }
+
+/// The topic the AWS shadow service (here the replica) refuses updates on.
+const AWS_REJECTED: &str = "$aws/things/dev-1/shadow/update/rejected";
 
 /// Starts everything and waits until the agent is online.
 fn setup(layout: &str, update: &str) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Mosquitto::start(&dir.path().join("broker"));
     let dev = device(dir.path(), broker.port, layout);
-    let cloud = TestClient::connect(broker.port, "cloud", &[update]);
+    let aws = layout == "aws-shadow";
+    let replica = aws.then(|| {
+        let db = dir.path().join("replica.db");
+        let args = ["--layout".to_string(), "aws-shadow".to_string()];
+        ReplicaProcess::start_with(&db, broker.port, &args)
+    });
+    let topics: &[&str] = if aws {
+        &[update, AWS_REJECTED]
+    } else {
+        &[update]
+    };
+    let cloud = TestClient::connect(broker.port, "cloud", topics);
     let agent = AgentProcess::start(&dev.config);
     cloud.wait_for(WAIT, "the agent's online report", online);
     Setup {
@@ -85,11 +102,38 @@ fn setup(layout: &str, update: &str) -> Setup {
         dev,
         cloud,
         agent,
+        replica,
     }
 }
 
+/// Fails when the shadow service (the replica) refused any of `seen`.
+fn none_refused(s: &Setup, seen: &[Message]) {
+    if let Some(refused) = seen.iter().find(|m| m.topic == AWS_REJECTED) {
+        panic!(
+            "the shadow service refused an update: {}\n{}",
+            refused.json,
+            s.replica
+                .as_ref()
+                .map(ReplicaProcess::log)
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// The acknowledgement a message carries: the whole message (IoT Atlas),
+/// or `state.reported.deployment.ack` (AWS shadow).
+fn ack_of(m: &Message) -> Option<&serde_json::Value> {
+    m.json
+        .pointer("/state/reported/deployment/ack")
+        .or(Some(&m.json))
+        .filter(|a| a.get("jobId").is_some() && a.get("status").is_some())
+}
+
 fn is_ack(m: &Message, job: &str) -> bool {
-    m.json.get("jobId").and_then(|j| j.as_str()) == Some(job) && m.json.get("status").is_some()
+    ack_of(m)
+        .and_then(|a| a.get("jobId"))
+        .and_then(|j| j.as_str())
+        == Some(job)
 }
 
 fn online(m: &Message) -> bool {
@@ -107,8 +151,8 @@ fn end_to_end(layout: &str, update: &str, delta: &str) {
         .collect_until(WAIT, "the ack of job-1", |m| is_ack(m, "job-1"));
     let ack = seen.last().expect("the ack");
     assert_eq!(
-        ack.json,
-        json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"}),
+        ack_of(ack),
+        Some(&json!({"jobId": "job-1", "status": "SUCCESS", "version": "v-job-1"})),
         "{}",
         s.agent.log()
     );
@@ -133,9 +177,90 @@ fn end_to_end(layout: &str, update: &str, delta: &str) {
         .unwrap_or_else(|| panic!("no terminal report: {seen:?}"));
     let items = &terminal.json["state"]["reported"]["deployment"]["inventory"]["otabox/file:1"];
     assert!(
-        items.get("/var/lib/otabox/files/app.conf").is_some(),
+        items.to_string().contains("/var/lib/otabox/files/app.conf"),
         "{items}"
     );
+    let later = s.cloud.drain(Duration::from_millis(500));
+    none_refused(&s, &seen);
+    none_refused(&s, &later);
+}
+
+#[test]
+fn in_the_aws_layout_a_deployment_by_reference_runs_and_every_update_passes_the_shadow_rules() {
+    let s = setup("aws-shadow", "$aws/things/dev-1/shadow/update");
+    let delta: serde_json::Value =
+        serde_json::from_str(&s.dev.delta(1, "job-ref", "by = reference\n")).expect("json");
+    let document = delta["state"]["deployment"].to_string();
+    let path = s.dev.root.join("job-ref.deployment.json");
+    std::fs::write(&path, &document).expect("document");
+    let reference = json!({"version": 1, "state": {"deployment": {
+        "schema": 1, "jobId": "job-ref", "version": "v-job-ref",
+        "deploymentRef": {"url": format!("file://{}", path.display()),
+                          "size": document.len(), "sha256": sha256_hex(document.as_bytes())}}}});
+    s.cloud.publish(
+        "$aws/things/dev-1/shadow/update/delta",
+        reference.to_string(),
+    );
+    let seen = s
+        .cloud
+        .collect_until(WAIT, "the ack of job-ref", |m| is_ack(m, "job-ref"));
+    let ack = ack_of(seen.last().expect("the ack")).expect("an ack");
+    assert_eq!(ack["status"], "SUCCESS", "{}", s.agent.log());
+    assert_eq!(s.dev.installed().as_deref(), Some("by = reference\n"));
+    none_refused(&s, &seen);
+    none_refused(&s, &s.cloud.drain(Duration::from_millis(500)));
+
+    // A reference whose document does not match is rejected, and the
+    // rejection report passes the shadow's rules too.
+    let mut wrong = reference.clone();
+    wrong["version"] = json!(2);
+    wrong["state"]["deployment"]["jobId"] = json!("job-wrong");
+    s.cloud
+        .publish("$aws/things/dev-1/shadow/update/delta", wrong.to_string());
+    let seen = s.cloud.collect_until(WAIT, "the rejection report", |m| {
+        m.json
+            .pointer("/state/reported/deployment/lastRejected/reason")
+            .is_some()
+    });
+    let reason = seen.last().expect("report").json["state"]["reported"]["deployment"]
+        ["lastRejected"]["reason"]
+        .to_string();
+    assert!(reason.contains("not \\\"job-wrong\\\""), "{reason}");
+    none_refused(&s, &seen);
+}
+
+#[test]
+fn a_report_the_shadow_service_refuses_is_logged_and_trimmed_not_retried_forever() {
+    let s = setup("aws-shadow", "$aws/things/dev-1/shadow/update");
+    let refusal = json!({"code": 413, "message": "The payload exceeds the maximum size allowed", "timestamp": 1});
+    let mut resent = Vec::new();
+    for _ in 0..6 {
+        s.cloud.publish(AWS_REJECTED, refusal.to_string());
+        let seen = s.cloud.drain(Duration::from_millis(1500));
+        resent.push(
+            seen.iter()
+                .filter(|m| online(m))
+                .map(|m| m.json.to_string().len())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let log = s.agent.log();
+    assert!(
+        log.contains("WARN") && log.contains("code=413")
+            && log.contains("the shadow service rejected an update: The payload exceeds the maximum size allowed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the current state is sent again, trimmed"),
+        "{log}"
+    );
+    assert!(log.contains("the refused one is dropped"), "{log}");
+    let counts: Vec<usize> = resent.iter().map(Vec::len).collect();
+    assert!(
+        counts[0] == 1 && counts[5] == 0,
+        "a report sent again per halving, then none: {counts:?}"
+    );
+    assert!(counts.iter().sum::<usize>() <= 3, "{counts:?}");
 }
 
 #[test]
@@ -282,7 +407,12 @@ fn in_the_aws_layout_the_agent_catches_up_from_the_shadow_on_connect() {
     let ack = shadow_service.wait_for(WAIT, "the ack of the missed job", |m| {
         is_ack(m, "job-missed")
     });
-    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    assert_eq!(
+        ack_of(&ack).map(|a| &a["status"]),
+        Some(&json!("SUCCESS")),
+        "{}",
+        agent.log()
+    );
     assert_eq!(dev.installed().as_deref(), Some("missed = 1\n"));
 }
 

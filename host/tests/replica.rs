@@ -163,11 +163,16 @@ fn the_replica_serves_the_aws_shadow_layout_end_to_end() {
         ],
     );
     observer.ready("$aws/things/observer/shadow/get/accepted");
+    // By reference, so the desired state fits an AWS IoT shadow.
+    let document = deployment(&root, "aws-1");
+    let url = format!("file://{}", document.display());
     fleet(
         &db,
         &[
             "deploy",
-            deployment(&root, "aws-1").to_str().expect("utf-8"),
+            document.to_str().expect("utf-8"),
+            "--url",
+            &url,
             "--device",
             "pump-9",
         ],
@@ -189,11 +194,19 @@ fn the_replica_serves_the_aws_shadow_layout_end_to_end() {
         "{}",
         replica.log()
     );
+    let desired = &answer.json["state"]["desired"]["deployment"];
+    assert_eq!(desired["deploymentRef"]["url"], url.as_str(), "{desired}");
+    assert!(desired.get("steps").is_none(), "{desired}");
     let status = wait_for_ack(&db, "pump-9", &replica);
     assert_eq!(status["ack"]["status"], "SUCCESS", "{}", agent.log());
     observer.wait_for(Duration::from_secs(5), "the accepted ack", |m| {
-        m.topic == "$aws/things/pump-9/shadow/update/accepted" && m.json.get("jobId").is_some()
+        m.topic == "$aws/things/pump-9/shadow/update/accepted"
+            && m.json
+                .pointer("/state/reported/deployment/ack/jobId")
+                .is_some()
     });
+    let log = replica.log();
+    assert!(!log.contains("rejected an update"), "{log}");
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! delta, records reports and acknowledgements (confirming them on
 //! `…/update/accepted`), republishes a delta to a device that comes online
 //! without having run it, and answers shadow `get` requests (AWS layout).
+//! In the AWS layout it holds each update to the AWS IoT Device Shadow
+//! service's rules ([`crate::shadow::aws`]) and refuses one that breaks
+//! them with the service's error document on `…/update/rejected`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use serde_json::{Value, json};
 use super::Store;
 use crate::config::MqttSection;
 use crate::mqtt;
-use crate::shadow::{Ack, TopicLayout, Topics};
+use crate::shadow::{Ack, TopicLayout, Topics, aws};
 
 /// How often pending deltas are looked for.
 const DELTA_POLL: Duration = Duration::from_millis(100);
@@ -130,6 +133,9 @@ async fn handle(
         return Ok(());
     };
     let topics = Topics::new(layout, &device)?;
+    if let (Kind::Update, Some(rejected)) = (&kind, &topics.rejected) {
+        return aws_update(store, client, &device, &topics.accepted, rejected, publish).await;
+    }
     let message: Value = serde_json::from_slice(&publish.payload).context("not JSON")?;
     match kind {
         Kind::Get => {
@@ -138,7 +144,7 @@ async fn handle(
                 "version": status.as_ref().map_or(0, |s| s.version),
                 "state": {
                     "desired": {"deployment": status.as_ref().and_then(|s| s.desired.clone())},
-                    "reported": {"deployment": status.as_ref().and_then(|s| s.reported.clone())},
+                    "reported": {"deployment": status.as_ref().and_then(|s| s.reported.as_ref()).map(aws::to_aws)},
                 }
             });
             if let Some(topic) = topics.get_accepted {
@@ -168,6 +174,54 @@ async fn handle(
                 .await?;
         }
     }
+    Ok(())
+}
+
+/// An update in the AWS layout: checked and merged as the shadow service
+/// does, then recorded and confirmed, or refused with the service's error
+/// document.
+async fn aws_update(
+    store: &Store,
+    client: &AsyncClient,
+    device: &str,
+    accepted: &str,
+    rejected: &str,
+    publish: &Publish,
+) -> Result<()> {
+    let status = store.status(device)?;
+    let stored = aws::Stored {
+        desired: status.as_ref().and_then(|s| s.desired.as_ref()),
+        reported: status.as_ref().and_then(|s| s.reported.as_ref()),
+        ack: status.as_ref().and_then(|s| s.ack.as_ref()),
+    };
+    let update = match aws::check_update(&publish.payload, stored) {
+        Ok(update) => update,
+        Err(error) => {
+            tracing::warn!(
+                device,
+                code = error.code,
+                "rejected an update: {}",
+                error.message
+            );
+            let answer = serde_json::to_vec(&error)?;
+            client
+                .publish(rejected, QoS::AtLeastOnce, false, answer)
+                .await?;
+            return Ok(());
+        }
+    };
+    if let Some(ack) = &update.ack
+        && store.record_ack(device, ack)?
+    {
+        tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
+    }
+    if let Some(reported) = &update.reported {
+        store.record_report(device, reported)?;
+        republish_if_missed(store, device, reported)?;
+    }
+    client
+        .publish(accepted, QoS::AtLeastOnce, false, publish.payload.to_vec())
+        .await?;
     Ok(())
 }
 

@@ -23,6 +23,15 @@
 //! succeeds, echoed in the acknowledgement. A step carries its manifest
 //! inline (`manifest`) or by reference (`manifestUrl` + `manifestSha256`).
 //! `"cancel": true` cancels the job `jobId` instead of deploying it.
+//!
+//! A deployment can also come by reference, so that it stays small and
+//! shallow (an AWS IoT shadow holds 8 KB, nested at most 6 levels):
+//! `{"schema": 1, "jobId": "deploy-42", "version": "1.2.0",
+//!   "deploymentRef": {"url": "https://…/deploy-42.json", "size": 2048, "sha256": "…"}}`.
+//! The agent fetches the document (exact size and sha256), which is the
+//! whole deployment (steps, and its `signedManifest` and `rootRotations`
+//! when signed) with the same `jobId` and `version`, and goes on with it
+//! as if it had come inline.
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -76,8 +85,12 @@ pub struct DesiredState {
     pub job_id: String,
     /// The version the device runs after this job (echoed in the ack).
     pub version: String,
-    /// Ordered steps, 1..=32.
+    /// Ordered steps, 1..=32 (none when the deployment is by reference).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepSpec>,
+    /// The whole deployment by reference, instead of `steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_ref: Option<DeploymentRef>,
     /// When reboots asked for by the steps happen.
     #[serde(default)]
     pub reboot: RebootPolicy,
@@ -93,6 +106,18 @@ pub struct DesiredState {
     /// cancel-requested, a queued one ends cancelled without running.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel: bool,
+}
+
+/// Where a deployment given by reference is, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRef {
+    /// Where to fetch it (`http`, `https` or `file`).
+    pub url: String,
+    /// Its exact size in bytes (at most 256 KiB).
+    pub size: u64,
+    /// Its lowercase hex sha256.
+    pub sha256: String,
 }
 
 /// When a reboot happens.
@@ -221,7 +246,13 @@ impl DesiredState {
         }
         validate_job_id(&self.job_id)?;
         check_text("deployment.version", &self.version)?;
-        if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
+        if let Some(reference) = &self.deployment_ref {
+            return self.validate_reference(reference);
+        }
+        if self.steps.is_empty() {
+            bail!("deployment: missing field `steps` (1..={MAX_STEPS} steps), or `deploymentRef`");
+        }
+        if self.steps.len() > MAX_STEPS {
             bail!(
                 "deployment.steps must hold 1..={MAX_STEPS} steps, found {}",
                 self.steps.len()
@@ -244,6 +275,52 @@ impl DesiredState {
                 .map_err(|e| anyhow::anyhow!("deployment.steps[{i}].{e:#}"))?;
         }
         Ok(())
+    }
+}
+
+impl DesiredState {
+    /// A deployment by reference carries nothing but the reference (and
+    /// its reboot policy or a cancel).
+    fn validate_reference(&self, reference: &DeploymentRef) -> Result<()> {
+        if !self.steps.is_empty()
+            || self.signed_manifest.is_some()
+            || !self.root_rotations.is_empty()
+        {
+            bail!(
+                "deployment.deploymentRef: give either `deploymentRef` or `steps` (with `signedManifest` and `rootRotations` inside the referenced document)"
+            );
+        }
+        check_url("deployment.deploymentRef.url", &reference.url)?;
+        check_sha256("deployment.deploymentRef.sha256", &reference.sha256)?;
+        if reference.size == 0 || reference.size > DEFAULT_MAX_MESSAGE as u64 {
+            bail!("deployment.deploymentRef.size must be 1..={DEFAULT_MAX_MESSAGE} bytes");
+        }
+        Ok(())
+    }
+
+    /// The deployment `document` (fetched from [`DesiredState::deployment_ref`])
+    /// stands for: parsed as a delta's deployment is, and of the same job
+    /// and version.
+    pub fn resolve(&self, document: &[u8]) -> Result<DesiredState> {
+        check_depth(document)?;
+        let resolved: DesiredState = serde_json::from_slice(document)
+            .map_err(|e| anyhow::anyhow!("the referenced deployment: {e}"))?;
+        if resolved.deployment_ref.is_some() {
+            bail!("the referenced deployment refers to another one");
+        }
+        if resolved.job_id != self.job_id || resolved.version != self.version {
+            bail!(
+                "the referenced deployment is job {:?} version {:?}, not {:?} version {:?}",
+                resolved.job_id,
+                resolved.version,
+                self.job_id,
+                self.version
+            );
+        }
+        resolved
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the referenced deployment: {e:#}"))?;
+        Ok(resolved)
     }
 }
 
@@ -429,6 +506,9 @@ mod tests {
         let mut v = delta();
         v["state"]["deployment"]["steps"] = json!([]);
         assert!(error(&v).contains("1..=32 steps"));
+        let step = delta()["state"]["deployment"]["steps"][0].clone();
+        v["state"]["deployment"]["steps"] = json!(vec![step; 33]);
+        assert!(error(&v).contains("1..=32 steps, found 33"));
     }
 
     #[test]
@@ -452,6 +532,57 @@ mod tests {
                 "the schema does not document `{field}`"
             );
         }
+    }
+
+    #[test]
+    fn a_deployment_by_reference_fits_an_aws_shadow_and_resolves_strictly() {
+        let full = delta()["state"]["deployment"].clone();
+        let text = full.to_string();
+        let by_ref = json!({"schema": 1, "jobId": "deploy-1", "version": "1.2.0",
+            "deploymentRef": {"url": format!("https://cdn.example/{}?X-Amz-Signature={}", "d".repeat(200), "s".repeat(64)),
+                              "size": text.len(), "sha256": crate::runtime::sha256_hex(text.as_bytes())}});
+        let delta = json!({"version": 4, "state": {"deployment": by_ref}});
+        let parsed = parse(&delta).expect("a reference parses");
+        let update = json!({"state": {"desired": {"deployment": by_ref}}});
+        assert!(crate::shadow::aws::depth(&update) <= crate::shadow::aws::MAX_DEPTH);
+        assert!(update.to_string().len() < 1024, "{update}");
+        crate::shadow::aws::check_update(update.to_string().as_bytes(), Default::default())
+            .expect("the shadow service takes it");
+        let inline = json!({"state": {"desired": {"deployment": full}}});
+        assert!(
+            crate::shadow::aws::check_update(inline.to_string().as_bytes(), Default::default())
+                .is_err(),
+            "an inline deployment with files is too deep for the service"
+        );
+        let desired = &parsed.state.deployment;
+        let resolved = desired.resolve(text.as_bytes()).expect("resolves");
+        assert_eq!(resolved.steps.len(), 1);
+        let mut other = full.clone();
+        other["jobId"] = json!("deploy-2");
+        assert!(
+            format!(
+                "{:#}",
+                desired.resolve(other.to_string().as_bytes()).unwrap_err()
+            )
+            .contains("not \"deploy-1\"")
+        );
+        assert!(
+            desired.resolve(by_ref.to_string().as_bytes()).is_err(),
+            "no chains"
+        );
+        let mut mixed = by_ref.clone();
+        mixed["steps"] = full["steps"].clone();
+        assert!(
+            error(&json!({"version": 4, "state": {"deployment": mixed}}))
+                .contains("either `deploymentRef`")
+        );
+        let mut huge = by_ref.clone();
+        huge["deploymentRef"]["size"] = json!(DEFAULT_MAX_MESSAGE + 1);
+        assert!(error(&json!({"version": 4, "state": {"deployment": huge}})).contains("size"));
+        let mut cancel = by_ref;
+        cancel["cancel"] = json!(true);
+        parse(&json!({"version": 5, "state": {"deployment": cancel}}))
+            .expect("a cancel by reference");
     }
 
     #[test]

@@ -6,13 +6,14 @@
 //! parsing, a nesting limit, unknown fields refused, and every value checked
 //! (ids, names, hashes, URLs) so that nothing malformed reaches the journal.
 
+pub mod aws;
 mod desired;
 mod reported;
 mod topics;
 
 pub use desired::{
-    DEFAULT_MAX_MESSAGE, DeltaMessage, DesiredState, FileSpec, ManifestSource, RebootPolicy,
-    SCHEMA_VERSION, StepSpec, parse_delta, validate_job_id,
+    DEFAULT_MAX_MESSAGE, DeltaMessage, DeploymentRef, DesiredState, FileSpec, ManifestSource,
+    RebootPolicy, SCHEMA_VERSION, StepSpec, parse_delta, validate_job_id,
 };
 pub use reported::{
     Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, Rejection,

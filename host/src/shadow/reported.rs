@@ -179,8 +179,14 @@ impl ReportedState {
     /// in `inventoryOmitted`), then per-step results, and at last only the
     /// agent and the last result's outcome remain.
     pub fn bounded_payload(&self, max: usize) -> String {
+        self.bounded_with(max, ReportedState::payload)
+    }
+
+    /// As [`ReportedState::bounded_payload`], with the document rendered by
+    /// `render` (a layout's own shape).
+    pub fn bounded_with(&self, max: usize, render: impl Fn(&ReportedState) -> String) -> String {
         let fits = |state: &ReportedState| {
-            let text = state.payload();
+            let text = render(state);
             (text.len() <= max).then_some(text)
         };
         if let Some(text) = fits(self) {
@@ -211,7 +217,7 @@ impl ReportedState {
         if let Some(text) = fits(&state) {
             return text;
         }
-        state.minimal().payload()
+        render(&state.minimal())
     }
 
     fn payload(&self) -> String {

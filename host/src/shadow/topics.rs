@@ -29,6 +29,9 @@ pub struct Topics {
     pub get: Option<String>,
     /// Where the answer to `get` arrives (AWS layout only).
     pub get_accepted: Option<String>,
+    /// Where the shadow service refuses an update, with an error document
+    /// (AWS layout only).
+    pub rejected: Option<String>,
 }
 
 impl Topics {
@@ -52,6 +55,7 @@ impl Topics {
                     update: base,
                     get: None,
                     get_accepted: None,
+                    rejected: None,
                 }
             }
             TopicLayout::AwsShadow => {
@@ -62,6 +66,7 @@ impl Topics {
                     accepted: format!("{base}/update/accepted"),
                     get: Some(format!("{base}/get")),
                     get_accepted: Some(format!("{base}/get/accepted")),
+                    rejected: Some(format!("{base}/update/rejected")),
                 }
             }
         })

@@ -1,0 +1,494 @@
+//! The `aws-shadow` layout's rules, in one place: what the AWS IoT Device
+//! Shadow service accepts, the shape reports take to fit it, and the error
+//! documents it answers with. The agent builds its reports and
+//! acknowledgements here and reads `…/update/rejected` here; the replica in
+//! `aws-shadow` mode checks every update here, as the service does.
+//!
+//! The service refuses (400) an update without a `state` object, with a
+//! `desired` or `reported` node that is not an object, with a `clientToken`
+//! over 64 bytes, or nested deeper than 6 levels; and (413) a shadow whose
+//! desired and reported sections together exceed 8 KB. Nesting is counted
+//! here from the document itself (level 1), every object and array one
+//! level: the stricter reading, so what passes here passes the service.
+//!
+//! In this layout the reported deployment differs from the `iot-atlas` one
+//! in four ways, all undone by [`from_aws`] (the replica stores the common
+//! shape):
+//! - `jobId` is `job`: a field present in both desired and reported with
+//!   the same value would be left out of the service's deltas;
+//! - `lastResult.steps` is `lastSteps`, one level up, so a step sits at
+//!   level 6 (`state.reported.deployment.lastSteps[]`);
+//! - each update type's inventory is a list of `"name=version"` strings
+//!   (the service merges objects key by key, so an item gone from an object
+//!   would stay; a list is replaced whole);
+//! - every optional field is sent, `null` when absent, so the service's
+//!   merge clears what the device no longer reports.
+//!
+//! The acknowledgement is a partial update of the reported state,
+//! `{"state":{"reported":{"deployment":{"ack":{…}}}}}`: the service keeps it
+//! with the device's state, where the cloud reads it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::{Ack, ReportedState};
+
+/// Deepest nesting the service accepts (see the module docs for the count).
+pub const MAX_DEPTH: usize = 6;
+/// Most bytes of the desired and reported sections together.
+pub const MAX_STATE_BYTES: usize = 8 * 1024;
+/// Longest client token.
+pub const MAX_CLIENT_TOKEN: usize = 64;
+/// Smallest report budget: a minimal report (agent, job, outcome) fits.
+const MIN_REPORT_BYTES: usize = 1024;
+/// Room kept for the acknowledgement merged into the reported state,
+/// besides its version: the `ack` object with a job id of 128 bytes.
+const ACK_ROOM: usize = 200;
+
+/// Top-level optional fields of the reported deployment, sent as `null`
+/// when absent.
+const CLEARED: &[&str] = &[
+    "job",
+    "inventory",
+    "inventoryOmitted",
+    "lastResult",
+    "lastSteps",
+    "progress",
+    "lastRejected",
+];
+
+/// An error document, as the service publishes it on `…/update/rejected`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDocument {
+    /// HTTP-like status code (400, 413, 429, …).
+    pub code: u16,
+    /// The service's message.
+    pub message: String,
+    /// Seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    /// The request's client token, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<String>,
+}
+
+impl ErrorDocument {
+    fn new(code: u16, message: &str, client_token: Option<String>) -> Self {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            code,
+            message: message.to_string(),
+            timestamp: Some(timestamp),
+            client_token,
+        }
+    }
+
+    /// Parses an error document; `None` when the payload is not one.
+    pub fn parse(payload: &[u8]) -> Option<Self> {
+        serde_json::from_slice(payload).ok()
+    }
+
+    /// The update was refused for its size or depth: a smaller report may
+    /// pass.
+    pub fn asks_for_less(&self) -> bool {
+        self.code == 413 || (self.code == 400 && self.message.contains("nesting"))
+    }
+}
+
+/// Nesting depth of `value`: every object and array one level.
+pub fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The bytes a desired deployment takes in the shadow's desired section.
+pub fn desired_bytes(deployment: &Value) -> usize {
+    json!({ "deployment": deployment }).to_string().len()
+}
+
+/// The size reports are built within, so that desired (`desired_bytes`),
+/// reported and the acknowledgement of `version` fit the service's 8 KB.
+pub fn report_budget(limit: usize, desired_bytes: usize, version: &str) -> usize {
+    let room = MAX_STATE_BYTES.saturating_sub(desired_bytes + ACK_ROOM + version.len());
+    limit.min(room).max(MIN_REPORT_BYTES)
+}
+
+/// The report document of `reported` in this layout, within `max` bytes
+/// (trimmed as [`ReportedState::bounded_payload`] trims).
+pub fn report_document(reported: &ReportedState, max: usize) -> String {
+    reported.bounded_with(max, render)
+}
+
+fn render(state: &ReportedState) -> String {
+    let value = serde_json::to_value(state).unwrap_or(Value::Null);
+    json!({"state": {"reported": {"deployment": to_aws(&value)}}}).to_string()
+}
+
+/// The acknowledgement as a partial update of the reported state.
+pub fn ack_document(ack: &Ack) -> String {
+    json!({"state": {"reported": {"deployment": {"ack": ack}}}}).to_string()
+}
+
+/// The reported state a report document of this layout carries, if it is
+/// one (an acknowledgement is not).
+pub fn parse_report(payload: &str) -> Option<ReportedState> {
+    let value: Value = serde_json::from_str(payload).ok()?;
+    let deployment = value.pointer("/state/reported/deployment")?;
+    deployment.get("agent")?;
+    serde_json::from_value(from_aws(deployment)).ok()
+}
+
+/// A reported deployment (common shape) in this layout's shape.
+pub fn to_aws(common: &Value) -> Value {
+    let mut doc = common.as_object().cloned().unwrap_or_default();
+    let job = doc.remove("jobId").unwrap_or(Value::Null);
+    doc.insert("job".into(), job);
+    let steps = doc
+        .get_mut("lastResult")
+        .and_then(Value::as_object_mut)
+        .and_then(|result| result.remove("steps"));
+    doc.insert("lastSteps".into(), steps.unwrap_or(Value::Null));
+    if let Some(Value::Object(inventory)) = doc.get_mut("inventory") {
+        for items in inventory.values_mut() {
+            let list = items.as_object().map_or_else(Vec::new, |items| {
+                items
+                    .iter()
+                    .map(|(name, version)| {
+                        json!(format!("{name}={}", version.as_str().unwrap_or("")))
+                    })
+                    .collect()
+            });
+            *items = Value::Array(list);
+        }
+    }
+    if let Some(Value::Object(rejected)) = doc.get_mut("lastRejected") {
+        for key in ["shadowVersion", "jobId"] {
+            rejected.entry(key).or_insert(Value::Null);
+        }
+    }
+    for key in CLEARED {
+        doc.entry(*key).or_insert(Value::Null);
+    }
+    Value::Object(doc)
+}
+
+/// A reported deployment of this layout in the common shape (nulls and
+/// the acknowledgement left out).
+pub fn from_aws(aws: &Value) -> Value {
+    let mut doc = without_nulls(aws).as_object().cloned().unwrap_or_default();
+    doc.remove("ack");
+    if let Some(job) = doc.remove("job") {
+        doc.insert("jobId".into(), job);
+    }
+    let steps = doc.remove("lastSteps");
+    if let (Some(steps), Some(Value::Object(result))) = (steps, doc.get_mut("lastResult")) {
+        result.insert("steps".into(), steps);
+    }
+    if let Some(Value::Object(result)) = doc.get_mut("lastResult") {
+        result.entry("steps").or_insert_with(|| json!([]));
+    }
+    if let Some(Value::Object(inventory)) = doc.get_mut("inventory") {
+        for items in inventory.values_mut() {
+            let map: Map<String, Value> = items
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .filter_map(|item| item.rsplit_once('='))
+                .map(|(name, version)| (name.to_string(), json!(version)))
+                .collect();
+            *items = Value::Object(map);
+        }
+    }
+    Value::Object(doc)
+}
+
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Merges `patch` into `target` as the service does: objects key by key,
+/// `null` deletes, anything else (arrays too) replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(target), Some(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        _ => *target = without_nulls(patch),
+    }
+}
+
+/// What an update accepted by [`check_update`] changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// The device's reported deployment (common shape) when the update
+    /// carried a whole report.
+    pub reported: Option<Value>,
+    /// The acknowledgement it carried.
+    pub ack: Option<Ack>,
+}
+
+/// What the shadow holds before an update: the desired deployment, the
+/// reported one (common shape) and the acknowledgement kept with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stored<'a> {
+    /// Desired deployment.
+    pub desired: Option<&'a Value>,
+    /// Reported deployment, common shape.
+    pub reported: Option<&'a Value>,
+    /// The acknowledgement in the reported state.
+    pub ack: Option<&'a Ack>,
+}
+
+/// Checks a device's update against the service's rules and merges it into
+/// what is stored; the error document is what the service would publish
+/// on `…/update/rejected`.
+pub fn check_update(request: &[u8], stored: Stored<'_>) -> Result<Accepted, ErrorDocument> {
+    let doc: Value = serde_json::from_slice(request)
+        .map_err(|_| ErrorDocument::new(400, "Invalid JSON", None))?;
+    let token = match doc.get("clientToken") {
+        None => None,
+        Some(Value::String(t)) if t.len() <= MAX_CLIENT_TOKEN => Some(t.clone()),
+        Some(_) => return Err(ErrorDocument::new(400, "Invalid clientToken", None)),
+    };
+    let fail = |code, message: &str| ErrorDocument::new(code, message, token.clone());
+    let state = doc
+        .get("state")
+        .ok_or_else(|| fail(400, "Missing required node: state"))?
+        .as_object()
+        .ok_or_else(|| fail(400, "State node must be an object"))?;
+    for (key, node) in state {
+        let name = match key.as_str() {
+            "desired" => "Desired",
+            "reported" => "Reported",
+            _ => return Err(fail(400, "State contains an invalid node")),
+        };
+        if !(node.is_object() || node.is_null()) {
+            return Err(fail(400, &format!("{name} node must be an object")));
+        }
+    }
+    if depth(&doc) > MAX_DEPTH {
+        return Err(fail(
+            400,
+            "JSON contains too many levels of nesting; maximum is 6",
+        ));
+    }
+    let patch = state.get("reported").cloned().unwrap_or(Value::Null);
+    let mut deployment = stored.reported.map(to_aws).unwrap_or_else(|| json!({}));
+    if let (Value::Object(doc), Some(ack)) = (&mut deployment, stored.ack) {
+        doc.insert("ack".into(), json!(ack));
+    }
+    let mut reported = json!({ "deployment": without_nulls(&deployment) });
+    merge(&mut reported, &patch);
+    let desired = stored.desired.map_or(0, desired_bytes);
+    if desired + reported.to_string().len() > MAX_STATE_BYTES {
+        return Err(fail(413, "The payload exceeds the maximum size allowed"));
+    }
+    let sent = patch.get("deployment");
+    let ack = sent
+        .and_then(|d| d.get("ack"))
+        .and_then(|a| serde_json::from_value(a.clone()).ok());
+    let whole = sent.and_then(|d| d.get("agent")).is_some();
+    Ok(Accepted {
+        reported: whole.then(|| from_aws(&reported["deployment"])),
+        ack,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::{AckStatus, AgentInfo, AgentState, JobResult, LastResult, StepOutcome};
+    use std::collections::BTreeMap;
+
+    fn state(items: usize, steps: usize) -> ReportedState {
+        let step = StepOutcome {
+            update_type: "otabox/file:1".into(),
+            result: "installed".into(),
+            result_code: 0,
+            extended_code: 0,
+            message: String::new(),
+            installed_criteria: Some("app-1".into()),
+        };
+        ReportedState {
+            agent: AgentInfo {
+                state: AgentState::Idle,
+                version: "0.1.0".into(),
+            },
+            job_id: Some("job-1".into()),
+            installed: BTreeMap::from([("otabox/file:1".into(), "app-1".into())]),
+            inventory: BTreeMap::from([(
+                "otabox/apt:1".into(),
+                (0..items)
+                    .map(|i| (format!("package-{i:05}"), "1.0.0-1".to_string()))
+                    .collect(),
+            )]),
+            inventory_omitted: None,
+            last_result: Some(LastResult {
+                job_id: "job-1".into(),
+                status: AckStatus::Success,
+                result: JobResult::Succeeded,
+                result_code: 0,
+                extended_code: 0,
+                message: String::new(),
+                steps: vec![step; steps],
+            }),
+            progress: None,
+            last_rejected: None,
+        }
+    }
+
+    fn update(doc: &Value) -> Result<Accepted, ErrorDocument> {
+        check_update(doc.to_string().as_bytes(), Stored::default())
+    }
+
+    #[test]
+    fn the_service_rules_are_enforced_with_its_error_documents() {
+        let e = update(&json!({"jobId": "j", "status": "SUCCESS", "version": "1"})).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (400, "Missing required node: state")
+        );
+        assert!(e.timestamp.is_some());
+        let e = update(&json!({"state": 1})).unwrap_err();
+        assert_eq!(e.message, "State node must be an object");
+        let e = update(&json!({"state": {"reported": []}})).unwrap_err();
+        assert_eq!(e.message, "Reported node must be an object");
+        let e = update(&json!({"state": {"other": {}}})).unwrap_err();
+        assert_eq!(e.message, "State contains an invalid node");
+        let seven = json!({"state": {"reported": {"a": {"b": {"c": {"d": [1]}}}}}});
+        let e = update(&seven).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                400,
+                "JSON contains too many levels of nesting; maximum is 6"
+            )
+        );
+        let six = json!({"state": {"reported": {"a": {"b": {"c": {"d": 1}}}}}});
+        update(&six).expect("six levels pass");
+        let token = "t".repeat(65);
+        let e = update(&json!({"state": {}, "clientToken": token})).unwrap_err();
+        assert_eq!(e.message, "Invalid clientToken");
+        let e = update(&json!({"state": {"reported": {"x": 1}}, "clientToken": "abc"}))
+            .map(|_| ())
+            .and_then(|()| {
+                update(
+                    &json!({"state": {"reported": {"x": "y".repeat(9000)}}, "clientToken": "abc"}),
+                )
+            })
+            .unwrap_err();
+        assert_eq!((e.code, e.client_token.as_deref()), (413, Some("abc")));
+        assert!(e.asks_for_less());
+        assert!(update(&json!({"state": "x"})).unwrap_err().code == 400);
+        assert_eq!(
+            check_update(b"{", Stored::default()).unwrap_err().message,
+            "Invalid JSON"
+        );
+    }
+
+    #[test]
+    fn the_stored_desired_counts_toward_the_8_kb() {
+        let desired = json!({"jobId": "x".repeat(5000)});
+        let report = json!({"state": {"reported": {"deployment": {"agent": {"state": "idle", "version": "1"}, "note": "n".repeat(3500)}}}});
+        check_update(report.to_string().as_bytes(), Stored::default()).expect("alone it fits");
+        let stored = Stored {
+            desired: Some(&desired),
+            ..Stored::default()
+        };
+        let e = check_update(report.to_string().as_bytes(), stored).unwrap_err();
+        assert_eq!(e.code, 413);
+    }
+
+    #[test]
+    fn reports_fit_six_levels_and_the_budget_and_read_back() {
+        for (items, steps) in [(0, 1), (3, 4), (5000, 64)] {
+            let reported = state(items, steps);
+            let budget = report_budget(64 << 10, 600, "1.2.3");
+            let text = report_document(&reported, budget);
+            assert!(text.len() <= budget, "{} > {budget}", text.len());
+            let doc: Value = serde_json::from_str(&text).expect("json");
+            assert!(depth(&doc) <= MAX_DEPTH, "depth {} of {text}", depth(&doc));
+            let desired = json!({"pad": "p".repeat(600 - 20)});
+            let stored = Stored {
+                desired: Some(&desired),
+                ..Stored::default()
+            };
+            let accepted = check_update(text.as_bytes(), stored).expect("the service accepts it");
+            let back: ReportedState =
+                serde_json::from_value(accepted.reported.expect("a whole report"))
+                    .expect("common shape");
+            assert_eq!(back.last_result.map(|r| r.status), Some(AckStatus::Success));
+            assert_eq!(
+                parse_report(&text).map(|r| r.job_id),
+                Some(Some("job-1".into()))
+            );
+        }
+        let small = state(3, 2);
+        let text = report_document(&small, 8192);
+        let back = parse_report(&text).expect("a report");
+        assert_eq!(back, small, "nothing lost when it fits");
+    }
+
+    #[test]
+    fn the_ack_is_kept_in_the_reported_state_and_cleared_fields_go() {
+        let ack = Ack {
+            job_id: "job-1".into(),
+            status: AckStatus::Success,
+            version: "1.2.0".into(),
+        };
+        let doc: Value = serde_json::from_str(&ack_document(&ack)).expect("json");
+        assert!(depth(&doc) <= MAX_DEPTH);
+        let accepted = update(&doc).expect("accepted");
+        assert_eq!(accepted.ack, Some(ack.clone()));
+        assert_eq!(accepted.reported, None, "an ack is no whole report");
+        let mut running = state(2, 1);
+        running.progress = Some(crate::shadow::Progress {
+            step: 0,
+            phase: "download".into(),
+            done: 1,
+            total: 2,
+        });
+        let old = serde_json::to_value(&running).expect("json");
+        let stored = Stored {
+            reported: Some(&old),
+            ack: Some(&ack),
+            ..Stored::default()
+        };
+        let idle = report_document(&state(1, 1), 8192);
+        let merged = check_update(idle.as_bytes(), stored)
+            .expect("accepted")
+            .reported
+            .expect("whole");
+        assert!(
+            merged.get("progress").is_none(),
+            "null cleared it: {merged}"
+        );
+        assert_eq!(
+            merged["inventory"]["otabox/apt:1"]
+                .as_object()
+                .map(Map::len),
+            Some(1)
+        );
+    }
+}
