@@ -239,7 +239,7 @@ async fn session(
                         wake = publish_next(&shared, &client, &mut in_flight).await?;
                     }
                 }
-                Ok(_) => {}
+                Ok(_) => watch.alive(),
                 Err(e) => {
                     if connected_at.is_some_and(|t| t.elapsed() >= STABLE_CONNECTION) {
                         backoff.reset();
@@ -335,7 +335,7 @@ impl Answers {
         }
         self.warned = true;
         tracing::warn!(
-            "nothing arrived on {} within {} s of this device's report on {}: the broker's ACL probably drops this device's topics. Is the device id {device_id:?} the name the ACL allows? ({}) Or no replica answers reports.",
+            "nothing arrived on {} within {} s of this device's report on {}: either the broker's ACL drops this device's topics (is the device id {device_id:?} what the ACL allows? {}), or no replica answers reports",
             subscriptions(topics).join(", "),
             ANSWER_TIMEOUT.as_secs(),
             topics.update,

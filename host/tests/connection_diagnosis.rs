@@ -179,18 +179,8 @@ fn a_device_id_the_broker_acl_does_not_allow_is_reported() {
     let port = free_port();
     let _broker = Mosquitto::start_with(&root.join("broker"), port, &pki.mosquitto_mtls(&acl));
     let (cert, key) = pki.client("replica");
-    let tls_args = |cert: &Path, key: &Path| -> Vec<String> {
-        [
-            "--ca-file".to_string(),
-            pki.ca().display().to_string(),
-            "--cert-file".into(),
-            cert.display().to_string(),
-            "--key-file".into(),
-            key.display().to_string(),
-        ]
-        .to_vec()
-    };
-    let replica = ReplicaProcess::start_with(&root.join("fleet.db"), port, &tls_args(&cert, &key));
+    let replica =
+        ReplicaProcess::start_with(&root.join("fleet.db"), port, &pki.replica_args(&cert, &key));
     wait_for_line("replica", || replica.log(), "connected to");
     // The certificate says pump-0042; the device id says pump-42.
     let wrong = AgentProcess::start(&tls_device(

@@ -358,6 +358,25 @@ impl ConnectionWatch {
         };
     }
 
+    /// The connection shows signs of life (any event, keep-alive pings
+    /// included): once it has held for a while after a reported run of
+    /// quick closes, says it holds again (the reconnects of that run are
+    /// logged at debug only).
+    pub fn alive(&mut self) {
+        if let State::Up { since } = self.state
+            && self.duplicate_warned
+            && since.elapsed() >= QUICK_CLOSE
+        {
+            self.duplicate_warned = false;
+            self.quick_closes = 0;
+            tracing::info!(
+                "connected to {} again; the connection has held for {} s",
+                self.endpoint.address(),
+                since.elapsed().as_secs()
+            );
+        }
+    }
+
     /// The connection failed or dropped with `error`; `sending` when a
     /// message was awaiting its acknowledgement (a broker that closes the
     /// connection over a message it refuses explains the close, so it does
@@ -487,53 +506,71 @@ mod tests {
         )
     }
 
-    fn io_error(kind: io::ErrorKind) -> ConnectionError {
-        ConnectionError::Io(io::Error::from(kind))
+    /// An I/O error carrying a TLS error, as tokio-rustls reports them.
+    fn tls_io(e: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
     }
 
     #[test]
     fn each_failure_names_the_likely_cause_and_the_setting_to_check() {
+        use ConnectionError as E;
+        let cases = [
+            (
+                E::Io(io::ErrorKind::ConnectionRefused.into()),
+                FailureKind::Refused,
+                "nothing listens on that port",
+            ),
+            (
+                E::Tls(TlsError::Io(tls_io(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer,
+                )))),
+                FailureKind::ServerCertificate,
+                "not signed by [mqtt] ca_file = /etc/otabox/ca.pem",
+            ),
+            (
+                E::MqttState(StateError::Io(tls_io(rustls::Error::AlertReceived(
+                    AlertDescription::UnknownCA,
+                )))),
+                FailureKind::ClientCertificate,
+                "set [mqtt] cert_file",
+            ),
+            (
+                E::MqttState(StateError::ConnectionAborted),
+                FailureKind::Closed,
+                "client id \"pump-1\" connected?",
+            ),
+            (
+                E::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+                FailureKind::Rejected,
+                "user name or password",
+            ),
+            (
+                E::Io(io::Error::other(
+                    "failed to lookup address information: Name or service not known",
+                )),
+                FailureKind::Unresolved,
+                "does not resolve",
+            ),
+        ];
         let ep = endpoint();
-        let refused = ep.diagnose(&io_error(io::ErrorKind::ConnectionRefused), false);
-        assert_eq!(refused.kind, FailureKind::Refused);
-        assert!(
-            refused.cause.contains("nothing listens on that port"),
-            "{refused:?}"
+        for (error, kind, needle) in cases {
+            let found = ep.diagnose(&error, true);
+            assert_eq!(found.kind, kind, "{error}");
+            assert!(found.cause.contains(needle), "{error}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_subscription_is_reported_once() {
+        use rumqttc::SubscribeReasonCode::{Failure, Success};
+        let mut watch = ConnectionWatch::new(endpoint());
+        watch.subscribed(
+            &SubAck::new(1, vec![Success(rumqttc::QoS::AtLeastOnce)]),
+            &["a"],
         );
-        let tls = ConnectionError::Tls(TlsError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-        )));
-        let unknown = ep.diagnose(&tls, false);
-        assert_eq!(unknown.kind, FailureKind::ServerCertificate);
-        assert!(
-            unknown.cause.contains("ca_file = /etc/otabox/ca.pem"),
-            "{unknown:?}"
-        );
-        let alert = ConnectionError::MqttState(StateError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
-        )));
-        let client = ep.diagnose(&alert, false);
-        assert_eq!(client.kind, FailureKind::ClientCertificate);
-        assert!(client.cause.contains("set [mqtt] cert_file"), "{client:?}");
-        let dropped = ep.diagnose(
-            &ConnectionError::MqttState(StateError::ConnectionAborted),
-            true,
-        );
-        assert!(dropped.cause.contains("\"pump-1\""), "{dropped:?}");
-        let password = ep.diagnose(
-            &ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
-            false,
-        );
-        assert_eq!(password.kind, FailureKind::Rejected);
-        let lookup = ep.diagnose(
-            &ConnectionError::Io(io::Error::other(
-                "failed to lookup address information: Name or service not known",
-            )),
-            false,
-        );
-        assert_eq!(lookup.kind, FailureKind::Unresolved);
+        assert!(!watch.refusal_warned);
+        watch.subscribed(&SubAck::new(2, vec![Failure]), &["a"]);
+        assert!(watch.refusal_warned);
     }
 
     #[test]
@@ -547,6 +584,16 @@ mod tests {
         assert!(watch.duplicate_warned);
         watch.count_close(FailureKind::Closed, QUICK_CLOSE, false);
         assert_eq!((watch.quick_closes, watch.duplicate_warned), (0, false));
+        // A connection that holds after the warning ends the run.
+        watch.duplicate_warned = true;
+        watch.connected();
+        watch.alive();
+        assert!(watch.duplicate_warned, "not held long enough yet");
+        watch.state = State::Up {
+            since: Instant::now() - QUICK_CLOSE,
+        };
+        watch.alive();
+        assert!(!watch.duplicate_warned);
         // A close over a message in flight is explained by that message.
         watch.connected();
         watch.failed(&closed, true);

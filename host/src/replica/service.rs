@@ -87,7 +87,7 @@ pub async fn run(options: ReplicaOptions) -> Result<()> {
                     }
                     client.ack(&publish).await.context("cannot ack")?;
                 }
-                Ok(_) => {}
+                Ok(_) => watch.alive(),
                 Err(e) => {
                     watch.failed(&e, false);
                     let delay = backoff.next_delay();
