@@ -205,22 +205,23 @@ async fn session(
     let mut in_flight = InFlight::default();
     let mut connected_at: Option<std::time::Instant> = None;
     let mut wake: Option<std::time::Instant> = None;
+    let device_id = shared.config.device_id()?;
+    let mut watch = mqtt::ConnectionWatch::new(mqtt::Endpoint::new(&shared.config.mqtt, device_id));
+    let mut answers = Answers::default();
     loop {
-        let timer = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    tracing::info!("connected to {}:{}", shared.config.mqtt.host, shared.config.mqtt.port);
+                    watch.connected();
                     connected_at = Some(std::time::Instant::now());
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    watch.subscribed(&ack, &subscriptions(&shared.topics));
+                }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    answers.heard(&publish.topic);
                     if let Some(rejection) = on_publish(&shared, &jobs, &publish).await {
                         // Not queued durably: a rejection changes no state file.
                         client
@@ -237,22 +238,21 @@ async fn session(
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
                     if in_flight.pkid == Some(ack.pkid) {
+                        answers.expect();
                         lock(&shared.outbox).complete_head()?;
                         in_flight = InFlight::default();
                         wake = publish_next(&shared, &client, &mut in_flight).await?;
                     }
                 }
-                Ok(_) => {}
+                Ok(_) => watch.alive(),
                 Err(e) => {
                     if connected_at.is_some_and(|t| t.elapsed() >= STABLE_CONNECTION) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    if connected_at.is_some() {
-                        tracing::warn!("connection lost: {e}; reconnecting in {delay:?}");
-                    } else {
-                        tracing::debug!("cannot connect: {e}; retrying in {delay:?}");
-                    }
+                    watch.failed(&e, in_flight.seq.is_some());
+                    tracing::debug!("retrying in {delay:?}");
+                    answers.disarm();
                     connected_at = None;
                     if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
                         // rumqttc would send the refused packet again.
@@ -268,13 +268,84 @@ async fn session(
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
             }
-            _ = timer => {
+            _ = sleep_until(wake) => {
                 wake = None;
                 if connected_at.is_some() {
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
             }
+            _ = sleep_until(answers.deadline) => answers.overdue(&shared.topics, device_id, &watch),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long the device waits for the first message on its subscriptions
+/// after the broker acknowledged one of its reports. The replica (in the
+/// `iot-atlas` layout) and AWS answer every report on `…/update/accepted`
+/// within milliseconds; silence means the broker drops this device's
+/// topics.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Watches for the first answer to the device's reports: a broker whose
+/// ACL drops a device's topics accepts its connection and its publishes
+/// and then delivers nothing, silently. Costs no message: it waits for the
+/// answers the healthy path brings anyway.
+#[derive(Debug, Default)]
+struct Answers {
+    /// When the answer is overdue, while one is awaited.
+    deadline: Option<std::time::Instant>,
+    /// Something arrived on a subscription since the agent started.
+    heard: bool,
+    /// The silence was reported.
+    warned: bool,
+}
+
+impl Answers {
+    /// The broker acknowledged a report: an answer is due, unless one came
+    /// already.
+    fn expect(&mut self) {
+        if !self.heard && self.deadline.is_none() {
+            self.deadline = Some(std::time::Instant::now() + ANSWER_TIMEOUT);
+        }
+    }
+
+    /// The connection dropped: the silence it causes says nothing of the
+    /// broker's ACL.
+    fn disarm(&mut self) {
+        self.deadline = None;
+    }
+
+    /// A message arrived on `topic`.
+    fn heard(&mut self, topic: &str) {
+        if self.warned && !self.heard {
+            tracing::info!("a first message arrived on {topic}: this device's topics work");
+        }
+        self.heard = true;
+        self.deadline = None;
+    }
+
+    /// No answer came in time: says so, once.
+    fn overdue(&mut self, topics: &Topics, device_id: &str, watch: &mqtt::ConnectionWatch) {
+        self.deadline = None;
+        if self.warned || self.heard || !watch.is_up() {
+            return;
+        }
+        self.warned = true;
+        tracing::warn!(
+            "nothing arrived on {} within {} s of this device's report on {}: either the broker's ACL drops this device's topics (is the device id {device_id:?} what the ACL allows? {}), or no replica answers reports",
+            subscriptions(topics).join(", "),
+            ANSWER_TIMEOUT.as_secs(),
+            topics.update,
+            watch.identity_hint()
+        );
     }
 }
 
@@ -346,8 +417,24 @@ fn as_report(shared: &Shared, payload: &str) -> Option<ReportedState> {
 /// Subscribes, and in the AWS layout asks for the whole shadow, so a delta
 /// published while the agent was away is not missed.
 async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
-    let t = &shared.topics;
-    for topic in [
+    for topic in subscriptions(&shared.topics) {
+        client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .context("cannot subscribe")?;
+    }
+    if let Some(get) = &shared.topics.get {
+        client
+            .publish(get.clone(), QoS::AtLeastOnce, false, "{}")
+            .await
+            .context("cannot ask for the shadow")?;
+    }
+    Ok(())
+}
+
+/// The topics the device subscribes to.
+fn subscriptions(t: &Topics) -> Vec<&str> {
+    [
         Some(&t.delta),
         Some(&t.accepted),
         t.get_accepted.as_ref(),
@@ -355,19 +442,8 @@ async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
     ]
     .into_iter()
     .flatten()
-    {
-        client
-            .subscribe(topic.clone(), QoS::AtLeastOnce)
-            .await
-            .context("cannot subscribe")?;
-    }
-    if let Some(get) = &t.get {
-        client
-            .publish(get.clone(), QoS::AtLeastOnce, false, "{}")
-            .await
-            .context("cannot ask for the shadow")?;
-    }
-    Ok(())
+    .map(String::as_str)
+    .collect()
 }
 
 /// Turns a shadow `get` answer into the delta it implies, if it holds a
@@ -1745,12 +1821,29 @@ async fn finish(
     lock(&shared.outbox).release();
     shared.outbox_changed.notify_one();
     journaled?;
-    if message.is_empty() {
-        tracing::info!(job = record.job_id, ?result, "job finished");
-    } else {
-        tracing::warn!(job = record.job_id, ?result, "job finished: {message}");
+    match failure_context(&record.steps) {
+        Some(step) if message.is_empty() => {
+            tracing::warn!(job = record.job_id, ?result, "job finished: {step}")
+        }
+        Some(step) => tracing::warn!(
+            job = record.job_id,
+            ?result,
+            "job finished: {step}: {message}"
+        ),
+        None if message.is_empty() => tracing::info!(job = record.job_id, ?result, "job finished"),
+        None => tracing::warn!(job = record.job_id, ?result, "job finished: {message}"),
     }
     Ok(())
+}
+
+/// Which step failed and in which phase, for the log line of a job that
+/// ends: `step 0 (otabox/file:1) failed in download`.
+fn failure_context(steps: &[StepOutcome]) -> Option<String> {
+    steps
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.result.starts_with("failed") || s.result_code != 0)
+        .map(|(i, s)| format!("step {i} ({}) {}", s.update_type, s.result))
 }
 
 /// The installed criteria of the steps that committed (installed, or found

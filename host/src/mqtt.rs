@@ -1,6 +1,11 @@
 //! The MQTT connection: options from `[mqtt]` (TCP, TLS with a custom CA,
-//! mutual TLS, user name and password), a persistent session, and the
-//! reconnect backoff.
+//! mutual TLS, user name and password), a persistent session, the
+//! reconnect backoff, and what a failing connection is logged as
+//! ([`ConnectionWatch`]).
+
+mod diagnosis;
+
+pub use diagnosis::{ConnectionWatch, Diagnosis, Endpoint, FailureKind};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +18,14 @@ use crate::config::MqttSection;
 /// Largest MQTT packet the agent reads (16 MiB).
 pub const MAX_PACKET: usize = 16 << 20;
 
+/// The client id of a connection: `[mqtt] client_id`, or `default`.
+pub fn client_id(cfg: &MqttSection, default: &str) -> String {
+    cfg.client_id.clone().unwrap_or_else(|| default.to_string())
+}
+
 /// Builds the connection options for `device_id`.
 pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
-    let client_id = cfg
-        .client_id
-        .clone()
-        .unwrap_or_else(|| device_id.to_string());
+    let client_id = client_id(cfg, device_id);
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)));
     // A persistent session: QoS 1 deltas sent while we were away arrive on

@@ -470,6 +470,18 @@ fn payloads_come_over_http_and_an_expired_url_is_reported_as_such() {
         !message.contains("s3cret"),
         "the pre-signed query leaked into the report: {message}"
     );
+    // The log says why, at warning level, without the signature.
+    let log = s.agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("job finished") && l.contains("job-expired"))
+        .unwrap_or_else(|| panic!("no finish line:\n{log}"));
+    assert!(
+        line.contains(" WARN ")
+            && line.contains("step 0 (otabox/file:1) failed in download: url-expired"),
+        "{line}"
+    );
+    assert!(!log.contains("s3cret"), "the signature leaked into the log");
 }
 
 #[test]

@@ -225,17 +225,8 @@ fn the_replica_and_the_agent_work_over_mutual_tls() {
     let port = common::services::free_port();
     let _broker = Mosquitto::start_with(&root.join("broker"), port, &pki.mosquitto_mtls(&acl));
     let db = root.join("replica.db");
-    let tls_args = |cert: &Path, key: &Path| {
-        vec![
-            "--ca-file".to_string(),
-            pki.ca().display().to_string(),
-            "--cert-file".into(),
-            cert.display().to_string(),
-            "--key-file".into(),
-            key.display().to_string(),
-        ]
-    };
-    let replica = ReplicaProcess::start_with(&db, port, &tls_args(&replica_cert, &replica_key));
+    let replica =
+        ReplicaProcess::start_with(&db, port, &pki.replica_args(&replica_cert, &replica_key));
     let tls = format!(
         "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
         pki.ca().display(),

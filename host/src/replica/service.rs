@@ -21,6 +21,9 @@ use crate::shadow::{Ack, TopicLayout, Topics, aws};
 /// How often pending deltas are looked for.
 const DELTA_POLL: Duration = Duration::from_millis(100);
 
+/// The replica's MQTT client id unless `[mqtt] client_id` sets one.
+const CLIENT_ID: &str = "otabox-replica";
+
 /// What the replica serves.
 #[derive(Debug, Clone)]
 pub struct ReplicaOptions {
@@ -62,23 +65,24 @@ fn subscriptions(layout: TopicLayout) -> &'static [&'static str] {
 pub async fn run(options: ReplicaOptions) -> Result<()> {
     let store = Store::open(&options.db)?;
     let layout = options.mqtt.layout;
-    let (client, mut eventloop) =
-        AsyncClient::new(mqtt::options(&options.mqtt, "otabox-replica")?, 256);
+    let (client, mut eventloop) = AsyncClient::new(mqtt::options(&options.mqtt, CLIENT_ID)?, 256);
     eventloop.set_network_options(mqtt::network_options());
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut ticker = tokio::time::interval(DELTA_POLL);
-    let mut connected = false;
+    let mut watch = mqtt::ConnectionWatch::new(mqtt::Endpoint::new(&options.mqtt, CLIENT_ID));
     tracing::info!(db = %options.db.display(), "replica started");
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    connected = true;
+                    watch.connected();
                     backoff.reset();
                     for topic in subscriptions(layout) {
                         client.subscribe(*topic, QoS::AtLeastOnce).await.context("cannot subscribe")?;
                     }
-                    tracing::info!("replica connected");
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    watch.subscribed(&ack, subscriptions(layout));
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     if let Err(e) = handle(&store, &client, layout, &publish).await {
@@ -86,16 +90,16 @@ pub async fn run(options: ReplicaOptions) -> Result<()> {
                     }
                     client.ack(&publish).await.context("cannot ack")?;
                 }
-                Ok(_) => {}
+                Ok(_) => watch.alive(),
                 Err(e) => {
-                    connected = false;
+                    watch.failed(&e, false);
                     let delay = backoff.next_delay();
-                    tracing::debug!("replica connection: {e}; retrying in {delay:?}");
+                    tracing::debug!("retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                 }
             },
             _ = ticker.tick() => {
-                if connected {
+                if watch.is_up() {
                     publish_deltas(&store, &client, layout).await?;
                 }
             }

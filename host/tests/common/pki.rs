@@ -118,6 +118,19 @@ impl Pki {
         )
     }
 
+    /// The `otabox replica` arguments for mutual TLS with `cert` and `key`.
+    pub fn replica_args(&self, cert: &Path, key: &Path) -> Vec<String> {
+        [
+            "--ca-file".to_string(),
+            self.ca().display().to_string(),
+            "--cert-file".into(),
+            cert.display().to_string(),
+            "--key-file".into(),
+            key.display().to_string(),
+        ]
+        .to_vec()
+    }
+
     /// The CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
