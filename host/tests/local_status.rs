@@ -512,3 +512,43 @@ fn a_local_install_is_refused_as_a_delta_would_be_and_without_an_agent() {
     );
     assert!(!root.join("state/inbox/x.json").exists());
 }
+
+#[test]
+fn the_trust_examples_verify() {
+    let trust = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/trust");
+    let path = |name: &str| trust.join(name).display().to_string();
+    let out = otabox(&[
+        "verify",
+        "--root",
+        &path("root.json"),
+        "--rotation",
+        &path("root-2.signed.json"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rotation to root version 2 (1 of 2 keys) is valid"));
+    let out = otabox(&[
+        "verify",
+        "--root",
+        &path("root-2.json"),
+        "--device",
+        "pump-0042",
+        &path("deployment-rotating.signed.json"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("valid: job deploy-43 sequence 7"),
+        "{}",
+        text(&out)
+    );
+    let next: Value =
+        serde_json::from_slice(&std::fs::read(path("root-2.json")).expect("root-2")).expect("json");
+    let signed: Value =
+        serde_json::from_slice(&std::fs::read(path("root-2.signed.json")).expect("rotation"))
+            .expect("json");
+    assert_eq!(signed["signed"], next, "the signed rotation is root-2.json");
+    let deployment: Value = serde_json::from_slice(
+        &std::fs::read(path("deployment-rotating.signed.json")).expect("deployment"),
+    )
+    .expect("json");
+    assert_eq!(deployment["rootRotations"][0], signed);
+}
