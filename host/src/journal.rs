@@ -608,6 +608,48 @@ mod tests {
     }
 
     #[test]
+    fn a_local_job_is_journaled_once_and_leaves_the_shadow_version_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        assert!(matches!(
+            journal.accept(5, &desired("cloud")).expect("accept"),
+            Acceptance::Accepted(_)
+        ));
+        let Acceptance::Accepted(record) = journal
+            .accept_local(&desired("local"), Some(3))
+            .expect("accept")
+        else {
+            panic!()
+        };
+        assert!(record.local);
+        let shadow = journal.shadow().expect("shadow");
+        assert_eq!(
+            shadow.last_version, 5,
+            "the cloud's next delta is not stale"
+        );
+        assert_eq!(shadow.desired.map(|d| d.job_id).as_deref(), Some("cloud"));
+        assert_eq!(shadow.last_sequence, 3, "a signed sequence counts");
+        assert!(matches!(
+            journal
+                .accept_local(&desired("local"), None)
+                .expect("again"),
+            Acceptance::Duplicate(_)
+        ));
+        assert!(matches!(
+            journal
+                .accept_local(&desired("cloud"), None)
+                .expect("a cloud id"),
+            Acceptance::Duplicate(_)
+        ));
+        assert!(matches!(
+            journal.accept(6, &desired("next")).expect("accept"),
+            Acceptance::Accepted(_)
+        ));
+        assert!(journal.knows("local").expect("knows"));
+        assert!(!Journal::reader(dir.path()).knows("other").expect("knows"));
+    }
+
+    #[test]
     fn resume_decisions_follow_the_phase_and_the_boot_id() {
         let mut r = JobRecord {
             job_id: "a".into(),
