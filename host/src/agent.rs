@@ -32,6 +32,8 @@ use crate::shadow::{
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
+mod inbox;
+
 /// Step result of a step waiting for a reboot before verify and commit.
 const PENDING_REBOOT: &str = "pending-reboot";
 /// Step result of a step waiting for an agent restart.
@@ -64,12 +66,15 @@ struct Shared {
     /// Bytes the desired deployment takes in the shadow, as last seen (AWS
     /// layout: reports leave it room within the shadow's 8 KB).
     desired_bytes: std::sync::atomic::AtomicUsize,
+    /// The broker connection, recorded for `otabox status`.
+    connection: crate::local::ConnectionLog,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: DeviceConfig) -> Result<()> {
     let device_id = config.device_id()?.to_string();
     let topics = Topics::new(config.mqtt.layout, &device_id)?;
+    let (_state_lock, wake) = inbox::own_state(&config.paths.state)?;
     let journal = Journal::open(&config.paths.state)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
     let handlers = runtime
@@ -113,7 +118,6 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         downloader,
         trust_root: Mutex::new(trust_root),
-        config,
         topics,
         journal,
         handlers,
@@ -124,6 +128,11 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         live: Mutex::new(Live::default()),
         report_limit: std::sync::atomic::AtomicUsize::new(max_report_bytes),
         desired_bytes: std::sync::atomic::AtomicUsize::new(DESIRED_BYTES_UNSEEN),
+        connection: crate::local::ConnectionLog::new(
+            &config.paths.state,
+            format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        ),
+        config,
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
@@ -135,6 +144,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     }
     // A job completed after a restart may have changed what handlers manage.
     report_inventory(&shared, "inventory:resumed").await;
+    tokio::spawn(inbox::watch(shared.clone(), jobs_tx.clone(), wake));
     tokio::spawn(worker(shared.clone(), jobs_rx));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     eventloop.set_network_options(mqtt::network_options());
@@ -214,6 +224,7 @@ async fn session(
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     watch.connected();
                     connected_at = Some(std::time::Instant::now());
+                    shared.connection.connected();
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
@@ -254,6 +265,7 @@ async fn session(
                     tracing::debug!("retrying in {delay:?}");
                     answers.disarm();
                     connected_at = None;
+                    shared.connection.disconnected(&e.to_string());
                     if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
                         // rumqttc would send the refused packet again.
                         eventloop.pending.retain(|r| {
@@ -1795,6 +1807,7 @@ async fn finish(
             extended_code: extended,
             message: message.clone(),
             steps: record.steps.clone(),
+            local: record.local,
         });
         s.reported = Some(reported);
     })?;
@@ -1815,7 +1828,11 @@ async fn finish(
             reported_payload(shared, reported),
         );
     }
-    enqueue(shared, &format!("ack:{}", record.job_id), ack);
+    if !record.local {
+        // A local job answers no desired deployment of the cloud: reported
+        // (above), not acknowledged.
+        enqueue(shared, &format!("ack:{}", record.job_id), ack);
+    }
     record.reported = true;
     let journaled = shared.journal.write(&record);
     lock(&shared.outbox).release();

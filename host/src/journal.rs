@@ -87,6 +87,27 @@ pub struct JobRecord {
     /// Whether the terminal result was acknowledged by the broker.
     #[serde(default)]
     pub reported: bool,
+    /// A local deployment (`otabox install`), not the cloud's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+impl JobRecord {
+    /// A job just accepted from `desired` (a delta's at `shadow_version`,
+    /// or a `local` deployment's).
+    fn new(shadow_version: u64, desired: &DesiredState, local: bool) -> Self {
+        Self {
+            job_id: desired.job_id.clone(),
+            shadow_version,
+            desired: desired.clone(),
+            handler_sha256: Vec::new(),
+            phase: JobPhase::Accepted,
+            steps: Vec::new(),
+            attempts: 0,
+            reported: false,
+            local,
+        }
+    }
 }
 
 /// What to do with a job found in the journal at start.
@@ -244,6 +265,21 @@ impl Journal {
         })
     }
 
+    /// The journal in `state_dir` for reading only (`otabox status`,
+    /// `otabox install`): nothing is created or changed, and a running
+    /// agent is not disturbed (its files are replaced whole, by rename).
+    pub fn reader(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.to_path_buf(),
+            shadow_lock: Default::default(),
+        }
+    }
+
+    /// Whether `job_id` was journaled here (running, finished, or pruned).
+    pub fn knows(&self, job_id: &str) -> Result<bool> {
+        Ok(self.record(job_id)?.is_some() || self.pruned()?.iter().any(|id| id == job_id))
+    }
+
     /// The directory of a job's files.
     pub fn job_dir(&self, job_id: &str) -> Result<PathBuf> {
         validate_job_id(job_id)?;
@@ -326,16 +362,7 @@ impl Journal {
         if self.pruned()?.contains(&desired.job_id) {
             return Ok(Acceptance::Finished(desired.job_id.clone()));
         }
-        let record = JobRecord {
-            job_id: desired.job_id.clone(),
-            shadow_version,
-            desired: desired.clone(),
-            handler_sha256: Vec::new(),
-            phase: JobPhase::Accepted,
-            steps: Vec::new(),
-            attempts: 0,
-            reported: false,
-        };
+        let record = JobRecord::new(shadow_version, desired, false);
         self.write(&record)?;
         shadow.last_version = shadow_version;
         shadow.desired = Some(desired.clone());
@@ -343,6 +370,35 @@ impl Journal {
             shadow.last_sequence = shadow.last_sequence.max(sequence);
         }
         write_json(&self.dir.join("shadow.json"), &shadow)?;
+        Ok(Acceptance::Accepted(Box::new(record)))
+    }
+
+    /// Accepts a local deployment (`otabox install`): journaled like a
+    /// delta's, a job id still runs at most once, but the shadow version
+    /// and the cloud's desired state stay as they are (the cloud's next
+    /// delta is not taken for stale).
+    pub fn accept_local(
+        &self,
+        desired: &DesiredState,
+        sequence: Option<u64>,
+    ) -> Result<Acceptance> {
+        let _guard = self
+            .shadow_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(existing) = self.record(&desired.job_id)? {
+            return Ok(Acceptance::Duplicate(Box::new(existing)));
+        }
+        if self.pruned()?.contains(&desired.job_id) {
+            return Ok(Acceptance::Finished(desired.job_id.clone()));
+        }
+        let mut shadow = self.shadow()?;
+        let record = JobRecord::new(shadow.last_version, desired, true);
+        self.write(&record)?;
+        if let Some(sequence) = sequence.filter(|s| *s > shadow.last_sequence) {
+            shadow.last_sequence = sequence;
+            write_json(&self.dir.join("shadow.json"), &shadow)?;
+        }
         Ok(Acceptance::Accepted(Box::new(record)))
     }
 
@@ -552,6 +608,48 @@ mod tests {
     }
 
     #[test]
+    fn a_local_job_is_journaled_once_and_leaves_the_shadow_version_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        assert!(matches!(
+            journal.accept(5, &desired("cloud")).expect("accept"),
+            Acceptance::Accepted(_)
+        ));
+        let Acceptance::Accepted(record) = journal
+            .accept_local(&desired("local"), Some(3))
+            .expect("accept")
+        else {
+            panic!()
+        };
+        assert!(record.local);
+        let shadow = journal.shadow().expect("shadow");
+        assert_eq!(
+            shadow.last_version, 5,
+            "the cloud's next delta is not stale"
+        );
+        assert_eq!(shadow.desired.map(|d| d.job_id).as_deref(), Some("cloud"));
+        assert_eq!(shadow.last_sequence, 3, "a signed sequence counts");
+        assert!(matches!(
+            journal
+                .accept_local(&desired("local"), None)
+                .expect("again"),
+            Acceptance::Duplicate(_)
+        ));
+        assert!(matches!(
+            journal
+                .accept_local(&desired("cloud"), None)
+                .expect("a cloud id"),
+            Acceptance::Duplicate(_)
+        ));
+        assert!(matches!(
+            journal.accept(6, &desired("next")).expect("accept"),
+            Acceptance::Accepted(_)
+        ));
+        assert!(journal.knows("local").expect("knows"));
+        assert!(!Journal::reader(dir.path()).knows("other").expect("knows"));
+    }
+
+    #[test]
     fn resume_decisions_follow_the_phase_and_the_boot_id() {
         let mut r = JobRecord {
             job_id: "a".into(),
@@ -562,6 +660,7 @@ mod tests {
             steps: vec![],
             attempts: 1,
             reported: false,
+            local: false,
         };
         assert_eq!(decide(&r, "boot-1", 3), Resume::ResumeDownload);
         r.phase = JobPhase::Installing {

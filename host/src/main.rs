@@ -46,6 +46,36 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Show what the agent of this device is doing: its state, the job and
+    /// its phase, installed criteria per update type, the last result with
+    /// its reason, the broker connection and the reports not yet sent. Reads
+    /// the state directory only; a running agent is not disturbed.
+    Status {
+        /// Device configuration.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a deployment (a desired state, schema 1, as `fleet deploy`
+    /// takes) through the running agent: it is checked exactly as a delta
+    /// from the cloud (the same size, schema and signature rules: with a
+    /// `[trust] root` it must carry a valid `signedManifest`), journaled and
+    /// run as any job, reported to the cloud (with `"local": true` in its
+    /// `lastResult`) but not acknowledged. It waits for a running job to
+    /// end. Waits for the result and prints it; exits 1 when the job fails
+    /// or is refused, or when no agent runs.
+    Install {
+        /// Device configuration.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The deployment JSON file.
+        file: PathBuf,
+        /// Return once the deployment is queued for the agent.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Run the reference device-state replica (the cloud side): publish
     /// deltas, record reports and acknowledgements, answer get requests.
     Replica {
@@ -277,7 +307,8 @@ enum HandlersCommand {
     /// Call one lifecycle phase of a handler (or the whole step) against a
     /// manifest, outside any job, and print the result as JSON. Calls with
     /// the same --job share checkpoints, so backup, install and rollback can
-    /// follow one another. Exits 1 when the phase fails.
+    /// follow one another. Exits 1 when the phase fails. Refused while an
+    /// agent runs on the same state directory (use `otabox install`).
     RunPhase {
         #[command(flatten)]
         source: Source,
@@ -424,6 +455,28 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             &groups,
             last_sequence,
         ),
+        Command::Status { config, json } => {
+            let status = otabox::status::read(&DeviceConfig::load(&config)?.paths.state)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&status)?)?;
+            } else {
+                out!("{}", status.render())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Install {
+            config,
+            file,
+            no_wait,
+        } => {
+            let config = DeviceConfig::load(&config)?;
+            let ok = otabox::install::run(&config, &file, !no_wait).await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Run { config } => {
             otabox::agent::run(DeviceConfig::load(&config)?).await?;
             Ok(ExitCode::SUCCESS)
@@ -549,6 +602,7 @@ async fn run_phase(
     mut tryout: otabox::tryout::Tryout,
 ) -> Result<ExitCode> {
     let config = device_config(source)?;
+    let _lock = otabox::local::StateLock::share(&config.paths.state, "handlers run-phase")?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
     let manifest_path = config.paths.handlers.join(format!("{name}.toml"));
     let handler = runtime
@@ -741,12 +795,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{} does not parse", path.display()))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn sign(
     keys: &[PathBuf],
     file: &Path,
@@ -781,7 +829,7 @@ fn sign(
             device.is_some() || group.is_some(),
             "give --device or --group: a signed manifest names its target"
         );
-        let now = now_secs();
+        let now = otabox::clock::now_secs();
         let target = signed::Target { device, group };
         let sequence = sequence.context("--sequence is required")?;
         let manifest = signed::describe(&desired, sequence, target, now, now + valid_for)?;
@@ -824,7 +872,7 @@ fn verify(
             device: device.unwrap_or_default(),
             groups,
             last_sequence,
-            now: now_secs(),
+            now: otabox::clock::now_secs(),
         };
         verifier.verify_deployment(&desired).map(|v| {
             let m = &v.manifest;
@@ -839,7 +887,7 @@ fn verify(
                 m.signed.job_id,
                 m.signed.sequence,
                 m.signatures.len(),
-                signed::rfc3339(m.signed.expires)
+                otabox::clock::rfc3339(m.signed.expires)
             )
         })
     };

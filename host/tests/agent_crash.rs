@@ -66,15 +66,6 @@ fn device_with(root: &Path, port: u16, extra: &str) -> std::path::PathBuf {
     config
 }
 
-/// What the hostile guest needs: the test folder read-write, a command,
-/// and loopback.
-fn hostile_caps(root: &Path) -> String {
-    format!(
-        "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
-        root.display()
-    )
-}
-
 /// A plain device with the hostile handler, its agent running and online.
 struct Rig {
     _dir: tempfile::TempDir,

@@ -1233,7 +1233,7 @@ fn verify_names_a_group_target_in_words_with_the_groups_hint_and_expiry_in_rfc33
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    let stamp = otabox::trust::signed::rfc3339(expires);
+    let stamp = otabox::clock::rfc3339(expires);
     assert!(t.contains(&format!("expires {stamp}")), "{t}");
     let b = stamp.as_bytes();
     assert!(

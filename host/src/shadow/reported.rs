@@ -116,6 +116,10 @@ pub struct LastResult {
     pub message: String,
     /// Per step.
     pub steps: Vec<StepOutcome>,
+    /// A local deployment (`otabox install` on the device), which is not
+    /// acknowledged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// Progress of the running job.
@@ -331,6 +335,7 @@ mod tests {
                 extended_code: 1,
                 message: "x".repeat(2 << 20),
                 steps: vec![step; 64],
+                local: false,
             }),
             progress: None,
             last_rejected: None,

@@ -46,6 +46,15 @@ pub fn install_handler(
     manifest
 }
 
+/// What the hostile guest needs to run a job on a device: `root`
+/// read-write, a command, and loopback.
+pub fn hostile_caps(root: &Path) -> String {
+    format!(
+        "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
+        root.display()
+    )
+}
+
 /// A runtime with a cache in `dir/cache`.
 pub fn runtime(dir: &Path) -> Runtime {
     Runtime::new(Some(dir.join("cache"))).expect("runtime")
