@@ -352,6 +352,7 @@ mod tests {
                 extended_code: 0,
                 message: String::new(),
                 steps: vec![step; steps],
+                local: false,
             }),
             progress: None,
             last_rejected: None,
