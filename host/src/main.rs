@@ -57,7 +57,9 @@ enum Command {
     },
     /// Operate a fleet through the replica's database.
     Fleet {
-        /// The replica's SQLite database.
+        /// The replica's SQLite database (`register` creates it when
+        /// missing, as `otabox replica` does; every other command refuses a
+        /// path where there is none).
         #[arg(long)]
         db: PathBuf,
         #[command(subcommand)]
@@ -220,7 +222,14 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Cancel the desired job of a device or a group.
+    /// Remove a device (and its acknowledgements) from the database; a
+    /// device that reports again comes back.
+    Unregister {
+        /// Device id.
+        device: String,
+    },
+    /// Cancel the desired job of a device or a group. A deployment the
+    /// device rejected is withdrawn without sending anything.
     Cancel {
         /// Target device.
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
@@ -229,7 +238,11 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Show one device, or the fleet.
+    /// Show one device, or the fleet: per device its shadow version, the
+    /// desired job and its outcome (pending, running, succeeded, failed,
+    /// rolled back, inconsistent, rejected, cancelled) with the reason (cut
+    /// to fit; whole in --json), the software it reports installed, and
+    /// when it was last heard from.
     Status {
         /// Only this device.
         #[arg(long)]
@@ -238,7 +251,8 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print each change of the fleet's state as it happens (Ctrl-C stops).
+    /// Print each change of the fleet's state as it happens, each line led
+    /// by its time (RFC 3339, UTC); Ctrl-C stops.
     Watch,
 }
 
@@ -572,7 +586,11 @@ async fn audit(source: &Source, json: bool, policy: &otabox::audit::Policy) -> R
 }
 
 async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
-    let store = otabox::replica::Store::open(db)?;
+    use otabox::replica::Store;
+    let mut store = match command {
+        FleetCommand::Register { .. } => Store::open(db)?,
+        _ => Store::open_existing(db)?,
+    };
     match command {
         FleetCommand::Register { device, group } => {
             store.register(&device, group.as_deref())?;
@@ -580,6 +598,10 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
                 "registered {device}{}",
                 group.map(|g| format!(" in group {g}")).unwrap_or_default()
             )?;
+        }
+        FleetCommand::Unregister { device } => {
+            store.unregister(&device)?;
+            outln!("unregistered {device}")?;
         }
         FleetCommand::Deploy {
             file,
@@ -601,8 +623,8 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
             outln!("deployed {} to {}", desired.job_id, targets.join(", "))?;
         }
         FleetCommand::Cancel { device, group } => {
-            let cancelled = store.cancel(device.as_deref(), group.as_deref())?;
-            outln!("cancel sent to {}", cancelled.join(", "))?;
+            let done = store.cancel(device.as_deref(), group.as_deref())?;
+            print_cancelled(&done)?;
         }
         FleetCommand::Status { device, json } => {
             let devices = match device {
@@ -624,47 +646,130 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {
-    let text =
-        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let desired = text(d.desired.as_ref().and_then(|v| v.get("jobId")));
-    let state = text(d.reported.as_ref().and_then(|r| r.pointer("/agent/state")));
-    let ack = d
-        .ack
-        .as_ref()
-        .map_or("-".to_string(), |a| format!("{:?} {}", a.status, a.version));
-    format!(
-        "{:<16} {:<10} {:<8} {:<20} {:<15} {ack}",
-        d.id,
-        d.group.as_deref().unwrap_or("-"),
-        d.version,
-        desired,
-        state
-    )
-}
-
-fn print_fleet(devices: &[otabox::replica::DeviceStatus]) -> Result<()> {
-    outln!(
-        "{:<16} {:<10} {:<8} {:<20} {:<15} ACK",
-        "DEVICE",
-        "GROUP",
-        "VERSION",
-        "DESIRED JOB",
-        "STATE"
-    )?;
-    for d in devices {
-        outln!("{}", fleet_row(d))?;
+/// One line per kind of what `fleet cancel` did.
+fn print_cancelled(done: &[(String, otabox::replica::Cancelled)]) -> Result<()> {
+    use otabox::replica::Cancelled;
+    let lines = [
+        (Cancelled::Sent, "cancel sent to"),
+        (
+            Cancelled::Withdrawn,
+            "withdrawn (the device had rejected it; nothing sent):",
+        ),
+        (Cancelled::Already, "already cancelled:"),
+    ];
+    for (kind, text) in lines {
+        let ids: Vec<&str> = done
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !ids.is_empty() {
+            outln!("{text} {}", ids.join(", "))?;
+        }
     }
     Ok(())
 }
 
+/// Most bytes of the reason in the `fleet status` table (`--json` has it
+/// whole).
+const REASON_WIDTH: usize = 60;
+/// Most bytes of an id in the table (ids are not cut: a device id from a
+/// topic may hold control characters, which are escaped).
+const NAME_WIDTH: usize = 256;
+/// Most bytes of the installed software in the table.
+const SOFTWARE_WIDTH: usize = 24;
+
+/// A device-provided text for the table: control characters escaped, cut
+/// to `max` bytes.
+fn cell(text: &str, max: usize) -> String {
+    otabox::runtime::bounds::text(text.to_string(), max)
+}
+
+/// The header of the fleet table; `fleet watch` leads with the time and
+/// leaves out the last-seen column (its line's time says it).
+fn fleet_header(watching: bool) -> String {
+    let (time, seen) = if watching {
+        (format!("{:<28}", "TIME"), String::new())
+    } else {
+        (String::new(), format!("{:<10} ", "LAST SEEN"))
+    };
+    format!(
+        "{time}{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}REASON",
+        "DEVICE", "GROUP", "SHADOW", "JOB", "OUTCOME", "SOFTWARE"
+    )
+}
+
+/// One device's line; with `now` (seconds since the epoch) it says how long
+/// ago the device was last heard from.
+fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
+    let software = d
+        .reported
+        .as_ref()
+        .and_then(|r| r.get("installed"))
+        .and_then(|i| i.as_object())
+        .map(|i| {
+            i.values()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into());
+    let seen = now.map_or(String::new(), |now| {
+        format!(
+            "{:<10} ",
+            d.last_seen.map_or("never".into(), |t| ago(now - t))
+        )
+    });
+    format!(
+        "{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}{}",
+        cell(&d.id, NAME_WIDTH),
+        cell(d.group.as_deref().unwrap_or("-"), NAME_WIDTH),
+        d.version,
+        cell(d.job().unwrap_or("-"), NAME_WIDTH),
+        d.outcome.kind.label(),
+        cell(&software, SOFTWARE_WIDTH),
+        cell(d.outcome.reason.as_deref().unwrap_or("-"), REASON_WIDTH),
+    )
+}
+
+/// `secs` as `12s ago`, `5m ago`, `3h ago` or `2d ago`.
+fn ago(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        ..60 => format!("{secs}s ago"),
+        ..3600 => format!("{}m ago", secs / 60),
+        ..86_400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+fn print_fleet(devices: &[otabox::replica::DeviceStatus]) -> Result<()> {
+    outln!("{}", fleet_header(false))?;
+    let now = now_secs() as i64;
+    for d in devices {
+        outln!("{}", fleet_row(d, Some(now)))?;
+    }
+    Ok(())
+}
+
+/// Now as RFC 3339 in UTC (`2025-01-31T12:00:00.123456Z`).
+fn timestamp() -> String {
+    use tracing_subscriber::fmt::time::FormatTime;
+    let mut text = String::new();
+    let _ = tracing_subscriber::fmt::time::SystemTime
+        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut text));
+    text
+}
+
 async fn watch(store: &otabox::replica::Store) -> Result<()> {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    outln!("{}", fleet_header(true))?;
     loop {
         for device in store.fleet()? {
-            let row = fleet_row(&device);
+            let row = fleet_row(&device, None);
             if last.get(&device.id) != Some(&row) {
-                outln!("{}", row)?;
+                outln!("{:<28}{row}", timestamp())?;
                 last.insert(device.id.clone(), row);
             }
         }

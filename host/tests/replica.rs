@@ -1,7 +1,8 @@
 //! The reference replica with real agents: `otabox fleet` deploys to a
 //! group, the replica publishes deltas, records reports and acks and
 //! confirms them on `accepted`; a device that was offline gets its delta
-//! when it comes online.
+//! when it comes online; a rejected deployment is not sent again, and
+//! `fleet status` says what became of each deployment and why.
 
 mod common;
 
@@ -124,7 +125,7 @@ fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
     assert!(
         table.contains("pump-1")
             && table.contains("pump-2")
-            && table.matches("Success 5.0").count() == 2,
+            && table.matches(" succeeded ").count() == 2,
         "{table}"
     );
 }
@@ -247,4 +248,328 @@ fn the_replica_and_the_agent_work_over_mutual_tls() {
         agent.log(),
         replica.log()
     );
+}
+
+/// A signed-only device (a `[trust] root`) with the file handler.
+fn signed_only_device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).expect("device dir");
+    let (_, public) = otabox::trust::signed::generate_key().expect("key");
+    let trust = otabox::trust::signed::Root {
+        version: 1,
+        threshold: 1,
+        keys: vec![public],
+    };
+    std::fs::write(
+        dir.join("root.json"),
+        serde_json::to_string(&trust).expect("root"),
+    )
+    .expect("root.json");
+    file_device(
+        &dir,
+        id,
+        &format!("port = {port}\n[trust]\nroot = \"root.json\""),
+    )
+}
+
+/// `fleet status --json` of one device.
+fn status_of(db: &Path, device: &str) -> serde_json::Value {
+    let all: serde_json::Value =
+        serde_json::from_str(&fleet(db, &["status", "--device", device, "--json"]))
+            .expect("status json");
+    all[0].clone()
+}
+
+/// Polls until `device`'s outcome is `kind`.
+fn wait_for_outcome(
+    db: &Path,
+    device: &str,
+    kind: &str,
+    log: &dyn Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status_of(db, device);
+        if status["outcome"] == kind {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{device} never {kind}: {status}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How many deltas to `device` arrive within `window`.
+fn deltas_within(observer: &TestClient, device: &str, window: Duration) -> usize {
+    let topic = format!("state/{device}/update/delta");
+    observer
+        .drain(window)
+        .iter()
+        .filter(|m| m.topic == topic)
+        .count()
+}
+
+#[test]
+fn a_rejected_deployment_is_not_sent_again_and_cancel_withdraws_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start(&db, broker.port);
+    let observer = TestClient::connect(
+        broker.port,
+        "observer",
+        &["state/pump-s/update/delta", "state/pump-s/update"],
+    );
+    observer.ready("state/pump-s/update/delta");
+    let config = signed_only_device(&root, "pump-s", broker.port);
+    let mut agent = AgentProcess::start(&config);
+    let online = |observer: &TestClient| {
+        observer.wait_for(Duration::from_secs(20), "pump-s online", |m| {
+            m.json.pointer("/state/reported/deployment/agent").is_some()
+        })
+    };
+    online(&observer);
+    observer.drain(Duration::from_millis(300));
+    let logs = || format!("{}\n{}", agent_log(&config), replica.log());
+
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "unsigned-1").to_str().expect("utf-8"),
+            "--device",
+            "pump-s",
+        ],
+    );
+    let status = wait_for_outcome(&db, "pump-s", "rejected", &logs);
+    assert!(
+        status["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("accepts signed deployments only")),
+        "{status}"
+    );
+    let sent = 1 + deltas_within(&observer, "pump-s", Duration::from_secs(3));
+    // The delta seen while waiting for the rejection counts as well.
+    assert!(
+        sent <= 2,
+        "the rejected deployment was sent {sent} times in 3 s\n{}",
+        logs()
+    );
+
+    agent.kill();
+    agent = AgentProcess::start(&config);
+    online(&observer);
+    let again = deltas_within(&observer, "pump-s", Duration::from_secs(3));
+    assert!(
+        again <= 1,
+        "after a reconnect it came {again} more times\n{}",
+        logs()
+    );
+    let table = fleet(&db, &["status"]);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("pump-s"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" rejected ")
+            && line.contains("untrusted deployment")
+            && !line.contains("idle"),
+        "{table}"
+    );
+
+    let out = fleet(&db, &["cancel", "--device", "pump-s"]);
+    assert!(out.contains("withdrawn") && out.contains("pump-s"), "{out}");
+    assert_eq!(
+        deltas_within(&observer, "pump-s", Duration::from_secs(2)),
+        0,
+        "a withdrawn deployment sends nothing\n{}",
+        logs()
+    );
+    assert_eq!(status_of(&db, "pump-s")["outcome"], "cancelled");
+    agent.kill();
+    agent = AgentProcess::start(&config);
+    online(&observer);
+    assert_eq!(
+        deltas_within(&observer, "pump-s", Duration::from_secs(2)),
+        0
+    );
+
+    // A new deployment is the operator's change: it is sent (once).
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "unsigned-2").to_str().expect("utf-8"),
+            "--device",
+            "pump-s",
+        ],
+    );
+    wait_for_outcome(&db, "pump-s", "rejected", &logs);
+    let sent = 1 + deltas_within(&observer, "pump-s", Duration::from_secs(2));
+    assert!(sent <= 2, "{sent}\n{}", logs());
+    drop(agent);
+}
+
+fn agent_log(config: &Path) -> String {
+    std::fs::read_to_string(config.with_file_name("agent.log")).unwrap_or_default()
+}
+
+#[test]
+fn republishing_to_a_device_that_keeps_missing_its_delta_backs_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start(&db, broker.port);
+    // A device that reports idle over and over and never runs its job (as
+    // one whose deltas are lost on the way would).
+    let device = TestClient::connect(broker.port, "pump-m", &["state/pump-m/update/delta"]);
+    device.ready("state/pump-m/update/delta");
+    let idle = json!({"state": {"reported": {"deployment": {"agent": {"state": "idle", "version": "0"}}}}})
+        .to_string();
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "missed-1").to_str().expect("utf-8"),
+            "--device",
+            "pump-m",
+        ],
+    );
+    let start = Instant::now();
+    let mut deltas = Vec::new();
+    while start.elapsed() < Duration::from_secs(4) {
+        device.publish("state/pump-m/update", idle.clone());
+        deltas.extend(
+            device
+                .drain(Duration::from_millis(100))
+                .into_iter()
+                .filter(|m| m.topic == "state/pump-m/update/delta")
+                .map(|_| start.elapsed()),
+        );
+    }
+    // The first delta, a republish at once, then after 1 s and 2 s more.
+    assert!(
+        (2..=5).contains(&deltas.len()),
+        "{} deltas in 4 s of idle reports at {deltas:?}\n{}",
+        deltas.len(),
+        replica.log()
+    );
+    // The device runs the job: the backoff starts over.
+    device.publish(
+        "state/pump-m/update",
+        json!({"state": {"reported": {"deployment": {"agent": {"state": "installing", "version": "0"}, "jobId": "missed-1"}}}})
+            .to_string(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    device.drain(Duration::from_millis(100));
+    device.publish("state/pump-m/update", idle);
+    device.wait_for(
+        Duration::from_millis(800),
+        "a republish at once after the reset",
+        |m| m.topic == "state/pump-m/update/delta",
+    );
+}
+
+#[test]
+fn fleet_status_tells_each_failure_kind_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start(&db, broker.port);
+    let config = device(&root, "pump-k", broker.port);
+    let agent = AgentProcess::start(&config);
+    let mut reasons = Vec::new();
+    let mut run = |job: &str, edit: &dyn Fn(&mut serde_json::Value), kind: &str, reason: &str| {
+        let file = deployment(&root, job);
+        let mut value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+        // Each its own version and content, so that none is found
+        // installed already.
+        let content = format!("job = {job}\n");
+        std::fs::write(root.join(format!("{job}.conf")), &content).expect("payload");
+        let step = &mut value["steps"][0];
+        step["manifest"]["version"] = json!(job);
+        step["files"][0]["size"] = json!(content.len());
+        step["files"][0]["sha256"] = json!(sha256_hex(content.as_bytes()));
+        edit(&mut value["steps"][0]);
+        std::fs::write(&file, value.to_string()).expect("write");
+        fleet(
+            &db,
+            &[
+                "deploy",
+                file.to_str().expect("utf-8"),
+                "--device",
+                "pump-k",
+            ],
+        );
+        let status = wait_for_ack(&db, "pump-k", &replica);
+        assert_eq!(status["outcome"], kind, "{job}: {status}\n{}", agent.log());
+        let full = status["reason"].as_str().unwrap_or_default().to_string();
+        assert!(full.contains(reason), "{job}: {full}");
+        let table = fleet(&db, &["status"]);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("pump-k"))
+            .unwrap_or_default()
+            .to_string();
+        let label = if kind == "rolled-back" {
+            "rolled back"
+        } else {
+            kind
+        };
+        assert!(line.contains(&format!(" {label} ")), "{job}: {table}");
+        assert!(
+            line.contains(&full[..full.len().min(20)]),
+            "{job}: the reason in the table: {table}"
+        );
+        reasons.push(full);
+    };
+    run("good", &|_| {}, "succeeded", "");
+    let table = fleet(&db, &["status"]);
+    assert!(
+        table.contains(" app-good "),
+        "the installed software: {table}"
+    );
+    run(
+        "unknown-type",
+        &|s| s["updateType"] = json!("otabox/nope:1"),
+        "failed",
+        "otabox/nope:1",
+    );
+    run(
+        "payload-typo",
+        &|s| {
+            let url = s["files"][0]["url"].as_str().expect("url").to_string();
+            s["files"][0]["url"] = json!(format!("{url}.typo"));
+        },
+        "failed",
+        "download",
+    );
+    run(
+        "bad-manifest",
+        &|s| {
+            s["manifest"]
+                .as_object_mut()
+                .expect("manifest")
+                .remove("destination");
+        },
+        "failed",
+        "validate",
+    );
+    let blocker = root.join("pump-k/files/app.conf.otabox-new");
+    std::fs::create_dir_all(&blocker).expect("block the staging file");
+    run("rolled-back", &|_| {}, "rolled-back", "install");
+    std::fs::remove_dir(&blocker).expect("unblock");
+    let failures = &reasons[1..];
+    for (i, a) in failures.iter().enumerate() {
+        for b in &failures[i + 1..] {
+            assert_ne!(a, b, "each failure has its own reason");
+        }
+    }
 }
