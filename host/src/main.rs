@@ -737,9 +737,9 @@ fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
 fn ago(secs: i64) -> String {
     let secs = secs.max(0);
     match secs {
-        ..60 => format!("{secs}s ago"),
-        ..3600 => format!("{}m ago", secs / 60),
-        ..86_400 => format!("{}h ago", secs / 3600),
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86_400 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86_400),
     }
 }

@@ -32,6 +32,23 @@ fn fleet(db: &Path, args: &[&str]) -> String {
     text
 }
 
+/// A scratch directory (and its canonical path) with a broker and the
+/// replica on `replica.db` there.
+fn start_cloud() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Mosquitto,
+    std::path::PathBuf,
+    ReplicaProcess,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let replica = ReplicaProcess::start(&db, broker.port);
+    (dir, root, broker, db, replica)
+}
+
 fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
     device_with(root, id, port, "")
 }
@@ -62,11 +79,7 @@ fn wait_for_ack(db: &Path, device: &str, replica: &ReplicaProcess) -> serde_json
 
 #[test]
 fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let db = root.join("replica.db");
-    let replica = ReplicaProcess::start(&db, broker.port);
+    let (_dir, root, broker, db, replica) = start_cloud();
     let cloud = TestClient::connect(broker.port, "observer", &["state/+/update/accepted"]);
     let first = AgentProcess::start(&device(&root, "pump-1", broker.port));
     cloud.wait_for(
@@ -314,11 +327,7 @@ fn deltas_within(observer: &TestClient, device: &str, window: Duration) -> usize
 
 #[test]
 fn a_rejected_deployment_is_not_sent_again_and_cancel_withdraws_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let db = root.join("replica.db");
-    let replica = ReplicaProcess::start(&db, broker.port);
+    let (_dir, root, broker, db, replica) = start_cloud();
     let observer = TestClient::connect(
         broker.port,
         "observer",
@@ -420,11 +429,7 @@ fn agent_log(config: &Path) -> String {
 
 #[test]
 fn republishing_to_a_device_that_keeps_missing_its_delta_backs_off() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let db = root.join("replica.db");
-    let replica = ReplicaProcess::start(&db, broker.port);
+    let (_dir, root, broker, db, replica) = start_cloud();
     // A device that reports idle over and over and never runs its job (as
     // one whose deltas are lost on the way would).
     let device = TestClient::connect(broker.port, "pump-m", &["state/pump-m/update/delta"]);
@@ -477,11 +482,7 @@ fn republishing_to_a_device_that_keeps_missing_its_delta_backs_off() {
 
 #[test]
 fn fleet_status_tells_each_failure_kind_with_its_reason() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let db = root.join("replica.db");
-    let replica = ReplicaProcess::start(&db, broker.port);
+    let (_dir, root, broker, db, replica) = start_cloud();
     let config = device(&root, "pump-k", broker.port);
     let agent = AgentProcess::start(&config);
     let mut reasons = Vec::new();
