@@ -89,7 +89,7 @@ impl DeviceStatus {
     pub fn rejection(&self) -> Option<&Rejection> {
         self.rejected
             .as_ref()
-            .filter(|r| rejects(r, self.version, self.job()))
+            .filter(|r| r.shadow_version == Some(self.version))
     }
 }
 
@@ -139,17 +139,6 @@ fn republish_wait_ms(n: i64) -> i64 {
         n => REPUBLISH_FIRST_WAIT_MS
             .saturating_mul(1_i64 << (n - 1).min(30))
             .min(REPUBLISH_MAX_WAIT_MS),
-    }
-}
-
-/// Whether `rejection` is of shadow `version` (job `job`): by its shadow
-/// version; one the device could not attribute (no version: the delta did
-/// not parse, or was over its size limit) is of what was sent last.
-fn rejects(rejection: &Rejection, version: u64, job: Option<&str>) -> bool {
-    match (rejection.shadow_version, &rejection.job_id) {
-        (Some(v), _) => v == version,
-        (None, Some(j)) => Some(j.as_str()) == job,
-        (None, None) => true,
     }
 }
 
@@ -406,8 +395,29 @@ impl Store {
         let Some(rejected) = reported.get("lastRejected") else {
             return Ok(());
         };
-        let rejected: Rejection =
-            serde_json::from_value(rejected.clone()).context("lastRejected is not a rejection")?;
+        match serde_json::from_value::<Rejection>(rejected.clone()) {
+            Ok(rejected) => self.record_rejection(device, rejected),
+            Err(e) => {
+                tracing::warn!(device, "ignored a lastRejected that is no rejection: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps `rejected` as the device's last rejection. One without a
+    /// shadow version (the delta did not parse, or was over the device's
+    /// size limit) is of what was sent last: the current version, unless
+    /// it names another job.
+    fn record_rejection(&self, device: &str, mut rejected: Rejection) -> Result<()> {
+        if rejected.shadow_version.is_none()
+            && let Some(status) = self.status(device)?
+            && rejected
+                .job_id
+                .as_deref()
+                .is_none_or(|j| Some(j) == status.job())
+        {
+            rejected.shadow_version = Some(status.version);
+        }
         self.db.execute(
             "UPDATE devices SET rejected = ?2, republish_at = NULL WHERE id = ?1",
             params![device, serde_json::to_string(&rejected)?],
@@ -684,7 +694,33 @@ mod tests {
         assert_eq!(store.pending_deltas(0).expect("pending").len(), 1);
         let garbage =
             serde_json::json!({"agent": {"state": "idle"}, "lastRejected": {"reason": 5}});
-        assert!(store.record_report("a", &garbage).is_err());
+        store.record_report("a", &garbage).expect("ignored");
+        let status = store.status("a").expect("status").expect("known");
+        assert_eq!(status.rejected.map(|r| r.shadow_version), Some(Some(1)));
+    }
+
+    #[test]
+    fn a_rejection_without_a_version_is_of_what_was_sent_last_and_no_later_deploy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        store.deploy("a", &desired("j1")).expect("deploy");
+        let unattributed = serde_json::json!({"agent": {"state": "idle"},
+            "lastRejected": {"reason": "a message of 300000 bytes exceeds the limit"}});
+        report(&store, "a", unattributed);
+        let status = store.status("a").expect("status").expect("known");
+        assert_eq!(status.outcome.kind, OutcomeKind::Rejected);
+        store.deploy("a", &desired("j2")).expect("deploy");
+        let status = store.status("a").expect("status").expect("known");
+        assert_eq!(
+            status.outcome.kind,
+            OutcomeKind::Pending,
+            "not carried over"
+        );
+        let other_job = serde_json::json!({"agent": {"state": "idle"},
+            "lastRejected": {"jobId": "j1", "reason": "late"}});
+        report(&store, "a", other_job);
+        let status = store.status("a").expect("status").expect("known");
+        assert!(status.rejection().is_none(), "a rejection of another job");
     }
 
     #[test]
