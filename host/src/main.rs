@@ -726,7 +726,10 @@ fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
         cell(&d.id, NAME_WIDTH),
         cell(d.group.as_deref().unwrap_or("-"), NAME_WIDTH),
         d.version,
-        cell(d.job().unwrap_or("-"), NAME_WIDTH),
+        cell(
+            d.job().or(d.withdrawn.as_deref()).unwrap_or("-"),
+            NAME_WIDTH
+        ),
         d.outcome.kind.label(),
         cell(&software, SOFTWARE_WIDTH),
         cell(d.outcome.reason.as_deref().unwrap_or("-"), REASON_WIDTH),

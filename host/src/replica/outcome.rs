@@ -70,11 +70,17 @@ impl Outcome {
 
 /// The outcome of `status`'s desired deployment: the device's result for
 /// the job, else its rejection of this shadow version, else what it is
-/// doing, else its acknowledgement; a cancel not yet answered counts as
-/// cancelled, anything else as pending.
+/// doing, else its acknowledgement; a cancel not yet answered (or a
+/// withdrawn deployment) counts as cancelled, anything else as pending.
 pub fn of(status: &DeviceStatus) -> Outcome {
     let Some(job) = status.job() else {
-        return Outcome::default();
+        return match status.withdrawn {
+            Some(_) => Outcome::new(
+                OutcomeKind::Cancelled,
+                Some("withdrawn after the device rejected it".into()),
+            ),
+            None => Outcome::default(),
+        };
     };
     let reported = status.reported.as_ref();
     let cancel = status.is_cancel();
@@ -173,6 +179,7 @@ mod tests {
             ack: None,
             last_seen: None,
             rejected: None,
+            withdrawn: None,
             outcome: Outcome::default(),
         }
     }

@@ -33,13 +33,15 @@ CREATE TABLE IF NOT EXISTS acks (
 /// Schema changes after [`SCHEMA`], in order; `PRAGMA user_version` counts
 /// those applied, so a database of any earlier release keeps working.
 const MIGRATIONS: &[&str] = &[
-    // 1: when the device was last heard from, its last rejected delta, and
-    // the backoff of republishing to a device that missed its delta.
+    // 1: when the device was last heard from, its last rejected delta, the
+    // backoff of republishing to a device that missed its delta, and the
+    // job withdrawn after the device rejected it.
     "ALTER TABLE devices ADD COLUMN last_seen INTEGER;
      UPDATE devices SET last_seen = reported_at;
      ALTER TABLE devices ADD COLUMN rejected TEXT;
      ALTER TABLE devices ADD COLUMN republishes INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE devices ADD COLUMN republish_at INTEGER;",
+     ALTER TABLE devices ADD COLUMN republish_at INTEGER;
+     ALTER TABLE devices ADD COLUMN withdrawn TEXT;",
 ];
 
 /// The first republish of a missed delta goes out at once, the next after
@@ -68,6 +70,9 @@ pub struct DeviceStatus {
     pub last_seen: Option<i64>,
     /// The last delta the device rejected (of any shadow version).
     pub rejected: Option<Rejection>,
+    /// The job `fleet cancel` withdrew after the device rejected it (there
+    /// is no desired deployment then), until the next deploy.
+    pub withdrawn: Option<String>,
     /// What became of the desired deployment, and why.
     #[serde(flatten)]
     pub outcome: Outcome,
@@ -99,7 +104,8 @@ pub enum Cancelled {
     /// A cancel of the job goes to the device.
     Sent,
     /// The device had rejected the deployment, so nothing runs there: the
-    /// deployment is withdrawn and nothing is sent.
+    /// deployment is withdrawn (no desired deployment is left, so a `get`
+    /// finds none) and nothing is sent.
     Withdrawn,
     /// The desired state was a cancel already.
     Already,
@@ -235,7 +241,7 @@ impl Store {
         let version: i64 = self.db.query_row(
             "INSERT INTO devices (id, version, desired) VALUES (?1, 1, ?2)
              ON CONFLICT(id) DO UPDATE SET version = version + 1, desired = excluded.desired,
-                 republishes = 0, republish_at = NULL
+                 republishes = 0, republish_at = NULL, withdrawn = NULL
              RETURNING version",
             params![device, json],
             |row| row.get(0),
@@ -282,7 +288,10 @@ impl Store {
         let status = self
             .status(id)?
             .with_context(|| format!("unknown device {id}"))?;
-        let withdrawn = status.rejection().is_some();
+        if status.withdrawn.is_some() {
+            return Ok(Cancelled::Already);
+        }
+        let rejected = status.rejection().is_some();
         let desired = status
             .desired
             .with_context(|| format!("{id} has no deployment to cancel"))?;
@@ -290,13 +299,24 @@ impl Store {
         if desired.cancel {
             return Ok(Cancelled::Already);
         }
-        desired.cancel = true;
-        let version = self.deploy(id, &desired)?;
-        if withdrawn {
-            self.mark_published(id, version)?;
+        if rejected {
+            self.withdraw(id, &desired.job_id)?;
             return Ok(Cancelled::Withdrawn);
         }
+        desired.cancel = true;
+        self.deploy(id, &desired)?;
         Ok(Cancelled::Sent)
+    }
+
+    /// Withdraws the desired deployment (job `job`) in a new shadow version
+    /// with none, marked published: nothing is sent.
+    fn withdraw(&self, id: &str, job: &str) -> Result<()> {
+        self.db.execute(
+            "UPDATE devices SET desired = NULL, version = version + 1, published = version + 1,
+                 withdrawn = ?2, republish_at = NULL WHERE id = ?1",
+            params![id, job],
+        )?;
+        Ok(())
     }
 
     /// Removes a device and its acknowledgements.
@@ -476,7 +496,8 @@ impl Store {
         let row = self
             .db
             .query_row(
-                "SELECT id, grp, version, desired, reported, last_seen, rejected FROM devices WHERE id = ?1",
+                "SELECT id, grp, version, desired, reported, last_seen, rejected, withdrawn
+                 FROM devices WHERE id = ?1",
                 params![device],
                 |row| {
                     Ok((
@@ -488,12 +509,16 @@ impl Store {
                         row.get::<_, Option<String>>(3)?,
                         row.get::<_, Option<String>>(4)?,
                         row.get::<_, Option<i64>>(5)?,
-                        row.get::<_, Option<String>>(6)?,
+                        (
+                            row.get::<_, Option<String>>(6)?,
+                            row.get::<_, Option<String>>(7)?,
+                        ),
                     ))
                 },
             )
             .optional()?;
-        let Some(((id, group, version), desired, reported, last_seen, rejected)) = row else {
+        let Some(((id, group, version), desired, reported, last_seen, (rejected, withdrawn))) = row
+        else {
             return Ok(None);
         };
         let desired: Option<serde_json::Value> =
@@ -516,6 +541,7 @@ impl Store {
             ack,
             last_seen,
             rejected: rejected.map(|r| serde_json::from_str(&r)).transpose()?,
+            withdrawn,
             outcome: Outcome::default(),
         };
         status.outcome = outcome::of(&status);
@@ -685,12 +711,18 @@ mod tests {
         let status = store.status("a").expect("status").expect("known");
         assert_eq!(status.outcome.kind, OutcomeKind::Cancelled);
         assert_eq!(
+            (status.desired, status.withdrawn.as_deref(), status.version),
+            (None, Some("j1"), 2),
+            "a get finds no deployment"
+        );
+        assert_eq!(
             store.cancel(Some("a"), None).expect("cancel"),
             [("a".into(), Cancelled::Already)]
         );
         assert_eq!(store.deploy("a", &desired("j2")).expect("deploy"), 3);
         let status = store.status("a").expect("status").expect("known");
         assert!(status.rejection().is_none(), "a new deploy is sent again");
+        assert_eq!(status.withdrawn, None);
         assert_eq!(store.pending_deltas(0).expect("pending").len(), 1);
         let garbage =
             serde_json::json!({"agent": {"state": "idle"}, "lastRejected": {"reason": 5}});
