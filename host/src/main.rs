@@ -57,9 +57,8 @@ enum Command {
     },
     /// Operate a fleet through the replica's database.
     Fleet {
-        /// The replica's SQLite database (`register` creates it when
-        /// missing, as `otabox replica` does; every other command refuses a
-        /// path where there is none).
+        /// The replica's SQLite database (`register` and `otabox replica`
+        /// create it; the other commands refuse a missing one).
         #[arg(long)]
         db: PathBuf,
         #[command(subcommand)]
@@ -222,14 +221,17 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Remove a device (and its acknowledgements) from the database; a
-    /// device that reports again comes back.
+    /// Remove a device and its acknowledgements.
+    ///
+    /// A device that reports again comes back.
     Unregister {
         /// Device id.
         device: String,
     },
-    /// Cancel the desired job of a device or a group. A deployment the
-    /// device rejected is withdrawn without sending anything.
+    /// Cancel the desired job of a device or a group.
+    ///
+    /// A deployment the device rejected is withdrawn without sending
+    /// anything (it never ran there).
     Cancel {
         /// Target device.
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
@@ -238,11 +240,13 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Show one device, or the fleet: per device its shadow version, the
-    /// desired job and its outcome (pending, running, succeeded, failed,
-    /// rolled back, inconsistent, rejected, cancelled) with the reason (cut
-    /// to fit; whole in --json), the software it reports installed, and
-    /// when it was last heard from.
+    /// Show one device, or the fleet: what became of each deployment, and why.
+    ///
+    /// Per device: its shadow version (SHADOW), the desired job, its outcome
+    /// (pending, running, succeeded, failed, rolled back, inconsistent,
+    /// rejected, cancelled) with the device's reason (cut to fit; whole in
+    /// --json), the software it reports installed, and when it was last
+    /// heard from.
     Status {
         /// Only this device.
         #[arg(long)]
@@ -251,8 +255,9 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print each change of the fleet's state as it happens, each line led
-    /// by its time (RFC 3339, UTC); Ctrl-C stops.
+    /// Print each change of the fleet's state as it happens (Ctrl-C stops).
+    ///
+    /// Each line is led by its time (RFC 3339, UTC).
     Watch,
 }
 

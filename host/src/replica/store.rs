@@ -150,12 +150,16 @@ fn republish_wait_ms(n: i64) -> i64 {
 
 /// Applies the [`MIGRATIONS`] `db` lacks, in one transaction.
 fn migrate(db: &mut Connection, path: &Path) -> Result<()> {
+    let known = MIGRATIONS.len() as i64;
+    let applied: i64 = db.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if applied == known {
+        return Ok(());
+    }
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let applied: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    let known = MIGRATIONS.len() as i64;
-    if applied > known {
+    if !(0..=known).contains(&applied) {
         bail!(
-            "replica database {} has schema version {applied}; this otabox knows up to {known} (use a newer otabox)",
+            "replica database {} has schema version {applied}; this otabox knows 0 to {known} (a newer otabox made it?)",
             path.display()
         );
     }
@@ -787,6 +791,14 @@ mod tests {
             format!("{newer:#}").contains("schema version 99"),
             "{newer:#}"
         );
+        let db = Connection::open(&path).expect("db");
+        db.pragma_update(None, "user_version", -1)
+            .expect("negative");
+        drop(db);
+        let odd = Store::open_existing(&path)
+            .err()
+            .expect("negative schema refused");
+        assert!(format!("{odd:#}").contains("schema version -1"), "{odd:#}");
     }
 
     #[test]
