@@ -87,7 +87,8 @@ enum Command {
     },
     /// Operate a fleet through the replica's database.
     Fleet {
-        /// The replica's SQLite database.
+        /// The replica's SQLite database (`register` and `otabox replica`
+        /// create it; the other commands refuse a missing one).
         #[arg(long)]
         db: PathBuf,
         #[command(subcommand)]
@@ -257,7 +258,17 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Remove a device and its acknowledgements.
+    ///
+    /// A device that reports again comes back.
+    Unregister {
+        /// Device id.
+        device: String,
+    },
     /// Cancel the desired job of a device or a group.
+    ///
+    /// A deployment the device rejected is withdrawn without sending
+    /// anything (it never ran there).
     Cancel {
         /// Target device.
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
@@ -266,7 +277,13 @@ enum FleetCommand {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Show one device, or the fleet.
+    /// Show one device, or the fleet: what became of each deployment, and why.
+    ///
+    /// Per device: its shadow version (SHADOW), the desired job, its outcome
+    /// (pending, running, succeeded, failed, rolled back, inconsistent,
+    /// rejected, cancelled) with the device's reason (cut to fit; whole in
+    /// --json), the software it reports installed, and when it was last
+    /// heard from.
     Status {
         /// Only this device.
         #[arg(long)]
@@ -276,6 +293,8 @@ enum FleetCommand {
         json: bool,
     },
     /// Print each change of the fleet's state as it happens (Ctrl-C stops).
+    ///
+    /// Each line is led by its time (RFC 3339, UTC).
     Watch,
 }
 
@@ -637,7 +656,11 @@ async fn audit(source: &Source, json: bool, policy: &otabox::audit::Policy) -> R
 }
 
 async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
-    let store = otabox::replica::Store::open(db)?;
+    use otabox::replica::Store;
+    let mut store = match command {
+        FleetCommand::Register { .. } => Store::open(db)?,
+        _ => Store::open_existing(db)?,
+    };
     match command {
         FleetCommand::Register { device, group } => {
             store.register(&device, group.as_deref())?;
@@ -645,6 +668,10 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
                 "registered {device}{}",
                 group.map(|g| format!(" in group {g}")).unwrap_or_default()
             )?;
+        }
+        FleetCommand::Unregister { device } => {
+            store.unregister(&device)?;
+            outln!("unregistered {device}")?;
         }
         FleetCommand::Deploy {
             file,
@@ -670,8 +697,8 @@ async fn fleet(db: &Path, command: FleetCommand) -> Result<ExitCode> {
             outln!("deployed {} to {}", desired.job_id, targets.join(", "))?;
         }
         FleetCommand::Cancel { device, group } => {
-            let cancelled = store.cancel(device.as_deref(), group.as_deref())?;
-            outln!("cancel sent to {}", cancelled.join(", "))?;
+            let done = store.cancel(device.as_deref(), group.as_deref())?;
+            print_cancelled(&done)?;
         }
         FleetCommand::Status { device, json } => {
             let devices = match device {
@@ -716,47 +743,127 @@ fn by_reference(
     Ok(reference)
 }
 
-fn fleet_row(d: &otabox::replica::DeviceStatus) -> String {
-    let text =
-        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let desired = text(d.desired.as_ref().and_then(|v| v.get("jobId")));
-    let state = text(d.reported.as_ref().and_then(|r| r.pointer("/agent/state")));
-    let ack = d
-        .ack
-        .as_ref()
-        .map_or("-".to_string(), |a| format!("{:?} {}", a.status, a.version));
+/// One line per kind of what `fleet cancel` did.
+fn print_cancelled(done: &[(String, otabox::replica::Cancelled)]) -> Result<()> {
+    use otabox::replica::Cancelled;
+    let lines = [
+        (Cancelled::Sent, "cancel sent to"),
+        (
+            Cancelled::Withdrawn,
+            "withdrawn (the device had rejected it; nothing sent):",
+        ),
+        (Cancelled::Already, "already cancelled:"),
+    ];
+    for (kind, text) in lines {
+        let ids: Vec<&str> = done
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !ids.is_empty() {
+            outln!("{text} {}", ids.join(", "))?;
+        }
+    }
+    Ok(())
+}
+
+/// Most bytes of the reason in the `fleet status` table (`--json` has it
+/// whole).
+const REASON_WIDTH: usize = 60;
+/// Most bytes of an id in the table (ids are not cut: a device id from a
+/// topic may hold control characters, which are escaped).
+const NAME_WIDTH: usize = 256;
+/// Most bytes of the installed software in the table.
+const SOFTWARE_WIDTH: usize = 24;
+
+/// A device-provided text for the table: control characters escaped, cut
+/// to `max` bytes.
+fn cell(text: &str, max: usize) -> String {
+    otabox::runtime::bounds::text(text.to_string(), max)
+}
+
+/// The header of the fleet table; `fleet watch` leads with the time and
+/// leaves out the last-seen column (its line's time says it).
+fn fleet_header(watching: bool) -> String {
+    let (time, seen) = if watching {
+        (format!("{:<22}", "TIME"), String::new())
+    } else {
+        (String::new(), format!("{:<10} ", "LAST SEEN"))
+    };
     format!(
-        "{:<16} {:<10} {:<8} {:<20} {:<15} {ack}",
-        d.id,
-        d.group.as_deref().unwrap_or("-"),
-        d.version,
-        desired,
-        state
+        "{time}{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}REASON",
+        "DEVICE", "GROUP", "SHADOW", "JOB", "OUTCOME", "SOFTWARE"
     )
 }
 
+/// One device's line; with `now` (seconds since the epoch) it says how long
+/// ago the device was last heard from.
+fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
+    let software = d
+        .reported
+        .as_ref()
+        .and_then(|r| r.get("installed"))
+        .and_then(|i| i.as_object())
+        .map(|i| {
+            i.values()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into());
+    let seen = now.map_or(String::new(), |now| {
+        format!(
+            "{:<10} ",
+            d.last_seen.map_or("never".into(), |t| ago(now - t))
+        )
+    });
+    format!(
+        "{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}{}",
+        cell(&d.id, NAME_WIDTH),
+        cell(d.group.as_deref().unwrap_or("-"), NAME_WIDTH),
+        d.version,
+        cell(
+            d.job().or(d.withdrawn.as_deref()).unwrap_or("-"),
+            NAME_WIDTH
+        ),
+        d.outcome.kind.label(),
+        cell(&software, SOFTWARE_WIDTH),
+        cell(d.outcome.reason.as_deref().unwrap_or("-"), REASON_WIDTH),
+    )
+}
+
+/// `secs` as `12s ago`, `5m ago`, `3h ago` or `2d ago`.
+fn ago(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86_400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
 fn print_fleet(devices: &[otabox::replica::DeviceStatus]) -> Result<()> {
-    outln!(
-        "{:<16} {:<10} {:<8} {:<20} {:<15} ACK",
-        "DEVICE",
-        "GROUP",
-        "VERSION",
-        "DESIRED JOB",
-        "STATE"
-    )?;
+    outln!("{}", fleet_header(false))?;
+    let now = otabox::clock::now_secs() as i64;
     for d in devices {
-        outln!("{}", fleet_row(d))?;
+        outln!("{}", fleet_row(d, Some(now)))?;
     }
     Ok(())
 }
 
 async fn watch(store: &otabox::replica::Store) -> Result<()> {
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    outln!("{}", fleet_header(true))?;
     loop {
         for device in store.fleet()? {
-            let row = fleet_row(&device);
+            let row = fleet_row(&device, None);
             if last.get(&device.id) != Some(&row) {
-                outln!("{}", row)?;
+                outln!(
+                    "{:<22}{row}",
+                    otabox::clock::rfc3339(otabox::clock::now_secs())
+                )?;
                 last.insert(device.id.clone(), row);
             }
         }

@@ -1256,3 +1256,147 @@ fn version_is_a_subcommand_as_well_as_a_flag() {
         format!("otabox {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn fleet_commands_refuse_a_database_that_does_not_exist_and_create_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("flet.db");
+    let db_arg = db.display().to_string();
+    let deployment = dir.path().join("deployment.json");
+    std::fs::write(&deployment, "{}").expect("deployment");
+    let deployment = deployment.display().to_string();
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["status", "--json"],
+        &["deploy", &deployment, "--device", "pump-1"],
+        &["cancel", "--device", "pump-1"],
+        &["watch"],
+        &["unregister", "pump-1"],
+    ];
+    for args in commands {
+        let out = otabox(&[&["fleet", "--db", &db_arg][..], args].concat());
+        let text = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("no replica database at {db_arg}"))
+                && text.contains("register DEVICE")
+                && text.contains("otabox replica"),
+            "{args:?}: {text}"
+        );
+        assert!(!db.exists(), "{args:?} created {db_arg}");
+    }
+    // A file that is no replica database is refused and left as it was.
+    std::fs::write(&db, "notes, not a database\n").expect("file");
+    let out = otabox(&["fleet", "--db", &db_arg, "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not a replica database"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&db).expect("kept"),
+        "notes, not a database\n"
+    );
+    // `register` creates it, as before.
+    std::fs::remove_file(&db).expect("remove");
+    let out = otabox(&["fleet", "--db", &db_arg, "register", "pump-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = otabox(&["fleet", "--db", &db_arg, "status"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn fleet_unregister_removes_a_device_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("fleet.db").display().to_string();
+    let fleet = |args: &[&str]| otabox(&[&["fleet", "--db", &db][..], args].concat());
+    assert!(
+        fleet(&["register", "pump-1", "--group", "pumps"])
+            .status
+            .success()
+    );
+    assert!(fleet(&["register", "pump-2"]).status.success());
+    let out = fleet(&["unregister", "pump-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "unregistered pump-1\n"
+    );
+    let table = text(&fleet(&["status"]));
+    assert!(
+        !table.contains("pump-1") && table.contains("pump-2"),
+        "{table}"
+    );
+    let out = fleet(&["unregister", "pump-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("unknown device pump-1"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn fleet_status_names_its_columns_and_watch_prints_a_header_and_timestamps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("fleet.db").display().to_string();
+    let out = otabox(&[
+        "fleet", "--db", &db, "register", "pump-1", "--group", "pumps",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table =
+        String::from_utf8_lossy(&otabox(&["fleet", "--db", &db, "status"]).stdout).into_owned();
+    let header = table.lines().next().unwrap_or_default();
+    for column in [
+        "DEVICE",
+        "GROUP",
+        "SHADOW",
+        "JOB",
+        "OUTCOME",
+        "SOFTWARE",
+        "LAST SEEN",
+        "REASON",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(
+        !header.contains("VERSION"),
+        "the shadow counter is named so: {header}"
+    );
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains("never")),
+        "{table}"
+    );
+
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(["fleet", "--db", &db, "watch"])
+        .env("OTABOX_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(
+        header.starts_with("TIME") && header.contains("OUTCOME"),
+        "{text}"
+    );
+    let row = lines.next().unwrap_or_default();
+    let (time, rest) = row.split_once(' ').unwrap_or_default();
+    assert!(
+        time.len() >= 20
+            && time.ends_with('Z')
+            && time.as_bytes()[4] == b'-'
+            && time.as_bytes()[10] == b'T',
+        "an RFC 3339 time leads each line: {row}"
+    );
+    assert!(rest.trim_start().starts_with("pump-1"), "{row}");
+    assert!(
+        lines.next().is_none(),
+        "an unchanged device is printed once: {text}"
+    );
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::firmware::{Board, COMPATIBLE, Loader, health_script};
 use common::services::{AgentProcess, Message, Mosquitto, TestClient};
+use otabox::replica::{Outcome, OutcomeKind};
 use otabox::runtime::sha256_hex;
 use serde_json::{Value, json};
 
@@ -187,6 +188,39 @@ fn acked_rolled_back(agent: &AgentProcess, seen: &[Message]) {
     );
     let result = last_result(seen).expect("a result report");
     assert_eq!(result["result"], "failed-rolled-back", "{result}");
+    let job = result["jobId"].as_str().expect("job id");
+    let outcome = fleet_outcome(job, seen);
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack, "{outcome:?}");
+    assert!(
+        outcome.reason.as_deref().is_some_and(|r| !r.is_empty()),
+        "{outcome:?}"
+    );
+}
+
+/// What `otabox fleet status` makes of the last result the device
+/// reported for `job`.
+fn fleet_outcome(job: &str, seen: &[Message]) -> Outcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = otabox::replica::Store::open(&dir.path().join("fleet.db")).expect("store");
+    let desired = serde_json::from_value(json!({"schema": 1, "jobId": job, "version": "2.0",
+        "steps": [{"updateType": "otabox/firmware:1", "manifest": {}}]}))
+    .expect("desired");
+    store.deploy("fw-1", &desired).expect("deploy");
+    let reported = seen
+        .iter()
+        .rev()
+        .find_map(|m| {
+            m.json
+                .pointer("/state/reported/deployment")
+                .filter(|d| d.get("lastResult").is_some())
+        })
+        .expect("a result report");
+    store.record_report("fw-1", reported).expect("report");
+    store
+        .status("fw-1")
+        .expect("status")
+        .expect("known")
+        .outcome
 }
 
 fn last_result(messages: &[Message]) -> Option<&Value> {
@@ -323,6 +357,14 @@ fn an_image_for_another_device_is_refused_before_anything_is_fetched() {
             .unwrap_or("")
             .contains("built for \"acme,other-board\""),
         "{result}"
+    );
+    let outcome = fleet_outcome("job-other", &seen);
+    assert_eq!(outcome.kind, OutcomeKind::Failed, "{outcome:?}");
+    assert!(
+        outcome.reason.as_deref().is_some_and(
+            |r| r.starts_with("failed in validate: ") && r.contains("acme,other-board")
+        ),
+        "{outcome:?}"
     );
     assert_eq!(
         nginx.requests(),

@@ -1,7 +1,8 @@
 //! The reference replica with real agents: `otabox fleet` deploys to a
 //! group, the replica publishes deltas, records reports and acks and
 //! confirms them on `accepted`; a device that was offline gets its delta
-//! when it comes online.
+//! when it comes online; a rejected deployment is not sent again, and
+//! `fleet status` says what became of each deployment and why.
 
 mod common;
 
@@ -29,6 +30,26 @@ fn fleet(db: &Path, args: &[&str]) -> String {
     );
     assert!(out.status.success(), "fleet {args:?}: {text}");
     text
+}
+
+/// A scratch directory (and its canonical path) with a broker and the
+/// replica on `replica.db` there, started with `args`.
+fn start_cloud(
+    args: &[&str],
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Mosquitto,
+    std::path::PathBuf,
+    ReplicaProcess,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let broker = Mosquitto::start(&root.join("broker"));
+    let db = root.join("replica.db");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let replica = ReplicaProcess::start_with(&db, broker.port, &args);
+    (dir, root, broker, db, replica)
 }
 
 fn device(root: &Path, id: &str, port: u16) -> std::path::PathBuf {
@@ -61,11 +82,7 @@ fn wait_for_ack(db: &Path, device: &str, replica: &ReplicaProcess) -> serde_json
 
 #[test]
 fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let db = root.join("replica.db");
-    let replica = ReplicaProcess::start(&db, broker.port);
+    let (_dir, root, broker, db, replica) = start_cloud(&[]);
     let cloud = TestClient::connect(broker.port, "observer", &["state/+/update/accepted"]);
     let first = AgentProcess::start(&device(&root, "pump-1", broker.port));
     cloud.wait_for(
@@ -124,7 +141,7 @@ fn fleet_deploys_through_the_replica_to_online_and_offline_devices() {
     assert!(
         table.contains("pump-1")
             && table.contains("pump-2")
-            && table.matches("Success 5.0").count() == 2,
+            && table.matches(" succeeded ").count() == 2,
         "{table}"
     );
 }
@@ -251,4 +268,369 @@ fn the_replica_and_the_agent_work_over_mutual_tls() {
         agent.log(),
         replica.log()
     );
+}
+
+/// A signed-only device (a `[trust] root`) with the file handler; its
+/// `[mqtt]` table gets `extra` lines.
+fn signed_only_device(root: &Path, id: &str, port: u16, extra: &str) -> std::path::PathBuf {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).expect("device dir");
+    let (_, public) = otabox::trust::signed::generate_key().expect("key");
+    let trust = otabox::trust::signed::Root {
+        version: 1,
+        threshold: 1,
+        keys: vec![public],
+    };
+    std::fs::write(
+        dir.join("root.json"),
+        serde_json::to_string(&trust).expect("root"),
+    )
+    .expect("root.json");
+    file_device(
+        &dir,
+        id,
+        &format!("port = {port}\n{extra}\n[trust]\nroot = \"root.json\""),
+    )
+}
+
+/// `fleet status --json` of one device.
+fn status_of(db: &Path, device: &str) -> serde_json::Value {
+    let all: serde_json::Value =
+        serde_json::from_str(&fleet(db, &["status", "--device", device, "--json"]))
+            .expect("status json");
+    all[0].clone()
+}
+
+/// Polls until `device`'s outcome is `kind`.
+fn wait_for_outcome(
+    db: &Path,
+    device: &str,
+    kind: &str,
+    log: &dyn Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status_of(db, device);
+        if status["outcome"] == kind {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{device} never {kind}: {status}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where one layout carries the desired deployment to the device (its
+/// delta, and in the AWS layout the answer to its `get`) and its reports.
+struct Delivery {
+    replica_args: &'static [&'static str],
+    mqtt: &'static str,
+    delta: &'static str,
+    get_accepted: Option<&'static str>,
+    reports: &'static str,
+}
+
+const IOT_ATLAS: Delivery = Delivery {
+    replica_args: &[],
+    mqtt: "",
+    delta: "state/pump-s/update/delta",
+    get_accepted: None,
+    reports: "state/pump-s/update",
+};
+
+const AWS_SHADOW: Delivery = Delivery {
+    replica_args: &["--layout", "aws-shadow"],
+    mqtt: "layout = \"aws-shadow\"",
+    delta: "$aws/things/pump-s/shadow/update/delta",
+    get_accepted: Some("$aws/things/pump-s/shadow/get/accepted"),
+    reports: "$aws/things/pump-s/shadow/update",
+};
+
+impl Delivery {
+    /// How many times the deployment reaches the device within `window`:
+    /// deltas, and answers to its `get` that hold a deployment.
+    fn count(&self, observer: &TestClient, window: Duration) -> usize {
+        observer
+            .drain(window)
+            .iter()
+            .filter(|m| {
+                m.topic == self.delta
+                    || (Some(m.topic.as_str()) == self.get_accepted
+                        && m.json
+                            .pointer("/state/desired/deployment")
+                            .is_some_and(|d| !d.is_null()))
+            })
+            .count()
+    }
+}
+
+/// A signed-only device gets an unsigned deployment: it rejects it once,
+/// the replica does not send it again (at most once more when the device
+/// comes back: its `get`, in the AWS layout), `fleet cancel` withdraws it
+/// without sending anything, and a new deployment is sent again.
+fn a_rejected_deployment_is_not_sent_again(layout: Delivery) {
+    let (_dir, root, broker, db, replica) = start_cloud(layout.replica_args);
+    let topics: Vec<&str> = [layout.delta, layout.reports]
+        .into_iter()
+        .chain(layout.get_accepted)
+        .collect();
+    let observer = TestClient::connect(broker.port, "observer", &topics);
+    observer.ready(layout.delta);
+    let config = signed_only_device(&root, "pump-s", broker.port, layout.mqtt);
+    let mut agent = AgentProcess::start(&config);
+    let online = |observer: &TestClient| {
+        observer.wait_for(Duration::from_secs(20), "pump-s online", |m| {
+            m.topic == layout.reports
+                && m.json.pointer("/state/reported/deployment/agent").is_some()
+        })
+    };
+    online(&observer);
+    observer.drain(Duration::from_millis(300));
+    let logs = || format!("{}\n{}", agent_log(&config), replica.log());
+    let deploy = |job: &str| {
+        let file = deployment(&root, job);
+        fleet(
+            &db,
+            &[
+                "deploy",
+                file.to_str().expect("utf-8"),
+                "--device",
+                "pump-s",
+            ],
+        );
+        wait_for_outcome(&db, "pump-s", "rejected", &logs)
+    };
+
+    let status = deploy("unsigned-1");
+    assert!(
+        status["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("accepts signed deployments only")),
+        "{status}"
+    );
+    // Counted from the deploy on (the observer kept what came meanwhile).
+    let sent = layout.count(&observer, Duration::from_secs(3));
+    assert_eq!(
+        sent,
+        1,
+        "the rejected deployment came {sent} times\n{}",
+        logs()
+    );
+
+    agent.kill();
+    agent = AgentProcess::start(&config);
+    online(&observer);
+    let again = layout.count(&observer, Duration::from_secs(3));
+    assert!(
+        again <= 1,
+        "after a reconnect it came {again} more times\n{}",
+        logs()
+    );
+    let table = fleet(&db, &["status"]);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("pump-s"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" rejected ")
+            && line.contains("untrusted deployment")
+            && !line.contains("idle"),
+        "{table}"
+    );
+
+    let out = fleet(&db, &["cancel", "--device", "pump-s"]);
+    assert!(out.contains("withdrawn") && out.contains("pump-s"), "{out}");
+    assert_eq!(
+        layout.count(&observer, Duration::from_secs(2)),
+        0,
+        "a withdrawn deployment sends nothing\n{}",
+        logs()
+    );
+    agent.kill();
+    agent = AgentProcess::start(&config);
+    online(&observer);
+    assert_eq!(
+        layout.count(&observer, Duration::from_secs(2)),
+        0,
+        "{}",
+        logs()
+    );
+    let status = status_of(&db, "pump-s");
+    assert_eq!(status["outcome"], "cancelled", "{status}");
+    let table = fleet(&db, &["status"]);
+    assert!(
+        table.contains(" unsigned-1 ") && table.contains(" cancelled "),
+        "{table}"
+    );
+
+    // A new deployment is the operator's change: it is sent (once).
+    deploy("unsigned-2");
+    let sent = layout.count(&observer, Duration::from_secs(2));
+    assert_eq!(sent, 1, "{}", logs());
+    drop(agent);
+}
+
+#[test]
+fn a_rejected_deployment_is_not_sent_again_and_cancel_withdraws_it() {
+    a_rejected_deployment_is_not_sent_again(IOT_ATLAS);
+}
+
+#[test]
+fn a_rejected_deployment_is_not_sent_again_in_the_aws_shadow_layout() {
+    a_rejected_deployment_is_not_sent_again(AWS_SHADOW);
+}
+
+fn agent_log(config: &Path) -> String {
+    std::fs::read_to_string(config.with_file_name("agent.log")).unwrap_or_default()
+}
+
+#[test]
+fn republishing_to_a_device_that_keeps_missing_its_delta_backs_off() {
+    let (_dir, root, broker, db, replica) = start_cloud(&[]);
+    // A device that reports idle over and over and never runs its job (as
+    // one whose deltas are lost on the way would).
+    let device = TestClient::connect(broker.port, "pump-m", &["state/pump-m/update/delta"]);
+    device.ready("state/pump-m/update/delta");
+    let idle = json!({"state": {"reported": {"deployment": {"agent": {"state": "idle", "version": "0"}}}}})
+        .to_string();
+    fleet(
+        &db,
+        &[
+            "deploy",
+            deployment(&root, "missed-1").to_str().expect("utf-8"),
+            "--device",
+            "pump-m",
+        ],
+    );
+    let start = Instant::now();
+    let mut deltas = Vec::new();
+    while start.elapsed() < Duration::from_secs(4) {
+        device.publish("state/pump-m/update", idle.clone());
+        deltas.extend(
+            device
+                .drain(Duration::from_millis(100))
+                .into_iter()
+                .filter(|m| m.topic == "state/pump-m/update/delta")
+                .map(|_| start.elapsed()),
+        );
+    }
+    // The first delta, a republish at once, then after 1 s and 2 s more.
+    assert!(
+        (2..=5).contains(&deltas.len()),
+        "{} deltas in 4 s of idle reports at {deltas:?}\n{}",
+        deltas.len(),
+        replica.log()
+    );
+    // The device runs the job: the backoff starts over.
+    device.publish(
+        "state/pump-m/update",
+        json!({"state": {"reported": {"deployment": {"agent": {"state": "installing", "version": "0"}, "jobId": "missed-1"}}}})
+            .to_string(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    device.drain(Duration::from_millis(100));
+    device.publish("state/pump-m/update", idle);
+    device.wait_for(
+        Duration::from_millis(800),
+        "a republish at once after the reset",
+        |m| m.topic == "state/pump-m/update/delta",
+    );
+}
+
+#[test]
+fn fleet_status_tells_each_failure_kind_with_its_reason() {
+    let (_dir, root, broker, db, replica) = start_cloud(&[]);
+    let config = device(&root, "pump-k", broker.port);
+    let agent = AgentProcess::start(&config);
+    let mut reasons = Vec::new();
+    let mut run = |job: &str, edit: &dyn Fn(&mut serde_json::Value), kind: &str, reason: &str| {
+        let file = deployment(&root, job);
+        let mut value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+        // Each its own version and content, so that none is found
+        // installed already.
+        let content = format!("job = {job}\n");
+        std::fs::write(root.join(format!("{job}.conf")), &content).expect("payload");
+        let step = &mut value["steps"][0];
+        step["manifest"]["version"] = json!(job);
+        step["files"][0]["size"] = json!(content.len());
+        step["files"][0]["sha256"] = json!(sha256_hex(content.as_bytes()));
+        edit(&mut value["steps"][0]);
+        std::fs::write(&file, value.to_string()).expect("write");
+        fleet(
+            &db,
+            &[
+                "deploy",
+                file.to_str().expect("utf-8"),
+                "--device",
+                "pump-k",
+            ],
+        );
+        let status = wait_for_ack(&db, "pump-k", &replica);
+        assert_eq!(status["outcome"], kind, "{job}: {status}\n{}", agent.log());
+        let full = status["reason"].as_str().unwrap_or_default().to_string();
+        assert!(full.contains(reason), "{job}: {full}");
+        let table = fleet(&db, &["status"]);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("pump-k"))
+            .unwrap_or_default()
+            .to_string();
+        let label = if kind == "rolled-back" {
+            "rolled back"
+        } else {
+            kind
+        };
+        assert!(line.contains(&format!(" {label} ")), "{job}: {table}");
+        assert!(
+            line.contains(&full[..full.len().min(20)]),
+            "{job}: the reason in the table: {table}"
+        );
+        reasons.push(full);
+    };
+    run("good", &|_| {}, "succeeded", "");
+    let table = fleet(&db, &["status"]);
+    assert!(
+        table.contains(" app-good "),
+        "the installed software: {table}"
+    );
+    run(
+        "unknown-type",
+        &|s| s["updateType"] = json!("otabox/nope:1"),
+        "failed",
+        "otabox/nope:1",
+    );
+    run(
+        "payload-typo",
+        &|s| {
+            let url = s["files"][0]["url"].as_str().expect("url").to_string();
+            s["files"][0]["url"] = json!(format!("{url}.typo"));
+        },
+        "failed",
+        "download",
+    );
+    run(
+        "bad-manifest",
+        &|s| {
+            s["manifest"]
+                .as_object_mut()
+                .expect("manifest")
+                .remove("destination");
+        },
+        "failed",
+        "validate",
+    );
+    let blocker = root.join("pump-k/files/app.conf.otabox-new");
+    std::fs::create_dir_all(&blocker).expect("block the staging file");
+    run("rolled-back", &|_| {}, "rolled-back", "install");
+    std::fs::remove_dir(&blocker).expect("unblock");
+    let failures = &reasons[1..];
+    for (i, a) in failures.iter().enumerate() {
+        for b in &failures[i + 1..] {
+            assert_ne!(a, b, "each failure has its own reason");
+        }
+    }
 }

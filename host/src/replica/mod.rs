@@ -5,9 +5,12 @@
 //! [`service`] (`otabox replica`) publishes a delta when desired and
 //! reported differ, records reports and acknowledgements and confirms them
 //! on `…/update/accepted`, and answers shadow `get` requests; the operator
-//! commands (`otabox fleet`) deploy to a device or a group and show status.
+//! commands (`otabox fleet`) deploy to a device or a group and show status,
+//! each device's [`outcome`] explained.
 
+pub mod outcome;
 pub mod service;
 pub mod store;
 
-pub use store::{DeviceStatus, Store};
+pub use outcome::{Outcome, OutcomeKind};
+pub use store::{Cancelled, DeviceStatus, Store};

@@ -109,7 +109,7 @@ pub async fn run(options: ReplicaOptions) -> Result<()> {
 }
 
 async fn publish_deltas(store: &Store, client: &AsyncClient, layout: TopicLayout) -> Result<()> {
-    for pending in store.pending_deltas()? {
+    for pending in store.pending_deltas(super::store::now_ms())? {
         let desired: Value = serde_json::from_str(&pending.desired)?;
         let topics = Topics::new(layout, &pending.device)?;
         let delta = json!({"version": pending.version, "state": {"deployment": desired}});
@@ -230,28 +230,30 @@ async fn aws_update(
 }
 
 /// A device idle with neither a result nor an ack for the desired job
-/// missed its delta (it was offline): publish it again. The device ignores
-/// a delta it has already journaled.
+/// missed its delta (it was offline): publish it again, with a backoff per
+/// device that starts over once the device reports or acknowledges the job.
+/// The device ignores a delta it has already journaled. Never republished:
+/// a deployment the device rejected (final for that shadow version until
+/// the next deploy) and a cancel (it matters only to a device running the
+/// job, which is not idle).
 fn republish_if_missed(store: &Store, device: &str, reported: &Value) -> Result<()> {
     let Some(status) = store.status(device)? else {
         return Ok(());
     };
-    let Some(job) = status
-        .desired
-        .as_ref()
-        .and_then(|d| d.get("jobId"))
-        .and_then(Value::as_str)
-    else {
+    let Some(job) = status.job() else {
         return Ok(());
     };
-    let idle = reported.pointer("/agent/state").and_then(Value::as_str) == Some("idle");
     let ran = reported
         .pointer("/lastResult/jobId")
         .and_then(Value::as_str)
         == Some(job)
         || reported.pointer("/jobId").and_then(Value::as_str) == Some(job);
-    if idle && !ran && status.ack.is_none() {
-        store.republish(device)?;
+    if ran || status.ack.is_some() {
+        return store.reset_republish(device);
+    }
+    let idle = reported.pointer("/agent/state").and_then(Value::as_str) == Some("idle");
+    if idle && !status.is_cancel() && status.rejection().is_none() {
+        store.request_republish(device, super::store::now_ms())?;
     }
     Ok(())
 }

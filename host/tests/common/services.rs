@@ -368,7 +368,23 @@ impl ReplicaProcess {
             .stderr(std::fs::File::create(&log).expect("replica log"))
             .spawn()
             .expect("start the replica");
-        Self { child, log }
+        let replica = Self { child, log };
+        replica.wait_started();
+        replica
+    }
+
+    /// Waits until the replica has opened (created) its database, so that
+    /// `fleet` commands find it.
+    fn wait_started(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains("replica started") {
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The replica's log so far.
