@@ -18,9 +18,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::capabilities::{
-    Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
+    Access, Capability, DeviceGrant, Grants, HandlerManifest, ImportCheck, ImportFault,
+    check_imports,
 };
-use crate::runtime::{Runtime, handler_name, sha256_hex};
+use crate::runtime::{Runtime, handler_name};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -269,16 +270,19 @@ async fn audit_one(
             return audit;
         }
     };
-    let sha256 = sha256_hex(&wasm);
-    if sha256 != manifest.handler.sha256 {
-        audit.error(
-            "sha256-mismatch",
-            format!(
-                "sha256 of the wasm is {sha256}, but the manifest pins {}",
-                manifest.handler.sha256
-            ),
-        );
-    }
+    let sha256 = match manifest.check_pin(&wasm) {
+        Ok(sha256) => sha256,
+        Err(m) => {
+            audit.error(
+                "sha256-mismatch",
+                format!(
+                    "sha256 of the wasm is {}, but the manifest pins {}",
+                    m.actual, m.pinned
+                ),
+            );
+            m.actual
+        }
+    };
     audit.sha256 = Some(sha256.clone());
     let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
         Ok((component, _)) => component,
@@ -288,14 +292,11 @@ async fn audit_one(
         }
     };
     let ty = component.component_type();
-    for (import, _) in ty.imports(runtime.engine()) {
-        let capability = classify_import(import);
-        audit.imports.push(ImportAudit {
-            name: import.to_string(),
-            capability,
-            stubbed: manifest.stubs(capability),
-        });
-    }
+    let checks = check_imports(
+        ty.imports(runtime.engine()).map(|(i, _)| i),
+        &manifest,
+        &grants,
+    );
     audit.contract = crate::runtime::contract_version(runtime.engine(), &component);
     if audit.contract.is_none() {
         audit.error(
@@ -303,7 +304,7 @@ async fn audit_one(
             "does not export `otabox:handler/handler@1.x`",
         );
     }
-    compare(&mut audit, &manifest, &grants);
+    compare(&mut audit, &manifest, &checks);
     devices_in_writable_paths(&mut audit, &grants, grant);
     if audit.count(Severity::Error) == 0
         && audit.enabled
@@ -318,37 +319,46 @@ async fn audit_one(
     audit
 }
 
-/// Records every import without a declaration or grant (error) and every
-/// declaration without an import (warning).
-fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants) {
-    let used = |cap: Capability| audit.imports.iter().any(|i| i.capability == cap);
+/// Records the imports, every one without a declaration or grant (error)
+/// and every declaration or stub without an import (warning).
+fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, checks: &[ImportCheck]) {
+    audit.imports = checks
+        .iter()
+        .map(|c| ImportAudit {
+            name: c.name.clone(),
+            capability: c.capability,
+            stubbed: c.stubbed,
+        })
+        .collect();
+    let used = |cap: Capability| checks.iter().any(|i| i.capability == cap);
     let declarations = [
         (Capability::Filesystem, "filesystem paths"),
         (Capability::Process, "command rules"),
         (Capability::Network, "network hosts"),
         (Capability::Devices, "devices"),
     ];
-    let mut errors = Vec::new();
+    let noun = |cap: Capability| {
+        declarations
+            .iter()
+            .find(|(c, _)| *c == cap)
+            .map_or("", |(_, what)| *what)
+    };
     let mut warnings = Vec::new();
-    for import in audit.imports.iter().filter(|i| !i.stubbed) {
-        let cap = import.capability;
-        match declarations.iter().find(|(c, _)| *c == cap) {
-            Some((_, what)) if !manifest.declares(cap) => errors.push((
+    for check in checks {
+        let (import, what) = (&check.name, noun(check.capability));
+        match check.fault {
+            Some(ImportFault::Undeclared) => audit.error(
                 "undeclared-import",
-                format!("imports `{}` but declares no {what}", import.name),
-            )),
-            Some((_, what)) if !grants.links(cap) => errors.push((
+                format!("imports `{import}` but declares no {what}"),
+            ),
+            Some(ImportFault::Ungranted) => audit.error(
                 "ungranted-import",
-                format!(
-                    "imports `{}` but the device grants none of its {what}",
-                    import.name
-                ),
-            )),
-            Some(_) => {}
-            None if cap == Capability::Unsupported => errors.push((
+                format!("imports `{import}` but the device grants none of its {what}"),
+            ),
+            Some(ImportFault::Unsupported) => audit.error(
                 "unsupported-import",
-                format!("imports `{}`, which otabox does not provide", import.name),
-            )),
+                format!("imports `{import}`, which otabox does not provide"),
+            ),
             None => {}
         }
     }
@@ -369,7 +379,6 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
             ));
         }
     }
-    errors.into_iter().for_each(|(id, e)| audit.error(id, e));
     warnings
         .into_iter()
         .for_each(|(id, w)| audit.warning(id, w));

@@ -248,6 +248,20 @@ impl HandlerManifest {
         }
     }
 
+    /// The sha256 of `wasm` when it is the one the manifest pins; else a
+    /// [`PinMismatch`] naming both.
+    pub fn check_pin(&self, wasm: &[u8]) -> Result<String, PinMismatch> {
+        let actual = crate::runtime::sha256_hex(wasm);
+        if actual == self.handler.sha256 {
+            Ok(actual)
+        } else {
+            Err(PinMismatch {
+                actual,
+                pinned: self.handler.sha256.clone(),
+            })
+        }
+    }
+
     /// Whether `capability` is listed in `[stubs] refuse`.
     pub fn stubs(&self, capability: Capability) -> bool {
         self.stubs.refuse.contains(&capability)
@@ -267,6 +281,15 @@ impl HandlerManifest {
         }
         Ok(())
     }
+}
+
+/// A component whose sha256 is not the one its manifest pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinMismatch {
+    /// The component's sha256.
+    pub actual: String,
+    /// The sha256 the manifest pins.
+    pub pinned: String,
 }
 
 /// `vendor/name:major`, lowercase ASCII, digits, `-`, `_`, `.`.

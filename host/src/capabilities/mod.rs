@@ -12,5 +12,9 @@ pub use commands::{ArgPattern, CommandRule, Denial, authorize as commands_author
 pub use devices::{DeviceInWritablePath, devices_in_writable_paths};
 pub use grants::{CommandIsolation, DeviceGrant, Grants, PathGrant};
 pub use identity::{CapSet, RunAs};
-pub use imports::{Capability, classify_import};
-pub use manifest::{Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule};
+pub use imports::{
+    Capability, ImportCheck, ImportFault, check_import, check_imports, classify_import,
+};
+pub use manifest::{
+    Access, HandlerManifest, HandlerSection, Limits, NetworkSection, PathRule, PinMismatch,
+};
