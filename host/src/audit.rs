@@ -22,6 +22,7 @@ use crate::capabilities::{
     check_imports,
 };
 use crate::runtime::{Runtime, handler_name};
+use crate::update_type::UpdateType;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,7 +123,7 @@ pub struct HandlerAudit {
     /// Whether the device enables it.
     pub enabled: bool,
     /// Declared update types.
-    pub update_types: Vec<String>,
+    pub update_types: Vec<UpdateType>,
     /// Declared capabilities.
     pub declared: Option<CapabilitySummary>,
     /// Capabilities granted on this device.
@@ -184,7 +185,7 @@ pub async fn audit_dir(
     for manifest_path in manifests {
         let mut audit = audit_one(runtime, &manifest_path, device).await;
         for t in audit.update_types.clone() {
-            if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
+            if let Some(owner) = type_owner.insert(t.to_string(), audit.name.clone()) {
                 audit.error(
                     "duplicate-update-type",
                     format!("update type {t:?} is also declared by handler {owner}"),

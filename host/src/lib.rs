@@ -5,7 +5,8 @@
 //! (what a handler may do), [`runtime`] (loading and calling handlers),
 //! [`audit`] (declared vs real imports), [`console`] (the command line's
 //! stdout and log colours), [`trust`] (payload verification),
-//! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
+//! [`workflow`] (a step's lifecycle), [`update_type`] (the type joining
+//! a step to its handler), [`durable`] (crash-safe writes),
 //! [`demo`] (the self-contained walkthrough).
 
 pub mod agent;
@@ -29,6 +30,7 @@ pub mod shadow;
 pub mod status;
 pub mod trust;
 pub mod tryout;
+pub mod update_type;
 pub mod workflow;
 
 /// The first-party handlers built into this binary, packaged by the build.

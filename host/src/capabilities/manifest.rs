@@ -32,6 +32,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Capability, CommandRule};
+use crate::update_type::UpdateType;
 
 /// Upper bounds a manifest may ask for.
 const MAX_MEMORY_MB: u64 = 4096;
@@ -80,8 +81,8 @@ pub struct StubsSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerSection {
-    /// Update types served, first canonical (`vendor/name:major`).
-    pub update_types: Vec<String>,
+    /// Update types served, first canonical.
+    pub update_types: Vec<UpdateType>,
     /// Lowercase hex sha256 of the `.wasm`; a mismatch refuses the handler.
     pub sha256: String,
     /// A line for humans.
@@ -190,9 +191,6 @@ impl HandlerManifest {
         if h.update_types.is_empty() {
             bail!("field `handler.update_types` must list at least one update type");
         }
-        for t in &h.update_types {
-            check_update_type(t).with_context(|| format!("field `handler.update_types`: {t:?}"))?;
-        }
         if h.sha256.len() != 64
             || !h
                 .sha256
@@ -290,23 +288,6 @@ pub struct PinMismatch {
     pub actual: String,
     /// The sha256 the manifest pins.
     pub pinned: String,
-}
-
-/// `vendor/name:major`, lowercase ASCII, digits, `-`, `_`, `.`.
-fn check_update_type(t: &str) -> Result<()> {
-    let ok_part = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-    };
-    let (vendor_name, major) = t.rsplit_once(':').context("expected `vendor/name:major`")?;
-    let (vendor, name) = vendor_name
-        .split_once('/')
-        .context("expected `vendor/name:major`")?;
-    if !ok_part(vendor) || !ok_part(name) || major.parse::<u32>().is_err() {
-        bail!("expected `vendor/name:major` in lowercase ASCII");
-    }
-    Ok(())
 }
 
 /// An absolute, normalised directory path (no `.`/`..`, not `/`).
@@ -436,6 +417,13 @@ mod tests {
         assert!(
             format!("{:#}", HandlerManifest::parse(&bad_type).unwrap_err())
                 .contains("update_types")
+        );
+        let long = format!("{}/b:1", "a".repeat(200));
+        let long_type = format!("[handler]\nupdate_types = [\"{long}\"]\nsha256 = \"{HASH}\"\n");
+        assert!(
+            format!("{:#}", HandlerManifest::parse(&long_type).unwrap_err())
+                .contains("at most 128 bytes"),
+            "the same rule as a deployment's updateType"
         );
     }
 

@@ -366,7 +366,7 @@ fn check_description(handler: &Handler) -> Result<()> {
         .handler
         .update_types
         .iter()
-        .find(|t| !described.contains(t))
+        .find(|t| !described.iter().any(|d| d == t.as_str()))
     {
         bail!(
             "handler {}: the manifest declares update type {missing:?} but the component describes only {described:?}",
