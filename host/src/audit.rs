@@ -18,7 +18,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::capabilities::{
-    Access, Capability, DeviceGrant, Grants, HandlerManifest, ImportCheck, ImportFault,
+    self, Access, Capability, DeviceGrant, Grants, HandlerManifest, ImportCheck, ImportFault,
     check_imports,
 };
 use crate::runtime::{Runtime, handler_name};
@@ -82,14 +82,11 @@ impl Policy {
 /// A summary of capabilities, declared or granted.
 #[derive(Debug, Clone, Serialize)]
 pub struct CapabilitySummary {
-    /// `rw /path` (and `-> /device/path` when mounted elsewhere).
-    pub filesystem: Vec<String>,
-    /// `program pattern…` per rule.
-    pub commands: Vec<String>,
-    /// Hosts.
-    pub network: Vec<String>,
-    /// Devices for whole images (`path` or `path -> device path`).
-    pub devices: Vec<String>,
+    /// Per capability (its summary key: `filesystem`, `commands`,
+    /// `network`, `devices`), one line per grant, as
+    /// [`CapabilityUnit::summarize`] writes them.
+    #[serde(flatten)]
+    pub capabilities: BTreeMap<&'static str, Vec<String>>,
     /// Memory cap in MiB.
     pub memory_mb: u64,
     /// Time limit per call in ms.
@@ -332,18 +329,7 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, checks: &[Impor
         })
         .collect();
     let used = |cap: Capability| checks.iter().any(|i| i.capability == cap);
-    let declarations = [
-        (Capability::Filesystem, "filesystem paths"),
-        (Capability::Process, "command rules"),
-        (Capability::Network, "network hosts"),
-        (Capability::Devices, "devices"),
-    ];
-    let noun = |cap: Capability| {
-        declarations
-            .iter()
-            .find(|(c, _)| *c == cap)
-            .map_or("", |(_, what)| *what)
-    };
+    let noun = |cap: Capability| capabilities::unit(cap).map_or("", |u| u.noun());
     let mut warnings = Vec::new();
     for check in checks {
         let (import, what) = (&check.name, noun(check.capability));
@@ -363,11 +349,16 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, checks: &[Impor
             None => {}
         }
     }
-    for (cap, what) in declarations {
+    for unit in capabilities::ALL {
+        let cap = unit.kind();
         if manifest.declares(cap) && !used(cap) {
             warnings.push((
                 "unused-declaration",
-                format!("declares {what} but imports no {} interface", cap.label()),
+                format!(
+                    "declares {} but imports no {} interface",
+                    unit.noun(),
+                    cap.label()
+                ),
             ));
         }
     }
@@ -389,7 +380,7 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, checks: &[Impor
 /// gives, and a risk finding for each dangerous one.
 fn assess(audit: &mut HandlerAudit, grants: &Grants) {
     for rule in &grants.commands {
-        let line = command_line(rule);
+        let line = capabilities::process::command_line(rule);
         let as_whom = risks::runs_as(rule);
         let Some((effect, why)) = risks::command_effect(rule) else {
             continue;
@@ -423,14 +414,6 @@ fn assess(audit: &mut HandlerAudit, grants: &Grants) {
     }
 }
 
-/// `program pattern…` of a rule.
-fn command_line(rule: &crate::capabilities::CommandRule) -> String {
-    std::iter::once(rule.program.as_str())
-        .chain(rule.args.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// A device inside a directory the handler may write is an error, unless
 /// the device config allows it (`devices_in_writable_paths`): a warning.
 fn devices_in_writable_paths(
@@ -460,48 +443,9 @@ fn devices_in_writable_paths(
 
 fn summarize(grants: &Grants) -> CapabilitySummary {
     CapabilitySummary {
-        filesystem: grants
-            .paths
+        capabilities: capabilities::ALL
             .iter()
-            .map(|p| {
-                let access = if p.access == Access::ReadWrite {
-                    "rw"
-                } else {
-                    "ro"
-                };
-                if p.host == p.guest {
-                    format!("{access} {}", p.guest.display())
-                } else {
-                    format!("{access} {} -> {}", p.guest.display(), p.host.display())
-                }
-            })
-            .collect(),
-        commands: grants
-            .commands
-            .iter()
-            .map(|c| {
-                let mut line = command_line(c);
-                if !c.env.is_empty() {
-                    let _ = write!(line, " [env: {}]", c.env.join(", "));
-                }
-                if !c.deny_args.is_empty() {
-                    let _ = write!(line, " [deny: {}]", c.deny_args.join(", "));
-                }
-                let _ = write!(line, " [{}]", risks::runs_as(c));
-                line
-            })
-            .collect(),
-        network: grants.network.clone(),
-        devices: grants
-            .devices
-            .iter()
-            .map(|d| {
-                if d.host == d.guest {
-                    d.guest.display().to_string()
-                } else {
-                    format!("{} -> {}", d.guest.display(), d.host.display())
-                }
-            })
+            .map(|u| (u.summary_key(), u.summarize(grants)))
             .collect(),
         memory_mb: grants.limits.memory_mb,
         call_timeout_ms: grants.limits.call_timeout_ms,
@@ -539,14 +483,17 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
         let _ = writeln!(out, "  contract  {}", a.contract.as_deref().unwrap_or("-"));
         for (label, caps) in [("declared", &a.declared), ("granted", &a.granted)] {
             if let Some(c) = caps {
-                let _ = writeln!(
-                    out,
-                    "  {label:<9} filesystem: {}",
-                    list_or_none(&c.filesystem)
-                );
-                let _ = writeln!(out, "            commands:   {}", list_or_none(&c.commands));
-                let _ = writeln!(out, "            network:    {}", list_or_none(&c.network));
-                let _ = writeln!(out, "            devices:    {}", list_or_none(&c.devices));
+                for (i, unit) in capabilities::ALL.iter().enumerate() {
+                    let key = unit.summary_key();
+                    let lines = c.capabilities.get(key).map_or(&[][..], Vec::as_slice);
+                    let head = if i == 0 { label } else { "" };
+                    let _ = writeln!(
+                        out,
+                        "  {head:<9} {:<11} {}",
+                        format!("{key}:"),
+                        list_or_none(lines)
+                    );
+                }
                 let _ = writeln!(
                     out,
                     "            limits:     {} MiB, {} ms per call",

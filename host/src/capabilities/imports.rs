@@ -43,9 +43,13 @@ impl Capability {
 pub fn classify_import(name: &str) -> Capability {
     let interface = name.split('@').next().unwrap_or(name);
     let (package, _) = interface.split_once('/').unwrap_or((interface, ""));
+    if let Some(unit) = super::ALL
+        .iter()
+        .find(|u| u.owns_import(package, interface))
+    {
+        return unit.kind();
+    }
     match (package, interface) {
-        (_, "otabox:handler/process") => Capability::Process,
-        (_, "otabox:handler/devices") => Capability::Devices,
         ("otabox:handler", i)
             if ["types", "context", "payloads", "checkpoint"]
                 .iter()
@@ -55,8 +59,6 @@ pub fn classify_import(name: &str) -> Capability {
         }
         ("wasi:io" | "wasi:clocks" | "wasi:random", _) => Capability::Baseline,
         ("wasi:cli", i) if !i.is_empty() => Capability::Baseline,
-        ("wasi:filesystem", _) => Capability::Filesystem,
-        ("wasi:sockets", _) => Capability::Network,
         _ => Capability::Unsupported,
     }
 }

@@ -25,13 +25,13 @@
 //! refuse = ["network"]     # linked so that every call is refused
 //! ```
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Capability, CommandRule};
+use super::{Capability, CommandRule, DeviceRule, NetworkSection, PathRule};
 use crate::update_type::UpdateType;
 
 /// Upper bounds a manifest may ask for.
@@ -88,45 +88,6 @@ pub struct HandlerSection {
     /// A line for humans.
     #[serde(default)]
     pub description: Option<String>,
-}
-
-/// One `[[filesystem]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathRule {
-    /// Absolute directory, as the handler sees it.
-    pub path: PathBuf,
-    /// `ro` or `rw`.
-    pub access: Access,
-}
-
-/// Access to a directory.
-/// One `[[devices]]` entry: a block device or slot file, by absolute path.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceRule {
-    /// The device's path as the handler names it; the device config may
-    /// place it elsewhere with `mounts`.
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
-pub enum Access {
-    /// Read only.
-    #[serde(rename = "ro")]
-    ReadOnly,
-    /// Read and write.
-    #[serde(rename = "rw")]
-    ReadWrite,
-}
-
-/// The `[network]` table.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkSection {
-    /// `host` or `host:port` entries.
-    #[serde(default)]
-    pub hosts: Vec<String>,
 }
 
 /// The `[limits]` table.
@@ -202,18 +163,8 @@ impl HandlerManifest {
                 h.sha256
             );
         }
-        for (i, rule) in self.filesystem.iter().enumerate() {
-            check_dir_path(&rule.path).with_context(|| format!("field `filesystem[{i}].path`"))?;
-        }
-        for (i, rule) in self.devices.iter().enumerate() {
-            check_dir_path(&rule.path).with_context(|| format!("field `devices[{i}].path`"))?;
-        }
-        for (i, rule) in self.commands.iter().enumerate() {
-            rule.check()
-                .with_context(|| format!("field `commands[{i}]`"))?;
-        }
-        for (i, host) in self.network.hosts.iter().enumerate() {
-            check_host(host).with_context(|| format!("field `network.hosts[{i}]`"))?;
+        for unit in super::ALL {
+            unit.check_manifest(self)?;
         }
         self.check_stubs()?;
         let l = &self.limits;
@@ -238,11 +189,8 @@ impl HandlerManifest {
     pub fn declares(&self, capability: Capability) -> bool {
         match capability {
             Capability::Baseline => true,
-            Capability::Filesystem => !self.filesystem.is_empty(),
-            Capability::Process => !self.commands.is_empty(),
-            Capability::Network => !self.network.hosts.is_empty(),
-            Capability::Devices => !self.devices.is_empty(),
             Capability::Unsupported => false,
+            kind => super::unit(kind).is_some_and(|u| u.declared(self)),
         }
     }
 
@@ -307,28 +255,10 @@ pub(crate) fn check_dir_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_host(host: &str) -> Result<()> {
-    let (name, port) = match host.rsplit_once(':') {
-        Some((n, p)) => (n, Some(p)),
-        None => (host, None),
-    };
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-    {
-        bail!("{host:?} is not `host` or `host:port`");
-    }
-    if let Some(p) = port {
-        p.parse::<u16>()
-            .with_context(|| format!("{host:?} has a bad port"))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capabilities::Access;
 
     #[test]
     fn stubs_name_capabilities_that_are_not_declared() {

@@ -14,9 +14,8 @@ pub mod bounds;
 mod cache;
 mod engine;
 mod handler;
-pub mod host;
+pub mod imports;
 mod linker;
-mod network;
 mod state;
 mod stdio;
 
@@ -33,7 +32,7 @@ pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, Ste
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
 pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
-pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
+pub use state::{CallScope, CancelFlag, HostState, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{self, Access, DeviceGrant, Grants, HandlerManifest, ImportFault};
 
@@ -206,7 +205,7 @@ impl Runtime {
         let pre = bindings::UpdateHandlerPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
-        let devices = host::devices::PinnedDevice::pin_all(&grants).into();
+        let devices = capabilities::devices::host::PinnedDevice::pin_all(&grants).into();
         let granted_paths = handler::granted_paths(&grants);
         let mut handler = Handler {
             name: name.clone(),
