@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use otabox::capabilities::process::confine;
 use otabox::capabilities::{CommandIsolation, DeviceGrant};
-use otabox::runtime::host::confine;
 use otabox::runtime::{CallScope, Handler, PayloadFile, Runtime, StepContext, sha256_hex};
 
 const GUEST_DIR: &str = "/var/lib/otabox/files";

@@ -1689,7 +1689,7 @@ fn step_request(record: &JobRecord, step: usize, job_dir: &std::path::Path) -> R
     Ok(StepRequest {
         job_id: record.job_id.clone(),
         step: step as u32,
-        update_type: spec.update_type.clone(),
+        update_type: spec.update_type.to_string(),
         manifest,
         payloads: spec
             .files

@@ -18,9 +18,11 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::capabilities::{
-    Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
+    self, Access, Capability, DeviceGrant, Grants, HandlerManifest, ImportCheck, ImportFault,
+    check_imports,
 };
-use crate::runtime::{Runtime, handler_name, sha256_hex};
+use crate::runtime::{Runtime, handler_name};
+use crate::update_type::UpdateType;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,14 +82,11 @@ impl Policy {
 /// A summary of capabilities, declared or granted.
 #[derive(Debug, Clone, Serialize)]
 pub struct CapabilitySummary {
-    /// `rw /path` (and `-> /device/path` when mounted elsewhere).
-    pub filesystem: Vec<String>,
-    /// `program pattern…` per rule.
-    pub commands: Vec<String>,
-    /// Hosts.
-    pub network: Vec<String>,
-    /// Devices for whole images (`path` or `path -> device path`).
-    pub devices: Vec<String>,
+    /// Per capability (its summary key: `filesystem`, `commands`,
+    /// `network`, `devices`), one line per grant, as
+    /// [`CapabilityUnit::summarize`] writes them.
+    #[serde(flatten)]
+    pub capabilities: BTreeMap<&'static str, Vec<String>>,
     /// Memory cap in MiB.
     pub memory_mb: u64,
     /// Time limit per call in ms.
@@ -121,7 +120,7 @@ pub struct HandlerAudit {
     /// Whether the device enables it.
     pub enabled: bool,
     /// Declared update types.
-    pub update_types: Vec<String>,
+    pub update_types: Vec<UpdateType>,
     /// Declared capabilities.
     pub declared: Option<CapabilitySummary>,
     /// Capabilities granted on this device.
@@ -183,7 +182,7 @@ pub async fn audit_dir(
     for manifest_path in manifests {
         let mut audit = audit_one(runtime, &manifest_path, device).await;
         for t in audit.update_types.clone() {
-            if let Some(owner) = type_owner.insert(t.clone(), audit.name.clone()) {
+            if let Some(owner) = type_owner.insert(t.to_string(), audit.name.clone()) {
                 audit.error(
                     "duplicate-update-type",
                     format!("update type {t:?} is also declared by handler {owner}"),
@@ -269,16 +268,19 @@ async fn audit_one(
             return audit;
         }
     };
-    let sha256 = sha256_hex(&wasm);
-    if sha256 != manifest.handler.sha256 {
-        audit.error(
-            "sha256-mismatch",
-            format!(
-                "sha256 of the wasm is {sha256}, but the manifest pins {}",
-                manifest.handler.sha256
-            ),
-        );
-    }
+    let sha256 = match manifest.check_pin(&wasm) {
+        Ok(sha256) => sha256,
+        Err(m) => {
+            audit.error(
+                "sha256-mismatch",
+                format!(
+                    "sha256 of the wasm is {}, but the manifest pins {}",
+                    m.actual, m.pinned
+                ),
+            );
+            m.actual
+        }
+    };
     audit.sha256 = Some(sha256.clone());
     let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
         Ok((component, _)) => component,
@@ -288,14 +290,11 @@ async fn audit_one(
         }
     };
     let ty = component.component_type();
-    for (import, _) in ty.imports(runtime.engine()) {
-        let capability = classify_import(import);
-        audit.imports.push(ImportAudit {
-            name: import.to_string(),
-            capability,
-            stubbed: manifest.stubs(capability),
-        });
-    }
+    let checks = check_imports(
+        ty.imports(runtime.engine()).map(|(i, _)| i),
+        &manifest,
+        &grants,
+    );
     audit.contract = crate::runtime::contract_version(runtime.engine(), &component);
     if audit.contract.is_none() {
         audit.error(
@@ -303,7 +302,7 @@ async fn audit_one(
             "does not export `otabox:handler/handler@1.x`",
         );
     }
-    compare(&mut audit, &manifest, &grants);
+    compare(&mut audit, &manifest, &checks);
     devices_in_writable_paths(&mut audit, &grants, grant);
     if audit.count(Severity::Error) == 0
         && audit.enabled
@@ -318,45 +317,48 @@ async fn audit_one(
     audit
 }
 
-/// Records every import without a declaration or grant (error) and every
-/// declaration without an import (warning).
-fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants) {
-    let used = |cap: Capability| audit.imports.iter().any(|i| i.capability == cap);
-    let declarations = [
-        (Capability::Filesystem, "filesystem paths"),
-        (Capability::Process, "command rules"),
-        (Capability::Network, "network hosts"),
-        (Capability::Devices, "devices"),
-    ];
-    let mut errors = Vec::new();
+/// Records the imports, every one without a declaration or grant (error)
+/// and every declaration or stub without an import (warning).
+fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, checks: &[ImportCheck]) {
+    audit.imports = checks
+        .iter()
+        .map(|c| ImportAudit {
+            name: c.name.clone(),
+            capability: c.capability,
+            stubbed: c.stubbed,
+        })
+        .collect();
+    let used = |cap: Capability| checks.iter().any(|i| i.capability == cap);
+    let noun = |cap: Capability| capabilities::unit(cap).map_or("", |u| u.noun());
     let mut warnings = Vec::new();
-    for import in audit.imports.iter().filter(|i| !i.stubbed) {
-        let cap = import.capability;
-        match declarations.iter().find(|(c, _)| *c == cap) {
-            Some((_, what)) if !manifest.declares(cap) => errors.push((
+    for check in checks {
+        let (import, what) = (&check.name, noun(check.capability));
+        match check.fault {
+            Some(ImportFault::Undeclared) => audit.error(
                 "undeclared-import",
-                format!("imports `{}` but declares no {what}", import.name),
-            )),
-            Some((_, what)) if !grants.links(cap) => errors.push((
+                format!("imports `{import}` but declares no {what}"),
+            ),
+            Some(ImportFault::Ungranted) => audit.error(
                 "ungranted-import",
-                format!(
-                    "imports `{}` but the device grants none of its {what}",
-                    import.name
-                ),
-            )),
-            Some(_) => {}
-            None if cap == Capability::Unsupported => errors.push((
+                format!("imports `{import}` but the device grants none of its {what}"),
+            ),
+            Some(ImportFault::Unsupported) => audit.error(
                 "unsupported-import",
-                format!("imports `{}`, which otabox does not provide", import.name),
-            )),
+                format!("imports `{import}`, which otabox does not provide"),
+            ),
             None => {}
         }
     }
-    for (cap, what) in declarations {
+    for unit in capabilities::ALL {
+        let cap = unit.kind();
         if manifest.declares(cap) && !used(cap) {
             warnings.push((
                 "unused-declaration",
-                format!("declares {what} but imports no {} interface", cap.label()),
+                format!(
+                    "declares {} but imports no {} interface",
+                    unit.noun(),
+                    cap.label()
+                ),
             ));
         }
     }
@@ -369,7 +371,6 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
             ));
         }
     }
-    errors.into_iter().for_each(|(id, e)| audit.error(id, e));
     warnings
         .into_iter()
         .for_each(|(id, w)| audit.warning(id, w));
@@ -379,7 +380,7 @@ fn compare(audit: &mut HandlerAudit, manifest: &HandlerManifest, grants: &Grants
 /// gives, and a risk finding for each dangerous one.
 fn assess(audit: &mut HandlerAudit, grants: &Grants) {
     for rule in &grants.commands {
-        let line = command_line(rule);
+        let line = capabilities::process::command_line(rule);
         let as_whom = risks::runs_as(rule);
         let Some((effect, why)) = risks::command_effect(rule) else {
             continue;
@@ -413,14 +414,6 @@ fn assess(audit: &mut HandlerAudit, grants: &Grants) {
     }
 }
 
-/// `program pattern…` of a rule.
-fn command_line(rule: &crate::capabilities::CommandRule) -> String {
-    std::iter::once(rule.program.as_str())
-        .chain(rule.args.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// A device inside a directory the handler may write is an error, unless
 /// the device config allows it (`devices_in_writable_paths`): a warning.
 fn devices_in_writable_paths(
@@ -450,48 +443,9 @@ fn devices_in_writable_paths(
 
 fn summarize(grants: &Grants) -> CapabilitySummary {
     CapabilitySummary {
-        filesystem: grants
-            .paths
+        capabilities: capabilities::ALL
             .iter()
-            .map(|p| {
-                let access = if p.access == Access::ReadWrite {
-                    "rw"
-                } else {
-                    "ro"
-                };
-                if p.host == p.guest {
-                    format!("{access} {}", p.guest.display())
-                } else {
-                    format!("{access} {} -> {}", p.guest.display(), p.host.display())
-                }
-            })
-            .collect(),
-        commands: grants
-            .commands
-            .iter()
-            .map(|c| {
-                let mut line = command_line(c);
-                if !c.env.is_empty() {
-                    let _ = write!(line, " [env: {}]", c.env.join(", "));
-                }
-                if !c.deny_args.is_empty() {
-                    let _ = write!(line, " [deny: {}]", c.deny_args.join(", "));
-                }
-                let _ = write!(line, " [{}]", risks::runs_as(c));
-                line
-            })
-            .collect(),
-        network: grants.network.clone(),
-        devices: grants
-            .devices
-            .iter()
-            .map(|d| {
-                if d.host == d.guest {
-                    d.guest.display().to_string()
-                } else {
-                    format!("{} -> {}", d.guest.display(), d.host.display())
-                }
-            })
+            .map(|u| (u.summary_key(), u.summarize(grants)))
             .collect(),
         memory_mb: grants.limits.memory_mb,
         call_timeout_ms: grants.limits.call_timeout_ms,
@@ -529,14 +483,17 @@ pub fn render_text(audits: &[HandlerAudit]) -> String {
         let _ = writeln!(out, "  contract  {}", a.contract.as_deref().unwrap_or("-"));
         for (label, caps) in [("declared", &a.declared), ("granted", &a.granted)] {
             if let Some(c) = caps {
-                let _ = writeln!(
-                    out,
-                    "  {label:<9} filesystem: {}",
-                    list_or_none(&c.filesystem)
-                );
-                let _ = writeln!(out, "            commands:   {}", list_or_none(&c.commands));
-                let _ = writeln!(out, "            network:    {}", list_or_none(&c.network));
-                let _ = writeln!(out, "            devices:    {}", list_or_none(&c.devices));
+                for (i, unit) in capabilities::ALL.iter().enumerate() {
+                    let key = unit.summary_key();
+                    let lines = c.capabilities.get(key).map_or(&[][..], Vec::as_slice);
+                    let head = if i == 0 { label } else { "" };
+                    let _ = writeln!(
+                        out,
+                        "  {head:<9} {:<11} {}",
+                        format!("{key}:"),
+                        list_or_none(lines)
+                    );
+                }
                 let _ = writeln!(
                     out,
                     "            limits:     {} MiB, {} ms per call",

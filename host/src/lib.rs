@@ -1,12 +1,26 @@
 //! otabox: an over-the-air update agent whose update types are sandboxed
 //! WebAssembly components.
 //!
-//! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
-//! (what a handler may do), [`runtime`] (loading and calling handlers),
-//! [`audit`] (declared vs real imports), [`console`] (the command line's
-//! stdout and log colours), [`trust`] (payload verification),
-//! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
-//! [`demo`] (the self-contained walkthrough).
+//! Modules, one per concern:
+//! - the agent: [`agent`] (the daemon: session, jobs, reports),
+//!   [`workflow`] (a step's lifecycle), [`journal`] (the crash-safe job
+//!   journal), [`outbox`] (durable ordered publishing), [`mqtt`] (the
+//!   connection), [`shadow`] (desired and reported state),
+//!   [`update_type`] (the type joining a step to its handler),
+//!   [`host_codes`] (result codes of failures the host detects),
+//!   [`download`] (payload fetching), [`trust`] (payload verification and
+//!   signed manifests), [`durable`] (crash-safe writes), [`failpoint`]
+//!   (crash-test fault injection), [`clock`] (wall-clock time);
+//! - the handler runtime: [`capabilities`] (what a handler may do, one
+//!   module per capability), [`runtime`] (loading and calling handlers),
+//!   [`audit`] (declared vs granted vs real imports), [`tryout`] (one
+//!   phase of a handler from the command line);
+//! - the device's tools: [`config`] (device.toml), [`local`] (what tools
+//!   share with a running agent), [`install`] (a local deployment),
+//!   [`status`] (what the agent is doing), [`console`] (stdout and log
+//!   colours);
+//! - the cloud side and the walkthrough: [`replica`] (the reference
+//!   device-state replica), [`demo`] (the self-contained demo).
 
 pub mod agent;
 pub mod audit;
@@ -18,6 +32,7 @@ pub mod demo;
 pub mod download;
 pub mod durable;
 pub mod failpoint;
+pub mod host_codes;
 pub mod install;
 pub mod journal;
 pub mod local;
@@ -29,6 +44,7 @@ pub mod shadow;
 pub mod status;
 pub mod trust;
 pub mod tryout;
+pub mod update_type;
 pub mod workflow;
 
 /// The first-party handlers built into this binary, packaged by the build.

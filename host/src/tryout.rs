@@ -84,7 +84,7 @@ pub async fn run(handler: &Handler, t: &Tryout) -> Result<(Value, bool)> {
     let update_type = t
         .update_type
         .clone()
-        .unwrap_or_else(|| handler.manifest.handler.update_types[0].clone());
+        .unwrap_or_else(|| handler.manifest.handler.update_types[0].to_string());
     std::fs::create_dir_all(&t.job_dir)
         .with_context(|| format!("cannot create {}", t.job_dir.display()))?;
     let scope = CallScope::for_step(&t.job_id, 0, &t.job_dir, payloads.clone());

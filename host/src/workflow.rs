@@ -23,32 +23,7 @@ use crate::runtime::{
 };
 use crate::trust::verify_file;
 
-/// Result code of failures the host itself detects (facility 0).
-pub const HOST_FAILURE: u32 = 0x8000_0000;
-/// Extended-code component values of host failures.
-pub mod host_codes {
-    /// A handler call trapped, ran out of time or memory.
-    pub const HANDLER_FAULT: u32 = 1;
-    /// A payload file does not match its declared size or sha256.
-    pub const PAYLOAD_MISMATCH: u32 = 2;
-    /// The plan names a payload the step does not have.
-    pub const UNKNOWN_PAYLOAD: u32 = 3;
-    /// The journal could not record a transition.
-    pub const JOURNAL: u32 = 4;
-    /// No handler serves the step's update type.
-    pub const NO_HANDLER: u32 = 5;
-    /// A payload could not be fetched.
-    pub const DOWNLOAD: u32 = 6;
-    /// The agent stopped repeatedly during the job (loop breaker).
-    pub const LOOP_BREAKER: u32 = 7;
-    /// A payload URL (or its credentials) expired: the cloud should issue a
-    /// new one.
-    pub const URL_EXPIRED: u32 = 8;
-    /// Not enough space for the payloads.
-    pub const DISK_FULL: u32 = 9;
-    /// The handler's wasm changed while the job was in progress.
-    pub const HANDLER_CHANGED: u32 = 10;
-}
+pub use crate::host_codes::{self, HOST_FAILURE};
 
 /// One step to run.
 #[derive(Debug, Clone)]

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::capabilities::{ArgPattern, CapSet, CommandRule};
+pub use crate::capabilities::process::runs_as;
+use crate::capabilities::{ArgPattern, CommandRule};
 
 /// The effective privilege of a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -223,22 +224,6 @@ pub fn command_effect(rule: &CommandRule) -> Option<(Effect, &'static str)> {
         return Some((Effect::Network, "connects to hosts the guest names"));
     }
     None
-}
-
-/// Who a rule's program runs as, in words.
-pub fn runs_as(rule: &CommandRule) -> String {
-    let user = rule.user.as_deref().unwrap_or("the agent's user");
-    let caps = match rule.keeps() {
-        CapSet::ALL => "all capabilities".to_string(),
-        c if c.is_empty() => "no capabilities".to_string(),
-        _ => format!("capabilities {}", rule.capabilities.join(", ")),
-    };
-    let stays = if rule.keep_running {
-        ", leaves processes running"
-    } else {
-        ""
-    };
-    format!("as {user}, {caps}, no_new_privs{stays}")
 }
 
 /// Directories nothing may grant read-write: the directory itself or

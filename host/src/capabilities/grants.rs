@@ -2,13 +2,13 @@
 //! device's `[handlers.<name>]` section.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::check_dir_path;
-use super::{Access, Capability, CommandRule, HandlerManifest, Limits};
+use super::{Capability, CommandRule, DevicePath, HandlerManifest, Limits, PathGrant};
 
 /// A device's settings for one handler (`[handlers.<name>]` in device.toml).
 /// Every list narrows: absent means "as declared", present means "only these".
@@ -78,17 +78,6 @@ pub enum CommandIsolation {
     Subreaper,
 }
 
-/// A directory granted to a handler.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PathGrant {
-    /// The path as the handler sees it.
-    pub guest: PathBuf,
-    /// The directory on the device.
-    pub host: PathBuf,
-    /// Read-only or read-write.
-    pub access: Access,
-}
-
 /// What a handler may do on this device.
 #[derive(Debug, Clone, Serialize)]
 pub struct Grants {
@@ -115,22 +104,10 @@ impl Grants {
         self.stubbed.contains(&capability)
             || match capability {
                 Capability::Baseline => true,
-                Capability::Filesystem => !self.paths.is_empty(),
-                Capability::Process => !self.commands.is_empty(),
-                Capability::Network => !self.network.is_empty(),
-                Capability::Devices => !self.devices.is_empty(),
                 Capability::Unsupported => false,
+                kind => super::unit(kind).is_some_and(|u| u.granted(self)),
             }
     }
-}
-
-/// A granted device: the path the handler names and the path on the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DevicePath {
-    /// As declared.
-    pub guest: PathBuf,
-    /// Where it is on this device (after `mounts`).
-    pub host: PathBuf,
 }
 
 impl DeviceGrant {
@@ -162,35 +139,11 @@ impl Grants {
     pub fn narrow(manifest: &HandlerManifest, device: Option<&DeviceGrant>) -> Result<Self> {
         let default = DeviceGrant::default();
         let device = device.unwrap_or(&default);
-        Ok(Self {
-            paths: narrow_paths(manifest, device)?,
-            commands: narrow_commands(manifest, device)?,
-            devices: manifest
-                .devices
-                .iter()
-                .filter(|d| {
-                    device
-                        .devices
-                        .as_ref()
-                        .is_none_or(|allowed| allowed.contains(&d.path))
-                })
-                .map(|d| DevicePath {
-                    guest: d.path.clone(),
-                    host: mount(&d.path, &device.mounts),
-                })
-                .collect(),
-            network: manifest
-                .network
-                .hosts
-                .iter()
-                .filter(|h| {
-                    device
-                        .network
-                        .as_ref()
-                        .is_none_or(|allowed| allowed.contains(h))
-                })
-                .cloned()
-                .collect(),
+        let mut grants = Self {
+            paths: Vec::new(),
+            commands: Vec::new(),
+            devices: Vec::new(),
+            network: Vec::new(),
             limits: Limits {
                 memory_mb: device.memory_mb.map_or(manifest.limits.memory_mb, |m| {
                     m.min(manifest.limits.memory_mb)
@@ -203,151 +156,18 @@ impl Grants {
             },
             stubbed: manifest.stubs.refuse.clone(),
             command_isolation: device.command_isolation,
-        })
-    }
-}
-
-/// The declared rules of the programs the device keeps, as granted there.
-fn narrow_commands(manifest: &HandlerManifest, device: &DeviceGrant) -> Result<Vec<CommandRule>> {
-    let declared = |program: &String| manifest.commands.iter().any(|r| &r.program == program);
-    for program in device
-        .commands
-        .iter()
-        .flatten()
-        .chain(device.allow_args.keys())
-    {
-        if !declared(program) {
-            bail!(
-                "device config lists program {program:?} (`commands`/`allow_args`), which the handler does not declare"
-            );
-        }
-    }
-    let mut granted = Vec::new();
-    for rule in &manifest.commands {
-        let kept = device
-            .commands
-            .as_ref()
-            .is_none_or(|allowed| allowed.contains(&rule.program));
-        if !kept {
-            continue;
-        }
-        let allowed: Vec<String> = device
-            .allow_args
-            .get(&rule.program)
-            .into_iter()
-            .flatten()
-            .filter(|lift| rule.deny_args.contains(lift))
-            .cloned()
-            .collect();
-        if let Some(rule) = rule.for_device(device.config.as_ref(), &allowed)? {
-            granted.push(rule);
-        }
-    }
-    for (program, lifts) in &device.allow_args {
-        for lift in lifts {
-            let denied = manifest
-                .commands
-                .iter()
-                .any(|r| &r.program == program && r.deny_args.contains(lift));
-            if !denied {
-                bail!(
-                    "device config `allow_args` lifts {lift:?} for {program:?}, which none of its rules denies"
-                );
-            }
-        }
-    }
-    Ok(granted)
-}
-
-/// The granted directories: per guest path the most specific declared rule
-/// that covers it, made read-only under `read_only`. A read-only grant
-/// inside a read-write one cannot be enforced (the guest writes it through
-/// the outer directory) and is refused.
-fn narrow_paths(manifest: &HandlerManifest, device: &DeviceGrant) -> Result<Vec<PathGrant>> {
-    let mut chosen: Vec<(PathBuf, &super::PathRule)> = Vec::new();
-    for rule in &manifest.filesystem {
-        let guests: Vec<PathBuf> = match &device.paths {
-            None => vec![rule.path.clone()],
-            Some(allowed) if allowed.iter().any(|a| rule.path.starts_with(a)) => {
-                vec![rule.path.clone()]
-            }
-            Some(allowed) => allowed
-                .iter()
-                .filter(|a| a.starts_with(&rule.path))
-                .cloned()
-                .collect(),
         };
-        for guest in guests {
-            match chosen.iter_mut().find(|(g, _)| *g == guest) {
-                Some((_, kept))
-                    if rule.path.components().count() > kept.path.components().count() =>
-                {
-                    *kept = rule;
-                }
-                Some(_) => {}
-                None => chosen.push((guest, rule)),
-            }
+        for unit in super::ALL {
+            unit.narrow(manifest, device, &mut grants)?;
         }
+        Ok(grants)
     }
-    let granted: Vec<PathGrant> = chosen
-        .into_iter()
-        .map(|(guest, rule)| {
-            let access = if device.read_only.iter().any(|ro| guest.starts_with(ro)) {
-                Access::ReadOnly
-            } else {
-                rule.access
-            };
-            PathGrant {
-                host: mount(&guest, &device.mounts),
-                guest,
-                access,
-            }
-        })
-        .collect();
-    let rw = || granted.iter().filter(|g| g.access == Access::ReadWrite);
-    for ro in &device.read_only {
-        if let Some(outer) = rw().find(|g| ro.starts_with(&g.guest) && *ro != g.guest) {
-            bail!(
-                "device config `read_only` {} lies inside the read-write grant {} and cannot be enforced; make {} read-only or narrow `paths`",
-                ro.display(),
-                outer.guest.display(),
-                outer.guest.display()
-            );
-        }
-    }
-    for inner in granted.iter().filter(|g| g.access == Access::ReadOnly) {
-        if let Some(outer) = rw().find(|g| inner.guest.starts_with(&g.guest)) {
-            bail!(
-                "read-only {} lies inside the read-write grant {}: the handler could write it through {}",
-                inner.guest.display(),
-                outer.guest.display(),
-                outer.guest.display()
-            );
-        }
-    }
-    Ok(granted)
-}
-
-/// Maps a handler path to the device path through the longest mount prefix.
-fn mount(guest: &Path, mounts: &BTreeMap<PathBuf, PathBuf>) -> PathBuf {
-    mounts
-        .iter()
-        .filter(|(from, _)| guest.starts_with(from))
-        .max_by_key(|(from, _)| from.components().count())
-        .and_then(|(from, to)| {
-            let rest = guest.strip_prefix(from).ok()?;
-            Some(if rest.as_os_str().is_empty() {
-                to.clone()
-            } else {
-                to.join(rest)
-            })
-        })
-        .unwrap_or_else(|| guest.to_path_buf())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capabilities::Access;
 
     fn manifest() -> HandlerManifest {
         HandlerManifest::parse(&format!(

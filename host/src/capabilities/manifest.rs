@@ -25,13 +25,14 @@
 //! refuse = ["network"]     # linked so that every call is refused
 //! ```
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Capability, CommandRule};
+use super::{Capability, CommandRule, DeviceRule, NetworkSection, PathRule};
+use crate::update_type::UpdateType;
 
 /// Upper bounds a manifest may ask for.
 const MAX_MEMORY_MB: u64 = 4096;
@@ -80,52 +81,13 @@ pub struct StubsSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerSection {
-    /// Update types served, first canonical (`vendor/name:major`).
-    pub update_types: Vec<String>,
+    /// Update types served, first canonical.
+    pub update_types: Vec<UpdateType>,
     /// Lowercase hex sha256 of the `.wasm`; a mismatch refuses the handler.
     pub sha256: String,
     /// A line for humans.
     #[serde(default)]
     pub description: Option<String>,
-}
-
-/// One `[[filesystem]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathRule {
-    /// Absolute directory, as the handler sees it.
-    pub path: PathBuf,
-    /// `ro` or `rw`.
-    pub access: Access,
-}
-
-/// Access to a directory.
-/// One `[[devices]]` entry: a block device or slot file, by absolute path.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceRule {
-    /// The device's path as the handler names it; the device config may
-    /// place it elsewhere with `mounts`.
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
-pub enum Access {
-    /// Read only.
-    #[serde(rename = "ro")]
-    ReadOnly,
-    /// Read and write.
-    #[serde(rename = "rw")]
-    ReadWrite,
-}
-
-/// The `[network]` table.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkSection {
-    /// `host` or `host:port` entries.
-    #[serde(default)]
-    pub hosts: Vec<String>,
 }
 
 /// The `[limits]` table.
@@ -190,9 +152,6 @@ impl HandlerManifest {
         if h.update_types.is_empty() {
             bail!("field `handler.update_types` must list at least one update type");
         }
-        for t in &h.update_types {
-            check_update_type(t).with_context(|| format!("field `handler.update_types`: {t:?}"))?;
-        }
         if h.sha256.len() != 64
             || !h
                 .sha256
@@ -204,18 +163,8 @@ impl HandlerManifest {
                 h.sha256
             );
         }
-        for (i, rule) in self.filesystem.iter().enumerate() {
-            check_dir_path(&rule.path).with_context(|| format!("field `filesystem[{i}].path`"))?;
-        }
-        for (i, rule) in self.devices.iter().enumerate() {
-            check_dir_path(&rule.path).with_context(|| format!("field `devices[{i}].path`"))?;
-        }
-        for (i, rule) in self.commands.iter().enumerate() {
-            rule.check()
-                .with_context(|| format!("field `commands[{i}]`"))?;
-        }
-        for (i, host) in self.network.hosts.iter().enumerate() {
-            check_host(host).with_context(|| format!("field `network.hosts[{i}]`"))?;
+        for unit in super::ALL {
+            unit.check_manifest(self)?;
         }
         self.check_stubs()?;
         let l = &self.limits;
@@ -240,11 +189,22 @@ impl HandlerManifest {
     pub fn declares(&self, capability: Capability) -> bool {
         match capability {
             Capability::Baseline => true,
-            Capability::Filesystem => !self.filesystem.is_empty(),
-            Capability::Process => !self.commands.is_empty(),
-            Capability::Network => !self.network.hosts.is_empty(),
-            Capability::Devices => !self.devices.is_empty(),
             Capability::Unsupported => false,
+            kind => super::unit(kind).is_some_and(|u| u.declared(self)),
+        }
+    }
+
+    /// The sha256 of `wasm` when it is the one the manifest pins; else a
+    /// [`PinMismatch`] naming both.
+    pub fn check_pin(&self, wasm: &[u8]) -> Result<String, PinMismatch> {
+        let actual = crate::runtime::sha256_hex(wasm);
+        if actual == self.handler.sha256 {
+            Ok(actual)
+        } else {
+            Err(PinMismatch {
+                actual,
+                pinned: self.handler.sha256.clone(),
+            })
         }
     }
 
@@ -269,21 +229,13 @@ impl HandlerManifest {
     }
 }
 
-/// `vendor/name:major`, lowercase ASCII, digits, `-`, `_`, `.`.
-fn check_update_type(t: &str) -> Result<()> {
-    let ok_part = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-    };
-    let (vendor_name, major) = t.rsplit_once(':').context("expected `vendor/name:major`")?;
-    let (vendor, name) = vendor_name
-        .split_once('/')
-        .context("expected `vendor/name:major`")?;
-    if !ok_part(vendor) || !ok_part(name) || major.parse::<u32>().is_err() {
-        bail!("expected `vendor/name:major` in lowercase ASCII");
-    }
-    Ok(())
+/// A component whose sha256 is not the one its manifest pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinMismatch {
+    /// The component's sha256.
+    pub actual: String,
+    /// The sha256 the manifest pins.
+    pub pinned: String,
 }
 
 /// An absolute, normalised directory path (no `.`/`..`, not `/`).
@@ -303,28 +255,10 @@ pub(crate) fn check_dir_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_host(host: &str) -> Result<()> {
-    let (name, port) = match host.rsplit_once(':') {
-        Some((n, p)) => (n, Some(p)),
-        None => (host, None),
-    };
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-    {
-        bail!("{host:?} is not `host` or `host:port`");
-    }
-    if let Some(p) = port {
-        p.parse::<u16>()
-            .with_context(|| format!("{host:?} has a bad port"))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capabilities::Access;
 
     #[test]
     fn stubs_name_capabilities_that_are_not_declared() {
@@ -413,6 +347,13 @@ mod tests {
         assert!(
             format!("{:#}", HandlerManifest::parse(&bad_type).unwrap_err())
                 .contains("update_types")
+        );
+        let long = format!("{}/b:1", "a".repeat(200));
+        let long_type = format!("[handler]\nupdate_types = [\"{long}\"]\nsha256 = \"{HASH}\"\n");
+        assert!(
+            format!("{:#}", HandlerManifest::parse(&long_type).unwrap_err())
+                .contains("at most 128 bytes"),
+            "the same rule as a deployment's updateType"
         );
     }
 

@@ -3,7 +3,7 @@
 //! Imports are async (process execution and file reads await) and
 //! trappable (a host bug becomes a trap of that call, never a host panic);
 //! exports are async so calls can be bounded by epochs and timeouts. The
-//! `payload` resource is backed by [`super::host::payloads::PayloadHandle`].
+//! `payload` resource is backed by [`super::imports::payloads::PayloadHandle`].
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -11,7 +11,7 @@ wasmtime::component::bindgen!({
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
-        "otabox:handler/payloads.payload": super::host::payloads::PayloadHandle,
+        "otabox:handler/payloads.payload": super::imports::payloads::PayloadHandle,
     },
 });
 

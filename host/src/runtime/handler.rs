@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, WasmBacktrace};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{
     Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext, UpdateHandlerPre,
@@ -18,12 +18,10 @@ use super::bindings::{
 use super::bounds;
 use super::cache::CacheUse;
 use super::engine::ticks_for;
-use super::host::context::{MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL};
-use super::host::devices::PinnedDevice;
-use super::network;
+use super::imports::context::{MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL};
 use super::state::{CallScope, HostState, Limiter};
 use super::stdio::GuestOutput;
-use crate::capabilities::{Access, Grants, HandlerManifest};
+use crate::capabilities::{self, Grants, HandlerManifest};
 
 /// Extra time the async backstop allows beyond the epoch deadline, for a
 /// guest blocked in a host call.
@@ -141,7 +139,7 @@ pub struct Handler {
     pub(crate) pre: UpdateHandlerPre<HostState>,
     pub(crate) engine: Engine,
     /// The granted devices, as found at load.
-    pub(crate) devices: Arc<[PinnedDevice]>,
+    pub(crate) devices: Arc<[crate::capabilities::devices::host::PinnedDevice]>,
     /// The value of [`GRANTED_PATHS_ENV`].
     pub(crate) granted_paths: String,
 }
@@ -317,26 +315,9 @@ impl Handler {
         // pool per syscall cost ~5x the whole call (see benches/handler_call).
         // Set before the preopens, which capture it.
         builder.allow_blocking_current_thread(true);
-        for grant in &self.grants.paths {
-            let perms = match grant.access {
-                Access::ReadOnly => FsPerms::ReadOnly,
-                Access::ReadWrite => FsPerms::ReadWrite,
-            };
-            builder
-                .preopened_dir(&grant.host, grant.guest.to_string_lossy(), perms)
-                .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "handler {}: cannot open granted {}",
-                        self.name,
-                        grant.host.display()
-                    )
-                })?;
-        }
-        if self.grants.network.is_empty() {
-            network::refuse_all(&mut builder);
-        } else {
-            network::allow_hosts(&mut builder, &self.grants.network);
+        for unit in capabilities::ALL {
+            unit.configure_wasi(&self.grants, &mut builder)
+                .with_context(|| format!("handler {}", self.name))?;
         }
         Ok(builder.build())
     }

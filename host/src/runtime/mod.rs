@@ -14,9 +14,8 @@ pub mod bounds;
 mod cache;
 mod engine;
 mod handler;
-pub mod host;
+pub mod imports;
 mod linker;
-mod network;
 mod state;
 mod stdio;
 
@@ -33,11 +32,9 @@ pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, Ste
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
 pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
-pub use state::{CallScope, CancelFlag, PayloadFile, ProgressEvent, ProgressSink};
+pub use state::{CallScope, CancelFlag, HostState, PayloadFile, ProgressEvent, ProgressSink};
 
-use crate::capabilities::{
-    Access, Capability, DeviceGrant, Grants, HandlerManifest, classify_import,
-};
+use crate::capabilities::{self, Access, DeviceGrant, Grants, HandlerManifest, ImportFault};
 
 /// The export every handler must provide (any 1.x version).
 pub const HANDLER_EXPORT_PREFIX: &str = "otabox:handler/handler@1.";
@@ -208,7 +205,7 @@ impl Runtime {
         let pre = bindings::UpdateHandlerPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("handler {name}: does not implement the handler contract"))?;
-        let devices = host::devices::PinnedDevice::pin_all(&grants).into();
+        let devices = capabilities::devices::host::PinnedDevice::pin_all(&grants).into();
         let granted_paths = handler::granted_paths(&grants);
         let mut handler = Handler {
             name: name.clone(),
@@ -276,16 +273,15 @@ fn verify_hash(
     wasm_path: &Path,
     toml: &Path,
 ) -> Result<String> {
-    let actual = sha256_hex(wasm);
-    if actual != manifest.handler.sha256 {
-        bail!(
-            "handler {name}: {} has sha256 {actual}, but {} pins {}; refusing a modified or mismatched component",
+    manifest.check_pin(wasm).map_err(|m| {
+        anyhow::anyhow!(
+            "handler {name}: {} has sha256 {}, but {} pins {}; refusing a modified or mismatched component",
             wasm_path.display(),
+            m.actual,
             toml.display(),
-            manifest.handler.sha256
-        );
-    }
-    Ok(actual)
+            m.pinned
+        )
+    })
 }
 
 /// Read-write grants are created when missing; read-only ones must exist.
@@ -310,7 +306,7 @@ fn prepare_paths(name: &str, grants: &Grants) -> Result<()> {
 }
 
 /// Refuses a component that imports an interface its grants do not allow,
-/// naming the import.
+/// naming the first such import.
 fn check_imports(
     engine: &Engine,
     component: &Component,
@@ -318,29 +314,23 @@ fn check_imports(
     manifest: &HandlerManifest,
     grants: &Grants,
 ) -> Result<()> {
-    for (import, _) in component.component_type().imports(engine) {
-        let capability = classify_import(import);
-        match capability {
-            Capability::Baseline => continue,
-            Capability::Unsupported => {
-                bail!("handler {name}: imports `{import}`, which otabox does not provide")
-            }
-            _ if manifest.stubs(capability) => continue,
-            _ => {}
+    let ty = component.component_type();
+    let checks = capabilities::check_imports(ty.imports(engine).map(|(i, _)| i), manifest, grants);
+    let Some((check, fault)) = checks.iter().find_map(|c| c.fault.map(|fault| (c, fault))) else {
+        return Ok(());
+    };
+    let (import, what) = (&check.name, check.capability.label());
+    match fault {
+        ImportFault::Unsupported => {
+            bail!("handler {name}: imports `{import}`, which otabox does not provide")
         }
-        let what = capability.label();
-        if !manifest.declares(capability) {
-            bail!(
-                "handler {name}: imports `{import}` but its manifest declares no {what} capability"
-            );
-        }
-        if !grants.links(capability) {
-            bail!(
-                "handler {name}: imports `{import}` but the device grants none of its declared {what} capability"
-            );
-        }
+        ImportFault::Undeclared => bail!(
+            "handler {name}: imports `{import}` but its manifest declares no {what} capability"
+        ),
+        ImportFault::Ungranted => bail!(
+            "handler {name}: imports `{import}` but the device grants none of its declared {what} capability"
+        ),
     }
-    Ok(())
 }
 
 /// The contract version a component was built against, read from its
@@ -375,7 +365,7 @@ fn check_description(handler: &Handler) -> Result<()> {
         .handler
         .update_types
         .iter()
-        .find(|t| !described.contains(t))
+        .find(|t| !described.iter().any(|d| d == t.as_str()))
     {
         bail!(
             "handler {}: the manifest declares update type {missing:?} but the component describes only {described:?}",

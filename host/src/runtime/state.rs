@@ -173,9 +173,9 @@ pub struct HostState {
     /// The guest's captured stdout and stderr.
     pub(crate) output: [super::stdio::GuestOutput; 2],
     /// The granted devices, as found when the handler was loaded.
-    pub(crate) devices: Arc<[super::host::devices::PinnedDevice]>,
+    pub(crate) devices: Arc<[crate::capabilities::devices::host::PinnedDevice]>,
     /// What the guest logged in this call, against its budget.
-    pub(crate) log_budget: super::host::context::LogBudget,
+    pub(crate) log_budget: super::imports::context::LogBudget,
 }
 
 impl WasiView for HostState {

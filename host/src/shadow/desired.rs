@@ -33,6 +33,7 @@
 //! when signed) with the same `jobId` and `version`, and goes on with it
 //! as if it had come inline.
 
+use crate::update_type::UpdateType;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +137,7 @@ pub enum RebootPolicy {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StepSpec {
     /// Update type, such as `otabox/apt:1` or `microsoft/apt:1`.
-    pub update_type: String,
+    pub update_type: UpdateType,
     /// The handler's manifest, inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<serde_json::Value>,
@@ -326,7 +327,6 @@ impl DesiredState {
 
 impl StepSpec {
     fn validate(&self) -> Result<()> {
-        check_update_type(&self.update_type)?;
         match self.manifest_source() {
             Some(ManifestSource::Inline(m)) if !m.is_object() => {
                 bail!("manifest must be a JSON object")
@@ -387,24 +387,6 @@ pub fn validate_job_id(id: &str) -> Result<()> {
 fn check_text(field: &str, text: &str) -> Result<()> {
     if text.is_empty() || text.len() > MAX_TEXT || text.chars().any(char::is_control) {
         bail!("{field} must be 1..={MAX_TEXT} bytes of printable text");
-    }
-    Ok(())
-}
-
-fn check_update_type(t: &str) -> Result<()> {
-    let valid = t.len() <= MAX_ID
-        && t.split_once('/').is_some_and(|(vendor, rest)| {
-            rest.split_once(':').is_some_and(|(name, major)| {
-                let part = |s: &str| {
-                    !s.is_empty()
-                        && s.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-                };
-                part(vendor) && part(name) && major.parse::<u32>().is_ok()
-            })
-        });
-    if !valid {
-        bail!("updateType {t:?} must be `vendor/name:major`");
     }
     Ok(())
 }
@@ -509,6 +491,23 @@ mod tests {
         let step = delta()["state"]["deployment"]["steps"][0].clone();
         v["state"]["deployment"]["steps"] = json!(vec![step; 33]);
         assert!(error(&v).contains("1..=32 steps, found 33"));
+    }
+
+    #[test]
+    fn an_update_type_follows_the_manifests_rule() {
+        for bad in ["Otabox/file:1", "otabox/file", "otabox/file:x"] {
+            let mut v = delta();
+            v["state"]["deployment"]["steps"][0]["updateType"] = json!(bad);
+            let e = error(&v);
+            assert!(
+                e.contains("vendor/name:major") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+        let mut v = delta();
+        v["state"]["deployment"]["steps"][0]["updateType"] =
+            json!(format!("{}/f:1", "o".repeat(200)));
+        assert!(error(&v).contains("at most 128 bytes"));
     }
 
     #[test]

@@ -344,7 +344,7 @@ pub fn describe(
                 .manifest_source()
                 .with_context(|| format!("step {i} has no manifest"))?;
             Ok(SignedStep {
-                update_type: step.update_type.clone(),
+                update_type: step.update_type.to_string(),
                 manifest_sha256: manifest_digest(&source)?,
                 files: step
                     .files

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Access, DeviceGrant, Grants};
+use crate::capabilities::{Access, DeviceGrant, Grants};
 
 /// A granted device that lies inside a directory the same handler may
 /// write: through that directory the handler could put a link or another

@@ -16,8 +16,8 @@ use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddress, 
 use wasmtime_wasi::p2::{DynPollable, SocketError};
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView, WasiSocketsView};
 
-use super::state::HostState;
 use crate::capabilities::Grants;
+use crate::runtime::HostState;
 
 /// A granted `host` or `host:port`.
 #[derive(Debug, Clone)]

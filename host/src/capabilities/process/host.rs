@@ -10,9 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::confine::{self, Privileges};
 use crate::capabilities::{CommandIsolation, commands_authorize};
+use crate::runtime::HostState;
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::otabox::handler::process::{Command, Host, Output};
-use crate::runtime::state::HostState;
 
 /// The only `PATH` a handler's program sees.
 pub const FIXED_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -16,8 +16,8 @@ use crate::capabilities::Grants;
 
 use crate::runtime::bindings::otabox::handler::devices::{DeviceInfo, Host};
 use crate::runtime::bindings::{HostError, Phase};
-use crate::runtime::host::payloads::PayloadHandle;
-use crate::runtime::state::{CancelFlag, HostState, ProgressEvent, ProgressSink};
+use crate::runtime::imports::payloads::PayloadHandle;
+use crate::runtime::{CancelFlag, HostState, ProgressEvent, ProgressSink};
 
 /// Bytes copied or hashed per read.
 const CHUNK: usize = 4 << 20;
