@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::pki::Pki;
@@ -150,9 +150,16 @@ fn a_closed_port_a_broker_that_comes_up_and_one_that_goes_away() {
     assert_eq!(warnings(&log, &lost).len(), 1, "{log}");
 }
 
-/// A device with its own certificate under `root`.
-fn tls_device(root: &Path, pki: &Pki, id: &str, cn: &str, port: u16) -> std::path::PathBuf {
-    let (cert, key) = pki.client(cn);
+/// A device config with the client certificate `cert` and key `key`
+/// (issued once per test: issuing again rewrites both files, which an
+/// agent starting at that moment could read half-old).
+fn tls_device(
+    root: &Path,
+    pki: &Pki,
+    id: &str,
+    (cert, key): &(PathBuf, PathBuf),
+    port: u16,
+) -> PathBuf {
     file_device(
         root,
         id,
@@ -183,18 +190,19 @@ fn a_device_id_the_broker_acl_does_not_allow_is_reported() {
         ReplicaProcess::start_with(&root.join("fleet.db"), port, &pki.replica_args(&cert, &key));
     wait_for_line("replica", || replica.log(), "connected to");
     // The certificate says pump-0042; the device id says pump-42.
+    let identity = pki.client("pump-0042");
     let wrong = AgentProcess::start(&tls_device(
         &root.join("wrong"),
         &pki,
         "pump-42",
-        "pump-0042",
+        &identity,
         port,
     ));
     let right = AgentProcess::start(&tls_device(
         &root.join("right"),
         &pki,
         "pump-0042",
-        "pump-0042",
+        &identity,
         port,
     ));
     let log = wait_for_warning("ACL drops", || wrong.log(), "nothing arrived on");
