@@ -29,7 +29,7 @@ pub fn build_and_package(workspace: &Path, guests: &[Guest], sources: &[&str]) -
     let out = packaged_dir();
     fs::create_dir_all(&out).expect("create the packaged handlers directory");
     println!("cargo:rerun-if-env-changed=OTABOX_SKIP_WASM_BUILD");
-    for path in sources.iter().chain(&["wit", "sdk", "Cargo.lock"]) {
+    for path in sources.iter().chain(&["sdk", "Cargo.lock"]) {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
     if env::var_os("OTABOX_SKIP_WASM_BUILD").is_some() {

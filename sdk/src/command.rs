@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::__bindings::otabox::handler::process as host;
-use crate::HostError;
+use crate::{Facility, HostError, Status, StatusExt};
 
 /// A program to run; the host checks it against the handler's command rules
 /// before anything starts. There is no shell.
@@ -89,5 +89,91 @@ impl Output {
     /// Standard error as text (invalid UTF-8 replaced).
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+}
+
+/// The largest value of an extended code (20 bits); a program a signal
+/// ended reports it as its exit value.
+const EXIT_VALUE_MAX: u32 = 0xF_FFFF;
+
+impl Output {
+    /// The exit code as an extended-code value: its magnitude within 20
+    /// bits, or `0xFFFFF` when a signal ended the program.
+    pub fn exit_value(&self) -> u32 {
+        self.code()
+            .map_or(EXIT_VALUE_MAX, |c| c.unsigned_abs() & EXIT_VALUE_MAX)
+    }
+
+    /// How the program ended, for messages: `exit 3`, or `killed`.
+    pub fn ended(&self) -> String {
+        self.code()
+            .map_or("killed".to_string(), |c| format!("exit {c}"))
+    }
+
+    /// The last `lines` non-empty lines of standard error, joined with
+    /// newlines.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        tail(&self.stderr(), lines)
+    }
+
+    /// The failure of this run: `result_code` and `message`, extended code
+    /// `facility`/`component` with [`Output::exit_value`] as its value.
+    pub fn failure(
+        &self,
+        result_code: u32,
+        message: impl Into<String>,
+        facility: Facility,
+        component: u8,
+    ) -> Status {
+        Status::new(result_code, message).extended(facility, component, self.exit_value())
+    }
+}
+
+/// The last `lines` non-empty lines of `text`, joined with newlines.
+pub fn tail(text: &str, lines: usize) -> String {
+    let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    kept[kept.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(exit_code: Option<i32>, stderr: &str) -> Output {
+        Output(host::Output {
+            exit_code,
+            stdout: Vec::new(),
+            stderr: stderr.as_bytes().to_vec(),
+            truncated: false,
+        })
+    }
+
+    #[test]
+    fn exit_codes_become_extended_values() {
+        assert_eq!(output(Some(3), "").exit_value(), 3);
+        assert_eq!(output(Some(-2), "").exit_value(), 2);
+        assert_eq!(output(Some(i32::MIN), "").exit_value(), 0);
+        assert_eq!(output(None, "").exit_value(), 0xF_FFFF);
+        assert_eq!(output(Some(0x10_0001), "").exit_value(), 1);
+        assert_eq!(output(Some(3), "").ended(), "exit 3");
+        assert_eq!(output(None, "").ended(), "killed");
+    }
+
+    #[test]
+    fn a_failed_run_is_a_status_with_its_exit_value() {
+        let out = output(Some(100), "warning\n\nE: one\nE: two\n");
+        assert_eq!(out.stderr_tail(2), "E: one\nE: two");
+        assert_eq!(out.stderr_tail(9), "warning\nE: one\nE: two");
+        let status = out.failure(30, "apt-get update failed", Facility::PackageManager, 1);
+        assert_eq!(status.result_code, 30);
+        assert_eq!(status.message, "apt-get update failed");
+        assert_eq!(
+            (
+                status.extended_code.facility,
+                status.extended_code.component,
+                status.extended_code.value
+            ),
+            (Facility::PackageManager as u8, 1, 100)
+        );
     }
 }

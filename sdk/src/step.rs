@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::__bindings::otabox::handler::types::{PayloadInfo, Status, StepContext};
-use crate::{Payload, StatusExt};
+use crate::{Payload, StatusExt, code};
 
 /// The step a lifecycle call works on: job id, manifest, payloads, config.
 #[derive(Debug, Clone)]
@@ -36,18 +36,19 @@ impl Step {
         &self.ctx.manifest
     }
 
-    /// The manifest parsed as `T`. A parse error becomes a [`Status`] with
-    /// result code 10 that names the problem, ready to return from `validate`.
+    /// The manifest parsed as `T`, for a manifest whose shape depends on
+    /// the call ([`crate::Handler::Manifest`] parses it once for all). A
+    /// parse error is [`code::INVALID_MANIFEST`] naming the problem.
     pub fn manifest<T: DeserializeOwned>(&self) -> Result<T, Status> {
         serde_json::from_str(&self.ctx.manifest)
-            .map_err(|e| Status::new(10, format!("invalid manifest: {e}")))
+            .map_err(|e| Status::new(code::INVALID_MANIFEST, format!("invalid manifest: {e}")))
     }
 
-    /// The handler's device configuration parsed as `T` (result code 11 on
-    /// error). The host passes `{}` when the device config has none.
+    /// The handler's device configuration parsed as `T`
+    /// ([`code::INVALID_CONFIG`] on error). The host passes `{}` when the device config has none.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, Status> {
         serde_json::from_str(&self.ctx.config)
-            .map_err(|e| Status::new(11, format!("invalid handler config: {e}")))
+            .map_err(|e| Status::new(code::INVALID_CONFIG, format!("invalid handler config: {e}")))
     }
 
     /// The payload files declared for this step.
@@ -55,9 +56,11 @@ impl Step {
         &self.ctx.payloads
     }
 
-    /// Opens a verified payload of this step (available after download).
+    /// Opens a verified payload of this step (available after download);
+    /// [`code::PAYLOAD_UNAVAILABLE`] when the host refuses.
     pub fn open_payload(&self, name: &str) -> Result<Payload, Status> {
-        Payload::open(name).map_err(|e| Status::new(12, format!("payload {name}: {e}")))
+        Payload::open(name)
+            .map_err(|e| Status::new(code::PAYLOAD_UNAVAILABLE, format!("payload {name}: {e}")))
     }
 
     /// The installed criteria from `validate`, once known.

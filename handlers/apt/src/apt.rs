@@ -192,11 +192,12 @@ impl<'a> Apt<'a> {
             .map_err(|e| host_failure(DPKG_QUERY, e))?;
         // Exit 1: some names are unknown to dpkg, which is an answer too.
         if !matches!(out.code(), Some(0 | 1)) {
-            return Err(Status::new(
+            return Err(out.failure(
                 status::QUERY_FAILED,
-                format!("dpkg-query failed: {}", diagnose::tail(&out.stderr(), 5)),
-            )
-            .extended(Facility::PackageManager, 2, exit_value(&out)));
+                format!("dpkg-query failed: {}", out.stderr_tail(5)),
+                Facility::PackageManager,
+                2,
+            ));
         }
         Ok(parse_query(&out.stdout()))
     }
@@ -258,11 +259,6 @@ pub fn parse_madison(stdout: &str) -> BTreeMap<String, Vec<String>> {
         }
     }
     found
-}
-
-/// The exit code as an extended-code value (signals as 0xFFFFF).
-pub fn exit_value(out: &Output) -> u32 {
-    out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF)
 }
 
 fn host_failure(program: &str, e: HostError) -> Status {

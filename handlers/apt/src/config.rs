@@ -11,6 +11,7 @@
 
 use std::path::{Component, Path};
 
+use otabox_sdk::{FromJson, from_json};
 use serde::Deserialize;
 
 /// What `inventory` lists.
@@ -59,15 +60,16 @@ impl Default for AptConfig {
     }
 }
 
-impl AptConfig {
+impl FromJson for AptConfig {
     /// Parses and checks the configuration JSON the host passes.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let config: Self =
-            serde_json::from_str(json).map_err(|e| format!("invalid apt handler config: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let config: Self = from_json(json, "apt handler config")?;
         config.check()?;
         Ok(config)
     }
+}
 
+impl AptConfig {
     fn check(&self) -> Result<(), String> {
         for (key, path) in [
             ("root", Some(&self.root)),

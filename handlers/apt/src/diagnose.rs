@@ -231,11 +231,8 @@ fn is_repository_problem(stdout: &str, stderr: &str) -> bool {
         .any(|sign| stderr.contains(sign) || stdout.contains(sign))
 }
 
-/// The last `max` lines of `text`, for a report detail.
-pub fn tail(text: &str, max: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(max)..].join("\n")
-}
+/// The last non-empty lines of a text, for a report detail.
+pub use otabox_sdk::tail;
 
 #[cfg(test)]
 mod tests {

@@ -54,79 +54,67 @@ const BACKUP_KEY: &str = "backup.changes";
 /// Checkpoint key: the `apt-get install` targets `download` spelled.
 const TARGETS_KEY: &str = "install.targets";
 
-/// A step's parsed manifest and config.
-struct Job {
-    manifest: AptManifest,
-    config: AptConfig,
+/// apt for the step's configured root.
+fn apt_for(job: &Job) -> Apt<'_> {
+    Apt::new(&job.config)
 }
 
-impl Job {
-    fn of(step: &Step) -> Result<Self, Status> {
-        Ok(Self {
-            manifest: AptManifest::parse(step.manifest_json()).map_err(|e| Status::new(10, e))?,
-            config: AptConfig::parse(&step.raw().config).map_err(|e| Status::new(11, e))?,
+/// The `apt-get install` arguments, in the listed order, as the manifest
+/// spells them (for the plan).
+fn targets(job: &Job) -> Vec<String> {
+    job.manifest
+        .packages
+        .iter()
+        .map(PackageAction::apt_argument)
+        .collect()
+}
+
+/// The targets `download` spelled (see [`spell_targets`]), kept so backup
+/// and install use the same ones; spelled again when none were kept.
+fn apt_targets(job: &Job, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
+    let kept: Option<Vec<String>> =
+        checkpoint::get_json(TARGETS_KEY).map_err(checkpoint_failure)?;
+    match kept {
+        Some(targets) => Ok(targets),
+        None => spell_targets(job, apt),
+    }
+}
+
+/// The targets with each pinned version spelled as the repositories spell
+/// an equal version (`1.0.8` asked, `1.0.8-0` published, or the reverse):
+/// apt pins by exact text. Reads the indexes `update` fetched; runs nothing
+/// when no version is pinned.
+fn spell_targets(job: &Job, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
+    let packages = &job.manifest.packages;
+    let pinned: Vec<&str> = packages
+        .iter()
+        .filter(|p| {
+            matches!(
+                p,
+                PackageAction::Install {
+                    version: Some(_),
+                    ..
+                }
+            )
         })
-    }
-
-    fn apt(&self) -> Apt<'_> {
-        Apt::new(&self.config)
-    }
-
-    /// The `apt-get install` arguments, in the listed order, as the
-    /// manifest spells them (for the plan).
-    fn targets(&self) -> Vec<String> {
-        self.manifest
-            .packages
-            .iter()
-            .map(PackageAction::apt_argument)
-            .collect()
-    }
-
-    /// The targets `download` spelled (see [`Job::spell_targets`]), kept
-    /// so backup and install use the same ones; spelled again when none
-    /// were kept.
-    fn apt_targets(&self, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
-        let kept: Option<Vec<String>> =
-            checkpoint::get_json(TARGETS_KEY).map_err(checkpoint_failure)?;
-        match kept {
-            Some(targets) => Ok(targets),
-            None => self.spell_targets(apt),
-        }
-    }
-
-    /// The targets with each pinned version spelled as the repositories
-    /// spell an equal version (`1.0.8` asked, `1.0.8-0` published, or the
-    /// reverse): apt pins by exact text. Reads the indexes `update`
-    /// fetched; runs nothing when no version is pinned.
-    fn spell_targets(&self, apt: &Apt<'_>) -> Result<Vec<String>, Status> {
-        let pinned: Vec<&str> = self
-            .manifest
-            .packages
-            .iter()
-            .filter(|p| {
-                matches!(
-                    p,
-                    PackageAction::Install {
-                        version: Some(_),
-                        ..
-                    }
-                )
-            })
-            .map(PackageAction::name)
-            .collect();
-        let offered = apt.available(&pinned)?;
-        Ok(self
-            .manifest
-            .packages
-            .iter()
-            .map(|p| p.apt_argument_in(&offered))
-            .collect())
-    }
+        .map(PackageAction::name)
+        .collect();
+    let offered = apt.available(&pinned)?;
+    Ok(packages
+        .iter()
+        .map(|p| p.apt_argument_in(&offered))
+        .collect())
 }
 
 struct AptHandler;
 
+/// A step of this handler.
+type Job = otabox_sdk::Job<AptHandler>;
+
 impl Handler for AptHandler {
+    type Manifest = AptManifest;
+    type Config = AptConfig;
+
     fn describe() -> Description {
         Description::new(
             "apt",
@@ -136,8 +124,7 @@ impl Handler for AptHandler {
         .with_rollback()
     }
 
-    fn validate(step: &Step) -> Result<Plan, Status> {
-        let job = Job::of(step)?;
+    fn validate(job: &Job) -> Result<Plan, Status> {
         let m = &job.manifest;
         let mut plan = Plan::new(m.installed_criteria());
         match Records::load(Path::new(STATE_DIR)) {
@@ -157,15 +144,14 @@ impl Handler for AptHandler {
             Err(e) => plan = plan.warning(format!("the cumulative check was skipped: {e}")),
         }
         plan.details
-            .push(("packages".into(), job.targets().join(" ")));
+            .push(("packages".into(), targets(job).join(" ")));
         if m.restarts_agent(&job.config.agent_packages) {
             plan.details.push(("agent-restart".into(), "yes".into()));
         }
         Ok(plan)
     }
 
-    fn is_installed(step: &Step) -> Result<bool, Status> {
-        let job = Job::of(step)?;
+    fn is_installed(job: &Job) -> Result<bool, Status> {
         let records = Records::load(Path::new(STATE_DIR))
             .map_err(|e| Status::new(status::RECORD_FAILED, e))?;
         let recorded = records
@@ -175,7 +161,7 @@ impl Handler for AptHandler {
         if !recorded {
             return Ok(false);
         }
-        let differences = differences(&job)?;
+        let differences = differences(job)?;
         if !differences.is_empty() {
             info!(
                 "{} is recorded but dpkg differs: {}",
@@ -186,111 +172,97 @@ impl Handler for AptHandler {
         Ok(differences.is_empty())
     }
 
-    fn download(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let apt = job.apt();
-            progress(Phase::Download, 0, 2);
-            if cancel_requested() {
-                return Ok(Outcome::Cancelled);
-            }
-            apt.update()?;
-            progress(Phase::Download, 1, 2);
-            if cancel_requested() {
-                return Ok(Outcome::Cancelled);
-            }
-            let targets = job.spell_targets(&apt)?;
-            checkpoint::set_json(TARGETS_KEY, &targets).map_err(checkpoint_failure)?;
-            apt.download(&targets, &job.manifest.packages)?;
-            progress(Phase::Download, 2, 2);
-            Ok(Outcome::Success)
-        })
+    fn download(job: &Job) -> Result<Outcome, Status> {
+        let apt = apt_for(job);
+        progress(Phase::Download, 0, 2);
+        if cancel_requested() {
+            return Ok(Outcome::Cancelled);
+        }
+        apt.update()?;
+        progress(Phase::Download, 1, 2);
+        if cancel_requested() {
+            return Ok(Outcome::Cancelled);
+        }
+        let targets = spell_targets(job, &apt)?;
+        checkpoint::set_json(TARGETS_KEY, &targets).map_err(checkpoint_failure)?;
+        apt.download(&targets, &job.manifest.packages)?;
+        progress(Phase::Download, 2, 2);
+        Ok(Outcome::Success)
     }
 
-    fn backup(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let apt = job.apt();
-            let changes = apt.simulate(&job.apt_targets(&apt)?)?.map_err(|out| {
-                status::apt_failure(
-                    status::INSTALL_FAILED,
-                    "apt-get cannot plan the install",
-                    &out,
-                    &job.manifest.packages,
-                )
-            })?;
-            info!("the install changes {}", describe_changes(&changes));
-            checkpoint::set_json(BACKUP_KEY, &changes).map_err(checkpoint_failure)?;
-            Ok(Outcome::Success)
-        })
-    }
-
-    fn install(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let apt = job.apt();
-            let out = apt.install(&job.apt_targets(&apt)?)?;
-            if out.success() {
-                return Ok(Outcome::Success);
-            }
-            let failure = status::apt_failure(
+    fn backup(job: &Job) -> Result<Outcome, Status> {
+        let apt = apt_for(job);
+        let changes = apt.simulate(&apt_targets(job, &apt)?)?.map_err(|out| {
+            status::apt_failure(
                 status::INSTALL_FAILED,
-                "apt-get install failed",
+                "apt-get cannot plan the install",
                 &out,
                 &job.manifest.packages,
-            );
-            Err(with_dpkg_states(&apt, failure))
+            )
+        })?;
+        info!("the install changes {}", describe_changes(&changes));
+        checkpoint::set_json(BACKUP_KEY, &changes).map_err(checkpoint_failure)?;
+        Ok(Outcome::Success)
+    }
+
+    fn install(job: &Job) -> Result<Outcome, Status> {
+        let apt = apt_for(job);
+        let out = apt.install(&apt_targets(job, &apt)?)?;
+        if out.success() {
+            return Ok(Outcome::Success);
+        }
+        let failure = status::apt_failure(
+            status::INSTALL_FAILED,
+            "apt-get install failed",
+            &out,
+            &job.manifest.packages,
+        );
+        Err(with_dpkg_states(&apt, failure))
+    }
+
+    fn apply(job: &Job) -> Result<Outcome, Status> {
+        Ok(if job.manifest.restarts_agent(&job.config.agent_packages) {
+            info!("the manifest updates the agent: asking for an agent restart");
+            Outcome::RestartAgent
+        } else {
+            Outcome::Success
         })
     }
 
-    fn apply(step: &Step) -> Outcome {
-        phase(step, |job| {
-            Ok(if job.manifest.restarts_agent(&job.config.agent_packages) {
-                info!("the manifest updates the agent: asking for an agent restart");
-                Outcome::RestartAgent
-            } else {
-                Outcome::Success
-            })
-        })
+    fn verify(job: &Job) -> Result<Outcome, Status> {
+        let differences = differences(job)?;
+        if differences.is_empty() {
+            return Ok(Outcome::Success);
+        }
+        Err(Status::new(
+            status::NOT_AS_EXPECTED,
+            format!(
+                "after the install dpkg differs from the manifest: {}",
+                differences.join("; ")
+            ),
+        ))
     }
 
-    fn verify(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let differences = differences(job)?;
-            if differences.is_empty() {
-                return Ok(Outcome::Success);
-            }
-            Err(Status::new(
-                status::NOT_AS_EXPECTED,
-                format!(
-                    "after the install dpkg differs from the manifest: {}",
-                    differences.join("; ")
-                ),
-            ))
-        })
+    fn commit(job: &Job) -> Result<Outcome, Status> {
+        let dir = Path::new(STATE_DIR);
+        let mut records = Records::load(dir).map_err(|e| Status::new(status::RECORD_FAILED, e))?;
+        records
+            .manifests
+            .insert(job.manifest.name.clone(), Record::of(&job.manifest));
+        records
+            .save(dir)
+            .map_err(|e| Status::new(status::RECORD_FAILED, e))?;
+        let _ = checkpoint::remove(BACKUP_KEY);
+        let _ = checkpoint::remove(TARGETS_KEY);
+        Ok(Outcome::Success)
     }
 
-    fn commit(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let dir = Path::new(STATE_DIR);
-            let mut records =
-                Records::load(dir).map_err(|e| Status::new(status::RECORD_FAILED, e))?;
-            records
-                .manifests
-                .insert(job.manifest.name.clone(), Record::of(&job.manifest));
-            records
-                .save(dir)
-                .map_err(|e| Status::new(status::RECORD_FAILED, e))?;
-            let _ = checkpoint::remove(BACKUP_KEY);
-            let _ = checkpoint::remove(TARGETS_KEY);
-            Ok(Outcome::Success)
-        })
+    fn rollback(job: &Job) -> Result<Outcome, Status> {
+        rollback(job)
     }
 
-    fn rollback(step: &Step) -> Outcome {
-        phase(step, rollback)
-    }
-
-    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config = AptConfig::parse(config).map_err(|e| Status::new(11, e))?;
-        let apt = Apt::new(&config);
+    fn inventory(config: &AptConfig) -> Result<Vec<InstalledItem>, Status> {
+        let apt = Apt::new(config);
         let packages = match config.inventory {
             InventoryScope::All => apt.query_all()?,
             InventoryScope::Managed => {
@@ -320,17 +292,10 @@ fn checkpoint_failure(e: HostError) -> Status {
     Status::new(status::RECORD_FAILED, format!("checkpoint: {e}"))
 }
 
-/// Runs a phase on the parsed step, turning errors into `failed`.
-fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
-    Job::of(step)
-        .and_then(|job| body(&job))
-        .unwrap_or_else(Outcome::Failed)
-}
-
 /// Where dpkg differs from the manifest (empty: it matches).
 fn differences(job: &Job) -> Result<Vec<String>, Status> {
     let names: Vec<&str> = job.manifest.packages.iter().map(|p| p.name()).collect();
-    let dpkg = job.apt().query(&names)?;
+    let dpkg = apt_for(job).query(&names)?;
     let mut found = Vec::new();
     for package in &job.manifest.packages {
         let current = dpkg.get(package.name()).filter(|p| p.is_installed());
@@ -384,7 +349,7 @@ fn rollback(job: &Job) -> Result<Outcome, Status> {
             None => format!("{}-", c.name),
         })
         .collect();
-    let apt = job.apt();
+    let apt = apt_for(job);
     if let Err(out) = apt.simulate(&targets)? {
         let failure = status::apt_failure(
             status::ROLLBACK_FAILED,

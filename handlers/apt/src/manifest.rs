@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use otabox_sdk::{FromJson, from_json};
 use serde::Deserialize;
 
 use crate::version::{Version, spelling_in};
@@ -110,11 +111,10 @@ pub struct AptManifest {
     pub agent_restart_required: bool,
 }
 
-impl AptManifest {
+impl FromJson for AptManifest {
     /// Parses and checks `json`; errors name the package at fault.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let raw: RawManifest =
-            serde_json::from_str(json).map_err(|e| format!("invalid apt manifest: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let raw: RawManifest = from_json(json, "apt manifest")?;
         if raw.name.trim().is_empty() || raw.version.trim().is_empty() {
             return Err("invalid apt manifest: `name` and `version` must not be empty".into());
         }
@@ -143,7 +143,9 @@ impl AptManifest {
             agent_restart_required: raw.agent_restart_required,
         })
     }
+}
 
+impl AptManifest {
     /// Whether the manifest installs any of `names` (or asks for a restart).
     pub fn restarts_agent(&self, names: &[String]) -> bool {
         self.agent_restart_required

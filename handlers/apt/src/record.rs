@@ -91,6 +91,7 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use otabox_sdk::FromJson;
     use std::fs;
 
     fn manifest(json: &str) -> AptManifest {

@@ -1,6 +1,7 @@
 //! Result codes of the apt handler, and failures built from apt's output.
 //!
-//! Codes 10 and 11 are the SDK's (invalid manifest, invalid config). The
+//! Codes below 20 are the SDK's ([`otabox_sdk::code`]: 10 invalid
+//! manifest, 11 invalid config). The
 //! extended code of a failed apt-get or dpkg-query run is facility 4
 //! (package manager), component 1 (apt-get) or 2 (dpkg-query), value = the
 //! program's exit code.
@@ -8,7 +9,6 @@
 use otabox_sdk::Output;
 use otabox_sdk::prelude::*;
 
-use crate::apt::exit_value;
 use crate::diagnose::{self, Problem};
 use crate::manifest::PackageAction;
 
@@ -100,8 +100,7 @@ pub fn apt_failure(code: u32, headline: &str, out: &Output, manifest: &[PackageA
             (code, format!("{headline}: {said}"), Vec::new())
         }
     };
-    let mut status =
-        Status::new(code, message).extended(Facility::PackageManager, 1, exit_value(out));
+    let mut status = out.failure(code, message, Facility::PackageManager, 1);
     for (key, value) in extra {
         status = status.detail(key, value);
     }

@@ -499,10 +499,11 @@ impl<'a> Engine<'a> {
 
 /// A failed engine run: the engine's message, facility 5, its exit code.
 fn engine_failure(code: u32, what: &str, out: &otabox_sdk::Output) -> Status {
-    Status::new(code, format!("cannot {what}: {}", out.stderr().trim())).extended(
+    out.failure(
+        code,
+        format!("cannot {what}: {}", out.stderr().trim()),
         Facility::ContainerEngine,
         0,
-        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
     )
 }
 

@@ -65,73 +65,59 @@ struct Changes {
     kept: BTreeMap<String, bool>,
 }
 
-struct Job {
-    deployment: Deployment,
-    config: Config,
+/// The engine the device configures.
+fn engine_for(job: &Job) -> Engine<'_> {
+    Engine::new(&job.config)
 }
 
-impl Job {
-    fn of(step: &Step) -> Result<Self, Status> {
-        Ok(Self {
-            deployment: Deployment::parse(step.manifest_json()).map_err(|e| Status::new(10, e))?,
-            config: Config::parse(&step.raw().config).map_err(|e| Status::new(11, e))?,
-        })
-    }
-
-    fn engine(&self) -> Engine<'_> {
-        Engine::new(&self.config)
-    }
-
-    /// Module name → pinned spec. A module whose image reference this step
-    /// resolved already (same name, same reference) keeps that digest, so
-    /// a retry installs exactly the same images; any other is resolved in
-    /// its registry, and the pins are remembered.
-    fn resolved(&self) -> Result<BTreeMap<String, Resolved>, Status> {
-        let saved: BTreeMap<String, Pin> = checkpoint::get_json(RESOLVED_KEY)
-            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
-            .unwrap_or_default();
-        let engine = self.engine();
-        let mut pins = BTreeMap::new();
-        let mut logged_in = false;
-        for (name, module) in self.deployment.all() {
-            let pin = match saved.get(name).filter(|p| p.image == module.image) {
-                Some(pin) => pin.clone(),
-                None => {
-                    if !logged_in {
-                        engine.login_all()?;
-                        logged_in = true;
-                    }
-                    resolve(&engine, name, &module.image)?
+/// Module name → pinned spec. A module whose image reference this step
+/// resolved already (same name, same reference) keeps that digest, so a
+/// retry installs exactly the same images; any other is resolved in its
+/// registry, and the pins are remembered.
+fn resolved(job: &Job) -> Result<BTreeMap<String, Resolved>, Status> {
+    let saved: BTreeMap<String, Pin> = checkpoint::get_json(RESOLVED_KEY)
+        .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
+        .unwrap_or_default();
+    let engine = engine_for(job);
+    let mut pins = BTreeMap::new();
+    let mut logged_in = false;
+    for (name, module) in job.manifest.all() {
+        let pin = match saved.get(name).filter(|p| p.image == module.image) {
+            Some(pin) => pin.clone(),
+            None => {
+                if !logged_in {
+                    engine.login_all()?;
+                    logged_in = true;
                 }
-            };
-            pins.insert(name.clone(), pin);
-        }
-        if pins != saved {
-            checkpoint::set_json(RESOLVED_KEY, &pins)
-                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
-        }
-        Ok(self
-            .deployment
-            .all()
-            .map(|(name, module)| {
-                let digest = pins[name].digest.clone();
-                let module = module.clone();
-                (name.clone(), Resolved { module, digest })
-            })
-            .collect())
+                resolve(&engine, name, &module.image)?
+            }
+        };
+        pins.insert(name.clone(), pin);
     }
+    if pins != saved {
+        checkpoint::set_json(RESOLVED_KEY, &pins)
+            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+    }
+    Ok(job
+        .manifest
+        .all()
+        .map(|(name, module)| {
+            let digest = pins[name].digest.clone();
+            let module = module.clone();
+            (name.clone(), Resolved { module, digest })
+        })
+        .collect())
+}
 
-    /// Refuses a create option that reaches the host without the device's
-    /// consent.
-    fn check_policy(&self) -> Result<(), Status> {
-        policy::check(&self.deployment, &self.config.allow)
-            .map_err(|e| Status::new(status::REFUSED, e))
-    }
+/// Refuses a create option that reaches the host without the device's
+/// consent.
+fn check_policy(job: &Job) -> Result<(), Status> {
+    policy::check(&job.manifest, &job.config.allow).map_err(|e| Status::new(status::REFUSED, e))
 }
 
 /// Module `name`'s `image` pinned to the digest its registry has for it.
 fn resolve(engine: &Engine<'_>, name: &str, image: &str) -> Result<Pin, Status> {
-    let parsed = ImageRef::parse(image).map_err(|e| Status::new(10, e))?;
+    let parsed = ImageRef::parse(image).map_err(|e| Status::new(code::INVALID_MANIFEST, e))?;
     let digest = engine.resolve(&parsed, image).map_err(|s| Status {
         message: format!("module {name}: {}", s.message),
         ..s
@@ -165,23 +151,28 @@ fn check_names(engine: &Engine<'_>, deployment: &Deployment) -> Result<(), Statu
 
 struct ContainerHandler;
 
+/// A step of this handler: its manifest is the [`Deployment`].
+type Job = otabox_sdk::Job<ContainerHandler>;
+
 impl Handler for ContainerHandler {
+    type Manifest = Deployment;
+    type Config = Config;
+
     fn describe() -> Description {
         Description::new("container", env!("CARGO_PKG_VERSION"), [UPDATE_TYPE]).with_rollback()
     }
 
-    fn validate(step: &Step) -> Result<Plan, Status> {
-        let job = Job::of(step)?;
-        job.check_policy()?;
-        check_names(&job.engine(), &job.deployment)?;
-        let resolved = job.resolved()?;
+    fn validate(job: &Job) -> Result<Plan, Status> {
+        check_policy(job)?;
+        check_names(&engine_for(job), &job.manifest)?;
+        let resolved = resolved(job)?;
         for (name, want) in &resolved {
             engine::check_limits(name, want).map_err(|e| {
                 Status::new(status::TOO_LARGE, format!("module {name}: {e}"))
                     .detail("module", name.clone())
             })?;
         }
-        let mut plan = Plan::new(job.deployment.installed_criteria());
+        let mut plan = Plan::new(job.manifest.installed_criteria());
         for (name, r) in &resolved {
             plan.details
                 .push((name.clone(), format!("{} = {}", r.module.image, r.digest)));
@@ -189,10 +180,9 @@ impl Handler for ContainerHandler {
         Ok(plan)
     }
 
-    fn is_installed(step: &Step) -> Result<bool, Status> {
-        let job = Job::of(step)?;
-        let resolved = job.resolved()?;
-        let managed = job.engine().managed()?;
+    fn is_installed(job: &Job) -> Result<bool, Status> {
+        let resolved = resolved(job)?;
+        let managed = engine_for(job).managed()?;
         let all_match = resolved
             .iter()
             .all(|(name, want)| managed.iter().any(|c| &c.name == name && c.matches(want)));
@@ -200,97 +190,85 @@ impl Handler for ContainerHandler {
         Ok(all_match && no_strays)
     }
 
-    fn download(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let engine = job.engine();
-            let resolved = job.resolved()?;
-            engine.login_all()?;
-            let total = resolved.len() as u64;
-            for (i, (name, r)) in resolved.iter().enumerate() {
-                if cancel_requested() {
-                    return Ok(Outcome::Cancelled);
-                }
-                let pinned = r.pinned();
-                if !engine.has_image(&pinned) {
-                    info!("pulling {pinned} for {name}");
-                    engine.pull(r)?;
-                }
-                progress(Phase::Download, i as u64 + 1, total);
+    fn download(job: &Job) -> Result<Outcome, Status> {
+        let engine = engine_for(job);
+        let resolved = resolved(job)?;
+        engine.login_all()?;
+        let total = resolved.len() as u64;
+        for (i, (name, r)) in resolved.iter().enumerate() {
+            if cancel_requested() {
+                return Ok(Outcome::Cancelled);
             }
-            Ok(Outcome::Success)
-        })
+            let pinned = r.pinned();
+            if !engine.has_image(&pinned) {
+                info!("pulling {pinned} for {name}");
+                engine.pull(r)?;
+            }
+            progress(Phase::Download, i as u64 + 1, total);
+        }
+        Ok(Outcome::Success)
     }
 
-    fn backup(step: &Step) -> Outcome {
-        phase(step, |_| {
-            checkpoint::set_json(CHANGES_KEY, &Changes::default())
-                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
-            Ok(Outcome::Success)
-        })
+    fn backup(_job: &Job) -> Result<Outcome, Status> {
+        save_changes(&Changes::default())?;
+        Ok(Outcome::Success)
     }
 
-    fn install(step: &Step) -> Outcome {
-        phase(step, install)
+    fn install(job: &Job) -> Result<Outcome, Status> {
+        install(job)
     }
 
-    fn apply(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let engine = job.engine();
-            let resolved = job.resolved()?;
-            let changes = load_changes()?;
-            for name in &changes.created {
-                if resolved[name].module.status == DesiredStatus::Running {
-                    engine.start(name)?;
+    fn apply(job: &Job) -> Result<Outcome, Status> {
+        let engine = engine_for(job);
+        let resolved = resolved(job)?;
+        let changes = load_changes()?;
+        for name in &changes.created {
+            if resolved[name].module.status == DesiredStatus::Running {
+                engine.start(name)?;
+            }
+        }
+        for name in &changes.created {
+            wait_until_ready(&engine, name, &resolved[name], &job.config)?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    fn verify(job: &Job) -> Result<Outcome, Status> {
+        let engine = engine_for(job);
+        for (name, want) in resolved(job)? {
+            match engine.inspect(&name)? {
+                Some(c) if c.matches(&want) => {}
+                Some(c) => {
+                    return Err(Status::new(
+                        status::NOT_RUNNING,
+                        format!("module {name} is {}, not as deployed", c.state),
+                    ));
                 }
-            }
-            for name in &changes.created {
-                wait_until_ready(&engine, name, &resolved[name], &job.config)?;
-            }
-            Ok(Outcome::Success)
-        })
-    }
-
-    fn verify(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let engine = job.engine();
-            for (name, want) in job.resolved()? {
-                match engine.inspect(&name)? {
-                    Some(c) if c.matches(&want) => {}
-                    Some(c) => {
-                        return Err(Status::new(
-                            status::NOT_RUNNING,
-                            format!("module {name} is {}, not as deployed", c.state),
-                        ));
-                    }
-                    None => {
-                        return Err(Status::new(
-                            status::NOT_RUNNING,
-                            format!("module {name} has no container"),
-                        ));
-                    }
+                None => {
+                    return Err(Status::new(
+                        status::NOT_RUNNING,
+                        format!("module {name} has no container"),
+                    ));
                 }
             }
-            Ok(Outcome::Success)
-        })
+        }
+        Ok(Outcome::Success)
     }
 
-    fn commit(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let engine = job.engine();
-            for name in load_changes()?.kept.keys() {
-                engine.remove(&format!("{name}{OLD}"))?;
-            }
-            Ok(Outcome::Success)
-        })
+    fn commit(job: &Job) -> Result<Outcome, Status> {
+        let engine = engine_for(job);
+        for name in load_changes()?.kept.keys() {
+            engine.remove(&format!("{name}{OLD}"))?;
+        }
+        Ok(Outcome::Success)
     }
 
-    fn rollback(step: &Step) -> Outcome {
-        phase(step, rollback)
+    fn rollback(job: &Job) -> Result<Outcome, Status> {
+        rollback(job)
     }
 
-    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
-        let managed = Engine::new(&config).managed()?;
+    fn inventory(config: &Config) -> Result<Vec<InstalledItem>, Status> {
+        let managed = Engine::new(config).managed()?;
         Ok(managed
             .into_iter()
             .filter(|c| !c.name.ends_with(OLD))
@@ -312,12 +290,6 @@ impl Handler for ContainerHandler {
 }
 
 export_handler!(ContainerHandler);
-
-fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
-    Job::of(step)
-        .and_then(|job| body(&job))
-        .unwrap_or_else(Outcome::Failed)
-}
 
 fn load_changes() -> Result<Changes, Status> {
     checkpoint::get_json::<Changes>(CHANGES_KEY)
@@ -343,9 +315,9 @@ fn keep_old(engine: &Engine<'_>, c: &Container, changes: &mut Changes) -> Result
 }
 
 fn install(job: &Job) -> Result<Outcome, Status> {
-    job.check_policy()?;
-    let engine = job.engine();
-    let resolved = job.resolved()?;
+    check_policy(job)?;
+    let engine = engine_for(job);
+    let resolved = resolved(job)?;
     let mut changes = load_changes()?;
     let managed = engine.managed()?;
     for (name, want) in &resolved {
@@ -447,7 +419,7 @@ fn not_running(engine: &Engine<'_>, name: &str, c: &Container, why: &str) -> Sta
 }
 
 fn rollback(job: &Job) -> Result<Outcome, Status> {
-    let engine = job.engine();
+    let engine = engine_for(job);
     let changes = load_changes()?;
     for name in &changes.created {
         engine.remove(name)?;

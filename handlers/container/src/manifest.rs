@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use otabox_sdk::{FromJson, from_json};
 use serde::{Deserialize, Serialize};
 
 /// Whether a module's container should run.
@@ -234,11 +235,10 @@ pub struct Deployment {
     pub modules: BTreeMap<String, Module>,
 }
 
-impl Deployment {
+impl FromJson for Deployment {
     /// Parses and checks `json`; errors name the module at fault.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let d: Self =
-            serde_json::from_str(json).map_err(|e| format!("invalid container deployment: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let d: Self = from_json(json, "container deployment")?;
         if d.name.trim().is_empty() || d.version.trim().is_empty() {
             return Err(
                 "invalid container deployment: `name` and `version` must not be empty".into(),
@@ -268,7 +268,9 @@ impl Deployment {
         }
         Ok(d)
     }
+}
 
+impl Deployment {
     /// Every module, system modules first, each group in name order.
     pub fn all(&self) -> impl Iterator<Item = (&String, &Module)> {
         self.system_modules.iter().chain(self.modules.iter())
@@ -541,16 +543,17 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-impl Config {
+impl FromJson for Config {
     /// Parses the configuration JSON the host passes.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let c: Self = serde_json::from_str(json)
-            .map_err(|e| format!("invalid container handler config: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let c: Self = from_json(json, "container handler config")?;
         c.check()
             .map_err(|e| format!("invalid container handler config: {e}"))?;
         Ok(c)
     }
+}
 
+impl Config {
     fn check(&self) -> Result<(), String> {
         let kind = self.engine()?;
         self.allow.check()?;

@@ -231,6 +231,7 @@ fn check_device(device: &crate::manifest::DeviceMapping, allow: &Allow) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use otabox_sdk::FromJson;
 
     fn deployment(host_config: &str) -> Deployment {
         Deployment::parse(&format!(

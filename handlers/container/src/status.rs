@@ -1,5 +1,5 @@
-//! Result codes of the container handler (10 and 11 are the SDK's: invalid
-//! manifest, invalid config). Engine failures carry facility 5 (container
+//! Result codes of the container handler. Codes below 20 are the SDK's
+//! ([`otabox_sdk::code`]: 10 invalid manifest, 11 invalid config). Engine failures carry facility 5 (container
 //! engine) and the CLI's exit code.
 
 /// An image or tag is not in its registry (or the registry is unreachable).

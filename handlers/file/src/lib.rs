@@ -16,13 +16,16 @@
 //! the destination; `commit` drops the backup; `rollback` restores it (or
 //! removes a destination that did not exist before); `cleanup` removes the
 //! temporary file. `inventory` lists the files under the configured `root`.
+//! Failures are numbered in [`status`].
+
+pub mod status;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use otabox_sdk::prelude::*;
-use otabox_sdk::{InstalledItem, checkpoint};
+use otabox_sdk::{InstalledItem, PayloadInfo, checkpoint};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -54,12 +57,11 @@ pub struct Config {
     pub root: Option<String>,
 }
 
-impl Config {
+impl FromJson for Config {
     /// Parses and checks the configuration JSON the host passes (also at
     /// load, through `inventory`).
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let config: Self =
-            serde_json::from_str(json).map_err(|e| format!("invalid file handler config: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let config: Self = from_json(json, "file handler config")?;
         if let Some(root) = &config.root {
             let path = Path::new(root);
             if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
@@ -74,116 +76,159 @@ impl Config {
 
 struct FileHandler;
 
+/// A step of this handler.
+type Job = otabox_sdk::Job<FileHandler>;
+
 impl Handler for FileHandler {
+    type Manifest = Manifest;
+    type Config = Config;
+
     fn describe() -> Description {
         Description::new("file", env!("CARGO_PKG_VERSION"), [UPDATE_TYPE]).with_rollback()
     }
 
-    fn validate(step: &Step) -> Result<Plan, Status> {
-        let m = parse(step)?;
-        Ok(Plan::new(format!("{}-{}", m.name, m.version)).payload(m.payload))
+    /// The payload the manifest names must be one the step declares.
+    fn check(job: &Job) -> Result<(), Status> {
+        payload_info(job).map(|_| ())
     }
 
-    fn is_installed(step: &Step) -> Result<bool, Status> {
-        let m = parse(step)?;
-        let expected = payload_info(step, &m)?.sha256.clone();
+    fn validate(job: &Job) -> Result<Plan, Status> {
+        let m = &job.manifest;
+        Ok(Plan::new(format!("{}-{}", m.name, m.version)).payload(m.payload.clone()))
+    }
+
+    fn is_installed(job: &Job) -> Result<bool, Status> {
+        let m = &job.manifest;
+        let expected = payload_info(job)?.sha256.clone();
         match sha256_file(Path::new(&m.destination)) {
             Ok(actual) => Ok(actual == expected),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_status(20, "cannot read destination", &m.destination, e)),
+            Err(e) => Err(io_status(
+                status::READ_FAILED,
+                "cannot read destination",
+                &m.destination,
+                e,
+            )),
         }
     }
 
-    fn backup(step: &Step) -> Outcome {
-        run(step, |m| {
-            let dest = Path::new(&m.destination);
-            let existed = dest.exists();
-            if existed {
-                copy_synced(dest, &sibling(dest, "otabox-backup"))
-                    .map_err(|e| io_status(21, "backup failed", &m.destination, e))?;
-            }
-            set_checkpoint(BACKUP_KEY, existed)?;
-            Ok(Outcome::Success)
-        })
-    }
-
-    fn install(step: &Step) -> Outcome {
-        run(step, |m| {
-            let payload = step.open_payload(&m.payload)?;
-            let staged = sibling(Path::new(&m.destination), "otabox-new");
-            write_payload(&payload, &staged).map_err(|e| {
-                match otabox_sdk::fs::denial(&staged) {
-                    Some(_) => io_status(22, "cannot write", &m.destination, e),
-                    None => io_status(22, "cannot write staged file", &staged.to_string_lossy(), e),
-                }
+    fn backup(job: &Job) -> Result<Outcome, Status> {
+        let m = &job.manifest;
+        let dest = Path::new(&m.destination);
+        let existed = dest.exists();
+        if existed {
+            copy_synced(dest, &sibling(dest, "otabox-backup")).map_err(|e| {
+                io_status(status::BACKUP_FAILED, "backup failed", &m.destination, e)
             })?;
-            info!("staged {} ({} bytes)", staged.display(), payload.size());
-            Ok(Outcome::Success)
-        })
+        }
+        set_checkpoint(BACKUP_KEY, existed)?;
+        Ok(Outcome::Success)
     }
 
-    fn apply(step: &Step) -> Outcome {
-        run(step, |m| {
-            let dest = Path::new(&m.destination);
-            fs::rename(sibling(dest, "otabox-new"), dest)
-                .map_err(|e| io_status(23, "cannot activate file", &m.destination, e))?;
-            Ok(Outcome::Success)
-        })
+    fn install(job: &Job) -> Result<Outcome, Status> {
+        let m = &job.manifest;
+        let payload = job.step.open_payload(&m.payload)?;
+        let staged = sibling(Path::new(&m.destination), "otabox-new");
+        write_payload(&payload, &staged).map_err(|e| match otabox_sdk::fs::denial(&staged) {
+            Some(_) => io_status(status::WRITE_FAILED, "cannot write", &m.destination, e),
+            None => io_status(
+                status::WRITE_FAILED,
+                "cannot write staged file",
+                &staged.to_string_lossy(),
+                e,
+            ),
+        })?;
+        info!("staged {} ({} bytes)", staged.display(), payload.size());
+        Ok(Outcome::Success)
     }
 
-    fn verify(step: &Step) -> Outcome {
-        run(step, |m| match Self::is_installed(step)? {
+    fn apply(job: &Job) -> Result<Outcome, Status> {
+        let m = &job.manifest;
+        let dest = Path::new(&m.destination);
+        fs::rename(sibling(dest, "otabox-new"), dest).map_err(|e| {
+            io_status(
+                status::ACTIVATE_FAILED,
+                "cannot activate file",
+                &m.destination,
+                e,
+            )
+        })?;
+        Ok(Outcome::Success)
+    }
+
+    fn verify(job: &Job) -> Result<Outcome, Status> {
+        match Self::is_installed(job)? {
             true => Ok(Outcome::Success),
-            false => Err(Status::new(24, "destination does not match the payload")
-                .detail("destination", m.destination.clone())),
-        })
+            false => Err(
+                Status::new(status::MISMATCH, "destination does not match the payload")
+                    .detail("destination", job.manifest.destination.clone()),
+            ),
+        }
     }
 
-    fn commit(step: &Step) -> Outcome {
-        run(step, |m| {
-            remove_if_present(&sibling(Path::new(&m.destination), "otabox-backup"))
-                .map_err(|e| io_status(25, "cannot drop backup", &m.destination, e))?;
-            Ok(Outcome::Success)
-        })
+    fn commit(job: &Job) -> Result<Outcome, Status> {
+        remove_sibling(
+            job,
+            "otabox-backup",
+            status::DROP_BACKUP_FAILED,
+            "cannot drop backup",
+        )
     }
 
-    fn rollback(step: &Step) -> Outcome {
-        run(step, |m| {
-            let dest = Path::new(&m.destination);
-            let existed = checkpoint::get_json::<bool>(BACKUP_KEY)
-                .map_err(|e| Status::new(26, format!("backup record unreadable: {e}")))?
-                .ok_or_else(|| Status::new(26, "no backup was taken; nothing to restore"))?;
-            let restored = if existed {
-                fs::rename(sibling(dest, "otabox-backup"), dest)
-            } else {
-                remove_if_present(dest)
-            };
-            restored.map_err(|e| io_status(26, "rollback failed", &m.destination, e))?;
-            Ok(Outcome::Success)
-        })
+    fn rollback(job: &Job) -> Result<Outcome, Status> {
+        let m = &job.manifest;
+        let dest = Path::new(&m.destination);
+        let existed = checkpoint::get_json::<bool>(BACKUP_KEY)
+            .map_err(|e| {
+                Status::new(
+                    status::ROLLBACK_FAILED,
+                    format!("backup record unreadable: {e}"),
+                )
+            })?
+            .ok_or_else(|| {
+                Status::new(
+                    status::ROLLBACK_FAILED,
+                    "no backup was taken; nothing to restore",
+                )
+            })?;
+        let restored = if existed {
+            fs::rename(sibling(dest, "otabox-backup"), dest)
+        } else {
+            remove_if_present(dest)
+        };
+        restored.map_err(|e| {
+            io_status(
+                status::ROLLBACK_FAILED,
+                "rollback failed",
+                &m.destination,
+                e,
+            )
+        })?;
+        Ok(Outcome::Success)
     }
 
-    fn cleanup(step: &Step) -> Outcome {
-        run(step, |m| {
-            remove_if_present(&sibling(Path::new(&m.destination), "otabox-new"))
-                .map_err(|e| io_status(27, "cannot remove staged file", &m.destination, e))?;
-            Ok(Outcome::Success)
-        })
+    fn cleanup(job: &Job) -> Result<Outcome, Status> {
+        remove_sibling(
+            job,
+            "otabox-new",
+            status::CLEANUP_FAILED,
+            "cannot remove staged file",
+        )
     }
 
-    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
-        let Some(root) = config.root else {
+    fn inventory(config: &Config) -> Result<Vec<InstalledItem>, Status> {
+        let Some(root) = &config.root else {
             return Ok(Vec::new());
         };
-        let entries = fs::read_dir(&root).map_err(|e| io_status(28, "cannot list", &root, e))?;
+        let failed = |what, e| io_status(status::INVENTORY_FAILED, what, root, e);
+        let entries = fs::read_dir(root).map_err(|e| failed("cannot list", e))?;
         let mut items = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             if !path.is_file() || is_temporary(&path) {
                 continue;
             }
-            let hash = sha256_file(&path).map_err(|e| io_status(28, "cannot hash", &root, e))?;
+            let hash = sha256_file(&path).map_err(|e| failed("cannot hash", e))?;
             // A file has no version of its own: its content hash tells
             // the cloud which one is there.
             items.push(InstalledItem {
@@ -200,59 +245,58 @@ impl Handler for FileHandler {
 
 export_handler!(FileHandler);
 
-/// Parses and checks the manifest: absolute destination without `..`, and a
-/// payload the step declares.
-pub fn parse_manifest(json: &str) -> Result<Manifest, String> {
-    let m: Manifest = serde_json::from_str(json).map_err(|e| format!("invalid manifest: {e}"))?;
-    if m.name.is_empty() || m.version.is_empty() {
-        return Err("invalid manifest: name and version must not be empty".into());
+impl FromJson for Manifest {
+    /// Parses and checks the manifest: absolute destination without `..`
+    /// (the payload is checked against the step by [`Handler::check`]).
+    fn parse(json: &str) -> Result<Self, String> {
+        let m: Manifest = from_json(json, "manifest")?;
+        if m.name.is_empty() || m.version.is_empty() {
+            return Err("invalid manifest: name and version must not be empty".into());
+        }
+        let dest = Path::new(&m.destination);
+        if !dest.is_absolute() || dest.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!(
+                "invalid manifest: destination {:?} must be an absolute path without `..`",
+                m.destination
+            ));
+        }
+        if dest.file_name().is_none() {
+            return Err(format!(
+                "invalid manifest: destination {:?} names no file",
+                m.destination
+            ));
+        }
+        Ok(m)
     }
-    let dest = Path::new(&m.destination);
-    if !dest.is_absolute() || dest.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!(
-            "invalid manifest: destination {:?} must be an absolute path without `..`",
-            m.destination
-        ));
-    }
-    if dest.file_name().is_none() {
-        return Err(format!(
-            "invalid manifest: destination {:?} names no file",
-            m.destination
-        ));
-    }
-    Ok(m)
 }
 
-fn parse(step: &Step) -> Result<Manifest, Status> {
-    let m = parse_manifest(step.manifest_json()).map_err(|e| Status::new(10, e))?;
-    payload_info(step, &m)?;
-    Ok(m)
-}
-
-fn payload_info<'a>(step: &'a Step, m: &Manifest) -> Result<&'a otabox_sdk::PayloadInfo, Status> {
-    step.payloads()
+/// The step's declaration of the payload the manifest names.
+fn payload_info(job: &Job) -> Result<&PayloadInfo, Status> {
+    let name = &job.manifest.payload;
+    job.step
+        .payloads()
         .iter()
-        .find(|p| p.name == m.payload)
+        .find(|p| p.name == *name)
         .ok_or_else(|| {
             Status::new(
-                10,
-                format!(
-                    "invalid manifest: the step has no payload named {:?}",
-                    m.payload
-                ),
+                code::INVALID_MANIFEST,
+                format!("invalid manifest: the step has no payload named {name:?}"),
             )
         })
 }
 
-/// Runs a phase body on the parsed manifest, turning errors into `failed`.
-fn run(step: &Step, body: impl FnOnce(&Manifest) -> Result<Outcome, Status>) -> Outcome {
-    parse(step)
-        .and_then(|m| body(&m))
-        .unwrap_or_else(Outcome::Failed)
+/// Removes the destination's `suffix` sibling if it is there; a failure is
+/// `code` with `what`.
+fn remove_sibling(job: &Job, suffix: &str, code: u32, what: &str) -> Result<Outcome, Status> {
+    let dest = &job.manifest.destination;
+    remove_if_present(&sibling(Path::new(dest), suffix))
+        .map_err(|e| io_status(code, what, dest, e))?;
+    Ok(Outcome::Success)
 }
 
 fn set_checkpoint(key: &str, value: bool) -> Result<(), Status> {
-    checkpoint::set_json(key, &value).map_err(|e| Status::new(29, format!("checkpoint: {e}")))
+    checkpoint::set_json(key, &value)
+        .map_err(|e| Status::new(status::CHECKPOINT_FAILED, format!("checkpoint: {e}")))
 }
 
 fn sibling(dest: &Path, suffix: &str) -> PathBuf {
@@ -325,7 +369,7 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_manifest() {
-        let m = parse_manifest(
+        let m = Manifest::parse(
             r#"{"name":"cfg","version":"1.0","payload":"a.conf","destination":"/srv/a.conf"}"#,
         )
         .expect("valid manifest");
@@ -337,7 +381,7 @@ mod tests {
         for dest in ["srv/a.conf", "/srv/../etc/passwd", "/"] {
             let json =
                 format!(r#"{{"name":"cfg","version":"1","payload":"a","destination":"{dest}"}}"#);
-            let err = parse_manifest(&json).expect_err(dest);
+            let err = Manifest::parse(&json).expect_err(dest);
             assert!(err.contains("destination"), "{dest}: {err}");
         }
     }
@@ -346,13 +390,13 @@ mod tests {
     fn rejects_unknown_fields_and_empty_versions() {
         let unknown = r#"{"name":"c","version":"1","payload":"a","destination":"/a","mode":1}"#;
         assert!(
-            parse_manifest(unknown)
+            Manifest::parse(unknown)
                 .unwrap_err()
                 .contains("unknown field `mode`")
         );
         let empty = r#"{"name":"c","version":"","payload":"a","destination":"/a"}"#;
         assert!(
-            parse_manifest(empty)
+            Manifest::parse(empty)
                 .unwrap_err()
                 .contains("must not be empty")
         );

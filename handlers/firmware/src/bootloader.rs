@@ -144,14 +144,11 @@ fn run(cmd: Command, what: &str) -> Result<String, Status> {
     if out.success() {
         return Ok(out.stdout());
     }
-    Err(Status::new(
+    Err(out.failure(
         status::BOOTLOADER,
         format!("cannot {what}: {}", out.stderr().trim()),
-    )
-    .extended(
         Facility::Bootloader,
         1,
-        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
     ))
 }
 

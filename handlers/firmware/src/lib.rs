@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use otabox_sdk::prelude::*;
-use otabox_sdk::{InstalledItem, devices};
+use otabox_sdk::{InstalledItem, devices, tail};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{BundleKind, Config, Manifest, RebootWhen, booted_slot_from};
@@ -52,83 +52,82 @@ struct Backup {
     env: BTreeMap<String, String>,
 }
 
-/// A step's parsed manifest and config, checked for compatibility.
-struct Job {
-    manifest: Manifest,
-    config: Config,
+/// The slot the device booted from.
+fn booted(job: &Job) -> Result<String, Status> {
+    booted_slot(&job.config)
 }
 
-impl Job {
-    fn of(step: &Step) -> Result<Self, Status> {
-        let manifest = Manifest::parse(step.manifest_json()).map_err(|e| Status::new(10, e))?;
-        let config = Config::parse(&step.raw().config).map_err(|e| Status::new(11, e))?;
-        if manifest.compatible != config.compatible {
-            return Err(Status::new(
-                status::INCOMPATIBLE,
-                format!(
-                    "the image {} {} is built for {:?}; this device is {:?}",
-                    manifest.name, manifest.version, manifest.compatible, config.compatible
-                ),
-            )
-            .detail("image-compatible", manifest.compatible.clone())
-            .detail("device-compatible", config.compatible.clone()));
-        }
-        Ok(Self { manifest, config })
-    }
+/// The declared device of `slot`.
+fn device<'a>(job: &'a Job, slot: &str) -> Result<&'a str, Status> {
+    job.config.device(slot).ok_or_else(|| {
+        Status::new(
+            status::SLOT,
+            format!("no device configured for slot {slot}"),
+        )
+    })
+}
 
-    /// The slot the device booted from.
-    fn booted(&self) -> Result<String, Status> {
-        booted_slot(&self.config)
-    }
-
-    /// The declared device of `slot`.
-    fn device(&self, slot: &str) -> Result<&str, Status> {
-        self.config.device(slot).ok_or_else(|| {
+/// What `backup` recorded in this step.
+fn backup_of() -> Result<Backup, Status> {
+    checkpoint::get_json::<Backup>(BACKUP_KEY)
+        .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
+        .ok_or_else(|| {
             Status::new(
-                status::SLOT,
-                format!("no device configured for slot {slot}"),
+                status::NO_BACKUP,
+                "no backup of the boot state was taken in this step",
             )
         })
-    }
-
-    fn backup(&self) -> Result<Backup, Status> {
-        checkpoint::get_json::<Backup>(BACKUP_KEY)
-            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?
-            .ok_or_else(|| {
-                Status::new(
-                    status::NO_BACKUP,
-                    "no backup of the boot state was taken in this step",
-                )
-            })
-    }
 }
 
 struct FirmwareHandler;
 
+/// A step of this handler.
+type Job = otabox_sdk::Job<FirmwareHandler>;
+
 impl Handler for FirmwareHandler {
+    type Manifest = Manifest;
+    type Config = Config;
+
     fn describe() -> Description {
         Description::new("firmware", env!("CARGO_PKG_VERSION"), [UPDATE_TYPE])
             .with_rollback()
             .with_reboot(RebootBehaviour::Always)
     }
 
-    fn validate(step: &Step) -> Result<Plan, Status> {
-        let job = Job::of(step)?;
+    /// An image built for other hardware is refused in every call.
+    fn check(job: &Job) -> Result<(), Status> {
+        let (manifest, config) = (&job.manifest, &job.config);
+        if manifest.compatible == config.compatible {
+            return Ok(());
+        }
+        Err(Status::new(
+            status::INCOMPATIBLE,
+            format!(
+                "the image {} {} is built for {:?}; this device is {:?}",
+                manifest.name, manifest.version, manifest.compatible, config.compatible
+            ),
+        )
+        .detail("image-compatible", manifest.compatible.clone())
+        .detail("device-compatible", config.compatible.clone()))
+    }
+
+    fn validate(job: &Job) -> Result<Plan, Status> {
         let m = &job.manifest;
-        let image = step
+        let image = job
+            .step
             .payloads()
             .iter()
             .find(|p| p.name == m.image)
             .ok_or_else(|| {
                 Status::new(
-                    10,
+                    code::INVALID_MANIFEST,
                     format!(
                         "invalid firmware manifest: the step has no payload {:?}",
                         m.image
                     ),
                 )
             })?;
-        let booted = job.booted()?;
+        let booted = booted(job)?;
         let target = other_slot(&job.config, &booted)?;
         match m.bundle {
             // The bundle's own tool knows what goes where.
@@ -137,7 +136,7 @@ impl Handler for FirmwareHandler {
             }
             Some(BundleKind::Rauc) => {}
             None => {
-                let capacity = slot_size(job.device(&target)?)?;
+                let capacity = slot_size(device(job, &target)?)?;
                 if image.size > capacity {
                     return Err(too_large(image.size, &target, capacity));
                 }
@@ -150,104 +149,94 @@ impl Handler for FirmwareHandler {
         Ok(plan)
     }
 
-    fn is_installed(step: &Step) -> Result<bool, Status> {
-        let job = Job::of(step)?;
-        let booted = job.booted()?;
+    fn is_installed(job: &Job) -> Result<bool, Status> {
+        let booted = booted(job)?;
         let slots = load_slots()?;
         Ok(slots.holds(&booted, &job.manifest.name, &job.manifest.version))
     }
 
-    fn backup(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let booted = job.booted()?;
-            let target = other_slot(&job.config, &booted)?;
-            let env = bootloader::read(&job.config.bootloader)?;
-            let backup = Backup {
-                booted,
-                target,
-                env,
-            };
-            checkpoint::set_json(BACKUP_KEY, &backup)
-                .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
-            info!(
-                "slot {} is booted; the image goes to slot {}",
-                backup.booted, backup.target
-            );
-            Ok(Outcome::Success)
-        })
+    fn backup(job: &Job) -> Result<Outcome, Status> {
+        let booted = booted(job)?;
+        let target = other_slot(&job.config, &booted)?;
+        let env = bootloader::read(&job.config.bootloader)?;
+        let backup = Backup {
+            booted,
+            target,
+            env,
+        };
+        checkpoint::set_json(BACKUP_KEY, &backup)
+            .map_err(|e| Status::new(status::RECORD, format!("checkpoint: {e}")))?;
+        info!(
+            "slot {} is booted; the image goes to slot {}",
+            backup.booted, backup.target
+        );
+        Ok(Outcome::Success)
     }
 
-    fn install(step: &Step) -> Outcome {
-        phase(step, |job| install(step, job))
+    fn install(job: &Job) -> Result<Outcome, Status> {
+        install(job)
     }
 
-    fn apply(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let b = job.backup()?;
-            // RAUC's bootloader backend switched the slot at install.
-            if job.manifest.bundle != Some(BundleKind::Rauc) {
-                bootloader::write(
-                    &job.config.bootloader,
-                    &bootloader::try_once(&b.target, &b.booted),
-                )?;
-            }
-            set_state(&b.target, SlotState::Trying)?;
-            info!(
-                "the bootloader tries slot {} once on the next boot",
-                b.target
-            );
-            Ok(Outcome::RebootRequired(match job.manifest.reboot {
-                RebootWhen::Immediate => RebootMode::Immediate,
-                RebootWhen::Deferred => RebootMode::Deferred,
-            }))
-        })
+    fn apply(job: &Job) -> Result<Outcome, Status> {
+        let b = backup_of()?;
+        // RAUC's bootloader backend switched the slot at install.
+        if job.manifest.bundle != Some(BundleKind::Rauc) {
+            bootloader::write(
+                &job.config.bootloader,
+                &bootloader::try_once(&b.target, &b.booted),
+            )?;
+        }
+        set_state(&b.target, SlotState::Trying)?;
+        info!(
+            "the bootloader tries slot {} once on the next boot",
+            b.target
+        );
+        Ok(Outcome::RebootRequired(match job.manifest.reboot {
+            RebootWhen::Immediate => RebootMode::Immediate,
+            RebootWhen::Deferred => RebootMode::Deferred,
+        }))
     }
 
-    fn verify(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let b = job.backup()?;
-            let booted = job.booted()?;
-            if booted != b.target {
-                return Err(Status::new(
-                    status::FELL_BACK,
-                    format!(
-                        "the device booted slot {booted}, not the new slot {}: the bootloader fell back \
-                         (slot {} did not come up within its try)",
-                        b.target, b.target
-                    ),
-                )
-                .extended(Facility::Bootloader, 2, 0));
-            }
-            health_check(&job.config)?;
-            Ok(Outcome::Success)
-        })
+    fn verify(job: &Job) -> Result<Outcome, Status> {
+        let b = backup_of()?;
+        let booted = booted(job)?;
+        if booted != b.target {
+            return Err(Status::new(
+                status::FELL_BACK,
+                format!(
+                    "the device booted slot {booted}, not the new slot {}: the bootloader fell back \
+                     (slot {} did not come up within its try)",
+                    b.target, b.target
+                ),
+            )
+            .extended(Facility::Bootloader, 2, 0));
+        }
+        health_check(&job.config)?;
+        Ok(Outcome::Success)
     }
 
-    fn commit(step: &Step) -> Outcome {
-        phase(step, |job| {
-            let b = job.backup()?;
-            if job.manifest.bundle == Some(BundleKind::Rauc) {
-                rauc(job, &["status", "mark-good", "booted"])?;
-            } else {
-                bootloader::write(
-                    &job.config.bootloader,
-                    &bootloader::mark_good(&b.target, &b.booted, job.config.boot_attempts),
-                )?;
-            }
-            set_state(&b.target, SlotState::Good)?;
-            let _ = checkpoint::remove(BACKUP_KEY);
-            info!("slot {} committed", b.target);
-            Ok(Outcome::Success)
-        })
+    fn commit(job: &Job) -> Result<Outcome, Status> {
+        let b = backup_of()?;
+        if job.manifest.bundle == Some(BundleKind::Rauc) {
+            rauc(job, &["status", "mark-good", "booted"])?;
+        } else {
+            bootloader::write(
+                &job.config.bootloader,
+                &bootloader::mark_good(&b.target, &b.booted, job.config.boot_attempts),
+            )?;
+        }
+        set_state(&b.target, SlotState::Good)?;
+        let _ = checkpoint::remove(BACKUP_KEY);
+        info!("slot {} committed", b.target);
+        Ok(Outcome::Success)
     }
 
-    fn rollback(step: &Step) -> Outcome {
-        phase(step, rollback)
+    fn rollback(job: &Job) -> Result<Outcome, Status> {
+        rollback(job)
     }
 
-    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config = Config::parse(config).map_err(|e| Status::new(11, e))?;
-        let booted = booted_slot(&config).ok();
+    fn inventory(config: &Config) -> Result<Vec<InstalledItem>, Status> {
+        let booted = booted_slot(config).ok();
         let slots = load_slots()?;
         Ok(config
             .slots
@@ -285,16 +274,9 @@ fn inventory_version(record: &SlotRecord) -> String {
     }
 }
 
-/// Runs a phase on the parsed step, turning errors into `failed`.
-fn phase(step: &Step, body: impl FnOnce(&Job) -> Result<Outcome, Status>) -> Outcome {
-    Job::of(step)
-        .and_then(|job| body(&job))
-        .unwrap_or_else(Outcome::Failed)
-}
-
-fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
-    let b = job.backup()?;
-    let booted = job.booted()?;
+fn install(job: &Job) -> Result<Outcome, Status> {
+    let b = backup_of()?;
+    let booted = booted(job)?;
     if booted == b.target {
         return Err(Status::new(
             status::SLOT,
@@ -305,8 +287,8 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
         ));
     }
     let m = &job.manifest;
-    let image = step.open_payload(&m.image)?;
-    let device = job.device(&b.target)?;
+    let image = job.step.open_payload(&m.image)?;
+    let device = device(job, &b.target)?;
     if m.bundle.is_none() {
         let capacity = slot_size(device)?;
         if image.size() > capacity {
@@ -365,8 +347,8 @@ fn install(step: &Step, job: &Job) -> Result<Outcome, Status> {
 }
 
 fn rollback(job: &Job) -> Result<Outcome, Status> {
-    let b = job.backup()?;
-    let booted = job.booted()?;
+    let b = backup_of()?;
+    let booted = booted(job)?;
     if job.manifest.bundle == Some(BundleKind::Rauc) {
         if booted == b.target {
             rauc(job, &["status", "mark-bad", "booted"])?;
@@ -420,30 +402,15 @@ fn rauc(job: &Job, args: &[&str]) -> Result<(), Status> {
     if out.success() {
         return Ok(());
     }
-    Err(Status::new(
+    let both = format!("{}\n{}", out.stdout(), out.stderr());
+    let said = tail(&both, 3);
+    let said: Vec<&str> = said.lines().map(str::trim).collect();
+    Err(out.failure(
         status::BUNDLE,
-        format!(
-            "rauc {what} failed ({}): {}",
-            out.code()
-                .map_or("killed".to_string(), |c| format!("exit {c}")),
-            diagnose_tail(&format!("{}\n{}", out.stdout(), out.stderr()))
-        ),
-    )
-    .extended(
+        format!("rauc {what} failed ({}): {}", out.ended(), said.join("; ")),
         Facility::Bootloader,
         4,
-        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
     ))
-}
-
-/// The last lines of a tool's output that say something.
-fn diagnose_tail(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(3)..].join("; ")
 }
 
 fn swupdate_config(config: &Config) -> Result<&manifest::SwupdateConfig, Status> {
@@ -486,23 +453,16 @@ fn install_swupdate_bundle(job: &Job, target: &str) -> Result<(), Status> {
         .filter(|l| l.contains("[ERROR]"))
         .map(swupdate_error_text)
         .collect();
-    Err(Status::new(
+    let said = if errors.is_empty() {
+        both.trim().to_string()
+    } else {
+        errors.join("; ")
+    };
+    Err(out.failure(
         status::BUNDLE,
-        format!(
-            "swupdate refused the bundle ({}): {}",
-            out.code()
-                .map_or("killed".to_string(), |c| format!("exit {c}")),
-            if errors.is_empty() {
-                both.trim().to_string()
-            } else {
-                errors.join("; ")
-            }
-        ),
-    )
-    .extended(
+        format!("swupdate refused the bundle ({}): {said}", out.ended()),
         Facility::Bootloader,
         3,
-        out.code().map_or(0xF_FFFF, |c| c.unsigned_abs() & 0xF_FFFF),
     ))
 }
 
@@ -539,8 +499,7 @@ fn health_check(config: &Config) -> Result<(), Status> {
         status::UNHEALTHY,
         format!(
             "the health check {program} failed ({}): {}",
-            out.code()
-                .map_or("killed".to_string(), |c| format!("exit {c}")),
+            out.ended(),
             said.trim()
         ),
     ))

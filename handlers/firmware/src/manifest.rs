@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 
+use otabox_sdk::{FromJson, from_json};
 use serde::Deserialize;
 
 /// When the reboot into the new slot happens.
@@ -90,11 +91,10 @@ pub struct SwupdateConfig {
     pub tmpdir: Option<String>,
 }
 
-impl Manifest {
+impl FromJson for Manifest {
     /// Parses and checks `json`.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let m: Self =
-            serde_json::from_str(json).map_err(|e| format!("invalid firmware manifest: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let m: Self = from_json(json, "firmware manifest")?;
         for (field, value) in [
             ("name", &m.name),
             ("version", &m.version),
@@ -109,7 +109,9 @@ impl Manifest {
         }
         Ok(m)
     }
+}
 
+impl Manifest {
     /// `<name>-<version>`.
     pub fn installed_criteria(&self) -> String {
         format!("{}-{}", self.name, self.version)
@@ -183,19 +185,20 @@ pub const BOOTLOADER_KINDS: [&str; 2] = ["grub", "uboot"];
 /// Prefix of every config error.
 const INVALID: &str = "invalid firmware handler config";
 
-impl Config {
+impl FromJson for Config {
     /// Parses and checks the configuration JSON the host passes (also at
     /// load, through `inventory`): every error names the key and what it
     /// accepts.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("{INVALID}: {e}"))?;
+    fn parse(json: &str) -> Result<Self, String> {
+        let value: serde_json::Value = from_json(json, "firmware handler config")?;
         check_bootloader_kind(&value)?;
         let c: Self = serde_json::from_value(value).map_err(|e| format!("{INVALID}: {e}"))?;
         c.check().map_err(|e| format!("{INVALID}: {e}"))?;
         Ok(c)
     }
+}
 
+impl Config {
     fn check(&self) -> Result<(), String> {
         if self.slots.len() != 2 {
             return Err(format!(

@@ -1,5 +1,5 @@
-//! Result codes of the firmware handler (10 and 11 are the SDK's: invalid
-//! manifest, invalid config).
+//! Result codes of the firmware handler. Codes below 20 are the SDK's
+//! ([`otabox_sdk::code`]: 10 invalid manifest, 11 invalid config).
 
 /// The image is built for other hardware.
 pub const INCOMPATIBLE: u32 = 20;

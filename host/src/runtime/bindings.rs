@@ -6,7 +6,7 @@
 //! `payload` resource is backed by [`super::imports::payloads::PayloadHandle`].
 
 wasmtime::component::bindgen!({
-    path: "../wit",
+    path: "../sdk/wit",
     world: "update-handler",
     imports: { default: async | trappable },
     exports: { default: async },

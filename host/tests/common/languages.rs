@@ -125,7 +125,7 @@ fn source_hash(dir: &Path) -> String {
     for root in [
         dir.to_path_buf(),
         examples().join("wit"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/wit"),
     ] {
         collect(&root, &mut files);
     }

@@ -22,6 +22,9 @@ enum Action {
 struct HostileDevices;
 
 impl Handler for HostileDevices {
+    type Manifest = ();
+    type Config = ();
+
     fn describe() -> Description {
         Description::new(
             "hostile-devices",
@@ -30,15 +33,15 @@ impl Handler for HostileDevices {
         )
     }
 
-    fn validate(_step: &Step) -> Result<Plan, Status> {
+    fn validate(_job: &Job<Self>) -> Result<Plan, Status> {
         Ok(Plan::new("hostile-devices-0"))
     }
 
-    fn install(step: &Step) -> Outcome {
-        match step.manifest::<Action>() {
-            Ok(action) => act(step, action),
+    fn install(job: &Job<Self>) -> Result<Outcome, Status> {
+        Ok(match job.step.manifest::<Action>() {
+            Ok(action) => act(&job.step, action),
             Err(status) => Outcome::Failed(status),
-        }
+        })
     }
 }
 

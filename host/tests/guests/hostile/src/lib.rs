@@ -101,9 +101,19 @@ struct Config {
     name_bytes: usize,
 }
 
+/// Any config parses: what is not a [`Config`] lists nothing.
+impl FromJson for Config {
+    fn parse(json: &str) -> Result<Self, String> {
+        Ok(serde_json::from_str(json).unwrap_or_default())
+    }
+}
+
 struct Hostile;
 
 impl Handler for Hostile {
+    type Manifest = ();
+    type Config = Config;
+
     fn describe() -> Description {
         Description::new(
             "hostile",
@@ -113,8 +123,8 @@ impl Handler for Hostile {
         .with_rollback()
     }
 
-    fn is_installed(step: &Step) -> Result<bool, Status> {
-        match step.manifest::<Action>()? {
+    fn is_installed(job: &Job<Self>) -> Result<bool, Status> {
+        match job.step.manifest::<Action>()? {
             Action::Count { path, .. } | Action::Reboot { marker: path, .. } => {
                 Ok(std::fs::read_to_string(path).is_ok_and(|s| !s.is_empty()))
             }
@@ -122,8 +132,8 @@ impl Handler for Hostile {
         }
     }
 
-    fn apply(step: &Step) -> Outcome {
-        match step.manifest::<Action>() {
+    fn apply(job: &Job<Self>) -> Result<Outcome, Status> {
+        Ok(match job.step.manifest::<Action>() {
             Ok(Action::Count { path, delay_ms }) => {
                 use std::io::Write;
                 std::thread::sleep(std::time::Duration::from_millis(delay_ms));
@@ -144,11 +154,11 @@ impl Handler for Hostile {
                 _ => Outcome::RestartAgent,
             },
             _ => Outcome::Success,
-        }
+        })
     }
 
-    fn verify(step: &Step) -> Outcome {
-        match step.manifest::<Action>() {
+    fn verify(job: &Job<Self>) -> Result<Outcome, Status> {
+        Ok(match job.step.manifest::<Action>() {
             Ok(Action::Reboot { marker, .. }) => {
                 use std::io::Write;
                 let appended = std::fs::OpenOptions::new()
@@ -162,15 +172,15 @@ impl Handler for Hostile {
                 }
             }
             _ => Outcome::Success,
-        }
+        })
     }
 
-    fn rollback(_step: &Step) -> Outcome {
-        Outcome::Success
+    fn rollback(_job: &Job<Self>) -> Result<Outcome, Status> {
+        Ok(Outcome::Success)
     }
 
-    fn validate(step: &Step) -> Result<Plan, Status> {
-        match step.manifest::<Action>() {
+    fn validate(job: &Job<Self>) -> Result<Plan, Status> {
+        match job.step.manifest::<Action>() {
             Ok(Action::Plan {
                 criteria_bytes,
                 warnings,
@@ -185,8 +195,7 @@ impl Handler for Hostile {
         }
     }
 
-    fn inventory(config: &str) -> Result<Vec<InstalledItem>, Status> {
-        let config: Config = serde_json::from_str(config).unwrap_or_default();
+    fn inventory(config: &Config) -> Result<Vec<InstalledItem>, Status> {
         Ok((0..config.items)
             .map(|i| InstalledItem {
                 name: format!("{i}{}", "n".repeat(config.name_bytes)),
@@ -197,11 +206,11 @@ impl Handler for Hostile {
             .collect())
     }
 
-    fn install(step: &Step) -> Outcome {
-        match step.manifest::<Action>() {
+    fn install(job: &Job<Self>) -> Result<Outcome, Status> {
+        Ok(match job.step.manifest::<Action>() {
             Ok(action) => act(action),
             Err(status) => Outcome::Failed(status),
-        }
+        })
     }
 }
 
