@@ -2,7 +2,9 @@
 //! WebAssembly components.
 //!
 //! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
-//! (what a handler may do), [`runtime`] (loading and calling handlers),
+//! (what a handler may do), [`model`] (the values and the
+//! [`model::UpdateHandler`] trait between the agent and its handlers),
+//! [`runtime`] (loading and calling handlers, the wasm implementation),
 //! [`audit`] (declared vs real imports), [`console`] (the command line's
 //! stdout and log colours), [`trust`] (payload verification),
 //! [`workflow`] (a step's lifecycle), [`durable`] (crash-safe writes),
@@ -21,6 +23,7 @@ pub mod failpoint;
 pub mod install;
 pub mod journal;
 pub mod local;
+pub mod model;
 pub mod mqtt;
 pub mod outbox;
 pub mod replica;
