@@ -293,7 +293,7 @@ fn is_installed_context() -> StepContext {
         step: 0,
         update_type: "otabox/file:1".into(),
         manifest: serde_json::json!({"name": "app", "version": "1", "payload": "app.conf", "destination": format!("{GUEST_DIR}/app.conf")}).to_string(),
-        payloads: vec![otabox::runtime::bindings::PayloadInfo { name: payload.name, size: payload.size, sha256: payload.sha256 }],
+        payloads: vec![otabox::model::PayloadInfo { name: payload.name, size: payload.size, sha256: payload.sha256 }],
         config: "{}".into(),
         installed_criteria: None,
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use languages::Language;
 use otabox::capabilities::DeviceGrant;
-use otabox::runtime::bindings::PayloadInfo;
+use otabox::model::PayloadInfo;
 use otabox::runtime::{CallScope, Handler, Runtime, StepContext, sha256_hex};
 
 /// The file every subject finds installed.

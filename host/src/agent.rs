@@ -20,12 +20,10 @@ use tokio::sync::{Notify, mpsc};
 use crate::config::DeviceConfig;
 use crate::download;
 use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
+use crate::model::{Outcome, Phase, Status, StepContext, StepState, UpdateHandler};
 use crate::mqtt::{self, Backoff};
 use crate::outbox::{Next as OutboxNext, Outbox};
-use crate::runtime::{
-    CallScope, CancelFlag, Handler, HandlerSet, Outcome, PayloadFile, Phase, Runtime, Status,
-    StepContext,
-};
+use crate::runtime::{CallScope, CancelFlag, PayloadFile, Runtime};
 use crate::shadow::{
     Ack, AgentInfo, AgentState, DeltaMessage, JobResult, LastResult, ManifestSource, Rejection,
     ReportedState, StepOutcome, TopicLayout, Topics, aws, parse_delta,
@@ -33,11 +31,8 @@ use crate::shadow::{
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
 mod inbox;
-
-/// Step result of a step waiting for a reboot before verify and commit.
-const PENDING_REBOOT: &str = "pending-reboot";
-/// Step result of a step waiting for an agent restart.
-const PENDING_RESTART: &str = "pending-restart";
+#[cfg(test)]
+mod job_tests;
 
 /// The agent's version, reported in its state.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,7 +42,8 @@ struct Shared {
     config: DeviceConfig,
     topics: Topics,
     journal: Journal,
-    handlers: HandlerSet,
+    /// The loaded handlers.
+    handlers: Vec<Arc<dyn UpdateHandler>>,
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
     downloader: crate::download::Downloader,
@@ -84,6 +80,11 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
     handlers.require_valid_configs()?;
+    let handlers: Vec<Arc<dyn UpdateHandler>> = handlers
+        .handlers
+        .into_iter()
+        .map(|h| h as Arc<dyn UpdateHandler>)
+        .collect();
     let outbox = Outbox::open(&config.paths.state.join("outbox"))?;
     let options = mqtt::options(&config.mqtt, &device_id)?;
     let backoff = Backoff::new(
@@ -151,7 +152,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     tracing::info!(
         device = device_id,
         "agent {AGENT_VERSION} started; {} handler(s)",
-        shared.handlers.handlers.len()
+        shared.handlers.len()
     );
     tokio::select! {
         result = session(shared, client, eventloop, backoff, jobs_tx) => result,
@@ -788,24 +789,24 @@ fn announce(shared: &Shared) -> Result<()> {
 /// type → item → version).
 async fn collect_inventory(shared: &Shared) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut inventory = BTreeMap::new();
-    for handler in &shared.handlers.handlers {
-        let Some(update_type) = handler.manifest.handler.update_types.first() else {
+    for handler in &shared.handlers {
+        let Some(update_type) = handler.update_types().into_iter().next() else {
             continue;
         };
         match handler.inventory().await {
             Ok(Ok(items)) if !items.is_empty() => {
                 inventory.insert(
-                    update_type.to_string(),
+                    update_type,
                     items.into_iter().map(|i| (i.name, i.version)).collect(),
                 );
             }
             Ok(Ok(_)) => {}
             Ok(Err(status)) => tracing::warn!(
-                handler = handler.name,
+                handler = handler.name(),
                 "inventory failed: {}",
                 status.message
             ),
-            Err(e) => tracing::warn!(handler = handler.name, "inventory failed: {e:#}"),
+            Err(e) => tracing::warn!(handler = handler.name(), "inventory failed: {e:#}"),
         }
     }
     inventory
@@ -843,7 +844,7 @@ fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::Progres
         *last = Some(std::time::Instant::now());
         let progress = crate::shadow::Progress {
             step: event.step,
-            phase: workflow::phase_name(event.phase).into(),
+            phase: event.phase.as_str().into(),
             done: event.done,
             total: event.total,
         };
@@ -1092,94 +1093,151 @@ async fn ask_handler(
     step: usize,
     jobs: &mpsc::UnboundedSender<JobRecord>,
 ) -> Result<()> {
-    let Some(update_type) = record
-        .desired
-        .steps
-        .get(step)
-        .map(|s| s.update_type.clone())
-    else {
-        return finish(shared, record, JobResult::FailedInconsistent, None).await;
-    };
-    let handler = match pinned_handler(shared, &record, step, &update_type) {
+    let handler = match pinned_handler(&shared.handlers, &record, step) {
         Ok(handler) => handler,
         Err(status) => {
-            return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
+            return finish(shared, record, JobResult::FailedInconsistent, status).await;
         }
     };
-    let (scope, ctx) = match step_call(shared, &record, step, &handler) {
+    let (scope, ctx) = match step_call(shared, &record, step, handler.as_ref()) {
         Ok(call) => call,
         Err(e) => {
             let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
             return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
         }
     };
-    if matches!(
-        handler.is_installed(scope.clone(), &ctx).await,
-        Ok(Ok(true))
-    ) {
-        tracing::info!(
-            job = record.job_id,
-            step,
-            "the interrupted step took effect; continuing"
-        );
-        let mut record = record;
-        record.steps.truncate(step);
-        record.steps.push(step_outcome(
-            &update_type,
-            "installed",
-            None,
-            ctx.installed_criteria.clone(),
-        ));
-        let _ = jobs.send(record);
-        return Ok(());
+    match settle_interrupted(handler.as_ref(), scope, &ctx).await {
+        Interrupted::TookEffect => {
+            tracing::info!(
+                job = record.job_id,
+                step,
+                "the interrupted step took effect; continuing"
+            );
+            let mut record = record;
+            record.steps.truncate(step);
+            record.steps.push(step_outcome(
+                &ctx.update_type,
+                StepState::Installed,
+                ctx.installed_criteria.clone(),
+            ));
+            let _ = jobs.send(record);
+            Ok(())
+        }
+        Interrupted::Ended { result, status } => finish(shared, record, result, Some(status)).await,
     }
-    let result = if handler.description.supports_rollback
-        && matches!(
-            handler
-                .run_phase(Phase::Rollback, scope.clone(), &ctx)
-                .await,
-            Ok(Outcome::Success | Outcome::Skipped(_))
-        ) {
-        JobResult::FailedRolledBack
-    } else {
-        JobResult::FailedInconsistent
-    };
-    let _ = handler.run_phase(Phase::Cleanup, scope, &ctx).await;
-    let status = workflow::host_status(
-        host_codes::JOURNAL,
-        "the agent stopped while the step was changing the system".into(),
-    );
-    finish(shared, record, result, Some(status)).await
 }
 
-/// The handler that may continue `step` of a resumed job: the one serving
-/// its update type, with the wasm the job pinned when it started.
+/// What became of a step the agent stopped in while it changed the system.
+#[derive(Debug, Clone, PartialEq)]
+enum Interrupted {
+    /// The handler says the change is in place: the job goes on after it.
+    TookEffect,
+    /// It is not, or the handler could not say: the job ends, rolled back
+    /// where the handler could.
+    Ended {
+        /// The job's result.
+        result: JobResult,
+        /// Why.
+        status: Status,
+    },
+}
+
+/// Asks the handler whether an interrupted step took effect and, unless it
+/// did, rolls back where supported, then cleans up. Only a plain "yes"
+/// continues the job: a fault of `is-installed` (a trap, a time or memory
+/// limit) or its failure status is no answer, and the job's status says
+/// which it was instead of taking it for "not installed".
+async fn settle_interrupted(
+    handler: &dyn UpdateHandler,
+    scope: CallScope,
+    ctx: &StepContext,
+) -> Interrupted {
+    let unanswered = match handler.is_installed(scope.clone(), ctx).await {
+        Ok(Ok(true)) => return Interrupted::TookEffect,
+        Ok(Ok(false)) => None,
+        Ok(Err(status)) => Some(Status {
+            message: format!(
+                "{INTERRUPTED}, and is-installed could not tell whether it took effect: {}",
+                status.message
+            ),
+            ..status
+        }),
+        Err(fault) => {
+            tracing::error!(
+                handler = handler.name(),
+                job = ctx.job_id,
+                "is-installed after the interruption: {fault:#}"
+            );
+            Some(workflow::host_status(
+                host_codes::HANDLER_FAULT,
+                format!(
+                    "{INTERRUPTED}, and is-installed could not tell whether it took effect: {fault:#}"
+                ),
+            ))
+        }
+    };
+    let rolled_back = handler.description().supports_rollback
+        && matches!(
+            handler.run_phase(Phase::Rollback, scope.clone(), ctx).await,
+            Ok(Outcome::Success | Outcome::Skipped(_))
+        );
+    let _ = handler.run_phase(Phase::Cleanup, scope, ctx).await;
+    Interrupted::Ended {
+        result: if rolled_back {
+            JobResult::FailedRolledBack
+        } else {
+            JobResult::FailedInconsistent
+        },
+        status: unanswered
+            .unwrap_or_else(|| workflow::host_status(host_codes::JOURNAL, INTERRUPTED.into())),
+    }
+}
+
+/// The status message of a job the agent stopped in while a step changed
+/// the system.
+const INTERRUPTED: &str = "the agent stopped while the step was changing the system";
+
+/// The handler serving `update_type`, canonical name or alias.
+fn serving<'a>(
+    handlers: &'a [Arc<dyn UpdateHandler>],
+    update_type: &str,
+) -> Option<&'a Arc<dyn UpdateHandler>> {
+    handlers.iter().find(|h| h.serves(update_type))
+}
+
+/// The handler that may continue `step` of a job: the one serving its
+/// update type, with the code the job pinned when it started. A step the
+/// deployment does not have fails with no status.
 fn pinned_handler(
-    shared: &Shared,
+    handlers: &[Arc<dyn UpdateHandler>],
     record: &JobRecord,
     step: usize,
-    update_type: &str,
-) -> Result<Arc<Handler>, crate::runtime::Status> {
-    let Some(handler) = shared.handlers.for_update_type(update_type).cloned() else {
-        return Err(workflow::host_status(
+) -> Result<Arc<dyn UpdateHandler>, Option<Status>> {
+    let update_type = &record.desired.steps.get(step).ok_or(None)?.update_type;
+    let Some(handler) = serving(handlers, update_type).cloned() else {
+        return Err(Some(workflow::host_status(
             host_codes::NO_HANDLER,
             format!("no handler serves {update_type}"),
-        ));
+        )));
     };
-    match handler_changed(record, step, &handler) {
-        Some(changed) => Err(workflow::host_status(host_codes::HANDLER_CHANGED, changed)),
+    match handler_changed(record, step, handler.as_ref()) {
+        Some(changed) => Err(Some(workflow::host_status(
+            host_codes::HANDLER_CHANGED,
+            changed,
+        ))),
         None => Ok(handler),
     }
 }
 
-/// Why `handler` may not continue `step`: its wasm is not the one the job
+/// Why `handler` may not continue `step`: its code is not the one the job
 /// pinned when it started.
-fn handler_changed(record: &JobRecord, step: usize, handler: &Handler) -> Option<String> {
+fn handler_changed(record: &JobRecord, step: usize, handler: &dyn UpdateHandler) -> Option<String> {
     let pinned = record.handler_sha256.get(step)?;
-    (pinned != &handler.sha256).then(|| {
+    let now = handler.fingerprint();
+    (pinned != now).then(|| {
         format!(
-            "handler {} changed while the job was in progress (pinned sha256 {pinned}, now {}); not continuing with another handler",
-            handler.name, handler.sha256
+            "handler {} changed while the job was in progress (pinned sha256 {pinned}, now {now}); not continuing with another handler",
+            handler.name()
         )
     })
 }
@@ -1189,7 +1247,7 @@ fn step_call(
     shared: &Shared,
     record: &JobRecord,
     step: usize,
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
 ) -> Result<(CallScope, StepContext)> {
     let job_dir = shared.journal.job_dir(&record.job_id)?;
     let request = step_request(record, step, &job_dir)?;
@@ -1231,23 +1289,10 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     shared
         .journal
         .transition(&mut record, JobPhase::Validating)?;
-    let mut handlers = Vec::new();
-    for spec in &record.desired.steps {
-        match shared.handlers.for_update_type(&spec.update_type) {
-            Some(h) => handlers.push(h.clone()),
-            None => {
-                let status = workflow::host_status(
-                    host_codes::NO_HANDLER,
-                    format!(
-                        "no loaded handler serves update type {:?}",
-                        spec.update_type
-                    ),
-                );
-                return finish(shared, record, JobResult::Failed, Some(status)).await;
-            }
-        }
-    }
-    let pins: Vec<String> = handlers.iter().map(|h| h.sha256.clone()).collect();
+    let pins = match pin_handlers(&shared.handlers, &record) {
+        Ok(pins) => pins,
+        Err(status) => return finish(shared, record, JobResult::Failed, Some(status)).await,
+    };
     if !record.handler_sha256.is_empty() && record.handler_sha256 != pins {
         // Nothing was changed yet in this job: run it with the new handler.
         tracing::info!(
@@ -1256,73 +1301,189 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
         );
     }
     record.handler_sha256 = pins;
-    let job_dir = shared.journal.job_dir(&record.job_id)?;
-    let first = record.steps.len();
+    let (record, end) = run_steps(&job_env(shared), record, Mode::Fresh, &cancel).await?;
+    conclude(shared, record, end).await
+}
+
+/// The code each step of `record` runs with: the fingerprint of the
+/// handler serving its update type; fails when one has none.
+fn pin_handlers(
+    handlers: &[Arc<dyn UpdateHandler>],
+    record: &JobRecord,
+) -> Result<Vec<String>, Status> {
+    record
+        .desired
+        .steps
+        .iter()
+        .map(|spec| {
+            serving(handlers, &spec.update_type)
+                .map(|h| h.fingerprint().to_string())
+                .ok_or_else(|| {
+                    workflow::host_status(
+                        host_codes::NO_HANDLER,
+                        format!(
+                            "no loaded handler serves update type {:?}",
+                            spec.update_type
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// What the steps of a job need from the agent around them: state reports
+/// and downloads (a test gives its own).
+#[async_trait::async_trait]
+trait JobHost: Send + Sync {
+    /// Reports the agent's state for a running job.
+    fn report_state(&self, record: &JobRecord, state: AgentState) -> Result<()>;
+
+    /// Where the progress of `job`'s handler calls goes.
+    fn progress(&self, job: &str) -> Option<crate::runtime::ProgressSink>;
+
+    /// Fetches the manifest of `step` when the deployment gives it by URL.
+    async fn fetch_manifest(
+        &self,
+        record: &JobRecord,
+        step: usize,
+        job_dir: &std::path::Path,
+    ) -> Result<(), Status>;
+
+    /// Fetches the payloads of `step` named by its plan into the job folder.
+    async fn fetch_payloads(
+        &self,
+        record: &JobRecord,
+        step: usize,
+        job_dir: &std::path::Path,
+        names: &[String],
+    ) -> Result<(), Status>;
+}
+
+#[async_trait::async_trait]
+impl JobHost for Arc<Shared> {
+    fn report_state(&self, record: &JobRecord, state: AgentState) -> Result<()> {
+        report_progress(self, record, state)
+    }
+
+    fn progress(&self, job: &str) -> Option<crate::runtime::ProgressSink> {
+        Some(progress_reporter(self, job))
+    }
+
+    async fn fetch_manifest(
+        &self,
+        record: &JobRecord,
+        step: usize,
+        job_dir: &std::path::Path,
+    ) -> Result<(), Status> {
+        fetch_manifest(self, record, step, job_dir)
+            .await
+            .map_err(|e| download_status(&e))
+    }
+
+    async fn fetch_payloads(
+        &self,
+        record: &JobRecord,
+        step: usize,
+        job_dir: &std::path::Path,
+        names: &[String],
+    ) -> Result<(), Status> {
+        fetch_payloads(self, record, step, job_dir, names)
+            .await
+            .map_err(|e| download_status(&e))
+    }
+}
+
+/// What the steps of a job run with.
+struct JobEnv<'a> {
+    journal: &'a Journal,
+    handlers: &'a [Arc<dyn UpdateHandler>],
+    host: &'a dyn JobHost,
+}
+
+/// The agent's [`JobEnv`].
+fn job_env(shared: &Arc<Shared>) -> JobEnv<'_> {
+    JobEnv {
+        journal: &shared.journal,
+        handlers: &shared.handlers,
+        host: shared,
+    }
+}
+
+/// Which steps [`run_steps`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// From the first step without a result, each through its whole
+    /// lifecycle.
+    Fresh,
+    /// The steps waiting for a reboot or restart: verify, commit, cleanup.
+    Resumed,
+}
+
+/// How the steps of a job ended.
+#[derive(Debug, Clone, PartialEq)]
+enum StepsEnd {
+    /// The job ends with `result`.
+    Finished {
+        /// The job's result.
+        result: JobResult,
+        /// The host's status, when the host ended it.
+        status: Option<Status>,
+        /// A rollback restored the previous version for the next boot.
+        reboot_after_rollback: bool,
+    },
+    /// Steps wait for a reboot or agent restart
+    /// ([`StepResult::RebootRequired`] or [`StepResult::RestartAgent`]).
+    Pending(StepResult),
+}
+
+impl StepsEnd {
+    /// The job ends with `result` (and the host's `status`), without a
+    /// reboot.
+    fn ended(result: JobResult, status: Option<Status>) -> Self {
+        StepsEnd::Finished {
+            result,
+            status,
+            reboot_after_rollback: false,
+        }
+    }
+}
+
+/// Runs the steps of a job that `mode` names, journaling each phase that
+/// changes the system before it runs and each step's result after it, the
+/// same for fresh and resumed jobs.
+async fn run_steps(
+    env: &JobEnv<'_>,
+    mut record: JobRecord,
+    mode: Mode,
+    cancel: &CancelFlag,
+) -> Result<(JobRecord, StepsEnd)> {
+    let job_dir = env.journal.job_dir(&record.job_id)?;
+    let steps: Vec<usize> = match mode {
+        Mode::Fresh => (record.steps.len()..record.desired.steps.len()).collect(),
+        Mode::Resumed => (0..record.steps.len())
+            .filter(|&i| record.steps[i].result.pending())
+            .collect(),
+    };
     let mut pending = None;
-    for (step, handler) in handlers.iter().enumerate().skip(first) {
-        if let Err(e) = fetch_manifest(shared, &record, step, &job_dir).await {
-            return finish(shared, record, JobResult::Failed, Some(download_status(&e))).await;
+    for step in steps {
+        let handler = match pinned_handler(env.handlers, &record, step) {
+            Ok(handler) => handler,
+            Err(status) => {
+                let end = StepsEnd::ended(JobResult::FailedInconsistent, status);
+                return Ok((record, end));
+            }
+        };
+        if mode == Mode::Fresh
+            && let Err(status) = env.host.fetch_manifest(&record, step, &job_dir).await
+        {
+            return Ok((record, StepsEnd::ended(JobResult::Failed, Some(status))));
         }
         let mut request = step_request(&record, step, &job_dir)?;
         request.cancel = cancel.clone();
-        let journal = shared.journal.clone();
-        let snapshot = Mutex::new(record.clone());
-        let before = |phase: Phase| -> Result<()> {
-            if let Some(state) = agent_state_of(phase) {
-                report_progress(shared, &record, state)?;
-            }
-            if matches!(
-                phase,
-                Phase::Backup
-                    | Phase::Install
-                    | Phase::Apply
-                    | Phase::Verify
-                    | Phase::Commit
-                    | Phase::Rollback
-            ) {
-                let stage = workflow::phase_name(phase).to_string();
-                journal.transition(
-                    &mut lock(&snapshot),
-                    JobPhase::Installing {
-                        step: step as u32,
-                        stage,
-                    },
-                )?;
-            }
-            Ok(())
-        };
-        let fetch =
-            |names: Vec<String>| -> futures_util::future::BoxFuture<'_, Result<(), Status>> {
-                let (record, job_dir, snapshot) = (&record, &job_dir, &snapshot);
-                Box::pin(async move {
-                    let journaled = {
-                        let mut current = lock(snapshot);
-                        shared
-                            .journal
-                            .transition(&mut current, JobPhase::Downloading)
-                    };
-                    journaled.map_err(|e| {
-                        workflow::host_status(
-                            host_codes::JOURNAL,
-                            format!("cannot journal the download: {e:#}"),
-                        )
-                    })?;
-                    report_progress(shared, record, AgentState::Downloading).map_err(|e| {
-                        workflow::host_status(host_codes::JOURNAL, format!("{e:#}"))
-                    })?;
-                    fetch_payloads(shared, record, step, job_dir, &names)
-                        .await
-                        .map_err(|e| download_status(&e))
-                })
-            };
-        let progress = Some(progress_reporter(shared, &record.job_id));
-        let report =
-            workflow::run_step_with(handler, request, progress, &before, Some(&fetch)).await?;
-        record = snapshot
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
-        let spec = &record.desired.steps[step];
-        let (mut outcome, terminal) = classify(&spec.update_type, &report.result, &record.steps);
+        let (next, report) = run_one(env, record, step, handler.as_ref(), request, mode).await?;
+        record = next;
+        let update_type = record.desired.steps[step].update_type.clone();
+        let (mut outcome, terminal) = classify(&update_type, &report.result, &record.steps[..step]);
         if matches!(
             report.result,
             StepResult::RebootRequired { .. } | StepResult::RestartAgent
@@ -1332,31 +1493,107 @@ async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
             outcome.installed_criteria = report.planned_criteria.clone();
             pending = Some(workflow::merge(pending, report.result.clone()));
         }
-        record.steps.push(outcome);
-        if let Some((result, status)) = terminal {
-            return finish_then_reboot(
-                shared,
-                record,
+        match record.steps.get_mut(step) {
+            Some(line) => *line = outcome,
+            None => record.steps.push(outcome),
+        }
+        if let Some(result) = terminal {
+            let end = StepsEnd::Finished {
                 result,
-                status,
-                report.reboot_after_rollback,
-            )
-            .await;
-        }
-        shared.journal.write(&record)?;
-    }
-    match pending {
-        Some(StepResult::RebootRequired { deferred }) => await_reboot(shared, record, deferred),
-        Some(_) => restart_agent(shared, record),
-        None => {
-            let all_present = record.steps.iter().all(|s| s.result == "already-installed");
-            let result = if all_present {
-                JobResult::AlreadyInstalled
-            } else {
-                JobResult::Succeeded
+                status: None,
+                reboot_after_rollback: report.reboot_after_rollback,
             };
-            finish(shared, record, result, None).await
+            return Ok((record, end));
         }
+        env.journal.write(&record)?;
+    }
+    let end = match pending {
+        Some(pending) => StepsEnd::Pending(pending),
+        None if record
+            .steps
+            .iter()
+            .all(|s| s.result == StepState::AlreadyInstalled) =>
+        {
+            StepsEnd::ended(JobResult::AlreadyInstalled, None)
+        }
+        None => StepsEnd::ended(JobResult::Succeeded, None),
+    };
+    Ok((record, end))
+}
+
+/// Runs `step` through `handler`: its whole lifecycle (fresh) or verify and
+/// commit (resumed). Before each phase the agent reports its state and,
+/// for a phase that changes the system, journals it; the record comes back
+/// with those transitions.
+async fn run_one(
+    env: &JobEnv<'_>,
+    record: JobRecord,
+    step: usize,
+    handler: &dyn UpdateHandler,
+    request: StepRequest,
+    mode: Mode,
+) -> Result<(JobRecord, workflow::StepReport)> {
+    let snapshot = Mutex::new(record.clone());
+    let before = |phase: Phase| -> Result<()> {
+        if let Some(state) = agent_state_of(phase) {
+            env.host.report_state(&record, state)?;
+        }
+        if phase.changes_system() {
+            let stage = phase.as_str().to_string();
+            let step = step as u32;
+            env.journal
+                .transition(&mut lock(&snapshot), JobPhase::Installing { step, stage })?;
+        }
+        Ok(())
+    };
+    let fetch = |names: Vec<String>| -> futures_util::future::BoxFuture<'_, Result<(), Status>> {
+        let (record, job_dir, snapshot) = (&record, &request.job_dir, &snapshot);
+        Box::pin(async move {
+            let journaled = env
+                .journal
+                .transition(&mut lock(snapshot), JobPhase::Downloading);
+            journaled.map_err(|e| {
+                workflow::host_status(
+                    host_codes::JOURNAL,
+                    format!("cannot journal the download: {e:#}"),
+                )
+            })?;
+            env.host
+                .report_state(record, AgentState::Downloading)
+                .map_err(|e| workflow::host_status(host_codes::JOURNAL, format!("{e:#}")))?;
+            env.host.fetch_payloads(record, step, job_dir, &names).await
+        })
+    };
+    let report = match mode {
+        Mode::Fresh => {
+            let progress = env.host.progress(&record.job_id);
+            workflow::run_step_with(handler, request.clone(), progress, &before, Some(&fetch))
+                .await?
+        }
+        Mode::Resumed => {
+            let criteria = record.steps[step].installed_criteria.clone();
+            workflow::continue_step(handler, request.clone(), criteria, &before).await?
+        }
+    };
+    let record = snapshot
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    Ok((record, report))
+}
+
+/// Acts on how the steps of a job ended: ends it, or waits for the reboot
+/// or restart its steps asked for.
+async fn conclude(shared: &Shared, record: JobRecord, end: StepsEnd) -> Result<()> {
+    match end {
+        StepsEnd::Finished {
+            result,
+            status,
+            reboot_after_rollback,
+        } => finish_then_reboot(shared, record, result, status, reboot_after_rollback).await,
+        StepsEnd::Pending(StepResult::RebootRequired { deferred }) => {
+            await_reboot(shared, record, deferred)
+        }
+        StepsEnd::Pending(_) => restart_agent(shared, record),
     }
 }
 
@@ -1384,7 +1621,7 @@ async fn finish_then_reboot(
     shared: &Shared,
     record: JobRecord,
     result: JobResult,
-    status: Option<crate::runtime::Status>,
+    status: Option<Status>,
     reboot: bool,
 ) -> Result<()> {
     let job = record.job_id.clone();
@@ -1442,55 +1679,9 @@ async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord) -> Result
         .journal
         .transition(&mut record, JobPhase::Verifying)?;
     report_progress(shared, &record, AgentState::Verifying)?;
-    let job_dir = shared.journal.job_dir(&record.job_id)?;
-    for step in 0..record.steps.len() {
-        if !matches!(
-            record.steps[step].result.as_str(),
-            PENDING_REBOOT | PENDING_RESTART
-        ) {
-            continue;
-        }
-        let update_type = record.steps[step].update_type.clone();
-        let handler = match pinned_handler(shared, &record, step, &update_type) {
-            Ok(handler) => handler,
-            Err(status) => {
-                return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
-            }
-        };
-        let request = step_request(&record, step, &job_dir)?;
-        let journal = shared.journal.clone();
-        let snapshot = Mutex::new(record.clone());
-        let before = |phase: Phase| -> Result<()> {
-            let stage = workflow::phase_name(phase).to_string();
-            journal.transition(
-                &mut lock(&snapshot),
-                JobPhase::Installing {
-                    step: step as u32,
-                    stage,
-                },
-            )
-        };
-        let criteria = record.steps[step].installed_criteria.clone();
-        let report = workflow::continue_step(&handler, request, criteria, &before).await?;
-        record = snapshot
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
-        let earlier = record.steps[..step].to_vec();
-        let (outcome, terminal) = classify(&update_type, &report.result, &earlier);
-        record.steps[step] = outcome;
-        if let Some((result, status)) = terminal {
-            return finish_then_reboot(
-                shared,
-                record,
-                result,
-                status,
-                report.reboot_after_rollback,
-            )
-            .await;
-        }
-        shared.journal.write(&record)?;
-    }
-    finish(shared, record, JobResult::Succeeded, None).await
+    let cancel = CancelFlag::default();
+    let (record, end) = run_steps(&job_env(shared), record, Mode::Resumed, &cancel).await?;
+    conclude(shared, record, end).await
 }
 
 /// Maps a step's result to its report line and, when the job ends there,
@@ -1499,21 +1690,17 @@ fn classify(
     update_type: &str,
     result: &StepResult,
     earlier: &[StepOutcome],
-) -> (
-    StepOutcome,
-    Option<(JobResult, Option<crate::runtime::Status>)>,
-) {
-    let changed_before = earlier.iter().any(|s| s.result == "installed");
+) -> (StepOutcome, Option<JobResult>) {
+    let changed_before = earlier.iter().any(|s| s.result == StepState::Installed);
     match result {
         StepResult::Installed { criteria } => (
-            step_outcome(update_type, "installed", None, Some(criteria.clone())),
+            step_outcome(update_type, StepState::Installed, Some(criteria.clone())),
             None,
         ),
         StepResult::AlreadyInstalled { criteria } => (
             step_outcome(
                 update_type,
-                "already-installed",
-                None,
+                StepState::AlreadyInstalled,
                 Some(criteria.clone()),
             ),
             None,
@@ -1525,48 +1712,48 @@ fn classify(
             message,
             rolled_back,
         } => {
-            let untouched = matches!(
-                phase.as_str(),
-                "validate" | "download" | "is-installed" | "payloads" | "backup"
-            );
-            let job = match (changed_before, *rolled_back, untouched) {
+            let job = match (
+                changed_before,
+                *rolled_back,
+                phase.leaves_system_untouched(),
+            ) {
                 (false, _, true) => JobResult::Failed,
                 (false, true, false) => JobResult::FailedRolledBack,
                 _ => JobResult::FailedInconsistent,
             };
             let line = StepOutcome {
                 update_type: update_type.into(),
-                result: format!("failed in {phase}"),
+                result: StepState::Failed(*phase),
                 result_code: *result_code,
                 extended_code: *extended_code,
                 message: message.clone(),
                 installed_criteria: None,
             };
-            (line, Some((job, None)))
+            (line, Some(job))
         }
         StepResult::Cancelled => (
-            step_outcome(update_type, "cancelled", None, None),
-            Some((JobResult::Cancelled, None)),
+            step_outcome(update_type, StepState::Cancelled, None),
+            Some(JobResult::Cancelled),
         ),
-        StepResult::RebootRequired { .. } => {
-            (step_outcome(update_type, PENDING_REBOOT, None, None), None)
-        }
-        StepResult::RestartAgent => (step_outcome(update_type, PENDING_RESTART, None, None), None),
+        StepResult::RebootRequired { .. } => (
+            step_outcome(update_type, StepState::PendingReboot, None),
+            None,
+        ),
+        StepResult::RestartAgent => (
+            step_outcome(update_type, StepState::PendingRestart, None),
+            None,
+        ),
     }
 }
 
-fn step_outcome(
-    update_type: &str,
-    result: &str,
-    message: Option<&str>,
-    criteria: Option<String>,
-) -> StepOutcome {
+/// The report line of a step that did not fail.
+fn step_outcome(update_type: &str, result: StepState, criteria: Option<String>) -> StepOutcome {
     StepOutcome {
         update_type: update_type.into(),
-        result: result.into(),
+        result,
         result_code: 0,
         extended_code: 0,
-        message: message.unwrap_or_default().into(),
+        message: String::new(),
         installed_criteria: criteria,
     }
 }
@@ -1755,7 +1942,7 @@ async fn finish(
     shared: &Shared,
     mut record: JobRecord,
     result: JobResult,
-    status: Option<crate::runtime::Status>,
+    status: Option<Status>,
 ) -> Result<()> {
     if !matches!(record.phase, JobPhase::Done { .. }) {
         shared
@@ -1764,11 +1951,7 @@ async fn finish(
     }
     let failing = record.steps.iter().find(|s| s.result_code != 0);
     let (code, extended, message) = match (&status, failing) {
-        (Some(s), _) => (
-            s.result_code,
-            workflow::pack(&s.extended_code),
-            s.message.clone(),
-        ),
+        (Some(s), _) => (s.result_code, s.extended_code.pack(), s.message.clone()),
         (None, Some(step)) => (step.result_code, step.extended_code, step.message.clone()),
         (None, None) => (0, 0, String::new()),
     };
@@ -1859,7 +2042,7 @@ fn failure_context(steps: &[StepOutcome]) -> Option<String> {
     steps
         .iter()
         .enumerate()
-        .find(|(_, s)| s.result.starts_with("failed") || s.result_code != 0)
+        .find(|(_, s)| matches!(s.result, StepState::Failed(_)) || s.result_code != 0)
         .map(|(i, s)| format!("step {i} ({}) {}", s.update_type, s.result))
 }
 
@@ -1870,7 +2053,7 @@ fn failure_context(steps: &[StepOutcome]) -> Option<String> {
 fn committed_criteria(shared: &Shared, steps: &[StepOutcome]) -> Vec<(String, String)> {
     steps
         .iter()
-        .filter(|s| matches!(s.result.as_str(), "installed" | "already-installed"))
+        .filter(|s| s.result.committed())
         .filter_map(|s| {
             let criteria = s.installed_criteria.clone()?;
             Some((canonical_update_type(shared, &s.update_type), criteria))
@@ -1882,9 +2065,7 @@ fn committed_criteria(shared: &Shared, steps: &[StepOutcome]) -> Vec<(String, St
 /// of the handler serving it (aliases such as `microsoft/apt:1` map to
 /// `otabox/apt:1`), or itself when no handler serves it.
 fn canonical_update_type(shared: &Shared, update_type: &str) -> String {
-    shared
-        .handlers
-        .for_update_type(update_type)
-        .and_then(|h| h.manifest.handler.update_types.first())
-        .map_or_else(|| update_type.to_string(), |t| t.to_string())
+    serving(&shared.handlers, update_type)
+        .and_then(|h| h.update_types().into_iter().next())
+        .unwrap_or_else(|| update_type.to_string())
 }

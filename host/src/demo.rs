@@ -55,12 +55,7 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
     let progress: ProgressSink = std::sync::Arc::new(|e| {
         if e.total > 0 && e.done == e.total {
             // A closed stdout stops the demo at its next line.
-            let _ = outln!(
-                "    progress     {} {}/{} bytes",
-                crate::workflow::phase_name(e.phase),
-                e.done,
-                e.total
-            );
+            let _ = outln!("    progress     {} {}/{} bytes", e.phase, e.done, e.total);
         }
     });
 
@@ -104,7 +99,7 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
         let job = case.job;
         outln!("\n== job {job}: {}", case.title)?;
         let request = step_request(root, &config, &case)?;
-        let report = run_step(handler, request, Some(progress.clone())).await?;
+        let report = run_step(handler.as_ref(), request, Some(progress.clone())).await?;
         for record in &report.phases {
             outln!("    {:<12} {}", record.phase, record.outcome)?;
         }

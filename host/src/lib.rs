@@ -11,8 +11,10 @@
 //!   [`download`] (payload fetching), [`trust`] (payload verification and
 //!   signed manifests), [`durable`] (crash-safe writes), [`failpoint`]
 //!   (crash-test fault injection), [`clock`] (wall-clock time);
-//! - the handler runtime: [`capabilities`] (what a handler may do, one
-//!   module per capability), [`runtime`] (loading and calling handlers),
+//! - the handler runtime: [`model`] (the values and the
+//!   [`model::UpdateHandler`] trait between the agent and its handlers),
+//!   [`capabilities`] (what a handler may do, one module per capability),
+//!   [`runtime`] (loading and calling handlers, the wasm implementation),
 //!   [`audit`] (declared vs granted vs real imports), [`tryout`] (one
 //!   phase of a handler from the command line);
 //! - the device's tools: [`config`] (device.toml), [`local`] (what tools
@@ -36,6 +38,7 @@ pub mod host_codes;
 pub mod install;
 pub mod journal;
 pub mod local;
+pub mod model;
 pub mod mqtt;
 pub mod outbox;
 pub mod replica;

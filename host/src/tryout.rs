@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use crate::runtime::bindings::{RebootBehaviour, RebootExpectation};
+use crate::model::{RebootBehaviour, RebootExpectation};
 use crate::runtime::{CallScope, Handler, Outcome, PayloadFile, Phase, Status, StepContext};
 use crate::workflow::{self, StepRequest};
 
@@ -199,14 +199,14 @@ fn payload_file(name: &str, path: &Path) -> Result<PayloadFile> {
 fn outcome_json(outcome: &Outcome) -> Value {
     match outcome {
         Outcome::Failed(status) => json!({"outcome": "failed", "failed": status_json(status)}),
-        other => json!({"outcome": workflow::describe_outcome(other)}),
+        other => json!({"outcome": other.to_string()}),
     }
 }
 
 fn status_json(status: &Status) -> Value {
     json!({
         "result_code": status.result_code,
-        "extended_code": workflow::pack(&status.extended_code),
+        "extended_code": status.extended_code.pack(),
         "message": status.message,
         "details": pairs(&status.details),
     })

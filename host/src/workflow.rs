@@ -17,10 +17,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::runtime::bindings::{ExtendedCode, RebootMode};
-use crate::runtime::{
-    CallScope, CancelFlag, Handler, Outcome, PayloadFile, Phase, ProgressSink, Status, StepContext,
+pub use crate::model::pack;
+use crate::model::{
+    ExtendedCode, Outcome, PayloadInfo, Phase, RebootMode, Status, StepContext, UpdateHandler,
 };
+use crate::runtime::{CallScope, CancelFlag, PayloadFile, ProgressSink};
 use crate::trust::verify_file;
 
 pub use crate::host_codes::{self, HOST_FAILURE};
@@ -79,7 +80,7 @@ pub enum StepResult {
     /// Failed.
     Failed {
         /// The phase that failed.
-        phase: String,
+        phase: Phase,
         /// Result code.
         result_code: u32,
         /// Packed extended code.
@@ -135,7 +136,7 @@ pub fn merge(a: Option<StepResult>, b: StepResult) -> StepResult {
 }
 
 struct Run<'a> {
-    handler: &'a Handler,
+    handler: &'a dyn UpdateHandler,
     scope: CallScope,
     ctx: StepContext,
     phases: Vec<PhaseRecord>,
@@ -157,7 +158,7 @@ pub type PayloadFetch<'a> =
 
 /// Runs one step through `handler`; progress goes to `progress`.
 pub async fn run_step(
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
     request: StepRequest,
     progress: Option<ProgressSink>,
 ) -> Result<StepReport> {
@@ -168,7 +169,7 @@ pub async fn run_step(
 /// `fetch` (when given) for the planned payloads once the step is known not
 /// to be installed.
 pub async fn run_step_with(
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
     request: StepRequest,
     progress: Option<ProgressSink>,
     before: PhaseHook<'_>,
@@ -201,7 +202,7 @@ pub async fn run_step_with(
 /// commit (rollback on failure, where supported) → cleanup. The payloads
 /// fetched before are still in the job folder.
 pub async fn continue_step(
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
     request: StepRequest,
     installed_criteria: Option<String>,
     before: PhaseHook<'_>,
@@ -231,7 +232,7 @@ pub async fn continue_step(
 /// reboot: the payloads fetched before (still in the job folder) count as
 /// verified.
 pub fn resumed_call(
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
     request: &StepRequest,
     installed_criteria: Option<String>,
 ) -> (CallScope, StepContext) {
@@ -248,7 +249,7 @@ pub fn resumed_call(
 
 /// The scope and context of the calls of one step.
 fn call_setup(
-    handler: &Handler,
+    handler: &dyn UpdateHandler,
     request: &StepRequest,
     payloads: Vec<PayloadFile>,
     installed_criteria: Option<String>,
@@ -259,7 +260,7 @@ fn call_setup(
         update_type: request.update_type.clone(),
         manifest: request.manifest.clone(),
         payloads: payloads.iter().map(payload_info).collect(),
-        config: handler.config_json.clone(),
+        config: handler.config().to_string(),
         installed_criteria,
     };
     let mut scope = CallScope::for_step(&request.job_id, request.step, &request.job_dir, payloads);
@@ -269,7 +270,7 @@ fn call_setup(
 
 impl<'a> Run<'a> {
     fn new(
-        handler: &'a Handler,
+        handler: &'a dyn UpdateHandler,
         scope: CallScope,
         ctx: StepContext,
         before: PhaseHook<'a>,
@@ -395,7 +396,7 @@ impl<'a> Run<'a> {
     /// (a rollback that needs a reboot to take effect counts, and the
     /// reboot is noted for the agent).
     async fn rollback(&mut self) -> bool {
-        if !self.handler.description.supports_rollback {
+        if !self.handler.description().supports_rollback {
             self.record(Phase::Rollback, "not supported by the handler".into());
             return false;
         }
@@ -414,7 +415,7 @@ impl<'a> Run<'a> {
         if let Err(e) = (self.before)(phase) {
             let status = host_status(
                 host_codes::JOURNAL,
-                format!("cannot journal {}: {e:#}", phase_name(phase)),
+                format!("cannot journal {phase}: {e:#}"),
             );
             self.record(phase, format!("not started: {}", status.message));
             return Outcome::Failed(status);
@@ -427,7 +428,7 @@ impl<'a> Run<'a> {
             Ok(outcome) => outcome,
             Err(fault) => Outcome::Failed(fault_status(&fault)),
         };
-        self.record(phase, describe_outcome(&outcome));
+        self.record(phase, outcome.to_string());
         outcome
     }
 
@@ -494,13 +495,13 @@ impl<'a> Run<'a> {
 
     fn record(&mut self, phase: Phase, outcome: String) {
         tracing::info!(
-            handler = self.handler.name,
+            handler = self.handler.name(),
             job = self.ctx.job_id,
             ?phase,
             "{outcome}"
         );
         self.phases.push(PhaseRecord {
-            phase: phase_name(phase).into(),
+            phase: phase.as_str().into(),
             outcome,
         });
     }
@@ -513,9 +514,9 @@ impl<'a> Run<'a> {
 
     fn result_of(&self, phase: Phase, status: Status, rolled_back: bool) -> StepResult {
         StepResult::Failed {
-            phase: phase_name(phase).into(),
+            phase,
             result_code: status.result_code,
-            extended_code: pack(&status.extended_code),
+            extended_code: status.extended_code.pack(),
             message: status.message,
             rolled_back,
         }
@@ -523,8 +524,8 @@ impl<'a> Run<'a> {
 }
 
 /// What a handler sees of a payload.
-pub fn payload_info(p: &PayloadFile) -> crate::runtime::bindings::PayloadInfo {
-    crate::runtime::bindings::PayloadInfo {
+pub fn payload_info(p: &PayloadFile) -> PayloadInfo {
+    PayloadInfo {
         name: p.name.clone(),
         size: p.size,
         sha256: p.sha256.clone(),
@@ -547,44 +548,6 @@ pub fn host_status(component_value: u32, message: String) -> Status {
 
 fn fault_status(fault: &anyhow::Error) -> Status {
     host_status(host_codes::HANDLER_FAULT, format!("{fault:#}"))
-}
-
-/// Packs an extended code as `facility << 28 | component << 20 | value`.
-pub fn pack(code: &ExtendedCode) -> u32 {
-    (u32::from(code.facility & 0xF) << 28)
-        | (u32::from(code.component) << 20)
-        | (code.value & 0xF_FFFF)
-}
-
-/// The WIT name of a phase.
-pub fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Describe => "describe",
-        Phase::Validate => "validate",
-        Phase::IsInstalled => "is-installed",
-        Phase::Download => "download",
-        Phase::Backup => "backup",
-        Phase::Install => "install",
-        Phase::Apply => "apply",
-        Phase::Verify => "verify",
-        Phase::Commit => "commit",
-        Phase::Rollback => "rollback",
-        Phase::Cleanup => "cleanup",
-        Phase::Inventory => "inventory",
-    }
-}
-
-/// An outcome in words.
-pub fn describe_outcome(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Success => "success".into(),
-        Outcome::Skipped(why) => format!("skipped: {why}"),
-        Outcome::RebootRequired(RebootMode::Immediate) => "reboot required (immediate)".into(),
-        Outcome::RebootRequired(RebootMode::Deferred) => "reboot required (deferred)".into(),
-        Outcome::RestartAgent => "agent restart required".into(),
-        Outcome::Failed(status) => format!("failed ({}): {}", status.result_code, status.message),
-        Outcome::Cancelled => "cancelled".into(),
-    }
 }
 
 #[cfg(test)]

@@ -12,9 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
-use super::bindings::{
-    Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext, UpdateHandlerPre,
-};
+use super::bindings::{self as wit, Phase, UpdateHandlerPre};
 use super::bounds;
 use super::cache::CacheUse;
 use super::engine::ticks_for;
@@ -22,6 +20,9 @@ use super::imports::context::{MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINE, MAX_LOG_LINE
 use super::state::{CallScope, HostState, Limiter};
 use super::stdio::GuestOutput;
 use crate::capabilities::{self, Grants, HandlerManifest};
+use crate::model::{
+    self, CallFault, Description, InstalledItem, Outcome, Plan, Status, StepContext, UpdateHandler,
+};
 
 /// Extra time the async backstop allows beyond the epoch deadline, for a
 /// guest blocked in a host call.
@@ -72,47 +73,6 @@ impl fmt::Display for InvalidConfig {
 }
 
 impl std::error::Error for InvalidConfig {}
-
-/// Why a call did not return normally.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallFault {
-    /// The call ran past its time limit.
-    TimeLimit {
-        /// The limit, in milliseconds.
-        limit_ms: u64,
-    },
-    /// The guest grew memory past its cap.
-    MemoryLimit {
-        /// The cap, in MiB.
-        limit_mb: u64,
-    },
-    /// The guest overflowed its stack: the engine's call stack, or the
-    /// shadow stack in its linear memory (which wraps below address 0).
-    StackOverflow,
-    /// The guest returned a value over the contract's bounds that the
-    /// host cannot cut (an identity such as installed criteria).
-    Breach(String),
-    /// The guest trapped (a panic, unreachable, a host-side fault).
-    Trap(String),
-}
-
-impl fmt::Display for CallFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallFault::TimeLimit { limit_ms } => {
-                write!(f, "exceeded its time limit of {limit_ms} ms")
-            }
-            CallFault::MemoryLimit { limit_mb } => {
-                write!(f, "exceeded its memory limit of {limit_mb} MiB")
-            }
-            CallFault::StackOverflow => write!(f, "stack overflow: the guest recursed too deep"),
-            CallFault::Breach(what) => write!(f, "broke the contract: {what}"),
-            CallFault::Trap(detail) => write!(f, "trapped: {detail}"),
-        }
-    }
-}
-
-impl std::error::Error for CallFault {}
 
 /// A handler that passed every load check and can be called.
 pub struct Handler {
@@ -171,10 +131,10 @@ macro_rules! invoke {
 impl Handler {
     /// Calls `describe`.
     pub async fn describe(&self) -> Result<Description> {
-        let described: Result<Description> =
+        let described: Result<wit::Description> =
             invoke!(self, Phase::Describe, CallScope::default(), |h, store| h
                 .call_describe(store));
-        described.map(bounds::description)
+        described.map(|d| bounds::description(d).into())
     }
 
     /// Calls `validate`. A plan over the contract's bounds is a fault.
@@ -183,18 +143,19 @@ impl Handler {
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Result<Plan, Status>> {
-        let planned: Result<Result<Plan, Status>> =
+        let ctx = wit::StepContext::from(ctx);
+        let planned: Result<Result<wit::Plan, wit::Status>> =
             invoke!(self, Phase::Validate, scope, |h, store| h
-                .call_validate(store, ctx));
+                .call_validate(store, &ctx));
         match planned? {
-            Ok(plan) => bounds::plan(plan).map(Ok).map_err(|breach| {
+            Ok(plan) => bounds::plan(plan).map(|p| Ok(p.into())).map_err(|breach| {
                 anyhow::Error::new(CallFault::Breach(breach)).context(format!(
                     "handler {}: {:?}",
                     self.name,
                     Phase::Validate
                 ))
             }),
-            Err(status) => Ok(Err(bounds::status(status))),
+            Err(status) => Ok(Err(bounds::status(status).into())),
         }
     }
 
@@ -204,20 +165,26 @@ impl Handler {
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Result<bool, Status>> {
-        let checked: Result<Result<bool, Status>> =
+        let ctx = wit::StepContext::from(ctx);
+        let checked: Result<Result<bool, wit::Status>> =
             invoke!(self, Phase::IsInstalled, scope, |h, store| h
-                .call_is_installed(store, ctx));
-        checked.map(|r| r.map_err(bounds::status))
+                .call_is_installed(store, &ctx));
+        checked.map(|r| r.map_err(|s| bounds::status(s).into()))
     }
 
     /// Calls `inventory` with the handler's device configuration.
     pub async fn inventory(&self) -> Result<Result<Vec<InstalledItem>, Status>> {
-        let listed: Result<Result<Vec<InstalledItem>, Status>> =
+        let listed: Result<Result<Vec<wit::InstalledItem>, wit::Status>> =
             invoke!(self, Phase::Inventory, CallScope::default(), |h, store| h
                 .call_inventory(store, &self.config_json));
         listed.map(|r| {
-            r.map(|items| bounds::inventory(&self.name, items))
-                .map_err(bounds::status)
+            r.map(|items| {
+                bounds::inventory(&self.name, items)
+                    .into_iter()
+                    .map(Into::into)
+                    .collect()
+            })
+            .map_err(|s| bounds::status(s).into())
         })
     }
 
@@ -245,11 +212,13 @@ impl Handler {
     /// install, apply, verify, commit, rollback or cleanup.
     pub async fn run_phase(
         &self,
-        phase: Phase,
+        phase: model::Phase,
         scope: CallScope,
         ctx: &StepContext,
     ) -> Result<Outcome> {
-        let outcome: Result<Outcome> = match phase {
+        let ctx = &wit::StepContext::from(ctx);
+        let phase = Phase::from(phase);
+        let outcome: Result<wit::Outcome> = match phase {
             Phase::Download => invoke!(self, phase, scope, |h, s| h.call_download(s, ctx)),
             Phase::Backup => invoke!(self, phase, scope, |h, s| h.call_backup(s, ctx)),
             Phase::Install => invoke!(self, phase, scope, |h, s| h.call_install(s, ctx)),
@@ -260,14 +229,14 @@ impl Handler {
             Phase::Cleanup => invoke!(self, phase, scope, |h, s| h.call_cleanup(s, ctx)),
             other => anyhow::bail!("{other:?} does not return an outcome; use its own method"),
         };
-        outcome.map(bounds::outcome)
+        outcome.map(|o| bounds::outcome(o).into())
     }
 
     async fn instantiate(
         &self,
         phase: Phase,
         scope: CallScope,
-    ) -> Result<(Store<HostState>, super::bindings::UpdateHandler)> {
+    ) -> Result<(Store<HostState>, wit::UpdateHandler)> {
         let limits = self.grants.limits;
         let output = [GuestOutput::default(), GuestOutput::default()];
         let state = HostState {
@@ -368,6 +337,65 @@ impl Handler {
             Ok(Err(e)) => CallFault::Trap(format!("{e:#}")),
         };
         Err(anyhow::Error::new(fault).context(format!("handler {}: {phase:?}", self.name)))
+    }
+}
+
+/// The sandboxed handler as the agent and the step workflow see it: each
+/// call converts the WIT values at this edge (see [`super::convert`]).
+#[async_trait::async_trait]
+impl UpdateHandler for Handler {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn description(&self) -> &Description {
+        &self.description
+    }
+
+    fn update_types(&self) -> Vec<String> {
+        self.manifest
+            .handler
+            .update_types
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    }
+
+    fn config(&self) -> &str {
+        &self.config_json
+    }
+
+    fn fingerprint(&self) -> &str {
+        &self.sha256
+    }
+
+    async fn describe(&self) -> Result<Description> {
+        Handler::describe(self).await
+    }
+
+    async fn inventory(&self) -> Result<Result<Vec<InstalledItem>, Status>> {
+        Handler::inventory(self).await
+    }
+
+    async fn validate(&self, scope: CallScope, ctx: &StepContext) -> Result<Result<Plan, Status>> {
+        Handler::validate(self, scope, ctx).await
+    }
+
+    async fn is_installed(
+        &self,
+        scope: CallScope,
+        ctx: &StepContext,
+    ) -> Result<Result<bool, Status>> {
+        Handler::is_installed(self, scope, ctx).await
+    }
+
+    async fn run_phase(
+        &self,
+        phase: model::Phase,
+        scope: CallScope,
+        ctx: &StepContext,
+    ) -> Result<Outcome> {
+        Handler::run_phase(self, phase, scope, ctx).await
     }
 }
 

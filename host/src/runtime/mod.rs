@@ -12,6 +12,7 @@
 pub mod bindings;
 pub mod bounds;
 mod cache;
+mod convert;
 mod engine;
 mod handler;
 pub mod imports;
@@ -28,10 +29,12 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-pub use bindings::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
+pub use crate::model::{
+    CallFault, Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext,
+};
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
-pub use handler::{CallFault, GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
+pub use handler::{GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
 pub use state::{CallScope, CancelFlag, HostState, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{self, Access, DeviceGrant, Grants, HandlerManifest, ImportFault};
@@ -395,6 +398,6 @@ fn empty_description() -> Description {
         update_types: Vec::new(),
         contract: String::new(),
         supports_rollback: false,
-        reboot: bindings::RebootBehaviour::Never,
+        reboot: crate::model::RebootBehaviour::Never,
     }
 }

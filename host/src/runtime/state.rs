@@ -36,7 +36,7 @@ pub struct ProgressEvent {
     /// Step index.
     pub step: u32,
     /// Phase the handler named.
-    pub phase: Phase,
+    pub phase: crate::model::Phase,
     /// Units done.
     pub done: u64,
     /// Units in all (0: unknown).

@@ -85,8 +85,9 @@ impl JobResult {
 pub struct StepOutcome {
     /// The step's update type.
     pub update_type: String,
-    /// How it ended (`installed`, `already-installed`, `failed`, …).
-    pub result: String,
+    /// How it ended (`installed`, `already-installed`, `failed in PHASE`,
+    /// …).
+    pub result: crate::model::StepState,
     /// Result code (0 on success).
     pub result_code: u32,
     /// Packed extended code.

@@ -153,7 +153,7 @@ pub fn failed(report: &otabox::workflow::StepReport) -> (&str, u32, &str, bool) 
             message,
             rolled_back,
             ..
-        } => (phase, *result_code, message, *rolled_back),
+        } => (phase.as_str(), *result_code, message, *rolled_back),
         other => panic!("expected a failure, got {other:?}\n{:?}", report.phases),
     }
 }

@@ -14,8 +14,8 @@ use wasmtime::component::Resource;
 
 use crate::capabilities::Grants;
 
+use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::otabox::handler::devices::{DeviceInfo, Host};
-use crate::runtime::bindings::{HostError, Phase};
 use crate::runtime::imports::payloads::PayloadHandle;
 use crate::runtime::{CancelFlag, HostState, ProgressEvent, ProgressSink};
 
@@ -104,7 +104,7 @@ impl HostState {
                     handler: handler.clone(),
                     job_id: job_id.clone(),
                     step,
-                    phase: Phase::Install,
+                    phase: crate::model::Phase::Install,
                     done,
                     total,
                 });

@@ -81,7 +81,7 @@ impl Host for HostState {
                 handler: self.handler.to_string(),
                 job_id: self.scope.job_id.clone(),
                 step: self.scope.step,
-                phase,
+                phase: phase.into(),
                 done,
                 total,
             });
