@@ -1,7 +1,8 @@
 //! otabox: an over-the-air update agent whose update types are sandboxed
 //! WebAssembly components.
 //!
-//! Modules, one per concern: [`config`] (device.toml), [`capabilities`]
+//! Modules, one per concern: [`config`] (device.toml), [`cloud`] (the
+//! cloud layouts: topics and documents), [`capabilities`]
 //! (what a handler may do), [`runtime`] (loading and calling handlers),
 //! [`audit`] (declared vs real imports), [`console`] (the command line's
 //! stdout and log colours), [`trust`] (payload verification),
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod audit;
 pub mod capabilities;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod console;
 pub mod demo;
