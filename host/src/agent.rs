@@ -913,20 +913,9 @@ fn rejected_delta(payload: &[u8], max_bytes: usize, reason: &str) -> Rejection {
 /// Longest reason of a rejection, as the contract bounds status messages.
 const MAX_REASON_BYTES: usize = 1024;
 
+/// The state of this agent, idle, before it ran anything.
 fn idle_state() -> ReportedState {
-    ReportedState {
-        agent: AgentInfo {
-            state: AgentState::Idle,
-            version: AGENT_VERSION.into(),
-        },
-        job_id: None,
-        installed: Default::default(),
-        inventory: Default::default(),
-        inventory_omitted: None,
-        last_result: None,
-        progress: None,
-        last_rejected: None,
-    }
+    ReportedState::idle(AGENT_VERSION)
 }
 
 /// The report document of `reported`, within `[mqtt] max_report_bytes`

@@ -589,7 +589,7 @@ mod tests {
 mod layout_tests {
     use super::*;
     use crate::cloud::{Link, Shrink, TopicLayout};
-    use crate::shadow::{AckStatus, AgentInfo, AgentState, parse_delta};
+    use crate::shadow::{AckStatus, parse_delta, sample_reported};
     use std::cell::Cell;
 
     fn topics() -> Topics {
@@ -597,19 +597,7 @@ mod layout_tests {
     }
 
     fn reported() -> ReportedState {
-        ReportedState {
-            agent: AgentInfo {
-                state: AgentState::Idle,
-                version: "1.0.0".into(),
-            },
-            job_id: Some("job-1".into()),
-            installed: Default::default(),
-            inventory: Default::default(),
-            inventory_omitted: None,
-            last_result: None,
-            progress: None,
-            last_rejected: None,
-        }
+        sample_reported("job-1")
     }
 
     #[test]

@@ -89,26 +89,14 @@ impl CloudLayout for IotAtlas {
 mod tests {
     use super::*;
     use crate::cloud::{Link, TopicLayout};
-    use crate::shadow::{AckStatus, AgentInfo, AgentState};
+    use crate::shadow::{AckStatus, sample_reported};
 
     fn topics() -> Topics {
         Topics::new(&IotAtlas, "dev-1").expect("valid")
     }
 
     fn reported() -> ReportedState {
-        ReportedState {
-            agent: AgentInfo {
-                state: AgentState::Idle,
-                version: "1.0.0".into(),
-            },
-            job_id: Some("job-1".into()),
-            installed: Default::default(),
-            inventory: Default::default(),
-            inventory_omitted: None,
-            last_result: None,
-            progress: None,
-            last_rejected: None,
-        }
+        sample_reported("job-1")
     }
 
     fn ack() -> Ack {

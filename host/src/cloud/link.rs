@@ -131,27 +131,17 @@ mod tests {
     use super::*;
     use crate::cloud::memory::{MAX_UPDATE, MIN_BUDGET, Memory};
     use crate::cloud::{Refusal, TopicLayout};
-    use crate::shadow::{AgentInfo, AgentState, sample_desired};
+    use crate::shadow::{sample_desired, sample_reported};
 
     fn reported(items: usize) -> ReportedState {
-        ReportedState {
-            agent: AgentInfo {
-                state: AgentState::Idle,
-                version: "1.0.0".into(),
-            },
-            job_id: Some("job-1".into()),
-            installed: Default::default(),
-            inventory: std::collections::BTreeMap::from([(
-                "otabox/apt:1".into(),
-                (0..items)
-                    .map(|i| (format!("package-{i:05}"), "1.0".to_string()))
-                    .collect(),
-            )]),
-            inventory_omitted: None,
-            last_result: None,
-            progress: None,
-            last_rejected: None,
-        }
+        let mut state = sample_reported("job-1");
+        state.inventory.insert(
+            "otabox/apt:1".into(),
+            (0..items)
+                .map(|i| (format!("package-{i:05}"), "1.0".to_string()))
+                .collect(),
+        );
+        state
     }
 
     fn no_version() -> String {

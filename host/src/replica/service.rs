@@ -113,32 +113,86 @@ async fn handle(
     let Some((device, request)) = layout.device_request(&publish.topic) else {
         return Ok(());
     };
-    let topics = Topics::new(layout, &device)?;
+    let exchange = Exchange {
+        store,
+        client,
+        layout,
+        topics: Topics::new(layout, &device)?,
+        device: &device,
+        publish,
+    };
     match request {
-        Request::Get => answer_get(store, client, layout, &device, &topics, publish).await,
-        Request::Update => update(store, client, layout, &device, &topics, publish).await,
+        Request::Get => exchange.answer_get().await,
+        Request::Update => exchange.update().await,
     }
 }
 
-/// A shadow `get`: answered with the desired and reported deployments.
-async fn answer_get(
-    store: &Store,
-    client: &AsyncClient,
-    layout: &dyn CloudLayout,
-    device: &str,
-    topics: &Topics,
-    publish: &Publish,
-) -> Result<()> {
-    let _: Value = serde_json::from_slice(&publish.payload).context("not JSON")?;
-    let status = store.status(device)?;
-    let version = status.as_ref().map_or(0, |s| s.version);
-    let answer = layout.shadow_answer(version, stored(status.as_ref()));
-    if let (Some(topic), Some(answer)) = (&topics.get_accepted, answer) {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, answer)
-            .await?;
+/// A device's message, with what answering it needs.
+struct Exchange<'a> {
+    store: &'a Store,
+    client: &'a AsyncClient,
+    layout: &'a dyn CloudLayout,
+    device: &'a str,
+    topics: Topics,
+    publish: &'a Publish,
+}
+
+impl Exchange<'_> {
+    /// A shadow `get`: answered with the desired and reported deployments.
+    async fn answer_get(&self) -> Result<()> {
+        let _: Value = serde_json::from_slice(&self.publish.payload).context("not JSON")?;
+        let status = self.store.status(self.device)?;
+        let version = status.as_ref().map_or(0, |s| s.version);
+        let answer = self.layout.shadow_answer(version, stored(status.as_ref()));
+        if let (Some(topic), Some(answer)) = (&self.topics.get_accepted, answer) {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, answer)
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// A report or an acknowledgement: judged by the layout (in the AWS
+    /// layout checked and merged as the shadow service does), then recorded
+    /// and confirmed, or refused with the layout's answer.
+    async fn update(&self) -> Result<()> {
+        let (store, device) = (self.store, self.device);
+        let status = store.status(device)?;
+        let verdict = self
+            .layout
+            .accept_update(&self.publish.payload, stored(status.as_ref()))?;
+        let update = match verdict {
+            Verdict::Accepted(update) => update,
+            Verdict::Refused { refusal, answer } => {
+                tracing::warn!(
+                    device,
+                    code = refusal.code,
+                    "rejected an update: {}",
+                    refusal.message
+                );
+                if let Some(rejected) = &self.topics.rejected {
+                    self.client
+                        .publish(rejected, QoS::AtLeastOnce, false, answer)
+                        .await?;
+                }
+                return Ok(());
+            }
+        };
+        if let Some(ack) = &update.ack
+            && store.record_ack(device, ack)?
+        {
+            tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
+        }
+        if let Some(reported) = &update.reported {
+            store.record_report(device, reported)?;
+            republish_if_missed(store, device, reported)?;
+        }
+        let echo = self.publish.payload.to_vec();
+        self.client
+            .publish(&self.topics.accepted, QoS::AtLeastOnce, false, echo)
+            .await?;
+        Ok(())
+    }
 }
 
 /// What the store holds for a device, as a layout reads it.
@@ -148,55 +202,6 @@ fn stored(status: Option<&super::store::DeviceStatus>) -> Stored<'_> {
         reported: status.and_then(|s| s.reported.as_ref()),
         ack: status.and_then(|s| s.ack.as_ref()),
     }
-}
-
-/// A report or an acknowledgement: judged by the layout (in the AWS layout
-/// checked and merged as the shadow service does), then recorded and
-/// confirmed, or refused with the layout's answer.
-async fn update(
-    store: &Store,
-    client: &AsyncClient,
-    layout: &dyn CloudLayout,
-    device: &str,
-    topics: &Topics,
-    publish: &Publish,
-) -> Result<()> {
-    let status = store.status(device)?;
-    let update = match layout.accept_update(&publish.payload, stored(status.as_ref()))? {
-        Verdict::Accepted(update) => update,
-        Verdict::Refused { refusal, answer } => {
-            tracing::warn!(
-                device,
-                code = refusal.code,
-                "rejected an update: {}",
-                refusal.message
-            );
-            if let Some(rejected) = &topics.rejected {
-                client
-                    .publish(rejected, QoS::AtLeastOnce, false, answer)
-                    .await?;
-            }
-            return Ok(());
-        }
-    };
-    if let Some(ack) = &update.ack
-        && store.record_ack(device, ack)?
-    {
-        tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
-    }
-    if let Some(reported) = &update.reported {
-        store.record_report(device, reported)?;
-        republish_if_missed(store, device, reported)?;
-    }
-    client
-        .publish(
-            &topics.accepted,
-            QoS::AtLeastOnce,
-            false,
-            publish.payload.to_vec(),
-        )
-        .await?;
-    Ok(())
 }
 
 /// A device idle with neither a result nor an ack for the desired job

@@ -19,6 +19,15 @@ pub use reported::{
     ReportedState, StepOutcome,
 };
 
+/// An idle reported state after `job`, for tests.
+#[cfg(test)]
+pub(crate) fn sample_reported(job: &str) -> ReportedState {
+    ReportedState {
+        job_id: Some(job.into()),
+        ..ReportedState::idle("1.0.0")
+    }
+}
+
 /// A minimal valid desired state for `job`, for tests.
 #[cfg(test)]
 pub(crate) fn sample_desired(job: &str) -> DesiredState {
