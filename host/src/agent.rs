@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
 use tokio::sync::{Notify, mpsc};
 
+use crate::cloud::{Inbound, Link, Refusal, Shrink};
 use crate::config::DeviceConfig;
 use crate::download;
 use crate::journal::{self, Acceptance, JobPhase, JobRecord, Journal, Resume};
@@ -26,7 +26,7 @@ use crate::outbox::{Next as OutboxNext, Outbox};
 use crate::runtime::{CallScope, CancelFlag, PayloadFile, Runtime};
 use crate::shadow::{
     Ack, AgentInfo, AgentState, DeltaMessage, JobResult, LastResult, ManifestSource, Rejection,
-    ReportedState, StepOutcome, TopicLayout, Topics, aws, parse_delta,
+    ReportedState, StepOutcome, parse_delta,
 };
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
@@ -40,7 +40,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// State shared by the session loop and the job worker.
 struct Shared {
     config: DeviceConfig,
-    topics: Topics,
+    /// The cloud layout, the device's topics and the report size.
+    cloud: Link,
     journal: Journal,
     /// The loaded handlers.
     handlers: Vec<Arc<dyn UpdateHandler>>,
@@ -56,12 +57,6 @@ struct Shared {
     cancelled: Mutex<std::collections::BTreeSet<String>>,
     /// The running job's state and progress, as last reported.
     live: Mutex<Live>,
-    /// The size reports are built within: `[mqtt] max_report_bytes`, or
-    /// less once the broker refused a report of that size.
-    report_limit: std::sync::atomic::AtomicUsize,
-    /// Bytes the desired deployment takes in the shadow, as last seen (AWS
-    /// layout: reports leave it room within the shadow's 8 KB).
-    desired_bytes: std::sync::atomic::AtomicUsize,
     /// The broker connection, recorded for `otabox status`.
     connection: crate::local::ConnectionLog,
 }
@@ -69,7 +64,11 @@ struct Shared {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: DeviceConfig) -> Result<()> {
     let device_id = config.device_id()?.to_string();
-    let topics = Topics::new(config.mqtt.layout, &device_id)?;
+    let cloud = Link::new(
+        config.mqtt.layout.cloud(),
+        &device_id,
+        config.mqtt.max_report_bytes,
+    )?;
     let (_state_lock, wake) = inbox::own_state(&config.paths.state)?;
     let journal = Journal::open(&config.paths.state)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
@@ -115,11 +114,10 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         }
         None => None,
     };
-    let max_report_bytes = config.mqtt.max_report_bytes;
     let shared = Arc::new(Shared {
         downloader,
         trust_root: Mutex::new(trust_root),
-        topics,
+        cloud,
         journal,
         handlers,
         outbox: Mutex::new(outbox),
@@ -127,8 +125,6 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         current: Mutex::new(None),
         cancelled: Mutex::new(Default::default()),
         live: Mutex::new(Live::default()),
-        report_limit: std::sync::atomic::AtomicUsize::new(max_report_bytes),
-        desired_bytes: std::sync::atomic::AtomicUsize::new(DESIRED_BYTES_UNSEEN),
         connection: crate::local::ConnectionLog::new(
             &config.paths.state,
             format!("{}:{}", config.mqtt.host, config.mqtt.port),
@@ -230,14 +226,14 @@ async fn session(
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    watch.subscribed(&ack, &subscriptions(&shared.topics));
+                    watch.subscribed(&ack, &shared.cloud.topics().subscriptions());
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     answers.heard(&publish.topic);
                     if let Some(rejection) = on_publish(&shared, &jobs, &publish).await {
                         // Not queued durably: a rejection changes no state file.
                         client
-                            .publish(shared.topics.update.clone(), QoS::AtLeastOnce, false, rejection.into_bytes())
+                            .publish(shared.cloud.topics().update.clone(), QoS::AtLeastOnce, false, rejection.into_bytes())
                             .await
                             .context("cannot report a rejection")?;
                     }
@@ -287,7 +283,7 @@ async fn session(
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                 }
             }
-            _ = sleep_until(answers.deadline) => answers.overdue(&shared.topics, device_id, &watch),
+            _ = sleep_until(answers.deadline) => answers.overdue(shared.cloud.topics(), device_id, &watch),
         }
     }
 }
@@ -346,7 +342,12 @@ impl Answers {
     }
 
     /// No answer came in time: says so, once.
-    fn overdue(&mut self, topics: &Topics, device_id: &str, watch: &mqtt::ConnectionWatch) {
+    fn overdue(
+        &mut self,
+        topics: &crate::cloud::Topics,
+        device_id: &str,
+        watch: &mqtt::ConnectionWatch,
+    ) {
         self.deadline = None;
         if self.warned || self.heard || !watch.is_up() {
             return;
@@ -354,7 +355,7 @@ impl Answers {
         self.warned = true;
         tracing::warn!(
             "nothing arrived on {} within {} s of this device's report on {}: either the broker's ACL drops this device's topics (is the device id {device_id:?} what the ACL allows? {}), or no replica answers reports",
-            subscriptions(topics).join(", "),
+            topics.subscriptions().join(", "),
             ANSWER_TIMEOUT.as_secs(),
             topics.update,
             watch.identity_hint()
@@ -378,8 +379,7 @@ fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
     outbox.requeue();
     let head = outbox.head().filter(|e| e.seq == seq).cloned()?;
     let limit = (head.payload.len() / 2).max(*crate::config::MAX_REPORT_RANGE.start());
-    if limit < shared.report_limit.load(Ordering::Relaxed) {
-        shared.report_limit.store(limit, Ordering::Relaxed);
+    if shared.cloud.lower_limit(limit) {
         tracing::warn!(
             "the broker refuses reports of {} bytes: reports are limited to {limit} bytes from now on (lower [mqtt] max_report_bytes to match the broker)",
             head.payload.len()
@@ -414,61 +414,29 @@ fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
 /// A report document trimmed to `limit` bytes; `None` when it is not a
 /// report or cannot get smaller.
 fn shrunk(shared: &Shared, payload: &str, limit: usize) -> Option<String> {
-    let smaller = bounded(shared, &as_report(shared, payload)?, limit);
+    let smaller = shared
+        .cloud
+        .bounded(&shared.cloud.parse_report(payload)?, limit);
     (smaller.len() < payload.len()).then_some(smaller)
-}
-
-/// The reported state a report document carries, if it is one.
-fn as_report(shared: &Shared, payload: &str) -> Option<ReportedState> {
-    if shared.config.mqtt.layout == TopicLayout::AwsShadow {
-        return aws::parse_report(payload);
-    }
-    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
-    serde_json::from_value(value.pointer("/state/reported/deployment")?.clone()).ok()
 }
 
 /// Subscribes, and in the AWS layout asks for the whole shadow, so a delta
 /// published while the agent was away is not missed.
 async fn subscribe(shared: &Shared, client: &AsyncClient) -> Result<()> {
-    for topic in subscriptions(&shared.topics) {
+    let topics = shared.cloud.topics();
+    for topic in topics.subscriptions() {
         client
             .subscribe(topic, QoS::AtLeastOnce)
             .await
             .context("cannot subscribe")?;
     }
-    if let Some(get) = &shared.topics.get {
+    if let Some(get) = &topics.get {
         client
             .publish(get.clone(), QoS::AtLeastOnce, false, "{}")
             .await
             .context("cannot ask for the shadow")?;
     }
     Ok(())
-}
-
-/// The topics the device subscribes to.
-fn subscriptions(t: &Topics) -> Vec<&str> {
-    [
-        Some(&t.delta),
-        Some(&t.accepted),
-        t.get_accepted.as_ref(),
-        t.rejected.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(String::as_str)
-    .collect()
-}
-
-/// Turns a shadow `get` answer into the delta it implies, if it holds a
-/// desired deployment.
-fn delta_from_shadow(payload: &[u8]) -> Option<Vec<u8>> {
-    let shadow: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    let desired = shadow
-        .pointer("/state/desired/deployment")
-        .filter(|d| d.is_object())?;
-    let version = shadow.get("version")?.as_u64()?;
-    serde_json::to_vec(&serde_json::json!({"version": version, "state": {"deployment": desired}}))
-        .ok()
 }
 
 /// Publishes the outbox head unless one is already in flight; returns when
@@ -483,7 +451,7 @@ async fn publish_next(
     if in_flight.seq.is_some() {
         return Ok(None);
     }
-    let max = shared.report_limit.load(Ordering::Relaxed);
+    let max = shared.cloud.report_limit();
     let next = {
         let mut outbox = lock(&shared.outbox);
         if let Some(head) = outbox.head().filter(|e| e.payload.len() > max).cloned() {
@@ -522,14 +490,14 @@ fn fit_head(
     head: &crate::outbox::Entry,
     max: usize,
 ) -> Result<()> {
-    match as_report(shared, &head.payload) {
+    match shared.cloud.parse_report(&head.payload) {
         Some(reported) => {
             tracing::warn!(
                 key = head.key,
                 "a queued report of {} bytes exceeds the report limit ({max}); trimmed",
                 head.payload.len()
             );
-            outbox.replace_head(bounded(shared, &reported, max))
+            outbox.replace_head(shared.cloud.bounded(&reported, max))
         }
         None => {
             tracing::error!(
@@ -550,33 +518,28 @@ async fn on_publish(
     jobs: &mpsc::UnboundedSender<JobRecord>,
     publish: &rumqttc::Publish,
 ) -> Option<String> {
-    if shared.topics.rejected.as_ref() == Some(&publish.topic) {
-        on_refused(shared, &publish.payload);
-        return None;
-    }
-    let from_shadow;
-    let payload: &[u8] = if publish.topic == shared.topics.delta {
-        &publish.payload
-    } else if shared.topics.get_accepted.as_ref() == Some(&publish.topic) {
-        match delta_from_shadow(&publish.payload) {
-            Some(bytes) => {
-                from_shadow = bytes;
-                &from_shadow
-            }
-            None => {
-                tracing::debug!("the shadow holds no desired deployment");
-                return None;
-            }
+    let inbound = shared.cloud.decode(&publish.topic, &publish.payload);
+    let payload: &[u8] = match &inbound {
+        Inbound::Delta(delta) => delta,
+        Inbound::ShadowAnswer(Some(delta)) => delta,
+        Inbound::ShadowAnswer(None) => {
+            tracing::debug!("the shadow holds no desired deployment");
+            return None;
         }
-    } else {
-        tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
-        return None;
+        Inbound::Refused(refusal) => {
+            on_refused(shared, refusal.as_ref(), publish.payload.len());
+            return None;
+        }
+        Inbound::Accepted | Inbound::Other => {
+            tracing::debug!(topic = publish.topic, "{} bytes", publish.payload.len());
+            return None;
+        }
     };
     let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
         Ok(delta) => delta,
         Err(e) => return rejection(shared, payload, &format!("{e:#}")),
     };
-    note_desired_size(shared, &delta);
+    shared.cloud.note_desired(&delta.state.deployment);
     let delta = match resolve_reference(shared, delta).await {
         Ok(delta) => delta,
         Err(e) => return rejection(shared, payload, &format!("{e:#}")),
@@ -662,49 +625,34 @@ async fn resolve_reference(shared: &Shared, mut delta: DeltaMessage) -> Result<D
     Ok(delta)
 }
 
-/// Before any delta is seen, the room reports leave for the desired
-/// deployment (AWS layout).
-const DESIRED_BYTES_UNSEEN: usize = 2048;
-
-/// Remembers how much room the desired deployment takes in the shadow.
-fn note_desired_size(shared: &Shared, delta: &DeltaMessage) {
-    if let Ok(desired) = serde_json::to_value(&delta.state.deployment) {
-        shared
-            .desired_bytes
-            .store(aws::desired_bytes(&desired), Ordering::Relaxed);
-    }
-}
-
-/// The shadow service refused an update (AWS layout): logged with its code
-/// and message. The message is not sent again (the outbox moved on when the
-/// broker took it); when it was too large or too deep, reports get a
-/// smaller budget and the current state goes out once more, trimmed, until
-/// the smallest budget is reached.
-fn on_refused(shared: &Shared, payload: &[u8]) {
-    let Some(error) = aws::ErrorDocument::parse(payload) else {
+/// The shadow service refused an update (a layout with refusals, such as
+/// AWS's): logged with its code and message. The message is not sent again
+/// (the outbox moved on when the broker took it); when it was too large or
+/// too deep, reports get a smaller budget and the current state goes out
+/// once more, trimmed, until the smallest budget is reached.
+fn on_refused(shared: &Shared, refusal: Option<&Refusal>, len: usize) {
+    let Some(refusal) = refusal else {
         tracing::warn!(
-            "the shadow service rejected an update; its answer is no error document ({} bytes)",
-            payload.len()
+            "the shadow service rejected an update; its answer is no error document ({len} bytes)"
         );
         return;
     };
     tracing::warn!(
-        code = error.code,
+        code = refusal.code,
         "the shadow service rejected an update: {}",
-        crate::runtime::bounds::text(error.message.clone(), MAX_REASON_BYTES)
+        crate::runtime::bounds::text(refusal.message.clone(), MAX_REASON_BYTES)
     );
-    if !error.asks_for_less() {
+    if !refusal.asks_for_less {
         return;
     }
-    let budget = aws_budget(shared, shared.report_limit.load(Ordering::Relaxed));
-    let smaller = aws::report_budget(budget / 2, 0, "");
-    if smaller >= budget {
-        tracing::warn!(
-            "reports are at their smallest ({budget} bytes) already; the refused one is dropped"
-        );
-        return;
-    }
-    shared.report_limit.store(smaller, Ordering::Relaxed);
+    let smaller = match shared.cloud.shrink(&|| running_version(shared)) {
+        Shrink::Lowered(smaller) => smaller,
+        Shrink::Smallest(budget) => {
+            return tracing::warn!(
+                "reports are at their smallest ({budget} bytes) already; the refused one is dropped"
+            );
+        }
+    };
     tracing::warn!(
         "reports are limited to {smaller} bytes from now on; the current state is sent again, trimmed"
     );
@@ -857,7 +805,7 @@ fn progress_reporter(shared: &Arc<Shared>, job: &str) -> crate::runtime::Progres
         let key = format!("progress:{job}:{n}");
         lock(&shared.outbox).push_volatile(
             &key,
-            &shared.topics.update,
+            &shared.cloud.topics().update,
             report,
             std::time::Instant::now(),
         );
@@ -966,68 +914,36 @@ fn rejected_delta(payload: &[u8], max_bytes: usize, reason: &str) -> Rejection {
 /// Longest reason of a rejection, as the contract bounds status messages.
 const MAX_REASON_BYTES: usize = 1024;
 
+/// The state of this agent, idle, before it ran anything.
 fn idle_state() -> ReportedState {
-    ReportedState {
-        agent: AgentInfo {
-            state: AgentState::Idle,
-            version: AGENT_VERSION.into(),
-        },
-        job_id: None,
-        installed: Default::default(),
-        inventory: Default::default(),
-        inventory_omitted: None,
-        last_result: None,
-        progress: None,
-        last_rejected: None,
-    }
+    ReportedState::idle(AGENT_VERSION)
 }
 
 /// The report document of `reported`, within `[mqtt] max_report_bytes`
-/// (and, in the AWS layout, within the shadow's room beside the desired
-/// deployment).
+/// and the layout's budget (in the AWS layout, the shadow's room beside
+/// the desired deployment).
 fn reported_payload(shared: &Shared, reported: &ReportedState) -> String {
-    let limit = shared.report_limit.load(Ordering::Relaxed);
-    match shared.config.mqtt.layout {
-        TopicLayout::IotAtlas => bounded(shared, reported, limit),
-        TopicLayout::AwsShadow => bounded(shared, reported, aws_budget(shared, limit)),
-    }
+    shared.cloud.report(reported, &|| running_version(shared))
 }
 
-/// The layout's report document of `reported` within `max` bytes.
-fn bounded(shared: &Shared, reported: &ReportedState, max: usize) -> String {
-    match shared.config.mqtt.layout {
-        TopicLayout::IotAtlas => reported.bounded_payload(max),
-        TopicLayout::AwsShadow => aws::report_document(reported, max),
-    }
-}
-
-/// The AWS layout's report budget: `limit`, or less to leave the desired
-/// deployment and the acknowledgement their room in the shadow.
-fn aws_budget(shared: &Shared, limit: usize) -> usize {
-    let version = shared
+/// The version of the job running, as journaled (empty when none is).
+fn running_version(shared: &Shared) -> String {
+    shared
         .journal
         .shadow()
         .ok()
         .and_then(|s| s.running_version)
-        .unwrap_or_default();
-    aws::report_budget(
-        limit,
-        shared.desired_bytes.load(Ordering::Relaxed),
-        &version,
-    )
+        .unwrap_or_default()
 }
 
 /// The layout's acknowledgement document.
 fn ack_payload(shared: &Shared, ack: &Ack) -> Result<String> {
-    Ok(match shared.config.mqtt.layout {
-        TopicLayout::IotAtlas => serde_json::to_string(ack)?,
-        TopicLayout::AwsShadow => aws::ack_document(ack),
-    })
+    shared.cloud.ack(ack)
 }
 
 /// Queues a message on the update topic and wakes the publisher.
 fn enqueue(shared: &Shared, key: &str, payload: String) {
-    match lock(&shared.outbox).push(key, &shared.topics.update, payload) {
+    match lock(&shared.outbox).push(key, &shared.cloud.topics().update, payload) {
         Ok(_) => shared.outbox_changed.notify_one(),
         Err(e) => tracing::error!("cannot queue report {key}: {e:#}"),
     }
@@ -1928,7 +1844,7 @@ fn report_progress(shared: &Shared, record: &JobRecord, state: AgentState) -> Re
     });
     lock(&shared.outbox).push_volatile(
         &format!("state:{}:{state:?}", record.job_id),
-        &shared.topics.update,
+        &shared.cloud.topics().update,
         report,
         std::time::Instant::now() + STATE_REPORT_DELAY,
     );

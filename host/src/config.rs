@@ -172,7 +172,7 @@ pub struct MqttSection {
     pub port: u16,
     /// Topic layout: `iot-atlas` or `aws-shadow`.
     #[serde(default)]
-    pub layout: crate::shadow::TopicLayout,
+    pub layout: crate::cloud::TopicLayout,
     /// MQTT client id (default: the device id).
     #[serde(default)]
     pub client_id: Option<String>,

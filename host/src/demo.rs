@@ -177,7 +177,8 @@ async fn mqtt_flow(root: &Path) -> Result<()> {
     )?;
     let config = DeviceConfig::load(&agent_config)?;
     background("agent", move || crate::agent::run(config));
-    let observer = Observer::connect(port).await?;
+    let topics = crate::cloud::Topics::new(mqtt.layout.cloud(), "demo-device")?;
+    let observer = Observer::connect(port, &topics).await?;
     observer
         .wait(|m| m.contains("\"agent\""))
         .await
@@ -355,17 +356,15 @@ struct Observer {
 }
 
 impl Observer {
-    async fn connect(port: u16) -> Result<Self> {
+    async fn connect(port: u16, topics: &crate::cloud::Topics) -> Result<Self> {
         let mut opts = rumqttc::MqttOptions::new("demo-observer", "127.0.0.1", port);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
         eventloop.set_network_options(crate::mqtt::network_options());
-        for topic in [
-            "state/demo-device/update",
-            "state/demo-device/update/accepted",
-        ] {
+        for topic in [&topics.update, &topics.accepted] {
             client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?;
         }
+        let accepted = topics.accepted.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let _client = client;
@@ -373,7 +372,7 @@ impl Observer {
                 match eventloop.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
                         let text = String::from_utf8_lossy(&p.payload).into_owned();
-                        let line = if p.topic.ends_with("/accepted") {
+                        let line = if p.topic == accepted {
                             format!("accepted {text}")
                         } else {
                             text

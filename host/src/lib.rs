@@ -5,7 +5,8 @@
 //! - the agent: [`agent`] (the daemon: session, jobs, reports),
 //!   [`workflow`] (a step's lifecycle), [`journal`] (the crash-safe job
 //!   journal), [`outbox`] (durable ordered publishing), [`mqtt`] (the
-//!   connection), [`shadow`] (desired and reported state),
+//!   connection), [`cloud`] (the cloud layouts: topics and documents, one
+//!   module per layout), [`shadow`] (desired and reported state),
 //!   [`update_type`] (the type joining a step to its handler),
 //!   [`host_codes`] (result codes of failures the host detects),
 //!   [`download`] (payload fetching), [`trust`] (payload verification and
@@ -28,6 +29,7 @@ pub mod agent;
 pub mod audit;
 pub mod capabilities;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod console;
 pub mod demo;

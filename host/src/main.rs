@@ -201,7 +201,10 @@ impl BrokerArgs {
     /// The connection settings, as `[mqtt]` in device.toml would give them.
     fn into_section(self) -> Result<otabox::config::MqttSection> {
         let layout = serde_json::from_value(serde_json::Value::String(self.layout.clone()))
-            .with_context(|| format!("--layout {:?}: use iot-atlas or aws-shadow", self.layout))?;
+            .with_context(|| {
+                let names = otabox::cloud::TopicLayout::names();
+                format!("--layout {:?}: use {names}", self.layout)
+            })?;
         Ok(otabox::config::MqttSection {
             host: self.host,
             port: self.port,

@@ -144,7 +144,7 @@ fn report_rejection(shared: &Shared, rejection: &LocalRejection) {
     let payload = reported_payload(shared, &reported);
     lock(&shared.outbox).push_volatile(
         "rejected:local",
-        &shared.topics.update,
+        &shared.cloud.topics().update,
         payload,
         std::time::Instant::now(),
     );

@@ -2,21 +2,22 @@
 //! delta, records reports and acknowledgements (confirming them on
 //! `…/update/accepted`), republishes a delta to a device that comes online
 //! without having run it, and answers shadow `get` requests (AWS layout).
-//! In the AWS layout it holds each update to the AWS IoT Device Shadow
-//! service's rules ([`crate::shadow::aws`]) and refuses one that breaks
-//! them with the service's error document on `…/update/rejected`.
+//! What the messages look like is the layout's ([`crate::cloud`]): in the
+//! AWS layout it holds each update to the AWS IoT Device Shadow service's
+//! rules and refuses one that breaks them with the service's error
+//! document on `…/update/rejected`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Incoming, Publish, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Store;
+use crate::cloud::{CloudLayout, Request, Stored, Topics, Verdict};
 use crate::config::MqttSection;
 use crate::mqtt;
-use crate::shadow::{Ack, TopicLayout, Topics, aws};
 
 /// How often pending deltas are looked for.
 const DELTA_POLL: Duration = Duration::from_millis(100);
@@ -33,38 +34,10 @@ pub struct ReplicaOptions {
     pub mqtt: MqttSection,
 }
 
-/// What a device published on.
-enum Kind {
-    Update,
-    Get,
-}
-
-/// The device id and kind of a topic the replica subscribes to.
-fn parse_topic(layout: TopicLayout, topic: &str) -> Option<(String, Kind)> {
-    let parts: Vec<&str> = topic.split('/').collect();
-    match (layout, parts.as_slice()) {
-        (TopicLayout::IotAtlas, ["state", id, "update"]) => Some((id.to_string(), Kind::Update)),
-        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "update"]) => {
-            Some((id.to_string(), Kind::Update))
-        }
-        (TopicLayout::AwsShadow, ["$aws", "things", id, "shadow", "get"]) => {
-            Some((id.to_string(), Kind::Get))
-        }
-        _ => None,
-    }
-}
-
-fn subscriptions(layout: TopicLayout) -> &'static [&'static str] {
-    match layout {
-        TopicLayout::IotAtlas => &["state/+/update"],
-        TopicLayout::AwsShadow => &["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"],
-    }
-}
-
 /// Runs the replica until SIGINT or SIGTERM.
 pub async fn run(options: ReplicaOptions) -> Result<()> {
     let store = Store::open(&options.db)?;
-    let layout = options.mqtt.layout;
+    let layout = options.mqtt.layout.cloud();
     let (client, mut eventloop) = AsyncClient::new(mqtt::options(&options.mqtt, CLIENT_ID)?, 256);
     eventloop.set_network_options(mqtt::network_options());
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -77,12 +50,12 @@ pub async fn run(options: ReplicaOptions) -> Result<()> {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     watch.connected();
                     backoff.reset();
-                    for topic in subscriptions(layout) {
+                    for topic in layout.replica_subscriptions() {
                         client.subscribe(*topic, QoS::AtLeastOnce).await.context("cannot subscribe")?;
                     }
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    watch.subscribed(&ack, subscriptions(layout));
+                    watch.subscribed(&ack, layout.replica_subscriptions());
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     if let Err(e) = handle(&store, &client, layout, &publish).await {
@@ -108,13 +81,17 @@ pub async fn run(options: ReplicaOptions) -> Result<()> {
     }
 }
 
-async fn publish_deltas(store: &Store, client: &AsyncClient, layout: TopicLayout) -> Result<()> {
+async fn publish_deltas(
+    store: &Store,
+    client: &AsyncClient,
+    layout: &dyn CloudLayout,
+) -> Result<()> {
     for pending in store.pending_deltas(super::store::now_ms())? {
         let desired: Value = serde_json::from_str(&pending.desired)?;
         let topics = Topics::new(layout, &pending.device)?;
-        let delta = json!({"version": pending.version, "state": {"deployment": desired}});
+        let delta = layout.delta_document(pending.version, &desired);
         client
-            .publish(topics.delta, QoS::AtLeastOnce, false, delta.to_string())
+            .publish(topics.delta, QoS::AtLeastOnce, false, delta)
             .await
             .context("cannot publish a delta")?;
         store.mark_published(&pending.device, pending.version)?;
@@ -130,103 +107,101 @@ async fn publish_deltas(store: &Store, client: &AsyncClient, layout: TopicLayout
 async fn handle(
     store: &Store,
     client: &AsyncClient,
-    layout: TopicLayout,
+    layout: &dyn CloudLayout,
     publish: &Publish,
 ) -> Result<()> {
-    let Some((device, kind)) = parse_topic(layout, &publish.topic) else {
+    let Some((device, request)) = layout.device_request(&publish.topic) else {
         return Ok(());
     };
-    let topics = Topics::new(layout, &device)?;
-    if let (Kind::Update, Some(rejected)) = (&kind, &topics.rejected) {
-        return aws_update(store, client, &device, &topics.accepted, rejected, publish).await;
+    let exchange = Exchange {
+        store,
+        client,
+        layout,
+        topics: Topics::new(layout, &device)?,
+        device: &device,
+        publish,
+    };
+    match request {
+        Request::Get => exchange.answer_get().await,
+        Request::Update => exchange.update().await,
     }
-    let message: Value = serde_json::from_slice(&publish.payload).context("not JSON")?;
-    match kind {
-        Kind::Get => {
-            let status = store.status(&device)?;
-            let answer = json!({
-                "version": status.as_ref().map_or(0, |s| s.version),
-                "state": {
-                    "desired": {"deployment": status.as_ref().and_then(|s| s.desired.clone())},
-                    "reported": {"deployment": status.as_ref().and_then(|s| s.reported.as_ref()).map(aws::to_aws)},
-                }
-            });
-            if let Some(topic) = topics.get_accepted {
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, answer.to_string())
-                    .await?;
-            }
-        }
-        Kind::Update => {
-            if let Ok(ack) = serde_json::from_value::<Ack>(message.clone()) {
-                if store.record_ack(&device, &ack)? {
-                    tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
-                }
-            } else if let Some(reported) = message.pointer("/state/reported/deployment") {
-                store.record_report(&device, reported)?;
-                republish_if_missed(store, &device, reported)?;
-            } else {
-                anyhow::bail!("neither an acknowledgement nor a reported state");
-            }
-            client
-                .publish(
-                    topics.accepted,
-                    QoS::AtLeastOnce,
-                    false,
-                    publish.payload.to_vec(),
-                )
-                .await?;
-        }
-    }
-    Ok(())
 }
 
-/// An update in the AWS layout: checked and merged as the shadow service
-/// does, then recorded and confirmed, or refused with the service's error
-/// document.
-async fn aws_update(
-    store: &Store,
-    client: &AsyncClient,
-    device: &str,
-    accepted: &str,
-    rejected: &str,
-    publish: &Publish,
-) -> Result<()> {
-    let status = store.status(device)?;
-    let stored = aws::Stored {
-        desired: status.as_ref().and_then(|s| s.desired.as_ref()),
-        reported: status.as_ref().and_then(|s| s.reported.as_ref()),
-        ack: status.as_ref().and_then(|s| s.ack.as_ref()),
-    };
-    let update = match aws::check_update(&publish.payload, stored) {
-        Ok(update) => update,
-        Err(error) => {
-            tracing::warn!(
-                device,
-                code = error.code,
-                "rejected an update: {}",
-                error.message
-            );
-            let answer = serde_json::to_vec(&error)?;
-            client
-                .publish(rejected, QoS::AtLeastOnce, false, answer)
+/// A device's message, with what answering it needs.
+struct Exchange<'a> {
+    store: &'a Store,
+    client: &'a AsyncClient,
+    layout: &'a dyn CloudLayout,
+    device: &'a str,
+    topics: Topics,
+    publish: &'a Publish,
+}
+
+impl Exchange<'_> {
+    /// A shadow `get`: answered with the desired and reported deployments.
+    async fn answer_get(&self) -> Result<()> {
+        let _: Value = serde_json::from_slice(&self.publish.payload).context("not JSON")?;
+        let status = self.store.status(self.device)?;
+        let version = status.as_ref().map_or(0, |s| s.version);
+        let answer = self.layout.shadow_answer(version, stored(status.as_ref()));
+        if let (Some(topic), Some(answer)) = (&self.topics.get_accepted, answer) {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, answer)
                 .await?;
-            return Ok(());
         }
-    };
-    if let Some(ack) = &update.ack
-        && store.record_ack(device, ack)?
-    {
-        tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
+        Ok(())
     }
-    if let Some(reported) = &update.reported {
-        store.record_report(device, reported)?;
-        republish_if_missed(store, device, reported)?;
+
+    /// A report or an acknowledgement: judged by the layout (in the AWS
+    /// layout checked and merged as the shadow service does), then recorded
+    /// and confirmed, or refused with the layout's answer.
+    async fn update(&self) -> Result<()> {
+        let (store, device) = (self.store, self.device);
+        let status = store.status(device)?;
+        let verdict = self
+            .layout
+            .accept_update(&self.publish.payload, stored(status.as_ref()))?;
+        let update = match verdict {
+            Verdict::Accepted(update) => update,
+            Verdict::Refused { refusal, answer } => {
+                tracing::warn!(
+                    device,
+                    code = refusal.code,
+                    "rejected an update: {}",
+                    refusal.message
+                );
+                if let Some(rejected) = &self.topics.rejected {
+                    self.client
+                        .publish(rejected, QoS::AtLeastOnce, false, answer)
+                        .await?;
+                }
+                return Ok(());
+            }
+        };
+        if let Some(ack) = &update.ack
+            && store.record_ack(device, ack)?
+        {
+            tracing::info!(device, job = ack.job_id, status = ?ack.status, "acknowledged");
+        }
+        if let Some(reported) = &update.reported {
+            store.record_report(device, reported)?;
+            republish_if_missed(store, device, reported)?;
+        }
+        let echo = self.publish.payload.to_vec();
+        self.client
+            .publish(&self.topics.accepted, QoS::AtLeastOnce, false, echo)
+            .await?;
+        Ok(())
     }
-    client
-        .publish(accepted, QoS::AtLeastOnce, false, publish.payload.to_vec())
-        .await?;
-    Ok(())
+}
+
+/// What the store holds for a device, as a layout reads it.
+fn stored(status: Option<&super::store::DeviceStatus>) -> Stored<'_> {
+    Stored {
+        desired: status.and_then(|s| s.desired.as_ref()),
+        reported: status.and_then(|s| s.reported.as_ref()),
+        ack: status.and_then(|s| s.ack.as_ref()),
+    }
 }
 
 /// A device idle with neither a result nor an ack for the desired job

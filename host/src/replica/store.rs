@@ -228,7 +228,7 @@ impl Store {
 
     /// Adds a device (or moves it to `group`).
     pub fn register(&self, device: &str, group: Option<&str>) -> Result<()> {
-        crate::shadow::Topics::new(Default::default(), device)?;
+        crate::cloud::check_device_id(device)?;
         self.db.execute(
             "INSERT INTO devices (id, grp) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET grp = excluded.grp",
             params![device, group],
@@ -240,7 +240,7 @@ impl Store {
     /// its shadow version; returns the new version.
     pub fn deploy(&self, device: &str, desired: &DesiredState) -> Result<u64> {
         desired.validate().context("invalid deployment")?;
-        crate::shadow::Topics::new(Default::default(), device)?;
+        crate::cloud::check_device_id(device)?;
         let json = serde_json::to_string(desired)?;
         let version: i64 = self.db.query_row(
             "INSERT INTO devices (id, version, desired) VALUES (?1, 1, ?2)

@@ -543,14 +543,17 @@ mod tests {
         let delta = json!({"version": 4, "state": {"deployment": by_ref}});
         let parsed = parse(&delta).expect("a reference parses");
         let update = json!({"state": {"desired": {"deployment": by_ref}}});
-        assert!(crate::shadow::aws::depth(&update) <= crate::shadow::aws::MAX_DEPTH);
+        assert!(crate::cloud::aws_shadow::depth(&update) <= crate::cloud::aws_shadow::MAX_DEPTH);
         assert!(update.to_string().len() < 1024, "{update}");
-        crate::shadow::aws::check_update(update.to_string().as_bytes(), Default::default())
+        crate::cloud::aws_shadow::check_update(update.to_string().as_bytes(), Default::default())
             .expect("the shadow service takes it");
         let inline = json!({"state": {"desired": {"deployment": full}}});
         assert!(
-            crate::shadow::aws::check_update(inline.to_string().as_bytes(), Default::default())
-                .is_err(),
+            crate::cloud::aws_shadow::check_update(
+                inline.to_string().as_bytes(),
+                Default::default()
+            )
+            .is_err(),
             "an inline deployment with files is too deep for the service"
         );
         let desired = &parsed.state.deployment;

@@ -1,15 +1,14 @@
 //! The device shadow: what the cloud wants (desired state, arriving as a
-//! delta), what the device reports, the acknowledgement of a job, and the
-//! MQTT topics they travel on.
+//! delta), what the device reports, and the acknowledgement of a job, in
+//! their common shapes (each cloud layout's topics and documents are in
+//! [`crate::cloud`]).
 //!
 //! Every message from outside is parsed strictly: a size cap before
 //! parsing, a nesting limit, unknown fields refused, and every value checked
 //! (ids, names, hashes, URLs) so that nothing malformed reaches the journal.
 
-pub mod aws;
 mod desired;
 mod reported;
-mod topics;
 
 pub use desired::{
     DEFAULT_MAX_MESSAGE, DeltaMessage, DeploymentRef, DesiredState, FileSpec, ManifestSource,
@@ -19,7 +18,15 @@ pub use reported::{
     Ack, AckStatus, AgentInfo, AgentState, JobResult, LastResult, Progress, Rejection,
     ReportedState, StepOutcome,
 };
-pub use topics::{TopicLayout, Topics};
+
+/// An idle reported state after `job`, for tests.
+#[cfg(test)]
+pub(crate) fn sample_reported(job: &str) -> ReportedState {
+    ReportedState {
+        job_id: Some(job.into()),
+        ..ReportedState::idle("1.0.0")
+    }
+}
 
 /// A minimal valid desired state for `job`, for tests.
 #[cfg(test)]

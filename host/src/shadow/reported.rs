@@ -178,6 +178,23 @@ pub struct ReportedState {
 const TRIMMED_MESSAGE: usize = 256;
 
 impl ReportedState {
+    /// The state of an idle agent of `version` that has run nothing.
+    pub fn idle(version: &str) -> Self {
+        ReportedState {
+            agent: AgentInfo {
+                state: AgentState::Idle,
+                version: version.into(),
+            },
+            job_id: None,
+            installed: Default::default(),
+            inventory: Default::default(),
+            inventory_omitted: None,
+            last_result: None,
+            progress: None,
+            last_rejected: None,
+        }
+    }
+
     /// The report document (`{"state": {"reported": {"deployment": …}}}`)
     /// within `max` bytes, by construction: when the whole state does not
     /// fit, messages are cut, then inventory items are left out (counted

@@ -1,8 +1,10 @@
-//! The `aws-shadow` layout's rules, in one place: what the AWS IoT Device
-//! Shadow service accepts, the shape reports take to fit it, and the error
-//! documents it answers with. The agent builds its reports and
-//! acknowledgements here and reads `…/update/rejected` here; the replica in
-//! `aws-shadow` mode checks every update here, as the service does.
+//! The `aws-shadow` layout, in one place: its topics
+//! (`$aws/things/<thing>/shadow/…`), what the AWS IoT Device Shadow service
+//! accepts, the shape reports take to fit it, and the error documents it
+//! answers with. The agent builds its reports and acknowledgements here and
+//! reads `…/update/rejected` and the answer to its `…/get` here; the
+//! replica in `aws-shadow` mode checks every update here, as the service
+//! does.
 //!
 //! The service refuses (400) an update without a `state` object, with a
 //! `desired` or `reported` node that is not an object, with a `clientToken`
@@ -31,7 +33,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{Ack, ReportedState};
+use super::{Accepted, CloudLayout, Inbound, Refusal, Request, Room, Stored, Topics, Verdict};
+use crate::shadow::{Ack, ReportedState};
 
 /// Deepest nesting the service accepts (see the module docs for the count).
 pub const MAX_DEPTH: usize = 6;
@@ -95,6 +98,15 @@ impl ErrorDocument {
     /// pass.
     pub fn asks_for_less(&self) -> bool {
         self.code == 413 || (self.code == 400 && self.message.contains("nesting"))
+    }
+
+    /// The refusal this document tells of.
+    pub fn refusal(&self) -> Refusal {
+        Refusal {
+            code: self.code,
+            message: self.message.clone(),
+            asks_for_less: self.asks_for_less(),
+        }
     }
 }
 
@@ -238,28 +250,6 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// What an update accepted by [`check_update`] changes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Accepted {
-    /// The device's reported deployment (common shape) when the update
-    /// carried a whole report.
-    pub reported: Option<Value>,
-    /// The acknowledgement it carried.
-    pub ack: Option<Ack>,
-}
-
-/// What the shadow holds before an update: the desired deployment, the
-/// reported one (common shape) and the acknowledgement kept with it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stored<'a> {
-    /// Desired deployment.
-    pub desired: Option<&'a Value>,
-    /// Reported deployment, common shape.
-    pub reported: Option<&'a Value>,
-    /// The acknowledgement in the reported state.
-    pub ack: Option<&'a Ack>,
-}
-
 /// Checks a device's update against the service's rules and merges it into
 /// what is stored; the error document is what the service would publish
 /// on `…/update/rejected`.
@@ -313,6 +303,107 @@ pub fn check_update(request: &[u8], stored: Stored<'_>) -> Result<Accepted, Erro
         reported: whole.then(|| from_aws(&reported["deployment"])),
         ack,
     })
+}
+
+/// The `aws-shadow` layout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AwsShadow;
+
+impl CloudLayout for AwsShadow {
+    fn name(&self) -> &'static str {
+        "aws-shadow"
+    }
+
+    fn topics_of(&self, device_id: &str) -> Topics {
+        let base = format!("$aws/things/{device_id}/shadow");
+        Topics {
+            update: format!("{base}/update"),
+            delta: format!("{base}/update/delta"),
+            accepted: format!("{base}/update/accepted"),
+            get: Some(format!("{base}/get")),
+            get_accepted: Some(format!("{base}/get/accepted")),
+            rejected: Some(format!("{base}/update/rejected")),
+        }
+    }
+
+    fn decode<'p>(&self, topics: &Topics, topic: &str, payload: &'p [u8]) -> Inbound<'p> {
+        if topics.rejected.as_deref() == Some(topic) {
+            Inbound::Refused(ErrorDocument::parse(payload).map(|e| e.refusal()))
+        } else if topic == topics.delta {
+            Inbound::Delta(payload.into())
+        } else if topics.get_accepted.as_deref() == Some(topic) {
+            Inbound::ShadowAnswer(delta_from_shadow(payload))
+        } else if topic == topics.accepted {
+            Inbound::Accepted
+        } else {
+            Inbound::Other
+        }
+    }
+
+    fn report_document(&self, reported: &ReportedState, max: usize) -> String {
+        report_document(reported, max)
+    }
+
+    fn parse_report(&self, payload: &str) -> Option<ReportedState> {
+        parse_report(payload)
+    }
+
+    fn ack_document(&self, ack: &Ack) -> anyhow::Result<String> {
+        Ok(ack_document(ack))
+    }
+
+    fn desired_bytes(&self, desired: &Value) -> usize {
+        desired_bytes(desired)
+    }
+
+    fn report_budget(&self, limit: usize, room: Room<'_>) -> usize {
+        report_budget(limit, room.desired_bytes, &(room.version)())
+    }
+
+    fn replica_subscriptions(&self) -> &'static [&'static str] {
+        &["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+    }
+
+    fn device_request(&self, topic: &str) -> Option<(String, Request)> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        match parts.as_slice() {
+            ["$aws", "things", id, "shadow", "update"] => Some((id.to_string(), Request::Update)),
+            ["$aws", "things", id, "shadow", "get"] => Some((id.to_string(), Request::Get)),
+            _ => None,
+        }
+    }
+
+    fn accept_update(&self, payload: &[u8], stored: Stored<'_>) -> anyhow::Result<Verdict> {
+        Ok(match check_update(payload, stored) {
+            Ok(accepted) => Verdict::Accepted(accepted),
+            Err(error) => Verdict::Refused {
+                refusal: error.refusal(),
+                answer: serde_json::to_vec(&error)?,
+            },
+        })
+    }
+
+    fn shadow_answer(&self, version: u64, stored: Stored<'_>) -> Option<String> {
+        let answer = json!({
+            "version": version,
+            "state": {
+                "desired": {"deployment": stored.desired},
+                "reported": {"deployment": stored.reported.map(to_aws)},
+            }
+        });
+        Some(answer.to_string())
+    }
+}
+
+/// Turns a shadow `get` answer into the delta it implies, if it holds a
+/// desired deployment.
+fn delta_from_shadow(payload: &[u8]) -> Option<Vec<u8>> {
+    let shadow: Value = serde_json::from_slice(payload).ok()?;
+    let desired = shadow
+        .pointer("/state/desired/deployment")
+        .filter(|d| d.is_object())?;
+    let version = shadow.get("version")?.as_u64()?;
+    serde_json::to_vec(&json!({"version": version, "state": {"deployment": desired}})).ok()
 }
 
 #[cfg(test)]
@@ -491,5 +582,187 @@ mod tests {
                 .map(Map::len),
             Some(1)
         );
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use crate::cloud::{Link, Shrink, TopicLayout};
+    use crate::shadow::{AckStatus, parse_delta, sample_reported};
+    use std::cell::Cell;
+
+    fn topics() -> Topics {
+        Topics::new(&AwsShadow, "dev-1").expect("valid")
+    }
+
+    fn reported() -> ReportedState {
+        sample_reported("job-1")
+    }
+
+    #[test]
+    fn the_device_reads_deltas_shadow_answers_and_refusals() {
+        let t = topics();
+        let d = b"{}";
+        assert_eq!(
+            AwsShadow.decode(&t, "$aws/things/dev-1/shadow/update/delta", d),
+            Inbound::Delta(d[..].into())
+        );
+        assert_eq!(
+            AwsShadow.decode(&t, "$aws/things/dev-1/shadow/update/accepted", d),
+            Inbound::Accepted
+        );
+        let refused =
+            json!({"code": 413, "message": "The payload exceeds the maximum size allowed"});
+        let Inbound::Refused(Some(refusal)) = AwsShadow.decode(
+            &t,
+            "$aws/things/dev-1/shadow/update/rejected",
+            refused.to_string().as_bytes(),
+        ) else {
+            panic!("a refusal");
+        };
+        assert_eq!((refusal.code, refusal.asks_for_less), (413, true));
+        let unreadable = AwsShadow.decode(&t, "$aws/things/dev-1/shadow/update/rejected", b"\xff");
+        assert_eq!(unreadable, Inbound::Refused(None));
+        for other in [
+            "$aws/things/dev-2/shadow/update/delta",
+            "$aws/things/dev-1/shadow/update",
+            "$aws/things/dev-1/shadow/get",
+            "state/dev-1/update/delta",
+        ] {
+            assert_eq!(AwsShadow.decode(&t, other, d), Inbound::Other, "{other}");
+        }
+        assert_eq!(t.subscriptions().len(), 4);
+    }
+
+    #[test]
+    fn a_shadow_answer_is_the_delta_it_implies_or_nothing() {
+        let t = topics();
+        let get = "$aws/things/dev-1/shadow/get/accepted";
+        let deployment = json!({"schema": 1, "jobId": "job-7", "version": "1",
+            "steps": [{"updateType": "otabox/file:1", "manifest": {}}]});
+        let answer = json!({"version": 9, "state": {"desired": {"deployment": deployment}}});
+        let Inbound::ShadowAnswer(Some(delta)) =
+            AwsShadow.decode(&t, get, answer.to_string().as_bytes())
+        else {
+            panic!("a delta");
+        };
+        let delta = parse_delta(&delta, 1 << 16).expect("the common delta shape");
+        assert_eq!(
+            (delta.version, delta.state.deployment.job_id.as_str()),
+            (9, "job-7")
+        );
+        for empty in [
+            json!({"version": 9, "state": {"reported": {}}}),
+            json!({"version": 9, "state": {"desired": {"deployment": null}}}),
+            json!({"version": 9, "state": {"desired": {"deployment": "x"}}}),
+            json!({"version": -1, "state": {"desired": {"deployment": {}}}}),
+            json!({"state": {"desired": {"deployment": {}}}}),
+        ] {
+            assert_eq!(
+                AwsShadow.decode(&t, get, empty.to_string().as_bytes()),
+                Inbound::ShadowAnswer(None),
+                "{empty}"
+            );
+        }
+        assert_eq!(AwsShadow.decode(&t, get, b"{"), Inbound::ShadowAnswer(None));
+    }
+
+    #[test]
+    fn reports_leave_the_desired_deployment_and_the_ack_their_room() {
+        let link = Link::new(TopicLayout::AwsShadow.cloud(), "dev-1", 64 << 10).expect("link");
+        let reads = Cell::new(0);
+        let version = || {
+            reads.set(reads.get() + 1);
+            "1.2.3".to_string()
+        };
+        let mut big = reported();
+        big.inventory.insert(
+            "otabox/apt:1".into(),
+            (0..2000)
+                .map(|i| (format!("p{i:05}"), "1".to_string()))
+                .collect(),
+        );
+        let text = link.report(&big, &version);
+        assert_eq!(reads.get(), 1, "the running version is read");
+        let budget = report_budget(64 << 10, 2048, "1.2.3");
+        assert!(text.len() <= budget, "{} > {budget}", text.len());
+        assert_eq!(text, report_document(&big, budget));
+        assert_eq!(
+            link.parse_report(&text).map(|r| r.job_id),
+            Some(Some("job-1".into()))
+        );
+        let ack = Ack {
+            job_id: "job-1".into(),
+            status: AckStatus::Success,
+            version: "1.2.3".into(),
+        };
+        assert_eq!(link.ack(&ack).ok(), Some(ack_document(&ack)));
+        let mut floor = 0;
+        for _ in 0..16 {
+            match link.shrink(&version) {
+                Shrink::Lowered(smaller) => assert!(smaller < budget),
+                Shrink::Smallest(at) => {
+                    floor = at;
+                    break;
+                }
+            }
+        }
+        assert_eq!(floor, MIN_REPORT_BYTES, "halved down to the smallest");
+    }
+
+    #[test]
+    fn the_replica_answers_gets_and_refuses_what_the_service_refuses() {
+        assert_eq!(
+            AwsShadow.device_request("$aws/things/pump-1/shadow/update"),
+            Some(("pump-1".into(), Request::Update))
+        );
+        assert_eq!(
+            AwsShadow.device_request("$aws/things/pump-1/shadow/get"),
+            Some(("pump-1".into(), Request::Get))
+        );
+        for other in [
+            "$aws/things/pump-1/shadow/update/delta",
+            "$aws/things/pump-1/shadow/get/accepted",
+            "state/pump-1/update",
+        ] {
+            assert_eq!(AwsShadow.device_request(other), None, "{other}");
+        }
+        let Ok(Verdict::Refused { refusal, answer }) =
+            AwsShadow.accept_update(br#"{"jobId": "j"}"#, Stored::default())
+        else {
+            panic!("refused");
+        };
+        assert_eq!(refusal.code, 400);
+        let document = ErrorDocument::parse(&answer).expect("an error document");
+        assert_eq!(document.message, "Missing required node: state");
+        assert_eq!(document.refusal(), refusal);
+        let report = report_document(&reported(), 8192);
+        let Ok(Verdict::Accepted(accepted)) =
+            AwsShadow.accept_update(report.as_bytes(), Stored::default())
+        else {
+            panic!("accepted");
+        };
+        let common = accepted.reported.expect("a whole report");
+        assert_eq!(common["jobId"], "job-1");
+        let desired = json!({"jobId": "job-1"});
+        let stored = Stored {
+            desired: Some(&desired),
+            reported: Some(&common),
+            ack: None,
+        };
+        let answer: Value =
+            serde_json::from_str(&AwsShadow.shadow_answer(4, stored).expect("an answer"))
+                .expect("json");
+        assert_eq!(answer["version"], 4);
+        assert_eq!(answer["state"]["desired"]["deployment"], desired);
+        assert_eq!(answer["state"]["reported"]["deployment"]["job"], "job-1");
+        let none: Value = serde_json::from_str(
+            &AwsShadow
+                .shadow_answer(0, Stored::default())
+                .expect("answer"),
+        )
+        .expect("json");
+        assert_eq!(none["state"]["desired"]["deployment"], Value::Null);
     }
 }
