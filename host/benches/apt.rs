@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use common::apt::{self as apt, AptRepo, Sysroot, apt_handler, deb};
 use otabox::runtime::{CallScope, Outcome, Phase, StepContext};
 use otabox::step::{StepRequest, StepResult, run_step};
+use otabox_sdk::FromJson;
 
 const PACKAGES: usize = 10;
 /// Files per package and bytes per file: a small daemon's worth.
