@@ -35,7 +35,7 @@
 //!   - [`run_phase`]: one phase of a handler from the command line;
 //!   - [`builtin`]: the first-party handlers embedded in the binary;
 //! - the device's tools:
-//!   - [`config`]: `device.toml`;
+//!   - [`config`]: the device configuration, `device.toml`;
 //!   - [`local`]: what the tools share with a running agent;
 //!   - [`install`]: a local deployment;
 //!   - [`status`]: what the agent is doing;
