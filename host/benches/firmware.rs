@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::firmware::{Board, COMPATIBLE, Loader, firmware_handler};
 use common::{median, noise};
 use otabox::runtime::{PayloadFile, Runtime, sha256_hex};
-use otabox::workflow::{StepRequest, StepResult, run_step};
+use otabox::step::{StepRequest, StepResult, run_step};
 
 fn main() {
     let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()

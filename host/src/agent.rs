@@ -28,7 +28,7 @@ use crate::shadow::{
     Ack, AgentInfo, AgentState, DeltaMessage, JobResult, LastResult, ManifestSource, Rejection,
     ReportedState, StepOutcome, parse_delta,
 };
-use crate::workflow::{self, StepRequest, StepResult, host_codes};
+use crate::step::{self as workflow, StepRequest, StepResult, host_codes};
 
 mod inbox;
 #[cfg(test)]
@@ -988,13 +988,6 @@ async fn resume_jobs(shared: &Arc<Shared>, jobs: &mpsc::UnboundedSender<JobRecor
                 if let Err(e) = continue_pending(shared, record).await {
                     tracing::error!(job, "cannot finish after the reboot or restart: {e:#}");
                 }
-            }
-            Resume::ContinueRollback => {
-                let status = workflow::host_status(
-                    host_codes::JOURNAL,
-                    "the agent stopped during a rollback".into(),
-                );
-                finish(shared, record, JobResult::FailedInconsistent, Some(status)).await?
             }
         }
     }

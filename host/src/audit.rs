@@ -84,7 +84,7 @@ impl Policy {
 pub struct CapabilitySummary {
     /// Per capability (its summary key: `filesystem`, `commands`,
     /// `network`, `devices`), one line per grant, as
-    /// [`CapabilityUnit::summarize`] writes them.
+    /// [`crate::capabilities::CapabilityUnit::summarize`] writes them.
     #[serde(flatten)]
     pub capabilities: BTreeMap<&'static str, Vec<String>>,
     /// Memory cap in MiB.

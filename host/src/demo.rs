@@ -20,7 +20,7 @@ use crate::audit::{Severity, audit_dir, render_text};
 use crate::builtin;
 use crate::config::DeviceConfig;
 use crate::runtime::{PayloadFile, ProgressSink, Runtime, sha256_hex};
-use crate::workflow::{StepReport, StepRequest, StepResult, run_step};
+use crate::step::{StepReport, StepRequest, StepResult, run_step};
 use crate::{out, outln};
 
 /// Where the demo lives and what it left behind.

@@ -38,7 +38,9 @@ pub enum JobPhase {
     Installing {
         /// Step index.
         step: u32,
-        /// backup, install or apply.
+        /// The phase changing the system: backup, install, apply, verify,
+        /// commit, or rollback (a rollback is journaled here too, so a job
+        /// stopped during one asks its handler like any other).
         stage: String,
     },
     /// Waiting for a reboot that started on `boot_id`.
@@ -52,11 +54,6 @@ pub enum JobPhase {
     AwaitingRestart,
     /// Verifying and committing after install, reboot or restart.
     Verifying,
-    /// Restoring the previous state.
-    RollingBack {
-        /// Why.
-        reason: String,
-    },
     /// Finished.
     Done {
         /// How.
@@ -131,8 +128,6 @@ pub enum Resume {
     VerifyAfterRestart,
     /// Continue verify/commit (idempotent per handler contract).
     ContinueVerify,
-    /// Continue the rollback.
-    ContinueRollback,
     /// Finished but not yet reported: report it.
     Report(JobResult),
     /// Finished and reported.
@@ -164,7 +159,6 @@ pub fn decide(record: &JobRecord, boot_id: &str, max_attempts: u32) -> Resume {
         JobPhase::AwaitingReboot { .. } => Resume::AwaitReboot,
         JobPhase::AwaitingRestart => Resume::VerifyAfterRestart,
         JobPhase::Verifying => Resume::ContinueVerify,
-        JobPhase::RollingBack { .. } => Resume::ContinueRollback,
         JobPhase::Done { result } if !record.reported => Resume::Report(*result),
         JobPhase::Done { .. } => Resume::Nothing,
     }
@@ -189,7 +183,6 @@ pub fn phase_name(phase: &JobPhase) -> &'static str {
         JobPhase::AwaitingReboot { .. } => "awaiting-reboot",
         JobPhase::AwaitingRestart => "awaiting-restart",
         JobPhase::Verifying => "verifying",
-        JobPhase::RollingBack { .. } => "rolling-back",
         JobPhase::Done { .. } => "done",
     }
 }
@@ -559,6 +552,8 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::shadow::RebootPolicy;
 
@@ -683,6 +678,39 @@ mod tests {
         );
         r.reported = true;
         assert_eq!(decide(&r, "boot-2", 3), Resume::Nothing);
+    }
+
+    #[test]
+    fn a_job_stopped_during_its_rollback_asks_the_handler() {
+        let mut r = JobRecord::new(1, &desired("a"), false);
+        r.phase = JobPhase::Installing {
+            step: 1,
+            stage: "rollback".into(),
+        };
+        assert_eq!(decide(&r, "boot-1", 3), Resume::AskHandler { step: 1 });
+    }
+
+    #[test]
+    fn journals_in_every_phase_ever_written_still_read_and_are_written_alike() {
+        let phases = [
+            json!({"phase": "accepted"}),
+            json!({"phase": "validating"}),
+            json!({"phase": "downloading"}),
+            json!({"phase": "installing", "step": 0, "stage": "rollback"}),
+            json!({"phase": "awaiting-reboot", "boot_id": "b-1", "deferred": true}),
+            json!({"phase": "awaiting-restart"}),
+            json!({"phase": "verifying"}),
+            json!({"phase": "done", "result": "failed-rolled-back"}),
+        ];
+        let record = JobRecord::new(3, &desired("a"), false);
+        for phase in phases {
+            let mut old = serde_json::to_value(&record).expect("encode");
+            old["phase"] = phase.clone();
+            let read: JobRecord = serde_json::from_value(old).expect("an old journal reads");
+            let name = phase["phase"].as_str().expect("tag");
+            assert_eq!(phase_name(&read.phase), name);
+            assert_eq!(serde_json::to_value(&read.phase).expect("encode"), phase);
+        }
     }
 
     #[test]

@@ -1,29 +1,48 @@
 //! otabox: an over-the-air update agent whose update types are sandboxed
 //! WebAssembly components.
 //!
+//! A job flows delta → job → step → handler → report: [`agent`] takes a
+//! delta from the [`cloud`] layout, journals it as a job ([`journal`]),
+//! runs each of its steps through [`step`] against a
+//! [`model::UpdateHandler`] (the wasm one lives in [`runtime`]) and
+//! reports through the layout. `docs/architecture.md` draws the map and
+//! walks through adding an update type, a cloud layout and a capability.
+//!
 //! Modules, one per concern:
-//! - the agent: [`agent`] (the daemon: session, jobs, reports),
-//!   [`workflow`] (a step's lifecycle), [`journal`] (the crash-safe job
-//!   journal), [`outbox`] (durable ordered publishing), [`mqtt`] (the
-//!   connection), [`cloud`] (the cloud layouts: topics and documents, one
-//!   module per layout), [`shadow`] (desired and reported state),
-//!   [`update_type`] (the type joining a step to its handler),
-//!   [`host_codes`] (result codes of failures the host detects),
-//!   [`download`] (payload fetching), [`trust`] (payload verification and
-//!   signed manifests), [`durable`] (crash-safe writes), [`failpoint`]
-//!   (crash-test fault injection), [`clock`] (wall-clock time);
-//! - the handler runtime: [`model`] (the values and the
-//!   [`model::UpdateHandler`] trait between the agent and its handlers),
-//!   [`capabilities`] (what a handler may do, one module per capability),
-//!   [`runtime`] (loading and calling handlers, the wasm implementation),
-//!   [`audit`] (declared vs granted vs real imports), [`tryout`] (one
-//!   phase of a handler from the command line);
-//! - the device's tools: [`config`] (device.toml), [`local`] (what tools
-//!   share with a running agent), [`install`] (a local deployment),
-//!   [`status`] (what the agent is doing), [`console`] (stdout and log
-//!   colours);
-//! - the cloud side and the walkthrough: [`replica`] (the reference
-//!   device-state replica), [`demo`] (the self-contained demo).
+//! - the agent:
+//!   - [`agent`]: the daemon: the session, jobs one at a time, recovery
+//!     after a restart, reports;
+//!   - [`step`]: one step's lifecycle, phase by phase;
+//!   - [`journal`]: the crash-safe job journal;
+//!   - [`outbox`]: durable, ordered publishing;
+//!   - [`mqtt`]: the broker connection and its diagnosis;
+//!   - [`cloud`]: the cloud layouts (topics and documents), one module per
+//!     layout;
+//!   - [`shadow`]: the desired and reported state;
+//!   - [`update_type`]: the type joining a step to its handler;
+//!   - [`host_codes`]: result codes of failures the host detects;
+//!   - [`download`]: payload fetching;
+//!   - [`trust`]: payload verification and signed manifests;
+//!   - [`durable`]: crash-safe file writes;
+//!   - [`failpoint`]: fault injection for the crash tests;
+//!   - [`clock`]: wall-clock time;
+//! - the handler runtime:
+//!   - [`model`]: the values and the [`model::UpdateHandler`] trait between
+//!     the agent and its handlers;
+//!   - [`capabilities`]: what a handler may do, one module per capability;
+//!   - [`runtime`]: loading and calling handlers, the wasm implementation;
+//!   - [`audit`]: declared vs granted vs real imports of a handler;
+//!   - [`run_phase`]: one phase of a handler from the command line;
+//!   - [`builtin`]: the first-party handlers embedded in the binary;
+//! - the device's tools:
+//!   - [`config`]: the device configuration, `device.toml`;
+//!   - [`local`]: what the tools share with a running agent;
+//!   - [`install`]: a local deployment;
+//!   - [`status`]: what the agent is doing;
+//!   - [`console`]: stdout and log colours;
+//! - the cloud side and the walkthrough:
+//!   - [`replica`]: the reference device-state replica;
+//!   - [`demo`]: the self-contained demo.
 
 pub mod agent;
 pub mod audit;
@@ -44,13 +63,13 @@ pub mod model;
 pub mod mqtt;
 pub mod outbox;
 pub mod replica;
+pub mod run_phase;
 pub mod runtime;
 pub mod shadow;
 pub mod status;
+pub mod step;
 pub mod trust;
-pub mod tryout;
 pub mod update_type;
-pub mod workflow;
 
 /// The first-party handlers built into this binary, packaged by the build.
 pub mod builtin {

@@ -339,7 +339,7 @@ enum HandlersCommand {
         handler: String,
         /// The phase to call.
         #[arg(long, value_enum)]
-        phase: otabox::tryout::PhaseChoice,
+        phase: otabox::run_phase::PhaseChoice,
         /// The step manifest: a JSON file, or JSON text starting with `{`.
         #[arg(long, default_value = "{}")]
         manifest: String,
@@ -348,7 +348,7 @@ enum HandlersCommand {
         update_type: Option<String>,
         /// A payload file as NAME=PATH (repeatable); its size and sha256
         /// are taken from the file.
-        #[arg(long = "payload", value_parser = otabox::tryout::parse_payload)]
+        #[arg(long = "payload", value_parser = otabox::run_phase::parse_payload)]
         payloads: Vec<(String, PathBuf)>,
         /// Job id; checkpoints live in STATE/tryout/JOB.
         #[arg(long, default_value = "tryout")]
@@ -430,7 +430,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     job,
                 },
         } => {
-            let tryout = otabox::tryout::Tryout {
+            let tryout = otabox::run_phase::Tryout {
                 phase,
                 manifest: read_manifest_arg(&manifest)?,
                 update_type,
@@ -621,7 +621,7 @@ fn read_manifest_arg(arg: &str) -> Result<String> {
 async fn run_phase(
     source: &Source,
     name: &str,
-    mut tryout: otabox::tryout::Tryout,
+    mut tryout: otabox::run_phase::Tryout,
 ) -> Result<ExitCode> {
     let config = device_config(source)?;
     let _lock = otabox::local::StateLock::share(&config.paths.state, "handlers run-phase")?;
@@ -631,7 +631,7 @@ async fn run_phase(
         .load_handler(&manifest_path, config.handlers.get(name))
         .await?;
     tryout.job_dir = config.paths.state.join("tryout").join(&tryout.job_id);
-    let (result, ok) = otabox::tryout::run(&handler, &tryout).await?;
+    let (result, ok) = otabox::run_phase::run(&handler, &tryout).await?;
     outln!("{}", serde_json::to_string_pretty(&result)?)?;
     Ok(if ok {
         ExitCode::SUCCESS

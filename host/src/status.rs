@@ -168,7 +168,7 @@ fn agent_state(job: &JobStatus) -> &'static str {
         ("accepted" | "validating", _) => "validating",
         ("downloading", _) => "downloading",
         ("installing", Some("verify" | "commit")) | ("verifying", _) => "verifying",
-        ("installing", Some("rollback")) | ("rolling-back", _) => "rolling-back",
+        ("installing", Some("rollback")) => "rolling-back",
         ("installing", _) => "installing",
         ("awaiting-reboot", _) => "reboot-pending",
         ("awaiting-restart", _) => "restarting",

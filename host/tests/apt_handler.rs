@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::apt::{AptRepo, Deb, Sysroot, apt_handler, deb};
 use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, Runtime};
-use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
+use otabox::step::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
 
 struct Rig {

@@ -11,7 +11,7 @@ use common::pki::Pki;
 use common::{failed, inventory_of, runtime};
 use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{Handler, Runtime};
-use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
+use otabox::step::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
 
 struct Rig {
@@ -133,7 +133,7 @@ impl Rig {
         let manifest = json!({"name": "edge", "version": "1", "modules": modules});
         let request = self.request(job, manifest);
         std::fs::create_dir_all(&request.job_dir).expect("job dir");
-        let (scope, ctx) = otabox::workflow::resumed_call(&self.handler, &request, None);
+        let (scope, ctx) = otabox::step::resumed_call(&self.handler, &request, None);
         match self.handler.validate(scope, &ctx).await.expect("the call") {
             Ok(plan) => Ok(plan.details),
             Err(status) => Err(status.message),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
-use otabox::workflow::{StepRequest, StepResult, run_step};
+use otabox::step::{StepRequest, StepResult, run_step};
 
 const GUEST_DIR: &str = "/var/lib/otabox/files";
 
@@ -95,7 +95,7 @@ fn list(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn phases(report: &otabox::workflow::StepReport) -> Vec<&str> {
+fn phases(report: &otabox::step::StepReport) -> Vec<&str> {
     report.phases.iter().map(|p| p.phase.as_str()).collect()
 }
 

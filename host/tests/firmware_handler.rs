@@ -13,7 +13,7 @@ use common::firmware::{
 };
 use common::{failed, inventory_of, runtime};
 use otabox::runtime::{Handler, PayloadFile, Runtime, sha256_hex};
-use otabox::workflow::{StepReport, StepRequest, StepResult, continue_step, run_step};
+use otabox::step::{StepReport, StepRequest, StepResult, continue_step, run_step};
 use serde_json::{Value, json};
 
 struct Rig {

@@ -11,7 +11,7 @@ use common::failed;
 use common::languages::{self, Language};
 use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{Handler, Runtime};
-use otabox::workflow::{StepReport, StepRequest, StepResult, run_step};
+use otabox::step::{StepReport, StepRequest, StepResult, run_step};
 use serde_json::{Value, json};
 
 const UPDATE_TYPE: &str = "example/config-file:1";

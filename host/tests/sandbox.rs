@@ -598,7 +598,7 @@ async fn a_handler_built_against_contract_1_0_keeps_working() {
     assert_eq!(handler.contract, "1.0.0");
     assert_eq!(handler.description.contract, "1.0.0");
     let job_dir = dir.path().join("job");
-    let request = || otabox::workflow::StepRequest {
+    let request = || otabox::step::StepRequest {
         job_id: "legacy".into(),
         step: 0,
         update_type: "otabox-test/contract-1-0:1".into(),
@@ -607,22 +607,22 @@ async fn a_handler_built_against_contract_1_0_keeps_working() {
         job_dir: job_dir.clone(),
         cancel: Default::default(),
     };
-    let first = otabox::workflow::run_step(&handler, request(), None)
+    let first = otabox::step::run_step(&handler, request(), None)
         .await
         .expect("step");
     assert_eq!(
         first.result,
-        otabox::workflow::StepResult::Installed {
+        otabox::step::StepResult::Installed {
             criteria: "legacy-legacy".into()
         }
     );
-    let again = otabox::workflow::run_step(&handler, request(), None)
+    let again = otabox::step::run_step(&handler, request(), None)
         .await
         .expect("step");
     assert!(
         matches!(
             again.result,
-            otabox::workflow::StepResult::AlreadyInstalled { .. }
+            otabox::step::StepResult::AlreadyInstalled { .. }
         ),
         "its checkpoint import works: {:?}",
         again.result

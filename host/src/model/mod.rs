@@ -6,7 +6,7 @@
 //!
 //! Nothing here knows of wasm: the sandboxed handler of
 //! [`crate::runtime::Handler`] is one implementation, converting the WIT
-//! types at its edge; [`testing::FakeHandler`] (tests, or the `testing`
+//! types at its edge; `testing::FakeHandler` (tests, or the `testing`
 //! feature) is another, scripted per phase.
 
 mod handler;

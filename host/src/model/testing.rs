@@ -199,3 +199,38 @@ impl UpdateHandler for FakeHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(name: &str) -> InstalledItem {
+        InstalledItem {
+            name: name.into(),
+            version: "1.0".into(),
+            update_type: "acme/fake:1".into(),
+            details: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn scripted_answers_are_used_once_in_order_then_the_defaults() {
+        let refused = Status {
+            result_code: 20,
+            ..Status::default()
+        };
+        let handler = FakeHandler::new("fake", &["acme/fake:1"])
+            .answer(Phase::Inventory, Answer::Items(vec![item("a")]))
+            .answer(Phase::Inventory, Answer::Refused(refused.clone()))
+            .answer(Phase::Inventory, Answer::Installed(true));
+        let answers = [
+            handler.inventory().await.expect("call"),
+            handler.inventory().await.expect("call"),
+        ];
+        assert_eq!(answers, [Ok(vec![item("a")]), Err(refused)]);
+        let misfit = handler.inventory().await.expect_err("not an inventory");
+        assert!(format!("{misfit:#}").contains("no answer to"), "{misfit:#}");
+        assert_eq!(handler.inventory().await.expect("call"), Ok(Vec::new()));
+        assert_eq!(handler.phases(), [Phase::Inventory; 4]);
+    }
+}

@@ -341,7 +341,7 @@ impl Handler {
 }
 
 /// The sandboxed handler as the agent and the step workflow see it: each
-/// call converts the WIT values at this edge (see [`super::convert`]).
+/// call converts the WIT values at this edge (see `runtime/convert.rs`).
 #[async_trait::async_trait]
 impl UpdateHandler for Handler {
     fn name(&self) -> &str {

@@ -46,7 +46,7 @@ pub struct ProgressEvent {
 /// Receives progress events.
 pub type ProgressSink = Arc<dyn Fn(ProgressEvent) + Send + Sync>;
 
-/// A flag the workflow sets to cancel a running job.
+/// A flag the agent sets to cancel a running job; the step sees it.
 #[derive(Debug, Clone, Default)]
 pub struct CancelFlag(Arc<AtomicBool>);
 

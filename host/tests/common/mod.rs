@@ -145,9 +145,9 @@ pub async fn act(handler: &Handler, manifest: serde_json::Value) -> anyhow::Resu
 
 /// (phase, result code, message, rolled back) of a failed step; panics on
 /// anything else.
-pub fn failed(report: &otabox::workflow::StepReport) -> (&str, u32, &str, bool) {
+pub fn failed(report: &otabox::step::StepReport) -> (&str, u32, &str, bool) {
     match &report.result {
-        otabox::workflow::StepResult::Failed {
+        otabox::step::StepResult::Failed {
             phase,
             result_code,
             message,

@@ -1,7 +1,7 @@
 //! The devices capability: `[[devices]]` block devices and slot files a
 //! handler may write whole images to, narrowed by the device's `devices`
 //! and `mounts`, linked as `otabox:handler/devices` ([`host`]), and the
-//! audit's check that none lies in a writable directory ([`risks`]).
+//! audit's check that none lies in a writable directory (`risks`).
 
 pub mod host;
 mod risks;

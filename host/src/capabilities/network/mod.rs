@@ -1,6 +1,6 @@
 //! The network capability: `[network] hosts` a handler may connect to
 //! over TCP, narrowed by the device's `network`, linked as `wasi:sockets`
-//! with name lookups limited to the granted names ([`host`]).
+//! with name lookups limited to the granted names (`host`).
 
 mod host;
 

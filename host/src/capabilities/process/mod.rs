@@ -1,6 +1,6 @@
 //! The process capability: `[[commands]]` rules naming the programs a
 //! handler may run, with which arguments, variables, user and Linux
-//! capabilities ([`rules`], [`identity`]); narrowed by the device's
+//! capabilities (`rules`, `identity`); narrowed by the device's
 //! `commands` and `allow_args`; linked as `otabox:handler/process`
 //! ([`host`]), each command contained and de-privileged ([`confine`]).
 

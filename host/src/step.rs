@@ -575,6 +575,44 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_plan_reaches_every_later_phase_and_the_result_as_data() {
+        use crate::model::testing::{Answer, FakeHandler};
+        // Criteria nobody would write in a log line: quotes, a newline and
+        // the words the old log line used.
+        let criteria = "plan: installed criteria \"app\"\n2.0";
+        let plan = crate::model::Plan {
+            installed_criteria: criteria.into(),
+            payloads: Vec::new(),
+            reboot: crate::model::RebootExpectation::None,
+            warnings: vec!["disk nearly full".into()],
+            details: Vec::new(),
+        };
+        let handler =
+            FakeHandler::new("fake", &["acme/fake:1"]).answer(Phase::Validate, Answer::Plan(plan));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let request = StepRequest {
+            job_id: "job-1".into(),
+            step: 0,
+            update_type: "acme/fake:1".into(),
+            manifest: "{}".into(),
+            payloads: Vec::new(),
+            job_dir: dir.path().join("job-1"),
+            cancel: CancelFlag::default(),
+        };
+        let report = run_step(&handler, request, None).await.expect("step");
+        let installed = StepResult::Installed {
+            criteria: criteria.into(),
+        };
+        assert_eq!(report.result, installed);
+        assert_eq!(report.planned_criteria.as_deref(), Some(criteria));
+        assert_eq!(report.warnings, ["disk nearly full"]);
+        for (phase, ctx) in handler.contexts().into_iter().skip(1) {
+            let seen = ctx.installed_criteria.as_deref();
+            assert_eq!(seen, Some(criteria), "{phase}");
+        }
+    }
+
     #[test]
     fn extended_codes_pack_into_32_bits() {
         let code = ExtendedCode {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::model::{RebootBehaviour, RebootExpectation};
 use crate::runtime::{CallScope, Handler, Outcome, PayloadFile, Phase, Status, StepContext};
-use crate::workflow::{self, StepRequest};
+use crate::step::{self, StepRequest};
 
 /// What to call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,7 +47,8 @@ pub enum PhaseChoice {
     Step,
 }
 
-/// One tryout call.
+/// One `run-phase` call: the phase, its manifest and payloads, and where
+/// its checkpoints live.
 #[derive(Debug, Clone)]
 pub struct Tryout {
     /// The phase.
@@ -93,7 +94,7 @@ pub async fn run(handler: &Handler, t: &Tryout) -> Result<(Value, bool)> {
         step: 0,
         update_type: update_type.clone(),
         manifest: t.manifest.clone(),
-        payloads: payloads.iter().map(workflow::payload_info).collect(),
+        payloads: payloads.iter().map(step::payload_info).collect(),
         config: handler.config_json.clone(),
         installed_criteria: None,
     };
@@ -163,10 +164,10 @@ pub async fn run(handler: &Handler, t: &Tryout) -> Result<(Value, bool)> {
                 job_dir: t.job_dir.clone(),
                 cancel: Default::default(),
             };
-            let report = workflow::run_step(handler, request, None).await?;
+            let report = step::run_step(handler, request, None).await?;
             let ok = !matches!(
                 report.result,
-                workflow::StepResult::Failed { .. } | workflow::StepResult::Cancelled
+                step::StepResult::Failed { .. } | step::StepResult::Cancelled
             );
             return Ok((serde_json::to_value(&report)?, ok));
         }
