@@ -224,6 +224,7 @@ async fn session(
                     shared.connection.connected();
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
+                    mqtt::announce_online(&client, &shared.cloud).await?;
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     watch.subscribed(&ack, &shared.cloud.topics().subscriptions());

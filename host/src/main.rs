@@ -285,8 +285,9 @@ enum FleetCommand {
     /// Per device: its shadow version (SHADOW), the desired job, its outcome
     /// (pending, running, succeeded, failed, rolled back, inconsistent,
     /// rejected, cancelled) with the device's reason (cut to fit; whole in
-    /// --json), the software it reports installed, and when it was last
-    /// heard from.
+    /// --json), the software it reports installed, when it was last heard
+    /// from, and whether it is connected (CONNECTION: online, offline for
+    /// how long, or - when not known).
     Status {
         /// Only this device.
         #[arg(long)]
@@ -794,9 +795,20 @@ fn fleet_header(watching: bool) -> String {
         (String::new(), format!("{:<10} ", "LAST SEEN"))
     };
     format!(
-        "{time}{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}REASON",
-        "DEVICE", "GROUP", "SHADOW", "JOB", "OUTCOME", "SOFTWARE"
+        "{time}{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}{:<16} REASON",
+        "DEVICE", "GROUP", "SHADOW", "JOB", "OUTCOME", "SOFTWARE", "CONNECTION"
     )
+}
+
+/// `online`, `offline for 5m` (with `now`; `offline` without), or `-`
+/// when the device's connection is not known.
+fn connection(presence: Option<otabox::replica::Presence>, now: Option<i64>) -> String {
+    match (presence, now) {
+        (None, _) => "-".into(),
+        (Some(p), _) if p.online => "online".into(),
+        (Some(p), Some(now)) => format!("offline for {}", span(now - p.since)),
+        (Some(_), None) => "offline".into(),
+    }
 }
 
 /// One device's line; with `now` (seconds since the epoch) it says how long
@@ -822,7 +834,7 @@ fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
         )
     });
     format!(
-        "{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}{}",
+        "{:<16} {:<10} {:>6} {:<20} {:<12} {:<24} {seen}{:<16} {}",
         cell(&d.id, NAME_WIDTH),
         cell(d.group.as_deref().unwrap_or("-"), NAME_WIDTH),
         d.version,
@@ -832,18 +844,24 @@ fn fleet_row(d: &otabox::replica::DeviceStatus, now: Option<i64>) -> String {
         ),
         d.outcome.kind.label(),
         cell(&software, SOFTWARE_WIDTH),
+        connection(d.presence, now),
         cell(d.outcome.reason.as_deref().unwrap_or("-"), REASON_WIDTH),
     )
 }
 
 /// `secs` as `12s ago`, `5m ago`, `3h ago` or `2d ago`.
 fn ago(secs: i64) -> String {
+    format!("{} ago", span(secs))
+}
+
+/// `secs` as `12s`, `5m`, `3h` or `2d`.
+fn span(secs: i64) -> String {
     let secs = secs.max(0);
     match secs {
-        0..60 => format!("{secs}s ago"),
-        60..3600 => format!("{}m ago", secs / 60),
-        3600..86_400 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86_400),
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The MQTT connection: options from `[mqtt]` (TCP, TLS with a custom CA,
 //! mutual TLS, user name and password), a persistent session, the
-//! reconnect backoff, and what a failing connection is logged as
-//! ([`ConnectionWatch`]).
+//! reconnect backoff, the device's presence (a retained `online` at each
+//! connect, `offline` as its last will), and what a failing connection is
+//! logged as ([`ConnectionWatch`]).
 
 mod diagnosis;
 
@@ -11,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
+use crate::cloud::{Link, OFFLINE, ONLINE};
 use crate::config::MqttSection;
 
 /// Largest MQTT packet the agent reads (16 MiB).
@@ -23,9 +25,37 @@ pub fn client_id(cfg: &MqttSection, default: &str) -> String {
     cfg.client_id.clone().unwrap_or_else(|| default.to_string())
 }
 
-/// Builds the connection options for `device_id`.
+/// Builds the connection options of the device `device_id`: those of
+/// [`service_options`], and in a layout with a presence topic the last
+/// will [`OFFLINE`] there (retained), which the broker publishes when the
+/// connection ends without an MQTT DISCONNECT (a crash, a lost network,
+/// a stopped agent).
 pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
-    let client_id = client_id(cfg, device_id);
+    let mut opts = service_options(cfg, device_id)?;
+    if let Some(topic) = cfg.layout.cloud().presence_topic(device_id) {
+        crate::cloud::check_device_id(device_id)?;
+        opts.set_last_will(LastWill::new(topic, OFFLINE, QoS::AtLeastOnce, true));
+    }
+    Ok(opts)
+}
+
+/// Announces the device [`ONLINE`] (retained) on its presence topic, in a
+/// layout that has one: at each ConnAck, after the device's own queued
+/// publishes (so that the first outgoing publish stays the outbox head's).
+pub async fn announce_online(client: &AsyncClient, link: &Link) -> Result<()> {
+    if let Some(topic) = link.presence_topic() {
+        client
+            .publish(topic, QoS::AtLeastOnce, true, ONLINE)
+            .await
+            .context("cannot announce the device online")?;
+    }
+    Ok(())
+}
+
+/// Builds the connection options of a client whose id is `[mqtt]
+/// client_id` or `default_id`, without a last will (the replica's).
+pub fn service_options(cfg: &MqttSection, default_id: &str) -> Result<MqttOptions> {
+    let client_id = client_id(cfg, default_id);
     let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.max(5)));
     // A persistent session: QoS 1 deltas sent while we were away arrive on
@@ -157,6 +187,40 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_device_leaves_a_retained_offline_will_where_its_layout_has_a_presence_topic() {
+        let cfg = MqttSection::default();
+        let will = options(&cfg, "dev-1").expect("options").last_will();
+        let will = will.expect("a last will");
+        assert_eq!(
+            (
+                will.topic.as_str(),
+                &will.message[..],
+                will.retain,
+                will.qos
+            ),
+            (
+                "state/dev-1/connection",
+                OFFLINE.as_bytes(),
+                true,
+                QoS::AtLeastOnce
+            )
+        );
+        let aws = MqttSection {
+            layout: crate::cloud::TopicLayout::AwsShadow,
+            ..MqttSection::default()
+        };
+        assert!(
+            options(&aws, "dev-1")
+                .expect("options")
+                .last_will()
+                .is_none()
+        );
+        let replica = service_options(&cfg, "otabox-replica").expect("options");
+        assert!(replica.last_will().is_none(), "the replica leaves none");
+        assert!(options(&cfg, "a/#").is_err(), "no will on a wildcard topic");
     }
 
     #[test]

@@ -1356,6 +1356,7 @@ fn fleet_status_names_its_columns_and_watch_prints_a_header_and_timestamps() {
         "OUTCOME",
         "SOFTWARE",
         "LAST SEEN",
+        "CONNECTION",
         "REASON",
     ] {
         assert!(header.contains(column), "{header}");

@@ -331,6 +331,9 @@ struct Delivery {
     delta: &'static str,
     get_accepted: Option<&'static str>,
     reports: &'static str,
+    /// Deployments go by reference (an inline one with files nests too
+    /// deep for the AWS shadow).
+    by_reference: bool,
 }
 
 const IOT_ATLAS: Delivery = Delivery {
@@ -339,6 +342,7 @@ const IOT_ATLAS: Delivery = Delivery {
     delta: "state/pump-s/update/delta",
     get_accepted: None,
     reports: "state/pump-s/update",
+    by_reference: false,
 };
 
 const AWS_SHADOW: Delivery = Delivery {
@@ -347,6 +351,7 @@ const AWS_SHADOW: Delivery = Delivery {
     delta: "$aws/things/pump-s/shadow/update/delta",
     get_accepted: Some("$aws/things/pump-s/shadow/get/accepted"),
     reports: "$aws/things/pump-s/shadow/update",
+    by_reference: true,
 };
 
 impl Delivery {
@@ -392,15 +397,12 @@ fn a_rejected_deployment_is_not_sent_again(layout: Delivery) {
     let logs = || format!("{}\n{}", agent_log(&config), replica.log());
     let deploy = |job: &str| {
         let file = deployment(&root, job);
-        fleet(
-            &db,
-            &[
-                "deploy",
-                file.to_str().expect("utf-8"),
-                "--device",
-                "pump-s",
-            ],
-        );
+        let url = format!("file://{}", file.display());
+        let mut args = vec!["deploy", file.to_str().expect("utf-8")];
+        if layout.by_reference {
+            args.extend(["--url", &url]);
+        }
+        fleet(&db, &[&args[..], &["--device", "pump-s"]].concat());
         wait_for_outcome(&db, "pump-s", "rejected", &logs)
     };
 
@@ -633,4 +635,185 @@ fn fleet_status_tells_each_failure_kind_with_its_reason() {
             assert_ne!(a, b, "each failure has its own reason");
         }
     }
+}
+
+/// Polls until `device`'s connection is `online`; returns its status.
+fn wait_for_presence(
+    db: &Path,
+    device: &str,
+    online: bool,
+    within: Duration,
+    log: &dyn Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = status_of(db, device);
+        if status["presence"]["online"] == online {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{device} not {} within {within:?}: {status}\n{}",
+            if online { "online" } else { "offline" },
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent's shortest keep-alive: mosquitto drops a silent client 1.5
+/// keep-alive periods after the last packet it received…
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// …noticed up to this late (mosquitto 2.0.11 does not check every
+/// client every second: 11.4 s after the stop measured here).
+const BROKER_CHECK: Duration = Duration::from_secs(6);
+
+#[test]
+fn fleet_status_shows_a_device_online_offline_after_a_crash_online_again_and_offline_after_a_stop()
+{
+    let (_dir, root, broker, db, replica) = start_cloud(&[]);
+    let logs = || replica.log();
+    fleet(&db, &["register", "pump-p"]);
+    assert!(
+        status_of(&db, "pump-p")["presence"].is_null(),
+        "not known before it connects"
+    );
+    let config = device_with(&root, "pump-p", broker.port, "keep_alive_secs = 5");
+    let mut agent = AgentProcess::start(&config);
+    wait_for_presence(&db, "pump-p", true, Duration::from_secs(20), &logs);
+    let table = fleet(&db, &["status"]);
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("CONNECTION"))
+            && table.lines().nth(1).is_some_and(|l| l.contains(" online ")),
+        "{table}"
+    );
+
+    // Frozen (SIGSTOP, as a lost network): the connection stays open but
+    // silent; the broker gives up after 1.5 keep-alive periods and
+    // publishes the will.
+    let signal = |agent: &AgentProcess, name: &str| {
+        let _ = Command::new("kill")
+            .args([name, &agent.pid().to_string()])
+            .status();
+    };
+    let frozen = Instant::now();
+    signal(&agent, "-STOP");
+    let limit = KEEP_ALIVE.mul_f32(1.5) + BROKER_CHECK;
+    let status = wait_for_presence(&db, "pump-p", false, limit, &logs);
+    eprintln!("offline {:?} after SIGSTOP", frozen.elapsed());
+    assert!(status["presence"]["since"].as_i64().is_some(), "{status}");
+    let table = fleet(&db, &["status"]);
+    assert!(table.contains("offline for "), "{table}");
+    signal(&agent, "-CONT");
+    wait_for_presence(&db, "pump-p", true, Duration::from_secs(20), &logs);
+
+    // SIGKILL: no DISCONNECT; the socket closes and the broker publishes
+    // the will at once.
+    let killed = Instant::now();
+    agent.kill();
+    wait_for_presence(&db, "pump-p", false, limit, &logs);
+    eprintln!("offline {:?} after SIGKILL", killed.elapsed());
+
+    let mut agent = AgentProcess::start(&config);
+    let restarted = Instant::now();
+    wait_for_presence(&db, "pump-p", true, Duration::from_secs(20), &logs);
+    eprintln!("online {:?} after the restart", restarted.elapsed());
+
+    // SIGTERM: the agent stops; its connection ends at once.
+    let stopped = Instant::now();
+    signal(&agent, "-TERM");
+    assert!(agent.wait_exit(Duration::from_secs(10)), "{}", agent.log());
+    wait_for_presence(&db, "pump-p", false, Duration::from_secs(3), &logs);
+    eprintln!("offline {:?} after SIGTERM", stopped.elapsed());
+}
+
+#[test]
+fn in_the_aws_shadow_layout_the_replica_reads_the_clouds_lifecycle_events() {
+    let (_dir, _root, broker, db, replica) = start_cloud(&["--layout", "aws-shadow"]);
+    let logs = || replica.log();
+    fleet(&db, &["register", "pump-a"]);
+    fleet(&db, &["register", "pump-b"]);
+    let aws = TestClient::connect(broker.port, "aws-iot", &[]);
+    let event = |kind: &str, device: &str, at: i64| {
+        aws.publish(
+            &format!("$aws/events/presence/{kind}/{device}"),
+            json!({"clientId": device, "eventType": kind, "timestamp": at,
+                   "sessionIdentifier": "s", "principalIdentifier": "p"})
+            .to_string(),
+        );
+    };
+    let now = otabox::clock::now_secs() as i64 * 1000;
+    event("connected", "pump-a", now);
+    let status = wait_for_presence(&db, "pump-a", true, Duration::from_secs(10), &logs);
+    assert_eq!(status["presence"]["since"], now / 1000, "the event's time");
+    // Delivered out of order: a disconnect older than the connect.
+    event("disconnected", "pump-a", now - 5_000);
+    event("connected", "stranger", now);
+    event("connected", "pump-b", now);
+    wait_for_presence(&db, "pump-b", true, Duration::from_secs(10), &logs);
+    assert_eq!(status_of(&db, "pump-a")["presence"]["online"], true);
+    let fleet_ids = fleet(&db, &["status", "--json"]);
+    assert!(!fleet_ids.contains("stranger"), "{fleet_ids}");
+    event("disconnected", "pump-a", now + 1_000);
+    wait_for_presence(&db, "pump-a", false, Duration::from_secs(10), &logs);
+}
+
+#[test]
+fn in_the_aws_shadow_layout_an_inline_deployment_the_service_would_refuse_is_rejected_not_sent() {
+    let (_dir, root, broker, db, replica) = start_cloud(AWS_SHADOW.replica_args);
+    let delta = "$aws/things/pump-r/shadow/update/delta";
+    let get_accepted = "$aws/things/pump-r/shadow/get/accepted";
+    let observer = TestClient::connect(broker.port, "observer", &[delta, get_accepted]);
+    observer.ready(delta);
+    let inline = deployment(&root, "inline-1");
+    fleet(
+        &db,
+        &[
+            "deploy",
+            inline.to_str().expect("utf-8"),
+            "--device",
+            "pump-r",
+        ],
+    );
+    let logs = || replica.log();
+    let status = wait_for_outcome(&db, "pump-r", "rejected", &logs);
+    let reason = status["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("JSON contains too many levels of nesting; maximum is 6")
+            && reason.contains("fleet deploy --url"),
+        "{status}"
+    );
+    let table = fleet(&db, &["status"]);
+    assert!(table.contains(" rejected "), "{table}");
+    let agent = AgentProcess::start(&device_with(&root, "pump-r", broker.port, AWS_SHADOW.mqtt));
+    let answer = observer.wait_for(Duration::from_secs(20), "the answer to the get", |m| {
+        m.topic == get_accepted
+    });
+    assert!(
+        answer.json["state"]["desired"]["deployment"].is_null(),
+        "the service never stored it: {}",
+        answer.json
+    );
+    let sent = observer.drain(Duration::from_millis(500));
+    assert!(sent.iter().all(|m| m.topic != delta), "{sent:?}");
+
+    let by_reference = deployment(&root, "ref-1");
+    let url = format!("file://{}", by_reference.display());
+    fleet(
+        &db,
+        &[
+            "deploy",
+            by_reference.to_str().expect("utf-8"),
+            "--url",
+            &url,
+            "--device",
+            "pump-r",
+        ],
+    );
+    let status = wait_for_ack(&db, "pump-r", &replica);
+    assert_eq!(status["ack"]["status"], "SUCCESS", "{}", agent.log());
+    assert_eq!(status["outcome"], "succeeded", "{status}");
 }

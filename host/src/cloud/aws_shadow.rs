@@ -29,11 +29,24 @@
 //! The acknowledgement is a partial update of the reported state,
 //! `{"state":{"reported":{"deployment":{"ack":{…}}}}}`: the service keeps it
 //! with the device's state, where the cloud reads it.
+//!
+//! The cloud's own write of a desired deployment meets the same rules
+//! ([`check_desired`]): an inline deployment with files nests deeper than 6
+//! levels, so in this layout deployments go by reference.
+//!
+//! Presence: a device may not publish under `$aws/`, so it sets no last
+//! will here; AWS IoT publishes lifecycle events itself on
+//! `$aws/events/presence/connected|disconnected/<clientId>`, and the
+//! replica reads a device's connection from those (the client id must be
+//! the thing name, the default). A broker that is not AWS publishes no
+//! such events: the devices' connection shows as unknown there.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{Accepted, CloudLayout, Inbound, Refusal, Request, Room, Stored, Topics, Verdict};
+use super::{
+    Accepted, CloudLayout, Inbound, PresenceEvent, Refusal, Request, Room, Stored, Topics, Verdict,
+};
 use crate::shadow::{Ack, ReportedState};
 
 /// Deepest nesting the service accepts (see the module docs for the count).
@@ -250,6 +263,66 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// The reported section of the shadow `stored` stands for (this layout's
+/// shape, the acknowledgement merged in).
+fn reported_section(stored: Stored<'_>) -> Value {
+    let mut deployment = stored.reported.map(to_aws).unwrap_or_else(|| json!({}));
+    if let (Value::Object(doc), Some(ack)) = (&mut deployment, stored.ack) {
+        doc.insert("ack".into(), json!(ack));
+    }
+    json!({ "deployment": without_nulls(&deployment) })
+}
+
+/// The service's limits on an update `doc`, the shadow's desired section
+/// taking `desired_bytes` and its `reported` section after it: at most
+/// [`MAX_DEPTH`] levels (400), at most [`MAX_STATE_BYTES`] together (413).
+fn check_limits(
+    doc: &Value,
+    desired_bytes: usize,
+    reported: &Value,
+) -> Result<(), (u16, &'static str)> {
+    if depth(doc) > MAX_DEPTH {
+        return Err((
+            400,
+            "JSON contains too many levels of nesting; maximum is 6",
+        ));
+    }
+    if desired_bytes + reported.to_string().len() > MAX_STATE_BYTES {
+        return Err((413, "The payload exceeds the maximum size allowed"));
+    }
+    Ok(())
+}
+
+/// Checks the cloud's write of `desired` as the desired deployment
+/// (`{"state": {"desired": {"deployment": …}}}`) as the service does,
+/// beside the reported section `stored` holds.
+pub fn check_desired(desired: &Value, stored: Stored<'_>) -> Result<(), Refusal> {
+    let doc = json!({"state": {"desired": {"deployment": desired}}});
+    check_limits(&doc, desired_bytes(desired), &reported_section(stored)).map_err(
+        |(code, message)| Refusal {
+            code,
+            message: message.to_string(),
+            asks_for_less: true,
+        },
+    )
+}
+
+/// The event of an AWS IoT lifecycle message
+/// (`$aws/events/presence/connected|disconnected/<clientId>`):
+/// `{"eventType": "connected", "timestamp": <ms>, …}`.
+pub fn parse_lifecycle(payload: &[u8]) -> Option<PresenceEvent> {
+    let event: Value = serde_json::from_slice(payload).ok()?;
+    let online = match event.get("eventType")?.as_str()? {
+        "connected" => true,
+        "disconnected" => false,
+        _ => return None,
+    };
+    Some(PresenceEvent {
+        online,
+        at_ms: event.get("timestamp").and_then(Value::as_i64),
+    })
+}
+
 /// Checks a device's update against the service's rules and merges it into
 /// what is stored; the error document is what the service would publish
 /// on `…/update/rejected`.
@@ -277,23 +350,11 @@ pub fn check_update(request: &[u8], stored: Stored<'_>) -> Result<Accepted, Erro
             return Err(fail(400, &format!("{name} node must be an object")));
         }
     }
-    if depth(&doc) > MAX_DEPTH {
-        return Err(fail(
-            400,
-            "JSON contains too many levels of nesting; maximum is 6",
-        ));
-    }
     let patch = state.get("reported").cloned().unwrap_or(Value::Null);
-    let mut deployment = stored.reported.map(to_aws).unwrap_or_else(|| json!({}));
-    if let (Value::Object(doc), Some(ack)) = (&mut deployment, stored.ack) {
-        doc.insert("ack".into(), json!(ack));
-    }
-    let mut reported = json!({ "deployment": without_nulls(&deployment) });
+    let mut reported = reported_section(stored);
     merge(&mut reported, &patch);
     let desired = stored.desired.map_or(0, desired_bytes);
-    if desired + reported.to_string().len() > MAX_STATE_BYTES {
-        return Err(fail(413, "The payload exceeds the maximum size allowed"));
-    }
+    check_limits(&doc, desired, &reported).map_err(|(code, message)| fail(code, message))?;
     let sent = patch.get("deployment");
     let ack = sent
         .and_then(|d| d.get("ack"))
@@ -361,7 +422,19 @@ impl CloudLayout for AwsShadow {
     }
 
     fn replica_subscriptions(&self) -> &'static [&'static str] {
-        &["$aws/things/+/shadow/update", "$aws/things/+/shadow/get"]
+        &[
+            "$aws/things/+/shadow/update",
+            "$aws/things/+/shadow/get",
+            "$aws/events/presence/+/+",
+        ]
+    }
+
+    fn parse_presence(&self, payload: &[u8]) -> Option<PresenceEvent> {
+        parse_lifecycle(payload)
+    }
+
+    fn check_desired(&self, desired: &Value, stored: Stored<'_>) -> Result<(), Refusal> {
+        check_desired(desired, stored)
     }
 
     fn device_request(&self, topic: &str) -> Option<(String, Request)> {
@@ -369,6 +442,13 @@ impl CloudLayout for AwsShadow {
         match parts.as_slice() {
             ["$aws", "things", id, "shadow", "update"] => Some((id.to_string(), Request::Update)),
             ["$aws", "things", id, "shadow", "get"] => Some((id.to_string(), Request::Get)),
+            [
+                "$aws",
+                "events",
+                "presence",
+                "connected" | "disconnected",
+                id,
+            ] => Some((id.to_string(), Request::Presence)),
             _ => None,
         }
     }
@@ -496,6 +576,92 @@ mod tests {
         assert_eq!(
             check_update(b"{", Stored::default()).unwrap_err().message,
             "Invalid JSON"
+        );
+    }
+
+    #[test]
+    fn the_cloud_cannot_store_an_inline_deployment_with_files_but_one_by_reference() {
+        let inline = json!({"schema": 1, "jobId": "j", "version": "1",
+            "steps": [{"updateType": "otabox/file:1", "manifest": {"name": "a"},
+                "files": [{"name": "a", "url": "http://x/a", "size": 1, "sha256": "00"}]}]});
+        let refusal = check_desired(&inline, Stored::default()).unwrap_err();
+        assert_eq!(
+            (refusal.code, refusal.message.as_str()),
+            (
+                400,
+                "JSON contains too many levels of nesting; maximum is 6"
+            )
+        );
+        let by_reference = json!({"schema": 1, "jobId": "j", "version": "1",
+            "deploymentRef": {"url": "http://x/d.json", "size": 10, "sha256": "00"}});
+        check_desired(&by_reference, Stored::default()).expect("six levels");
+        let big = json!({"schema": 1, "jobId": "j", "version": "x".repeat(8200),
+            "deploymentRef": {"url": "http://x/d.json", "size": 10, "sha256": "00"}});
+        assert_eq!(
+            check_desired(&big, Stored::default()).unwrap_err().code,
+            413
+        );
+        let filler = json!({"agent": {"state": "idle", "version": "1"}, "note": "n".repeat(8100)});
+        let beside = Stored {
+            reported: Some(&filler),
+            ..Stored::default()
+        };
+        assert_eq!(
+            check_desired(&by_reference, beside).unwrap_err().code,
+            413,
+            "desired and reported share 8 KB"
+        );
+        assert_eq!(
+            AwsShadow.check_desired(&inline, Stored::default()),
+            Err(refusal)
+        );
+    }
+
+    #[test]
+    fn lifecycle_events_tell_the_connection_and_its_time() {
+        let event = |e: Value| parse_lifecycle(e.to_string().as_bytes());
+        assert_eq!(
+            event(
+                json!({"clientId": "d", "eventType": "connected", "timestamp": 1_700_000_000_123_i64})
+            ),
+            Some(PresenceEvent {
+                online: true,
+                at_ms: Some(1_700_000_000_123)
+            })
+        );
+        assert_eq!(
+            event(
+                json!({"eventType": "disconnected", "disconnectReason": "MQTT_KEEP_ALIVE_TIMEOUT"})
+            ),
+            Some(PresenceEvent {
+                online: false,
+                at_ms: None
+            })
+        );
+        for bad in [
+            json!({"eventType": "subscribed"}),
+            json!({"eventType": 1}),
+            json!({}),
+            json!("connected"),
+        ] {
+            assert_eq!(event(bad.clone()), None, "{bad}");
+        }
+        assert_eq!(parse_lifecycle(b"online"), None);
+        assert_eq!(
+            AwsShadow.device_request("$aws/events/presence/disconnected/pump-1"),
+            Some(("pump-1".into(), Request::Presence))
+        );
+        for other in [
+            "$aws/events/presence/other/pump-1",
+            "$aws/events/subscriptions/subscribed/pump-1",
+            "$aws/events/presence/connected",
+        ] {
+            assert_eq!(AwsShadow.device_request(other), None, "{other}");
+        }
+        assert_eq!(
+            AwsShadow.presence_topic("pump-1"),
+            None,
+            "AWS tells it itself"
         );
     }
 

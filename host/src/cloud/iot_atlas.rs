@@ -3,7 +3,9 @@
 //! `…/update/delta`, and the cloud confirms on `…/update/accepted`.
 //! Reports are `{"state": {"reported": {"deployment": …}}}` in the common
 //! shape; an acknowledgement is the [`Ack`] itself. There is no shadow
-//! `get` and no refusal topic.
+//! `get` and no refusal topic. The device announces its connection on
+//! `state/<deviceId>/connection`: `online` (retained) at each connect,
+//! `offline` (retained) as its MQTT last will.
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -56,12 +58,17 @@ impl CloudLayout for IotAtlas {
     }
 
     fn replica_subscriptions(&self) -> &'static [&'static str] {
-        &["state/+/update"]
+        &["state/+/update", "state/+/connection"]
+    }
+
+    fn presence_topic(&self, device_id: &str) -> Option<String> {
+        Some(format!("state/{device_id}/connection"))
     }
 
     fn device_request(&self, topic: &str) -> Option<(String, Request)> {
         match topic.split('/').collect::<Vec<_>>().as_slice() {
             ["state", id, "update"] => Some((id.to_string(), Request::Update)),
+            ["state", id, "connection"] => Some((id.to_string(), Request::Presence)),
             _ => None,
         }
     }
@@ -136,6 +143,22 @@ mod tests {
     }
 
     #[test]
+    fn the_device_announces_its_connection_under_its_own_topics() {
+        let topic = IotAtlas.presence_topic("dev-1").expect("a presence topic");
+        assert_eq!(topic, "state/dev-1/connection");
+        assert!(topic.starts_with("state/dev-1/"), "inside state/%u/#");
+        assert!(!topics().subscriptions().contains(&topic.as_str()));
+        let link = Link::new(TopicLayout::IotAtlas.cloud(), "dev-1", 8192).expect("link");
+        assert_eq!(link.presence_topic(), Some(topic.as_str()));
+        let event = |p: &[u8]| IotAtlas.parse_presence(p).map(|e| e.online);
+        assert_eq!(event(b"online"), Some(true));
+        assert_eq!(event(b"offline"), Some(false));
+        for bad in [&b""[..], b"Online", b"online\n", b"{}", b"\xff"] {
+            assert_eq!(event(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn reports_and_acks_are_the_common_shapes() {
         let state = reported();
         let text = IotAtlas.report_document(&state, 4096);
@@ -194,6 +217,10 @@ mod tests {
             );
         }
         assert_eq!(IotAtlas.shadow_answer(1, Stored::default()), None);
+        assert_eq!(
+            IotAtlas.device_request("state/pump-1/connection"),
+            Some(("pump-1".into(), Request::Presence))
+        );
         let delta: Value =
             serde_json::from_str(&IotAtlas.delta_document(3, &serde_json::json!({"jobId": "j"})))
                 .expect("json");

@@ -19,6 +19,8 @@ const DESIRED_BYTES_UNSEEN: usize = 2048;
 pub struct Link {
     layout: &'static dyn CloudLayout,
     topics: Topics,
+    /// Where the device announces its connection, in layouts where it does.
+    presence: Option<String>,
     /// `[mqtt] max_report_bytes`, or less once the broker or the cloud
     /// refused a report of that size.
     report_limit: AtomicUsize,
@@ -47,6 +49,7 @@ impl Link {
         Ok(Self {
             layout,
             topics: Topics::new(layout, device_id)?,
+            presence: layout.presence_topic(device_id),
             report_limit: AtomicUsize::new(max_report_bytes),
             desired_bytes: AtomicUsize::new(DESIRED_BYTES_UNSEEN),
         })
@@ -55,6 +58,12 @@ impl Link {
     /// The device's topics.
     pub fn topics(&self) -> &Topics {
         &self.topics
+    }
+
+    /// Where the device announces its connection (`None` where the cloud
+    /// announces it itself).
+    pub fn presence_topic(&self) -> Option<&str> {
+        self.presence.as_deref()
     }
 
     /// What a message the device received means.

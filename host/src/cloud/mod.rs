@@ -110,13 +110,34 @@ impl Room<'_> {
     };
 }
 
-/// What a device published to the replica.
+/// What a device published to the replica (or the cloud published about
+/// it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     /// A report or an acknowledgement.
     Update,
     /// A request for the whole shadow.
     Get,
+    /// The device connected or disconnected.
+    Presence,
+}
+
+/// The payload a device publishes (retained) on its presence topic once
+/// connected.
+pub const ONLINE: &str = "online";
+/// The payload of the device's MQTT last will on its presence topic: the
+/// broker publishes it (retained) when the connection ends without an
+/// MQTT DISCONNECT — a crash, a lost network, or the agent stopping.
+pub const OFFLINE: &str = "offline";
+
+/// A device connected or disconnected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// Connected.
+    pub online: bool,
+    /// When (milliseconds since the epoch), if the message says; else the
+    /// time it arrived counts.
+    pub at_ms: Option<i64>,
 }
 
 /// What the replica holds for a device before an update: the desired
@@ -191,6 +212,34 @@ pub trait CloudLayout: Send + Sync + std::fmt::Debug {
     /// what the cloud keeps beside them.
     fn report_budget(&self, limit: usize, _room: Room<'_>) -> usize {
         limit
+    }
+
+    /// The topic where the device announces its connection: [`ONLINE`]
+    /// (retained) at each connect, [`OFFLINE`] as its last will; `None`
+    /// where the cloud announces it itself.
+    fn presence_topic(&self, _device_id: &str) -> Option<String> {
+        None
+    }
+
+    /// The event a presence message (see [`Request::Presence`]) tells;
+    /// `None` when it tells none.
+    fn parse_presence(&self, payload: &[u8]) -> Option<PresenceEvent> {
+        let online = match payload {
+            p if p == ONLINE.as_bytes() => true,
+            p if p == OFFLINE.as_bytes() => false,
+            _ => return None,
+        };
+        Some(PresenceEvent {
+            online,
+            at_ms: None,
+        })
+    }
+
+    /// Whether the cloud would store `desired` as the device's desired
+    /// deployment, beside what `stored` holds (its desired deployment is
+    /// the one `desired` replaces); the cloud's refusal when not.
+    fn check_desired(&self, _desired: &Value, _stored: Stored<'_>) -> Result<(), Refusal> {
+        Ok(())
     }
 
     /// The topic filters the replica subscribes to.

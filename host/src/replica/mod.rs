@@ -13,4 +13,4 @@ pub mod service;
 pub mod store;
 
 pub use outcome::{Outcome, OutcomeKind};
-pub use store::{Cancelled, DeviceStatus, Store};
+pub use store::{Cancelled, DeviceStatus, Presence, Store};

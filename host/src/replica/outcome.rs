@@ -180,6 +180,8 @@ mod tests {
             last_seen: None,
             rejected: None,
             withdrawn: None,
+            presence: None,
+            cloud_refused: None,
             outcome: Outcome::default(),
         }
     }

@@ -5,7 +5,10 @@
 //! What the messages look like is the layout's ([`crate::cloud`]): in the
 //! AWS layout it holds each update to the AWS IoT Device Shadow service's
 //! rules and refuses one that breaks them with the service's error
-//! document on `…/update/rejected`.
+//! document on `…/update/rejected`, and it never publishes a desired
+//! deployment the service would refuse to store (recorded as rejected,
+//! with the service's reason). It records each device's connection from
+//! its presence topic (or, in the AWS layout, the lifecycle events).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,7 +41,8 @@ pub struct ReplicaOptions {
 pub async fn run(options: ReplicaOptions) -> Result<()> {
     let store = Store::open(&options.db)?;
     let layout = options.mqtt.layout.cloud();
-    let (client, mut eventloop) = AsyncClient::new(mqtt::options(&options.mqtt, CLIENT_ID)?, 256);
+    let (client, mut eventloop) =
+        AsyncClient::new(mqtt::service_options(&options.mqtt, CLIENT_ID)?, 256);
     eventloop.set_network_options(mqtt::network_options());
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut ticker = tokio::time::interval(DELTA_POLL);
@@ -88,6 +92,9 @@ async fn publish_deltas(
 ) -> Result<()> {
     for pending in store.pending_deltas(super::store::now_ms())? {
         let desired: Value = serde_json::from_str(&pending.desired)?;
+        if refused_by_cloud(store, layout, &pending, &desired)? {
+            continue;
+        }
         let topics = Topics::new(layout, &pending.device)?;
         let delta = layout.delta_document(pending.version, &desired);
         client
@@ -102,6 +109,36 @@ async fn publish_deltas(
         );
     }
     Ok(())
+}
+
+/// Checks `desired` as the cloud would when it stores it (in the AWS
+/// layout: the shadow service's depth and size limits); a refused one is
+/// recorded as rejected with the cloud's reason and a hint, and never
+/// published. True when refused.
+fn refused_by_cloud(
+    store: &Store,
+    layout: &dyn CloudLayout,
+    pending: &super::store::PendingDelta,
+    desired: &Value,
+) -> Result<bool> {
+    let status = store.status(&pending.device)?;
+    let Err(refusal) = layout.check_desired(desired, stored(status.as_ref())) else {
+        return Ok(false);
+    };
+    let reason = format!(
+        "the {} cloud refuses this deployment ({} {}); deploy it by reference: fleet deploy --url",
+        layout.name(),
+        refusal.code,
+        refusal.message
+    );
+    tracing::warn!(
+        device = pending.device,
+        version = pending.version,
+        "not published: {reason}"
+    );
+    let job = desired.get("jobId").and_then(Value::as_str);
+    store.refuse_desired(&pending.device, pending.version, job, &reason)?;
+    Ok(true)
 }
 
 async fn handle(
@@ -124,6 +161,7 @@ async fn handle(
     match request {
         Request::Get => exchange.answer_get().await,
         Request::Update => exchange.update().await,
+        Request::Presence => exchange.presence(),
     }
 }
 
@@ -148,6 +186,24 @@ impl Exchange<'_> {
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, answer)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// The device connected or disconnected: recorded (a device the
+    /// replica does not know is ignored).
+    fn presence(&self) -> Result<()> {
+        let event = self
+            .layout
+            .parse_presence(&self.publish.payload)
+            .context("not a presence message")?;
+        let at_ms = event.at_ms.unwrap_or_else(super::store::now_ms);
+        if self
+            .store
+            .record_presence(self.device, event.online, at_ms)?
+        {
+            let state = if event.online { "online" } else { "offline" };
+            tracing::info!(device = self.device, "{state}");
         }
         Ok(())
     }
@@ -195,10 +251,13 @@ impl Exchange<'_> {
     }
 }
 
-/// What the store holds for a device, as a layout reads it.
+/// What the store holds for a device, as a layout reads it (a desired
+/// deployment the cloud refused is none: the cloud never stored it).
 fn stored(status: Option<&super::store::DeviceStatus>) -> Stored<'_> {
     Stored {
-        desired: status.and_then(|s| s.desired.as_ref()),
+        desired: status
+            .filter(|s| s.cloud_refused != Some(s.version))
+            .and_then(|s| s.desired.as_ref()),
         reported: status.and_then(|s| s.reported.as_ref()),
         ack: status.and_then(|s| s.ack.as_ref()),
     }

@@ -42,6 +42,11 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE devices ADD COLUMN republishes INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE devices ADD COLUMN republish_at INTEGER;
      ALTER TABLE devices ADD COLUMN withdrawn TEXT;",
+    // 2: whether the device is connected and since when (milliseconds),
+    // and the shadow version whose desired deployment the cloud refused.
+    "ALTER TABLE devices ADD COLUMN online INTEGER;
+     ALTER TABLE devices ADD COLUMN online_since INTEGER;
+     ALTER TABLE devices ADD COLUMN cloud_refused INTEGER;",
 ];
 
 /// The first republish of a missed delta goes out at once, the next after
@@ -73,9 +78,24 @@ pub struct DeviceStatus {
     /// The job `fleet cancel` withdrew after the device rejected it (there
     /// is no desired deployment then), until the next deploy.
     pub withdrawn: Option<String>,
+    /// Whether the device is connected, and since when; `None` until its
+    /// presence topic (or the cloud's lifecycle event) told.
+    pub presence: Option<Presence>,
+    /// The shadow version whose desired deployment the cloud refused to
+    /// store (it never reached the device; the reason is in `rejected`).
+    pub cloud_refused: Option<u64>,
     /// What became of the desired deployment, and why.
     #[serde(flatten)]
     pub outcome: Outcome,
+}
+
+/// Whether a device is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Presence {
+    /// Connected.
+    pub online: bool,
+    /// Since when (seconds since the epoch).
+    pub since: i64,
 }
 
 impl DeviceStatus {
@@ -449,6 +469,42 @@ impl Store {
         Ok(())
     }
 
+    /// Records that `device` (a registered one) connected or disconnected
+    /// at `at_ms`; true when that changed what is known. The same state
+    /// again keeps its first time (a retained message delivered anew), and
+    /// an event older than the known one is ignored (the cloud may deliver
+    /// them out of order).
+    pub fn record_presence(&self, device: &str, online: bool, at_ms: i64) -> Result<bool> {
+        let changed = self.db.execute(
+            "UPDATE devices SET online = ?2, online_since = ?3 WHERE id = ?1
+             AND (online IS NULL OR (online != ?2 AND online_since <= ?3))",
+            params![device, online, at_ms],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// The cloud refused to store `version`'s desired deployment (job
+    /// `job`) for `reason`: kept as its rejection, and never published.
+    pub fn refuse_desired(
+        &self,
+        device: &str,
+        version: u64,
+        job: Option<&str>,
+        reason: &str,
+    ) -> Result<()> {
+        let rejection = Rejection {
+            shadow_version: Some(version),
+            job_id: job.map(str::to_string),
+            reason: reason.to_string(),
+        };
+        self.db.execute(
+            "UPDATE devices SET rejected = ?3, cloud_refused = ?2,
+                 published = MAX(published, ?2), republish_at = NULL WHERE id = ?1",
+            params![device, version as i64, serde_json::to_string(&rejection)?],
+        )?;
+        Ok(())
+    }
+
     /// Stores an acknowledgement; false when this job was acknowledged before.
     pub fn record_ack(&self, device: &str, ack: &Ack) -> Result<bool> {
         let status = serde_json::to_value(ack.status)?
@@ -500,7 +556,8 @@ impl Store {
         let row = self
             .db
             .query_row(
-                "SELECT id, grp, version, desired, reported, last_seen, rejected, withdrawn
+                "SELECT id, grp, version, desired, reported, last_seen, rejected, withdrawn,
+                     online, online_since, cloud_refused
                  FROM devices WHERE id = ?1",
                 params![device],
                 |row| {
@@ -517,11 +574,23 @@ impl Store {
                             row.get::<_, Option<String>>(6)?,
                             row.get::<_, Option<String>>(7)?,
                         ),
+                        (
+                            row.get::<_, Option<bool>>(8)?,
+                            row.get::<_, Option<i64>>(9)?,
+                            row.get::<_, Option<i64>>(10)?,
+                        ),
                     ))
                 },
             )
             .optional()?;
-        let Some(((id, group, version), desired, reported, last_seen, (rejected, withdrawn))) = row
+        let Some((
+            (id, group, version),
+            desired,
+            reported,
+            last_seen,
+            (rejected, withdrawn),
+            (online, online_since, cloud_refused),
+        )) = row
         else {
             return Ok(None);
         };
@@ -546,6 +615,11 @@ impl Store {
             last_seen,
             rejected: rejected.map(|r| serde_json::from_str(&r)).transpose()?,
             withdrawn,
+            presence: online.zip(online_since).map(|(online, since)| Presence {
+                online,
+                since: since / 1000,
+            }),
+            cloud_refused: cloud_refused.map(|v| v as u64),
             outcome: Outcome::default(),
         };
         status.outcome = outcome::of(&status);
@@ -757,6 +831,71 @@ mod tests {
         report(&store, "a", other_job);
         let status = store.status("a").expect("status").expect("known");
         assert!(status.rejection().is_none(), "a rejection of another job");
+    }
+
+    #[test]
+    fn presence_keeps_the_time_of_each_change_and_ignores_older_events_and_strangers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        store.register("a", None).expect("register");
+        let presence = || store.status("a").expect("status").expect("known").presence;
+        assert_eq!(presence(), None, "not known yet");
+        assert!(store.record_presence("a", true, 10_000).expect("online"));
+        assert!(
+            !store.record_presence("a", true, 50_000).expect("again"),
+            "a retained message delivered anew keeps the first time"
+        );
+        assert_eq!(
+            presence(),
+            Some(Presence {
+                online: true,
+                since: 10
+            })
+        );
+        assert!(
+            !store.record_presence("a", false, 9_000).expect("late"),
+            "an event older than the known one"
+        );
+        assert!(store.record_presence("a", false, 20_000).expect("offline"));
+        assert_eq!(
+            presence(),
+            Some(Presence {
+                online: false,
+                since: 20
+            })
+        );
+        assert!(!store.record_presence("stranger", true, 1).expect("ignored"));
+        assert!(store.status("stranger").expect("status").is_none());
+    }
+
+    #[test]
+    fn a_desired_deployment_the_cloud_refuses_is_rejected_and_never_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let version = store.deploy("a", &desired("j1")).expect("deploy");
+        store
+            .refuse_desired("a", version, Some("j1"), "too deep; deploy it by reference")
+            .expect("refused");
+        assert!(store.pending_deltas(i64::MAX).expect("pending").is_empty());
+        let status = store.status("a").expect("status").expect("known");
+        assert_eq!(status.cloud_refused, Some(version));
+        assert_eq!(
+            status.outcome,
+            Outcome {
+                kind: OutcomeKind::Rejected,
+                reason: Some("too deep; deploy it by reference".into())
+            }
+        );
+        store.request_republish("a", 0).expect("republish");
+        assert_eq!(
+            store.cancel(Some("a"), None).expect("cancel"),
+            [("a".into(), Cancelled::Withdrawn)],
+            "nothing reached the device: withdrawn"
+        );
+        store.deploy("a", &desired("j2")).expect("deploy");
+        let status = store.status("a").expect("status").expect("known");
+        assert_eq!(status.outcome.kind, OutcomeKind::Pending);
+        assert_eq!(store.pending_deltas(0).expect("pending").len(), 1);
     }
 
     #[test]
