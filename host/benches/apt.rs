@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::apt::{self as apt, AptRepo, Sysroot, apt_handler, deb};
 use otabox::runtime::{CallScope, Outcome, Phase, StepContext};
-use otabox::workflow::{StepRequest, StepResult, run_step};
+use otabox::step::{StepRequest, StepResult, run_step};
 use otabox_sdk::FromJson;
 
 const PACKAGES: usize = 10;
