@@ -10,8 +10,8 @@
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::{
-    Acceptance, Arc, JobRecord, Rejection, Shared, keep_root, lock, mpsc, reported_payload,
-    stored_reported, verify_signature,
+    Acceptance, Arc, JobRecord, Rejection, Shared, lock, mpsc, reported_payload, stored_reported,
+    verify_signature,
 };
 use crate::local::{self, LocalRejection, Request, StateLock};
 
@@ -115,7 +115,7 @@ fn admit(shared: &Shared, request: &Request) -> Result<Option<JobRecord>, LocalR
     match shared.journal.accept_local(&desired, sequence) {
         Ok(Acceptance::Accepted(record)) => {
             if let Some(root) = new_root {
-                keep_root(shared, root);
+                shared.trust.keep(root);
             }
             Ok(Some(*record))
         }

@@ -28,6 +28,7 @@ use crate::shadow::{
     Ack, AgentInfo, AgentState, DeltaMessage, JobResult, LastResult, ManifestSource, Rejection,
     ReportedState, StepOutcome, parse_delta,
 };
+use crate::trust::RootStore;
 use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
 mod inbox;
@@ -50,7 +51,7 @@ struct Shared {
     downloader: crate::download::Downloader,
     /// The root of trust, when deployments must be signed (the configured
     /// one, or a later one delivered by a rotation).
-    trust_root: Mutex<Option<crate::trust::signed::Root>>,
+    trust: RootStore,
     /// The job running now and its cancel flag.
     current: Mutex<Option<(String, CancelFlag)>>,
     /// Jobs cancelled before they started.
@@ -96,27 +97,10 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         ),
     );
     let downloader = crate::download::Downloader::new(config.download.options(&config.mqtt))?;
-    let trust_root = match &config.trust.root {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read trust root {}", path.display()))?;
-            let root: crate::trust::signed::Root = serde_json::from_str(&text)
-                .with_context(|| format!("trust root {} does not parse", path.display()))?;
-            root.check()?;
-            let rotated: Option<crate::trust::signed::Root> =
-                std::fs::read(config.paths.state.join("trust-root.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .filter(|r: &crate::trust::signed::Root| {
-                        r.version > root.version && r.check().is_ok()
-                    });
-            Some(rotated.unwrap_or(root))
-        }
-        None => None,
-    };
+    let trust = RootStore::load(config.trust.root.as_deref(), &config.paths.state)?;
     let shared = Arc::new(Shared {
         downloader,
-        trust_root: Mutex::new(trust_root),
+        trust,
         cloud,
         journal,
         handlers,
@@ -560,7 +544,7 @@ async fn on_publish(
     {
         Ok(Acceptance::Accepted(record)) => {
             if let Some(root) = new_root {
-                keep_root(shared, root);
+                shared.trust.keep(root);
             }
             tracing::info!(job = record.job_id, version = delta.version, "accepted");
             if let Some((running, cancel)) = lock(&shared.current).as_ref() {
@@ -673,7 +657,7 @@ fn verify_signature(
     shared: &Shared,
     desired: &crate::shadow::DesiredState,
 ) -> Result<(Option<u64>, Option<crate::trust::signed::Root>)> {
-    let Some(current) = lock(&shared.trust_root).clone() else {
+    let Some(current) = shared.trust.current() else {
         anyhow::ensure!(
             desired.signed_manifest.is_none(),
             "this device has no [trust] root to verify the signed manifest"
@@ -692,21 +676,6 @@ fn verify_signature(
     }
     .verify_deployment(desired)?;
     Ok((Some(verified.manifest.signed.sequence), verified.rotated))
-}
-
-/// Keeps a rotated root for later deployments and restarts.
-fn keep_root(shared: &Shared, root: crate::trust::signed::Root) {
-    let path = shared.config.paths.state.join("trust-root.json");
-    match serde_json::to_vec_pretty(&root)
-        .map_err(anyhow::Error::from)
-        .and_then(|b| crate::durable::write_atomic(&path, &b))
-    {
-        Ok(()) => {
-            tracing::info!(version = root.version, "trust root rotated");
-            *lock(&shared.trust_root) = Some(root);
-        }
-        Err(e) => tracing::error!("cannot keep the rotated trust root: {e:#}"),
-    }
 }
 
 /// Queues the current reported state at start: its arrival tells the
