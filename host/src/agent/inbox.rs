@@ -9,11 +9,16 @@
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{
-    Acceptance, Arc, JobRecord, Rejection, Shared, lock, mpsc, reported_payload, stored_reported,
-    verify_signature,
-};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::intake::{MAX_REASON_BYTES, verify_signature};
+use super::report::{reported_payload, stored_reported};
+use super::{Shared, lock};
+use crate::journal::{Acceptance, JobRecord};
 use crate::local::{self, LocalRejection, Request, StateLock};
+use crate::shadow::Rejection;
 
 /// Takes the state directory for this agent: its lock, and the wakeup
 /// signal `otabox install` sends (listened for before the pid that invites
@@ -139,7 +144,7 @@ fn report_rejection(shared: &Shared, rejection: &LocalRejection) {
     reported.last_rejected = Some(Rejection {
         shadow_version: None,
         job_id: rejection.job_id.clone(),
-        reason: crate::runtime::bounds::text(rejection.reason.clone(), super::MAX_REASON_BYTES),
+        reason: crate::runtime::bounds::text(rejection.reason.clone(), MAX_REASON_BYTES),
     });
     let payload = reported_payload(shared, &reported);
     lock(&shared.outbox).push_volatile(
