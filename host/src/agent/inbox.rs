@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::intake::{MAX_REASON_BYTES, verify_signature};
-use super::report::{reported_payload, stored_reported};
-use super::{Shared, lock};
+
+use super::Shared;
 use crate::journal::{Acceptance, JobRecord};
 use crate::local::{self, LocalRejection, Request, StateLock};
 use crate::shadow::Rejection;
@@ -140,18 +140,11 @@ fn admit(shared: &Shared, request: &Request) -> Result<Option<JobRecord>, LocalR
 /// Tells the cloud of a refused local deployment (`lastRejected`), as of a
 /// refused delta; no state file changes.
 fn report_rejection(shared: &Shared, rejection: &LocalRejection) {
-    let mut reported = stored_reported(shared);
-    reported.last_rejected = Some(Rejection {
+    let reporter = shared.reporter();
+    let payload = reporter.rejection(Rejection {
         shadow_version: None,
         job_id: rejection.job_id.clone(),
         reason: crate::runtime::bounds::text(rejection.reason.clone(), MAX_REASON_BYTES),
     });
-    let payload = reported_payload(shared, &reported);
-    lock(&shared.outbox).push_volatile(
-        "rejected:local",
-        &shared.cloud.topics().update,
-        payload,
-        std::time::Instant::now(),
-    );
-    shared.outbox_changed.notify_one();
+    reporter.push_volatile("rejected:local", payload, std::time::Instant::now());
 }

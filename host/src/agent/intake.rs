@@ -8,7 +8,6 @@ use crate::shadow::{DeltaMessage, Rejection};
 use anyhow::{Context, Result};
 use std::time::Duration;
 
-use super::report::{reported_payload, stored_reported};
 use super::{Shared, lock};
 
 /// Longest wait for a referenced deployment document.
@@ -111,13 +110,8 @@ pub(super) fn cancel_job(shared: &Shared, version: u64, job_id: &str) {
 /// every state file as it was.
 pub(super) fn rejection(shared: &Shared, payload: &[u8], reason: &str) -> Option<String> {
     tracing::warn!("rejected delta: {reason}");
-    let mut reported = stored_reported(shared);
-    reported.last_rejected = Some(rejected_delta(
-        payload,
-        shared.config.mqtt.max_message_bytes,
-        reason,
-    ));
-    Some(reported_payload(shared, &reported))
+    let rejected = rejected_delta(payload, shared.config.mqtt.max_message_bytes, reason);
+    Some(shared.reporter().rejection(rejected))
 }
 
 /// Which delta was rejected: its version and job id when the message is

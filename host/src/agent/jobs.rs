@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
 
 use super::recovery::{await_reboot, finish_then_reboot, restart_agent};
-use super::report::{agent_state_of, finish, progress_reporter, report_inventory, report_progress};
+use super::report::{agent_state_of, progress_reporter};
 use super::staging::{download_status, fetch_manifest, fetch_payloads, step_request};
 use super::{Shared, lock};
 
@@ -73,24 +73,37 @@ pub(super) async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceive
             tracing::error!(job = job_id, "job stopped: {e:#}");
         }
         *lock(&shared.current) = None;
-        report_inventory(&shared, &format!("inventory:{job_id}")).await;
+        shared
+            .reporter()
+            .report_inventory(&format!("inventory:{job_id}"))
+            .await;
     }
 }
 
 /// Runs a job from its first unfinished step to a terminal state.
 pub(super) async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     if lock(&shared.cancelled).remove(&record.job_id) {
-        return finish(shared, record, JobResult::Cancelled, None).await;
+        return shared
+            .reporter()
+            .finish(record, JobResult::Cancelled, None)
+            .await;
     }
     let cancel = CancelFlag::default();
     *lock(&shared.current) = Some((record.job_id.clone(), cancel.clone()));
-    report_progress(shared, &record, AgentState::Validating)?;
+    shared
+        .reporter()
+        .report_progress(&record, AgentState::Validating)?;
     shared
         .journal
         .transition(&mut record, JobPhase::Validating)?;
     let pins = match pin_handlers(&shared.handlers, &record) {
         Ok(pins) => pins,
-        Err(status) => return finish(shared, record, JobResult::Failed, Some(status)).await,
+        Err(status) => {
+            return shared
+                .reporter()
+                .finish(record, JobResult::Failed, Some(status))
+                .await;
+        }
     };
     if !record.handler_sha256.is_empty() && record.handler_sha256 != pins {
         // Nothing was changed yet in this job: run it with the new handler.
@@ -161,7 +174,7 @@ pub(super) trait JobHost: Send + Sync {
 #[async_trait::async_trait]
 impl JobHost for Arc<Shared> {
     fn report_state(&self, record: &JobRecord, state: AgentState) -> Result<()> {
-        report_progress(self, record, state)
+        self.reporter().report_progress(record, state)
     }
 
     fn progress(&self, job: &str) -> Option<crate::runtime::ProgressSink> {
@@ -402,7 +415,9 @@ pub(super) async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord
     shared
         .journal
         .transition(&mut record, JobPhase::Verifying)?;
-    report_progress(shared, &record, AgentState::Verifying)?;
+    shared
+        .reporter()
+        .report_progress(&record, AgentState::Verifying)?;
     let cancel = CancelFlag::default();
     let (record, end) = run_steps(&job_env(shared), record, Mode::Resumed, &cancel).await?;
     conclude(shared, record, end).await

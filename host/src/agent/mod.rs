@@ -35,7 +35,7 @@ mod staging;
 
 use jobs::worker;
 use recovery::resume_jobs;
-use report::{Live, announce, refresh_inventory, report_inventory};
+use report::Live;
 use session::session;
 
 /// The agent's version, reported in its state.
@@ -120,14 +120,17 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     });
     release_startup_memory();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-    refresh_inventory(&shared).await;
-    announce(&shared)?;
+    shared.reporter().refresh_inventory().await;
+    shared.reporter().announce()?;
     resume_jobs(&shared, &jobs_tx).await?;
     if let Err(e) = shared.journal.prune(shared.config.device.retained_jobs) {
         tracing::warn!("cannot clean up finished jobs: {e:#}");
     }
     // A job completed after a restart may have changed what handlers manage.
-    report_inventory(&shared, "inventory:resumed").await;
+    shared
+        .reporter()
+        .report_inventory("inventory:resumed")
+        .await;
     tokio::spawn(inbox::watch(shared.clone(), jobs_tx.clone(), wake));
     tokio::spawn(worker(shared.clone(), jobs_rx));
     let (client, mut eventloop) = AsyncClient::new(options, 64);

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::jobs::{continue_pending, pinned_handler, step_outcome};
-use super::report::{finish, report_progress};
+
 use super::staging::step_request;
 
 /// Resumes what the journal holds, before any new delta is taken.
@@ -36,10 +36,13 @@ pub(super) async fn resume_jobs(
                 let _ = jobs.send(record);
             }
             Resume::AskHandler { step } => ask_handler(shared, record, step as usize, jobs).await?,
-            Resume::Report(result) => finish(shared, record, result, None).await?,
+            Resume::Report(result) => shared.reporter().finish(record, result, None).await?,
             Resume::GiveUp(message) => {
                 let status = workflow::host_status(host_codes::LOOP_BREAKER, message);
-                finish(shared, record, JobResult::Failed, Some(status)).await?
+                shared
+                    .reporter()
+                    .finish(record, JobResult::Failed, Some(status))
+                    .await?
             }
             Resume::Nothing => {}
             Resume::AwaitReboot => {
@@ -47,7 +50,9 @@ pub(super) async fn resume_jobs(
                     job = record.job_id,
                     "still waiting for the device to reboot"
                 );
-                report_progress(shared, &record, AgentState::RebootPending)?;
+                shared
+                    .reporter()
+                    .report_progress(&record, AgentState::RebootPending)?;
             }
             Resume::VerifyAfterReboot | Resume::VerifyAfterRestart | Resume::ContinueVerify => {
                 let job = record.job_id.clone();
@@ -60,7 +65,10 @@ pub(super) async fn resume_jobs(
                     host_codes::JOURNAL,
                     "the agent stopped during a rollback".into(),
                 );
-                finish(shared, record, JobResult::FailedInconsistent, Some(status)).await?
+                shared
+                    .reporter()
+                    .finish(record, JobResult::FailedInconsistent, Some(status))
+                    .await?
             }
         }
     }
@@ -78,14 +86,20 @@ pub(super) async fn ask_handler(
     let handler = match pinned_handler(&shared.handlers, &record, step) {
         Ok(handler) => handler,
         Err(status) => {
-            return finish(shared, record, JobResult::FailedInconsistent, status).await;
+            return shared
+                .reporter()
+                .finish(record, JobResult::FailedInconsistent, status)
+                .await;
         }
     };
     let (scope, ctx) = match step_call(shared, &record, step, handler.as_ref()) {
         Ok(call) => call,
         Err(e) => {
             let status = workflow::host_status(host_codes::DOWNLOAD, format!("{e:#}"));
-            return finish(shared, record, JobResult::FailedInconsistent, Some(status)).await;
+            return shared
+                .reporter()
+                .finish(record, JobResult::FailedInconsistent, Some(status))
+                .await;
         }
     };
     match settle_interrupted(handler.as_ref(), scope, &ctx).await {
@@ -105,7 +119,9 @@ pub(super) async fn ask_handler(
             let _ = jobs.send(record);
             Ok(())
         }
-        Interrupted::Ended { result, status } => finish(shared, record, result, Some(status)).await,
+        Interrupted::Ended { result, status } => {
+            shared.reporter().finish(record, result, Some(status)).await
+        }
     }
 }
 
@@ -199,7 +215,9 @@ pub(super) fn await_reboot(shared: &Shared, mut record: JobRecord, deferred: boo
     shared
         .journal
         .transition(&mut record, JobPhase::AwaitingReboot { boot_id, deferred })?;
-    report_progress(shared, &record, AgentState::RebootPending)?;
+    shared
+        .reporter()
+        .report_progress(&record, AgentState::RebootPending)?;
     if deferred {
         tracing::info!(
             job = record.job_id,
@@ -220,7 +238,7 @@ pub(super) async fn finish_then_reboot(
     reboot: bool,
 ) -> Result<()> {
     let job = record.job_id.clone();
-    finish(shared, record, result, status).await?;
+    shared.reporter().finish(record, result, status).await?;
     if reboot {
         tracing::warn!(job, "the rollback takes effect after a reboot");
         reboot_now(shared, &job)?;

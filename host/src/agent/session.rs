@@ -15,7 +15,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::intake::{MAX_REASON_BYTES, cancel_job, rejection, resolve_reference, verify_signature};
-use super::report::{enqueue, reported_payload, running_version, stored_reported};
+
+use super::report::unique_key;
 use super::{Shared, lock};
 
 /// The publisher's view of the outbox head in flight.
@@ -440,7 +441,7 @@ pub(super) fn on_refused(shared: &Shared, refusal: Option<&Refusal>, len: usize)
     if !refusal.asks_for_less {
         return;
     }
-    let smaller = match shared.cloud.shrink(&|| running_version(shared)) {
+    let smaller = match shared.cloud.shrink(&|| shared.reporter().running_version()) {
         Shrink::Lowered(smaller) => smaller,
         Shrink::Smallest(budget) => {
             return tracing::warn!(
@@ -451,12 +452,9 @@ pub(super) fn on_refused(shared: &Shared, refusal: Option<&Refusal>, len: usize)
     tracing::warn!(
         "reports are limited to {smaller} bytes from now on; the current state is sent again, trimmed"
     );
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    enqueue(
-        shared,
-        &format!("refused:{stamp}"),
-        reported_payload(shared, &stored_reported(shared)),
+    let reporter = shared.reporter();
+    reporter.enqueue(
+        &unique_key("refused"),
+        reporter.reported_payload(&reporter.stored_reported()),
     );
 }
