@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::intake::{MAX_REASON_BYTES, verify_signature};
+use super::intake::{MAX_REASON_BYTES, journal_verified, verify_signature};
 
 use super::Shared;
 use crate::journal::{Acceptance, JobRecord};
@@ -115,15 +115,12 @@ fn admit(shared: &Shared, request: &Request) -> Result<Option<JobRecord>, LocalR
             format!("the request's file must be named {}.json", desired.job_id),
         ));
     }
-    let (sequence, new_root) = verify_signature(shared, &desired)
+    let verified = verify_signature(shared, &desired)
         .map_err(|e| refuse(job, format!("untrusted deployment: {e:#}")))?;
-    match shared.journal.accept_local(&desired, sequence) {
-        Ok(Acceptance::Accepted(record)) => {
-            if let Some(root) = new_root {
-                shared.trust.keep(root);
-            }
-            Ok(Some(*record))
-        }
+    match journal_verified(shared, verified, |sequence| {
+        shared.journal.accept_local(&desired, sequence)
+    }) {
+        Ok(Acceptance::Accepted(record)) => Ok(Some(*record)),
         Ok(Acceptance::Duplicate(record)) if record.local && record.desired == desired => Ok(None),
         Ok(Acceptance::Duplicate(_) | Acceptance::Finished(_)) => Err(refuse(
             job,

@@ -4,17 +4,16 @@
 //! the connection and on the answers to the device's reports.
 
 use crate::cloud::{Inbound, Refusal, Shrink};
-use crate::journal::{Acceptance, JobRecord};
+use crate::journal::JobRecord;
 use crate::mqtt::{self, Backoff};
 use crate::outbox::{Next as OutboxNext, Outbox};
-use crate::shadow::parse_delta;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-use super::intake::{MAX_REASON_BYTES, cancel_job, rejection, resolve_reference, verify_signature};
+use super::intake::{MAX_REASON_BYTES, on_delta};
 
 use super::report::unique_key;
 use super::{Shared, lock};
@@ -345,9 +344,8 @@ pub(super) fn fit_head(
     }
 }
 
-/// Handles a message; returns the report of a rejected delta, if any. A
-/// deployment by reference is fetched here, before it is journaled (the
-/// session waits for it: the document is small and the fetch bounded).
+/// Handles a message: a delta goes to [`on_delta`], a refusal of a report
+/// to [`on_refused`]; returns the report of a rejected delta, if any.
 pub(super) async fn on_publish(
     shared: &Shared,
     jobs: &mpsc::UnboundedSender<JobRecord>,
@@ -370,55 +368,7 @@ pub(super) async fn on_publish(
             return None;
         }
     };
-    let delta = match parse_delta(payload, shared.config.mqtt.max_message_bytes) {
-        Ok(delta) => delta,
-        Err(e) => return rejection(shared, payload, &format!("{e:#}")),
-    };
-    shared.cloud.note_desired(&delta.state.deployment);
-    let delta = match resolve_reference(shared, delta).await {
-        Ok(delta) => delta,
-        Err(e) => return rejection(shared, payload, &format!("{e:#}")),
-    };
-    let (sequence, new_root) = match verify_signature(shared, &delta.state.deployment) {
-        Ok(verified) => verified,
-        Err(e) => {
-            return rejection(shared, payload, &format!("untrusted deployment: {e:#}"));
-        }
-    };
-    if delta.state.deployment.cancel {
-        cancel_job(shared, delta.version, &delta.state.deployment.job_id);
-        return None;
-    }
-    match shared
-        .journal
-        .accept_signed(delta.version, &delta.state.deployment, sequence)
-    {
-        Ok(Acceptance::Accepted(record)) => {
-            if let Some(root) = new_root {
-                shared.trust.keep(root);
-            }
-            tracing::info!(job = record.job_id, version = delta.version, "accepted");
-            if let Some((running, cancel)) = lock(&shared.current).as_ref() {
-                tracing::info!(job = running, "cancelling: a new deployment arrived");
-                cancel.cancel();
-            }
-            let _ = jobs.send(*record);
-        }
-        Ok(Acceptance::Stale { last }) => {
-            tracing::info!(version = delta.version, last, "ignored a stale delta")
-        }
-        Ok(Acceptance::Duplicate(record)) => {
-            tracing::info!(
-                job = record.job_id,
-                "ignored a duplicate delta (the job runs at most once)"
-            )
-        }
-        Ok(Acceptance::Finished(job)) => {
-            tracing::info!(job, "ignored a delta of a job that ran long ago")
-        }
-        Err(e) => tracing::error!("cannot journal a delta: {e:#}"),
-    }
-    None
+    on_delta(shared, jobs, payload).await
 }
 
 /// The shadow service refused an update (a layout with refusals, such as
