@@ -2,19 +2,20 @@
 //! their handlers, one [`run_steps`] for fresh and resumed jobs, and how
 //! their steps' results conclude the job.
 
-use crate::journal::{JobPhase, JobRecord, Journal};
-use crate::model::{Phase, Status, StepState, UpdateHandler};
-use crate::runtime::CancelFlag;
-use crate::shadow::{AgentState, JobResult, StepOutcome};
-use crate::workflow::{self, StepRequest, StepResult, host_codes};
-use anyhow::Result;
 use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::Result;
 use tokio::sync::mpsc;
 
 use super::recovery::{await_reboot, finish_then_reboot, restart_agent};
 use super::report::{agent_state_of, progress_reporter};
 use super::staging::{download_status, fetch_manifest, fetch_payloads, step_request};
 use super::{Shared, lock};
+use crate::journal::{JobPhase, JobRecord, Journal};
+use crate::model::{Phase, Status, StepState, UpdateHandler};
+use crate::runtime::CancelFlag;
+use crate::shadow::{AgentState, JobResult, StepOutcome};
+use crate::workflow::{self, StepRequest, StepResult, host_codes};
 
 /// The handler serving `update_type`, canonical name or alias.
 pub(super) fn serving<'a>(

@@ -159,6 +159,8 @@ fn release_startup_memory() {
     }
 }
 
+/// Returns on SIGTERM or SIGINT (only SIGINT when SIGTERM cannot be
+/// listened for).
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
@@ -174,6 +176,8 @@ async fn shutdown_signal() {
     }
 }
 
+/// Locks `mutex`, taking over a poisoned one (a panicked holder leaves
+/// plain data, never half-written state files).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -2,19 +2,19 @@
 //! about, or ended; and the continuations a job asks for (a reboot, an
 //! agent restart).
 
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::jobs::{continue_pending, pinned_handler, step_outcome};
+use super::staging::step_request;
 use crate::journal::{self, JobPhase, JobRecord, Resume};
 use crate::model::{Outcome, Phase, Status, StepContext, StepState, UpdateHandler};
 use crate::runtime::CallScope;
 use crate::shadow::{AgentState, JobResult};
 use crate::workflow::{self, host_codes};
-use anyhow::{Context, Result};
-use std::sync::Arc;
-use tokio::sync::mpsc;
-
-use super::Shared;
-use super::jobs::{continue_pending, pinned_handler, step_outcome};
-
-use super::staging::step_request;
 
 /// Resumes what the journal holds, before any new delta is taken.
 pub(super) async fn resume_jobs(

@@ -2,18 +2,19 @@
 //! and progress, inventory, a job's end and its acknowledgement, all
 //! through the outbox.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::jobs::serving;
+use super::{AGENT_VERSION, Shared, lock};
 use crate::journal::{JobPhase, JobRecord, ShadowRecord};
 use crate::model::{Phase, Status, StepState};
 use crate::shadow::{
     Ack, AgentInfo, AgentState, JobResult, LastResult, Rejection, ReportedState, StepOutcome,
 };
-use anyhow::Result;
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use super::jobs::serving;
-use super::{AGENT_VERSION, Shared, lock};
 
 /// The one reporter: everything the device tells the cloud (announce,
 /// state and progress, inventory, a job's end and its acknowledgement),

@@ -3,20 +3,20 @@
 //! broker keeps refusing it), dispatching what arrives, and the watch on
 //! the connection and on the answers to the device's reports.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
+use tokio::sync::mpsc;
+
+use super::intake::{MAX_REASON_BYTES, on_delta};
+use super::report::unique_key;
+use super::{Shared, lock};
 use crate::cloud::{Inbound, Refusal, Shrink};
 use crate::journal::JobRecord;
 use crate::mqtt::{self, Backoff};
 use crate::outbox::{Next as OutboxNext, Outbox};
-use anyhow::{Context, Result};
-use rumqttc::{AsyncClient, Event, Incoming, Outgoing, QoS};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
-
-use super::intake::{MAX_REASON_BYTES, on_delta};
-
-use super::report::unique_key;
-use super::{Shared, lock};
 
 /// The publisher's view of the outbox head in flight.
 #[derive(Default)]

@@ -1,22 +1,24 @@
 //! Where a job's files live (manifests fetched by URL, payloads) and how
 //! they are fetched, and the workflow request of a step over them.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::Shared;
+use super::report::progress_reporter;
 use crate::download;
 use crate::journal::JobRecord;
 use crate::model::{Phase, Status};
 use crate::runtime::{CancelFlag, PayloadFile};
 use crate::shadow::ManifestSource;
 use crate::workflow::{self, StepRequest, host_codes};
-use anyhow::{Context, Result};
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use super::Shared;
-use super::report::progress_reporter;
 
 /// Largest manifest fetched by URL.
 pub(super) const MAX_MANIFEST: u64 = 1 << 20;
 
+/// Where the manifest of `step` fetched by URL is kept in the job folder.
 pub(super) fn manifest_path(job_dir: &std::path::Path, step: usize) -> PathBuf {
     job_dir.join("manifests").join(format!("{step}.json"))
 }
@@ -94,6 +96,7 @@ pub(super) fn download_status(e: &download::DownloadError) -> Status {
     workflow::host_status(code, format!("{kind}: {}", e.message))
 }
 
+/// Where the payload `name` of `step` is kept in the job folder.
 pub(super) fn payload_path(job_dir: &std::path::Path, step: usize, name: &str) -> PathBuf {
     job_dir.join("payloads").join(step.to_string()).join(name)
 }
