@@ -40,12 +40,13 @@ pub fn options(cfg: &MqttSection, device_id: &str) -> Result<MqttOptions> {
 }
 
 /// Announces the device [`ONLINE`] (retained) on its presence topic, in a
-/// layout that has one: at each ConnAck, after the device's own queued
-/// publishes (so that the first outgoing publish stays the outbox head's).
+/// layout that has one: at each ConnAck. At most once: only the outbox's
+/// publishes carry a packet id, so none is taken for the report in flight
+/// (a lost announcement is made again at the next connection).
 pub async fn announce_online(client: &AsyncClient, link: &Link) -> Result<()> {
     if let Some(topic) = link.presence_topic() {
         client
-            .publish(topic, QoS::AtLeastOnce, true, ONLINE)
+            .publish(topic, QoS::AtMostOnce, true, ONLINE)
             .await
             .context("cannot announce the device online")?;
     }

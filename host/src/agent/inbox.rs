@@ -9,11 +9,16 @@
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{
-    Acceptance, Arc, JobRecord, Rejection, Shared, keep_root, lock, mpsc, reported_payload,
-    stored_reported, verify_signature,
-};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::intake::{MAX_REASON_BYTES, journal_verified, verify_signature};
+
+use super::Shared;
+use crate::journal::{Acceptance, JobRecord};
 use crate::local::{self, LocalRejection, Request, StateLock};
+use crate::shadow::Rejection;
 
 /// Takes the state directory for this agent: its lock, and the wakeup
 /// signal `otabox install` sends (listened for before the pid that invites
@@ -110,15 +115,12 @@ fn admit(shared: &Shared, request: &Request) -> Result<Option<JobRecord>, LocalR
             format!("the request's file must be named {}.json", desired.job_id),
         ));
     }
-    let (sequence, new_root) = verify_signature(shared, &desired)
+    let verified = verify_signature(shared, &desired)
         .map_err(|e| refuse(job, format!("untrusted deployment: {e:#}")))?;
-    match shared.journal.accept_local(&desired, sequence) {
-        Ok(Acceptance::Accepted(record)) => {
-            if let Some(root) = new_root {
-                keep_root(shared, root);
-            }
-            Ok(Some(*record))
-        }
+    match journal_verified(shared, verified, |sequence| {
+        shared.journal.accept_local(&desired, sequence)
+    }) {
+        Ok(Acceptance::Accepted(record)) => Ok(Some(*record)),
         Ok(Acceptance::Duplicate(record)) if record.local && record.desired == desired => Ok(None),
         Ok(Acceptance::Duplicate(_) | Acceptance::Finished(_)) => Err(refuse(
             job,
@@ -135,18 +137,11 @@ fn admit(shared: &Shared, request: &Request) -> Result<Option<JobRecord>, LocalR
 /// Tells the cloud of a refused local deployment (`lastRejected`), as of a
 /// refused delta; no state file changes.
 fn report_rejection(shared: &Shared, rejection: &LocalRejection) {
-    let mut reported = stored_reported(shared);
-    reported.last_rejected = Some(Rejection {
+    let reporter = shared.reporter();
+    let payload = reporter.rejection(Rejection {
         shadow_version: None,
         job_id: rejection.job_id.clone(),
-        reason: crate::runtime::bounds::text(rejection.reason.clone(), super::MAX_REASON_BYTES),
+        reason: crate::runtime::bounds::text(rejection.reason.clone(), MAX_REASON_BYTES),
     });
-    let payload = reported_payload(shared, &reported);
-    lock(&shared.outbox).push_volatile(
-        "rejected:local",
-        &shared.cloud.topics().update,
-        payload,
-        std::time::Instant::now(),
-    );
-    shared.outbox_changed.notify_one();
+    reporter.push_volatile("rejected:local", payload, std::time::Instant::now());
 }

@@ -2,10 +2,19 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::*;
+use anyhow::Result;
+
+use super::jobs::*;
+use super::lock;
+use super::recovery::*;
 use crate::journal::Acceptance;
+use crate::journal::{self, JobPhase, JobRecord, Journal};
 use crate::model::testing::{Answer, FakeHandler};
 use crate::model::{CallFault, RebootMode};
+use crate::model::{Outcome, Phase, Status, StepContext, StepState, UpdateHandler};
+use crate::runtime::{CallScope, CancelFlag};
+use crate::shadow::{AgentState, JobResult, StepOutcome};
+use crate::step::{self as workflow, StepResult, host_codes};
 
 /// Reports states and downloads nothing.
 #[derive(Default)]

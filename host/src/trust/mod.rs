@@ -1,8 +1,11 @@
 //! Trust: payload verification (a file must have exactly its declared size
 //! and sha256 before any handler sees it) and signed update manifests
-//! ([`signed`]).
+//! ([`signed`]), and the root of trust the agent holds ([`RootStore`]).
 
+mod root_store;
 pub mod signed;
+
+pub use root_store::RootStore;
 
 use std::fs::File;
 use std::io::Read;
