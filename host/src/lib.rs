@@ -51,6 +51,7 @@ pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod console;
+#[cfg(feature = "fleet")]
 pub mod demo;
 pub mod download;
 pub mod durable;
@@ -62,6 +63,7 @@ pub mod local;
 pub mod model;
 pub mod mqtt;
 pub mod outbox;
+#[cfg(feature = "fleet")]
 pub mod replica;
 pub mod run_phase;
 pub mod runtime;

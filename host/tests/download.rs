@@ -803,24 +803,29 @@ async fn the_device_token_reaches_only_the_hosts_named_for_it() {
     assert!(err.to_string().contains("credentials_hosts"), "{err}");
 }
 
-/// The modes of everything under `root` that group or others may use.
+/// The modes of everything under `root` that group or others may use. The
+/// agent is still running: a file it replaces (write to a temporary name,
+/// rename) may be gone between the listing and its `stat`.
 fn open_to_others(root: &Path) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
     let mut open = Vec::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(path) = todo.pop() {
-        let meta = std::fs::symlink_metadata(&path).expect("stat");
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("stat {}: {e}", path.display()),
+        };
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             open.push(format!("{:o} {}", mode, path.display()));
         }
         if meta.is_dir() {
-            todo.extend(
-                std::fs::read_dir(&path)
-                    .expect("list")
-                    .flatten()
-                    .map(|e| e.path()),
-            );
+            match std::fs::read_dir(&path) {
+                Ok(entries) => todo.extend(entries.flatten().map(|e| e.path())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("list {}: {e}", path.display()),
+            }
         }
     }
     open
