@@ -209,7 +209,7 @@ fn rss(agent: &AgentProcess) -> u64 {
 fn lay_out(dir: &Path, port: u16) -> std::path::PathBuf {
     let handlers = dir.join("handlers");
     std::fs::create_dir_all(&handlers).expect("handlers");
-    let built = Path::new(otabox::builtin::BUILT_DIR);
+    let built = Path::new(env!("OTABOX_BUILT_HANDLERS"));
     let guest_caps = format!(
         "[[filesystem]]\npath = \"{}\"\naccess = \"rw\"\n[[commands]]\nprogram = \"/bin/true\"\n[network]\nhosts = [\"127.0.0.1\"]\n",
         dir.display()

@@ -362,8 +362,9 @@ fn wasm_size(handler: &Handler) -> u64 {
 /// Writes `<dir>/<name>.wasm` (a copy of the built guest `guest`) and its
 /// manifest pinned to it.
 fn install(dir: &Path, name: &str, guest: &str, update_type: &str, body: &str) -> PathBuf {
-    let wasm = std::fs::read(Path::new(otabox::builtin::BUILT_DIR).join(format!("{guest}.wasm")))
-        .expect("built guest");
+    let wasm =
+        std::fs::read(Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{guest}.wasm")))
+            .expect("built guest");
     std::fs::create_dir_all(dir).expect("handler dir");
     std::fs::write(dir.join(format!("{name}.wasm")), &wasm).expect("wasm");
     let manifest = dir.join(format!("{name}.toml"));

@@ -77,7 +77,7 @@ fn subjects(scratch: &Path) -> Vec<Subject> {
     std::fs::create_dir_all(&file_dir).expect("dir");
     for ext in ["wasm", "toml"] {
         std::fs::copy(
-            Path::new(otabox::builtin::BUILT_DIR).join(format!("file.{ext}")),
+            Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("file.{ext}")),
             file_dir.join(format!("file.{ext}")),
         )
         .expect("the built file handler");

@@ -80,8 +80,4 @@ pub mod builtin {
         include_bytes!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.wasm"));
     /// The `file` handler's capability manifest, pinned to [`FILE_WASM`].
     pub const FILE_TOML: &str = include_str!(concat!(env!("OTABOX_BUILT_HANDLERS"), "/file.toml"));
-    /// Directory of the packaged handlers of this target directory: the
-    /// embedded ones, and the other handlers and the test guests once the
-    /// tests were built (by the `otabox-test-guests` dev-dependency).
-    pub const BUILT_DIR: &str = env!("OTABOX_BUILT_HANDLERS");
 }

@@ -351,7 +351,7 @@ async fn a_rule_naming_an_unknown_user_or_capability_is_refused_at_load() {
 /// The granted rules of a first-party handler of this build, with `config`
 /// as its device config.
 fn first_party(name: &str, config: &str, extra: &str) -> Grants {
-    let path = std::path::Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.toml"));
+    let path = std::path::Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{name}.toml"));
     let manifest = HandlerManifest::load(&path).expect("built manifest");
     let grant: DeviceGrant =
         toml::from_str(&format!("{extra}\n[config]\n{config}")).expect("grant");

@@ -37,7 +37,7 @@ impl Device {
         let broker = Mosquitto::start(&root.join("broker"));
         let handlers = root.join("handlers");
         std::fs::create_dir_all(&handlers).expect("handlers");
-        let built = Path::new(otabox::builtin::BUILT_DIR);
+        let built = Path::new(env!("OTABOX_BUILT_HANDLERS"));
         std::fs::copy(built.join("firmware.wasm"), handlers.join("firmware.wasm")).expect("wasm");
         let mut manifest = std::fs::read_to_string(built.join("firmware.toml")).expect("toml");
         if let Some(h) = &health {

@@ -208,7 +208,7 @@ pub async fn firmware_handler_with(
 ) -> Handler {
     let handlers = dir.join("handlers");
     std::fs::create_dir_all(&handlers).expect("handlers");
-    let built = Path::new(otabox::builtin::BUILT_DIR);
+    let built = Path::new(env!("OTABOX_BUILT_HANDLERS"));
     std::fs::copy(built.join("firmware.wasm"), handlers.join("firmware.wasm")).expect("wasm");
     let mut manifest = std::fs::read_to_string(built.join("firmware.toml")).expect("toml");
     if let Some(h) = health {

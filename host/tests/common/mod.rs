@@ -16,7 +16,7 @@ use otabox::runtime::{CallScope, Handler, Outcome, Phase, Runtime, StepContext, 
 
 /// A built guest component (`file` or `hostile`).
 pub fn built_wasm(name: &str) -> Vec<u8> {
-    let path = Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.wasm"));
+    let path = Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{name}.wasm"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
         !bytes.is_empty(),
@@ -165,7 +165,7 @@ pub fn copy_built_handler(dir: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(&handlers).expect("handlers dir");
     for ext in ["wasm", "toml"] {
         std::fs::copy(
-            Path::new(otabox::builtin::BUILT_DIR).join(format!("{name}.{ext}")),
+            Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{name}.{ext}")),
             handlers.join(format!("{name}.{ext}")),
         )
         .unwrap_or_else(|e| panic!("the built {name} handler: {e}"));

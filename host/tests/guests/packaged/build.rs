@@ -1,5 +1,5 @@
 //! Builds and packages the first-party handlers the binary does not embed
-//! and the test guests, beside the embedded ones (`otabox::builtin::BUILT_DIR`).
+//! and the test guests, beside the embedded ones (`env!("OTABOX_BUILT_HANDLERS")`).
 
 #[path = "../../../build/guests.rs"]
 mod guests;
