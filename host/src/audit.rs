@@ -176,7 +176,7 @@ pub async fn audit_dir(
     let mut audits = Vec::new();
     let mut type_owner: BTreeMap<String, String> = BTreeMap::new();
     let manifests = crate::runtime::manifest_files(dir)?;
-    for unknown in crate::config::unknown_handlers(device, &manifests) {
+    for unknown in crate::runtime::unknown_handlers(device, &manifests) {
         audits.push(unknown_handler(dir, &unknown));
     }
     for manifest_path in manifests {
@@ -196,7 +196,7 @@ pub async fn audit_dir(
 
 /// The audit entry of a `[handlers.NAME]` that names no handler: an error
 /// (a typo leaves the meant handler without its grants and config).
-fn unknown_handler(dir: &Path, unknown: &crate::config::UnknownHandler) -> HandlerAudit {
+fn unknown_handler(dir: &Path, unknown: &crate::runtime::UnknownHandler) -> HandlerAudit {
     let manifest = dir.join(format!("{}.toml", unknown.name));
     let mut audit = HandlerAudit {
         name: unknown.name.clone(),

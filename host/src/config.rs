@@ -26,6 +26,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::capabilities::DeviceGrant;
+pub use crate::mqtt::{MAX_REPORT_RANGE, MqttSection};
 
 /// The whole device configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -160,103 +161,6 @@ impl DownloadSection {
     }
 }
 
-/// The `[mqtt]` table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttSection {
-    /// Broker host name or address.
-    #[serde(default = "default_host")]
-    pub host: String,
-    /// Broker port (1883 plain, 8883 TLS by convention).
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// Topic layout: `iot-atlas` or `aws-shadow`.
-    #[serde(default)]
-    pub layout: crate::cloud::TopicLayout,
-    /// MQTT client id (default: the device id).
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// User name, when the broker wants one.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// File holding the password (never the password itself in this file).
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// CA certificate (PEM) of the broker: setting it turns TLS on.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Keep-alive interval in seconds.
-    #[serde(default = "default_keep_alive")]
-    pub keep_alive_secs: u64,
-    /// Largest delta accepted, in bytes.
-    #[serde(default = "default_max_message")]
-    pub max_message_bytes: usize,
-    /// Largest report the agent publishes, in bytes; a larger reported
-    /// state is trimmed to fit (see `ReportedState::bounded_payload`).
-    /// Keep it below the broker's maximum packet size.
-    #[serde(default = "default_max_report")]
-    pub max_report_bytes: usize,
-    /// First reconnect delay in milliseconds (doubles up to the maximum).
-    #[serde(default = "default_backoff_min")]
-    pub reconnect_min_ms: u64,
-    /// Longest reconnect delay in milliseconds.
-    #[serde(default = "default_backoff_max")]
-    pub reconnect_max_ms: u64,
-}
-
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_port() -> u16 {
-    1883
-}
-fn default_keep_alive() -> u64 {
-    30
-}
-fn default_max_message() -> usize {
-    crate::shadow::DEFAULT_MAX_MESSAGE
-}
-/// Default report limit: half of AWS IoT's 128 KiB message limit.
-fn default_max_report() -> usize {
-    64 << 10
-}
-/// Bounds of `max_report_bytes`: a minimal report always fits the lower
-/// one; the upper one is the agent's own outgoing packet limit.
-pub const MAX_REPORT_RANGE: std::ops::RangeInclusive<usize> = 4096..=(1 << 20);
-fn default_backoff_min() -> u64 {
-    500
-}
-fn default_backoff_max() -> u64 {
-    30_000
-}
-
-impl Default for MqttSection {
-    fn default() -> Self {
-        Self {
-            host: default_host(),
-            port: default_port(),
-            layout: Default::default(),
-            client_id: None,
-            username: None,
-            password_file: None,
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            keep_alive_secs: default_keep_alive(),
-            max_message_bytes: default_max_message(),
-            max_report_bytes: default_max_report(),
-            reconnect_min_ms: default_backoff_min(),
-            reconnect_max_ms: default_backoff_max(),
-        }
-    }
-}
-
 /// The `[paths]` table.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -355,55 +259,6 @@ impl DeviceConfig {
     }
 }
 
-/// A `[handlers.NAME]` table that names no handler of the directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UnknownHandler {
-    /// The name the device config gives.
-    pub name: String,
-    /// The installed handler whose name is closest, when one is close.
-    pub closest: Option<String>,
-}
-
-impl std::fmt::Display for UnknownHandler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "device config `[handlers.{}]` names no installed handler",
-            self.name
-        )?;
-        match &self.closest {
-            Some(closest) => write!(f, " (did you mean `[handlers.{closest}]`?)"),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The `[handlers.NAME]` tables of `device` whose NAME has no manifest in
-/// `manifests` (`NAME.toml` files), each with the closest installed name
-/// (at most a third of its letters apart, and at least 2).
-pub fn unknown_handlers(
-    device: &BTreeMap<String, DeviceGrant>,
-    manifests: &[PathBuf],
-) -> Vec<UnknownHandler> {
-    let known: Vec<String> = manifests
-        .iter()
-        .filter_map(|m| crate::runtime::handler_name(m).ok())
-        .collect();
-    device
-        .keys()
-        .filter(|name| !known.contains(name))
-        .map(|name| UnknownHandler {
-            name: name.clone(),
-            closest: known
-                .iter()
-                .map(|k| (strsim::levenshtein(name, k), k))
-                .filter(|(distance, _)| *distance <= (name.chars().count() / 3).max(2))
-                .min()
-                .map(|(_, k)| k.clone()),
-        })
-        .collect()
-}
-
 impl PathsSection {
     fn resolve_against(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
@@ -422,28 +277,6 @@ impl PathsSection {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unknown_handler_names_get_the_closest_installed_one() {
-        let grants: BTreeMap<String, DeviceGrant> = ["frmware", "file", "zzz", "fw"]
-            .into_iter()
-            .map(|n| (n.to_string(), DeviceGrant::default()))
-            .collect();
-        let manifests: Vec<PathBuf> = ["firmware", "file", "apt"]
-            .into_iter()
-            .map(|n| PathBuf::from(format!("/h/{n}.toml")))
-            .collect();
-        let unknown = unknown_handlers(&grants, &manifests);
-        let shown: Vec<String> = unknown.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            shown,
-            [
-                "device config `[handlers.frmware]` names no installed handler (did you mean `[handlers.firmware]`?)",
-                "device config `[handlers.fw]` names no installed handler",
-                "device config `[handlers.zzz]` names no installed handler",
-            ]
-        );
-    }
 
     #[test]
     fn relative_paths_follow_the_config_file_and_unknown_fields_are_named() {

@@ -55,6 +55,7 @@ pub mod console;
 pub mod demo;
 pub mod download;
 pub mod durable;
+pub mod escape;
 pub mod failpoint;
 pub mod host_codes;
 pub mod install;

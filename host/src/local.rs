@@ -366,7 +366,7 @@ impl ConnectionLog {
 
     /// The agent is not connected, because of `error`.
     pub fn disconnected(&self, error: &str) {
-        let error = crate::runtime::bounds::text(error.to_string(), MAX_ERROR_BYTES);
+        let error = crate::escape::text(error.to_string(), MAX_ERROR_BYTES);
         self.record(false, Some(error));
     }
 

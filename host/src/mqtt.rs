@@ -5,8 +5,10 @@
 //! logged as ([`ConnectionWatch`]).
 
 mod diagnosis;
+mod settings;
 
 pub use diagnosis::{ConnectionWatch, Diagnosis, Endpoint, FailureKind};
+pub use settings::{MAX_REPORT_RANGE, MqttSection};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,6 @@ use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
 use crate::cloud::{Link, OFFLINE, ONLINE};
-use crate::config::MqttSection;
 
 /// Largest MQTT packet the agent reads (16 MiB).
 pub const MAX_PACKET: usize = 16 << 20;
@@ -69,7 +70,7 @@ pub fn service_options(cfg: &MqttSection, default_id: &str) -> Result<MqttOption
     // session would redeliver it at every reconnect.
     opts.set_max_packet_size(
         MAX_PACKET.max(cfg.max_message_bytes.saturating_mul(4)),
-        *crate::config::MAX_REPORT_RANGE.end(),
+        *MAX_REPORT_RANGE.end(),
     );
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {

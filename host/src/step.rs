@@ -21,7 +21,7 @@ pub use crate::model::pack;
 use crate::model::{
     ExtendedCode, Outcome, PayloadInfo, Phase, RebootMode, Status, StepContext, UpdateHandler,
 };
-use crate::runtime::{CallScope, CancelFlag, PayloadFile, ProgressSink};
+use crate::model::{CallScope, CancelFlag, PayloadFile, ProgressSink};
 use crate::trust::verify_file;
 
 pub use crate::host_codes::{self, HOST_FAILURE};

@@ -197,7 +197,7 @@ impl HandlerManifest {
     /// The sha256 of `wasm` when it is the one the manifest pins; else a
     /// [`PinMismatch`] naming both.
     pub fn check_pin(&self, wasm: &[u8]) -> Result<String, PinMismatch> {
-        let actual = crate::runtime::sha256_hex(wasm);
+        let actual = crate::trust::sha256_hex(wasm);
         if actual == self.handler.sha256 {
             Ok(actual)
         } else {

@@ -492,6 +492,34 @@ mod tests {
     use crate::shadow::{AckStatus, AgentInfo, AgentState, JobResult, LastResult, StepOutcome};
     use std::collections::BTreeMap;
 
+    /// A deployment by reference fits the service's bounds; the same
+    /// deployment inline is too deep (its check on resolving is in `shadow`).
+    #[test]
+    fn a_deployment_by_reference_fits_an_aws_shadow_and_an_inline_one_does_not() {
+        let full = serde_json::json!({
+            "schema": 1, "jobId": "deploy-1", "version": "1.2.0",
+            "steps": [{"updateType": "otabox/file:1",
+                       "manifest": {"name": "a", "version": "1", "payload": "a", "destination": "/x/a"},
+                       "files": [{"name": "a", "url": "https://h/a?sig=x", "size": 3, "sha256": "a".repeat(64)}]}]});
+        let text = full.to_string();
+        let by_ref = serde_json::json!({"schema": 1, "jobId": "deploy-1", "version": "1.2.0",
+            "deploymentRef": {"url": format!("https://cdn.example/{}?X-Amz-Signature={}", "d".repeat(200), "s".repeat(64)),
+                              "size": text.len(), "sha256": crate::trust::sha256_hex(text.as_bytes())}});
+        let delta = serde_json::json!({"version": 4, "state": {"deployment": by_ref}});
+        crate::shadow::parse_delta(delta.to_string().as_bytes(), crate::shadow::DEFAULT_MAX_MESSAGE)
+            .expect("a reference parses");
+        let update = serde_json::json!({"state": {"desired": {"deployment": by_ref}}});
+        assert!(depth(&update) <= MAX_DEPTH);
+        assert!(update.to_string().len() < 1024, "{update}");
+        check_update(update.to_string().as_bytes(), Default::default())
+            .expect("the shadow service takes it");
+        let inline = serde_json::json!({"state": {"desired": {"deployment": full}}});
+        assert!(
+            check_update(inline.to_string().as_bytes(), Default::default()).is_err(),
+            "an inline deployment with files is too deep for the service"
+        );
+    }
+
     fn state(items: usize, steps: usize) -> ReportedState {
         let step = StepOutcome {
             update_type: "otabox/file:1".into(),

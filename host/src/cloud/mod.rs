@@ -15,8 +15,8 @@
 pub mod aws_shadow;
 pub mod iot_atlas;
 mod link;
-#[cfg(test)]
-pub(crate) mod memory;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory;
 mod topics;
 
 use std::borrow::Cow;

@@ -6,7 +6,7 @@ use std::fmt;
 use anyhow::Result;
 
 use super::{Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext};
-use crate::runtime::CallScope;
+use super::CallScope;
 
 /// A handler as the agent and the step workflow see it.
 ///

@@ -10,7 +10,7 @@ use super::{
     CallFault, Description, InstalledItem, Outcome, Phase, Plan, RebootBehaviour,
     RebootExpectation, Status, StepContext, UpdateHandler,
 };
-use crate::runtime::CallScope;
+use super::CallScope;
 
 /// What a scripted call answers.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{ConnectReturnCode, ConnectionError, StateError, SubAck, TlsError};
 use rustls::{AlertDescription, CertificateError};
 
-use crate::config::MqttSection;
+use crate::mqtt::MqttSection;
 
 /// A connection the broker closes this soon after accepting it counts
 /// towards the duplicate-client-id pattern.

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::Store;
 use crate::cloud::{CloudLayout, Request, Stored, Topics, Verdict};
-use crate::config::MqttSection;
+use crate::mqtt::MqttSection;
 use crate::mqtt;
 
 /// How often pending deltas are looked for.

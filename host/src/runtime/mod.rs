@@ -18,6 +18,7 @@ mod handler;
 pub mod imports;
 mod linker;
 mod state;
+mod unknown;
 mod stdio;
 
 use std::collections::BTreeMap;
@@ -25,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -35,6 +35,8 @@ pub use crate::model::{
 pub use cache::{CacheUse, ComponentCache};
 pub use engine::EPOCH_TICK;
 pub use handler::{GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
+pub use crate::trust::sha256_hex;
+pub use unknown::{UnknownHandler, unknown_handlers};
 pub use state::{CallScope, CancelFlag, HostState, PayloadFile, ProgressEvent, ProgressSink};
 
 use crate::capabilities::{self, Access, DeviceGrant, Grants, HandlerManifest, ImportFault};
@@ -61,7 +63,7 @@ pub struct HandlerSet {
     pub disabled: Vec<String>,
     /// `[handlers.NAME]` tables of the device config that name no handler
     /// of the directory.
-    pub unknown: Vec<crate::config::UnknownHandler>,
+    pub unknown: Vec<UnknownHandler>,
 }
 
 /// A handler that was not loaded.
@@ -145,7 +147,7 @@ impl Runtime {
     ) -> Result<HandlerSet> {
         let mut set = HandlerSet::default();
         let manifests = manifest_files(dir)?;
-        set.unknown = crate::config::unknown_handlers(device, &manifests);
+        set.unknown = unknown_handlers(device, &manifests);
         for unknown in &set.unknown {
             tracing::warn!("{unknown} in {}", dir.display());
         }
@@ -262,11 +264,6 @@ pub fn handler_name(manifest: &Path) -> Result<String> {
         );
     }
     Ok(stem.to_string())
-}
-
-/// Lowercase hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn verify_hash(

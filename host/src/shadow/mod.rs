@@ -1,7 +1,7 @@
 //! The device shadow: what the cloud wants (desired state, arriving as a
 //! delta), what the device reports, and the acknowledgement of a job, in
 //! their common shapes (each cloud layout's topics and documents are in
-//! [`crate::cloud`]).
+//! the `otabox-cloud` crate).
 //!
 //! Every message from outside is parsed strictly: a size cap before
 //! parsing, a nesting limit, unknown fields refused, and every value checked
@@ -20,8 +20,8 @@ pub use reported::{
 };
 
 /// An idle reported state after `job`, for tests.
-#[cfg(test)]
-pub(crate) fn sample_reported(job: &str) -> ReportedState {
+#[cfg(any(test, feature = "testing"))]
+pub fn sample_reported(job: &str) -> ReportedState {
     ReportedState {
         job_id: Some(job.into()),
         ..ReportedState::idle("1.0.0")
@@ -29,8 +29,8 @@ pub(crate) fn sample_reported(job: &str) -> ReportedState {
 }
 
 /// A minimal valid desired state for `job`, for tests.
-#[cfg(test)]
-pub(crate) fn sample_desired(job: &str) -> DesiredState {
+#[cfg(any(test, feature = "testing"))]
+pub fn sample_desired(job: &str) -> DesiredState {
     serde_json::from_value(serde_json::json!({
         "schema": 1, "jobId": job, "version": "1",
         "steps": [{"updateType": "otabox/file:1", "manifest": {}}]

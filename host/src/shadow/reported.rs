@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::bounds;
+use crate::escape;
 
 /// What the agent is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -247,7 +247,7 @@ impl ReportedState {
     }
 
     fn cut_messages(&mut self) {
-        let cut = |text: &mut String| *text = bounds::text(std::mem::take(text), TRIMMED_MESSAGE);
+        let cut = |text: &mut String| *text = escape::text(std::mem::take(text), TRIMMED_MESSAGE);
         if let Some(result) = &mut self.last_result {
             cut(&mut result.message);
             result.steps.iter_mut().for_each(|s| cut(&mut s.message));
@@ -281,7 +281,7 @@ impl ReportedState {
             inventory: BTreeMap::new(),
             inventory_omitted: None,
             last_result: self.last_result.as_ref().map(|r| LastResult {
-                message: bounds::text(r.message.clone(), 64),
+                message: escape::text(r.message.clone(), 64),
                 steps: Vec::new(),
                 ..r.clone()
             }),
