@@ -1,78 +1,48 @@
 //! otabox: an over-the-air update agent whose update types are sandboxed
-//! WebAssembly components.
+//! WebAssembly components. This crate is the `otabox` command line; the
+//! work is done by the crates below it, re-exported here under the module
+//! names the command line, the tests and the benchmarks use.
 //!
 //! A job flows delta → job → step → handler → report: [`agent`] takes a
 //! delta from the [`cloud`] layout, journals it as a job ([`journal`]),
 //! runs each of its steps through [`step`] against a
 //! [`model::UpdateHandler`] (the wasm one lives in [`runtime`]) and
-//! reports through the layout. `docs/architecture.md` draws the map and
+//! reports through the layout. `docs/architecture.md` draws the crates and
 //! walks through adding an update type, a cloud layout and a capability.
 //!
-//! Modules, one per concern:
-//! - the agent:
-//!   - [`agent`]: the daemon: the session, jobs one at a time, recovery
-//!     after a restart, reports;
-//!   - [`step`]: one step's lifecycle, phase by phase;
-//!   - [`journal`]: the crash-safe job journal;
-//!   - [`outbox`]: durable, ordered publishing;
-//!   - [`mqtt`]: the broker connection and its diagnosis;
-//!   - [`cloud`]: the cloud layouts (topics and documents), one module per
-//!     layout;
-//!   - [`shadow`]: the desired and reported state;
-//!   - [`update_type`]: the type joining a step to its handler;
-//!   - [`host_codes`]: result codes of failures the host detects;
-//!   - [`download`]: payload fetching;
-//!   - [`trust`]: payload verification and signed manifests;
-//!   - [`durable`]: crash-safe file writes;
-//!   - [`failpoint`]: fault injection for the crash tests;
-//!   - [`clock`]: wall-clock time;
-//! - the handler runtime:
-//!   - [`model`]: the values and the [`model::UpdateHandler`] trait between
-//!     the agent and its handlers;
-//!   - [`capabilities`]: what a handler may do, one module per capability;
-//!   - [`runtime`]: loading and calling handlers, the wasm implementation;
-//!   - [`audit`]: declared vs granted vs real imports of a handler;
-//!   - [`run_phase`]: one phase of a handler from the command line;
-//!   - [`builtin`]: the first-party handlers embedded in the binary;
-//! - the device's tools:
-//!   - [`config`]: the device configuration, `device.toml`;
-//!   - [`local`]: what the tools share with a running agent;
-//!   - [`install`]: a local deployment;
-//!   - [`status`]: what the agent is doing;
-//!   - [`console`]: stdout and log colours;
-//! - the cloud side and the walkthrough:
-//!   - [`replica`]: the reference device-state replica;
-//!   - [`demo`]: the self-contained demo.
+//! The crates, from the bottom:
+//! - `otabox-core` (`crates/core`): the domain, no wasm, no network:
+//!   [`model`], [`step`], [`shadow`], [`journal`], [`outbox`], [`trust`],
+//!   [`update_type`], [`host_codes`], [`durable`], [`escape`],
+//!   [`failpoint`], [`clock`], [`console`];
+//! - `otabox-runtime` (`crates/runtime`): the handler runtime
+//!   ([`runtime`]), [`capabilities`], [`audit`], [`run_phase`];
+//! - `otabox-cloud` (`crates/cloud`): the cloud layouts ([`cloud`]) and the
+//!   MQTT session ([`mqtt`]), shared by the agent and the replica;
+//! - `otabox-agent` (`crates/agent`): the device agent ([`agent`]) and what
+//!   the device's tools share with it: [`config`], [`download`],
+//!   [`local`], [`install`], [`status`];
+//! - `otabox-fleet` (`crates/fleet`, only with the `fleet` feature): the
+//!   reference device-state replica ([`replica`]) on SQLite;
+//! - here: [`builtin`] (the first-party handlers embedded in the binary),
+//!   [`demo`] (the self-contained walkthrough, `fleet` feature) and the
+//!   command line (`src/main.rs`, `src/cli/`).
 
-pub mod agent;
-pub mod audit;
-pub mod capabilities;
-pub mod clock;
-pub mod cloud;
-pub mod config;
-pub mod console;
+pub use otabox_agent as agent;
+pub use otabox_agent::{config, download, install, local, status};
+pub use otabox_cloud as cloud;
+pub use otabox_cloud::mqtt;
+pub use otabox_core::{
+    clock, console, durable, escape, failpoint, host_codes, journal, model, out, outbox, outln,
+    shadow, step, trust, update_type,
+};
+#[cfg(feature = "fleet")]
+pub use otabox_fleet as replica;
+pub use otabox_runtime as runtime;
+pub use otabox_runtime::{audit, capabilities, run_phase};
+
 #[cfg(feature = "fleet")]
 pub mod demo;
-pub mod download;
-pub mod durable;
-pub mod escape;
-pub mod failpoint;
-pub mod host_codes;
-pub mod install;
-pub mod journal;
-pub mod local;
-pub mod model;
-pub mod mqtt;
-pub mod outbox;
-#[cfg(feature = "fleet")]
-pub mod replica;
-pub mod run_phase;
-pub mod runtime;
-pub mod shadow;
-pub mod status;
-pub mod step;
-pub mod trust;
-pub mod update_type;
 
 /// The first-party handlers built into this binary, packaged by the build.
 pub mod builtin {

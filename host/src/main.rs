@@ -227,8 +227,8 @@ enum HandlersCommand {
         /// The handler (its manifest's file name without `.toml`).
         #[arg(long)]
         handler: String,
-        /// The phase to call.
-        #[arg(long, value_enum)]
+        /// The phase to call, or `step` for the whole step.
+        #[arg(long, value_parser = phase_choice())]
         phase: otabox::run_phase::PhaseChoice,
         /// The step manifest: a JSON file, or JSON text starting with `{`.
         #[arg(long, default_value = "{}")]
@@ -507,6 +507,13 @@ fn print_list(set: &HandlerSet, dir: &Path) -> Result<()> {
 }
 
 /// A manifest given as JSON text (starting with `{`) or as a file path.
+/// The `--phase` values: every phase by name, and `step`.
+fn phase_choice() -> impl clap::builder::TypedValueParser<Value = otabox::run_phase::PhaseChoice> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(otabox::run_phase::PhaseChoice::names())
+        .try_map(|name| name.parse::<otabox::run_phase::PhaseChoice>())
+}
+
 fn read_manifest_arg(arg: &str) -> Result<String> {
     if arg.trim_start().starts_with('{') {
         return Ok(arg.to_string());

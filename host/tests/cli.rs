@@ -8,22 +8,6 @@ use std::process::{Command, Output};
 
 use common::*;
 
-fn otabox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_otabox"))
-        .args(args)
-        .env("OTABOX_LOG", "error")
-        .output()
-        .expect("run otabox")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn write_config(dir: &Path, body: &str) -> String {
     let path = dir.join("device.toml");
     std::fs::write(

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::services::{AgentProcess, Message, Mosquitto, TestClient};
@@ -54,22 +53,6 @@ fn applies(root: &Path) -> usize {
     std::fs::read_to_string(root.join("applies"))
         .map(|s| s.lines().count())
         .unwrap_or(0)
-}
-
-fn otabox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_otabox"))
-        .args(args)
-        .env("OTABOX_LOG", "error")
-        .output()
-        .expect("run otabox")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn status(config: &Path) -> String {

@@ -272,3 +272,21 @@ pub fn file_device(dir: &Path, id: &str, mqtt: &str) -> PathBuf {
     .expect("device.toml");
     config
 }
+
+/// Runs the built `otabox` binary with `args` (errors only in its log).
+pub fn otabox(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(args)
+        .env("OTABOX_LOG", "error")
+        .output()
+        .expect("run otabox")
+}
+
+/// What a command wrote, stdout then stderr.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
