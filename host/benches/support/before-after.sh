@@ -19,27 +19,32 @@ bench=${2:?usage: before-after.sh REV BENCH [ROUNDS] [PATTERN]}
 rounds=${3:-6}
 pattern=${4:-' (us|ms|s) '}
 root=$(git rev-parse --show-toplevel)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/otabox/target}-compare
+# Two target directories, one per side: cargo names the artifacts of a
+# workspace's own crates (the SDK, the handlers, the wasm guests the build
+# script writes) alike in every checkout, so one shared directory would let
+# one side's build pass for the other's.
+compare_dir=${CARGO_TARGET_DIR:-$HOME/.cache/otabox/target}-compare
 if [[ ${LTO:-} != fat ]]; then
     export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 fi
 # The revision's tree is kept beside the target directory, so a second
 # comparison with the same revision rebuilds nothing.
-before_tree=$CARGO_TARGET_DIR/trees/$(git -C "$root" rev-parse --short "$rev")
+before_tree=$compare_dir/trees/$(git -C "$root" rev-parse --short "$rev")
 if [[ ! -d $before_tree ]]; then
     git -C "$root" worktree add --quiet --detach "$before_tree" "$rev"
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# The path of the benchmark executable built in directory $1.
+# The path of the benchmark executable built in directory $1, into target
+# directory $2.
 build() {
-    (cd "$1" && cargo bench -p otabox --bench "$bench" --no-run --message-format=json 2>/dev/null) |
+    (cd "$1" && CARGO_TARGET_DIR=$2 cargo bench -p otabox --bench "$bench" --no-run --message-format=json 2>/dev/null) |
         grep -F '"kind":["bench"]' | grep -F "\"name\":\"$bench\"" |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
-before=$(build "$before_tree")
-after=$(build "$root")
+before=$(build "$before_tree" "$compare_dir/before")
+after=$(build "$root" "$compare_dir/after")
 [[ -x $before && -x $after ]] || { echo "cannot build $bench at both revisions" >&2; exit 1; }
 
 for ((i = 1; i <= rounds; i++)); do
