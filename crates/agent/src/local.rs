@@ -384,7 +384,7 @@ impl ConnectionLog {
         };
         let written = serde_json::to_vec(&record)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| durable::write_atomic(&self.path, &bytes));
+            .and_then(|bytes| durable::replace(&self.path, &bytes));
         match written {
             Ok(()) => *last = Some(state),
             Err(e) => tracing::debug!("cannot record the connection state: {e:#}"),

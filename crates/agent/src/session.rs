@@ -55,10 +55,12 @@ pub(super) async fn session(
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     watch.connected();
                     connected_at = Some(std::time::Instant::now());
-                    shared.connection.connected();
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                     mqtt::announce_online(&client, &shared.cloud).await?;
+                    // After the subscriptions are on their way: for
+                    // `otabox status`, not on the path to a delta.
+                    shared.connection.connected();
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     watch.subscribed(&ack, &shared.cloud.topics().subscriptions());

@@ -23,6 +23,18 @@ pub const DIR_MODE: u32 = 0o700;
 /// Replaces `path` with `bytes` so that after a crash it holds either the
 /// old or the new content, never a mix. The file is private (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_via_temp(path, bytes, true)
+}
+
+/// Replaces `path` with `bytes` as one step for readers (temp file and
+/// rename), without waiting for the disk: for records that only say what
+/// is happening now (a crash may leave the old content or none, which the
+/// next write replaces). The file is private (mode 0600).
+pub fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_via_temp(path, bytes, false)
+}
+
+fn replace_via_temp(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -43,14 +55,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .mode(FILE_MODE)
             .open(&temp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&temp, path)
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&temp);
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
-    sync_dir(dir)
+    if durable { sync_dir(dir) } else { Ok(()) }
 }
 
 /// Flushes a directory's entries (after a rename or create in it).
@@ -113,10 +127,16 @@ mod tests {
 
     #[test]
     fn replaces_content_and_leaves_no_temp_file() {
+        for write in [write_atomic, replace] {
+            replaces_content_and_leaves_no_temp_file_with(write);
+        }
+    }
+
+    fn replaces_content_and_leaves_no_temp_file_with(write: fn(&Path, &[u8]) -> Result<()>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.json");
-        write_atomic(&path, b"one").expect("first write");
-        write_atomic(&path, b"two").expect("second write");
+        write(&path, b"one").expect("first write");
+        write(&path, b"two").expect("second write");
         assert_eq!(fs::read(&path).expect("read"), b"two");
         let names: Vec<_> = fs::read_dir(dir.path())
             .expect("list")
