@@ -16,18 +16,36 @@ const WAIT: Duration = Duration::from_secs(30);
 const UPDATE: &str = "state/dev-1/update";
 const DELTA: &str = "state/dev-1/update/delta";
 
-/// A device in `root` with the hostile guest in `packaged/` (serving
-/// `otabox-test/hostile:1`) and an empty integrator's `local/`.
-fn device(root: &Path, port: u16) -> PathBuf {
+/// A broker, a device in `root` whose `[paths] handlers` is `handlers`
+/// (TOML) holding the hostile guest in `root/<first>` (serving
+/// `otabox-test/hostile:1`), its agent online, and the cloud's client.
+struct Rig {
+    /// Bind it (not `..`), or the broker stops at once.
+    _broker: Mosquitto,
+    cloud: TestClient,
+    agent: AgentProcess,
+    config: PathBuf,
+}
+
+fn rig(root: &Path, first: &str, handlers: &str) -> Rig {
     install_handler(
-        &root.join("packaged"),
+        &root.join(first),
         "hostile",
         &built_wasm("hostile"),
         "otabox-test/hostile:1",
         &hostile_caps(root),
     );
-    std::fs::create_dir_all(root.join("local")).expect("local");
-    write_config(root, port, "[\"packaged\", \"local\"]")
+    let broker = Mosquitto::start(&root.join("broker"));
+    let config = write_config(root, broker.port, handlers);
+    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
+    let agent = AgentProcess::start(&config);
+    cloud.wait_for(WAIT, "the agent online", online);
+    Rig {
+        _broker: broker,
+        cloud,
+        agent,
+        config,
+    }
 }
 
 fn write_config(root: &Path, port: u16, handlers: &str) -> PathBuf {
@@ -67,6 +85,20 @@ fn ack_of<'a>(job: &'a str) -> impl Fn(&Message) -> bool + 'a {
     }
 }
 
+/// Publishes `delta` and waits for the acknowledgement of `job`; its
+/// status.
+fn run_job(
+    cloud: &TestClient,
+    agent: &AgentProcess,
+    delta: String,
+    job: &str,
+) -> serde_json::Value {
+    cloud.publish(DELTA, delta);
+    let ack = cloud.wait_for_or(WAIT, ack_of(job));
+    let ack = ack.unwrap_or_else(|| panic!("no ack of {job}; agent log:\n{}", agent.log()));
+    ack.json["status"].clone()
+}
+
 fn journal(root: &Path, job: &str) -> serde_json::Value {
     serde_json::from_slice(
         &std::fs::read(root.join(format!("state/jobs/{job}/journal.json"))).expect("journal"),
@@ -95,18 +127,17 @@ fn hangup(agent: &AgentProcess) {
 fn sighup_loads_a_handler_installed_for_a_new_update_type_while_the_agent_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
-    let config = device(&root, broker.port);
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent online", online);
+    std::fs::create_dir_all(root.join("local")).expect("local");
+    let Rig {
+        _broker,
+        cloud,
+        agent,
+        ..
+    } = rig(&root, "packaged", "[\"packaged\", \"local\"]");
 
-    cloud.publish(
-        DELTA,
-        counting(&root, 1, "job-1", "otabox-test/counter:1", 0),
-    );
-    let ack = cloud.wait_for(WAIT, "job-1's ack", ack_of("job-1"));
-    assert_eq!(ack.json["status"], "FAILURE", "no handler serves it yet");
+    let delta = counting(&root, 1, "job-1", "otabox-test/counter:1", 0);
+    let status = run_job(&cloud, &agent, delta, "job-1");
+    assert_eq!(status, "FAILURE", "no handler serves it yet");
 
     // The integrator installs a handler for the new type into the bare
     // directory (no agent is told), then signals the agent.
@@ -135,12 +166,9 @@ fn sighup_loads_a_handler_installed_for_a_new_update_type_while_the_agent_runs()
         1,
     );
 
-    cloud.publish(
-        DELTA,
-        counting(&root, 2, "job-2", "otabox-test/counter:1", 0),
-    );
-    let ack = cloud.wait_for(WAIT, "job-2's ack", ack_of("job-2"));
-    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    let delta = counting(&root, 2, "job-2", "otabox-test/counter:1", 0);
+    let status = run_job(&cloud, &agent, delta, "job-2");
+    assert_eq!(status, "SUCCESS", "{}", agent.log());
     assert_eq!(
         std::fs::read_to_string(root.join("job-2")).expect("applied"),
         "applied\n"
@@ -151,19 +179,13 @@ fn sighup_loads_a_handler_installed_for_a_new_update_type_while_the_agent_runs()
 fn a_reload_during_a_job_waits_for_it_and_the_next_job_uses_the_new_handler() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
-    let broker = Mosquitto::start(&root.join("broker"));
     // One directory as a plain string, as every config before.
-    install_handler(
-        &root.join("handlers"),
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &hostile_caps(&root),
-    );
-    let config = write_config(&root, broker.port, "\"handlers\"");
-    let cloud = TestClient::connect(broker.port, "cloud", &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent online", online);
+    let Rig {
+        _broker,
+        cloud,
+        agent,
+        config,
+    } = rig(&root, "handlers", "\"handlers\"");
 
     cloud.publish(
         DELTA,
@@ -213,12 +235,9 @@ fn a_reload_during_a_job_waits_for_it_and_the_next_job_uses_the_new_handler() {
     let reloaded = log.find("handlers reloaded on SIGHUP").expect("reloaded");
     assert!(finished < reloaded, "the reload waited for the job:\n{log}");
 
-    cloud.publish(
-        DELTA,
-        counting(&root, 2, "job-next", "otabox-test/hostile:1", 0),
-    );
-    let ack = cloud.wait_for(WAIT, "job-next's ack", ack_of("job-next"));
-    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    let delta = counting(&root, 2, "job-next", "otabox-test/hostile:1", 0);
+    let status = run_job(&cloud, &agent, delta, "job-next");
+    assert_eq!(status, "SUCCESS", "{}", agent.log());
     assert_eq!(
         journal(&root, "job-next")["handler_sha256"],
         json!([sha256_hex(&rebuilt)])

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use otabox::runtime::sha256_hex;
 
+/// Capabilities the hostile guest outgrows: its process import is
+/// undeclared (an audit error).
+const TMP_ONLY: &str = "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n";
+
 const FILE_CAPS: &str = "[[filesystem]]\npath = \"/var/lib/otabox/files\"\naccess = \"rw\"\n";
 
 /// A device in `root`: `packaged/` holding the `file` handler, the
@@ -47,6 +51,20 @@ fn source(root: &Path, name: &str, wasm: &[u8], update_type: &str, caps: &str) -
     )
 }
 
+/// The hostile guest's files (`wasm`) serving `otabox-test/hostile:1`
+/// with `caps`, as [`source`] writes them.
+fn hostile_source(root: &Path, wasm: &[u8], caps: &str) -> (String, String) {
+    source(root, "hostile", wasm, "otabox-test/hostile:1", caps)
+}
+
+/// `handlers install --config CONFIG WASM TOML`, which must succeed; its
+/// output.
+fn install_ok(config: &str, wasm: &str, toml: &str) -> String {
+    let (out, t) = cli(&["handlers", "install", "--config", config, wasm, toml]);
+    assert!(out.status.success(), "{t}");
+    t
+}
+
 /// Every entry of `dir` with its bytes (`None` for a non-file).
 fn snapshot(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
     std::fs::read_dir(dir)
@@ -70,20 +88,10 @@ fn cli(args: &[&str]) -> (Output, String) {
 
 /// Runs `otabox` with `args`, killed after 20 s: a hang fails the test.
 fn cli_bounded(args: &[&str]) -> (Output, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_otabox"))
-        .args(args)
-        .env("OTABOX_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("otabox {args:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut child = spawn_otabox(args);
+    if !exits_within(&mut child, Duration::from_secs(20)) {
+        let _ = child.kill();
+        panic!("otabox {args:?} hung");
     }
     let out = child.wait_with_output().expect("output");
     let t = text(&out);
@@ -199,15 +207,8 @@ fn install_audits_precompiles_and_places_both_files_and_list_shows_the_directory
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let config = two_dir_device(root).display().to_string();
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &hostile_grants(root),
-    );
-    let (out, t) = cli(&["handlers", "install", "--config", &config, &wasm, &toml]);
-    assert!(out.status.success(), "{t}");
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &hostile_grants(root));
+    let t = install_ok(&config, &wasm, &toml);
     assert!(
         t.contains("handler hostile: ok"),
         "the audit is printed: {t}"
@@ -251,16 +252,15 @@ fn install_audits_precompiles_and_places_both_files_and_list_shows_the_directory
         "{t}"
     );
 
-    // A new build replaces it in place.
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &rebuilt_hostile(),
-        "otabox-test/hostile:1",
-        &hostile_grants(root),
+    let (_, help) = cli(&["handlers", "install", "--help"]);
+    assert!(
+        help.contains("SIGHUP") && help.contains("reloads between jobs"),
+        "the reload rule is in --help: {help}"
     );
-    let (out, t) = cli(&["handlers", "install", "--config", &config, &wasm, &toml]);
-    assert!(out.status.success(), "{t}");
+
+    // A new build replaces it in place.
+    let (wasm, toml) = hostile_source(root, &rebuilt_hostile(), &hostile_grants(root));
+    install_ok(&config, &wasm, &toml);
     assert_eq!(
         snapshot(&local)["hostile.wasm"].as_deref(),
         Some(&rebuilt_hostile()[..])
@@ -305,13 +305,7 @@ fn install_refuses_bad_input_and_leaves_the_directory_as_it_was() {
     };
 
     // A tampered component.
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &caps,
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &caps);
     let mut tampered = built_wasm("hostile");
     tampered[100] ^= 1;
     std::fs::write(&wasm, &tampered).expect("tamper");
@@ -321,13 +315,7 @@ fn install_refuses_bad_input_and_leaves_the_directory_as_it_was() {
     );
 
     // An audit error (an import no declaration allows), without --force.
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n",
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), TMP_ONLY);
     run(
         install(&wasm, &toml),
         "error(s) (above); nothing was installed",
@@ -376,13 +364,7 @@ fn install_refuses_bad_input_and_leaves_the_directory_as_it_was() {
     );
 
     // A name smuggled into the manifest, or a file name that is no name.
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &caps,
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &caps);
     let text = std::fs::read_to_string(&toml).expect("read");
     std::fs::write(
         &toml,
@@ -399,13 +381,7 @@ fn install_refuses_bad_input_and_leaves_the_directory_as_it_was() {
 
     // Unreadable sources: missing, a directory, a FIFO (must not hang), a
     // link to a FIFO, and one far too big (refused before reading).
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &caps,
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &caps);
     run(
         install(&root.join("nope.wasm").display().to_string(), &toml),
         "cannot read",
@@ -464,13 +440,7 @@ fn install_with_force_places_a_handler_despite_audit_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let config = two_dir_device(root).display().to_string();
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        "[[filesystem]]\npath = \"/tmp\"\naccess = \"ro\"\n",
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), TMP_ONLY);
     let (out, t) = cli(&[
         "handlers", "install", "--force", "--config", &config, &wasm, &toml,
     ]);
@@ -487,13 +457,7 @@ fn install_refuses_a_target_directory_that_is_a_link_or_not_writable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let config = two_dir_device(root);
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &hostile_grants(root),
-    );
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &hostile_grants(root));
     // The integrator's directory a link to elsewhere.
     let elsewhere = root.join("elsewhere");
     std::fs::create_dir(&elsewhere).expect("elsewhere");
@@ -572,20 +536,10 @@ fn concurrent_installs_leave_one_consistent_pair_and_loaders_never_see_half_of_o
         .collect();
     let install = |i: usize| {
         let (wasm, toml) = &sources[i];
-        Command::new(env!("CARGO_BIN_EXE_otabox"))
-            .args(["handlers", "install", "--config", &config, wasm, toml])
-            .env("OTABOX_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn")
+        spawn_otabox(&["handlers", "install", "--config", &config, wasm, toml])
     };
-    let (out, t) = {
-        let child = install(0).wait_with_output().expect("first install");
-        let t = text(&child);
-        (child, t)
-    };
-    assert!(out.status.success(), "{t}");
+    let first = install(0).wait_with_output().expect("first install");
+    assert!(first.status.success(), "{}", text(&first));
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
@@ -628,15 +582,8 @@ fn remove_takes_out_an_integrators_handler_and_its_cache_entry_but_refuses_a_pac
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let config = two_dir_device(root).display().to_string();
-    let (wasm, toml) = source(
-        root,
-        "hostile",
-        &built_wasm("hostile"),
-        "otabox-test/hostile:1",
-        &hostile_grants(root),
-    );
-    let (out, t) = cli(&["handlers", "install", "--config", &config, &wasm, &toml]);
-    assert!(out.status.success(), "{t}");
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &hostile_grants(root));
+    install_ok(&config, &wasm, &toml);
     let sha = sha256_hex(&built_wasm("hostile"));
     let cached = || {
         std::fs::read_dir(root.join("state/cache"))
@@ -665,4 +612,79 @@ fn remove_takes_out_an_integrators_handler_and_its_cache_entry_but_refuses_a_pac
     assert!(snapshot(&root.join("local")).is_empty());
     assert!(!cached(), "the cache entry goes with it");
     assert!(t.contains("on SIGHUP"), "{t}");
+}
+
+/// Waits up to `wait` for `child` to exit; whether it did.
+fn exits_within(child: &mut std::process::Child, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn spawn_otabox(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .args(args)
+        .env("OTABOX_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+#[test]
+fn loaders_wait_for_a_placement_in_progress_and_installs_wait_for_loaders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let config = two_dir_device(root).display().to_string();
+    let local = root.join("local");
+    let (wasm, toml) = hostile_source(root, &built_wasm("hostile"), &hostile_grants(root));
+    install_ok(&config, &wasm, &toml);
+
+    // Half a replacement, as an install between its two renames, under
+    // the installer's exclusive lock: a loader waits, then sees it whole.
+    let held = std::fs::File::open(&local).expect("open dir");
+    held.lock().expect("exclusive lock");
+    let placed = local.join("hostile.wasm");
+    std::fs::write(&placed, rebuilt_hostile()).expect("new wasm");
+    let mut list = spawn_otabox(&["handlers", "list", "--config", &config, "--json"]);
+    assert!(
+        !exits_within(&mut list, Duration::from_secs(2)),
+        "list read the directory during a placement"
+    );
+    let rebuilt = install_handler(
+        &root.join("src-next"),
+        "hostile",
+        &rebuilt_hostile(),
+        "otabox-test/hostile:1",
+        &hostile_grants(root),
+    );
+    std::fs::copy(&rebuilt, local.join("hostile.toml")).expect("new toml");
+    held.unlock().expect("unlock");
+    let out = list.wait_with_output().expect("list");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let hostile = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|h| h["name"] == "hostile"))
+        .expect("listed");
+    assert_eq!(hostile["status"], "loaded", "{hostile}");
+    assert_eq!(hostile["sha256"], sha256_hex(&rebuilt_hostile()));
+
+    // A loader's shared lock holds an install back.
+    held.lock_shared().expect("shared lock");
+    let before = snapshot(&local);
+    let mut install = spawn_otabox(&["handlers", "install", "--config", &config, &wasm, &toml]);
+    assert!(!exits_within(&mut install, Duration::from_secs(2)));
+    assert_eq!(snapshot(&local), before, "placed while a loader read");
+    held.unlock().expect("unlock");
+    let out = install.wait_with_output().expect("install");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        snapshot(&local)["hostile.wasm"].as_deref(),
+        Some(&built_wasm("hostile")[..])
+    );
 }

@@ -203,6 +203,7 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut hangup: tokio::signal::unix::
                     names.join(", ")
                 );
                 *lock(&shared.handlers) = handlers.clone();
+                release_startup_memory();
                 shared
                     .reporter()
                     .report_inventory(&unique_key("inventory:reload"))
@@ -214,7 +215,8 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut hangup: tokio::signal::unix::
 }
 
 /// Hands the heap freed after loading (component bytes, cache files,
-/// compile scratch) back to the system, so the idle agent stays small.
+/// compile scratch) back to the system, so the idle agent stays small (at
+/// start and after a reload).
 fn release_startup_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no
     // preconditions and touches no live allocation.

@@ -1,5 +1,6 @@
-//! The Wasm runtime: loads handlers from a directory, checks them against
-//! their manifests and the device's grants, and calls them sandboxed.
+//! The Wasm runtime: loads handlers from the handler directories, checks
+//! them against their manifests and the device's grants, and calls them
+//! sandboxed.
 //!
 //! Loading a handler: read `<name>.toml`, read `<name>.wasm` and check its
 //! sha256 against the manifest, narrow the declared capabilities by the
@@ -10,8 +11,10 @@
 //! [`INVALID_CONFIG`] refuses it).
 //!
 //! Beside the runtime: [`capabilities`] (what a handler may do, one module
-//! per capability), [`audit`] (declared vs granted vs real imports) and
-//! [`run_phase`] (one phase of a handler from the command line).
+//! per capability), [`audit`] (declared vs granted vs real imports),
+//! [`run_phase`] (one phase of a handler from the command line), [`dirs`]
+//! (the handler directories as one set) and [`placement`] (`handlers
+//! install` and `remove`).
 
 pub mod audit;
 pub mod capabilities;
