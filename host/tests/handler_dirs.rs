@@ -200,6 +200,32 @@ fn both_directories_load_and_a_second_claim_of_a_name_or_update_type_names_both_
         t.contains("a handler named file is already installed as"),
         "{t}"
     );
+
+    // run-phase finds a handler by name in the same list, and a path is
+    // no name (it once reached `local/../packaged/file.toml`).
+    let run_phase = |handler: &str| {
+        cli(&[
+            "handlers",
+            "run-phase",
+            "--config",
+            &config,
+            "--handler",
+            handler,
+            "--phase",
+            "is-installed",
+            "--manifest",
+            "{\"path\": \"app.conf\"}",
+        ])
+    };
+    let (out, t) = run_phase("hostile");
+    let called: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&t);
+    assert!(
+        called.get("failed").is_some(),
+        "the handler was called: {t}"
+    );
+    let (out, t) = run_phase("../packaged/file");
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("no handler ../packaged/file in"), "{t}");
 }
 
 #[test]
@@ -511,7 +537,7 @@ fn install_refuses_a_target_directory_that_is_a_link_or_not_writable() {
 }
 
 #[test]
-fn concurrent_installs_leave_one_consistent_pair_and_loaders_never_see_half_of_one() {
+fn concurrent_installs_of_one_name_leave_one_consistent_pair_while_loaders_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let config = two_dir_device(root).display().to_string();
