@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::audit::{Severity, audit_dir, render_text};
+use crate::audit::{Severity, audit_dirs, render_text};
 use crate::builtin;
 use crate::config::DeviceConfig;
 use crate::runtime::{PayloadFile, ProgressSink, Runtime, sha256_hex};
@@ -39,16 +39,15 @@ pub async fn run(root: &Path) -> Result<DemoOutcome> {
 
     let runtime = Runtime::new(Some(config.cache_dir()))?;
     outln!("== otabox handlers audit\n")?;
-    let audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
+    let dirs = config.paths.handlers.as_slice();
+    let audits = audit_dirs(&runtime, dirs, &config.handlers).await?;
     out!("{}", render_text(&audits))?;
     anyhow::ensure!(
         audits.iter().all(|a| a.count(Severity::Error) == 0),
         "the built-in handler failed its audit"
     );
 
-    let set = runtime
-        .load_dir(&config.paths.handlers, &config.handlers)
-        .await?;
+    let set = runtime.load_dirs(dirs, &config.handlers).await?;
     let handler = set
         .for_update_type("otabox/file:1")
         .context("the file handler did not load")?;

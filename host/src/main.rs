@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use otabox::audit::{Severity, audit_dir, render_text};
+use otabox::audit::{Severity, audit_dirs, render_text};
 use otabox::config::DeviceConfig;
 use otabox::runtime::{HandlerSet, Runtime};
 use otabox::{console, out, outln};
@@ -16,6 +16,10 @@ use otabox::{console, out, outln};
 #[cfg(feature = "fleet")]
 #[path = "cli/fleet.rs"]
 mod fleet;
+
+/// `handlers install` and `handlers remove`.
+#[path = "cli/handlers.rs"]
+mod handlers;
 
 /// Default device configuration file.
 const DEFAULT_CONFIG: &str = "/etc/otabox/device.toml";
@@ -159,7 +163,7 @@ enum Command {
     },
     /// Print the version of otabox (as `--version`).
     Version,
-    /// Inspect the installed handlers.
+    /// Inspect, install and remove handlers.
     Handlers {
         #[command(subcommand)]
         command: HandlersCommand,
@@ -180,7 +184,7 @@ enum Command {
 /// Where handlers and grants come from.
 #[derive(clap::Args)]
 struct Source {
-    /// Device configuration (handler directory and per-handler grants).
+    /// Device configuration (handler directories and per-handler grants).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Handler directory to use instead of the config's (without a config
@@ -191,9 +195,24 @@ struct Source {
     dir: Option<PathBuf>,
 }
 
+/// How a running agent takes a changed handler directory, shown by the
+/// `handlers` commands' `--help`.
+const RELOAD_HELP: &str = "Handler directories ([paths] handlers, in order): the packaged handlers
+(/usr/lib/otabox/handlers) and the integrator's (/etc/otabox/handlers.d, the
+last directory: install and remove work there). A handler name and each
+update type belong to one handler: a second claim is refused, naming both
+files.
+
+A running agent keeps its handlers until SIGHUP (`systemctl reload otabox`,
+or `kill -HUP PID`); install and remove send it when an agent runs on the
+config's state directory. It reloads between jobs: a job in progress ends
+with the handlers it started with, the next job uses the new set.";
+
 #[derive(Subcommand)]
+#[command(after_help = RELOAD_HELP)]
 enum HandlersCommand {
-    /// Load every handler and show its status, version and update types.
+    /// Load every handler and show its status, version, update types and
+    /// file (so its directory).
     List {
         #[command(flatten)]
         source: Source,
@@ -243,6 +262,36 @@ enum HandlersCommand {
         /// Job id; checkpoints live in STATE/tryout/JOB.
         #[arg(long, default_value = "tryout")]
         job: String,
+    },
+    /// Install an integrator's handler (NAME.wasm and NAME.toml; the name
+    /// is the manifest's file name) into the last handler directory, or
+    /// replace the one of that name there: checks the manifest's sha256
+    /// against the wasm, refuses a name or update type another handler
+    /// holds, audits it against the device's grants (refusing on an audit
+    /// error unless --force, and printing the findings), precompiles it
+    /// into the cache and places both files atomically. Any failure leaves
+    /// the directory as it was.
+    #[command(after_help = RELOAD_HELP)]
+    Install {
+        #[command(flatten)]
+        source: Source,
+        /// The component.
+        wasm: PathBuf,
+        /// Its capability manifest, pinning the component's sha256.
+        toml: PathBuf,
+        /// Install despite audit errors.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove an integrator's handler from the last handler directory,
+    /// with its precompiled cache entry (a packaged one is refused: disable
+    /// it with `[handlers.NAME] enabled = false`).
+    #[command(after_help = RELOAD_HELP)]
+    Remove {
+        #[command(flatten)]
+        source: Source,
+        /// The handler's name.
+        name: String,
     },
 }
 
@@ -333,6 +382,18 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             };
             run_phase(&source, &handler, tryout).await
         }
+        Command::Handlers {
+            command:
+                HandlersCommand::Install {
+                    source,
+                    wasm,
+                    toml,
+                    force,
+                },
+        } => handlers::install(&device_config(&source)?, &wasm, &toml, force).await,
+        Command::Handlers {
+            command: HandlersCommand::Remove { source, name },
+        } => handlers::remove(&device_config(&source)?, &name),
         #[cfg(feature = "fleet")]
         Command::Demo { dir, keep } => fleet::demo(dir, keep).await,
         Command::Version => {
@@ -415,7 +476,7 @@ fn device_config(source: &Source) -> Result<DeviceConfig> {
         config
     };
     if let Some(dir) = &source.dir {
-        config.paths.handlers = dir.clone();
+        config.paths.handlers = otabox::config::HandlerDirs::one(dir.clone());
     }
     Ok(config)
 }
@@ -444,13 +505,12 @@ fn user_state_dir() -> Result<PathBuf> {
 async fn list(source: &Source, json: bool) -> Result<ExitCode> {
     let config = device_config(source)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let set = runtime
-        .load_dir(&config.paths.handlers, &config.handlers)
-        .await?;
+    let dirs = config.paths.handlers.as_slice();
+    let set = runtime.load_dirs(dirs, &config.handlers).await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&list_json(&set))?)?;
     } else {
-        print_list(&set, &config.paths.handlers)?;
+        print_list(&set, dirs)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -458,14 +518,14 @@ async fn list(source: &Source, json: bool) -> Result<ExitCode> {
 fn list_json(set: &HandlerSet) -> serde_json::Value {
     let loaded = set.handlers.iter().map(|h| {
         serde_json::json!({
-            "name": h.name, "status": "loaded", "file": h.wasm_path, "sha256": h.sha256,
+            "name": h.name, "status": "loaded", "file": h.wasm_path, "dir": h.manifest_path.parent(), "sha256": h.sha256,
             "version": h.description.version, "contract": h.contract,
             "update_types": h.manifest.handler.update_types, "supports_rollback": h.description.supports_rollback,
             "grants": &*h.grants, "cache": h.cache,
         })
     });
     let refused = set.refused.iter().map(|r| {
-        serde_json::json!({"name": r.name, "status": "refused", "manifest": r.manifest, "error": format!("{:#}", r.error)})
+        serde_json::json!({"name": r.name, "status": "refused", "manifest": r.manifest, "dir": r.manifest.parent(), "error": format!("{:#}", r.error)})
     });
     let disabled = set
         .disabled
@@ -474,7 +534,7 @@ fn list_json(set: &HandlerSet) -> serde_json::Value {
     serde_json::Value::Array(loaded.chain(refused).chain(disabled).collect())
 }
 
-fn print_list(set: &HandlerSet, dir: &Path) -> Result<()> {
+fn print_list(set: &HandlerSet, dirs: &[PathBuf]) -> Result<()> {
     outln!(
         "{:<12} {:<9} {:<9} {:<14} {:<30} FILE",
         "NAME",
@@ -501,7 +561,8 @@ fn print_list(set: &HandlerSet, dir: &Path) -> Result<()> {
         outln!("{name:<12} disabled")?;
     }
     if set.handlers.is_empty() && set.refused.is_empty() && set.disabled.is_empty() {
-        outln!("(no handlers in {})", dir.display())?;
+        let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        outln!("(no handlers in {})", dirs.join(", "))?;
     }
     Ok(())
 }
@@ -529,7 +590,8 @@ async fn run_phase(
     let config = device_config(source)?;
     let _lock = otabox::local::StateLock::share(&config.paths.state, "handlers run-phase")?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let manifest_path = config.paths.handlers.join(format!("{name}.toml"));
+    let manifest_path =
+        otabox::runtime::dirs::find(config.paths.handlers.as_slice(), &config.handlers, name)?;
     let handler = runtime
         .load_handler(&manifest_path, config.handlers.get(name))
         .await?;
@@ -546,7 +608,8 @@ async fn run_phase(
 async fn audit(source: &Source, json: bool, policy: &otabox::audit::Policy) -> Result<ExitCode> {
     let config = device_config(source)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let mut audits = audit_dir(&runtime, &config.paths.handlers, &config.handlers).await?;
+    let dirs = config.paths.handlers.as_slice();
+    let mut audits = audit_dirs(&runtime, dirs, &config.handlers).await?;
     policy.apply(&mut audits);
     if json {
         outln!("{}", serde_json::to_string_pretty(&audits)?)?;

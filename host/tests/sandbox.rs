@@ -354,7 +354,7 @@ async fn a_tampered_wasm_and_a_malformed_manifest_are_refused_clearly() {
     );
 
     let set = rt
-        .load_dir(&handlers, &Default::default())
+        .load_dirs(std::slice::from_ref(&handlers), &Default::default())
         .await
         .expect("dir is readable");
     assert!(set.handlers.is_empty());
@@ -1176,7 +1176,7 @@ async fn a_link_planted_where_a_device_was_is_refused() {
 /// it in `devices_in_writable_paths`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_errs_on_a_device_inside_a_writable_grant() {
-    use otabox::audit::{Severity, audit_dir};
+    use otabox::audit::{Severity, audit_dirs};
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().canonicalize().expect("canonical");
     let grant = root.join("grant");
@@ -1188,7 +1188,9 @@ async fn audit_errs_on_a_device_inside_a_writable_grant() {
     let findings = |device: std::collections::BTreeMap<String, DeviceGrant>| {
         let (rt, handlers) = (&rt, root.join("handlers"));
         async move {
-            let audits = audit_dir(rt, &handlers, &device).await.expect("audit");
+            let audits = audit_dirs(rt, std::slice::from_ref(&handlers), &device)
+                .await
+                .expect("audit");
             audits[0]
                 .findings
                 .iter()

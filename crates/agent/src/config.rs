@@ -5,7 +5,9 @@
 //! id = "pump-0042"
 //!
 //! [paths]
-//! handlers = "/etc/otabox/handlers"   # <name>.toml + <name>.wasm
+//! handlers = ["/usr/lib/otabox/handlers", "/etc/otabox/handlers.d"]
+//!                                     # <name>.toml + <name>.wasm; one
+//!                                     # directory may be a plain string
 //! state = "/var/lib/otabox"           # journal, checkpoints, payloads
 //! cache = "/var/cache/otabox"         # precompiled handlers
 //!
@@ -165,9 +167,10 @@ impl DownloadSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathsSection {
-    /// Directory of handler manifests and components.
-    #[serde(default = "default_handlers_dir")]
-    pub handlers: PathBuf,
+    /// Directories of handler manifests and components, packaged first,
+    /// the integrator's last.
+    #[serde(default)]
+    pub handlers: HandlerDirs,
     /// Directory of durable agent state.
     #[serde(default = "default_state_dir")]
     pub state: PathBuf,
@@ -176,8 +179,72 @@ pub struct PathsSection {
     pub cache: Option<PathBuf>,
 }
 
-fn default_handlers_dir() -> PathBuf {
-    PathBuf::from("/etc/otabox/handlers")
+/// The handler directories of a device, in order: the packaged handlers
+/// (`/usr/lib/otabox/handlers`) first, the integrator's
+/// (`/etc/otabox/handlers.d`, where `otabox handlers install` writes) last.
+/// In the config: a list, or one directory as a plain string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct HandlerDirs(Vec<PathBuf>);
+
+impl HandlerDirs {
+    /// The packaged handlers' directory.
+    pub const PACKAGED: &str = "/usr/lib/otabox/handlers";
+    /// The integrator's directory.
+    pub const INTEGRATOR: &str = "/etc/otabox/handlers.d";
+
+    /// Just `dir`.
+    pub fn one(dir: PathBuf) -> Self {
+        Self(vec![dir])
+    }
+
+    /// The directories, in loading order.
+    pub fn as_slice(&self) -> &[PathBuf] {
+        &self.0
+    }
+
+    /// The integrator's directory (the last): `handlers install` and
+    /// `remove` work there.
+    pub fn integrator(&self) -> &Path {
+        self.0
+            .last()
+            .map_or(Path::new(Self::INTEGRATOR), PathBuf::as_path)
+    }
+}
+
+impl Default for HandlerDirs {
+    fn default() -> Self {
+        Self(vec![Self::PACKAGED.into(), Self::INTEGRATOR.into()])
+    }
+}
+
+impl<'de> Deserialize<'de> for HandlerDirs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a directory, or a list of directories")]
+        enum OneOrMany {
+            One(PathBuf),
+            Many(Vec<PathBuf>),
+        }
+        let dirs = match OneOrMany::deserialize(deserializer)? {
+            OneOrMany::One(dir) => vec![dir],
+            OneOrMany::Many(dirs) => dirs,
+        };
+        if dirs.is_empty() {
+            return Err(serde::de::Error::custom("lists no handler directory"));
+        }
+        if let Some(dup) = dirs
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| dirs[..i].contains(d).then_some(d))
+        {
+            return Err(serde::de::Error::custom(format!(
+                "lists {} twice",
+                dup.display()
+            )));
+        }
+        Ok(Self(dirs))
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -187,7 +254,7 @@ fn default_state_dir() -> PathBuf {
 impl Default for PathsSection {
     fn default() -> Self {
         Self {
-            handlers: default_handlers_dir(),
+            handlers: HandlerDirs::default(),
             state: default_state_dir(),
             cache: None,
         }
@@ -266,7 +333,7 @@ impl PathsSection {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.handlers);
+        self.handlers.0.iter_mut().for_each(fix);
         fix(&mut self.state);
         if let Some(cache) = &mut self.cache {
             fix(cache);
@@ -288,7 +355,7 @@ mod tests {
         )
         .expect("write");
         let config = DeviceConfig::load(&path).expect("valid config");
-        assert_eq!(config.paths.handlers, dir.path().join("h"));
+        assert_eq!(config.paths.handlers.as_slice(), [dir.path().join("h")]);
         assert_eq!(config.cache_dir(), PathBuf::from("/var/lib/otabox/cache"));
         assert_eq!(config.handlers["file"].memory_mb, Some(8));
 
@@ -298,5 +365,50 @@ mod tests {
             err.contains("device.toml") && err.contains("unknown field `memroy_mb`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn handler_directories_are_a_list_or_one_string_and_default_to_packaged_then_integrator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("device.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).expect("write");
+            DeviceConfig::load(&path).map_err(|e| format!("{e:#}"))
+        };
+        let list = load("[paths]\nhandlers = [\"/usr/lib/otabox/handlers\", \"local\"]\n")
+            .expect("a list");
+        assert_eq!(
+            list.paths.handlers.as_slice(),
+            [
+                PathBuf::from("/usr/lib/otabox/handlers"),
+                dir.path().join("local")
+            ]
+        );
+        assert_eq!(list.paths.handlers.integrator(), dir.path().join("local"));
+        let one = load("[paths]\nhandlers = \"/srv/h\"\n").expect("one string");
+        assert_eq!(one.paths.handlers.as_slice(), [PathBuf::from("/srv/h")]);
+        assert_eq!(one.paths.handlers.integrator(), Path::new("/srv/h"));
+        let default = load("").expect("no [paths]");
+        assert_eq!(
+            default.paths.handlers.as_slice(),
+            [
+                PathBuf::from("/usr/lib/otabox/handlers"),
+                PathBuf::from("/etc/otabox/handlers.d")
+            ]
+        );
+        for (text, expected) in [
+            ("[paths]\nhandlers = []\n", "lists no handler directory"),
+            ("[paths]\nhandlers = [\"a\", \"a\"]\n", "lists a twice"),
+            (
+                "[paths]\nhandlers = 7\n",
+                "a directory, or a list of directories",
+            ),
+        ] {
+            let err = load(text).expect_err(text);
+            assert!(
+                err.contains("device.toml") && err.contains(expected),
+                "{text}: {err}"
+            );
+        }
     }
 }

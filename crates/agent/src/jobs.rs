@@ -66,9 +66,11 @@ pub(super) fn handler_changed(
     })
 }
 
-/// Runs accepted jobs one at a time.
+/// Runs accepted jobs one at a time (a handler reload waits for the
+/// running one).
 pub(super) async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<JobRecord>) {
     while let Some(record) = jobs.recv().await {
+        let _between = shared.between_jobs.lock().await;
         let job_id = record.job_id.clone();
         if let Err(e) = execute(&shared, record).await {
             tracing::error!(job = job_id, "job stopped: {e:#}");
@@ -81,7 +83,8 @@ pub(super) async fn worker(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceive
     }
 }
 
-/// Runs a job from its first unfinished step to a terminal state.
+/// Runs a job from its first unfinished step to a terminal state, with
+/// the handler set current when it starts.
 pub(super) async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Result<()> {
     if lock(&shared.cancelled).remove(&record.job_id) {
         return shared
@@ -97,7 +100,8 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Resu
     shared
         .journal
         .transition(&mut record, JobPhase::Validating)?;
-    let pins = match pin_handlers(&shared.handlers, &record) {
+    let handlers = shared.handlers();
+    let pins = match pin_handlers(&handlers, &record) {
         Ok(pins) => pins,
         Err(status) => {
             return shared
@@ -114,7 +118,8 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut record: JobRecord) -> Resu
         );
     }
     record.handler_sha256 = pins;
-    let (record, end) = run_steps(&job_env(shared), record, Mode::Fresh, &cancel).await?;
+    let env = job_env(shared, &handlers);
+    let (record, end) = run_steps(&env, record, Mode::Fresh, &cancel).await?;
     conclude(shared, record, end).await
 }
 
@@ -213,11 +218,14 @@ pub(super) struct JobEnv<'a> {
     pub(super) host: &'a dyn JobHost,
 }
 
-/// The agent's [`JobEnv`].
-pub(super) fn job_env(shared: &Arc<Shared>) -> JobEnv<'_> {
+/// The agent's [`JobEnv`], with the job's pinned `handlers`.
+pub(super) fn job_env<'a>(
+    shared: &'a Arc<Shared>,
+    handlers: &'a [Arc<dyn UpdateHandler>],
+) -> JobEnv<'a> {
     JobEnv {
         journal: &shared.journal,
-        handlers: &shared.handlers,
+        handlers,
         host: shared,
     }
 }
@@ -420,7 +428,9 @@ pub(super) async fn continue_pending(shared: &Arc<Shared>, mut record: JobRecord
         .reporter()
         .report_progress(&record, AgentState::Verifying)?;
     let cancel = CancelFlag::default();
-    let (record, end) = run_steps(&job_env(shared), record, Mode::Resumed, &cancel).await?;
+    let handlers = shared.handlers();
+    let env = job_env(shared, &handlers);
+    let (record, end) = run_steps(&env, record, Mode::Resumed, &cancel).await?;
     conclude(shared, record, end).await
 }
 

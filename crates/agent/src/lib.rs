@@ -7,6 +7,10 @@
 //! Every report goes through the durable [`Outbox`] and is published in
 //! order, one at a time, each removed only when the broker acknowledged it.
 //!
+//! The handlers are loaded from the handler directories at start and again
+//! on SIGHUP, between jobs: a reload waits for the running job to end, and
+//! each job runs with the set it pinned when it started.
+//!
 //! Beside the agent, what the device's tools share with it: [`config`]
 //! (`device.toml`), [`download`] (payload fetching), [`local`] (the agent's
 //! lock, inbox and state files), [`install`] (a local deployment) and
@@ -46,8 +50,11 @@ mod staging;
 
 use jobs::worker;
 use recovery::resume_jobs;
-use report::Live;
+use report::{Live, unique_key};
 use session::session;
+
+/// A loaded handler set; each job pins the one current when it starts.
+type Handlers = Arc<[Arc<dyn UpdateHandler>]>;
 
 /// The agent's version, reported in its state.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -58,8 +65,13 @@ struct Shared {
     /// The cloud layout, the device's topics and the report size.
     cloud: Link,
     journal: Journal,
-    /// The loaded handlers.
-    handlers: Vec<Arc<dyn UpdateHandler>>,
+    /// The loaded handlers (replaced by a reload, see [`Shared::handlers`]).
+    handlers: Mutex<Handlers>,
+    /// The runtime that loads them.
+    runtime: Runtime,
+    /// Held while a job runs and while the handlers reload, so a reload
+    /// happens between jobs.
+    between_jobs: tokio::sync::Mutex<()>,
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
     downloader: crate::download::Downloader,
@@ -76,8 +88,17 @@ struct Shared {
     connection: crate::local::ConnectionLog,
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+impl Shared {
+    /// The current handler set (a job keeps the one it started with).
+    fn handlers(&self) -> Handlers {
+        lock(&self.handlers).clone()
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM; SIGHUP reloads the handlers.
 pub async fn run(config: DeviceConfig) -> Result<()> {
+    // First, so that a SIGHUP while starting does not end the agent.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let device_id = config.device_id()?.to_string();
     let cloud = Link::new(
         config.mqtt.layout.cloud(),
@@ -87,18 +108,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let (_state_lock, wake) = inbox::own_state(&config.paths.state)?;
     let journal = Journal::open(&config.paths.state)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let handlers = runtime
-        .load_dir(&config.paths.handlers, &config.handlers)
-        .await?;
-    for refused in &handlers.refused {
-        tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
-    }
-    handlers.require_valid_configs()?;
-    let handlers: Vec<Arc<dyn UpdateHandler>> = handlers
-        .handlers
-        .into_iter()
-        .map(|h| h as Arc<dyn UpdateHandler>)
-        .collect();
+    let handlers = load_handlers(&runtime, &config).await?;
     let outbox = Outbox::open(&config.paths.state.join("outbox"))?;
     let options = mqtt::options(&config.mqtt, &device_id)?;
     let backoff = Backoff::new(
@@ -117,7 +127,9 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         trust,
         cloud,
         journal,
-        handlers,
+        handlers: Mutex::new(handlers),
+        runtime,
+        between_jobs: tokio::sync::Mutex::new(()),
         outbox: Mutex::new(outbox),
         outbox_changed: Notify::new(),
         current: Mutex::new(None),
@@ -144,12 +156,13 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         .await;
     tokio::spawn(inbox::watch(shared.clone(), jobs_tx.clone(), wake));
     tokio::spawn(worker(shared.clone(), jobs_rx));
+    tokio::spawn(reload_on_hangup(shared.clone(), hangup));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     eventloop.set_network_options(mqtt::network_options());
     tracing::info!(
         device = device_id,
         "agent {AGENT_VERSION} started; {} handler(s)",
-        shared.handlers.len()
+        shared.handlers().len()
     );
     tokio::select! {
         result = session(shared, client, eventloop, backoff, jobs_tx) => result,
@@ -160,8 +173,50 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     }
 }
 
+/// Loads the handlers of the configured directories; fails when one
+/// refused its device config.
+async fn load_handlers(runtime: &Runtime, config: &DeviceConfig) -> Result<Handlers> {
+    let dirs = config.paths.handlers.as_slice();
+    let set = runtime.load_dirs(dirs, &config.handlers).await?;
+    for refused in &set.refused {
+        tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
+    }
+    set.require_valid_configs()?;
+    Ok(set
+        .handlers
+        .into_iter()
+        .map(|h| h as Arc<dyn UpdateHandler>)
+        .collect())
+}
+
+/// Reloads the handlers on each SIGHUP once no job runs; a reload that
+/// fails keeps the current handlers.
+async fn reload_on_hangup(shared: Arc<Shared>, mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        let _between = shared.between_jobs.lock().await;
+        match load_handlers(&shared.runtime, &shared.config).await {
+            Ok(handlers) => {
+                let names: Vec<&str> = handlers.iter().map(|h| h.name()).collect();
+                tracing::info!(
+                    "handlers reloaded on SIGHUP: {} handler(s) ({})",
+                    names.len(),
+                    names.join(", ")
+                );
+                *lock(&shared.handlers) = handlers.clone();
+                release_startup_memory();
+                shared
+                    .reporter()
+                    .report_inventory(&unique_key("inventory:reload"))
+                    .await;
+            }
+            Err(e) => tracing::error!("handlers not reloaded, the current ones stay: {e:#}"),
+        }
+    }
+}
+
 /// Hands the heap freed after loading (component bytes, cache files,
-/// compile scratch) back to the system, so the idle agent stays small.
+/// compile scratch) back to the system, so the idle agent stays small (at
+/// start and after a reload).
 fn release_startup_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no
     // preconditions and touches no live allocation.

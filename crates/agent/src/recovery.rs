@@ -73,7 +73,7 @@ pub(super) async fn ask_handler(
     step: usize,
     jobs: &mpsc::UnboundedSender<JobRecord>,
 ) -> Result<()> {
-    let handler = match pinned_handler(&shared.handlers, &record, step) {
+    let handler = match pinned_handler(&shared.handlers(), &record, step) {
         Ok(handler) => handler,
         Err(status) => {
             return shared

@@ -49,7 +49,7 @@ impl Reporter<'_> {
     /// type → item → version).
     async fn collect_inventory(&self) -> BTreeMap<String, BTreeMap<String, String>> {
         let mut inventory = BTreeMap::new();
-        for handler in &self.shared.handlers {
+        for handler in self.shared.handlers().iter() {
             let Some(update_type) = handler.update_types().into_iter().next() else {
                 continue;
             };
@@ -339,7 +339,7 @@ impl Reporter<'_> {
     /// of the handler serving it (aliases such as `microsoft/apt:1` map to
     /// `otabox/apt:1`), or itself when no handler serves it.
     fn canonical_update_type(&self, update_type: &str) -> String {
-        serving(&self.shared.handlers, update_type)
+        serving(&self.shared.handlers(), update_type)
             .and_then(|h| h.update_types().into_iter().next())
             .unwrap_or_else(|| update_type.to_string())
     }

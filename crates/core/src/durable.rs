@@ -8,7 +8,7 @@
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
@@ -23,7 +23,10 @@ pub const DIR_MODE: u32 = 0o700;
 /// Replaces `path` with `bytes` so that after a crash it holds either the
 /// old or the new content, never a mix. The file is private (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    replace_via_temp(path, bytes, true)
+    let staged = StagedFile::write(path, bytes, FILE_MODE)?;
+    let dir = staged.dir().to_path_buf();
+    staged.commit()?;
+    sync_dir(&dir)
 }
 
 /// Replaces `path` with `bytes` as one step for readers (temp file and
@@ -31,40 +34,84 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// is happening now (a crash may leave the old content or none, which the
 /// next write replaces). The file is private (mode 0600).
 pub fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
-    replace_via_temp(path, bytes, false)
+    StagedFile::stage(path, bytes, FILE_MODE, false)?.commit()
 }
 
-fn replace_via_temp(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let temp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        SEQUENCE.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let mut file = OpenOptions::new()
+/// The content of a file written and synced under a temporary name beside
+/// its destination, invisible to readers of the destination until
+/// [`StagedFile::commit`] renames it there; removed when dropped
+/// uncommitted.
+#[derive(Debug)]
+pub struct StagedFile {
+    temp: PathBuf,
+    destination: PathBuf,
+    committed: bool,
+}
+
+impl StagedFile {
+    /// Writes `bytes` to a new temporary file (`.<name>.tmp-<pid>-<n>`,
+    /// created exclusively with `mode`) in the directory of `destination`,
+    /// and syncs it.
+    pub fn write(destination: &Path, bytes: &[u8], mode: u32) -> Result<Self> {
+        Self::stage(destination, bytes, mode, true)
+    }
+
+    /// As [`StagedFile::write`], syncing the file only when `sync` is set.
+    fn stage(destination: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<Self> {
+        let name = destination
+            .file_name()
+            .with_context(|| format!("{} names no file", destination.display()))?;
+        let dir = parent_dir(destination);
+        let staged = Self {
+            temp: dir.join(format!(
+                ".{}.tmp-{}-{}",
+                name.to_string_lossy(),
+                std::process::id(),
+                SEQUENCE.fetch_add(1, Ordering::Relaxed)
+            )),
+            destination: destination.to_path_buf(),
+            committed: false,
+        };
+        let written = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(FILE_MODE)
-            .open(&temp)?;
-        file.write_all(bytes)?;
-        if durable {
-            file.sync_all()?;
-        }
-        fs::rename(&temp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+            .mode(mode)
+            .open(&staged.temp)
+            .and_then(|mut file| {
+                file.write_all(bytes)?;
+                if sync { file.sync_all() } else { Ok(()) }
+            });
+        written.with_context(|| format!("cannot write {}", destination.display()))?;
+        Ok(staged)
     }
-    if durable { sync_dir(dir) } else { Ok(()) }
+
+    /// The directory it is staged in (its destination's).
+    pub fn dir(&self) -> &Path {
+        parent_dir(&self.destination)
+    }
+
+    /// Renames it over its destination (the directory still needs a
+    /// [`sync_dir`] to make that durable).
+    pub fn commit(mut self) -> Result<()> {
+        fs::rename(&self.temp, &self.destination)
+            .with_context(|| format!("cannot write {}", self.destination.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Flushes a directory's entries (after a rename or create in it).

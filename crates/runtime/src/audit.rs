@@ -166,28 +166,29 @@ impl HandlerAudit {
     }
 }
 
-/// Audits every handler in `dir` against the device's grants. `runtime`
-/// compiles components (through its cache) and test-loads clean handlers.
-pub async fn audit_dir(
+/// Audits every handler of `dirs` (the list [`crate::Runtime::load_dirs`]
+/// loads) against the device's grants. `runtime` compiles components
+/// (through its cache) and test-loads clean handlers. A second claim of a
+/// name or an update type is an error naming both files.
+pub async fn audit_dirs(
     runtime: &Runtime,
-    dir: &Path,
+    dirs: &[PathBuf],
     device: &BTreeMap<String, DeviceGrant>,
 ) -> Result<Vec<HandlerAudit>> {
     let mut audits = Vec::new();
-    let mut type_owner: BTreeMap<String, String> = BTreeMap::new();
-    let manifests = crate::manifest_files(dir)?;
+    let files = {
+        let _locks = crate::dirs::DirLock::shared_all(dirs)?;
+        crate::dirs::discover(dirs, device)?
+    };
+    let manifests: Vec<PathBuf> = files.iter().map(|f| f.manifest.clone()).collect();
+    let last = dirs.last().map_or(Path::new("."), PathBuf::as_path);
     for unknown in crate::unknown_handlers(device, &manifests) {
-        audits.push(unknown_handler(dir, &unknown));
+        audits.push(unknown_handler(last, &unknown));
     }
-    for manifest_path in manifests {
-        let mut audit = audit_one(runtime, &manifest_path, device).await;
-        for t in audit.update_types.clone() {
-            if let Some(owner) = type_owner.insert(t.to_string(), audit.name.clone()) {
-                audit.error(
-                    "duplicate-update-type",
-                    format!("update type {t:?} is also declared by handler {owner}"),
-                );
-            }
+    for file in files {
+        let mut audit = audit_handler(runtime, &file.manifest, device).await;
+        if let Some(conflict) = file.conflict {
+            audit.error(conflict.id, conflict.message);
         }
         audits.push(audit);
     }
@@ -216,7 +217,10 @@ fn unknown_handler(dir: &Path, unknown: &crate::UnknownHandler) -> HandlerAudit 
     audit
 }
 
-async fn audit_one(
+/// Audits the handler of `manifest_path` (and the `.wasm` beside it)
+/// against the device's grants, alone: [`audit_dirs`] adds the conflicts
+/// with the other handlers.
+pub async fn audit_handler(
     runtime: &Runtime,
     manifest_path: &Path,
     device: &BTreeMap<String, DeviceGrant>,

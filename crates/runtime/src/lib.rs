@@ -1,5 +1,6 @@
-//! The Wasm runtime: loads handlers from a directory, checks them against
-//! their manifests and the device's grants, and calls them sandboxed.
+//! The Wasm runtime: loads handlers from the handler directories, checks
+//! them against their manifests and the device's grants, and calls them
+//! sandboxed.
 //!
 //! Loading a handler: read `<name>.toml`, read `<name>.wasm` and check its
 //! sha256 against the manifest, narrow the declared capabilities by the
@@ -10,11 +11,15 @@
 //! [`INVALID_CONFIG`] refuses it).
 //!
 //! Beside the runtime: [`capabilities`] (what a handler may do, one module
-//! per capability), [`audit`] (declared vs granted vs real imports) and
-//! [`run_phase`] (one phase of a handler from the command line).
+//! per capability), [`audit`] (declared vs granted vs real imports),
+//! [`run_phase`] (one phase of a handler from the command line), [`dirs`]
+//! (the handler directories as one set) and [`placement`] (`handlers
+//! install` and `remove`).
 
 pub mod audit;
 pub mod capabilities;
+pub mod dirs;
+pub mod placement;
 pub mod run_phase;
 
 pub mod bindings;
@@ -59,8 +64,8 @@ pub struct Runtime {
     _ticker: engine::EpochTicker,
 }
 
-/// The handlers of a directory: those loaded, those refused and why, and
-/// those the device disabled.
+/// The handlers of the handler directories: those loaded, those refused
+/// and why, and those the device disabled.
 #[derive(Default)]
 pub struct HandlerSet {
     /// Loaded, callable handlers.
@@ -70,7 +75,7 @@ pub struct HandlerSet {
     /// Handlers switched off in the device config.
     pub disabled: Vec<String>,
     /// `[handlers.NAME]` tables of the device config that name no handler
-    /// of the directory.
+    /// of the directories.
     pub unknown: Vec<UnknownHandler>,
 }
 
@@ -146,30 +151,40 @@ impl Runtime {
         &self.cache
     }
 
-    /// Loads every `<name>.toml` + `<name>.wasm` in `dir`. A handler that
-    /// fails a check is refused (with the reason) and the others still load.
-    pub async fn load_dir(
+    /// Loads every `<name>.toml` + `<name>.wasm` of `dirs`, in order (see
+    /// [`dirs`]: a second claim of a name or update type is refused,
+    /// naming both files). A handler that fails a check is refused (with
+    /// the reason) and the others still load. Every directory is locked
+    /// shared meanwhile, so a handler being installed is seen whole or not
+    /// at all.
+    pub async fn load_dirs(
         &self,
-        dir: &Path,
+        dirs: &[PathBuf],
         device: &BTreeMap<String, DeviceGrant>,
     ) -> Result<HandlerSet> {
+        let _locks = dirs::DirLock::shared_all(dirs)?;
+        let files = dirs::discover(dirs, device)?;
         let mut set = HandlerSet::default();
-        let manifests = manifest_files(dir)?;
+        let manifests: Vec<PathBuf> = files.iter().map(|f| f.manifest.clone()).collect();
         set.unknown = unknown_handlers(device, &manifests);
         for unknown in &set.unknown {
-            tracing::warn!("{unknown} in {}", dir.display());
+            tracing::warn!("{unknown}");
         }
-        for manifest in manifests {
-            let name = handler_name(&manifest)?;
+        for dirs::HandlerFile {
+            name,
+            manifest,
+            conflict,
+        } in files
+        {
             let grant = device.get(&name);
             if grant.is_some_and(|g| !g.enabled) {
                 set.disabled.push(name);
                 continue;
             }
-            let loaded = self.load_handler(&manifest, grant).await.and_then(|h| {
-                check_unique_types(&set, &h)?;
-                Ok(h)
-            });
+            let loaded = match conflict {
+                Some(conflict) => Err(conflict.into()),
+                None => self.load_handler(&manifest, grant).await,
+            };
             match loaded {
                 Ok(handler) => set.handlers.push(Arc::new(handler)),
                 Err(error) => {
@@ -261,17 +276,21 @@ pub fn handler_name(manifest: &Path) -> Result<String> {
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
-    if stem.is_empty()
-        || !stem
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
-    {
+    if !valid_name(stem) {
         bail!(
             "{}: a handler name must be lowercase letters, digits, `-` or `_`",
             manifest.display()
         );
     }
     Ok(stem.to_string())
+}
+
+/// Whether `name` is a handler name: `[a-z0-9_-]+` (so never a path).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
 }
 
 fn verify_hash(
@@ -379,19 +398,6 @@ fn check_description(handler: &Handler) -> Result<()> {
             "handler {}: the manifest declares update type {missing:?} but the component describes only {described:?}",
             handler.name
         );
-    }
-    Ok(())
-}
-
-fn check_unique_types(set: &HandlerSet, handler: &Handler) -> Result<()> {
-    for t in &handler.manifest.handler.update_types {
-        if let Some(other) = set.for_update_type(t) {
-            bail!(
-                "handler {}: update type {t:?} is already served by handler {}",
-                handler.name,
-                other.name
-            );
-        }
     }
     Ok(())
 }
