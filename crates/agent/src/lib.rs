@@ -145,15 +145,18 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     shared.reporter().refresh_inventory().await;
     shared.reporter().announce()?;
-    resume_jobs(&shared, &jobs_tx).await?;
+    let resumed = resume_jobs(&shared, &jobs_tx).await?;
     if let Err(e) = shared.journal.prune(shared.config.device.retained_jobs) {
         tracing::warn!("cannot clean up finished jobs: {e:#}");
     }
-    // A job completed after a restart may have changed what handlers manage.
-    shared
-        .reporter()
-        .report_inventory("inventory:resumed")
-        .await;
+    if resumed > 0 {
+        // A job completed after a restart may have changed what handlers
+        // manage (with none, the inventory just taken stands).
+        shared
+            .reporter()
+            .report_inventory("inventory:resumed")
+            .await;
+    }
     tokio::spawn(inbox::watch(shared.clone(), jobs_tx.clone(), wake));
     tokio::spawn(worker(shared.clone(), jobs_rx));
     tokio::spawn(reload_on_hangup(shared.clone(), hangup));

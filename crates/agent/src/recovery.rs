@@ -16,13 +16,16 @@ use otabox_core::shadow::{AgentState, JobResult};
 use otabox_core::step::{self as workflow, host_codes};
 use otabox_runtime::CallScope;
 
-/// Resumes what the journal holds, before any new delta is taken.
+/// Resumes what the journal holds, before any new delta is taken; returns
+/// how many unfinished jobs it found.
 pub(super) async fn resume_jobs(
     shared: &Arc<Shared>,
     jobs: &mpsc::UnboundedSender<JobRecord>,
-) -> Result<()> {
+) -> Result<usize> {
     let boot_id = journal::boot_id().unwrap_or_default();
-    for mut record in shared.journal.unfinished()? {
+    let unfinished = shared.journal.unfinished()?;
+    let count = unfinished.len();
+    for mut record in unfinished {
         shared.journal.count_attempt(&mut record)?;
         let decision = journal::decide(&record, &boot_id, journal::DEFAULT_MAX_ATTEMPTS);
         tracing::info!(
@@ -62,7 +65,7 @@ pub(super) async fn resume_jobs(
             }
         }
     }
-    Ok(())
+    Ok(count)
 }
 
 /// A job stopped while step `step` changed the system: ask the handler
