@@ -20,7 +20,7 @@ use crate::journal::Journal;
 use crate::model::UpdateHandler;
 use crate::mqtt::{self, Backoff};
 use crate::outbox::Outbox;
-use crate::runtime::{CancelFlag, Runtime};
+use crate::runtime::{CacheUse, CancelFlag, Runtime};
 use crate::trust::RootStore;
 
 mod inbox;
@@ -28,6 +28,7 @@ mod intake;
 #[cfg(test)]
 mod job_tests;
 mod jobs;
+mod notify;
 mod recovery;
 mod report;
 mod session;
@@ -83,6 +84,11 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
     handlers.require_valid_configs()?;
+    let compiled = handlers
+        .handlers
+        .iter()
+        .filter(|h| h.cache != CacheUse::Hit)
+        .count();
     let handlers: Vec<Arc<dyn UpdateHandler>> = handlers
         .handlers
         .into_iter()
@@ -137,7 +143,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     eventloop.set_network_options(mqtt::network_options());
     tracing::info!(
         device = device_id,
-        "agent {AGENT_VERSION} started; {} handler(s)",
+        "agent {AGENT_VERSION} started; {} handler(s), {compiled} compiled at start (the others precompiled)",
         shared.handlers.len()
     );
     tokio::select! {

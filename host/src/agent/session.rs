@@ -49,6 +49,10 @@ pub(super) async fn session(
     let device_id = shared.config.device_id()?;
     let mut watch = mqtt::ConnectionWatch::new(mqtt::Endpoint::new(&shared.config.mqtt, device_id));
     let mut answers = Answers::default();
+    let mut notifier = super::notify::Notifier::new(format!(
+        "{}:{}",
+        shared.config.mqtt.host, shared.config.mqtt.port
+    ));
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
@@ -56,14 +60,17 @@ pub(super) async fn session(
                     watch.connected();
                     connected_at = Some(std::time::Instant::now());
                     shared.connection.connected();
+                    notifier.connected(shared.cloud.topics().subscriptions().len());
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                     mqtt::announce_online(&client, &shared.cloud).await?;
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     watch.subscribed(&ack, &shared.cloud.topics().subscriptions());
+                    notifier.subscribed();
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    crate::failpoint::hang("session:hang").await;
                     answers.heard(&publish.topic);
                     if let Some(rejection) = on_publish(&shared, &jobs, &publish).await {
                         // Not queued durably: a rejection changes no state file.
@@ -102,13 +109,14 @@ pub(super) async fn session(
                     answers.disarm();
                     connected_at = None;
                     shared.connection.disconnected(&e.to_string());
+                    notifier.offline(&e.to_string());
                     if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
                         // rumqttc would send the refused packet again.
                         eventloop.pending.retain(|r| {
                             !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid)
                         });
                     }
-                    tokio::time::sleep(delay).await;
+                    notifier.sleep(delay).await;
                 }
             },
             _ = shared.outbox_changed.notified() => {
@@ -123,6 +131,7 @@ pub(super) async fn session(
                 }
             }
             _ = sleep_until(answers.deadline) => answers.overdue(shared.cloud.topics(), device_id, &watch),
+            _ = notifier.tick() => notifier.ping(),
         }
     }
 }
