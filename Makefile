@@ -26,7 +26,7 @@ demo: setup-demo
 ## cannot rot.
 test: export OTABOX_REQUIRE_TOOLCHAINS = 1
 test: setup
-	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages
+	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages --bench service
 	@# The device build (no `fleet` feature) compiles and links no SQLite.
 	cargo check -p otabox --no-default-features --bin otabox
 	@if cargo tree -p otabox --no-default-features -e normal --prefix none | grep -qE '^(rusqlite|libsqlite3-sys) '; then \
@@ -38,7 +38,7 @@ test: setup
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup
-	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages
+	cargo bench -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages --bench service
 
 ## Compare one benchmark between revision REV and the work tree, built alike
 ## and run alternately: make bench-compare REV=dfa8818 BENCH=handler_call

@@ -17,8 +17,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::apt::AptRepo;
 use common::nspawn::{self, Container};
-use common::package::{PACKAGE_TOOLS, build_deb, ready};
+use common::package::{self, PACKAGE_TOOLS, build_deb, ready};
 use common::services::{AgentProcess, Mosquitto, Nginx, ReplicaProcess, TestClient};
 use otabox::runtime::sha256_hex;
 use serde_json::json;
@@ -215,20 +216,15 @@ impl Device {
         let served = self.nginx.www.join(&name);
         std::fs::create_dir_all(served.parent().expect("parent")).expect("www dir");
         std::fs::write(&served, payload).expect("payload");
-        let deployment = self.dir.path().join(format!("{job}.json"));
-        std::fs::write(
-            &deployment,
+        fleet_deploy(
+            self,
             json!({"schema": 1, "jobId": job, "version": "1.0",
                    "steps": [{"updateType": "otabox/file:1",
                      "manifest": {"name": "app", "version": job, "payload": "app.conf",
                                   "destination": "/var/lib/otabox/files/app.conf"},
                      "files": [{"name": "app.conf", "url": self.nginx.url(&name),
-                                "size": payload.len(), "sha256": sha256_hex(payload)}]}]})
-            .to_string(),
-        )
-        .expect("deployment");
-        let deployment = deployment.to_str().expect("utf-8");
-        fleet(&self.db, &["deploy", deployment, "--device", DEVICE]);
+                                "size": payload.len(), "sha256": sha256_hex(payload)}]}]}),
+        );
     }
 
     /// Every message of the device up to its acknowledgement of `job`, and
@@ -465,4 +461,91 @@ fn remove_stops_the_service_and_keeps_config_and_state_and_purge_deletes_them() 
         assert!(!ct.path(gone).exists(), "{gone} is still there after purge");
     }
     assert!(!ct.sh("dpkg-query -W otabox").status.success());
+}
+
+#[test]
+fn the_agent_upgrades_its_own_package_through_apt_and_runs_the_new_binary() {
+    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "the_agent_upgrades_its_own_package_through_apt_and_runs_the_new_binary";
+    let Some(dev) = device(test) else { return };
+    let ct = &dev.ct;
+    if !package::tools_ready(test, &["gpg", "apt-ftparchive"]) {
+        return;
+    }
+    // Version N+1 in a signed repository the device's apt uses, and no
+    // other (the Debian mirror the root file system came from is dropped).
+    let repo = AptRepo::start(dev.dir.path());
+    let next = build_deb(dev.dir.path(), "0.1.0-2");
+    std::fs::copy(&next, repo.nginx.www.join("otabox_0.1.0-2.deb")).expect("into the repo");
+    repo.publish();
+    std::fs::create_dir_all(ct.path("/etc/apt/keyrings")).expect("keyrings");
+    std::fs::copy(&repo.keyring, ct.path("/etc/apt/keyrings/otabox-test.gpg")).expect("key");
+    ct.ok(&format!(
+        "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* && \
+         echo 'deb [signed-by=/etc/apt/keyrings/otabox-test.gpg] http://127.0.0.1:{}/ ./' \
+         > /etc/apt/sources.list.d/otabox-test.list",
+        repo.nginx.port
+    ));
+    dev.configure();
+    let pid = ct.property("otabox", "MainPID");
+
+    fleet_deploy(
+        &dev,
+        json!({"schema": 1, "jobId": "job-self", "version": "0.1.0-2",
+               "steps": [{"updateType": "otabox/apt:1", "manifest":
+                 {"name": "otabox-agent", "version": "0.1.0-2",
+                  "packages": [{"name": "otabox", "version": "0.1.0-2"}]}}]}),
+    );
+    let seen = dev.until_acked("job-self");
+    let journal = ct.journal("otabox");
+    let acks: Vec<&serde_json::Value> = seen.iter().filter(|m| is_ack(m, "job-self")).collect();
+    assert_eq!(acks.len(), 1, "one acknowledgement: {acks:?}\n{journal}");
+    assert_eq!(acks[0]["status"], "SUCCESS", "{journal}");
+
+    // dpkg finished (no half-configured package), and the service runs the
+    // new binary: the agent re-executed itself, same PID, no restart by
+    // systemd, nothing failed.
+    assert_eq!(
+        ct.ok("dpkg-query -W -f='${Version} ${db:Status-Abbrev}' otabox")
+            .trim(),
+        "0.1.0-2 ii"
+    );
+    assert_eq!(ct.property("otabox", "MainPID"), pid);
+    assert_eq!(ct.property("otabox", "NRestarts"), "0");
+    assert_eq!(ct.property("otabox", "ActiveState"), "active");
+    assert_eq!(
+        ct.ok(&format!("readlink /proc/{pid}/exe")).trim(),
+        "/usr/bin/otabox",
+        "the service still runs the replaced binary"
+    );
+    assert!(
+        ct.ok(&format!("/proc/{pid}/exe --version"))
+            .starts_with("otabox ")
+    );
+    assert!(
+        journal.contains("restarting the agent as the update asked"),
+        "{journal}"
+    );
+    assert_eq!(journal.matches(" handler(s), ").count(), 2, "{journal}");
+    for unclean in [
+        " ERROR ",
+        "Main process exited",
+        "Failed with result",
+        "Watchdog timeout",
+    ] {
+        assert!(
+            !journal.contains(unclean),
+            "{unclean:?} in the journal:\n{journal}"
+        );
+    }
+}
+
+/// Deploys `deployment` (a desired state, schema 1) to the device.
+fn fleet_deploy(dev: &Device, deployment: serde_json::Value) {
+    let file = dev.dir.path().join("deployment.json");
+    std::fs::write(&file, deployment.to_string()).expect("deployment");
+    fleet(
+        &dev.db,
+        &["deploy", file.to_str().expect("utf-8"), "--device", DEVICE],
+    );
 }
