@@ -12,15 +12,14 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::apt::AptRepo;
 use common::nspawn::{self, Container};
 use common::package::{self, PACKAGE_TOOLS, build_deb, ready};
-use common::services::{AgentProcess, Mosquitto, Nginx, ReplicaProcess, TestClient};
+use common::services::{AgentProcess, Mosquitto, Nginx, ReplicaProcess, TestClient, fleet};
 use otabox::runtime::sha256_hex;
 use serde_json::json;
 
@@ -164,12 +163,24 @@ struct Device {
     installed: String,
     _replica: ReplicaProcess,
     dir: tempfile::TempDir,
+    /// Released last, once the container is halted.
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
-/// Everything a container test needs, or `None` when it is skipped.
-fn device(test: &str) -> Option<Device> {
+/// The name of the running test (the harness names its thread so).
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string()
+}
+
+/// Everything a container test needs, or `None` when it is skipped; holds
+/// the one-container lock until dropped.
+fn device() -> Option<Device> {
+    let one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
     let tools: Vec<&str> = [nspawn::TOOLS, PACKAGE_TOOLS, &["mosquitto", "nginx"]].concat();
-    if !ready(test, &tools) {
+    if !ready(&test_name(), &tools) {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -193,6 +204,7 @@ fn device(test: &str) -> Option<Device> {
         installed,
         _replica: replica,
         dir,
+        _one: one,
     })
 }
 
@@ -251,29 +263,9 @@ fn is_ack(message: &serde_json::Value, job: &str) -> bool {
     message["jobId"] == job && message.get("status").is_some()
 }
 
-/// `otabox fleet --db DB ARGS`; its output.
-fn fleet(db: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
-        .arg("fleet")
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .output()
-        .expect("fleet");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "fleet {args:?}: {text}");
-    text
-}
-
 #[test]
 fn the_package_installs_and_its_service_runs_a_deployment_to_success() {
-    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "the_package_installs_and_its_service_runs_a_deployment_to_success";
-    let Some(dev) = device(test) else { return };
+    let Some(dev) = device() else { return };
     let ct = &dev.ct;
 
     // postinst compiled every handler; the unit is valid, enabled, and not
@@ -323,9 +315,7 @@ fn the_package_installs_and_its_service_runs_a_deployment_to_success() {
 
 #[test]
 fn an_agent_killed_mid_job_is_restarted_by_systemd_and_acknowledges_the_job_once() {
-    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "an_agent_killed_mid_job_is_restarted_by_systemd_and_acknowledges_the_job_once";
-    let Some(dev) = device(test) else { return };
+    let Some(dev) = device() else { return };
     let ct = &dev.ct;
     dev.configure();
     let first_pid = ct.property("otabox", "MainPID");
@@ -356,9 +346,7 @@ fn an_agent_killed_mid_job_is_restarted_by_systemd_and_acknowledges_the_job_once
 
 #[test]
 fn a_hung_session_loop_is_restarted_by_the_watchdog() {
-    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "a_hung_session_loop_is_restarted_by_the_watchdog";
-    let Some(dev) = device(test) else { return };
+    let Some(dev) = device() else { return };
     let ct = &dev.ct;
     dev.configure();
     let drop_in = "/etc/systemd/system/otabox.service.d";
@@ -412,9 +400,7 @@ fn a_hung_session_loop_is_restarted_by_the_watchdog() {
 
 #[test]
 fn remove_stops_the_service_and_keeps_config_and_state_and_purge_deletes_them() {
-    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "remove_stops_the_service_and_keeps_config_and_state_and_purge_deletes_them";
-    let Some(dev) = device(test) else { return };
+    let Some(dev) = device() else { return };
     let ct = &dev.ct;
     dev.configure();
     dev.deploy("job-1", "", b"kept = true\n");
@@ -465,11 +451,9 @@ fn remove_stops_the_service_and_keeps_config_and_state_and_purge_deletes_them() 
 
 #[test]
 fn the_agent_upgrades_its_own_package_through_apt_and_runs_the_new_binary() {
-    let _one = ONE_CONTAINER.lock().unwrap_or_else(|e| e.into_inner());
-    let test = "the_agent_upgrades_its_own_package_through_apt_and_runs_the_new_binary";
-    let Some(dev) = device(test) else { return };
+    let Some(dev) = device() else { return };
     let ct = &dev.ct;
-    if !package::tools_ready(test, &["gpg", "apt-ftparchive"]) {
+    if !package::tools_ready(&test_name(), &["gpg", "apt-ftparchive"]) {
         return;
     }
     // Version N+1 in a signed repository the device's apt uses, and no
