@@ -21,6 +21,10 @@ mod fleet;
 #[path = "cli/handlers.rs"]
 mod handlers;
 
+/// `otabox handlers precompile`.
+#[path = "cli/precompile.rs"]
+mod precompile;
+
 /// Default device configuration file.
 const DEFAULT_CONFIG: &str = "/etc/otabox/device.toml";
 
@@ -235,6 +239,16 @@ enum HandlersCommand {
         #[arg(long, value_name = "ID")]
         deny: Vec<String>,
     },
+    /// Compile every handler into the compiled-component cache (`[paths]
+    /// cache`), so the agent's next start compiles nothing; only the sha256
+    /// pin is checked. Exits 1 when a handler cannot be compiled.
+    Precompile {
+        #[command(flatten)]
+        source: Source,
+        /// Delete cache entries of handlers no longer in the directory.
+        #[arg(long)]
+        prune: bool,
+    },
     /// Call one lifecycle phase of a handler (or the whole step) against a
     /// manifest, outside any job, and print the result as JSON. Calls with
     /// the same --job share checkpoints, so backup, install and rollback can
@@ -360,6 +374,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     deny,
                 },
         } => audit(&source, json, &otabox::audit::Policy { strict, deny }).await,
+        Command::Handlers {
+            command: HandlersCommand::Precompile { source, prune },
+        } => {
+            let config = device_config(&source)?;
+            precompile::run(config.paths.handlers.as_slice(), config.cache_dir(), prune).await
+        }
         Command::Handlers {
             command:
                 HandlersCommand::RunPhase {

@@ -10,27 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::services::{AgentProcess, Mosquitto, ReplicaProcess, TestClient};
+use common::services::{AgentProcess, Mosquitto, ReplicaProcess, TestClient, fleet};
 use common::*;
 use otabox::runtime::sha256_hex;
 use serde_json::json;
-
-fn fleet(db: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
-        .arg("fleet")
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .output()
-        .expect("fleet");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "fleet {args:?}: {text}");
-    text
-}
 
 /// A scratch directory (and its canonical path) with a broker and the
 /// replica on `replica.db` there, started with `args`.

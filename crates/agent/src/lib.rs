@@ -36,13 +36,14 @@ use otabox_core::journal::Journal;
 use otabox_core::model::UpdateHandler;
 use otabox_core::outbox::Outbox;
 use otabox_core::trust::RootStore;
-use otabox_runtime::{CancelFlag, Runtime};
+use otabox_runtime::{CacheUse, CancelFlag, Runtime};
 
 mod inbox;
 mod intake;
 #[cfg(test)]
 mod job_tests;
 mod jobs;
+mod notify;
 mod recovery;
 mod report;
 mod session;
@@ -108,7 +109,7 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     let (_state_lock, wake) = inbox::own_state(&config.paths.state)?;
     let journal = Journal::open(&config.paths.state)?;
     let runtime = Runtime::new(Some(config.cache_dir()))?;
-    let handlers = load_handlers(&runtime, &config).await?;
+    let (handlers, compiled) = load_handlers(&runtime, &config).await?;
     let outbox = Outbox::open(&config.paths.state.join("outbox"))?;
     let options = mqtt::options(&config.mqtt, &device_id)?;
     let backoff = Backoff::new(
@@ -164,8 +165,9 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
     eventloop.set_network_options(mqtt::network_options());
     tracing::info!(
         device = device_id,
-        "agent {AGENT_VERSION} started; {} handler(s)",
-        shared.handlers().len()
+        "agent {AGENT_VERSION} started; {} handler(s), {} compiled at start (the others precompiled)",
+        shared.handlers().len(),
+        compiled
     );
     tokio::select! {
         result = session(shared, client, eventloop, backoff, jobs_tx) => result,
@@ -178,18 +180,24 @@ pub async fn run(config: DeviceConfig) -> Result<()> {
 
 /// Loads the handlers of the configured directories; fails when one
 /// refused its device config.
-async fn load_handlers(runtime: &Runtime, config: &DeviceConfig) -> Result<Handlers> {
+async fn load_handlers(runtime: &Runtime, config: &DeviceConfig) -> Result<(Handlers, usize)> {
     let dirs = config.paths.handlers.as_slice();
     let set = runtime.load_dirs(dirs, &config.handlers).await?;
     for refused in &set.refused {
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
     set.require_valid_configs()?;
-    Ok(set
+    let compiled = set
+        .handlers
+        .iter()
+        .filter(|h| h.cache != CacheUse::Hit)
+        .count();
+    let handlers = set
         .handlers
         .into_iter()
         .map(|h| h as Arc<dyn UpdateHandler>)
-        .collect())
+        .collect();
+    Ok((handlers, compiled))
 }
 
 /// Reloads the handlers on each SIGHUP once no job runs; a reload that
@@ -198,7 +206,7 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut hangup: tokio::signal::unix::
     while hangup.recv().await.is_some() {
         let _between = shared.between_jobs.lock().await;
         match load_handlers(&shared.runtime, &shared.config).await {
-            Ok(handlers) => {
+            Ok((handlers, _)) => {
                 let names: Vec<&str> = handlers.iter().map(|h| h.name()).collect();
                 tracing::info!(
                     "handlers reloaded on SIGHUP: {} handler(s) ({})",

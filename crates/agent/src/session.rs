@@ -49,12 +49,17 @@ pub(super) async fn session(
     let device_id = shared.config.device_id()?;
     let mut watch = mqtt::ConnectionWatch::new(mqtt::Endpoint::new(&shared.config.mqtt, device_id));
     let mut answers = Answers::default();
+    let mut notifier = super::notify::Notifier::new(format!(
+        "{}:{}",
+        shared.config.mqtt.host, shared.config.mqtt.port
+    ));
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     watch.connected();
                     connected_at = Some(std::time::Instant::now());
+                    notifier.connected(shared.cloud.topics().subscriptions().len());
                     subscribe(&shared, &client).await?;
                     wake = publish_next(&shared, &client, &mut in_flight).await?;
                     mqtt::announce_online(&client, &shared.cloud).await?;
@@ -64,8 +69,10 @@ pub(super) async fn session(
                 }
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                     watch.subscribed(&ack, &shared.cloud.topics().subscriptions());
+                    notifier.subscribed();
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    otabox_core::failpoint::hang("session:hang").await;
                     answers.heard(&publish.topic);
                     if let Some(rejection) = on_publish(&shared, &jobs, &publish).await {
                         // Not queued durably: a rejection changes no state file.
@@ -104,13 +111,14 @@ pub(super) async fn session(
                     answers.disarm();
                     connected_at = None;
                     shared.connection.disconnected(&e.to_string());
+                    notifier.offline(&e.to_string());
                     if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
                         // rumqttc would send the refused packet again.
                         eventloop.pending.retain(|r| {
                             !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid)
                         });
                     }
-                    tokio::time::sleep(delay).await;
+                    notifier.sleep(delay).await;
                 }
             },
             _ = shared.outbox_changed.notified() => {
@@ -125,6 +133,7 @@ pub(super) async fn session(
                 }
             }
             _ = sleep_until(answers.deadline) => answers.overdue(shared.cloud.topics(), device_id, &watch),
+            _ = notifier.tick() => notifier.ping(),
         }
     }
 }

@@ -6,6 +6,8 @@ pub mod apt;
 pub mod containers;
 pub mod firmware;
 pub mod languages;
+pub mod nspawn;
+pub mod package;
 pub mod pki;
 pub mod services;
 

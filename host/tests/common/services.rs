@@ -343,6 +343,25 @@ impl TestClient {
     }
 }
 
+/// Runs `otabox fleet --db DB ARGS`; its output (stdout, then stderr), or a
+/// panic with it when the command fails.
+pub fn fleet(db: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_otabox"))
+        .arg("fleet")
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .expect("fleet");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fleet {args:?}: {text}");
+    text
+}
+
 /// `otabox replica` as a process, killed on drop.
 pub struct ReplicaProcess {
     child: Child,
