@@ -52,15 +52,7 @@ impl StateLock {
     /// uses it.
     pub fn own(state_dir: &Path) -> Result<Self> {
         durable::create_private_dir(state_dir)?;
-        let path = state_dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(durable::FILE_MODE)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let (file, path) = open_lock_file(state_dir)?;
         let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         loop {
             match file.try_lock() {
@@ -104,15 +96,7 @@ impl StateLock {
         if !state_dir.is_dir() {
             return Ok(None);
         }
-        let path = state_dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(durable::FILE_MODE)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let (file, path) = open_lock_file(state_dir)?;
         match file.try_lock_shared() {
             Ok(()) => Ok(Some(Self { file })),
             Err(TryLockError::WouldBlock) => bail!(
@@ -127,6 +111,21 @@ impl StateLock {
             }
         }
     }
+}
+
+/// The lock file of `state_dir`, opened (created 0600 when missing, never
+/// truncated: it holds the owner's pid), and its path.
+fn open_lock_file(state_dir: &Path) -> Result<(File, PathBuf)> {
+    let path = state_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(durable::FILE_MODE)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Ok((file, path))
 }
 
 /// Who owns a state directory.
