@@ -33,6 +33,18 @@ fn fault(err: &anyhow::Error) -> &CallFault {
         .unwrap_or_else(|| panic!("not a call fault: {err:#}"))
 }
 
+/// Handlers run in wasmtime's Pulley interpreter exactly when the build
+/// asks for it (the `pulley` feature) or the host has no Cranelift backend
+/// (32-bit ARM); elsewhere as native code.
+#[test]
+fn handlers_are_interpreted_exactly_where_the_build_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(
+        runtime(dir.path()).engine().is_pulley(),
+        cfg!(any(feature = "pulley", target_arch = "arm"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_stops_at_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -912,7 +924,7 @@ fn run_phase_hostile(
         "[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n",
     )
     .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+    let out = otabox_command()
         .args(["handlers", "run-phase", "--config"])
         .arg(&config)
         .args(["--handler", "hostile", "--phase", "install", "--manifest"])
