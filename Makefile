@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/otabox/target
 SHELL := /bin/bash
 
-.PHONY: setup setup-demo demo test bench bench-compare deb
+.PHONY: setup setup-demo demo test test-cross bench bench-compare deb
 
 ## Install what the demo needs: mosquitto, nginx-light and the wasm32-wasip2
 ## target.
@@ -22,8 +22,8 @@ demo: setup-demo
 ## Run the whole test suite (the wasm handlers are built by host/build.rs and
 ## host/tests/guests/packaged/build.rs,
 ## the example handlers in other languages by their build.sh; a missing
-## toolchain fails the run), and the benchmarks as short smoke runs so they
-## cannot rot.
+## toolchain fails the run), the benchmarks as short smoke runs so they
+## cannot rot, and the ARM builds' tests under qemu-user (test-cross).
 test: export OTABOX_REQUIRE_TOOLCHAINS = 1
 test: setup
 	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages --bench service
@@ -31,10 +31,17 @@ test: setup
 	@# cloud side (otabox-fleet, SQLite) nor a web or database server.
 	cargo check -p otabox --no-default-features --bin otabox
 	@bash tools/check-device-tree.sh
+	$(MAKE) --no-print-directory test-cross
 	set -o pipefail; log=$$(mktemp); \
 	cargo test --workspace 2>&1 | tee "$$log"; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$$log"; \
 	rm -f "$$log"; exit $$status
+
+## Cross build the device binary for arm64 (Cranelift) and armhf (Pulley)
+## and run the sandbox and file-handler tests under qemu-user; one target
+## with CROSS_TARGETS=aarch64-unknown-linux-gnu.
+test-cross: setup
+	bash .ci/test-cross $(CROSS_TARGETS)
 
 ## Run the benchmarks (release build) and print the figures.
 bench: setup

@@ -33,6 +33,18 @@ fn fault(err: &anyhow::Error) -> &CallFault {
         .unwrap_or_else(|| panic!("not a call fault: {err:#}"))
 }
 
+/// Handlers run in wasmtime's Pulley interpreter exactly when the build
+/// asks for it (the `pulley` feature) or the host has no Cranelift backend
+/// (32-bit ARM); elsewhere as native code.
+#[test]
+fn handlers_are_interpreted_exactly_where_the_build_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(
+        runtime(dir.path()).engine().is_pulley(),
+        cfg!(any(feature = "pulley", target_arch = "arm"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_stops_at_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -165,6 +177,42 @@ async fn commands_outside_the_rules_are_denied_and_never_spawned() {
         "{:?}",
         started.elapsed()
     );
+    still_serves(&h).await;
+}
+
+/// A command that would outlive the call is killed a tenth of the call's
+/// time limit before its end (here 400 ms), so the handler can still
+/// report it: here it computes for 50 ms after the kill, five epoch ticks,
+/// which the engine would not allow past the call's deadline (a slow
+/// board, or the Pulley interpreter, needs such time to clean up and
+/// report). Its own failure comes back, not a time-limit fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_keeps_time_to_report_a_command_it_had_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime(dir.path());
+    let body = format!(
+        "{BASE}[[commands]]\nprogram = \"/bin/sleep\"\nargs = [\"*\"]\n[limits]\ncall_timeout_ms = 4000\n"
+    );
+    let h = hostile(&rt, dir.path(), &body).await.expect("load");
+    let text = failure(
+        act(
+            &h,
+            json!({"action": "exec", "program": "/bin/sleep", "args": ["30"], "busy_after_ms": 50}),
+        )
+        .await
+        .expect("the handler's own failure, not a fault"),
+    );
+    assert!(
+        text.contains("TimedOut") && text.contains("killed"),
+        "{text}"
+    );
+    let ran_ms: u64 = text
+        .split("ran longer than ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no time limit in {text}"));
+    assert!(ran_ms <= 3600, "killed after {ran_ms} ms: {text}");
     still_serves(&h).await;
 }
 
@@ -912,7 +960,7 @@ fn run_phase_hostile(
         "[paths]\nhandlers = \"handlers\"\nstate = \"state\"\n",
     )
     .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otabox"))
+    let out = otabox_command()
         .args(["handlers", "run-phase", "--config"])
         .arg(&config)
         .args(["--handler", "hostile", "--phase", "install", "--manifest"])
@@ -924,7 +972,8 @@ fn run_phase_hostile(
     let peak = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
         libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage.ru_maxrss
+        // A `c_long`: 32 bits on 32-bit ARM.
+        i64::from(usage.ru_maxrss)
     };
     (out, peak)
 }

@@ -12,13 +12,34 @@ use wasmtime::{Config, Engine};
 /// stops at most one tick after its limit.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// The Pulley target of this host's pointer width and byte order: the
+/// interpreter runs only bytecode of its own width and endianness.
+#[cfg(feature = "pulley")]
+const PULLEY_TARGET: &str = match (
+    cfg!(target_pointer_width = "64"),
+    cfg!(target_endian = "big"),
+) {
+    (true, false) => "pulley64",
+    (true, true) => "pulley64be",
+    (false, false) => "pulley32",
+    (false, true) => "pulley32be",
+};
+
 /// Builds the engine every handler runs in. Instances use the on-demand
 /// allocator: the pooling allocator measured slower for our small guests
-/// (88 us vs 66 us per call in benches/handler_call).
+/// (88 us vs 66 us per call in benches/handler_call). With the `pulley`
+/// feature handlers run in wasmtime's interpreter on every host; without
+/// it they run as native code, except where Cranelift has no backend
+/// (32-bit ARM), where wasmtime picks Pulley by itself.
 pub fn new_engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    #[cfg(feature = "pulley")]
+    config
+        .target(PULLEY_TARGET)
+        .map_err(anyhow::Error::from)
+        .context("cannot select the Pulley interpreter")?;
     Engine::new(&config)
         .map_err(anyhow::Error::from)
         .context("cannot create the Wasm engine")

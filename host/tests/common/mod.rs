@@ -16,6 +16,26 @@ use std::path::{Path, PathBuf};
 use otabox::capabilities::DeviceGrant;
 use otabox::runtime::{CallScope, Handler, Outcome, Phase, Runtime, StepContext, sha256_hex};
 
+/// The `otabox` binary of this build as a command. The tests of a cross
+/// build run under qemu-user, which cannot start a binary of the target by
+/// itself: `OTABOX_TEST_RUNNER_<ARCH>` (set in `.cargo/config.toml` for the
+/// ARM targets) names the emulator and its arguments.
+pub fn otabox_command() -> std::process::Command {
+    let exe = env!("CARGO_BIN_EXE_otabox");
+    let key = format!(
+        "OTABOX_TEST_RUNNER_{}",
+        std::env::consts::ARCH.to_uppercase()
+    );
+    let runner = std::env::var(key).unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let Some(emulator) = words.next() else {
+        return std::process::Command::new(exe);
+    };
+    let mut command = std::process::Command::new(emulator);
+    command.args(words).arg(exe);
+    command
+}
+
 /// A built guest component (`file` or `hostile`).
 pub fn built_wasm(name: &str) -> Vec<u8> {
     let path = Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{name}.wasm"));

@@ -33,10 +33,11 @@ impl Host for HostState {
                 return Ok(Err(error));
             }
         };
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        let limit = cmd.timeout_ms.map_or(remaining, |ms| {
-            remaining.min(Duration::from_millis(ms.into()))
-        });
+        let limit = command_limit(
+            self.deadline,
+            self.grants.limits.call_timeout(),
+            cmd.timeout_ms,
+        );
         tracing::debug!(handler = &*self.handler, program = cmd.program, args = ?cmd.args, "running");
         let (cmd, payloads) = match self.with_payload_paths(cmd, &privileges) {
             Ok(substituted) => substituted,
@@ -45,6 +46,20 @@ impl Host for HostState {
         let isolation = self.grants.command_isolation;
         Ok(execute(cmd, &payloads, limit, &privileges, isolation).await)
     }
+}
+
+/// How long a command may run: its own `timeout_ms`, if any, but never
+/// past the call's deadline less a tenth of the call's time limit, which
+/// the handler keeps to clean up and report the time-out (the engine
+/// stops a guest one epoch tick after the deadline: too little on a slow
+/// board or in the Pulley interpreter).
+fn command_limit(deadline: Instant, call_limit: Duration, own_ms: Option<u32>) -> Duration {
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(call_limit / 10);
+    own_ms.map_or(remaining, |ms| {
+        remaining.min(Duration::from_millis(ms.into()))
+    })
 }
 
 /// The placeholder of a payload's path in an argument: `{payload:NAME}`.

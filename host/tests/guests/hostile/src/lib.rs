@@ -2,7 +2,7 @@
 //!
 //! `install` reads `{"action": ...}` from the manifest and does it:
 //! `loop` spins forever, `alloc` allocates until memory runs out, `exec` runs
-//! `program` with `args` (and `env`), `read`/`write`/`list` touch `path`,
+//! `program` with `args` (and `env`) and then computes for `busy_after_ms`, `read`/`write`/`list` touch `path`,
 //! `checkpoint` stores `value`, `payload` reads the payload `name`, `print`
 //! writes `text` to stdout and stderr `times` times, `connect` opens a TCP
 //! connection to `address` and sends `hello`, `resolve` looks up `name`,
@@ -22,11 +22,14 @@ use serde::Deserialize;
 enum Action {
     Loop,
     Alloc,
+    /// Then keeps computing for `busy_after_ms`, whatever the result.
     Exec {
         program: String,
         args: Vec<String>,
         #[serde(default)]
         env: Vec<(String, String)>,
+        #[serde(default)]
+        busy_after_ms: u64,
     },
     Read {
         path: String,
@@ -229,15 +232,22 @@ fn act(action: Action) -> Outcome {
                 std::hint::black_box(&hoard);
             }
         }
-        Action::Exec { program, args, env } => {
+        Action::Exec {
+            program,
+            args,
+            env,
+            busy_after_ms,
+        } => {
             let mut cmd = Command::new(program).args(args);
             for (k, v) in env {
                 cmd = cmd.env(k, v);
             }
-            report(
-                cmd.run()
-                    .map(|out| format!("exit={:?} stdout={}", out.code(), out.stdout())),
-            )
+            let result = cmd.run();
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(busy_after_ms) {
+                std::hint::spin_loop();
+            }
+            report(result.map(|out| format!("exit={:?} stdout={}", out.code(), out.stdout())))
         }
         Action::Read { path } => report(std::fs::read_to_string(&path).map_err(|e| e.to_string())),
         Action::Write { path } => report(
