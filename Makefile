@@ -29,9 +29,10 @@ test: setup
 	cargo test -p otabox --bench handler_call --bench agent --bench download --bench apt --bench firmware --bench languages --bench service
 	@# The device build (no `fleet` feature) compiles and links neither the
 	@# cloud side (otabox-fleet, SQLite) nor a web or database server.
-	cargo check -p otabox --no-default-features --bin otabox
+	cargo check -p otabox --no-default-features --features compiler --bin otabox
 	@bash tools/check-device-tree.sh
 	$(MAKE) --no-print-directory test-cross
+	bash .ci/test-runtime-only
 	set -o pipefail; log=$$(mktemp); \
 	cargo test --workspace 2>&1 | tee "$$log"; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$$log"; \
@@ -57,15 +58,36 @@ bench-compare:
 ## binary (release, no `fleet` feature), the four first-party handlers and
 ## the service (see packaging/). ARCH=amd64 (default); ARCH=arm64 or
 ## ARCH=armhf cross-build once their Rust targets and linkers are set up.
+## VARIANT=runtime-only builds otabox-runtime-only: the agent without the
+## compiler, and the handlers precompiled for ARCH on this machine (for
+## another ARCH by a build with the `all-targets` feature, kept apart under
+## $(CARGO_TARGET_DIR)/<host triple>/).
 ARCH ?= amd64
+VARIANT ?=
 DEB_TRIPLE_amd64 :=
 DEB_TRIPLE_arm64 := aarch64-unknown-linux-gnu
 DEB_TRIPLE_armhf := armv7-unknown-linux-gnueabihf
 DEB_TRIPLE = $(DEB_TRIPLE_$(ARCH))
+HOST_TRIPLE = $(shell rustc -vV | sed -n 's/^host: //p')
+DEB_FEATURES = $(if $(filter runtime-only,$(VARIANT)),,--features compiler)
 deb: setup
 	@test -n "$(filter $(ARCH),amd64 arm64 armhf)" || { echo "ARCH=$(ARCH): use amd64, arm64 or armhf"; exit 1; }
-	cargo build --release -p otabox --no-default-features --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE))
+	@test -z "$(VARIANT)" -o "$(VARIANT)" = runtime-only || { echo "VARIANT=$(VARIANT): the only variant is runtime-only"; exit 1; }
+	cargo build --release -p otabox --no-default-features $(DEB_FEATURES) --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE))
 	cargo build -p otabox-test-guests
-	TARGET=$(DEB_TRIPLE) bash packaging/build-deb \
+	set -e; handlers=$(CARGO_TARGET_DIR)/wasm-guests/handlers; \
+	if [ "$(VARIANT)" = runtime-only ]; then \
+		stage=$$(mktemp -d); trap 'rm -rf "$$stage"' EXIT; \
+		cp $$handlers/*.wasm $$handlers/*.toml "$$stage/"; \
+		if [ -z "$(DEB_TRIPLE)" ]; then \
+			cargo build -p otabox --bin otabox; precompiler=$(CARGO_TARGET_DIR)/debug/otabox; \
+		else \
+			cargo build -p otabox --features all-targets --bin otabox --target $(HOST_TRIPLE); \
+			precompiler=$(CARGO_TARGET_DIR)/$(HOST_TRIPLE)/debug/otabox; \
+		fi; \
+		$$precompiler handlers precompile --dir "$$stage" --target $(or $(DEB_TRIPLE),$(HOST_TRIPLE)); \
+		handlers=$$stage; \
+	fi; \
+	TARGET=$(DEB_TRIPLE) VARIANT=$(VARIANT) bash packaging/build-deb \
 		$(CARGO_TARGET_DIR)/$(if $(DEB_TRIPLE),$(DEB_TRIPLE)/)release/otabox \
-		$(CARGO_TARGET_DIR)/wasm-guests/handlers $(CARGO_TARGET_DIR)/debian
+		$$handlers $(CARGO_TARGET_DIR)/debian

@@ -199,6 +199,23 @@ struct Source {
     dir: Option<PathBuf>,
 }
 
+/// What `handlers precompile --help` adds: the two builds and the artifacts.
+const PRECOMPILE_HELP: &str =
+    "A build with the compiler (the default) precompiles into its cache; the
+Debian package's postinst runs `otabox handlers precompile --prune`. The
+runtime-only build (no `compiler` feature) cannot compile: it loads
+NAME.cwasm beside NAME.wasm, after checking its record NAME.cwasm.json
+against the manifest's sha256 pin and its own engine hash (otabox version,
+target, engine settings), and refuses a mismatch, naming both. There,
+`handlers precompile` only checks the shipped artifacts.
+
+On the build machine, for an arm64 board:
+  otabox handlers precompile --dir handlers/ --target aarch64-unknown-linux-gnu
+and for armhf (Pulley):
+  otabox handlers precompile --dir handlers/ --target armv7-unknown-linux-gnueabihf
+Targets other than this machine's need a build with the `all-targets`
+feature (`cargo build -p otabox --features all-targets`).";
+
 /// How a running agent takes a changed handler directory, shown by the
 /// `handlers` commands' `--help`.
 const RELOAD_HELP: &str = "Handler directories ([paths] handlers, in order): the packaged handlers
@@ -241,13 +258,28 @@ enum HandlersCommand {
     },
     /// Compile every handler into the compiled-component cache (`[paths]
     /// cache`), so the agent's next start compiles nothing; only the sha256
-    /// pin is checked. Exits 1 when a handler cannot be compiled.
+    /// pin is checked. With --target (on a build machine), write artifacts
+    /// for that target instead: NAME.cwasm and its record NAME.cwasm.json,
+    /// bound to the wasm's sha256 and the target's engine hash, which a
+    /// runtime-only agent loads from beside NAME.wasm. Exits 1 when a
+    /// handler cannot be compiled.
+    #[command(after_help = PRECOMPILE_HELP)]
     Precompile {
         #[command(flatten)]
         source: Source,
         /// Delete cache entries of handlers no longer in the directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["target", "out"])]
         prune: bool,
+        /// Write artifacts for this target: a Rust target triple
+        /// (aarch64-unknown-linux-gnu; 32-bit ARM triples mean Pulley, as
+        /// their device build runs it) or a Pulley target (pulley32,
+        /// pulley64). Default with --out: this build's own target.
+        #[arg(long, value_name = "TRIPLE")]
+        target: Option<String>,
+        /// Where to write the artifacts (default with --target: beside each
+        /// handler's wasm).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Call one lifecycle phase of a handler (or the whole step) against a
     /// manifest, outside any job, and print the result as JSON. Calls with
@@ -375,10 +407,21 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 },
         } => audit(&source, json, &otabox::audit::Policy { strict, deny }).await,
         Command::Handlers {
-            command: HandlersCommand::Precompile { source, prune },
+            command:
+                HandlersCommand::Precompile {
+                    source,
+                    prune,
+                    target,
+                    out,
+                },
         } => {
             let config = device_config(&source)?;
-            precompile::run(config.paths.handlers.as_slice(), config.cache_dir(), prune).await
+            let handlers = config.paths.handlers.as_slice();
+            if target.is_some() || out.is_some() {
+                precompile::artifacts(handlers, target.as_deref(), out.as_deref())
+            } else {
+                precompile::run(handlers, config.cache_dir(), prune).await
+            }
         }
         Command::Handlers {
             command:

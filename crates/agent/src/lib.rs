@@ -36,7 +36,7 @@ use otabox_core::journal::Journal;
 use otabox_core::model::UpdateHandler;
 use otabox_core::outbox::Outbox;
 use otabox_core::trust::RootStore;
-use otabox_runtime::{CacheUse, CancelFlag, Runtime};
+use otabox_runtime::{CancelFlag, Runtime};
 
 mod inbox;
 mod intake;
@@ -187,11 +187,7 @@ async fn load_handlers(runtime: &Runtime, config: &DeviceConfig) -> Result<(Hand
         tracing::error!("handler {} refused: {:#}", refused.name, refused.error);
     }
     set.require_valid_configs()?;
-    let compiled = set
-        .handlers
-        .iter()
-        .filter(|h| h.cache != CacheUse::Hit)
-        .count();
+    let compiled = set.handlers.iter().filter(|h| h.cache.compiled()).count();
     let handlers = set
         .handlers
         .into_iter()

@@ -286,7 +286,10 @@ pub async fn audit_handler(
         }
     };
     audit.sha256 = Some(sha256.clone());
-    let component = match runtime.cache().load(runtime.engine(), &wasm, &sha256) {
+    let component = match runtime
+        .cache()
+        .load(runtime.engine(), &wasm, &sha256, &audit.wasm)
+    {
         Ok((component, _)) => component,
         Err(e) => {
             audit.error("compile-failed", format!("{e:#}"));

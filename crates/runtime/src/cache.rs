@@ -1,19 +1,22 @@
 //! Precompiled components, keyed by the wasm's sha256 and the engine's
-//! compatibility hash, so a restart skips Cranelift.
+//! compatibility hash, so a restart skips Cranelift; and the order in which
+//! a handler's component is found: the artifact shipped beside its wasm
+//! ([`crate::precompiled`]), the cache, the compiler (a build without the
+//! `compiler` feature has no cache and stops before the compiler).
 //!
 //! The cache directory must be writable by the agent only: its files are
 //! native code that is loaded without further checks. Entries are mapped
 //! into memory and must only be replaced by rename, never edited in place.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use otabox_core::durable;
+
+use crate::precompiled::{self, ArtifactPaths};
 
 /// Whether a component came from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -25,11 +28,52 @@ pub enum CacheUse {
     Miss,
     /// Compiled now; no cache directory configured.
     Disabled,
+    /// Loaded from the precompiled artifact beside the wasm (see
+    /// [`crate::precompiled`]).
+    Artifact,
 }
+
+impl CacheUse {
+    /// Whether the component was compiled by this process.
+    pub fn compiled(self) -> bool {
+        matches!(self, Self::Miss | Self::Disabled)
+    }
+}
+
+/// Why a build without a compiler cannot load a handler: it has neither a
+/// usable precompiled artifact nor a cache entry.
+#[derive(Debug)]
+pub struct NoCompiler {
+    /// The handler's wasm.
+    pub wasm: PathBuf,
+}
+
+impl std::fmt::Display for NoCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = crate::engine::EngineTarget::this_host();
+        let artifact = crate::precompiled::ArtifactPaths::beside(&self.wasm);
+        write!(
+            f,
+            "this build runs only precompiled handlers, and {} has no artifact beside it: \
+             run `otabox handlers precompile --target {target}` on the build machine and \
+             install {} and {} beside the wasm",
+            self.wasm.display(),
+            artifact.cwasm.display(),
+            artifact.record.display()
+        )
+    }
+}
+
+impl std::error::Error for NoCompiler {}
+
+/// Whether this build can compile handlers (the `compiler` feature:
+/// Cranelift). Without it only precompiled artifacts load.
+pub const HAS_COMPILER: bool = cfg!(feature = "compiler");
 
 /// A directory of precompiled components.
 #[derive(Debug, Clone)]
 pub struct ComponentCache {
+    #[cfg_attr(not(feature = "compiler"), allow(dead_code))]
     dir: Option<PathBuf>,
 }
 
@@ -40,23 +84,48 @@ impl ComponentCache {
     }
 
     /// The cache file for a wasm with `sha256` under `engine`.
+    #[cfg(feature = "compiler")]
     pub fn entry(&self, engine: &Engine, sha256: &str) -> Option<PathBuf> {
-        let mut hasher = DefaultHasher::new();
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let key = format!("{sha256}-{:016x}.cwasm", hasher.finish());
         self.dir.as_ref().map(|d| d.join(key))
     }
 
-    /// Loads the component for `wasm` (whose hash is `sha256`), from the cache
-    /// when possible; a stale or corrupt entry is replaced.
+    /// None: a build without a compiler writes no cache entries, so it
+    /// reads none either (its handlers come precompiled, see
+    /// [`crate::precompiled`]).
+    #[cfg(not(feature = "compiler"))]
+    pub fn entry(&self, _engine: &Engine, _sha256: &str) -> Option<PathBuf> {
+        None
+    }
+
+    /// Loads the component for `wasm` (whose hash is `sha256`, read from
+    /// `wasm_path`): from the precompiled artifact beside it when there is
+    /// one, else from the cache, else compiled now and cached (a stale or
+    /// corrupt entry is replaced). A build with a compiler compiles past an
+    /// unusable artifact (with a warning); a build without one refuses it.
     pub fn load(
         &self,
         engine: &Engine,
         wasm: &[u8],
         sha256: &str,
+        wasm_path: &Path,
     ) -> Result<(Component, CacheUse)> {
+        let artifact = ArtifactPaths::beside(wasm_path);
+        if artifact.present() {
+            match precompiled::load(engine, &artifact, sha256) {
+                Ok(component) => return Ok((component, CacheUse::Artifact)),
+                Err(e) if HAS_COMPILER => tracing::warn!(
+                    "compiling {} instead of its precompiled artifact: {e:#}",
+                    wasm_path.display()
+                ),
+                Err(e) => return Err(e),
+            }
+        }
         let Some(entry) = self.entry(engine, sha256) else {
-            return Ok((compile(engine, wasm)?, CacheUse::Disabled));
+            return Ok((compile(engine, wasm, wasm_path)?, CacheUse::Disabled));
         };
         // Mapped, not copied: only the code pages a handler touches stay
         // resident (3 MB less for three handlers). Entries are only ever
@@ -74,7 +143,7 @@ impl ComponentCache {
                 ),
             }
         }
-        let component = compile(engine, wasm)?;
+        let component = compile(engine, wasm, wasm_path)?;
         if let Err(e) = store(&entry, &component) {
             tracing::warn!("cannot cache {}: {e:#}", entry.display());
         }
@@ -82,10 +151,20 @@ impl ComponentCache {
     }
 }
 
-fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component> {
+#[cfg(feature = "compiler")]
+fn compile(engine: &Engine, wasm: &[u8], _wasm_path: &Path) -> Result<Component> {
+    use anyhow::Context;
     Component::new(engine, wasm)
         .map_err(anyhow::Error::from)
         .context("not a valid WebAssembly component")
+}
+
+#[cfg(not(feature = "compiler"))]
+fn compile(_engine: &Engine, _wasm: &[u8], wasm_path: &Path) -> Result<Component> {
+    Err(NoCompiler {
+        wasm: wasm_path.to_path_buf(),
+    }
+    .into())
 }
 
 fn store(entry: &Path, component: &Component) -> Result<()> {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use wasmtime::{Config, Engine};
 
 /// Time between epoch ticks; deadlines are whole ticks, so a runaway guest
@@ -14,7 +14,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The Pulley target of this host's pointer width and byte order: the
 /// interpreter runs only bytecode of its own width and endianness.
-#[cfg(feature = "pulley")]
 const PULLEY_TARGET: &str = match (
     cfg!(target_pointer_width = "64"),
     cfg!(target_endian = "big"),
@@ -25,24 +24,142 @@ const PULLEY_TARGET: &str = match (
     (false, true) => "pulley32be",
 };
 
+/// Bumped when [`engine_config`] changes what compiled code depends on.
+/// Part of the [`EngineTarget::engine_hash`], with otabox's version.
+const ENGINE_SETTINGS: &str = "component-model epoch-interruption";
+
+/// What handler code is compiled for: a native target triple
+/// (`aarch64-unknown-linux-gnu`) or a Pulley interpreter target
+/// (`pulley32`). A device's engine has one; `otabox handlers precompile
+/// --target` builds for any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineTarget(String);
+
+impl EngineTarget {
+    /// The target of this build's engine: Pulley with the `pulley` feature
+    /// and on 32-bit ARM (where Cranelift has no backend, so wasmtime
+    /// interprets), otherwise the triple this binary was built for.
+    pub fn this_host() -> Self {
+        if cfg!(feature = "pulley") || cfg!(target_arch = "arm") {
+            Self(PULLEY_TARGET.to_string())
+        } else {
+            Self(env!("OTABOX_BUILD_TARGET").to_string())
+        }
+    }
+
+    /// The engine target of a device built for the Rust target `triple`
+    /// (the device build's own choice): 32-bit ARM triples (`armv7-…`,
+    /// `arm-…`, `thumbv7…`) run Pulley (`pulley32`); a Pulley name stands
+    /// for itself; any other triple is native code for it.
+    pub fn for_triple(triple: &str) -> Result<Self> {
+        let triple = triple.trim();
+        if triple.is_empty()
+            || !triple
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            bail!("`{triple}` is not a target triple (such as aarch64-unknown-linux-gnu)");
+        }
+        let arch = triple.split('-').next().unwrap_or_default();
+        if arch.starts_with("pulley") {
+            return Ok(Self(triple.to_string()));
+        }
+        if arch.starts_with("arm") || arch.starts_with("thumb") {
+            return Ok(Self(
+                if arch.ends_with("eb") {
+                    "pulley32be"
+                } else {
+                    "pulley32"
+                }
+                .to_string(),
+            ));
+        }
+        Ok(Self(triple.to_string()))
+    }
+
+    /// The target's name, as `--target` takes it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether code for this target runs in the Pulley interpreter.
+    pub fn is_pulley(&self) -> bool {
+        self.0.starts_with("pulley")
+    }
+
+    /// The engine hash a precompiled artifact is bound to: the sha256 of
+    /// otabox's version (which pins wasmtime's), this target and the
+    /// engine settings. The device computes the same from its own build,
+    /// without a compiler. (wasmtime's `precompile_compatibility_hash`
+    /// covers the compiler's flags, which a runtime-only engine does not
+    /// have, so the two sides could never agree on it; wasmtime checks the
+    /// artifact's own record of target, flags, tunables and features when
+    /// it loads it, behind this check.)
+    pub fn engine_hash(&self) -> String {
+        otabox_core::trust::sha256_hex(
+            format!(
+                "otabox-engine/1\notabox {}\ntarget {}\nsettings {ENGINE_SETTINGS}\n",
+                env!("CARGO_PKG_VERSION"),
+                self.0
+            )
+            .as_bytes(),
+        )
+    }
+}
+
+impl std::fmt::Display for EngineTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The configuration every handler engine shares: the component model
+/// and epoch interruption. Listed in [`ENGINE_SETTINGS`].
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config
+}
+
 /// Builds the engine every handler runs in. Instances use the on-demand
 /// allocator: the pooling allocator measured slower for our small guests
 /// (88 us vs 66 us per call in benches/handler_call). With the `pulley`
 /// feature handlers run in wasmtime's interpreter on every host; without
-/// it they run as native code, except where Cranelift has no backend
-/// (32-bit ARM), where wasmtime picks Pulley by itself.
+/// it they run as native code (tuned to this CPU when this build compiles),
+/// except where Cranelift has no backend (32-bit ARM), where wasmtime picks
+/// Pulley by itself.
 pub fn new_engine() -> Result<Engine> {
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    config.epoch_interruption(true);
-    #[cfg(feature = "pulley")]
-    config
-        .target(PULLEY_TARGET)
-        .map_err(anyhow::Error::from)
-        .context("cannot select the Pulley interpreter")?;
+    let mut config = engine_config();
+    if cfg!(feature = "pulley") {
+        config
+            .target(PULLEY_TARGET)
+            .map_err(anyhow::Error::from)
+            .context("cannot select the Pulley interpreter")?;
+    }
     Engine::new(&config)
         .map_err(anyhow::Error::from)
         .context("cannot create the Wasm engine")
+}
+
+/// An engine that compiles for `target`, with the device engine's settings,
+/// for `otabox handlers precompile --target`. Its code uses the target's
+/// baseline CPU features (a cross compiler cannot ask the device's CPU).
+#[cfg(feature = "compiler")]
+pub fn engine_for(target: &EngineTarget) -> Result<Engine> {
+    let mut config = engine_config();
+    config
+        .target(target.as_str())
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("wasmtime does not know the target `{target}`"))?;
+    Engine::new(&config)
+        .map_err(anyhow::Error::from)
+        .with_context(|| {
+            format!(
+                "this build cannot compile for `{target}` (a build with the `all-targets` \
+             feature, the default of a development build, compiles for arm64 and Pulley)"
+            )
+        })
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

@@ -4,7 +4,8 @@
 //!
 //! Loading a handler: read `<name>.toml`, read `<name>.wasm` and check its
 //! sha256 against the manifest, narrow the declared capabilities by the
-//! device config, compile (or load precompiled from the cache), check every
+//! device config, load it precompiled (the artifact beside the wasm, see
+//! [`precompiled`], or the cache) or compile it, check every
 //! import against the grants (naming the first that has none), link only the
 //! granted interfaces, pre-instantiate, call `describe`, and let the handler
 //! check its device configuration (`inventory` failing with result code
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod capabilities;
 pub mod dirs;
 pub mod placement;
+pub mod precompiled;
 pub mod run_phase;
 
 pub mod bindings;
@@ -42,8 +44,8 @@ use anyhow::{Context, Result, bail};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-pub use cache::{CacheUse, ComponentCache};
-pub use engine::EPOCH_TICK;
+pub use cache::{CacheUse, ComponentCache, HAS_COMPILER, NoCompiler};
+pub use engine::{EPOCH_TICK, EngineTarget};
 pub use handler::{GRANTED_PATHS_ENV, Handler, INVALID_CONFIG, InvalidConfig};
 pub use otabox_core::model::{
     CallFault, Description, InstalledItem, Outcome, Phase, Plan, Status, StepContext,
@@ -222,7 +224,7 @@ impl Runtime {
         prepare_paths(&name, &grants)?;
         let (component, cache) = self
             .cache
-            .load(&self.engine, &wasm, &sha256)
+            .load(&self.engine, &wasm, &sha256, &wasm_path)
             .with_context(|| format!("handler {name}: {}", wasm_path.display()))?;
         check_imports(&self.engine, &component, &name, &manifest, &grants)?;
         let contract = check_export(&self.engine, &component, &name)?;

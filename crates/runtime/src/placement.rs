@@ -212,7 +212,24 @@ pub fn place(
         previous.restore(&wasm_path);
         return Err(e);
     }
+    // A precompiled artifact of the replaced handler no longer matches.
+    remove_artifact(&wasm_path)?;
     durable::sync_dir(target)
+}
+
+/// Deletes the precompiled artifact beside `wasm_path`, if any (the record
+/// first: an artifact without one is never loaded).
+fn remove_artifact(wasm_path: &Path) -> Result<()> {
+    let artifact = crate::precompiled::ArtifactPaths::beside(wasm_path);
+    for path in [&artifact.record, &artifact.cwasm] {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The `.wasm` a placement replaces, kept under a temporary hard link
@@ -291,6 +308,7 @@ pub fn remove(dirs: &[PathBuf], target: &Path, name: &str) -> Result<Removed> {
         }
         _ => {}
     }
+    remove_artifact(&wasm)?;
     durable::sync_dir(target)?;
     Ok(Removed { manifest, sha256 })
 }

@@ -65,7 +65,33 @@ pub fn install_handler(
     );
     let manifest = dir.join(format!("{name}.toml"));
     std::fs::write(&manifest, toml).expect("write manifest");
+    #[cfg(not(feature = "compiler"))]
+    precompile_beside(dir);
     manifest
+}
+
+/// In the runtime-only build (no `compiler` feature), which loads only
+/// precompiled artifacts: writes the artifact of every handler of `dir`
+/// beside its wasm, with the full build named by `OTABOX_PRECOMPILER`
+/// (`.ci/test-runtime-only` sets it), as a build machine would.
+#[cfg(not(feature = "compiler"))]
+pub fn precompile_beside(dir: &Path) {
+    let precompiler = std::env::var_os("OTABOX_PRECOMPILER").expect(
+        "OTABOX_PRECOMPILER: the full otabox build that precompiles for the runtime-only tests (run them with .ci/test-runtime-only)",
+    );
+    let target = otabox::runtime::EngineTarget::this_host();
+    let out = std::process::Command::new(precompiler)
+        .args(["handlers", "precompile", "--dir"])
+        .arg(dir)
+        .args(["--target", target.as_str()])
+        .output()
+        .expect("run the precompiler");
+    assert!(
+        out.status.success(),
+        "precompile for {target}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// What the hostile guest needs to run a job on a device: `root`

@@ -64,20 +64,74 @@ fn on_path(program: &str) -> bool {
     })
 }
 
+/// The first-party handlers a package holds.
+pub const HANDLERS: [&str; 4] = ["apt", "container", "file", "firmware"];
+
+/// Copies the built first-party handlers (wasm and manifest) into `dir`.
+pub fn copy_built_handlers(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("handlers dir");
+    for name in HANDLERS {
+        for ext in ["wasm", "toml"] {
+            std::fs::copy(
+                Path::new(env!("OTABOX_BUILT_HANDLERS")).join(format!("{name}.{ext}")),
+                dir.join(format!("{name}.{ext}")),
+            )
+            .expect("copy a built handler");
+        }
+    }
+}
+
+/// Lintian warnings the packages keep, each explained in the README
+/// ("Packages").
+pub const ACCEPTED_WARNINGS: &[&str] = &["initial-upload-closes-no-bugs"];
+
+/// Runs lintian on `deb`: no error, and no warning but the accepted ones.
+pub fn lintian_passes(deb: &str) {
+    let lint = Command::new("lintian")
+        .args(["--fail-on", "error", deb])
+        .output()
+        .expect("lintian");
+    let report = String::from_utf8_lossy(&lint.stdout);
+    assert!(lint.status.success(), "lintian found errors:\n{report}");
+    let warnings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("W: "))
+        .filter(|l| {
+            !ACCEPTED_WARNINGS
+                .iter()
+                .any(|tag| l.contains(&format!(": {tag}")))
+        })
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "lintian warnings neither fixed nor listed in the README: {warnings:?}"
+    );
+    assert!(!report.lines().any(|l| l.starts_with("E: ")), "{report}");
+}
+
 /// The programs the package tests drive.
 pub const PACKAGE_TOOLS: &[&str] = &["cargo-deb", "dpkg-deb", "lintian"];
 
 /// Builds the `otabox` package at `version` (such as `0.1.0-1`) from this
 /// build's binary and handlers into `dir`; returns the `.deb`.
 pub fn build_deb(dir: &Path, version: &str) -> PathBuf {
+    build_variant(dir, version, Path::new(env!("OTABOX_BUILT_HANDLERS")), None)
+}
+
+/// Builds the package at `version` from this build's binary and the
+/// handlers of `handlers` into `dir`, as `variant` (None: `otabox`;
+/// `runtime-only`: `otabox-runtime-only`, whose handlers carry their
+/// artifacts); returns the `.deb`.
+pub fn build_variant(dir: &Path, version: &str, handlers: &Path, variant: Option<&str>) -> PathBuf {
     let out = dir.join(format!("deb-{version}"));
     let built = Command::new("bash")
         .arg(packaging("build-deb"))
         .arg(env!("CARGO_BIN_EXE_otabox"))
-        .arg(env!("OTABOX_BUILT_HANDLERS"))
+        .arg(handlers)
         .arg(&out)
         .args(["--fast", "--quiet", "--deb-version", version])
         .env_remove("TARGET")
+        .env("VARIANT", variant.unwrap_or_default())
         .output()
         .expect("run packaging/build-deb");
     assert!(
