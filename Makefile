@@ -78,7 +78,7 @@ deb: setup
 	set -e; handlers=$(CARGO_TARGET_DIR)/wasm-guests/handlers; \
 	if [ "$(VARIANT)" = runtime-only ]; then \
 		stage=$$(mktemp -d); trap 'rm -rf "$$stage"' EXIT; \
-		cp $$handlers/*.wasm $$handlers/*.toml "$$stage/"; \
+		for n in file apt container firmware; do cp $$handlers/$$n.wasm $$handlers/$$n.toml "$$stage/"; done; \
 		if [ -z "$(DEB_TRIPLE)" ]; then \
 			cargo build -p otabox --bin otabox; precompiler=$(CARGO_TARGET_DIR)/debug/otabox; \
 		else \

@@ -9,7 +9,10 @@
 #
 # PATTERN selects the result rows to compare (an extended regex; default:
 # every row with a median). For each row it prints the median of the
-# per-run medians on each side and their ratio. The release profile is used
+# per-run medians on each side and their ratio. COLUMN=N compares the Nth
+# figure with a time unit of each row instead of the first (the apt
+# benchmark prints apt-get's time first and the handler's second; the
+# languages benchmark the cold compile, then the cached load and the call). The release profile is used
 # without LTO (opt-level 3, 16 codegen units) unless LTO=fat is set: the
 # comparison needs the same profile on both sides, not the shipping one, and
 # this keeps a cold build of both under ten minutes on two cores.
@@ -55,11 +58,11 @@ done | tee "$work/rows"
 
 # Per row: the median of the per-run medians (the first figure with a unit)
 # and the best run's median, the figure least touched by other load.
-awk -F'\t' '
-    function value(text,   n, parts, i) {
+awk -F'\t' -v column="${COLUMN:-1}" '
+    function value(text,   n, parts, i, seen) {
         n = split(text, parts, / +/)
         for (i = 1; i < n; i++)
-            if (parts[i] ~ /^[0-9.]+$/ && parts[i + 1] ~ /^(us|ms|s)$/)
+            if (parts[i] ~ /^[0-9.]+$/ && parts[i + 1] ~ /^(us|ms|s)$/ && ++seen == column)
                 return parts[i] * (parts[i + 1] == "s" ? 1e6 : parts[i + 1] == "ms" ? 1e3 : 1)
         return -1
     }
@@ -74,7 +77,7 @@ awk -F'\t' '
     }
     function best(list,   v) { sorted(list, v); return v[1] }
     {
-        label = $2; sub(/ +[0-9.]+ +(us|ms|s).*/, "", label)
+        label = $2; sub(/ +[0-9.]+ +(us|ms|s).*/, "", label); sub(/ \| [0-9.]+ (KiB|MiB) \|.*/, "", label)
         x = value($2); if (x < 0) next
         if (!(label in seen)) { seen[label] = 1; order[++rows] = label }
         runs[$1, label] = runs[$1, label] " " x
