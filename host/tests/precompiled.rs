@@ -42,6 +42,16 @@ fn refused<T>(loaded: anyhow::Result<T>) -> String {
     }
 }
 
+/// A native target other than this build's engine target.
+fn another_target() -> EngineTarget {
+    let triple = if EngineTarget::this_host().as_str().starts_with("aarch64") {
+        "x86_64-unknown-linux-gnu"
+    } else {
+        "aarch64-unknown-linux-gnu"
+    };
+    EngineTarget::for_triple(triple).expect("triple")
+}
+
 /// Rewrites the record of `artifact` with `change` applied.
 fn edit_record(artifact: &ArtifactPaths, change: impl FnOnce(&mut ArtifactRecord)) {
     let mut record = read_record(&artifact.record).expect("record");
@@ -217,14 +227,13 @@ mod full_build {
             (
                 "another target",
                 |_, a| {
-                    let other =
-                        EngineTarget::for_triple("aarch64-unknown-linux-gnu").expect("triple");
+                    let other = another_target();
                     edit_record(a, |r| {
                         r.target = other.to_string();
                         r.engine_hash = other.engine_hash();
                     })
                 },
-                "target aarch64-unknown-linux-gnu",
+                "but this agent's engine hash is",
             ),
             (
                 "another wasm",
@@ -426,7 +435,7 @@ mod runtime_only {
         drop(handler);
 
         let artifact = ArtifactPaths::in_dir(&dir, "file");
-        let other = EngineTarget::for_triple("aarch64-unknown-linux-gnu").expect("triple");
+        let other = another_target();
         edit_record(&artifact, |r| {
             r.target = other.to_string();
             r.engine_hash = other.engine_hash();
