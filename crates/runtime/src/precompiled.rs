@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -231,10 +230,8 @@ fn open_cwasm(path: &Path, record: &ArtifactRecord) -> Result<File> {
             record.cwasm_size
         );
     }
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
+    let (_, actual) = otabox_core::trust::hash_reader(&mut file)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let actual = hex::encode(hasher.finalize());
     if actual != record.cwasm_sha256 {
         bail!(
             "{} has sha256 {actual}, its record says {}: the artifact was altered",

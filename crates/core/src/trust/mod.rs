@@ -17,9 +17,14 @@ use sha2::{Digest, Sha256};
 /// The size and lowercase hex sha256 of the file at `path`.
 pub fn hash_file(path: &Path) -> Result<(u64, String)> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    hash_reader(&mut file).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The length and lowercase hex sha256 of what `reader` yields to its end
+/// (an open file that must not be opened again by name).
+pub fn hash_reader(reader: &mut impl Read) -> std::io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let size = std::io::copy(reader, &mut hasher)?;
     Ok((size, hex::encode(hasher.finalize())))
 }
 
