@@ -9,7 +9,8 @@
 //!
 //! Run with `make bench` (or `cargo bench -p otabox --bench languages`).
 //! Without cargo's `--bench` flag (as `make test` runs it) or with
-//! `OTABOX_BENCH_QUICK=1` it makes a short smoke run.
+//! `OTABOX_BENCH_QUICK=1` it makes a short smoke run; `OTABOX_BENCH_COLDS=N`
+//! sets the number of cold compiles per subject (default 3).
 
 #[path = "../tests/common/languages.rs"]
 #[allow(dead_code)]
@@ -50,7 +51,16 @@ struct Row {
 fn main() {
     let quick = std::env::var_os("OTABOX_BENCH_QUICK").is_some()
         || !std::env::args().any(|a| a == "--bench");
-    let (colds, loads, calls) = if quick { (1, 2, 20) } else { (3, 10, 200) };
+    // Enough loads and calls that the medians settle to a few per cent
+    // (printed to 10 us and 0.1 us), so two revisions can be compared.
+    let (colds, loads, calls) = if quick { (1, 2, 20) } else { (3, 30, 1000) };
+    // OTABOX_BENCH_COLDS=1: one cold compile per subject (it fills the cache
+    // for the rest), for comparisons of the cached load and the call only.
+    let colds = std::env::var("OTABOX_BENCH_COLDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &usize| n >= 1)
+        .unwrap_or(colds);
     let scratch =
         std::env::temp_dir().join(format!("otabox-bench-languages-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
@@ -193,12 +203,12 @@ fn print_table(rows: &[Row]) {
     println!("| --- | ---: | ---: | ---: | ---: |");
     for r in rows {
         println!(
-            "| {} | {} | {:.0} ms | {:.1} ms | {:.2} ms |",
+            "| {} | {} | {:.0} ms | {:.2} ms | {:.1} us |",
             r.name,
             size(r.size),
             r.cold.as_secs_f64() * 1e3,
             r.cached.as_secs_f64() * 1e3,
-            r.call.as_secs_f64() * 1e3
+            r.call.as_secs_f64() * 1e6
         );
     }
 }

@@ -10,12 +10,16 @@
 # PATTERN selects the result rows to compare (an extended regex; default:
 # every row with a median). For each row it prints the median of the
 # per-run medians on each side and their ratio. COLUMN=N compares the Nth
-# figure with a time unit of each row instead of the first (the apt
+# figure with a time unit of each row instead of the first, COLUMN="2 3"
+# the second and the third, one table each (the apt
 # benchmark prints apt-get's time first and the handler's second; the
 # languages benchmark the cold compile, then the cached load and the call). The release profile is used
 # without LTO (opt-level 3, 16 codegen units) unless LTO=fat is set: the
 # comparison needs the same profile on both sides, not the shipping one, and
 # this keeps a cold build of both under ten minutes on two cores.
+# BEFORE_PATCH=FILE applies a patch to the revision's tree for the run and
+# takes it back afterwards: a change to the benchmark's own code (say, the
+# resolution it prints) so that both sides measure alike.
 set -euo pipefail
 rev=${1:?usage: before-after.sh REV BENCH [ROUNDS] [PATTERN]}
 bench=${2:?usage: before-after.sh REV BENCH [ROUNDS] [PATTERN]}
@@ -37,7 +41,17 @@ if [[ ! -d $before_tree ]]; then
     git -C "$root" worktree add --quiet --detach "$before_tree" "$rev"
 fi
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+patched=
+cleanup() {
+    if [[ -n $patched ]]; then git -C "$before_tree" apply -R "$patched"; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+if [[ -n ${BEFORE_PATCH:-} ]]; then
+    cp "$BEFORE_PATCH" "$work/before.patch"
+    git -C "$before_tree" apply "$work/before.patch"
+    patched=$work/before.patch
+fi
 
 # The path of the benchmark executable built in directory $1, into target
 # directory $2.
@@ -58,7 +72,9 @@ done | tee "$work/rows"
 
 # Per row: the median of the per-run medians (the first figure with a unit)
 # and the best run's median, the figure least touched by other load.
-awk -F'\t' -v column="${COLUMN:-1}" '
+for column in ${COLUMN:-1}; do
+echo; echo "figure $column of each row:"
+awk -F'\t' -v column="$column" '
     function value(text,   n, parts, i, seen) {
         n = split(text, parts, / +/)
         for (i = 1; i < n; i++)
@@ -93,3 +109,4 @@ awk -F'\t' -v column="${COLUMN:-1}" '
             printf "%-52s %6.1f us %6.1f us %+6.1f%% %6.1f us %6.1f us %+6.1f%%\n", substr(l, 1, 52), b, a, (a - b) / b * 100, bb, ab, (ab - bb) / bb * 100
         }
     }' "$work/rows"
+done
