@@ -59,9 +59,9 @@ bench-compare:
 ## the service (see packaging/). ARCH=amd64 (default); ARCH=arm64 or
 ## ARCH=armhf cross-build once their Rust targets and linkers are set up.
 ## VARIANT=runtime-only builds otabox-runtime-only: the agent without the
-## compiler, and the handlers precompiled for ARCH on this machine (for
-## another ARCH by a build with the `all-targets` feature, kept apart under
-## $(CARGO_TARGET_DIR)/<host triple>/).
+## compiler, built for size (profile `small`), and the handlers precompiled
+## for ARCH on this machine (for another ARCH by a build with the
+## `all-targets` feature, kept apart under $(CARGO_TARGET_DIR)/<host triple>/).
 ARCH ?= amd64
 VARIANT ?=
 DEB_TRIPLE_amd64 :=
@@ -70,10 +70,12 @@ DEB_TRIPLE_armhf := armv7-unknown-linux-gnueabihf
 DEB_TRIPLE = $(DEB_TRIPLE_$(ARCH))
 HOST_TRIPLE = $(shell rustc -vV | sed -n 's/^host: //p')
 DEB_FEATURES = $(if $(filter runtime-only,$(VARIANT)),,--features compiler)
+# The runtime-only agent is built for size (profile `small`, see Cargo.toml).
+DEB_PROFILE = $(if $(filter runtime-only,$(VARIANT)),small,release)
 deb: setup
 	@test -n "$(filter $(ARCH),amd64 arm64 armhf)" || { echo "ARCH=$(ARCH): use amd64, arm64 or armhf"; exit 1; }
 	@test -z "$(VARIANT)" -o "$(VARIANT)" = runtime-only || { echo "VARIANT=$(VARIANT): the only variant is runtime-only"; exit 1; }
-	cargo build --release -p otabox --no-default-features $(DEB_FEATURES) --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE))
+	cargo build --profile $(DEB_PROFILE) -p otabox --no-default-features $(DEB_FEATURES) --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE))
 	cargo build -p otabox-test-guests
 	set -e; handlers=$(CARGO_TARGET_DIR)/wasm-guests/handlers; \
 	if [ "$(VARIANT)" = runtime-only ]; then \
@@ -89,5 +91,5 @@ deb: setup
 		handlers=$$stage; \
 	fi; \
 	TARGET=$(DEB_TRIPLE) VARIANT=$(VARIANT) bash packaging/build-deb \
-		$(CARGO_TARGET_DIR)/$(if $(DEB_TRIPLE),$(DEB_TRIPLE)/)release/otabox \
+		$(CARGO_TARGET_DIR)/$(if $(DEB_TRIPLE),$(DEB_TRIPLE)/)$(DEB_PROFILE)/otabox \
 		$$handlers $(CARGO_TARGET_DIR)/debian

@@ -19,4 +19,16 @@ fn main() {
     let workspace = manifest_dir.parent().expect("host/ has a parent");
     let dir = guests::build_and_package(workspace, EMBEDDED, &["handlers/file"]);
     println!("cargo:rustc-env=OTABOX_BUILT_HANDLERS={}", dir.display());
+    pack_relative_relocations();
+}
+
+/// Links the binary with its relative relocations packed (DT_RELR, glibc
+/// 2.36+, binutils 2.38+): the table the loader reads at every start shrinks
+/// from half a megabyte to a few kilobytes, on disk and in resident memory.
+/// The package's libc dependency follows from the symbol version it adds.
+fn pack_relative_relocations() {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    if var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ENV") == "gnu" {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
 }

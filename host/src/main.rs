@@ -10,6 +10,9 @@ use otabox::audit::{Severity, audit_dirs, render_text};
 use otabox::config::DeviceConfig;
 use otabox::runtime::{HandlerSet, Runtime};
 use otabox::{console, out, outln};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The cloud side's commands (`replica`, `fleet`, `demo`): only in a build
 /// with the `fleet` feature (the default; a device build leaves it out).
@@ -42,11 +45,13 @@ quietly with status 141.";
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = ENVIRONMENT_HELP)]
 struct Cli {
-    /// Log filter, such as `info`, `debug` or `otabox=debug,handler=trace`
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`,
+    /// `off`), and/or `target=level` pairs matching the start of a log
+    /// target, comma-separated, such as `otabox=debug,handler=trace`
     /// (default: `info` for `run` and `replica`, `error` for `demo`, `warn`
     /// otherwise).
-    #[arg(long, global = true, env = "OTABOX_LOG")]
-    log: Option<String>,
+    #[arg(long, global = true, env = "OTABOX_LOG", value_parser = parse_log_filter)]
+    log: Option<Targets>,
     #[command(subcommand)]
     command: Command,
 }
@@ -315,8 +320,11 @@ enum HandlersCommand {
     /// against the wasm, refuses a name or update type another handler
     /// holds, audits it against the device's grants (refusing on an audit
     /// error unless --force, and printing the findings), precompiles it
-    /// into the cache and places both files atomically. Any failure leaves
-    /// the directory as it was.
+    /// into the cache and places both files atomically. A precompiled
+    /// artifact beside the wasm (NAME.cwasm + NAME.cwasm.json, from
+    /// `handlers precompile --target`) goes along once it matches the wasm
+    /// and this agent's engine: the way onto a runtime-only device. Any
+    /// failure leaves the directory as it was.
     #[command(after_help = RELOAD_HELP)]
     Install {
         #[command(flatten)]
@@ -364,27 +372,47 @@ fn main() -> ExitCode {
 /// Logs go to stderr, coloured only on a terminal and without `NO_COLOR`.
 fn init_logging(cli: &Cli) {
     let default_log = match cli.command {
-        Command::Run { .. } => "info",
+        Command::Run { .. } => LevelFilter::INFO,
         #[cfg(feature = "fleet")]
-        Command::Replica { .. } => "info",
+        Command::Replica { .. } => LevelFilter::INFO,
         // The demo's printout is its interface; its services' warnings as it
         // shuts them down are noise.
         #[cfg(feature = "fleet")]
-        Command::Demo { .. } => "error",
-        _ => "warn",
+        Command::Demo { .. } => LevelFilter::ERROR,
+        _ => LevelFilter::WARN,
     };
-    let filter = cli.log.as_deref().unwrap_or(default_log);
+    let filter = cli
+        .log
+        .clone()
+        .unwrap_or_else(|| Targets::new().with_default(default_log));
     let color = console::use_color(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()),
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(color)
+                .with_writer(std::io::stderr),
         )
-        .with_ansi(color)
-        .with_writer(std::io::stderr)
+        .with(filter)
         .init();
+}
+
+/// `--log`/`OTABOX_LOG`: a bad filter is a usage error, not a silent default.
+/// (A plain target filter, not `RUST_LOG`'s regular-expression one: the
+/// regex engine would be a quarter of a megabyte of the device binary.)
+/// A bare word must be a level: `debgu` would otherwise be read as a target
+/// and turn every log off.
+fn parse_log_filter(text: &str) -> Result<Targets, String> {
+    const HINT: &str = "use a level (error, warn, info, debug, trace, off) and/or \
+                        target=level pairs, comma-separated";
+    for directive in text.split(',').filter(|d| !d.contains('=')) {
+        if directive.trim().parse::<LevelFilter>().is_err() {
+            return Err(format!("`{directive}` is not a level; {HINT}"));
+        }
+    }
+    text.parse::<Targets>().map_err(|e| format!("{e}; {HINT}"))
 }
 
 /// Prints `error` with its causes on stderr (nothing if stderr is gone too).

@@ -713,8 +713,10 @@ fn logs_redirected_to_a_file_carry_no_colour_escapes() {
 fn on_a_terminal(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = idle_agent_config(dir.path());
+    // The inner timeout ends the agent itself: killing `script` leaves its
+    // child running.
     let command = format!(
-        "{} --log debug run --config {}",
+        "timeout -s KILL 2 {} --log debug run --config {}",
         env!("CARGO_BIN_EXE_otabox"),
         config.display()
     );
@@ -751,6 +753,37 @@ fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
         shown.contains("\x1b["),
         "an empty NO_COLOR is unset: {shown:?}"
     );
+}
+
+#[test]
+fn a_log_filter_selects_targets_and_a_bad_one_is_refused_before_anything_runs() {
+    // Only the agent's own target, at info: its start line, and no line of
+    // any other target (the MQTT client's, the runtime's).
+    let log = agent_log_to_file(&[("OTABOX_LOG", "off,otabox_agent=info")]);
+    assert!(log.contains("started"), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("20")).collect();
+    assert!(!lines.is_empty(), "{log}");
+    for line in &lines {
+        assert!(line.contains(" otabox_agent"), "a line of another target: {line}");
+        assert!(!line.contains("DEBUG"), "a debug line at info: {line}");
+    }
+    // A misspelt level (which a plain target filter would take for a target
+    // and so log nothing), a level that does not exist, a directive with
+    // two '=', from the flag or the environment: a usage error naming the
+    // filter, not a silent fallback to the default.
+    for bad in ["debgu", "info,wran", "otabox=loud", "otabox=debug=trace"] {
+        let flag = otabox(&["--log", bad, "version"]);
+        assert_eq!(flag.status.code(), Some(2), "--log {bad}: {}", text(&flag));
+        assert!(text(&flag).contains("--log"), "{}", text(&flag));
+        assert!(text(&flag).contains("target=level"), "{}", text(&flag));
+        assert!(flag.stdout.is_empty(), "ran anyway: {}", text(&flag));
+        let env = Command::new(env!("CARGO_BIN_EXE_otabox"))
+            .arg("version")
+            .env("OTABOX_LOG", bad)
+            .output()
+            .expect("run otabox");
+        assert_eq!(env.status.code(), Some(2), "OTABOX_LOG={bad}: {}", text(&env));
+    }
 }
 
 #[test]
