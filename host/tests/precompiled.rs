@@ -63,6 +63,51 @@ fn edit_record(artifact: &ArtifactPaths, change: impl FnOnce(&mut ArtifactRecord
     .expect("write record");
 }
 
+/// A device config whose only handler directory (the integrator's) is
+/// `root/handlers.d`; returns the config's path and that directory.
+fn integrator_device(root: &Path) -> (PathBuf, PathBuf) {
+    let integrator = root.join("handlers.d");
+    std::fs::create_dir_all(&integrator).expect("dir");
+    let config = root.join("device.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[paths]\nstate = \"{}\"\nhandlers = [\"{}\"]\n",
+            root.join("state").display(),
+            integrator.display()
+        ),
+    )
+    .expect("config");
+    (config, integrator)
+}
+
+/// `otabox handlers install --config CONFIG` of the `file` handler in
+/// `source`.
+fn install_file_handler(config: &Path, source: &Path) -> std::process::Output {
+    otabox(&[
+        "handlers",
+        "install",
+        "--config",
+        config.to_str().expect("utf-8"),
+        source.join("file.wasm").to_str().expect("utf-8"),
+        source.join("file.toml").to_str().expect("utf-8"),
+    ])
+}
+
+/// Every file of `dir` with its bytes, to show a refusal changed nothing.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[cfg(feature = "compiler")]
 mod full_build {
     use super::*;
@@ -340,38 +385,14 @@ mod full_build {
     #[test]
     fn install_drops_a_stale_artifact_and_remove_deletes_the_artifact() {
         let root = tempfile::tempdir().expect("tempdir");
-        let integrator = root.path().join("handlers.d");
-        std::fs::create_dir_all(&integrator).expect("dir");
-        let config = root.path().join("device.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[paths]\nstate = \"{}\"\nhandlers = [\"{}\"]\n",
-                root.path().join("state").display(),
-                integrator.display()
-            ),
-        )
-        .expect("config");
+        let (config, integrator) = integrator_device(root.path());
         let source = file_handler_dir(&root.path().join("src"));
-        let install = |args: &[&str]| {
-            let mut all = vec![
-                "handlers",
-                "install",
-                "--config",
-                config.to_str().expect("utf-8"),
-            ];
-            all.extend_from_slice(args);
-            otabox(&all)
-        };
-        let wasm = source.join("file.wasm");
-        let toml = source.join("file.toml");
-        let (wasm, toml) = (wasm.to_str().expect("utf-8"), toml.to_str().expect("utf-8"));
-        let out = install(&[wasm, toml]);
+        let out = install_file_handler(&config, &source);
         assert!(out.status.success(), "{}", text(&out));
         precompile_here(&integrator);
         let artifact = ArtifactPaths::in_dir(&integrator, "file");
         assert!(artifact.cwasm.is_file() && artifact.record.is_file());
-        let out = install(&[wasm, toml]);
+        let out = install_file_handler(&config, &source);
         assert!(out.status.success(), "{}", text(&out));
         assert!(!artifact.present(), "a reinstall leaves no stale artifact");
 
@@ -386,6 +407,108 @@ mod full_build {
         assert!(out.status.success(), "{}", text(&out));
         assert!(!artifact.present(), "remove deletes the artifact");
         assert!(!integrator.join("file.wasm").exists());
+    }
+
+    /// `install` takes the artifact beside the source wasm along, after the
+    /// checks a load makes; a bad one is refused and the directory (here
+    /// holding an earlier install with its artifact) stays as it was.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn install_takes_an_artifact_along_and_refuses_a_bad_one_changing_nothing() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (config, integrator) = integrator_device(root.path());
+        let source = file_handler_dir(&root.path().join("src"));
+        let shipped = precompile_here(&source);
+        let out = install_file_handler(&config, &source);
+        assert!(out.status.success(), "{}", text(&out));
+        let own = EngineTarget::this_host();
+        assert!(
+            text(&out).contains(&format!("with its precompiled artifact for {own}")),
+            "{}",
+            text(&out)
+        );
+        let placed = ArtifactPaths::in_dir(&integrator, "file");
+        for (from, to) in [(&shipped.cwasm, &placed.cwasm), (&shipped.record, &placed.record)] {
+            assert_eq!(std::fs::read(from).ok(), std::fs::read(to).ok(), "{}", to.display());
+        }
+        let handler = runtime(root.path())
+            .load_handler(&integrator.join("file.toml"), None)
+            .await
+            .expect("load the installed handler");
+        assert_eq!(handler.cache, CacheUse::Artifact);
+        drop(handler);
+        let before = snapshot(&integrator);
+
+        let pristine = std::fs::read(&shipped.cwasm).expect("cwasm");
+        let pristine_record = std::fs::read(&shipped.record).expect("record");
+        let reset = || {
+            std::fs::write(&shipped.cwasm, &pristine).expect("cwasm");
+            std::fs::write(&shipped.record, &pristine_record).expect("record");
+        };
+        let other = another_target();
+        // What is done to the shipped artifact, and what the refusal says.
+        type Case<'a> = (&'static str, Box<dyn Fn() + 'a>, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                "a record without its .cwasm",
+                Box::new(|| std::fs::remove_file(&shipped.cwasm).expect("rm")),
+                "is there but",
+            ),
+            (
+                "a .cwasm without its record",
+                Box::new(|| std::fs::remove_file(&shipped.record).expect("rm")),
+                "is there but",
+            ),
+            (
+                "altered code",
+                Box::new(|| {
+                    let mut bytes = pristine.clone();
+                    let middle = bytes.len() / 2;
+                    bytes[middle] ^= 1;
+                    std::fs::write(&shipped.cwasm, bytes).expect("write");
+                }),
+                "the artifact was altered",
+            ),
+            (
+                "truncated code",
+                Box::new(|| std::fs::write(&shipped.cwasm, &pristine[..100]).expect("write")),
+                "truncated or altered",
+            ),
+            (
+                "another engine's artifact",
+                Box::new(|| {
+                    edit_record(&shipped, |r| {
+                        r.target = other.to_string();
+                        r.engine_hash = other.engine_hash();
+                    })
+                }),
+                "otabox handlers precompile --target",
+            ),
+            (
+                "another wasm's artifact",
+                Box::new(|| edit_record(&shipped, |r| r.wasm_sha256 = "ab".repeat(32))),
+                "but the manifest pins",
+            ),
+            (
+                "a record that is no record",
+                Box::new(|| std::fs::write(&shipped.record, b"{\"format\": 1}").expect("write")),
+                "is not an artifact record",
+            ),
+            (
+                "a huge record",
+                Box::new(|| {
+                    std::fs::write(&shipped.record, vec![b' '; 1 << 20]).expect("write")
+                }),
+                "bytes, more than",
+            ),
+        ];
+        for (case, spoil, reason) in cases {
+            reset();
+            spoil();
+            let out = install_file_handler(&config, &source);
+            assert_eq!(out.status.code(), Some(1), "{case}: {}", text(&out));
+            assert!(text(&out).contains(reason), "{case}: {}", text(&out));
+            assert!(snapshot(&integrator) == before, "{case}: the directory changed");
+        }
     }
 }
 
@@ -455,6 +578,38 @@ mod runtime_only {
         std::fs::write(&artifact.cwasm, bytes).expect("write");
         let error = refusal(&rt, &dir).await;
         assert!(error.contains("the artifact was altered"), "{error}");
+    }
+
+    /// On a runtime-only device `handlers install` needs the artifact: the
+    /// audit cannot test-load the handler without it; with it, the handler
+    /// is placed with its artifact and loads.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn install_places_a_handler_only_with_its_artifact() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (config, integrator) = integrator_device(root.path());
+        let source = file_handler_dir(&root.path().join("src"));
+        let out = install_file_handler(&config, &source);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            text(&out).contains("this build runs only precompiled handlers"),
+            "{}",
+            text(&out)
+        );
+        assert!(snapshot(&integrator).is_empty(), "nothing placed");
+
+        precompile_beside(&source);
+        let out = install_file_handler(&config, &source);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("with its precompiled artifact for"),
+            "{}",
+            text(&out)
+        );
+        let handler = runtime(root.path())
+            .load_handler(&integrator.join("file.toml"), None)
+            .await
+            .expect("load the installed handler");
+        assert_eq!(handler.cache, CacheUse::Artifact);
     }
 
     #[test]

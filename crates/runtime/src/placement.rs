@@ -3,14 +3,19 @@
 //!
 //! The sources are read once, bounded, from regular files only (a FIFO or
 //! a device is refused, never waited on); the handler's name is the
-//! manifest's file stem. Placing writes both files under temporary names
-//! in the target directory and syncs them, renames the `.wasm` first and
-//! the `.toml` last (the manifest is what makes a handler visible) and
-//! syncs the directory, all under an exclusive lock on it ([`DirLock`]).
-//! Any failure before the manifest's rename leaves the directory as it
-//! was. A crash between the two renames of a replacement leaves the new
-//! `.wasm` beside the old `.toml`: that handler is refused (sha256
-//! mismatch, naming both files) until the install is run again.
+//! manifest's file stem. A precompiled artifact beside the source wasm
+//! (`.cwasm` + `.cwasm.json`, see [`crate::precompiled`]) goes along, after
+//! the checks a load makes (this wasm, this engine, size and sha256): a
+//! runtime-only device gets its handlers that way. Placing writes every
+//! file under a temporary name in the target directory and syncs it,
+//! removes the replaced handler's artifact (it pins the old wasm), renames
+//! the `.wasm`, then the artifact's `.cwasm` and record, and the `.toml`
+//! last (the manifest is what makes a handler visible), and syncs the
+//! directory, all under an exclusive lock on it ([`DirLock`]). Any failure
+//! before the manifest's rename puts the replaced files back, so the
+//! directory is as it was. A crash between the renames of a replacement
+//! leaves the new `.wasm` beside the old `.toml`: that handler is refused
+//! (sha256 mismatch, naming both files) until the install is run again.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -22,7 +27,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::capabilities::{DeviceGrant, HandlerManifest};
 use crate::dirs::{self, DirLock, HandlerFile};
+use crate::engine::EngineTarget;
 use crate::handler_name;
+use crate::precompiled::{self, ArtifactPaths, ArtifactRecord};
 use otabox_core::durable::{self, StagedFile};
 
 /// The largest component `handlers install` reads (Python components are
@@ -46,6 +53,66 @@ pub struct Candidate {
     pub manifest: HandlerManifest,
     /// The component's sha256 (the manifest pins it).
     pub sha256: String,
+    /// Its precompiled artifact, when one was beside the source wasm.
+    pub artifact: Option<ShippedArtifact>,
+}
+
+/// A precompiled artifact taken along by `handlers install`: the checked
+/// bytes of both files.
+#[derive(Debug)]
+pub struct ShippedArtifact {
+    /// The `.cwasm`.
+    pub cwasm: Vec<u8>,
+    /// The record (`.cwasm.json`), as given.
+    pub record_json: Vec<u8>,
+    /// The record, parsed.
+    pub record: ArtifactRecord,
+}
+
+impl ShippedArtifact {
+    /// The artifact beside `wasm` (whose sha256 is `wasm_sha256`), if there
+    /// is one: both files, for this wasm and this agent's engine, the
+    /// `.cwasm` of the size and sha256 its record gives. One file without
+    /// the other is refused.
+    pub fn read_beside(wasm: &Path, wasm_sha256: &str) -> Result<Option<Self>> {
+        let paths = ArtifactPaths::beside(wasm);
+        match (paths.cwasm.exists(), paths.record.exists()) {
+            (false, false) => return Ok(None),
+            (true, true) => {}
+            (cwasm, _) => {
+                let (there, missing) = if cwasm {
+                    (&paths.cwasm, &paths.record)
+                } else {
+                    (&paths.record, &paths.cwasm)
+                };
+                bail!(
+                    "{} is there but {} is not: a precompiled artifact is both files \
+                     (`otabox handlers precompile --target` writes them); add the other or \
+                     remove this one",
+                    there.display(),
+                    missing.display()
+                );
+            }
+        }
+        let record_json = read_source(&paths.record, precompiled::MAX_RECORD_BYTES)?;
+        let record = precompiled::parse_record(&record_json, &paths.record)?;
+        precompiled::check_record(&record, wasm_sha256, &EngineTarget::this_host())
+            .with_context(|| format!("refusing the artifact {}", paths.cwasm.display()))?;
+        let cwasm = read_source(&paths.cwasm, precompiled::MAX_ARTIFACT_BYTES)?;
+        precompiled::check_cwasm(&cwasm, &record, &paths.cwasm)?;
+        Ok(Some(Self {
+            cwasm,
+            record_json,
+            record,
+        }))
+    }
+
+    /// Writes both files beside `wasm_path` (a scratch copy).
+    fn write_beside(&self, wasm_path: &Path) -> std::io::Result<()> {
+        let paths = ArtifactPaths::beside(wasm_path);
+        fs::write(&paths.cwasm, &self.cwasm)?;
+        fs::write(&paths.record, &self.record_json)
+    }
 }
 
 impl Candidate {
@@ -69,20 +136,28 @@ impl Candidate {
                 m.pinned
             )
         })?;
+        let artifact = ShippedArtifact::read_beside(wasm, &sha256)?;
         Ok(Self {
             name,
             wasm: wasm_bytes,
             toml: toml_bytes,
             manifest,
             sha256,
+            artifact,
         })
     }
 
-    /// Writes `<name>.wasm` and `<name>.toml` into `dir` (a private scratch
-    /// directory, for the audit); returns the manifest's path there.
+    /// Writes `<name>.wasm`, its artifact if any, and `<name>.toml` into
+    /// `dir` (a private scratch directory, for the audit, whose test load
+    /// then uses the artifact); returns the manifest's path there.
     pub fn stage(&self, dir: &Path) -> Result<PathBuf> {
         let manifest = dir.join(format!("{}.toml", self.name));
-        fs::write(manifest.with_extension("wasm"), &self.wasm)
+        let wasm = manifest.with_extension("wasm");
+        fs::write(&wasm, &self.wasm)
+            .and_then(|()| match &self.artifact {
+                Some(artifact) => artifact.write_beside(&wasm),
+                None => Ok(()),
+            })
             .and_then(|()| fs::write(&manifest, &self.toml))
             .with_context(|| format!("cannot stage the handler in {}", dir.display()))?;
         Ok(manifest)
@@ -204,16 +279,32 @@ pub fn place(
     check_conflicts(dirs, target, device, candidate)?;
     let wasm_path = target.join(format!("{}.wasm", candidate.name));
     let toml_path = wasm_path.with_extension("toml");
+    let artifact_paths = ArtifactPaths::beside(&wasm_path);
     let wasm = StagedFile::write(&wasm_path, &candidate.wasm, PLACED_MODE)?;
+    let artifact = match &candidate.artifact {
+        Some(a) => Some((
+            StagedFile::write(&artifact_paths.cwasm, &a.cwasm, PLACED_MODE)?,
+            StagedFile::write(&artifact_paths.record, &a.record_json, PLACED_MODE)?,
+        )),
+        None => None,
+    };
     let toml = StagedFile::write(&toml_path, &candidate.toml, PLACED_MODE)?;
-    let previous = Previous::keep(&wasm_path)?;
-    wasm.commit()?;
-    if let Err(e) = durable::sync_dir(target).and_then(|()| toml.commit()) {
-        previous.restore(&wasm_path);
+    let previous = Previous::keep(&[&wasm_path, &artifact_paths.cwasm, &artifact_paths.record])?;
+    let placed = (|| {
+        // The replaced handler's artifact pins the old wasm.
+        remove_artifact(&wasm_path)?;
+        wasm.commit()?;
+        if let Some((cwasm, record)) = artifact {
+            cwasm.commit()?;
+            record.commit()?;
+        }
+        durable::sync_dir(target)?;
+        toml.commit()
+    })();
+    if let Err(e) = placed {
+        previous.restore();
         return Err(e);
     }
-    // A precompiled artifact of the replaced handler no longer matches.
-    remove_artifact(&wasm_path)?;
     durable::sync_dir(target)
 }
 
@@ -232,36 +323,54 @@ fn remove_artifact(wasm_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The `.wasm` a placement replaces, kept under a temporary hard link
-/// until the manifest is in place, to put back if it cannot be.
-struct Previous(Option<PathBuf>);
+/// The files a placement replaces (the `.wasm` and the artifact), each
+/// kept under a temporary hard link until the manifest is in place, to put
+/// back if it cannot be; a file that did not exist is removed instead.
+struct Previous(Vec<(PathBuf, Option<PathBuf>)>);
 
 impl Previous {
-    fn keep(wasm: &Path) -> Result<Self> {
-        if fs::symlink_metadata(wasm).is_err() {
-            return Ok(Self(None));
+    fn keep(paths: &[&Path]) -> Result<Self> {
+        let mut kept = Self(Vec::new());
+        for path in paths {
+            let keep = match fs::symlink_metadata(path) {
+                Err(_) => None,
+                Ok(_) => {
+                    let mut name = path.as_os_str().to_owned();
+                    name.push(format!(".old-{}", std::process::id()));
+                    let keep = PathBuf::from(name);
+                    let _ = fs::remove_file(&keep);
+                    fs::hard_link(path, &keep).with_context(|| {
+                        format!("cannot keep {} while replacing it", path.display())
+                    })?;
+                    Some(keep)
+                }
+            };
+            kept.0.push((path.to_path_buf(), keep));
         }
-        let keep = wasm.with_extension(format!("wasm.old-{}", std::process::id()));
-        let _ = fs::remove_file(&keep);
-        fs::hard_link(wasm, &keep)
-            .with_context(|| format!("cannot keep {} while replacing it", wasm.display()))?;
-        Ok(Self(Some(keep)))
+        Ok(kept)
     }
 
-    fn restore(mut self, wasm: &Path) {
-        let restored = match self.0.take() {
-            Some(keep) => fs::rename(keep, wasm),
-            None => fs::remove_file(wasm),
-        };
-        if let Err(e) = restored {
-            tracing::error!("cannot restore {}: {e}", wasm.display());
+    /// Puts every file back (the record last: an artifact without one is
+    /// never loaded).
+    fn restore(mut self) {
+        for (path, keep) in std::mem::take(&mut self.0) {
+            let restored = match keep {
+                Some(keep) => fs::rename(keep, &path),
+                None => match fs::remove_file(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                },
+            };
+            if let Err(e) = restored {
+                tracing::error!("cannot restore {}: {e}", path.display());
+            }
         }
     }
 }
 
 impl Drop for Previous {
     fn drop(&mut self) {
-        if let Some(keep) = self.0.take() {
+        for keep in self.0.iter_mut().filter_map(|(_, keep)| keep.take()) {
             let _ = fs::remove_file(keep);
         }
     }

@@ -37,7 +37,10 @@ pub const RECORD_EXTENSION: &str = "cwasm.json";
 /// The format of the record, written as `format`.
 const FORMAT: u32 = 1;
 /// The largest record read (it is a few hundred bytes).
-const MAX_RECORD_BYTES: u64 = 64 * 1024;
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// The largest `.cwasm` that `handlers install` takes along (a Python
+/// component's is a few tens of megabytes).
+pub const MAX_ARTIFACT_BYTES: u64 = 512 << 20;
 
 /// What a `.cwasm` was built from and for (`<name>.cwasm.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +178,12 @@ pub fn read_record(path: &Path) -> Result<ArtifactRecord> {
             path.display()
         );
     }
-    let record: ArtifactRecord = serde_json::from_slice(&text)
+    parse_record(&text, path)
+}
+
+/// Parses the bytes of the record read from `path` (named in errors).
+pub fn parse_record(text: &[u8], path: &Path) -> Result<ArtifactRecord> {
+    let record: ArtifactRecord = serde_json::from_slice(text)
         .with_context(|| format!("{} is not an artifact record", path.display()))?;
     if record.format != FORMAT {
         bail!(
@@ -185,6 +193,38 @@ pub fn read_record(path: &Path) -> Result<ArtifactRecord> {
         );
     }
     Ok(record)
+}
+
+/// Checks the bytes of a `.cwasm` read from `path` against its record's
+/// size and sha256.
+pub fn check_cwasm(bytes: &[u8], record: &ArtifactRecord, path: &Path) -> Result<()> {
+    let sha256 = otabox_core::trust::sha256_hex(bytes);
+    check_cwasm_digest(bytes.len() as u64, Some(&sha256), record, path)
+}
+
+/// Checks the size and, when given, the sha256 of the `.cwasm` at `path`
+/// against its record.
+fn check_cwasm_digest(
+    size: u64,
+    sha256: Option<&str>,
+    record: &ArtifactRecord,
+    path: &Path,
+) -> Result<()> {
+    if size != record.cwasm_size {
+        bail!(
+            "{} has {size} bytes, its record says {}: the artifact is truncated or altered",
+            path.display(),
+            record.cwasm_size
+        );
+    }
+    if let Some(actual) = sha256.filter(|&a| a != record.cwasm_sha256) {
+        bail!(
+            "{} has sha256 {actual}, its record says {}: the artifact was altered",
+            path.display(),
+            record.cwasm_sha256
+        );
+    }
+    Ok(())
 }
 
 /// Checks a record against the manifest's pin and this engine.
@@ -222,23 +262,11 @@ fn open_cwasm(path: &Path, record: &ArtifactRecord) -> Result<File> {
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    if meta.len() != record.cwasm_size {
-        bail!(
-            "{} has {} bytes, its record says {}: the artifact is truncated or altered",
-            path.display(),
-            meta.len(),
-            record.cwasm_size
-        );
-    }
-    let (_, actual) = otabox_core::trust::hash_reader(&mut file)
+    // The size first: a file of another size is refused without reading it.
+    check_cwasm_digest(meta.len(), None, record, path)?;
+    let (size, actual) = otabox_core::trust::hash_reader(&mut file)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    if actual != record.cwasm_sha256 {
-        bail!(
-            "{} has sha256 {actual}, its record says {}: the artifact was altered",
-            path.display(),
-            record.cwasm_sha256
-        );
-    }
+    check_cwasm_digest(size, Some(&actual), record, path)?;
     Ok(file)
 }
 

@@ -42,7 +42,7 @@ pub async fn install(
     }
     placement::place(dirs, target, &config.handlers, &candidate)?;
     outln!(
-        "installed handler {} into {} (sha256 {}, update types {})",
+        "installed handler {} into {} (sha256 {}, update types {}){}",
         candidate.name,
         target.display(),
         candidate.sha256,
@@ -51,7 +51,11 @@ pub async fn install(
             .iter()
             .map(|t| t.as_str())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        match &candidate.artifact {
+            Some(a) => format!(", with its precompiled artifact for {}", a.record.target),
+            None => String::new(),
+        }
     )?;
     tell_agent(config)?;
     Ok(ExitCode::SUCCESS)
