@@ -764,7 +764,10 @@ fn a_log_filter_selects_targets_and_a_bad_one_is_refused_before_anything_runs() 
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("20")).collect();
     assert!(!lines.is_empty(), "{log}");
     for line in &lines {
-        assert!(line.contains(" otabox_agent"), "a line of another target: {line}");
+        assert!(
+            line.contains(" otabox_agent"),
+            "a line of another target: {line}"
+        );
         assert!(!line.contains("DEBUG"), "a debug line at info: {line}");
     }
     // A misspelt level (which a plain target filter would take for a target
@@ -782,7 +785,12 @@ fn a_log_filter_selects_targets_and_a_bad_one_is_refused_before_anything_runs() 
             .env("OTABOX_LOG", bad)
             .output()
             .expect("run otabox");
-        assert_eq!(env.status.code(), Some(2), "OTABOX_LOG={bad}: {}", text(&env));
+        assert_eq!(
+            env.status.code(),
+            Some(2),
+            "OTABOX_LOG={bad}: {}",
+            text(&env)
+        );
     }
 }
 

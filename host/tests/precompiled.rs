@@ -427,8 +427,16 @@ mod full_build {
             text(&out)
         );
         let placed = ArtifactPaths::in_dir(&integrator, "file");
-        for (from, to) in [(&shipped.cwasm, &placed.cwasm), (&shipped.record, &placed.record)] {
-            assert_eq!(std::fs::read(from).ok(), std::fs::read(to).ok(), "{}", to.display());
+        for (from, to) in [
+            (&shipped.cwasm, &placed.cwasm),
+            (&shipped.record, &placed.record),
+        ] {
+            assert_eq!(
+                std::fs::read(from).ok(),
+                std::fs::read(to).ok(),
+                "{}",
+                to.display()
+            );
         }
         let handler = runtime(root.path())
             .load_handler(&integrator.join("file.toml"), None)
@@ -495,9 +503,7 @@ mod full_build {
             ),
             (
                 "a huge record",
-                Box::new(|| {
-                    std::fs::write(&shipped.record, vec![b' '; 1 << 20]).expect("write")
-                }),
+                Box::new(|| std::fs::write(&shipped.record, vec![b' '; 1 << 20]).expect("write")),
                 "bytes, more than",
             ),
         ];
@@ -507,7 +513,10 @@ mod full_build {
             let out = install_file_handler(&config, &source);
             assert_eq!(out.status.code(), Some(1), "{case}: {}", text(&out));
             assert!(text(&out).contains(reason), "{case}: {}", text(&out));
-            assert!(snapshot(&integrator) == before, "{case}: the directory changed");
+            assert!(
+                snapshot(&integrator) == before,
+                "{case}: the directory changed"
+            );
         }
     }
 }
