@@ -3,7 +3,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/otabox/target
 SHELL := /bin/bash
 
-.PHONY: setup setup-demo demo test test-cross bench bench-compare deb
+.PHONY: setup setup-demo demo test test-cross bench bench-compare deb idle-functions
 
 ## Install what the demo needs: mosquitto, nginx-light and the wasm32-wasip2
 ## target.
@@ -55,11 +55,13 @@ bench-compare:
 	bash host/benches/support/before-after.sh $(REV) $(BENCH) $(or $(ROUNDS),6) '$(or $(PATTERN), (us|ms|s) )'
 
 ## Build the Debian package into $(CARGO_TARGET_DIR)/debian: the device
-## binary (release, no `fleet` feature), the four first-party handlers and
+## binary (no `fleet` feature), the four first-party handlers and
 ## the service (see packaging/). ARCH=amd64 (default); ARCH=arm64 or
 ## ARCH=armhf cross-build once their Rust targets and linkers are set up.
+## Both are built for size (profile `small`, see Cargo.toml) and linked
+## with the idle agent's functions together (packaging/link-ordered).
 ## VARIANT=runtime-only builds otabox-runtime-only: the agent without the
-## compiler, built for size (profile `small`), and the handlers precompiled
+## compiler, and the handlers precompiled
 ## for ARCH on this machine (for another ARCH by a build with the
 ## `all-targets` feature, kept apart under $(CARGO_TARGET_DIR)/<host triple>/).
 ARCH ?= amd64
@@ -68,14 +70,16 @@ DEB_TRIPLE_amd64 :=
 DEB_TRIPLE_arm64 := aarch64-unknown-linux-gnu
 DEB_TRIPLE_armhf := armv7-unknown-linux-gnueabihf
 DEB_TRIPLE = $(DEB_TRIPLE_$(ARCH))
+DEB_CC_amd64 := cc
+DEB_CC_arm64 := aarch64-linux-gnu-gcc
+DEB_CC_armhf := arm-linux-gnueabihf-gcc
 HOST_TRIPLE = $(shell rustc -vV | sed -n 's/^host: //p')
 DEB_FEATURES = $(if $(filter runtime-only,$(VARIANT)),,--features compiler)
-# The runtime-only agent is built for size (profile `small`, see Cargo.toml).
-DEB_PROFILE = $(if $(filter runtime-only,$(VARIANT)),small,release)
+DEB_PROFILE = small
 deb: setup
 	@test -n "$(filter $(ARCH),amd64 arm64 armhf)" || { echo "ARCH=$(ARCH): use amd64, arm64 or armhf"; exit 1; }
 	@test -z "$(VARIANT)" -o "$(VARIANT)" = runtime-only || { echo "VARIANT=$(VARIANT): the only variant is runtime-only"; exit 1; }
-	cargo build --profile $(DEB_PROFILE) -p otabox --no-default-features $(DEB_FEATURES) --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE))
+	OTABOX_LINK_CC=$(DEB_CC_$(ARCH)) cargo rustc --profile $(DEB_PROFILE) -p otabox --no-default-features $(DEB_FEATURES) --bin otabox $(if $(DEB_TRIPLE),--target $(DEB_TRIPLE)) -- -C linker=$(CURDIR)/packaging/link-ordered
 	cargo build -p otabox-test-guests
 	set -e; handlers=$(CARGO_TARGET_DIR)/wasm-guests/handlers; \
 	if [ "$(VARIANT)" = runtime-only ]; then \
@@ -93,3 +97,18 @@ deb: setup
 	TARGET=$(DEB_TRIPLE) VARIANT=$(VARIANT) bash packaging/build-deb \
 		$(CARGO_TARGET_DIR)/$(if $(DEB_TRIPLE),$(DEB_TRIPLE)/)$(DEB_PROFILE)/otabox \
 		$$handlers $(CARGO_TARGET_DIR)/debian
+
+## Record which functions the idle agent runs (packaging/idle-functions.txt,
+## read when `make deb` links): both packages' amd64 builds run under
+## valgrind with the four handlers and a broker of their own. Rerun when
+## the agent's start or idle loop changed much; a stale list only costs
+## resident memory. Needs valgrind.
+idle-functions: setup
+	cargo build -p otabox-test-guests
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cargo build --profile small -p otabox --no-default-features --features compiler --bin otabox; \
+	cp $(CARGO_TARGET_DIR)/small/otabox $$tmp/otabox; \
+	cargo build --profile small -p otabox --no-default-features --bin otabox; \
+	cp $(CARGO_TARGET_DIR)/small/otabox $$tmp/otabox-runtime-only; \
+	COMPILER=$$tmp/otabox bash tools/idle-functions.sh packaging/idle-functions.txt \
+		$$tmp/otabox $$tmp/otabox-runtime-only

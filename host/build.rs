@@ -20,6 +20,11 @@ fn main() {
     let dir = guests::build_and_package(workspace, EMBEDDED, &["handlers/file"]);
     println!("cargo:rustc-env=OTABOX_BUILT_HANDLERS={}", dir.display());
     pack_relative_relocations();
+    // The packaged binary's link reads these (`make deb`, see
+    // packaging/link-ordered): a new list links it anew.
+    for file in ["packaging/idle-functions.txt", "packaging/link-ordered"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(file).display());
+    }
 }
 
 /// Links the binary with its relative relocations packed (DT_RELR, glibc

@@ -6,10 +6,11 @@
 //!   timestamps (InactiveExit → ActiveEnter), with the handlers loaded from
 //!   the cache postinst filled (goal ≤ 150 ms);
 //! - idle resident memory of the service with the four first-party
-//!   handlers loaded (goal ≤ 12 MB; tedge-agent 21.4 MB).
+//!   handlers loaded (goal ≤ 12 MB; tedge-agent 21.4 MB), and where it is
+//!   (the binary's code and data, the handlers' code, libraries, anonymous).
 //!
 //! The package measured is `OTABOX_DEB` when set (`make deb` leaves it in
-//! `$CARGO_TARGET_DIR/debian`: the release device build), else one made
+//! `$CARGO_TARGET_DIR/debian`: the device build), else one made
 //! from this bench's own binary. Needs root (skipped otherwise). Run with
 //! `make bench`; without `--bench` (as `make test` runs it) it makes a short
 //! smoke run.
@@ -123,6 +124,7 @@ fn main() {
         "idle resident memory of the service",
         format!("{:.1} MiB", rss_kib as f64 / 1024.0)
     );
+    println!("{}", memory_breakdown(&ct));
     println!("agent's start line: {}", loaded.trim());
     Calibration::measure(dir.path()).print();
     if quick {
@@ -140,4 +142,43 @@ fn main() {
         rss_kib as f64 / 1024.0,
         verdict(rss_kib * 1024 <= 12_000_000)
     );
+}
+
+/// Where the idle service's resident memory is, from its smaps: the
+/// otabox binary's code and its other pages, the handlers' compiled code
+/// (`.cwasm`, mapped from the cache or the package), shared libraries, and
+/// anonymous memory (heap, stacks).
+fn memory_breakdown(ct: &Container) -> String {
+    let smaps = ct.ok("cat /proc/$(systemctl show -p MainPID --value otabox)/smaps");
+    let (mut mapping, mut perms) = (String::new(), String::new());
+    let mut kib = std::collections::BTreeMap::<&str, u64>::new();
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            perms = fields.get(1).unwrap_or(&"").to_string();
+            mapping = fields.get(5).unwrap_or(&"").to_string();
+        } else if fields.first() == Some(&"Rss:") {
+            let rss: u64 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let part = if mapping == "/usr/bin/otabox" && perms.contains('x') {
+                "binary code"
+            } else if mapping == "/usr/bin/otabox" {
+                "binary data"
+            } else if mapping.ends_with(".cwasm") {
+                "handler code"
+            } else if mapping.contains(".so") {
+                "libraries"
+            } else {
+                "anonymous"
+            };
+            *kib.entry(part).or_default() += rss;
+        }
+    }
+    let parts: Vec<String> = kib
+        .iter()
+        .map(|(part, k)| format!("{part} {:.1}", *k as f64 / 1024.0))
+        .collect();
+    format!("  of which (MiB): {}", parts.join(", "))
 }

@@ -254,3 +254,137 @@ fn the_package_holds_the_agent_handlers_unit_and_conffile_and_passes_lintian() {
 
     lintian_passes(deb);
 }
+
+/// The addresses of `names` in the linked program `exe`, in that order.
+fn addresses(exe: &Path, names: &[&str]) -> Vec<u64> {
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(exe)
+        .output()
+        .expect("run nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    names
+        .iter()
+        .map(|name| {
+            text.lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() == 3 && f[2] == *name).then(|| u64::from_str_radix(f[0], 16).ok())?
+                })
+                .unwrap_or_else(|| panic!("{name} not in {}:\n{text}", exe.display()))
+        })
+        .collect()
+}
+
+/// `packaging/link-ordered` (the linker of `make deb`) links a program as
+/// `cc` does, with the functions its list names first, in the objects'
+/// order, whatever their order in the source; names the program lacks
+/// and comments are ignored; an unreadable list stops the link. With each
+/// C compiler driver `make deb` uses that is installed: this machine's,
+/// and the ARM cross compilers (rust-lld links for them too).
+#[test]
+fn the_ordered_link_places_the_listed_functions_first() {
+    if !tools_ready("the ordered link", &["cc", "nm", "rustc"]) {
+        return;
+    }
+    let drivers = ["cc", "aarch64-linux-gnu-gcc", "arm-linux-gnueabihf-gcc"];
+    for cc in drivers
+        .into_iter()
+        .filter(|cc| common::package::on_path(cc))
+    {
+        ordered_link_with(cc);
+    }
+}
+
+fn ordered_link_with(cc: &str) {
+    let native = cc == "cc";
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("prog.c");
+    std::fs::write(
+        &source,
+        "int cold_a(int x) { return x * 3 + 1; }\n\
+         int cold_b(int x) { return x * 5 + 2; }\n\
+         int hot_one(int x) { return x * 7 + 3; }\n\
+         int cold_c(int x) { return x * 9 + 4; }\n\
+         int hot_two(int x) { return x * 11 + 5; }\n\
+         int main(int argc, char **argv) { (void)argv; return cold_a(argc) + cold_b(argc)\n\
+           + hot_one(argc) + cold_c(argc) + hot_two(argc) == 42; }\n",
+    )
+    .unwrap();
+    let object = dir.path().join("prog.o");
+    run_ok(
+        cc,
+        &[
+            "-c",
+            "-O1",
+            "-ffunction-sections",
+            "-o",
+            object.to_str().unwrap(),
+            source.to_str().unwrap(),
+        ],
+    );
+    let list = dir.path().join("idle.txt");
+    std::fs::write(
+        &list,
+        "# comment line\nhot_two\nnot_in_this_program\nhot_one\n",
+    )
+    .unwrap();
+    let link = |out: &Path, list: &Path| {
+        Command::new(packaging("link-ordered"))
+            .env("OTABOX_IDLE_FUNCTIONS", list)
+            .env("OTABOX_LINK_CC", cc)
+            .arg("-o")
+            .arg(out)
+            .arg(&object)
+            .output()
+            .expect("run link-ordered")
+    };
+
+    let ordered = dir.path().join("ordered");
+    let out = link(&ordered, &list);
+    assert!(
+        out.status.success(),
+        "{cc}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if native {
+        let ran = Command::new(&ordered).status().expect("run the program");
+        assert!(ran.code().is_some(), "the linked program runs");
+    }
+    let at = addresses(
+        &ordered,
+        &["hot_one", "hot_two", "cold_a", "cold_b", "cold_c"],
+    );
+    let (hot, cold) = (&at[..2], &at[2..]);
+    assert!(
+        hot.iter().max() < cold.iter().min(),
+        "{cc}: listed functions first: {at:?}"
+    );
+    assert!(
+        at[0] < at[1],
+        "{cc}: in the object's order, not the list's: {at:?}"
+    );
+
+    // An empty list links as cc would: the source's order.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let plain = dir.path().join("plain");
+    assert!(link(&plain, &empty).status.success());
+    let at = addresses(
+        &plain,
+        &["cold_a", "cold_b", "hot_one", "cold_c", "hot_two"],
+    );
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "{cc}: source order: {at:?}"
+    );
+
+    let out = link(&dir.path().join("none"), &dir.path().join("missing.txt"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read the function list"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("none").exists());
+}

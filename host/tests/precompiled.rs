@@ -320,6 +320,62 @@ mod full_build {
         }
     }
 
+    /// Handlers run in an engine without a compiler, even in this build:
+    /// it cannot compile (so an idle agent never runs Cranelift); a load
+    /// with an empty cache compiles apart, stores the entry and loads it;
+    /// the next runtime loads the entry; a spoiled entry is compiled anew.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn handlers_run_in_an_engine_without_a_compiler_and_misses_compile_apart() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = file_handler_dir(root.path());
+        let wasm = std::fs::read(dir.join("file.wasm")).expect("wasm");
+        let rt = runtime(root.path());
+        let error = match wasmtime::component::Component::new(rt.engine(), &wasm) {
+            Ok(_) => panic!("the handlers' engine compiled a component"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(error.contains("compil"), "{error}");
+
+        let first = rt
+            .load_handler(&dir.join("file.toml"), None)
+            .await
+            .expect("load");
+        assert_eq!(first.cache, CacheUse::Miss);
+        let entries = || -> Vec<PathBuf> {
+            std::fs::read_dir(root.path().join("cache"))
+                .expect("cache dir")
+                .map(|e| e.expect("entry").path())
+                .collect()
+        };
+        let stored = entries();
+        assert_eq!(stored.len(), 1, "one entry: {stored:?}");
+        assert!(first.describe().await.is_ok(), "the compiled handler runs");
+
+        let again = runtime(root.path());
+        let second = again
+            .load_handler(&dir.join("file.toml"), None)
+            .await
+            .expect("load");
+        assert_eq!(second.cache, CacheUse::Hit);
+        assert!(second.describe().await.is_ok());
+
+        // Replaced, as entries only ever are (the live handlers above map
+        // the old file; rewriting it in place would pull it from under them).
+        let spoiled = root.path().join("spoiled");
+        std::fs::write(&spoiled, b"not compiled code").expect("spoil");
+        std::fs::rename(&spoiled, &stored[0]).expect("replace the entry");
+        let third = runtime(root.path())
+            .load_handler(&dir.join("file.toml"), None)
+            .await
+            .expect("load past a spoiled entry");
+        assert_eq!(third.cache, CacheUse::Miss);
+        assert!(third.describe().await.is_ok());
+        assert_ne!(
+            std::fs::read(&stored[0]).expect("entry"),
+            b"not compiled code"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn the_refusal_of_another_engine_names_both_hashes_and_the_fix() {
         let root = tempfile::tempdir().expect("tempdir");

@@ -125,7 +125,8 @@ impl ComponentCache {
             }
         }
         let Some(entry) = self.entry(engine, sha256) else {
-            return Ok((compile(engine, wasm, wasm_path)?, CacheUse::Disabled));
+            let compiled = compile(wasm, wasm_path)?;
+            return Ok((from_bytes(engine, &compiled)?, CacheUse::Disabled));
         };
         // Mapped, not copied: only the code pages a handler touches stay
         // resident (3 MB less for three handlers). Entries are only ever
@@ -143,33 +144,52 @@ impl ComponentCache {
                 ),
             }
         }
-        let component = compile(engine, wasm, wasm_path)?;
-        if let Err(e) = store(&entry, &component) {
-            tracing::warn!("cannot cache {}: {e:#}", entry.display());
+        let compiled = compile(wasm, wasm_path)?;
+        match store(&entry, &compiled) {
+            // SAFETY: written just now from what this build's compiler
+            // made, in the agent's own directory.
+            Ok(()) => match unsafe { Component::deserialize_file(engine, &entry) } {
+                Ok(component) => return Ok((component, CacheUse::Miss)),
+                Err(e) => tracing::warn!("cannot load {} again: {e:#}", entry.display()),
+            },
+            Err(e) => tracing::warn!("cannot cache {}: {e:#}", entry.display()),
         }
-        Ok((component, CacheUse::Miss))
+        Ok((from_bytes(engine, &compiled)?, CacheUse::Miss))
     }
 }
 
+/// Compiles `wasm` with a compiler engine built for it (see
+/// [`crate::engine::compiler_engine`]): the serialized component, for the
+/// engine of [`crate::engine::new_engine`].
 #[cfg(feature = "compiler")]
-fn compile(engine: &Engine, wasm: &[u8], _wasm_path: &Path) -> Result<Component> {
+fn compile(wasm: &[u8], _wasm_path: &Path) -> Result<Vec<u8>> {
     use anyhow::Context;
-    Component::new(engine, wasm)
+    crate::engine::compiler_engine()?
+        .precompile_component(wasm)
         .map_err(anyhow::Error::from)
         .context("not a valid WebAssembly component")
 }
 
+/// Loads a component compiled by this process.
+fn from_bytes(engine: &Engine, compiled: &[u8]) -> Result<Component> {
+    use anyhow::Context;
+    // SAFETY: the bytes come from this build's compiler just now.
+    unsafe { Component::deserialize(engine, compiled) }
+        .map_err(anyhow::Error::from)
+        .context("cannot load the component just compiled")
+}
+
 #[cfg(not(feature = "compiler"))]
-fn compile(_engine: &Engine, _wasm: &[u8], wasm_path: &Path) -> Result<Component> {
+fn compile(_wasm: &[u8], wasm_path: &Path) -> Result<Vec<u8>> {
     Err(NoCompiler {
         wasm: wasm_path.to_path_buf(),
     }
     .into())
 }
 
-fn store(entry: &Path, component: &Component) -> Result<()> {
+fn store(entry: &Path, compiled: &[u8]) -> Result<()> {
     if let Some(dir) = entry.parent() {
         durable::create_private_dir(dir)?;
     }
-    durable::write_atomic(entry, &component.serialize()?)
+    durable::write_atomic(entry, compiled)
 }

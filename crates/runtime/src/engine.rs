@@ -126,10 +126,36 @@ fn engine_config() -> Config {
 /// allocator: the pooling allocator measured slower for our small guests
 /// (88 us vs 66 us per call in benches/handler_call). With the `pulley`
 /// feature handlers run in wasmtime's interpreter on every host; without
-/// it they run as native code (tuned to this CPU when this build compiles),
-/// except where Cranelift has no backend (32-bit ARM), where wasmtime picks
-/// Pulley by itself.
+/// it they run as native code, except where Cranelift has no backend
+/// (32-bit ARM), where wasmtime picks Pulley by itself.
+///
+/// The engine has no compiler even in a build with one: it only loads
+/// compiled code (the artifact, the cache, or what [`compiler_engine`]
+/// has just compiled). An idle agent thus never runs Cranelift, whose code
+/// then stays out of its resident memory (benches/service.rs).
 pub fn new_engine() -> Result<Engine> {
+    #[cfg_attr(not(feature = "compiler"), allow(unused_mut))]
+    let mut config = host_config()?;
+    #[cfg(feature = "compiler")]
+    config.enable_compiler(false);
+    Engine::new(&config)
+        .map_err(anyhow::Error::from)
+        .context("cannot create the Wasm engine")
+}
+
+/// An engine that compiles for the engine of [`new_engine`] (tuned to
+/// this CPU when native), built when a handler has no compiled code yet
+/// and dropped after it.
+#[cfg(feature = "compiler")]
+pub fn compiler_engine() -> Result<Engine> {
+    Engine::new(&host_config()?)
+        .map_err(anyhow::Error::from)
+        .context("cannot create the Wasm compiler")
+}
+
+/// [`engine_config`] for this host: with the `pulley` feature, the Pulley
+/// interpreter of this host's width and byte order.
+fn host_config() -> Result<Config> {
     let mut config = engine_config();
     if cfg!(feature = "pulley") {
         config
@@ -137,9 +163,7 @@ pub fn new_engine() -> Result<Engine> {
             .map_err(anyhow::Error::from)
             .context("cannot select the Pulley interpreter")?;
     }
-    Engine::new(&config)
-        .map_err(anyhow::Error::from)
-        .context("cannot create the Wasm engine")
+    Ok(config)
 }
 
 /// An engine that compiles for `target`, with the device engine's settings,

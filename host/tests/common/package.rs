@@ -53,7 +53,7 @@ pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
 }
 
 /// Whether `program` is an executable on `PATH` (`cargo-deb` for `cargo deb`).
-fn on_path(program: &str) -> bool {
+pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| {
             std::fs::metadata(dir.join(program)).is_ok_and(|m| {
