@@ -25,9 +25,9 @@ for tool in valgrind mosquitto python3; do
 done
 
 work=$(mktemp -d)
-broker=
+broker= listener= agent=
 cleanup() {
-    [ -n "$broker" ] && kill "$broker" 2>/dev/null
+    for pid in $agent $listener $broker; do kill "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -133,10 +133,7 @@ impl ComponentCache {
         // replaced by rename (a new inode, see `store`), never rewritten in
         // place, so a live mapping is never truncated under the agent.
         if entry.is_file() {
-            // SAFETY: the entry was written by `store` below from a component
-            // this engine compiled; the cache directory belongs to the agent,
-            // and wasmtime checks the header and engine compatibility.
-            match unsafe { Component::deserialize_file(engine, &entry) } {
+            match load_entry(engine, &entry) {
                 Ok(component) => return Ok((component, CacheUse::Hit)),
                 Err(e) => tracing::warn!(
                     "recompiling: cache entry {} is unusable: {e:#}",
@@ -146,9 +143,7 @@ impl ComponentCache {
         }
         let compiled = compile(wasm, wasm_path)?;
         match store(&entry, &compiled) {
-            // SAFETY: written just now from what this build's compiler
-            // made, in the agent's own directory.
-            Ok(()) => match unsafe { Component::deserialize_file(engine, &entry) } {
+            Ok(()) => match load_entry(engine, &entry) {
                 Ok(component) => return Ok((component, CacheUse::Miss)),
                 Err(e) => tracing::warn!("cannot load {} again: {e:#}", entry.display()),
             },
@@ -168,6 +163,15 @@ fn compile(wasm: &[u8], _wasm_path: &Path) -> Result<Vec<u8>> {
         .precompile_component(wasm)
         .map_err(anyhow::Error::from)
         .context("not a valid WebAssembly component")
+}
+
+/// Maps a cache entry.
+fn load_entry(engine: &Engine, entry: &Path) -> Result<Component> {
+    // SAFETY: entries are written by `store` from what this build's
+    // compiler made, into a directory that belongs to the agent, and only
+    // ever replaced by rename; wasmtime checks the header and the engine's
+    // compatibility (target, flags against this CPU, tunables, features).
+    unsafe { Component::deserialize_file(engine, entry) }.map_err(anyhow::Error::from)
 }
 
 /// Loads a component compiled by this process.
