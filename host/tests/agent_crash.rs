@@ -218,68 +218,139 @@ fn the_loop_breaker_fails_a_job_that_keeps_killing_the_agent() {
     assert!(agent.log().contains("giving up"), "{}", agent.log());
 }
 
+/// A persistent broker (sessions survive a restart; saved every second
+/// too, for a broker killed outright), a device, a cloud client with a
+/// persistent session, and the agent running the slow counting job, its
+/// `installing` report seen.
+struct Outage {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    broker: Mosquitto,
+    cloud: TestClient,
+    agent: AgentProcess,
+}
+
+impl Outage {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let port = common::services::free_port();
+        let broker = Mosquitto::start_with(
+            &root.join("broker"),
+            port,
+            &format!(
+                "allow_anonymous true\npersistence true\nautosave_interval 1\npersistence_location {}/\n",
+                root.join("broker").display()
+            ),
+        );
+        let config = device(&root, port);
+        let mut opts = rumqttc::MqttOptions::new("cloud", "127.0.0.1", port);
+        opts.set_clean_session(false);
+        let cloud = TestClient::connect_with(opts, &[UPDATE]);
+        let agent = AgentProcess::start(&config);
+        cloud.wait_for(WAIT, "the agent's online report", online);
+        // The cloud's subscription is in the broker's saved state.
+        std::thread::sleep(Duration::from_millis(1500));
+        cloud.publish(DELTA, slow_delta(&root, 2500));
+        cloud.wait_for(WAIT, "the installing report", |m| {
+            m.json
+                .pointer("/state/reported/deployment/agent/state")
+                .and_then(|s| s.as_str())
+                == Some("installing")
+        });
+        Self {
+            _dir: dir,
+            root,
+            broker,
+            cloud,
+            agent,
+        }
+    }
+
+    /// After the broker is back: the job's result report and its ack each
+    /// arrive once, in order, whole, and the ack says SUCCESS.
+    fn assert_reports_arrive_once(&self) {
+        let (agent, broker) = (&self.agent, &self.broker);
+        let mut seen = self
+            .cloud
+            .try_collect_until(WAIT, is_ack)
+            .unwrap_or_else(|seen| {
+                panic!(
+                    "timed out waiting for the ack after the outage; saw {seen:?}\n\
+                 agent:\n{}\nbroker:\n{}",
+                    agent.log(),
+                    broker.log()
+                )
+            });
+        seen.extend(self.cloud.drain(Duration::from_millis(1500)));
+        let kinds: Vec<&str> = seen
+            .iter()
+            .filter_map(|m| {
+                if is_ack(m) {
+                    Some("ack")
+                } else if m
+                    .json
+                    .pointer("/state/reported/deployment/lastResult/jobId")
+                    .and_then(|j| j.as_str())
+                    == Some("job-crash")
+                {
+                    Some("result")
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["result", "ack"],
+            "each report once, in order: {seen:?}\n{}",
+            agent.log()
+        );
+        let ack = seen.iter().find(|m| is_ack(m)).expect("ack");
+        assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+        let log = agent.log();
+        for wrong in ["dropped the connection", "reports are limited"] {
+            assert!(
+                !log.contains(wrong),
+                "an outage taken for a refusal:\n{log}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_broker_outage_mid_job_delays_reports_but_loses_or_repeats_none() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().canonicalize().expect("canonical");
-    let port = common::services::free_port();
-    let mut broker = Mosquitto::start_with(
-        &root.join("broker"),
-        port,
-        &format!(
-            "allow_anonymous true\npersistence true\npersistence_location {}/\n",
-            root.join("broker").display()
-        ),
-    );
-    let config = device(&root, port);
-    let mut opts = rumqttc::MqttOptions::new("cloud", "127.0.0.1", port);
-    opts.set_clean_session(false);
-    let cloud = TestClient::connect_with(opts, &[UPDATE]);
-    let agent = AgentProcess::start(&config);
-    cloud.wait_for(WAIT, "the agent's online report", online);
-    cloud.publish(DELTA, slow_delta(&root, 2500));
-    cloud.wait_for(WAIT, "the installing report", |m| {
-        m.json
-            .pointer("/state/reported/deployment/agent/state")
-            .and_then(|s| s.as_str())
-            == Some("installing")
-    });
-    broker.stop_gracefully();
+    let mut outage = Outage::start();
+    outage.broker.stop_gracefully();
     std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(
-        applies(&root),
+        applies(&outage.root),
         1,
         "the job went on while the broker was down\n{}",
-        agent.log()
+        outage.agent.log()
     );
-    broker.start_again();
-    let mut seen = cloud.collect_until(WAIT, "the ack after the outage", is_ack);
-    seen.extend(cloud.drain(Duration::from_millis(1500)));
-    let kinds: Vec<&str> = seen
-        .iter()
-        .filter_map(|m| {
-            if is_ack(m) {
-                Some("ack")
-            } else if m
-                .json
-                .pointer("/state/reported/deployment/lastResult/jobId")
-                .and_then(|j| j.as_str())
-                == Some("job-crash")
-            {
-                Some("result")
-            } else {
-                None
-            }
-        })
-        .collect();
-    assert_eq!(
-        kinds,
-        ["result", "ack"],
-        "each report once, in order: {seen:?}\n{}",
-        agent.log()
+    outage.broker.start_again();
+    outage.assert_reports_arrive_once();
+}
+
+#[test]
+fn a_report_in_flight_when_the_broker_dies_arrives_whole_after_it_returns() {
+    let mut outage = Outage::start();
+    // Frozen, the broker takes the job's next reports into its socket
+    // without acknowledging them; killed, it drops the connection with
+    // one in flight, and refuses the agent's reconnects for a while.
+    outage.broker.freeze();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(applies(&outage.root), 1, "{}", outage.agent.log());
+    outage.broker.stop();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = outage.agent.log();
+    assert!(
+        log.contains("connection lost"),
+        "the agent never saw the broker go: {log}"
     );
-    let ack = seen.iter().find(|m| is_ack(m)).expect("ack");
-    assert_eq!(ack.json["status"], "SUCCESS", "{}", agent.log());
+    outage.broker.start_again();
+    outage.assert_reports_arrive_once();
 }
 
 #[test]

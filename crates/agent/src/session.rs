@@ -102,17 +102,21 @@ pub(super) async fn session(
                 }
                 Ok(_) => watch.alive(),
                 Err(e) => {
-                    if connected_at.is_some_and(|t| t.elapsed() >= STABLE_CONNECTION) {
+                    let was_up = connected_at.take();
+                    if was_up.is_some_and(|t| t.elapsed() >= STABLE_CONNECTION) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
                     watch.failed(&e, in_flight.seq.is_some());
                     tracing::debug!("retrying in {delay:?}");
                     answers.disarm();
-                    connected_at = None;
                     shared.connection.disconnected(&e.to_string());
                     notifier.offline(&e.to_string());
-                    if let Some(pkid) = shrink_if_refused(&shared, &mut in_flight) {
+                    // Only a connection that was up can have been dropped
+                    // over the head: a failed attempt to connect (the
+                    // broker down or restarting) says nothing about it.
+                    let dropped = was_up.and_then(|_| shrink_if_refused(&shared, &mut in_flight));
+                    if let Some(pkid) = dropped {
                         // rumqttc would send the refused packet again.
                         eventloop.pending.retain(|r| {
                             !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid)
@@ -213,21 +217,31 @@ impl Answers {
     }
 }
 
-/// The connection dropped with the outbox head unacknowledged (rumqttc
-/// sends it again after the reconnect). When the broker keeps dropping the
-/// connection over it, the head is shrunk, or dropped when it cannot be;
-/// returns the packet id rumqttc must then forget.
+/// A connection dropped with the outbox head unacknowledged (rumqttc
+/// sends it again after the reconnect). When the broker keeps dropping
+/// connections over it, a head larger than the smallest report limit is
+/// shrunk, or dropped when it cannot be; returns the packet id rumqttc
+/// must then forget.
 pub(super) fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Option<u16> {
     let seq = in_flight.seq?;
     in_flight.losses += 1;
     if in_flight.losses < LOSSES_BEFORE_SHRINKING {
         return None;
     }
+    let mut outbox = lock(&shared.outbox);
+    let Some(head) = outbox.head().filter(|e| e.seq == seq).cloned() else {
+        *in_flight = InFlight::default();
+        outbox.requeue();
+        return None;
+    };
+    if head.payload.len() <= *crate::config::MAX_REPORT_RANGE.start() {
+        // Every broker takes this much (the smallest report limit): the
+        // drops have another cause, and the message goes out again whole.
+        return None;
+    }
     let (losses, pkid) = (in_flight.losses, in_flight.pkid);
     *in_flight = InFlight::default();
-    let mut outbox = lock(&shared.outbox);
     outbox.requeue();
-    let head = outbox.head().filter(|e| e.seq == seq).cloned()?;
     let limit = (head.payload.len() / 2).max(*crate::config::MAX_REPORT_RANGE.start());
     if shared.cloud.lower_limit(limit) {
         tracing::warn!(

@@ -6,8 +6,34 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a service a test starts (and may stop
+/// and start again), below the kernel's ephemeral range. A port from that
+/// range can be taken while its service is down by any outgoing
+/// connection, even by a client connecting to that very port (TCP
+/// self-connect): a client retrying against a stopped broker then talks
+/// to itself, and the restarted broker cannot bind.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_start.clamp(10_000, 65_536));
+    // Spread the processes of one test run over the range.
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in low..high {
+        let port = low + seed.wrapping_add(TAKEN.fetch_add(1, Ordering::Relaxed)) % (high - low);
+        if let Ok(port) = u16::try_from(port)
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -67,11 +93,27 @@ impl Mosquitto {
         let _ = self.child.wait();
     }
 
-    /// Starts it again after [`Mosquitto::stop_gracefully`].
+    /// Freezes the broker with SIGSTOP: connections stay open, nothing is
+    /// answered. [`Mosquitto::stop`] still kills it.
+    pub fn freeze(&self) {
+        let _ = Command::new("kill")
+            .arg("-STOP")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Starts it again after [`Mosquitto::stop_gracefully`] or
+    /// [`Mosquitto::stop`].
     pub fn start_again(&mut self) {
         let dir = self.conf.parent().expect("conf dir").to_path_buf();
         self.child = spawn_mosquitto(&self.conf, &dir);
         wait_for_port(self.port, "mosquitto");
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        let dir = self.conf.parent().expect("conf dir");
+        std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     /// Stops the broker (the port becomes free).
@@ -90,7 +132,12 @@ impl Mosquitto {
 }
 
 fn spawn_mosquitto(conf: &Path, dir: &Path) -> Child {
-    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("broker log");
+    // Appended: a restarted broker's log follows the first one's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .expect("broker log");
     Command::new("mosquitto")
         .arg("-c")
         .arg(conf)
@@ -291,6 +338,17 @@ impl TestClient {
         what: &str,
         last: impl Fn(&Message) -> bool,
     ) -> Vec<Message> {
+        self.try_collect_until(timeout, last)
+            .unwrap_or_else(|out| panic!("timed out waiting for {what}; saw {out:?}"))
+    }
+
+    /// Like [`TestClient::collect_until`]; on timeout, `Err` with what
+    /// arrived (so the caller can add its own logs to the failure).
+    pub fn try_collect_until(
+        &self,
+        timeout: Duration,
+        last: impl Fn(&Message) -> bool,
+    ) -> Result<Vec<Message>, Vec<Message>> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         loop {
@@ -302,10 +360,10 @@ impl TestClient {
                     let done = last(&m);
                     out.push(m);
                     if done {
-                        return out;
+                        return Ok(out);
                     }
                 }
-                Err(_) => panic!("timed out waiting for {what}; saw {out:?}"),
+                Err(_) => return Err(out),
             }
         }
     }
