@@ -253,10 +253,7 @@ impl Outage {
         std::thread::sleep(Duration::from_millis(1500));
         cloud.publish(DELTA, slow_delta(&root, 2500));
         cloud.wait_for(WAIT, "the installing report", |m| {
-            m.json
-                .pointer("/state/reported/deployment/agent/state")
-                .and_then(|s| s.as_str())
-                == Some("installing")
+            m.agent_state() == Some("installing")
         });
         Self {
             _dir: dir,
@@ -378,10 +375,7 @@ fn a_new_deployment_cancels_the_running_one_through_cancel_requested() {
         ),
     );
     cloud.wait_for(WAIT, "job-long installing", |m| {
-        m.json
-            .pointer("/state/reported/deployment/agent/state")
-            .and_then(|s| s.as_str())
-            == Some("installing")
+        m.agent_state() == Some("installing")
     });
     let counter = root.join("applies").display().to_string();
     cloud.publish(
@@ -446,10 +440,7 @@ fn reboot_rig(mode: &str) -> RebootRig {
     cloud.wait_for(WAIT, "the agent's online report", online);
     cloud.publish(DELTA, reboot_job(&root, mode));
     cloud.wait_for(WAIT, "the reboot-pending report", |m| {
-        m.json
-            .pointer("/state/reported/deployment/agent/state")
-            .and_then(|s| s.as_str())
-            == Some("reboot-pending")
+        m.agent_state() == Some("reboot-pending")
     });
     RebootRig {
         _dir: dir,
@@ -596,10 +587,7 @@ fn an_explicit_cancel_stops_the_running_job() {
     };
     cloud.publish(DELTA, job(1, false));
     cloud.wait_for(WAIT, "job-long installing", |m| {
-        m.json
-            .pointer("/state/reported/deployment/agent/state")
-            .and_then(|s| s.as_str())
-            == Some("installing")
+        m.agent_state() == Some("installing")
     });
     let started = std::time::Instant::now();
     cloud.publish(DELTA, job(2, true));

@@ -78,12 +78,6 @@ fn online(m: &Message) -> bool {
         .is_some()
 }
 
-fn agent_state(m: &Message) -> Option<&str> {
-    m.json
-        .pointer("/state/reported/deployment/agent/state")
-        .and_then(|s| s.as_str())
-}
-
 fn result_of<'a>(m: &'a Message, job: &str) -> Option<&'a Value> {
     m.json
         .pointer("/state/reported/deployment/lastResult")
@@ -147,7 +141,7 @@ fn status_shows_the_running_job_then_its_result_in_text_and_json() {
             .to_string(),
     );
     cloud.wait_for(WAIT, "the installing report", |m| {
-        agent_state(m) == Some("installing")
+        m.agent_state() == Some("installing")
     });
     std::thread::sleep(Duration::from_millis(300));
     let busy = status(&config);
@@ -365,7 +359,7 @@ fn a_local_job_survives_an_agent_kill_mid_job() {
     let out = otabox(&["install", "--no-wait", "--config", &config_arg, &file]);
     assert!(out.status.success(), "{}", text(&out));
     cloud.wait_for(WAIT, "the installing report", |m| {
-        agent_state(m) == Some("installing")
+        m.agent_state() == Some("installing")
     });
     let busy = status_json(&config);
     assert_eq!(busy["job"]["jobId"], "local-kill", "{busy}");

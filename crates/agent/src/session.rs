@@ -229,12 +229,11 @@ pub(super) fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Op
         return None;
     }
     let mut outbox = lock(&shared.outbox);
-    let Some(head) = outbox.head().filter(|e| e.seq == seq).cloned() else {
-        *in_flight = InFlight::default();
-        outbox.requeue();
-        return None;
-    };
-    if head.payload.len() <= *crate::config::MAX_REPORT_RANGE.start() {
+    let head = outbox.head().filter(|e| e.seq == seq).cloned();
+    if head
+        .as_ref()
+        .is_some_and(|h| h.payload.len() <= *crate::config::MAX_REPORT_RANGE.start())
+    {
         // Every broker takes this much (the smallest report limit): the
         // drops have another cause, and the message goes out again whole.
         return None;
@@ -242,6 +241,7 @@ pub(super) fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Op
     let (losses, pkid) = (in_flight.losses, in_flight.pkid);
     *in_flight = InFlight::default();
     outbox.requeue();
+    let head = head?;
     let limit = (head.payload.len() / 2).max(*crate::config::MAX_REPORT_RANGE.start());
     if shared.cloud.lower_limit(limit) {
         tracing::warn!(

@@ -86,20 +86,22 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (a persistent broker saves its
     /// sessions) and waits for it.
     pub fn stop_gracefully(&mut self) {
+        self.signal("-TERM");
+        let _ = self.child.wait();
+    }
+
+    /// Sends the broker `signal` (as `kill` spells it).
+    fn signal(&self, signal: &str) {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(self.child.id().to_string())
             .status();
-        let _ = self.child.wait();
     }
 
     /// Freezes the broker with SIGSTOP: connections stay open, nothing is
     /// answered. [`Mosquitto::stop`] still kills it.
     pub fn freeze(&self) {
-        let _ = Command::new("kill")
-            .arg("-STOP")
-            .arg(self.child.id().to_string())
-            .status();
+        self.signal("-STOP");
     }
 
     /// Starts it again after [`Mosquitto::stop_gracefully`] or
@@ -230,6 +232,16 @@ pub struct Message {
     pub topic: String,
     /// Payload as JSON (or a string for non-JSON).
     pub json: serde_json::Value,
+}
+
+impl Message {
+    /// The agent's state in a report (`installing`, `idle`, ...), if it
+    /// is one.
+    pub fn agent_state(&self) -> Option<&str> {
+        self.json
+            .pointer("/state/reported/deployment/agent/state")
+            .and_then(|s| s.as_str())
+    }
 }
 
 /// An MQTT client for tests: publishes and collects what arrives on its
