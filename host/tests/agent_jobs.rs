@@ -75,11 +75,12 @@ impl Rig {
         let nginx = Nginx::start(&root.join("nginx"));
         let cloud = TestClient::connect(broker.port, "cloud", &["state/dev-1/update"]);
         let agent = AgentProcess::start(&config);
-        cloud.wait_for(WAIT, "the agent online", |m| {
-            m.json
-                .pointer("/state/reported/deployment/agent/state")
-                .is_some()
-        });
+        if cloud
+            .wait_for_or(WAIT, |m| m.agent_state().is_some())
+            .is_none()
+        {
+            panic!("the agent never came online:\n{}", agent.log());
+        }
         Self {
             _dir: dir,
             root,
@@ -109,10 +110,17 @@ impl Rig {
         edit(&mut delta["state"]["deployment"]["steps"][0]);
         self.cloud.publish(DELTA, delta.to_string());
         let job = job.to_string();
-        self.cloud.collect_until(WAIT, "the job's ack", move |m| {
-            m.json.get("jobId").and_then(Value::as_str) == Some(job.as_str())
-                && m.json.get("status").is_some()
-        })
+        self.cloud
+            .try_collect_until(WAIT, move |m| {
+                m.json.get("jobId").and_then(Value::as_str) == Some(job.as_str())
+                    && m.json.get("status").is_some()
+            })
+            .unwrap_or_else(|seen| {
+                panic!(
+                    "timed out waiting for the job's ack; saw {seen:?}\nagent:\n{}",
+                    self.agent.log()
+                )
+            })
     }
 
     fn installed_file(&self) -> Option<Vec<u8>> {
@@ -427,6 +435,25 @@ fn a_report_the_broker_refuses_is_trimmed_and_later_reports_still_flow() {
     let losses = log.matches("connection lost").count();
     assert!(losses <= 8, "{losses} reconnects:\n{log}");
     assert!(log.contains("reports are limited to"), "{log}");
+}
+
+#[test]
+fn a_small_report_a_broker_keeps_refusing_is_dropped_in_the_end_and_the_ack_still_arrives() {
+    // The broker drops any packet over 1500 bytes, below the smallest
+    // report limit (4 KiB): the job's result report, carrying a 1 KiB
+    // message, cannot be trimmed to fit. Resent a few times, it is
+    // dropped; the ack behind it still goes out.
+    let mut rig = Rig::start_with(100, "max_packet_size 1500\n", "", |_| {});
+    let seen = rig.deploy("tiny-broker", b"unused\n", |step| {
+        *step = json!({"updateType": "otabox-test/hostile:1",
+                       "manifest": {"action": "status", "text": "refused\n", "bytes": 1200, "details": 0}});
+    });
+    let ack = seen.last().expect("the ack");
+    assert_eq!(ack.json["status"], "FAILURE", "{}", rig.agent.log());
+    let log = rig.agent.log();
+    assert!(log.contains("cannot be trimmed; dropped it"), "{log}");
+    let losses = log.matches("connection lost").count();
+    assert!((6..=12).contains(&losses), "{losses} reconnects:\n{log}");
 }
 
 #[test]

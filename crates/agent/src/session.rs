@@ -35,6 +35,12 @@ pub(super) const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// which that report is taken for refused by the broker and shrunk.
 pub(super) const LOSSES_BEFORE_SHRINKING: u32 = 2;
 
+/// The same for a message within the smallest report limit, which every
+/// supported broker takes: a few drops over it are bad luck, not a
+/// refusal. A broker that keeps refusing it all the same gets it dropped
+/// in the end, so later reports never wait behind it for good.
+pub(super) const LOSSES_BEFORE_DROPPING_SMALL: u32 = 6;
+
 /// The MQTT session loop: subscriptions, deltas, and the ordered outbox.
 pub(super) async fn session(
     shared: Arc<Shared>,
@@ -230,12 +236,11 @@ pub(super) fn shrink_if_refused(shared: &Shared, in_flight: &mut InFlight) -> Op
     }
     let mut outbox = lock(&shared.outbox);
     let head = outbox.head().filter(|e| e.seq == seq).cloned();
-    if head
+    let small = head
         .as_ref()
-        .is_some_and(|h| h.payload.len() <= *crate::config::MAX_REPORT_RANGE.start())
-    {
-        // Every broker takes this much (the smallest report limit): the
-        // drops have another cause, and the message goes out again whole.
+        .is_some_and(|h| h.payload.len() <= *crate::config::MAX_REPORT_RANGE.start());
+    if small && in_flight.losses < LOSSES_BEFORE_DROPPING_SMALL {
+        // The drops more likely have another cause: it goes out again whole.
         return None;
     }
     let (losses, pkid) = (in_flight.losses, in_flight.pkid);
